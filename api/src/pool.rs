@@ -1,0 +1,275 @@
+//! Warm pools, their status and leases (DESIGN §2–3).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{validate_name, FieldError};
+use crate::refs::TemplateRef;
+use crate::sandbox::CheckoutMode;
+use crate::template::Resources;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionPolicy {
+    PinnedBuild,
+    TrackTag,
+}
+
+impl VersionPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionPolicy::PinnedBuild => "pinned_build",
+            VersionPolicy::TrackTag => "track_tag",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolState {
+    Enabled,
+    Disabled,
+    Draining,
+}
+
+impl PoolState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolState::Enabled => "enabled",
+            PoolState::Disabled => "disabled",
+            PoolState::Draining => "draining",
+        }
+    }
+}
+
+impl std::str::FromStr for PoolState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "enabled" => PoolState::Enabled,
+            "disabled" => PoolState::Disabled,
+            "draining" => PoolState::Draining,
+            other => return Err(format!("unknown pool state {other:?}")),
+        })
+    }
+}
+
+/// `POST /v1/template-warm-pools`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WarmPoolSpec {
+    pub name: String,
+    /// A template ref: `name`, `name:tag` or `name@bld_…`.
+    pub template: String,
+    /// Default: `track_tag` when the ref (or `track_tag`) names a tag, else `pinned_build`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_policy: Option<VersionPolicy>,
+    /// The tag a `track_tag` pool follows; defaults to the ref's tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_tag: Option<String>,
+    pub min_ready: u32,
+    pub max_ready: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout_policy: Option<CheckoutMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u64>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+impl WarmPoolSpec {
+    /// Field checks that need no store: name, ref syntax, counts, policy/tag consistency.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        validate_name("name", &self.name)?;
+        let template = TemplateRef::parse("template", &self.template)?;
+        if self.max_ready < self.min_ready {
+            return Err(FieldError::new(
+                "max_ready",
+                format!("must be >= min_ready ({} < {})", self.max_ready, self.min_ready),
+            ));
+        }
+        if let Some(tag) = &self.track_tag {
+            validate_name("track_tag", tag)?;
+        }
+        if self.effective_version_policy() == VersionPolicy::TrackTag
+            && self.track_tag.is_none()
+            && template.tag().is_none()
+        {
+            return Err(FieldError::new(
+                "track_tag",
+                "is required for version_policy \"track_tag\" unless the template ref names a tag",
+            ));
+        }
+        if let Some(r) = &self.resources {
+            r.validate("resources")?;
+        }
+        if self.idle_timeout_seconds == Some(0) {
+            return Err(FieldError::new("idle_timeout_seconds", "must be greater than 0"));
+        }
+        Ok(())
+    }
+
+    pub fn effective_version_policy(&self) -> VersionPolicy {
+        self.version_policy.unwrap_or_else(|| {
+            let tagged = TemplateRef::parse("template", &self.template)
+                .ok()
+                .and_then(|r| r.tag().map(str::to_owned));
+            if self.track_tag.is_some() || tagged.is_some() {
+                VersionPolicy::TrackTag
+            } else {
+                VersionPolicy::PinnedBuild
+            }
+        })
+    }
+
+    /// The tag a `track_tag` pool follows.
+    pub fn effective_track_tag(&self) -> Option<String> {
+        if self.effective_version_policy() != VersionPolicy::TrackTag {
+            return None;
+        }
+        self.track_tag.clone().or_else(|| {
+            TemplateRef::parse("template", &self.template)
+                .ok()
+                .and_then(|r| r.tag().map(str::to_owned))
+        })
+    }
+}
+
+/// `PATCH /v1/template-warm-pools/{id}`: present fields replace the pool's values.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WarmPoolPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_policy: Option<VersionPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_ready: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ready: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout_policy: Option<CheckoutMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct WarmPool {
+    pub id: String,
+    pub name: String,
+    pub template: String,
+    pub template_id: String,
+    pub version_policy: VersionPolicy,
+    pub track_tag: Option<String>,
+    pub min_ready: u32,
+    pub max_ready: u32,
+    pub resources: Resources,
+    pub checkout_policy: Option<CheckoutMode>,
+    pub idle_timeout_seconds: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+    pub state: PoolState,
+    pub rollout_generation: u64,
+    pub resolved_build_id: Option<String>,
+    pub previous_build_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl WarmPool {
+    /// The spec that recreates this pool (used by PATCH to validate the result as a whole).
+    pub fn spec(&self) -> WarmPoolSpec {
+        WarmPoolSpec {
+            name: self.name.clone(),
+            template: self.template.clone(),
+            version_policy: Some(self.version_policy),
+            track_tag: self.track_tag.clone(),
+            min_ready: self.min_ready,
+            max_ready: self.max_ready,
+            resources: Some(self.resources.clone()),
+            checkout_policy: self.checkout_policy,
+            idle_timeout_seconds: self.idle_timeout_seconds,
+            labels: self.labels.clone(),
+            enabled: Some(self.state != PoolState::Disabled),
+        }
+    }
+}
+
+/// Why a pool cannot hold its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DegradedReason {
+    NoEligibleHosts,
+    ArtifactNotReady,
+    ArtifactPrewarmFailed,
+    QuotaExceeded,
+    TemplateBuildUnavailable,
+    ControllerDisabled,
+    DrainActive,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct PoolStatus {
+    pub state: PoolState,
+    pub target: u32,
+    pub ready: u32,
+    pub warming: u32,
+    pub claimed: u32,
+    pub draining: u32,
+    pub failed: u32,
+    pub expired: u32,
+    pub unavailable: u32,
+    pub degraded_reasons: Vec<DegradedReason>,
+    pub rollout_generation: u64,
+    pub resolved_build_id: Option<String>,
+    pub previous_build_id: Option<String>,
+    pub last_reconciled_at: Option<DateTime<Utc>>,
+    pub last_reconcile_duration_ms: Option<u64>,
+    pub last_error: Option<String>,
+    /// Output of the last sandbox that failed to start, kept while `artifact_prewarm_failed` holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_logs: Option<String>,
+}
+
+/// `PUT /v1/template-warm-pools/{id}/leases/{key}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseSpec {
+    pub count: u32,
+    pub ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Lease {
+    pub key: String,
+    pub pool_id: String,
+    pub count: u32,
+    pub ttl_seconds: u64,
+    pub expires_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The result of `DELETE …/leases/{key}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct LeaseRelease {
+    pub released: bool,
+    /// Leases still active on the pool.
+    pub remaining_leases: u32,
+    /// Whether the pool was drained because this was its last lease.
+    pub drained: bool,
+}

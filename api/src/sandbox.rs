@@ -1,0 +1,283 @@
+//! Sandboxes, checkouts from warm pools, and exec (DESIGN §2–3).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckoutMode {
+    Prefer,
+    Require,
+    Bypass,
+}
+
+impl CheckoutMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckoutMode::Prefer => "prefer",
+            CheckoutMode::Require => "require",
+            CheckoutMode::Bypass => "bypass",
+        }
+    }
+}
+
+impl std::str::FromStr for CheckoutMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "prefer" => CheckoutMode::Prefer,
+            "require" => CheckoutMode::Require,
+            "bypass" => CheckoutMode::Bypass,
+            other => {
+                return Err(format!(
+                    "unknown checkout mode {other:?}: expected prefer, require or bypass"
+                ))
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeoutAction {
+    Destroy,
+    Pause,
+}
+
+/// What happens to a sandbox `timeout_seconds` after it was created (or checked out).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutPolicy {
+    pub timeout_seconds: u64,
+    #[serde(default = "default_timeout_action")]
+    pub action: TimeoutAction,
+}
+
+fn default_timeout_action() -> TimeoutAction {
+    TimeoutAction::Destroy
+}
+
+/// A named volume (a directory kept by the server per account) made visible inside the sandbox at `mount_path`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    pub name: String,
+    pub mount_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// The host's network (default).
+    Host,
+    /// A private network namespace with loopback only.
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkPolicy {
+    pub mode: NetworkMode,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxCreate {
+    /// A template ref; optional when `warm_pool` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// A pool id or name to check out from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool_mode: Option<CheckoutMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool_wait_ms: Option<u64>,
+    /// Environment for `start_cmd` and warm processes (makes the request unpoolable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envs: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<VolumeMount>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desktop: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_policy: Option<TimeoutPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_resume: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+impl SandboxCreate {
+    /// The first field (in DESIGN order) that cannot be applied to an already-started sandbox.
+    pub fn unpoolable_field(&self) -> Option<&'static str> {
+        if self.envs.as_ref().is_some_and(|e| !e.is_empty()) {
+            return Some("envs");
+        }
+        if self.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Some("volumes");
+        }
+        if self.cwd.is_some() {
+            return Some("cwd");
+        }
+        if self.desktop == Some(true) {
+            return Some("desktop");
+        }
+        if self.network.is_some() {
+            return Some("network");
+        }
+        if self
+            .timeout_policy
+            .as_ref()
+            .is_some_and(|t| t.action != TimeoutAction::Destroy)
+        {
+            return Some("timeout_policy");
+        }
+        if self.auto_resume == Some(true) {
+            return Some("auto_resume");
+        }
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    Starting,
+    Running,
+    Paused,
+    Stopped,
+    Failed,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Starting => "starting",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Stopped => "stopped",
+            SandboxState::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for SandboxState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "starting" => SandboxState::Starting,
+            "running" => SandboxState::Running,
+            "paused" => SandboxState::Paused,
+            "stopped" => SandboxState::Stopped,
+            "failed" => SandboxState::Failed,
+            other => return Err(format!("unknown sandbox state {other:?}")),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckoutSource {
+    WarmPool,
+    Cold,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackReason {
+    NoReadyInventory,
+    UnpoolableShape,
+    Bypass,
+    PoolDisabled,
+    PoolDraining,
+}
+
+impl FallbackReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::NoReadyInventory => "no_ready_inventory",
+            FallbackReason::UnpoolableShape => "unpoolable_shape",
+            FallbackReason::Bypass => "bypass",
+            FallbackReason::PoolDisabled => "pool_disabled",
+            FallbackReason::PoolDraining => "pool_draining",
+        }
+    }
+}
+
+/// How a create that named a pool was served.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct WarmPoolCheckout {
+    pub source: CheckoutSource,
+    pub hit: bool,
+    pub id: String,
+    pub mode: CheckoutMode,
+    pub waited_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<FallbackReason>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    /// The template's name.
+    pub template: String,
+    pub template_id: String,
+    pub build_id: String,
+    pub state: SandboxState,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool_checkout: Option<WarmPoolCheckout>,
+}
+
+/// `POST /v1/sandboxes/{id}/exec`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    /// Absolute inside the sandbox, or relative to the template's `cwd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Default 60000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct ExecResult {
+    /// The exit code; 128 + N when killed by signal N; -1 on timeout.
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// One mirrored output line of `GET /v1/sandboxes/{id}/logs` (procd's JSON log line).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct LogLine {
+    pub ts: String,
+    pub process: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    pub pid: u32,
+    pub stream: String,
+    pub data: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<bool>,
+}

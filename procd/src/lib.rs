@@ -1,0 +1,196 @@
+//! procd: PID 1 of every Warmpool sandbox. It starts the template's warm processes, supervises them (any exit
+//! ends the sandbox), runs their startup/readiness/liveness probes, keeps their output in ring buffers and mirrors
+//! it as bounded JSON lines, and serves all of that over gRPC (`warmpool.procd.v1.Procd`).
+//!
+//! Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when a warm process exited, 2 for an invalid
+//! configuration (before anything starts), 3 when a liveness probe failed.
+
+pub mod config;
+pub mod grpc;
+pub mod output;
+pub mod probes;
+pub mod supervisor;
+
+/// The generated gRPC code.
+pub mod proto {
+    tonic::include_proto!("warmpool.procd.v1");
+}
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+use config::{Listen, Settings};
+use output::Mirror;
+use supervisor::{Event, Reaper, SpawnRequest, Supervisor};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_WARM_PROCESS_EXITED: i32 = 1;
+pub const EXIT_INVALID_CONFIG: i32 = 2;
+pub const EXIT_LIVENESS_FAILED: i32 = 3;
+
+/// How long warm processes get between SIGTERM and SIGKILL.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {listen}")]
+    Listen {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start warm process {name:?}")]
+    Start {
+        name: String,
+        #[source]
+        source: supervisor::SupervisorError,
+    },
+}
+
+/// Runs procd until it stops; returns the process exit code.
+pub async fn run(settings: Settings) -> Result<i32, RunError> {
+    for warning in &settings.logs.warnings {
+        tracing::warn!("{warning}");
+    }
+    let reaper = Arc::new(Reaper::default());
+    tokio::spawn(reaper.clone().run());
+    let mirror = Mirror::start(settings.logs.enabled, settings.logs.max_bytes);
+    let (sup, mut events) = Supervisor::new(reaper, mirror);
+    let names: Vec<_> = settings
+        .warm_processes
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| (spec.effective_name(i), spec.clone()))
+        .collect();
+    let probes = probes::Probes::new(sup.clone(), names.clone());
+    let service = grpc::ProcdService::new(sup.clone(), probes.clone(), settings.token.clone());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = serve(&settings.listen, service, stop_rx).await?;
+    tracing::info!(listen = %settings.listen, processes = names.len(), "procd is serving");
+
+    for (name, spec) in &names {
+        let req = SpawnRequest {
+            name: name.clone(),
+            alias: spec.alias.clone(),
+            argv: spec.argv(),
+            cwd: spec.cwd.as_ref().map(Into::into),
+            env: spec.env.clone(),
+            warm: true,
+            stdin: spec.process_type == warmpool_api::ProcessType::Repl,
+        };
+        match sup.spawn(req) {
+            Ok(process) => {
+                tracing::info!(process = %name, pid = process.pid, "Warm process started");
+                probes.start(process);
+            }
+            Err(source) => {
+                sup.shutdown(SHUTDOWN_GRACE).await;
+                let _ = stop_tx.send(true);
+                return Err(RunError::Start {
+                    name: name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).expect("SIGINT");
+    let code = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: stopping"); EXIT_OK }
+        _ = int.recv() => { tracing::info!("SIGINT: stopping"); EXIT_OK }
+        Some(event) = events.recv() => match event {
+            Event::WarmExited { name, code } => {
+                tracing::error!(process = %name, code, "A warm process exited; procd stops so the sandbox is replaced");
+                EXIT_WARM_PROCESS_EXITED
+            }
+            Event::LivenessFailed { name, message } => {
+                tracing::error!(process = %name, %message, "Liveness failed; procd stops");
+                // Probe calls in flight read the failed state already recorded; let them be answered.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                EXIT_LIVENESS_FAILED
+            }
+        },
+    };
+    sup.shutdown(SHUTDOWN_GRACE).await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    if let Listen::Unix(path) = &settings.listen {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(code)
+}
+
+async fn serve(
+    listen: &Listen,
+    service: grpc::ProcdService,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, RunError> {
+    let err = |source| RunError::Listen {
+        listen: listen.to_string(),
+        source,
+    };
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let router =
+        tonic::transport::Server::builder().add_service(proto::procd_server::ProcdServer::new(service));
+    Ok(match listen {
+        Listen::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            tokio::spawn(async move {
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
+                    tracing::error!(error = &e as &dyn std::error::Error, "gRPC server failed");
+                }
+            })
+        }
+        Listen::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tokio::spawn(async move {
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
+                    tracing::error!(error = &e as &dyn std::error::Error, "gRPC server failed");
+                }
+            })
+        }
+    })
+}
+
+/// A gRPC client for the procd at `listen` (lazy: connects on first use).
+pub fn connect(
+    listen: &Listen,
+) -> Result<proto::procd_client::ProcdClient<Channel>, tonic::transport::Error> {
+    let channel = match listen {
+        Listen::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy(),
+        Listen::Unix(path) => {
+            let path = path.clone();
+            Endpoint::from_static("http://procd.invalid").connect_with_connector_lazy(tower::service_fn(
+                move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move { UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+                },
+            ))
+        }
+    };
+    Ok(proto::procd_client::ProcdClient::new(channel))
+}
+
+/// Wraps a request with the sandbox token.
+pub fn authorized<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if let Some(token) = token {
+        if let Ok(value) = format!("Bearer {token}").parse() {
+            req.metadata_mut().insert("authorization", value);
+        }
+    }
+    req
+}

@@ -1,0 +1,547 @@
+//! The supervisor: spawns processes (each in its own process group), reaps every child including orphans that
+//! procd inherits as PID 1, keeps each stream's output, and tells procd's main loop when a warm process exits.
+//!
+//! The reaper and `spawn` share one lock: a child is registered before the reaper can ever collect it, so its exit
+//! is never missed (no race between start and watch), and the reaper never steals the status of a child that
+//! `std::process::Command::spawn` is still waiting on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::output::{LineSplitter, Mirror, StreamName, StreamOutput};
+
+/// What procd's main loop hears from the supervisor and the probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A warm process exited while procd was not shutting down.
+    WarmExited { name: String, code: i32 },
+    /// A liveness probe reached its failure threshold.
+    LivenessFailed { name: String, message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("cannot start {command:?}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no process named {0:?}")]
+    NoSuchProcess(String),
+    #[error("a process named {0:?} already exists")]
+    Exists(String),
+    #[error("process {0:?} has no open stdin")]
+    NoStdin(String),
+    #[error("command must not be empty")]
+    EmptyCommand,
+    #[error("warm process {0:?} cannot be signalled, restarted or deleted through the API")]
+    WarmProcess(String),
+    #[error("cannot write to stdin of {name:?}")]
+    Stdin {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Registry of children whose exit someone waits for.
+#[derive(Default)]
+pub struct Reaper {
+    waiters: Mutex<HashMap<i32, oneshot::Sender<i32>>>,
+}
+
+impl Reaper {
+    fn spawn(
+        &self,
+        cmd: &mut std::process::Command,
+    ) -> std::io::Result<(std::process::Child, oneshot::Receiver<i32>)> {
+        let mut waiters = self.waiters.lock().expect("reaper lock");
+        let child = cmd.spawn()?;
+        let (tx, rx) = oneshot::channel();
+        waiters.insert(child.id() as i32, tx);
+        Ok((child, rx))
+    }
+
+    /// Collects every exited child: registered ones report their status, orphans are just reaped.
+    pub fn reap(&self) {
+        let mut waiters = self.waiters.lock().expect("reaper lock");
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid pointer to a local int.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if let Some(tx) = waiters.remove(&pid) {
+                let _ = tx.send(decode_status(status));
+            }
+        }
+    }
+
+    /// Reaps on every SIGCHLD (and twice a second, in case one was coalesced).
+    pub async fn run(self: Arc<Self>) {
+        let mut sigchld =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).expect("SIGCHLD");
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = sigchld.recv() => {}
+                _ = tick.tick() => {}
+            }
+            self.reap();
+        }
+    }
+}
+
+/// The exit code, or 128 + the signal that killed the process.
+fn decode_status(status: i32) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        -1
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnRequest {
+    pub name: String,
+    pub alias: Option<String>,
+    pub argv: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    pub warm: bool,
+    pub stdin: bool,
+}
+
+/// A started process and its output.
+pub struct Process {
+    pub name: String,
+    pub alias: Option<String>,
+    pub pid: u32,
+    pub warm: bool,
+    pub argv: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    pub stdout: Arc<StreamOutput>,
+    pub stderr: Arc<StreamOutput>,
+    stdin: tokio::sync::Mutex<Option<pipe::Sender>>,
+    exit: watch::Receiver<Option<i32>>,
+}
+
+impl Process {
+    pub fn exit_code(&self) -> Option<i32> {
+        *self.exit.borrow()
+    }
+    pub fn running(&self) -> bool {
+        self.exit_code().is_none()
+    }
+    pub async fn wait(&self) -> i32 {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(code) = *rx.borrow_and_update() {
+                return code;
+            }
+            if rx.changed().await.is_err() {
+                return -1;
+            }
+        }
+    }
+    pub fn stream(&self, name: StreamName) -> &Arc<StreamOutput> {
+        match name {
+            StreamName::Stdout => &self.stdout,
+            StreamName::Stderr => &self.stderr,
+        }
+    }
+}
+
+/// The result of [`Supervisor::exec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub duration: Duration,
+    pub timed_out: bool,
+}
+
+/// Output kept per stream of an `exec`.
+const EXEC_OUTPUT_LIMIT: usize = 8 << 20;
+
+pub struct Supervisor {
+    reaper: Arc<Reaper>,
+    processes: Mutex<Vec<Arc<Process>>>,
+    mirror: Mirror,
+    shutting_down: AtomicBool,
+    paused: AtomicBool,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Supervisor {
+    pub fn new(reaper: Arc<Reaper>, mirror: Mirror) -> (Arc<Supervisor>, mpsc::UnboundedReceiver<Event>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let sup = Supervisor {
+            reaper,
+            processes: Mutex::new(Vec::new()),
+            mirror,
+            shutting_down: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            events,
+        };
+        (Arc::new(sup), rx)
+    }
+
+    pub fn events(&self) -> mpsc::UnboundedSender<Event> {
+        self.events.clone()
+    }
+
+    pub fn mirror(&self) -> &Mirror {
+        &self.mirror
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    pub fn processes(&self) -> Vec<Arc<Process>> {
+        self.processes.lock().expect("process list").clone()
+    }
+
+    pub fn warm_processes(&self) -> Vec<Arc<Process>> {
+        self.processes().into_iter().filter(|p| p.warm).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Process>, SupervisorError> {
+        self.processes()
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| SupervisorError::NoSuchProcess(name.to_string()))
+    }
+
+    /// Starts a tracked process: its output is kept and mirrored, and a warm one's exit is reported.
+    pub fn spawn(self: &Arc<Self>, req: SpawnRequest) -> Result<Arc<Process>, SupervisorError> {
+        if req.argv.is_empty() || req.argv[0].is_empty() {
+            return Err(SupervisorError::EmptyCommand);
+        }
+        if self.processes().iter().any(|p| p.name == req.name && p.running()) {
+            return Err(SupervisorError::Exists(req.name));
+        }
+        let mut cmd = command(&req.argv, req.cwd.as_ref(), &req.env);
+        cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
+        let (mut child, exited) = self
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|source| SupervisorError::Spawn {
+                command: req.argv.join(" "),
+                source,
+            })?;
+        let pid = child.id();
+        let stdin = child
+            .stdin
+            .take()
+            .map(|s| pipe::Sender::from_owned_fd(OwnedFd::from(s)).expect("stdin pipe"));
+        let stdout_pipe = child
+            .stdout
+            .take()
+            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)));
+        let stderr_pipe = child
+            .stderr
+            .take()
+            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)));
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let process = Arc::new(Process {
+            name: req.name,
+            alias: req.alias,
+            pid,
+            warm: req.warm,
+            argv: req.argv,
+            cwd: req.cwd,
+            env: req.env,
+            stdout: Arc::new(StreamOutput::default()),
+            stderr: Arc::new(StreamOutput::default()),
+            stdin: tokio::sync::Mutex::new(stdin),
+            exit: exit_rx,
+        });
+        self.processes.lock().expect("process list").push(process.clone());
+
+        let mut readers = Vec::new();
+        for (stream, pipe) in [
+            (StreamName::Stdout, stdout_pipe),
+            (StreamName::Stderr, stderr_pipe),
+        ] {
+            if let Some(Ok(pipe)) = pipe {
+                readers.push(tokio::spawn(pump(
+                    self.mirror.clone(),
+                    process.clone(),
+                    stream,
+                    pipe,
+                )));
+            }
+        }
+        let sup = self.clone();
+        let watched = process.clone();
+        tokio::spawn(async move {
+            let code = exited.await.unwrap_or(-1);
+            // Give the readers a moment to drain what the process wrote; a grandchild holding the pipe open
+            // must not keep the exit from being reported.
+            let _ = tokio::time::timeout(Duration::from_millis(500), futures_join(readers)).await;
+            watched.stdout.close();
+            watched.stderr.close();
+            let _ = exit_tx.send(Some(code));
+            if watched.warm && !sup.is_shutting_down() {
+                tracing::error!(process = %watched.name, pid = watched.pid, code, "Warm process exited");
+                let _ = sup.events.send(Event::WarmExited {
+                    name: watched.name.clone(),
+                    code,
+                });
+            }
+        });
+        Ok(process)
+    }
+
+    /// Runs a command to completion (or `timeout`, when its whole process group is killed).
+    pub async fn exec(
+        &self,
+        argv: &[String],
+        cwd: Option<&PathBuf>,
+        env: &BTreeMap<String, String>,
+        stdin: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<ExecOutcome, SupervisorError> {
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err(SupervisorError::EmptyCommand);
+        }
+        let started = Instant::now();
+        let mut cmd = command(argv, cwd, env);
+        cmd.stdin(if stdin.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        });
+        let (mut child, exited) = self
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|source| SupervisorError::Spawn {
+                command: argv.join(" "),
+                source,
+            })?;
+        let pid = child.id() as i32;
+        if let Some(s) = child.stdin.take() {
+            let mut tx = pipe::Sender::from_owned_fd(OwnedFd::from(s)).expect("stdin pipe");
+            tokio::spawn(async move {
+                let _ = tx.write_all(&stdin).await;
+            });
+        }
+        let out = child
+            .stdout
+            .take()
+            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)));
+        let err = child
+            .stderr
+            .take()
+            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)));
+        let out = tokio::spawn(collect(out.and_then(Result::ok)));
+        let err = tokio::spawn(collect(err.and_then(Result::ok)));
+        let (exit_code, timed_out) = match tokio::time::timeout(timeout, exited).await {
+            Ok(code) => (code.unwrap_or(-1), false),
+            Err(_) => {
+                kill_group(pid, libc::SIGKILL);
+                (-1, true)
+            }
+        };
+        let grace = Duration::from_millis(200);
+        let stdout = tokio::time::timeout(grace, out)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let stderr = tokio::time::timeout(grace, err)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        Ok(ExecOutcome {
+            exit_code,
+            stdout,
+            stderr,
+            duration: started.elapsed(),
+            timed_out,
+        })
+    }
+
+    pub async fn write_stdin(&self, name: &str, data: &[u8], close: bool) -> Result<(), SupervisorError> {
+        let process = self.get(name)?;
+        let mut guard = process.stdin.lock().await;
+        let tx = guard
+            .as_mut()
+            .ok_or_else(|| SupervisorError::NoStdin(name.into()))?;
+        tx.write_all(data)
+            .await
+            .map_err(|source| SupervisorError::Stdin {
+                name: name.into(),
+                source,
+            })?;
+        if close {
+            *guard = None;
+        }
+        Ok(())
+    }
+
+    /// Signals a non-warm process's group. Warm processes are owned by procd: signalling one could only stop or
+    /// kill it, which the API must not do (409).
+    pub fn signal(&self, name: &str, signal: i32) -> Result<(), SupervisorError> {
+        let process = self.get(name)?;
+        if process.warm {
+            return Err(SupervisorError::WarmProcess(name.into()));
+        }
+        if process.running() {
+            kill_group(process.pid as i32, signal);
+        }
+        Ok(())
+    }
+
+    /// Stops or continues every warm process group.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        for p in self.processes().iter().filter(|p| p.running()) {
+            kill_group(p.pid as i32, signal);
+        }
+    }
+
+    /// Graceful stop: SIGTERM every process group (continued first if paused), SIGKILL what is left after
+    /// `grace`, then flush the mirror. Exits seen from here on are not crashes.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let running: Vec<_> = self.processes().into_iter().filter(|p| p.running()).collect();
+        for p in &running {
+            kill_group(p.pid as i32, libc::SIGTERM);
+            kill_group(p.pid as i32, libc::SIGCONT);
+        }
+        let all = async {
+            for p in &running {
+                p.wait().await;
+            }
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            for p in running.iter().filter(|p| p.running()) {
+                tracing::warn!(process = %p.name, pid = p.pid, "Process ignored SIGTERM; killing it");
+                kill_group(p.pid as i32, libc::SIGKILL);
+            }
+            for p in &running {
+                let _ = tokio::time::timeout(Duration::from_secs(1), p.wait()).await;
+            }
+        }
+        self.mirror.flush(Duration::from_secs(2));
+    }
+}
+
+async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
+    }
+}
+
+fn command(argv: &[String], cwd: Option<&PathBuf>, env: &BTreeMap<String, String>) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .envs(env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
+    cmd
+}
+
+pub fn kill_group(pgid: i32, signal: i32) {
+    // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
+    unsafe {
+        libc::kill(-pgid, signal);
+    }
+}
+
+/// Copies one stream into its ring buffer and the mirror, line by line.
+async fn pump(mirror: Mirror, process: Arc<Process>, stream: StreamName, mut pipe: pipe::Receiver) {
+    let mut splitter = LineSplitter::new(mirror.max_bytes());
+    let mut buf = vec![0u8; 16 * 1024];
+    let out = process.stream(stream).clone();
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                out.push(&buf[..n]);
+                if mirror.enabled() {
+                    for line in splitter.push(&buf[..n]) {
+                        mirror.emit(
+                            &process.name,
+                            process.alias.as_deref(),
+                            process.pid,
+                            stream,
+                            &line,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if let Some(line) = splitter.flush() {
+        mirror.emit(
+            &process.name,
+            process.alias.as_deref(),
+            process.pid,
+            stream,
+            &line,
+        );
+    }
+}
+
+async fn collect(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
+    let mut data = Vec::new();
+    let Some(mut pipe) = pipe else { return data };
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = pipe.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let room = EXEC_OUTPUT_LIMIT.saturating_sub(data.len());
+        data.extend_from_slice(&buf[..n.min(room)]);
+    }
+    data
+}
+
+/// Parses a signal name (`TERM`, `SIGTERM`, `9`).
+pub fn parse_signal(name: &str) -> Option<i32> {
+    let upper = name.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    Some(match bare {
+        "TERM" => libc::SIGTERM,
+        "KILL" => libc::SIGKILL,
+        "INT" => libc::SIGINT,
+        "HUP" => libc::SIGHUP,
+        "QUIT" => libc::SIGQUIT,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        n => n.parse().ok().filter(|n| (1..=64).contains(n))?,
+    })
+}
