@@ -1,1 +1,458 @@
-//! placeholder
+//! The typed REST client for the Warmpool control plane, used by the CLI, the Terraform provider, the GitHub
+//! Action and the tests, so the wire format is written once. Errors carry the server's code and message.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use warmpool_api::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server answered with an error body.
+    #[error("{code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        details: serde_json::Value,
+    },
+    #[error("cannot reach {endpoint}")]
+    Transport {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected response from the server: {0}")]
+    Decode(String),
+    #[error("invalid endpoint {0:?}")]
+    Endpoint(String),
+    #[error("timed out after {0:?}: {1}")]
+    Timeout(Duration, String),
+}
+
+impl Error {
+    /// The API error code (`not_found`, `warm_pool_unavailable`, …), if the server sent one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Clone)]
+pub struct Client {
+    base: reqwest::Url,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(endpoint: &str, token: Option<String>) -> Result<Client> {
+        let base = reqwest::Url::parse(endpoint).map_err(|_| Error::Endpoint(endpoint.into()))?;
+        if base.cannot_be_a_base() {
+            return Err(Error::Endpoint(endpoint.into()));
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("warmpool-client/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| Error::Transport {
+                endpoint: endpoint.into(),
+                source,
+            })?;
+        Ok(Client { base, token, http })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        self.base.as_str()
+    }
+
+    fn url(&self, segments: &[&str]) -> reqwest::Url {
+        let mut url = self.base.clone();
+        {
+            let mut path = url.path_segments_mut().expect("base URL");
+            path.pop_if_empty();
+            for s in segments {
+                path.push(s);
+            }
+        }
+        url
+    }
+
+    async fn raw(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&dyn erased::Body>,
+    ) -> Result<reqwest::Response> {
+        let mut req = self.http.request(method, self.url(segments));
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(body.to_json());
+        }
+        let resp = req.send().await.map_err(|source| Error::Transport {
+            endpoint: self.base.to_string(),
+            source,
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => Error::Api {
+                status,
+                code: b.error.code,
+                message: b.error.message,
+                details: b.error.details,
+            },
+            Err(_) => Error::Api {
+                status,
+                code: "http".into(),
+                message: format!("HTTP {status}: {text}"),
+                details: Default::default(),
+            },
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&dyn erased::Body>,
+    ) -> Result<T> {
+        let resp = self.raw(method, segments, &[], body).await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| Error::Transport {
+            endpoint: self.base.to_string(),
+            source,
+        })?;
+        let bytes: &[u8] = if status == reqwest::StatusCode::NO_CONTENT || bytes.is_empty() {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))
+    }
+
+    async fn text(&self, segments: &[&str]) -> Result<String> {
+        let resp = self.raw(Method::GET, segments, &[], None).await?;
+        resp.text().await.map_err(|source| Error::Transport {
+            endpoint: self.base.to_string(),
+            source,
+        })
+    }
+
+    async fn delete(&self, segments: &[&str]) -> Result<()> {
+        self.raw(Method::DELETE, segments, &[], None).await.map(|_| ())
+    }
+
+    // Health.
+    pub async fn readyz(&self) -> Result<serde_json::Value> {
+        self.call(Method::GET, &["readyz"], None).await
+    }
+
+    // Accounts and tokens (admin).
+    pub async fn create_account(&self, req: &AccountCreate) -> Result<Account> {
+        self.call(Method::POST, &["v1", "accounts"], Some(req)).await
+    }
+    pub async fn list_accounts(&self) -> Result<Vec<Account>> {
+        Ok(self
+            .call::<List<Account>>(Method::GET, &["v1", "accounts"], None)
+            .await?
+            .items)
+    }
+    pub async fn update_account(&self, id: &str, patch: &AccountPatch) -> Result<Account> {
+        self.call(Method::PATCH, &["v1", "accounts", id], Some(patch))
+            .await
+    }
+    pub async fn create_token(&self, req: &TokenCreate) -> Result<TokenCreated> {
+        self.call(Method::POST, &["v1", "tokens"], Some(req)).await
+    }
+    pub async fn delete_token(&self, id: &str) -> Result<()> {
+        self.delete(&["v1", "tokens", id]).await
+    }
+
+    // Templates, builds, tags.
+    pub async fn create_template(&self, spec: &TemplateSpec) -> Result<Template> {
+        self.call(Method::POST, &["v1", "templates"], Some(spec)).await
+    }
+    pub async fn list_templates(&self) -> Result<Vec<Template>> {
+        Ok(self
+            .call::<List<Template>>(Method::GET, &["v1", "templates"], None)
+            .await?
+            .items)
+    }
+    pub async fn get_template(&self, id_or_name: &str) -> Result<Template> {
+        self.call(Method::GET, &["v1", "templates", id_or_name], None)
+            .await
+    }
+    pub async fn update_template(&self, id_or_name: &str, patch: &TemplatePatch) -> Result<Template> {
+        self.call(Method::PATCH, &["v1", "templates", id_or_name], Some(patch))
+            .await
+    }
+    pub async fn delete_template(&self, id_or_name: &str) -> Result<()> {
+        self.delete(&["v1", "templates", id_or_name]).await
+    }
+    pub async fn create_build(&self, template: &str, tags: &[String]) -> Result<Build> {
+        let req = BuildCreate { tags: tags.to_vec() };
+        self.call(Method::POST, &["v1", "templates", template, "builds"], Some(&req))
+            .await
+    }
+    pub async fn list_builds(&self, template: &str) -> Result<Vec<Build>> {
+        Ok(self
+            .call::<List<Build>>(Method::GET, &["v1", "templates", template, "builds"], None)
+            .await?
+            .items)
+    }
+    pub async fn get_build(&self, id: &str) -> Result<Build> {
+        self.call(Method::GET, &["v1", "builds", id], None).await
+    }
+    pub async fn build_logs(&self, id: &str) -> Result<String> {
+        self.text(&["v1", "builds", id, "logs"]).await
+    }
+    /// Polls a build until it is ready or failed (or `timeout`), calling `progress` on each poll.
+    pub async fn wait_build(
+        &self,
+        id: &str,
+        timeout: Duration,
+        mut progress: impl FnMut(&Build),
+    ) -> Result<Build> {
+        let deadline = tokio_deadline(timeout);
+        loop {
+            let build = self.get_build(id).await?;
+            progress(&build);
+            if build.status.is_terminal() {
+                return Ok(build);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout(
+                    timeout,
+                    format!("build {id} is still {}", build.status.as_str()),
+                ));
+            }
+            sleep(Duration::from_millis(200)).await;
+        }
+    }
+    pub async fn put_tag(&self, template: &str, tag: &str, build_id: &str) -> Result<Tag> {
+        let req = TagPut {
+            build_id: build_id.into(),
+        };
+        self.call(
+            Method::PUT,
+            &["v1", "templates", template, "tags", tag],
+            Some(&req),
+        )
+        .await
+    }
+    pub async fn list_tags(&self, template: &str) -> Result<Vec<Tag>> {
+        Ok(self
+            .call::<List<Tag>>(Method::GET, &["v1", "templates", template, "tags"], None)
+            .await?
+            .items)
+    }
+    pub async fn delete_tag(&self, template: &str, tag: &str) -> Result<()> {
+        self.delete(&["v1", "templates", template, "tags", tag]).await
+    }
+
+    // Warm pools.
+    pub async fn create_pool(&self, spec: &WarmPoolSpec) -> Result<WarmPool> {
+        self.call(Method::POST, &["v1", "template-warm-pools"], Some(spec))
+            .await
+    }
+    pub async fn list_pools(&self) -> Result<Vec<WarmPool>> {
+        Ok(self
+            .call::<List<WarmPool>>(Method::GET, &["v1", "template-warm-pools"], None)
+            .await?
+            .items)
+    }
+    pub async fn get_pool(&self, id_or_name: &str) -> Result<WarmPool> {
+        self.call(Method::GET, &["v1", "template-warm-pools", id_or_name], None)
+            .await
+    }
+    pub async fn update_pool(&self, id_or_name: &str, patch: &WarmPoolPatch) -> Result<WarmPool> {
+        self.call(
+            Method::PATCH,
+            &["v1", "template-warm-pools", id_or_name],
+            Some(patch),
+        )
+        .await
+    }
+    pub async fn delete_pool(&self, id_or_name: &str) -> Result<()> {
+        self.delete(&["v1", "template-warm-pools", id_or_name]).await
+    }
+    pub async fn pool_status(&self, id_or_name: &str) -> Result<PoolStatus> {
+        self.call(
+            Method::GET,
+            &["v1", "template-warm-pools", id_or_name, "status"],
+            None,
+        )
+        .await
+    }
+    /// `enable`, `disable`, `drain` or `reconcile`.
+    pub async fn pool_action(&self, id_or_name: &str, action: &str) -> Result<WarmPool> {
+        self.call(
+            Method::POST,
+            &["v1", "template-warm-pools", id_or_name, action],
+            None,
+        )
+        .await
+    }
+    pub async fn put_lease(&self, pool: &str, key: &str, spec: &LeaseSpec) -> Result<Lease> {
+        self.call(
+            Method::PUT,
+            &["v1", "template-warm-pools", pool, "leases", key],
+            Some(spec),
+        )
+        .await
+    }
+    pub async fn release_lease(&self, pool: &str, key: &str, drain_if_last: bool) -> Result<LeaseRelease> {
+        let q = [("drain_if_last", if drain_if_last { "true" } else { "false" })];
+        let resp = self
+            .raw(
+                Method::DELETE,
+                &["v1", "template-warm-pools", pool, "leases", key],
+                &q,
+                None,
+            )
+            .await?;
+        resp.json().await.map_err(|e| Error::Decode(e.to_string()))
+    }
+    pub async fn list_leases(&self, pool: &str) -> Result<Vec<Lease>> {
+        Ok(self
+            .call::<List<Lease>>(Method::GET, &["v1", "template-warm-pools", pool, "leases"], None)
+            .await?
+            .items)
+    }
+    /// Polls a pool's status until `ready >= n` (or `timeout`), calling `progress` on each poll.
+    pub async fn wait_pool_ready(
+        &self,
+        pool: &str,
+        n: u32,
+        timeout: Duration,
+        mut progress: impl FnMut(&PoolStatus),
+    ) -> Result<PoolStatus> {
+        let deadline = tokio_deadline(timeout);
+        loop {
+            let status = self.pool_status(pool).await?;
+            progress(&status);
+            if status.ready >= n {
+                return Ok(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Timeout(
+                    timeout,
+                    format!("pool {pool} has {} of {n} ready", status.ready),
+                ));
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // Sandboxes.
+    pub async fn create_sandbox(&self, req: &SandboxCreate) -> Result<Sandbox> {
+        self.call(Method::POST, &["v1", "sandboxes"], Some(req)).await
+    }
+    pub async fn list_sandboxes(&self) -> Result<Vec<Sandbox>> {
+        Ok(self
+            .call::<List<Sandbox>>(Method::GET, &["v1", "sandboxes"], None)
+            .await?
+            .items)
+    }
+    pub async fn get_sandbox(&self, id: &str) -> Result<Sandbox> {
+        self.call(Method::GET, &["v1", "sandboxes", id], None).await
+    }
+    pub async fn delete_sandbox(&self, id: &str) -> Result<()> {
+        self.delete(&["v1", "sandboxes", id]).await
+    }
+    pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult> {
+        self.call(Method::POST, &["v1", "sandboxes", id, "exec"], Some(req))
+            .await
+    }
+    pub async fn probe(&self, id: &str, kind: ProbeKind) -> Result<ProbeResult> {
+        self.call(
+            Method::GET,
+            &["v1", "sandboxes", id, "probes", kind.as_str()],
+            None,
+        )
+        .await
+    }
+    pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>> {
+        Ok(self
+            .call::<List<LogLine>>(Method::GET, &["v1", "sandboxes", id, "logs"], None)
+            .await?
+            .items)
+    }
+}
+
+/// `TemplateWarmPool::create(&client, spec)`: the pool resource, by the name the docs use.
+pub struct TemplateWarmPool;
+
+impl TemplateWarmPool {
+    pub async fn create(client: &Client, spec: &WarmPoolSpec) -> Result<WarmPool> {
+        client.create_pool(spec).await
+    }
+}
+
+/// `template.create_warm_pool(&client, "api-pool", 2, 10)`: a pool of this template's newest ready build.
+#[allow(async_fn_in_trait)]
+pub trait TemplateExt {
+    async fn create_warm_pool(
+        &self,
+        client: &Client,
+        name: &str,
+        min_ready: u32,
+        max_ready: u32,
+    ) -> Result<WarmPool>;
+}
+
+impl TemplateExt for Template {
+    async fn create_warm_pool(
+        &self,
+        client: &Client,
+        name: &str,
+        min_ready: u32,
+        max_ready: u32,
+    ) -> Result<WarmPool> {
+        let spec = WarmPoolSpec {
+            name: name.into(),
+            template: self.name.clone(),
+            min_ready,
+            max_ready,
+            ..Default::default()
+        };
+        TemplateWarmPool::create(client, &spec).await
+    }
+}
+
+fn tokio_deadline(timeout: Duration) -> std::time::Instant {
+    std::time::Instant::now() + timeout
+}
+
+async fn sleep(d: Duration) {
+    // reqwest brings tokio; its timer is available wherever this client runs.
+    tokio::time::sleep(d).await
+}
+
+mod erased {
+    /// A serializable request body behind a trait object, so `raw` is not generic.
+    pub trait Body: Sync {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize + Sync> Body for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).expect("request bodies serialize")
+        }
+    }
+}

@@ -1,1 +1,10 @@
-//! placeholder
+//! The Warmpool control plane: HTTP API (`http`), domain (`app`), durable state (`store`), sandbox runtimes
+//! (`runtime`), the pool reconciler (`reconciler`), metrics, and the `warmpool` CLI (`cli`).
+
+pub mod app;
+pub mod cli;
+pub mod http;
+pub mod metrics;
+pub mod reconciler;
+pub mod runtime;
+pub mod store;

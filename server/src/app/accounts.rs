@@ -1,0 +1,163 @@
+//! Accounts, tokens and authentication. The first start creates the `default` account and an admin token for it,
+//! written to `<data-dir>/admin.token` (mode 0600). Tokens are stored as SHA-256 hashes only.
+
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use warmpool_api::{
+    id_prefix, validate_name, Account, AccountCreate, AccountPatch, FieldError, TokenCreate, TokenCreated,
+};
+
+use super::{new_id, not_found, App, AppError, AppResult, Caller};
+use crate::store::TokenRow;
+
+pub const DEFAULT_ACCOUNT: &str = "acc_default";
+
+fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn new_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!("wp_{}", hex::encode(bytes))
+}
+
+impl App {
+    /// Creates the default account and the admin token on first start; returns the token file's path.
+    pub fn bootstrap_admin(&self) -> AppResult<std::path::PathBuf> {
+        let path = self.config.data_dir.join("admin.token");
+        if self.store.get_account(DEFAULT_ACCOUNT)?.is_none() {
+            let account = Account {
+                id: DEFAULT_ACCOUNT.into(),
+                name: "default".into(),
+                quotas: Default::default(),
+                created_at: Utc::now(),
+            };
+            self.store.insert_account(&account)?;
+        }
+        if !self.store.has_admin_token()? || !path.exists() {
+            let secret = new_secret();
+            write_secret(&path, &secret)
+                .map_err(|e| AppError::Internal(format!("writing {}: {e}", path.display())))?;
+            self.store.insert_token(&TokenRow {
+                id: new_id(id_prefix::TOKEN),
+                account_id: Some(DEFAULT_ACCOUNT.into()),
+                name: Some("admin".into()),
+                hash: hash(&secret),
+                admin: true,
+                created_at: Utc::now(),
+            })?;
+        }
+        Ok(path)
+    }
+
+    pub fn authenticate(&self, token: Option<&str>) -> AppResult<Caller> {
+        let token = token.ok_or(AppError::Unauthorized)?;
+        let row = self
+            .store
+            .token_by_hash(&hash(token))?
+            .ok_or(AppError::Unauthorized)?;
+        Ok(Caller {
+            account_id: row.account_id.unwrap_or_else(|| DEFAULT_ACCOUNT.into()),
+            admin: row.admin,
+        })
+    }
+
+    fn require_admin(caller: &Caller) -> AppResult<()> {
+        if caller.admin {
+            Ok(())
+        } else {
+            Err(AppError::Forbidden)
+        }
+    }
+
+    pub fn create_account(&self, caller: &Caller, req: AccountCreate) -> AppResult<Account> {
+        Self::require_admin(caller)?;
+        validate_name("name", &req.name)?;
+        let account = Account {
+            id: new_id(id_prefix::ACCOUNT),
+            name: req.name,
+            quotas: req.quotas,
+            created_at: Utc::now(),
+        };
+        self.store.insert_account(&account)?;
+        Ok(account)
+    }
+
+    pub fn list_accounts(&self, caller: &Caller) -> AppResult<Vec<Account>> {
+        Self::require_admin(caller)?;
+        Ok(self.store.list_accounts()?)
+    }
+
+    pub fn update_account(&self, caller: &Caller, id: &str, patch: AccountPatch) -> AppResult<Account> {
+        Self::require_admin(caller)?;
+        let mut account = self
+            .store
+            .get_account(id)?
+            .ok_or_else(|| not_found("account", id))?;
+        if let Some(name) = patch.name {
+            validate_name("name", &name)?;
+            account.name = name;
+        }
+        if let Some(q) = patch.quotas {
+            account.quotas = q;
+        }
+        self.store.update_account(&account)?;
+        Ok(account)
+    }
+
+    pub fn create_token(&self, caller: &Caller, req: TokenCreate) -> AppResult<TokenCreated> {
+        Self::require_admin(caller)?;
+        if self.store.get_account(&req.account_id)?.is_none() {
+            return Err(FieldError::new("account_id", format!("no account {:?}", req.account_id)).into());
+        }
+        let secret = new_secret();
+        let row = TokenRow {
+            id: new_id(id_prefix::TOKEN),
+            account_id: Some(req.account_id.clone()),
+            name: req.name.clone(),
+            hash: hash(&secret),
+            admin: false,
+            created_at: Utc::now(),
+        };
+        self.store.insert_token(&row)?;
+        Ok(TokenCreated {
+            id: row.id,
+            token: secret,
+            account_id: req.account_id,
+            name: req.name,
+        })
+    }
+
+    pub fn delete_token(&self, caller: &Caller, id: &str) -> AppResult<()> {
+        Self::require_admin(caller)?;
+        if self.store.delete_token(id)? {
+            Ok(())
+        } else {
+            Err(not_found("token", id))
+        }
+    }
+
+    /// The account's quotas (none for unknown accounts).
+    pub fn quotas(&self, account_id: &str) -> AppResult<warmpool_api::Quotas> {
+        Ok(self
+            .store
+            .get_account(account_id)?
+            .map(|a| a.quotas)
+            .unwrap_or_default())
+    }
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    writeln!(f, "{secret}")
+}

@@ -1,0 +1,369 @@
+//! Warm pools: CRUD, state changes, leases and status. Filling and draining is the reconciler's job
+//! (`crate::reconciler`); these calls change the desired state and poke it.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use warmpool_api::{
+    id_prefix, BuildStatus, DegradedReason, FieldError, Lease, LeaseRelease, LeaseSpec, PoolState,
+    PoolStatus, SandboxState, VersionPolicy, WarmPool, WarmPoolPatch, WarmPoolSpec,
+};
+
+use super::{new_id, not_found, App, AppResult, Caller};
+use crate::store::{LeaseRow, PoolControl, PoolRow, PoolSlot};
+
+/// Prewarm failures in a row after which a pool stops filling.
+pub const PREWARM_FAILURE_LIMIT: u32 = 3;
+
+/// `min(max_ready, min_ready + Σ active lease counts)`, 0 unless enabled.
+pub fn target(pool: &WarmPool, leases: &[LeaseRow], now: chrono::DateTime<Utc>) -> u32 {
+    if pool.state != PoolState::Enabled {
+        return 0;
+    }
+    let leased: u64 = leases
+        .iter()
+        .filter(|l| l.lease.expires_at > now)
+        .map(|l| l.lease.count as u64)
+        .sum();
+    (pool.min_ready as u64 + leased).min(pool.max_ready as u64) as u32
+}
+
+impl App {
+    pub fn create_pool(&self, caller: &Caller, spec: WarmPoolSpec) -> AppResult<WarmPool> {
+        spec.validate()?;
+        let (template, build) = self.resolve_ref(&caller.account_id, "template", &spec.template)?;
+        let now = Utc::now();
+        let policy = spec.effective_version_policy();
+        let pool = WarmPool {
+            id: new_id(id_prefix::WARM_POOL),
+            name: spec.name.clone(),
+            template: spec.template.clone(),
+            template_id: template.template.id.clone(),
+            version_policy: policy,
+            track_tag: spec.effective_track_tag(),
+            min_ready: spec.min_ready,
+            max_ready: spec.max_ready,
+            resources: spec.resources.clone().unwrap_or_default(),
+            checkout_policy: spec.checkout_policy,
+            idle_timeout_seconds: spec.idle_timeout_seconds,
+            labels: spec.labels.clone(),
+            state: if spec.enabled == Some(false) {
+                PoolState::Disabled
+            } else {
+                PoolState::Enabled
+            },
+            rollout_generation: 1,
+            resolved_build_id: build
+                .filter(|b| b.build.status == BuildStatus::Ready)
+                .map(|b| b.build.id),
+            previous_build_id: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.insert_pool(&PoolRow {
+            account_id: caller.account_id.clone(),
+            pool: pool.clone(),
+            ctl: PoolControl::default(),
+        })?;
+        self.poke.notify_one();
+        Ok(pool)
+    }
+
+    pub fn list_pools(&self, caller: &Caller) -> AppResult<Vec<WarmPool>> {
+        Ok(self
+            .store
+            .list_pools(Some(&caller.account_id))?
+            .into_iter()
+            .map(|r| r.pool)
+            .collect())
+    }
+
+    pub fn get_pool(&self, caller: &Caller, id_or_name: &str) -> AppResult<PoolRow> {
+        self.store
+            .get_pool(&caller.account_id, id_or_name)?
+            .ok_or_else(|| not_found("warm pool", id_or_name))
+    }
+
+    /// Applies a patch. A change of template, version policy, tag or resources starts a new rollout generation
+    /// (old inventory drains as the new fills) and clears a prewarm-failure stop.
+    pub fn update_pool_spec(
+        &self,
+        caller: &Caller,
+        id_or_name: &str,
+        patch: WarmPoolPatch,
+    ) -> AppResult<WarmPool> {
+        let current = self.get_pool(caller, id_or_name)?;
+        let mut spec = current.pool.spec();
+        let explicit_tag = patch.track_tag.is_some();
+        if let Some(v) = patch.name {
+            spec.name = v;
+        }
+        if let Some(v) = patch.template {
+            spec.template = v;
+        }
+        if let Some(v) = patch.version_policy {
+            spec.version_policy = Some(v);
+        }
+        if let Some(v) = patch.track_tag {
+            spec.track_tag = Some(v);
+        }
+        if let Some(v) = patch.min_ready {
+            spec.min_ready = v;
+        }
+        if let Some(v) = patch.max_ready {
+            spec.max_ready = v;
+        }
+        if let Some(v) = patch.resources {
+            spec.resources = Some(v);
+        }
+        if let Some(v) = patch.checkout_policy {
+            spec.checkout_policy = Some(v);
+        }
+        if let Some(v) = patch.idle_timeout_seconds {
+            spec.idle_timeout_seconds = Some(v);
+        }
+        if let Some(v) = patch.labels {
+            spec.labels = v;
+        }
+        // A ref with a tag implies the tag to track unless one is given.
+        if !explicit_tag && spec.template != current.pool.template {
+            spec.track_tag = None;
+        }
+        spec.validate()?;
+        let (template, build) = self.resolve_ref(&caller.account_id, "template", &spec.template)?;
+        let updated = self.update_pool(&current.pool.id, |row| {
+            let p = &mut row.pool;
+            let rollout = p.template_id != template.template.id
+                || p.version_policy != spec.effective_version_policy()
+                || p.track_tag != spec.effective_track_tag()
+                || p.template != spec.template
+                || Some(&p.resources) != spec.resources.as_ref();
+            p.name = spec.name.clone();
+            p.template = spec.template.clone();
+            p.template_id = template.template.id.clone();
+            p.version_policy = spec.effective_version_policy();
+            p.track_tag = spec.effective_track_tag();
+            p.min_ready = spec.min_ready;
+            p.max_ready = spec.max_ready;
+            p.resources = spec.resources.clone().unwrap_or_default();
+            p.checkout_policy = spec.checkout_policy;
+            p.idle_timeout_seconds = spec.idle_timeout_seconds;
+            p.labels = spec.labels.clone();
+            match patch.enabled {
+                Some(true) => p.state = PoolState::Enabled,
+                Some(false) => p.state = PoolState::Disabled,
+                None => {}
+            }
+            if rollout {
+                let new_build = build
+                    .as_ref()
+                    .filter(|b| b.build.status == BuildStatus::Ready)
+                    .map(|b| b.build.id.clone());
+                if p.resolved_build_id != new_build {
+                    p.previous_build_id = p.resolved_build_id.take();
+                }
+                p.resolved_build_id = new_build;
+                p.rollout_generation += 1;
+                row.ctl.prewarm_failures = 0;
+                row.ctl.last_failure_logs = None;
+            }
+            p.updated_at = Utc::now();
+            p.clone()
+        })?;
+        self.poke.notify_one();
+        updated.ok_or_else(|| not_found("warm pool", id_or_name))
+    }
+
+    pub async fn delete_pool(&self, caller: &Caller, id_or_name: &str) -> AppResult<()> {
+        let row = self.get_pool(caller, id_or_name)?;
+        self.set_pool_state(caller, &row.pool.id, PoolState::Draining)?;
+        // Drain first: stop every unclaimed sandbox of the pool, then forget it.
+        for sandbox in self.store.list_pool_sandboxes(&row.pool.id)? {
+            if sandbox.pool_id.as_deref() == Some(row.pool.id.as_str()) {
+                self.destroy(sandbox).await?;
+            }
+        }
+        self.store.delete_pool(&row.pool.id)?;
+        Ok(())
+    }
+
+    pub fn set_pool_state(&self, caller: &Caller, id_or_name: &str, state: PoolState) -> AppResult<WarmPool> {
+        let row = self.get_pool(caller, id_or_name)?;
+        let pool = self
+            .update_pool(&row.pool.id, |r| {
+                r.pool.state = state;
+                r.pool.updated_at = Utc::now();
+                r.pool.clone()
+            })?
+            .ok_or_else(|| not_found("warm pool", id_or_name))?;
+        self.poke.notify_one();
+        Ok(pool)
+    }
+
+    /// Runs a pass now, and lifts a prewarm-failure stop.
+    pub async fn reconcile_now(self: &Arc<Self>, caller: &Caller, id_or_name: &str) -> AppResult<WarmPool> {
+        let row = self.get_pool(caller, id_or_name)?;
+        self.update_pool(&row.pool.id, |r| {
+            r.ctl.prewarm_failures = 0;
+            r.ctl.last_failure_logs = None;
+        })?;
+        if self.config.reconciler_enabled {
+            self.reconcile_pool(&row.pool.id).await;
+        }
+        Ok(self.get_pool(caller, &row.pool.id)?.pool)
+    }
+
+    pub fn put_lease(&self, caller: &Caller, pool: &str, key: &str, spec: LeaseSpec) -> AppResult<Lease> {
+        let row = self.get_pool(caller, pool)?;
+        if key.is_empty() || key.len() > 256 {
+            return Err(FieldError::new("key", "must be 1-256 characters").into());
+        }
+        if spec.ttl_seconds == 0 || spec.ttl_seconds > 7 * 24 * 3600 {
+            return Err(FieldError::new("ttl_seconds", "must be between 1 and 604800").into());
+        }
+        let now = Utc::now();
+        let lease = Lease {
+            key: key.to_string(),
+            pool_id: row.pool.id.clone(),
+            count: spec.count,
+            ttl_seconds: spec.ttl_seconds,
+            expires_at: now + chrono::Duration::seconds(spec.ttl_seconds as i64),
+            updated_at: now,
+        };
+        self.store.put_lease(&LeaseRow {
+            account_id: caller.account_id.clone(),
+            lease: lease.clone(),
+        })?;
+        self.poke.notify_one();
+        Ok(lease)
+    }
+
+    pub fn list_leases(&self, caller: &Caller, pool: &str) -> AppResult<Vec<Lease>> {
+        let row = self.get_pool(caller, pool)?;
+        let now = Utc::now();
+        Ok(self
+            .store
+            .list_leases(&row.pool.id)?
+            .into_iter()
+            .map(|l| l.lease)
+            .filter(|l| l.expires_at > now)
+            .collect())
+    }
+
+    /// Releases a lease (idempotent); with `drain_if_last`, drains the pool when no other active lease remains.
+    pub fn release_lease(
+        &self,
+        caller: &Caller,
+        pool: &str,
+        key: &str,
+        drain_if_last: bool,
+    ) -> AppResult<LeaseRelease> {
+        let row = self.get_pool(caller, pool)?;
+        let released = self.store.delete_lease(&row.pool.id, key)?;
+        let remaining = self.list_leases(caller, &row.pool.id)?.len() as u32;
+        let drained = drain_if_last && remaining == 0;
+        if drained {
+            self.set_pool_state(caller, &row.pool.id, PoolState::Draining)?;
+        }
+        self.poke.notify_one();
+        Ok(LeaseRelease {
+            released,
+            remaining_leases: remaining,
+            drained,
+        })
+    }
+
+    pub fn pool_status(&self, caller: &Caller, id_or_name: &str) -> AppResult<PoolStatus> {
+        let row = self.get_pool(caller, id_or_name)?;
+        self.status_of(&row)
+    }
+
+    pub fn status_of(&self, row: &PoolRow) -> AppResult<PoolStatus> {
+        let pool = &row.pool;
+        let leases = self.store.list_leases(&pool.id)?;
+        let target = target(pool, &leases, Utc::now());
+        let (mut ready, mut warming, mut draining, mut claimed) = (0, 0, 0, 0);
+        for s in self.store.list_pool_sandboxes(&pool.id)? {
+            if s.pool_id.as_deref() == Some(pool.id.as_str()) {
+                match s.pool_slot {
+                    Some(PoolSlot::Ready) => ready += 1,
+                    Some(PoolSlot::Warming) => warming += 1,
+                    Some(PoolSlot::Draining) => draining += 1,
+                    None => {}
+                }
+            } else if matches!(
+                s.sandbox.state,
+                SandboxState::Running | SandboxState::Paused | SandboxState::Starting
+            ) {
+                claimed += 1;
+            }
+        }
+        let mut reasons: Vec<DegradedReason> = row.ctl.blocked.clone();
+        if let Some(r) = self.artifact_problem(row)? {
+            reasons.push(r);
+        }
+        if row.ctl.prewarm_failures >= PREWARM_FAILURE_LIMIT {
+            reasons.push(DegradedReason::ArtifactPrewarmFailed);
+        }
+        if !self.config.reconciler_enabled {
+            reasons.push(DegradedReason::ControllerDisabled);
+        }
+        if pool.state == PoolState::Draining {
+            reasons.push(DegradedReason::DrainActive);
+        }
+        reasons.sort();
+        reasons.dedup();
+        Ok(PoolStatus {
+            state: pool.state,
+            target,
+            ready,
+            warming,
+            claimed,
+            draining,
+            failed: row.ctl.failed_total,
+            expired: row.ctl.expired_total,
+            unavailable: target.saturating_sub(ready),
+            degraded_reasons: reasons,
+            rollout_generation: pool.rollout_generation,
+            resolved_build_id: pool.resolved_build_id.clone(),
+            previous_build_id: pool.previous_build_id.clone(),
+            last_reconciled_at: row.ctl.last_reconciled_at,
+            last_reconcile_duration_ms: row.ctl.last_reconcile_duration_ms,
+            last_error: row.ctl.last_error.clone(),
+            last_failure_logs: row.ctl.last_failure_logs.clone(),
+        })
+    }
+
+    /// Why the pool's artifact cannot be used (yet): `artifact_not_ready` while the build it needs is queued or
+    /// building, `template_build_unavailable` when it failed, was deleted, or the template is gone.
+    pub fn artifact_problem(&self, row: &PoolRow) -> AppResult<Option<DegradedReason>> {
+        let pool = &row.pool;
+        if self
+            .store
+            .get_template(&row.account_id, &pool.template_id)?
+            .is_none()
+        {
+            return Ok(Some(DegradedReason::TemplateBuildUnavailable));
+        }
+        let wanted = match (&pool.version_policy, &pool.track_tag) {
+            (VersionPolicy::TrackTag, Some(tag)) => {
+                self.store.get_tag(&pool.template_id, tag)?.map(|t| t.build_id)
+            }
+            _ => pool.resolved_build_id.clone(),
+        };
+        let building = self
+            .store
+            .list_builds(&pool.template_id)?
+            .iter()
+            .any(|b| matches!(b.build.status, BuildStatus::Queued | BuildStatus::Building));
+        Ok(match wanted {
+            None if building => Some(DegradedReason::ArtifactNotReady),
+            None => Some(DegradedReason::TemplateBuildUnavailable),
+            Some(id) => match self.store.get_build(&id)?.map(|b| b.build.status) {
+                Some(BuildStatus::Ready) => None,
+                Some(BuildStatus::Queued | BuildStatus::Building) => Some(DegradedReason::ArtifactNotReady),
+                _ => Some(DegradedReason::TemplateBuildUnavailable),
+            },
+        })
+    }
+}

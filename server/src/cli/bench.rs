@@ -1,0 +1,160 @@
+//! `warmpool bench checkout`: measures warm checkouts (claims from a filled pool by concurrent clients) against
+//! cold creates of the same template, on a running server, and prints the numbers as JSON (DESIGN §9).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use warmpool_api::*;
+
+use super::commands::client;
+use super::Global;
+
+#[derive(Args, Clone, Debug)]
+pub struct CheckoutArgs {
+    /// Template ref to benchmark (it must have a ready build).
+    #[arg(long)]
+    pub template: String,
+    /// Warm checkouts to measure (the pool is filled to this many first).
+    #[arg(long, default_value_t = 64)]
+    pub warm: u32,
+    /// Concurrent clients for the warm checkouts.
+    #[arg(long, default_value_t = 32)]
+    pub clients: u32,
+    /// Cold creates to measure (one at a time).
+    #[arg(long, default_value_t = 3)]
+    pub cold: u32,
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn summary(mut ms: Vec<f64>) -> serde_json::Value {
+    ms.sort_by(|a, b| a.total_cmp(b));
+    serde_json::json!({
+        "count": ms.len(),
+        "p50_ms": percentile(&ms, 0.50),
+        "p90_ms": percentile(&ms, 0.90),
+        "p99_ms": percentile(&ms, 0.99),
+        "max_ms": ms.last().copied().unwrap_or(0.0),
+    })
+}
+
+pub async fn checkout(global: &Global, args: CheckoutArgs) -> anyhow::Result<i32> {
+    let c = Arc::new(client(global)?);
+    let name = format!("bench-{}", std::process::id());
+    let pool = c
+        .create_pool(&WarmPoolSpec {
+            name: name.clone(),
+            template: args.template.clone(),
+            min_ready: args.warm,
+            max_ready: args.warm,
+            ..Default::default()
+        })
+        .await
+        .context("creating the benchmark pool")?;
+    let fill_started = Instant::now();
+    let filled = c.wait_pool_ready(&pool.id, args.warm, args.timeout, |_| {}).await;
+    let fill_ms = fill_started.elapsed().as_secs_f64() * 1000.0;
+    if let Err(e) = filled {
+        let _ = c.delete_pool(&pool.id).await;
+        return Err(e).context("filling the benchmark pool");
+    }
+    // Stop refilling so every measured checkout is a claim of existing inventory.
+    c.pool_action(&pool.id, "disable").await?;
+    c.pool_action(&pool.id, "enable").await?;
+    c.update_pool(
+        &pool.id,
+        &WarmPoolPatch {
+            min_ready: Some(0),
+            max_ready: Some(args.warm),
+            ..Default::default()
+        },
+    )
+    .await?;
+
+    let remaining = Arc::new(std::sync::atomic::AtomicI64::new(args.warm as i64));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients.max(1) {
+        let (c, remaining, pool_id) = (c.clone(), remaining.clone(), pool.id.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            while remaining.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                let t = Instant::now();
+                let req = SandboxCreate {
+                    warm_pool: Some(pool_id.clone()),
+                    warm_pool_mode: Some(CheckoutMode::Require),
+                    ..Default::default()
+                };
+                let r = c.create_sandbox(&req).await;
+                out.push((t.elapsed().as_secs_f64() * 1000.0, r));
+            }
+            out
+        }));
+    }
+    let mut warm_ms = Vec::new();
+    let mut ids = Vec::new();
+    let mut misses = 0;
+    for t in tasks {
+        for (ms, r) in t.await? {
+            match r {
+                Ok(s) if s.warm_pool_checkout.as_ref().is_some_and(|co| co.hit) => {
+                    warm_ms.push(ms);
+                    ids.push(s.id);
+                }
+                Ok(s) => {
+                    misses += 1;
+                    ids.push(s.id);
+                }
+                Err(_) => misses += 1,
+            }
+        }
+    }
+    let warm_elapsed = started.elapsed().as_secs_f64();
+    let throughput = warm_ms.len() as f64 / warm_elapsed;
+    let _ = c.delete_pool(&pool.id).await;
+    for id in ids {
+        let _ = c.delete_sandbox(&id).await;
+    }
+
+    let mut cold_ms = Vec::new();
+    for _ in 0..args.cold {
+        let t = Instant::now();
+        let s = c
+            .create_sandbox(&SandboxCreate {
+                template: Some(args.template.clone()),
+                ..Default::default()
+            })
+            .await?;
+        cold_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        c.delete_sandbox(&s.id).await?;
+    }
+    let warm = summary(warm_ms.clone());
+    let cold = summary(cold_ms.clone());
+    let ratio = match (warm["p50_ms"].as_f64(), cold["p50_ms"].as_f64()) {
+        (Some(w), Some(c)) if w > 0.0 && c > 0.0 => c / w,
+        _ => 0.0,
+    };
+    let report = serde_json::json!({
+        "template": args.template,
+        "clients": args.clients,
+        "pool_fill_ms": fill_ms,
+        "warm": warm,
+        "warm_misses": misses,
+        "warm_throughput_per_s": throughput,
+        "cold": cold,
+        "cold_over_warm_p50": ratio,
+        "note": "latencies are measured by the client over loopback HTTP, so they include the client's own overhead",
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(0)
+}

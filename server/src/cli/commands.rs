@@ -1,0 +1,444 @@
+//! The client commands: each one call (or a poll) through `warmpool-client`, printed as text or `--json`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use warmpool_api::*;
+use warmpool_client::Client;
+
+use super::{Command, Global, PoolCmd, SandboxCmd, TemplateCmd};
+
+/// The client for the global flags; on a local endpoint without a token, the admin token file.
+pub fn client(global: &Global) -> anyhow::Result<Client> {
+    let token = match &global.token {
+        Some(t) => Some(t.clone()),
+        None if is_local(&global.endpoint) => {
+            let dir = std::env::var("WARMPOOL_DATA_DIR").unwrap_or_else(|_| ".warmpool".into());
+            std::fs::read_to_string(std::path::Path::new(&dir).join("admin.token"))
+                .ok()
+                .map(|t| t.trim().to_string())
+        }
+        None => None,
+    };
+    Ok(Client::new(&global.endpoint, token)?)
+}
+
+fn is_local(endpoint: &str) -> bool {
+    reqwest_host(endpoint).is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]")
+}
+
+fn reqwest_host(endpoint: &str) -> Option<String> {
+    let rest = endpoint.split_once("://")?.1;
+    let host = rest.split(['/', '?']).next()?;
+    Some(host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).to_string())
+}
+
+fn print<T: Serialize>(global: &Global, value: &T, text: impl FnOnce(&T) -> String) {
+    if global.json {
+        println!("{}", serde_json::to_string_pretty(value).expect("json"));
+    } else {
+        println!("{}", text(value));
+    }
+}
+
+fn spinner(global: &Global, message: String) -> indicatif::ProgressBar {
+    let bar = if global.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar.set_message(message);
+    bar
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(header.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+fn status_line(s: &PoolStatus) -> String {
+    format!(
+        "state={} target={} ready={} warming={} claimed={} draining={} failed={} expired={} unavailable={} generation={} build={} degraded=[{}]",
+        s.state.as_str(), s.target, s.ready, s.warming, s.claimed, s.draining, s.failed, s.expired, s.unavailable,
+        s.rollout_generation, s.resolved_build_id.as_deref().unwrap_or("-"),
+        s.degraded_reasons.iter().map(|r| serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()).collect::<Vec<_>>().join(",")
+    )
+}
+
+pub async fn run_client_command(global: &Global, command: Command) -> anyhow::Result<i32> {
+    let c = client(global)?;
+    match command {
+        Command::Template(cmd) => template(global, &c, cmd).await,
+        Command::Pool(cmd) => pool(global, &c, cmd).await,
+        Command::Sandbox(cmd) => sandbox(global, &c, cmd).await,
+        Command::Serve(_) | Command::Bench(_) => unreachable!("handled by cli::run"),
+    }
+}
+
+async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {
+    match cmd {
+        TemplateCmd::Create { file } => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let spec: TemplateSpec = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a template spec", file.display()))?;
+            let t = c.create_template(&spec).await?;
+            print(global, &t, |t| format!("created template {} ({})", t.name, t.id));
+        }
+        TemplateCmd::List => {
+            let items = c.list_templates().await?;
+            print(global, &List { items }, |l| {
+                table(
+                    &["ID", "NAME", "START_CMD"],
+                    l.items
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.id.clone(),
+                                t.name.clone(),
+                                t.start_cmd.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+        }
+        TemplateCmd::Get { reference } => {
+            let name = TemplateRef::parse("reference", &reference)?.name().to_string();
+            let t = c.get_template(&name).await?;
+            print(global, &t, |t| serde_json::to_string_pretty(t).expect("json"));
+        }
+        TemplateCmd::Delete { reference } => {
+            c.delete_template(&reference).await?;
+            print(global, &serde_json::json!({"deleted": reference}), |_| {
+                format!("deleted template {reference}")
+            });
+        }
+        TemplateCmd::Build {
+            name,
+            tags,
+            wait,
+            timeout,
+        } => {
+            let build = c.create_build(&name, &tags).await?;
+            if !wait {
+                print(global, &build, |b| {
+                    format!("build {} is {}", b.id, b.status.as_str())
+                });
+                return Ok(0);
+            }
+            let bar = spinner(global, format!("building {name} ({})", build.id));
+            let build = c
+                .wait_build(&build.id, timeout, |b| {
+                    bar.set_message(format!("build {} is {}", b.id, b.status.as_str()))
+                })
+                .await?;
+            bar.finish_and_clear();
+            let failed = build.status == BuildStatus::Failed;
+            print(global, &build, |b| match &b.error {
+                Some(e) => format!("build {} failed: {e}", b.id),
+                None => format!(
+                    "build {} is ready{}",
+                    b.id,
+                    if b.tags.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (tags: {})", b.tags.join(", "))
+                    }
+                ),
+            });
+            return Ok(if failed { 1 } else { 0 });
+        }
+        TemplateCmd::Logs { build_id } => print!("{}", c.build_logs(&build_id).await?),
+    }
+    Ok(0)
+}
+
+async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> {
+    let show = |p: &WarmPool| {
+        format!(
+            "pool {} ({}) {} template={} min={} max={} generation={}",
+            p.name,
+            p.id,
+            p.state.as_str(),
+            p.template,
+            p.min_ready,
+            p.max_ready,
+            p.rollout_generation
+        )
+    };
+    match cmd {
+        PoolCmd::Create {
+            name,
+            template,
+            min_ready,
+            max_ready,
+            version_policy,
+            track_tag,
+            checkout_policy,
+            idle_timeout_seconds,
+        } => {
+            let spec = WarmPoolSpec {
+                name,
+                template,
+                version_policy: version_policy.map(|v| {
+                    if v == "track_tag" {
+                        VersionPolicy::TrackTag
+                    } else {
+                        VersionPolicy::PinnedBuild
+                    }
+                }),
+                track_tag,
+                min_ready,
+                max_ready,
+                checkout_policy: checkout_policy
+                    .map(|m| m.parse())
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                idle_timeout_seconds,
+                ..Default::default()
+            };
+            let p = c.create_pool(&spec).await?;
+            print(global, &p, |p| format!("created {}", show(p)));
+        }
+        PoolCmd::List => {
+            let items = c.list_pools().await?;
+            print(global, &List { items }, |l| {
+                table(
+                    &["ID", "NAME", "STATE", "TEMPLATE", "MIN", "MAX", "GEN"],
+                    l.items
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.id.clone(),
+                                p.name.clone(),
+                                p.state.as_str().into(),
+                                p.template.clone(),
+                                p.min_ready.to_string(),
+                                p.max_ready.to_string(),
+                                p.rollout_generation.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+        }
+        PoolCmd::Get { id } => print(global, &c.get_pool(&id).await?, show),
+        PoolCmd::Status { id } => print(global, &c.pool_status(&id).await?, status_line),
+        PoolCmd::Update {
+            id,
+            min_ready,
+            max_ready,
+        } => {
+            let p = c
+                .update_pool(
+                    &id,
+                    &WarmPoolPatch {
+                        min_ready,
+                        max_ready,
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            print(global, &p, show);
+        }
+        PoolCmd::Delete { id } => {
+            c.delete_pool(&id).await?;
+            print(global, &serde_json::json!({"deleted": id}), |_| {
+                format!("drained and deleted pool {id}")
+            });
+        }
+        PoolCmd::Enable { id } => print(global, &c.pool_action(&id, "enable").await?, show),
+        PoolCmd::Disable { id } => print(global, &c.pool_action(&id, "disable").await?, show),
+        PoolCmd::Drain { id } => print(global, &c.pool_action(&id, "drain").await?, show),
+        PoolCmd::Reconcile { id } => print(global, &c.pool_action(&id, "reconcile").await?, show),
+        PoolCmd::Wait { id, ready, timeout } => {
+            let bar = if global.json {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(ready as u64)
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len}")
+                    .expect("style"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            let result = c
+                .wait_pool_ready(&id, ready, timeout, |s| {
+                    bar.set_position(s.ready.min(ready) as u64);
+                    bar.set_message(format!("pool {id}: {} warming", s.warming));
+                })
+                .await;
+            bar.finish_and_clear();
+            match result {
+                Ok(s) => print(global, &s, status_line),
+                Err(warmpool_client::Error::Timeout(..)) => {
+                    let s = c.pool_status(&id).await?;
+                    print(global, &s, status_line);
+                    eprintln!(
+                        "error: timed out after {}: pool {id} has {} of {ready} ready",
+                        humantime::format_duration(timeout),
+                        s.ready
+                    );
+                    return Ok(1);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        PoolCmd::Lease { id, key, count, ttl } => {
+            let l = c
+                .put_lease(
+                    &id,
+                    &key,
+                    &LeaseSpec {
+                        count,
+                        ttl_seconds: ttl.as_secs().max(1),
+                    },
+                )
+                .await?;
+            print(global, &l, |l| {
+                format!(
+                    "lease {} on {}: count={} expires {}",
+                    l.key, l.pool_id, l.count, l.expires_at
+                )
+            });
+        }
+        PoolCmd::Release {
+            id,
+            key,
+            drain_if_last,
+        } => {
+            let r = c.release_lease(&id, &key, drain_if_last).await?;
+            print(global, &r, |r| {
+                format!(
+                    "released={} remaining_leases={} drained={}",
+                    r.released, r.remaining_leases, r.drained
+                )
+            });
+        }
+    }
+    Ok(0)
+}
+
+async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result<i32> {
+    let show = |s: &Sandbox| {
+        let source = s
+            .warm_pool_checkout
+            .as_ref()
+            .map(|co| format!(" source={}", if co.hit { "warm_pool" } else { "cold" }))
+            .unwrap_or_default();
+        format!(
+            "sandbox {} {} template={} build={}{source}",
+            s.id,
+            s.state.as_str(),
+            s.template,
+            s.build_id
+        )
+    };
+    match cmd {
+        SandboxCmd::Create {
+            template,
+            warm_pool,
+            warm_pool_mode,
+            warm_pool_wait,
+        } => {
+            let req = SandboxCreate {
+                template,
+                warm_pool,
+                warm_pool_mode: warm_pool_mode
+                    .map(|m| m.parse())
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                warm_pool_wait_ms: warm_pool_wait,
+                ..Default::default()
+            };
+            let bar = spinner(global, "creating sandbox".into());
+            let s = c.create_sandbox(&req).await;
+            bar.finish_and_clear();
+            print(global, &s?, show);
+        }
+        SandboxCmd::Exec {
+            id,
+            cwd,
+            timeout,
+            command,
+        } => {
+            let req = ExecRequest {
+                command,
+                cwd,
+                timeout_ms: Some(timeout.as_millis() as u64),
+                ..Default::default()
+            };
+            let r = c.exec(&id, &req).await?;
+            if global.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.stdout);
+                eprint!("{}", r.stderr);
+                if r.timed_out {
+                    eprintln!(
+                        "error: command timed out after {}",
+                        humantime::format_duration(timeout)
+                    );
+                }
+            }
+            return Ok(if r.exit_code < 0 { 1 } else { r.exit_code });
+        }
+        SandboxCmd::List => {
+            let items = c.list_sandboxes().await?;
+            print(global, &List { items }, |l| {
+                table(
+                    &["ID", "STATE", "TEMPLATE", "BUILD"],
+                    l.items
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.id.clone(),
+                                s.state.as_str().into(),
+                                s.template.clone(),
+                                s.build_id.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+        }
+        SandboxCmd::Get { id } => print(global, &c.get_sandbox(&id).await?, show),
+        SandboxCmd::Delete { id } => {
+            c.delete_sandbox(&id).await?;
+            print(global, &serde_json::json!({"deleted": id}), |_| {
+                format!("deleted sandbox {id}")
+            });
+        }
+        SandboxCmd::Logs { id } => {
+            let items = c.logs(&id).await?;
+            print(global, &List { items }, |l| {
+                l.items
+                    .iter()
+                    .map(|line| format!("{} {} [{}] {}", line.ts, line.process, line.stream, line.data))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+    }
+    Ok(0)
+}

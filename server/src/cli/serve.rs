@@ -1,0 +1,131 @@
+//! `warmpool serve`: opens the store, starts the runtime, recovers sandboxes from an earlier run, starts the
+//! reconciler and serves the API until SIGTERM/SIGINT. Sandboxes keep running across a restart and are re-adopted.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::app::{App, AppConfig};
+use crate::runtime::local::{Isolation, LocalRuntime};
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "WARMPOOL_DATA_DIR", default_value = ".warmpool")]
+    pub data_dir: PathBuf,
+    /// `sqlite:PATH` (default: `<data-dir>/warmpool.db`).
+    #[arg(long, env = "WARMPOOL_DATABASE")]
+    pub database: Option<String>,
+    #[arg(long, default_value = "local", value_parser = ["local"])]
+    pub runtime: String,
+    /// `off` runs no reconciler (pools report `controller_disabled`).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub reconciler: String,
+    /// The procd binary (default: next to this binary, then PATH).
+    #[arg(long, env = "WARMPOOL_PROCD")]
+    pub procd: Option<PathBuf>,
+    /// Sandboxes this host runs at once (beyond it pools report `no_eligible_hosts`).
+    #[arg(long, default_value_t = 256)]
+    pub max_sandboxes: usize,
+    /// Sandboxes started at once by the reconciler.
+    #[arg(long, default_value_t = 16)]
+    pub max_parallel_starts: usize,
+    /// Run sandboxes as plain processes even where namespaces and cgroups are available.
+    #[arg(long)]
+    pub no_isolation: bool,
+}
+
+fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe()?;
+    let sibling = exe.with_file_name("procd");
+    if sibling.exists() {
+        return Ok(sibling);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("procd"))
+                .find(|p| p.exists())
+        })
+        .context("cannot find the procd binary: build it (cargo build) or pass --procd")
+}
+
+/// Builds the app for these arguments (also used by the tests' in-process server).
+pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize()?;
+    let db = match args.database.as_deref() {
+        None => data_dir.join("warmpool.db"),
+        Some(url) if url.starts_with("sqlite:") => {
+            PathBuf::from(url.trim_start_matches("sqlite:").trim_start_matches("//"))
+        }
+        Some(url) => anyhow::bail!("--database {url:?}: only sqlite:PATH is supported by this build"),
+    };
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))?);
+    let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+    let isolation = if args.no_isolation {
+        Isolation::none()
+    } else {
+        Isolation::detect()
+    };
+    let runtime = LocalRuntime::new(
+        data_dir.clone(),
+        find_procd(args.procd.clone())?,
+        isolation,
+        args.max_sandboxes,
+        exits_tx,
+    );
+    let config = AppConfig {
+        data_dir,
+        reconciler_enabled: args.reconciler == "on",
+        max_parallel_starts: args.max_parallel_starts,
+        max_parallel_builds: 2,
+    };
+    let app = App::new(store, runtime, config);
+    let token_path = app.bootstrap_admin()?;
+    tracing::info!(path = %token_path.display(), "Admin token");
+    app.recover().await?;
+    tokio::spawn(app.clone().watch_exits(exits_rx));
+    tokio::spawn(app.clone().enforce_timeouts());
+    if app.config.reconciler_enabled {
+        tokio::spawn(app.clone().run_reconciler());
+    }
+    Ok(app)
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let app = build_app(&args).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    eprintln!(
+        "warmpool serving on http://{} (data dir {}, admin token in {})",
+        listener.local_addr()?,
+        app.config.data_dir.display(),
+        app.config.data_dir.join("admin.token").display()
+    );
+    tracing::info!(runtime = %app.runtime.details(), store = %app.store.describe(), "Serving");
+    axum::serve(listener, crate::http::router(app))
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("Shutting down; sandboxes keep running and are re-adopted on the next start");
+        })
+        .await?;
+    Ok(())
+}

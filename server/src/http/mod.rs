@@ -1,0 +1,193 @@
+//! The HTTP API (DESIGN §3): translates requests into `app` calls and `AppError`s into the error body. Error
+//! codes map to statuses here and nowhere else.
+
+pub mod handlers;
+pub mod openapi;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use warmpool_api::{ErrorBody, ErrorCode, ErrorDetail, FieldError};
+
+use crate::app::{App, AppError, Caller};
+
+/// Request bodies above this are rejected with `payload_too_large`.
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// An error as the API reports it.
+#[derive(Debug)]
+pub enum ApiError {
+    App(AppError),
+    PayloadTooLarge,
+}
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        ApiError::App(e)
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        ApiError::App(AppError::Invalid(e))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, message, details) = match self {
+            ApiError::PayloadTooLarge => (
+                ErrorCode::PayloadTooLarge,
+                format!("request body is larger than {BODY_LIMIT} bytes"),
+                serde_json::json!({}),
+            ),
+            ApiError::App(e) => match e {
+                AppError::Invalid(f) => (
+                    ErrorCode::InvalidRequest,
+                    f.to_string(),
+                    serde_json::json!({"field": f.field}),
+                ),
+                AppError::Unauthorized | AppError::Forbidden => {
+                    (ErrorCode::Unauthorized, e.to_string(), serde_json::json!({}))
+                }
+                AppError::NotFound { .. } => (ErrorCode::NotFound, e.to_string(), serde_json::json!({})),
+                AppError::Conflict(m) => (ErrorCode::Conflict, m, serde_json::json!({})),
+                AppError::Quota(m) => (ErrorCode::QuotaExceeded, m, serde_json::json!({})),
+                AppError::Unavailable {
+                    reason,
+                    field,
+                    message,
+                } => {
+                    let mut d = serde_json::json!({"reason": reason});
+                    if let Some(f) = field {
+                        d["field"] = f.into();
+                    }
+                    (ErrorCode::WarmPoolUnavailable, message, d)
+                }
+                AppError::Store(_) | AppError::Internal(_) => {
+                    tracing::error!(error = &e as &dyn std::error::Error, "Internal error");
+                    (
+                        ErrorCode::Internal,
+                        "internal error (see the server log)".into(),
+                        serde_json::json!({}),
+                    )
+                }
+            },
+        };
+        let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.as_str().into(),
+                message,
+                details,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The caller, from `Authorization: Bearer <token>`.
+pub struct Auth(pub Caller);
+
+#[axum::async_trait]
+impl FromRequestParts<Arc<App>> for Auth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
+        Ok(Auth(app.authenticate(bearer(&parts.headers))?))
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// A JSON body: unknown fields and type errors are `invalid_request` naming the field path.
+pub struct Body<T>(pub T);
+
+#[axum::async_trait]
+impl<T: DeserializeOwned> FromRequest<Arc<App>> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &Arc<App>) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                FieldError::new("body", r.body_text()).into()
+            }
+        })?;
+        parse_body(&bytes).map(Body)
+    }
+}
+
+/// Parses JSON, naming the failing field (`warm_processes[1].cwd`, or the unknown field itself).
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.inner().to_string();
+        let message = inner.split(" at line ").next().unwrap_or(&inner).to_string();
+        let field = match message
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
+            Some(unknown) if path == "." => unknown.to_string(),
+            Some(unknown) => format!("{path}.{unknown}"),
+            None if path == "." => "body".to_string(),
+            None => path,
+        };
+        let message = if message.starts_with("unknown field") {
+            message.split(", expected").next().unwrap_or(&message).to_string()
+        } else {
+            message
+        };
+        ApiError::App(AppError::Invalid(FieldError::new(field, message)))
+    })
+}
+
+pub fn router(app: Arc<App>) -> axum::Router {
+    handlers::routes()
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_errors_name_the_field() {
+        let err = parse_body::<warmpool_api::TemplateSpec>(br#"{"name":"a","colour":1}"#).unwrap_err();
+        let ApiError::App(AppError::Invalid(f)) = err else {
+            panic!()
+        };
+        assert_eq!(f.field, "colour");
+        let err = parse_body::<warmpool_api::TemplateSpec>(
+            br#"{"name":"a","warm_processes":[{"type":"cmd","command":["x"]},{"type":"cmd","oops":1}]}"#,
+        )
+        .unwrap_err();
+        let ApiError::App(AppError::Invalid(f)) = err else {
+            panic!()
+        };
+        assert_eq!(f.field, "warm_processes[1].oops");
+        let err = parse_body::<warmpool_api::WarmPoolSpec>(
+            br#"{"name":"a","template":"t","min_ready":-1,"max_ready":1}"#,
+        )
+        .unwrap_err();
+        let ApiError::App(AppError::Invalid(f)) = err else {
+            panic!()
+        };
+        assert_eq!(f.field, "min_ready");
+    }
+}

@@ -1,0 +1,105 @@
+//! Runtimes run sandboxes: the `local` runtime (a directory plus a `procd` process per sandbox, in Linux
+//! namespaces and cgroups where the host allows). The domain talks to a runtime only through [`Runtime`].
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use warmpool_api::{ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, TemplateSpec};
+
+use crate::store::RuntimeHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("sandbox did not become ready: {0}")]
+    NotReady(String),
+    #[error("procd exited while starting: {0}")]
+    Exited(String),
+    #[error("{0}")]
+    Build(String),
+    #[error("procd is unreachable: {0}")]
+    Unreachable(String),
+    #[error("no capacity left on this host ({0} sandboxes)")]
+    NoCapacity(usize),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RuntimeError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+        let context = context.into();
+        move |source| RuntimeError::Io { context, source }
+    }
+}
+
+/// What a sandbox runs and with what.
+#[derive(Debug, Clone)]
+pub struct StartSpec {
+    pub sandbox_id: String,
+    /// The build artifact copied into the sandbox (None: the directory is already populated, as in a build).
+    pub artifact: Option<PathBuf>,
+    pub spec: TemplateSpec,
+    /// Extra environment for start_cmd and warm processes (`envs`).
+    pub envs: BTreeMap<String, String>,
+    /// Working directory override (absolute inside the sandbox).
+    pub cwd: Option<String>,
+    /// Named volume directories and where they appear inside the sandbox.
+    pub volumes: Vec<(PathBuf, String)>,
+    pub private_network: bool,
+}
+
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// What isolation this host gives sandboxes (namespaces, cgroups), for `/readyz`.
+    fn details(&self) -> serde_json::Value;
+    /// Directory that holds named volumes.
+    fn volume_dir(&self, account_id: &str, name: &str) -> PathBuf;
+
+    /// Runs a template's build steps in a fresh directory, appending output to `log`; returns the directory.
+    async fn run_build_steps(
+        &self,
+        build_id: &str,
+        spec: &TemplateSpec,
+        log: &std::path::Path,
+    ) -> Result<PathBuf, RuntimeError>;
+    /// Turns a build directory whose start contract passed into the build's artifact.
+    async fn seal_artifact(&self, build_id: &str, dir: PathBuf) -> Result<PathBuf, RuntimeError>;
+    fn artifact(&self, build_id: &str) -> PathBuf;
+    async fn remove_artifact(&self, build_id: &str);
+
+    /// Starts procd for a sandbox (does not wait for readiness).
+    async fn start(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError>;
+    /// Starts procd in a build directory (a build's start-contract check).
+    async fn start_in(&self, id: &str, dir: PathBuf, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError>;
+    /// Waits until readiness passes, procd exits, or `timeout`.
+    async fn wait_ready(&self, handle: &RuntimeHandle, timeout: Duration) -> Result<(), RuntimeError>;
+    /// Stops procd (SIGTERM, then SIGKILL) and removes the sandbox's directory and cgroups.
+    async fn stop(&self, id: &str, handle: &RuntimeHandle, remove_dir: bool);
+    async fn exec(
+        &self,
+        handle: &RuntimeHandle,
+        req: ExecRequest,
+        base_cwd: Option<&str>,
+        env: BTreeMap<String, String>,
+    ) -> Result<ExecResult, RuntimeError>;
+    async fn probe(&self, handle: &RuntimeHandle, kind: ProbeKind) -> Result<ProbeResult, RuntimeError>;
+    async fn pause(&self, handle: &RuntimeHandle, paused: bool) -> Result<(), RuntimeError>;
+    fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine>;
+    fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String;
+    fn is_alive(&self, handle: &RuntimeHandle) -> bool;
+    /// Watches a procd started by an earlier server process; false if it is gone.
+    fn adopt(&self, id: &str, handle: &RuntimeHandle) -> bool;
+    /// Sandbox ids that have a directory on this host.
+    fn sandbox_dirs(&self) -> Vec<String>;
+    /// Kills whatever runs in a sandbox directory the store does not know and removes it.
+    async fn remove_unknown(&self, id: &str);
+    /// How many more sandboxes this host takes.
+    fn free_capacity(&self, running: usize) -> usize;
+}

@@ -1,0 +1,578 @@
+//! The embedded store: one SQLite file in the data dir, WAL mode, schema migrations on open. A `kill -9` of the
+//! server loses no committed write (WAL with `synchronous=NORMAL` is durable across process crashes).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{params, Connection, OptionalExtension, Params};
+use serde::de::DeserializeOwned;
+use warmpool_api::{Account, Tag};
+
+use super::*;
+
+/// Schema versions, applied in order; each runs once.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, json TEXT NOT NULL);
+CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, admin INTEGER NOT NULL, json TEXT NOT NULL);
+CREATE TABLE templates (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name TEXT NOT NULL, json TEXT NOT NULL,
+    UNIQUE (account_id, name));
+CREATE TABLE builds (id TEXT PRIMARY KEY, template_id TEXT NOT NULL, status TEXT NOT NULL,
+    created_at TEXT NOT NULL, json TEXT NOT NULL);
+CREATE INDEX builds_by_template ON builds (template_id, created_at);
+CREATE TABLE tags (template_id TEXT NOT NULL, name TEXT NOT NULL, build_id TEXT NOT NULL,
+    updated_at TEXT NOT NULL, PRIMARY KEY (template_id, name));
+CREATE TABLE pools (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name TEXT NOT NULL, json TEXT NOT NULL,
+    UNIQUE (account_id, name));
+CREATE TABLE leases (pool_id TEXT NOT NULL, key TEXT NOT NULL, json TEXT NOT NULL, PRIMARY KEY (pool_id, key));
+CREATE TABLE sandboxes (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, pool_id TEXT, pool_slot TEXT,
+    claimed_from TEXT, build_id TEXT NOT NULL, state TEXT NOT NULL, ready_at TEXT, json TEXT NOT NULL);
+CREATE INDEX sandboxes_by_pool ON sandboxes (pool_id, pool_slot, ready_at);
+CREATE INDEX sandboxes_by_account ON sandboxes (account_id);
+"#];
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    path: String,
+}
+
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn from_json<T: DeserializeOwned>(text: String) -> StoreResult<T> {
+    Ok(serde_json::from_str(&text)?)
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> StoreResult<SqliteStore> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let store = SqliteStore {
+            conn: Mutex::new(conn),
+            path: path.display().to_string(),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> StoreResult<()> {
+        let mut conn = self.conn.lock().expect("store lock");
+        let tx = conn.transaction()?;
+        let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn exec(&self, sql: &str, params: impl Params) -> StoreResult<usize> {
+        Ok(self.conn.lock().expect("store lock").execute(sql, params)?)
+    }
+
+    fn one<T: DeserializeOwned>(&self, sql: &str, params: impl Params) -> StoreResult<Option<T>> {
+        let conn = self.conn.lock().expect("store lock");
+        let text: Option<String> = conn.query_row(sql, params, |r| r.get(0)).optional()?;
+        text.map(from_json).transpose()
+    }
+
+    fn many<T: DeserializeOwned>(&self, sql: &str, params: impl Params) -> StoreResult<Vec<T>> {
+        let conn = self.conn.lock().expect("store lock");
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params, |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for text in rows {
+            out.push(from_json(text?)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The columns of a sandbox row besides its ids: (json, pool_id, pool_slot, state, ready_at).
+type SandboxColumns = (
+    String,
+    Option<String>,
+    Option<&'static str>,
+    String,
+    Option<String>,
+);
+
+fn sandbox_params(row: &SandboxRow) -> StoreResult<SandboxColumns> {
+    Ok((
+        serde_json::to_string(row)?,
+        row.pool_id.clone(),
+        row.pool_slot.map(PoolSlot::as_str),
+        row.sandbox.state.as_str().to_string(),
+        row.ready_at.as_ref().map(ts),
+    ))
+}
+
+impl Store for SqliteStore {
+    fn describe(&self) -> String {
+        format!("sqlite:{}", self.path)
+    }
+
+    fn insert_account(&self, a: &Account) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO accounts (id, name, json) VALUES (?1, ?2, ?3)",
+            params![a.id, a.name, serde_json::to_string(a)?],
+        )?;
+        Ok(())
+    }
+    fn get_account(&self, id: &str) -> StoreResult<Option<Account>> {
+        self.one("SELECT json FROM accounts WHERE id = ?1", [id])
+    }
+    fn list_accounts(&self) -> StoreResult<Vec<Account>> {
+        self.many("SELECT json FROM accounts ORDER BY name", [])
+    }
+    fn update_account(&self, a: &Account) -> StoreResult<()> {
+        self.exec(
+            "UPDATE accounts SET name = ?2, json = ?3 WHERE id = ?1",
+            params![a.id, a.name, serde_json::to_string(a)?],
+        )?;
+        Ok(())
+    }
+
+    fn insert_token(&self, t: &TokenRow) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO tokens (id, hash, admin, json) VALUES (?1, ?2, ?3, ?4)",
+            params![t.id, t.hash, t.admin, serde_json::to_string(t)?],
+        )?;
+        Ok(())
+    }
+    fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>> {
+        self.one("SELECT json FROM tokens WHERE hash = ?1", [hash])
+    }
+    fn has_admin_token(&self) -> StoreResult<bool> {
+        let conn = self.conn.lock().expect("store lock");
+        Ok(
+            conn.query_row("SELECT COUNT(*) FROM tokens WHERE admin = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })? > 0,
+        )
+    }
+    fn delete_token(&self, id: &str) -> StoreResult<bool> {
+        Ok(self.exec("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
+    }
+
+    fn insert_template(&self, row: &TemplateRow) -> StoreResult<()> {
+        let t = &row.template;
+        self.exec(
+            "INSERT INTO templates (id, account_id, name, json) VALUES (?1, ?2, ?3, ?4)",
+            params![t.id, row.account_id, t.name, serde_json::to_string(row)?],
+        )
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("template {:?}", t.name)),
+            e => e,
+        })?;
+        Ok(())
+    }
+    fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>> {
+        self.one(
+            "SELECT json FROM templates WHERE account_id = ?1 AND (id = ?2 OR name = ?2)",
+            [account_id, id_or_name],
+        )
+    }
+    fn list_templates(&self, account_id: &str) -> StoreResult<Vec<TemplateRow>> {
+        self.many(
+            "SELECT json FROM templates WHERE account_id = ?1 ORDER BY name",
+            [account_id],
+        )
+    }
+    fn update_template(&self, row: &TemplateRow) -> StoreResult<()> {
+        let t = &row.template;
+        self.exec(
+            "UPDATE templates SET name = ?2, json = ?3 WHERE id = ?1",
+            params![t.id, t.name, serde_json::to_string(row)?],
+        )
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("template {:?}", t.name)),
+            e => e,
+        })?;
+        Ok(())
+    }
+    fn delete_template(&self, id: &str) -> StoreResult<()> {
+        let mut conn = self.conn.lock().expect("store lock");
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM tags WHERE template_id = ?1", [id])?;
+        tx.execute("DELETE FROM builds WHERE template_id = ?1", [id])?;
+        tx.execute("DELETE FROM templates WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn insert_build(&self, row: &BuildRow) -> StoreResult<()> {
+        let b = &row.build;
+        self.exec(
+            "INSERT INTO builds (id, template_id, status, created_at, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                b.id,
+                b.template_id,
+                b.status.as_str(),
+                ts(&b.created_at),
+                serde_json::to_string(row)?
+            ],
+        )?;
+        Ok(())
+    }
+    fn get_build(&self, id: &str) -> StoreResult<Option<BuildRow>> {
+        self.one("SELECT json FROM builds WHERE id = ?1", [id])
+    }
+    fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
+        self.many(
+            "SELECT json FROM builds WHERE template_id = ?1 ORDER BY created_at",
+            [template_id],
+        )
+    }
+    fn list_builds_in(&self, statuses: &[&str]) -> StoreResult<Vec<BuildRow>> {
+        let all: Vec<BuildRow> = self.many("SELECT json FROM builds ORDER BY created_at", [])?;
+        Ok(all
+            .into_iter()
+            .filter(|b| statuses.contains(&b.build.status.as_str()))
+            .collect())
+    }
+    fn update_build(&self, row: &BuildRow) -> StoreResult<()> {
+        let b = &row.build;
+        self.exec(
+            "UPDATE builds SET status = ?2, json = ?3 WHERE id = ?1",
+            params![b.id, b.status.as_str(), serde_json::to_string(row)?],
+        )?;
+        Ok(())
+    }
+    fn latest_ready_build(&self, template_id: &str) -> StoreResult<Option<BuildRow>> {
+        self.one(
+            "SELECT json FROM builds WHERE template_id = ?1 AND status = 'ready' ORDER BY created_at DESC LIMIT 1",
+            [template_id],
+        )
+    }
+
+    fn put_tag(&self, template_id: &str, tag: &str, build_id: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO tags (template_id, name, build_id, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (template_id, name) DO UPDATE SET build_id = excluded.build_id, updated_at = excluded.updated_at",
+            params![template_id, tag, build_id, ts(&at)],
+        )?;
+        Ok(())
+    }
+    fn get_tag(&self, template_id: &str, tag: &str) -> StoreResult<Option<Tag>> {
+        Ok(self.list_tags(template_id)?.into_iter().find(|t| t.name == tag))
+    }
+    fn list_tags(&self, template_id: &str) -> StoreResult<Vec<Tag>> {
+        let conn = self.conn.lock().expect("store lock");
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, build_id, updated_at FROM tags WHERE template_id = ?1 ORDER BY name",
+        )?;
+        let rows = stmt.query_map([template_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, build_id, updated_at) = row?;
+            let updated_at = DateTime::parse_from_rfc3339(&updated_at)
+                .map_err(|e| StoreError::Backend(format!("corrupt timestamp: {e}")))?
+                .with_timezone(&Utc);
+            out.push(Tag {
+                name,
+                template_id: template_id.to_string(),
+                build_id,
+                updated_at,
+            });
+        }
+        Ok(out)
+    }
+    fn delete_tag(&self, template_id: &str, tag: &str) -> StoreResult<bool> {
+        Ok(self.exec(
+            "DELETE FROM tags WHERE template_id = ?1 AND name = ?2",
+            [template_id, tag],
+        )? > 0)
+    }
+
+    fn insert_pool(&self, row: &PoolRow) -> StoreResult<()> {
+        let p = &row.pool;
+        self.exec(
+            "INSERT INTO pools (id, account_id, name, json) VALUES (?1, ?2, ?3, ?4)",
+            params![p.id, row.account_id, p.name, serde_json::to_string(row)?],
+        )
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("warm pool {:?}", p.name)),
+            e => e,
+        })?;
+        Ok(())
+    }
+    fn get_pool(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>> {
+        self.one(
+            "SELECT json FROM pools WHERE account_id = ?1 AND (id = ?2 OR name = ?2)",
+            [account_id, id_or_name],
+        )
+    }
+    fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>> {
+        self.one("SELECT json FROM pools WHERE id = ?1", [id])
+    }
+    fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>> {
+        match account_id {
+            Some(a) => self.many("SELECT json FROM pools WHERE account_id = ?1 ORDER BY name", [a]),
+            None => self.many("SELECT json FROM pools ORDER BY id", []),
+        }
+    }
+    fn update_pool(&self, row: &PoolRow) -> StoreResult<()> {
+        let p = &row.pool;
+        self.exec(
+            "UPDATE pools SET name = ?2, json = ?3 WHERE id = ?1",
+            params![p.id, p.name, serde_json::to_string(row)?],
+        )
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("warm pool {:?}", p.name)),
+            e => e,
+        })?;
+        Ok(())
+    }
+    fn delete_pool(&self, id: &str) -> StoreResult<()> {
+        let mut conn = self.conn.lock().expect("store lock");
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM leases WHERE pool_id = ?1", [id])?;
+        tx.execute("DELETE FROM pools WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_lease(&self, row: &LeaseRow) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO leases (pool_id, key, json) VALUES (?1, ?2, ?3)
+             ON CONFLICT (pool_id, key) DO UPDATE SET json = excluded.json",
+            params![row.lease.pool_id, row.lease.key, serde_json::to_string(row)?],
+        )?;
+        Ok(())
+    }
+    fn delete_lease(&self, pool_id: &str, key: &str) -> StoreResult<bool> {
+        Ok(self.exec(
+            "DELETE FROM leases WHERE pool_id = ?1 AND key = ?2",
+            [pool_id, key],
+        )? > 0)
+    }
+    fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
+        self.many(
+            "SELECT json FROM leases WHERE pool_id = ?1 ORDER BY key",
+            [pool_id],
+        )
+    }
+
+    fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
+        let (json, pool_id, slot, state, ready_at) = sandbox_params(row)?;
+        self.exec(
+            "INSERT INTO sandboxes (id, account_id, pool_id, pool_slot, claimed_from, build_id, state, ready_at, json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![row.sandbox.id, row.account_id, pool_id, slot, row.claimed_from, row.sandbox.build_id, state, ready_at, json],
+        )?;
+        Ok(())
+    }
+    fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
+        self.one("SELECT json FROM sandboxes WHERE id = ?1", [id])
+    }
+    fn list_sandboxes(&self, account_id: &str) -> StoreResult<Vec<SandboxRow>> {
+        self.many(
+            "SELECT json FROM sandboxes WHERE account_id = ?1 AND pool_id IS NULL ORDER BY id",
+            [account_id],
+        )
+    }
+    fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
+        self.many("SELECT json FROM sandboxes ORDER BY id", [])
+    }
+    fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>> {
+        self.many(
+            "SELECT json FROM sandboxes WHERE pool_id = ?1 OR claimed_from = ?1 ORDER BY id",
+            [pool_id],
+        )
+    }
+    fn update_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
+        let (json, pool_id, slot, state, ready_at) = sandbox_params(row)?;
+        self.exec(
+            "UPDATE sandboxes SET account_id = ?2, pool_id = ?3, pool_slot = ?4, claimed_from = ?5, state = ?6,
+             ready_at = ?7, json = ?8 WHERE id = ?1",
+            params![row.sandbox.id, row.account_id, pool_id, slot, row.claimed_from, state, ready_at, json],
+        )?;
+        Ok(())
+    }
+    fn delete_sandbox(&self, id: &str) -> StoreResult<()> {
+        self.exec("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        Ok(())
+    }
+    fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)> {
+        let conn = self.conn.lock().expect("store lock");
+        let live = "state IN ('starting', 'running', 'paused')";
+        let owned: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM sandboxes WHERE account_id = ?1 AND pool_id IS NULL AND {live}"),
+            [account_id],
+            |r| r.get(0),
+        )?;
+        let warm: i64 = conn.query_row(
+            &format!(
+                "SELECT COUNT(*) FROM sandboxes WHERE account_id = ?1 AND pool_id IS NOT NULL AND {live}"
+            ),
+            [account_id],
+            |r| r.get(0),
+        )?;
+        Ok((owned as u64, warm as u64))
+    }
+
+    fn claim_ready(
+        &self,
+        pool_id: &str,
+        prefer_build: Option<&str>,
+        claim: &ClaimUpdate,
+    ) -> StoreResult<Option<SandboxRow>> {
+        let mut conn = self.conn.lock().expect("store lock");
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let picked: Option<String> = tx
+            .query_row(
+                "SELECT json FROM sandboxes WHERE pool_id = ?1 AND pool_slot = 'ready' AND state = 'running'
+                 ORDER BY (build_id = ?2) DESC, ready_at LIMIT 1",
+                params![pool_id, prefer_build.unwrap_or("")],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(text) = picked else { return Ok(None) };
+        let mut row: SandboxRow = from_json(text)?;
+        row.account_id = claim.account_id.clone();
+        row.pool_id = None;
+        row.pool_slot = None;
+        row.claimed_from = Some(pool_id.to_string());
+        row.sandbox.labels = claim.labels.clone();
+        row.sandbox.warm_pool_checkout = Some(claim.checkout.clone());
+        row.sandbox.created_at = claim.created_at;
+        row.sandbox.expires_at = claim.expires_at;
+        row.timeout_policy = claim.timeout_policy.clone();
+        let (json, _, _, _, _) = sandbox_params(&row)?;
+        let changed = tx.execute(
+            "UPDATE sandboxes SET account_id = ?2, pool_id = NULL, pool_slot = NULL, claimed_from = ?3, json = ?4
+             WHERE id = ?1 AND pool_slot = 'ready'",
+            params![row.sandbox.id, row.account_id, pool_id, json],
+        )?;
+        if changed != 1 {
+            return Ok(None);
+        }
+        tx.commit()?;
+        Ok(Some(row))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use warmpool_api::{CheckoutMode, CheckoutSource, SandboxState};
+
+    fn sandbox(id: &str, pool: &str) -> SandboxRow {
+        SandboxRow {
+            account_id: "acc_1".into(),
+            sandbox: warmpool_api::Sandbox {
+                id: id.into(),
+                template: "t".into(),
+                template_id: "tpl_1".into(),
+                build_id: "bld_1".into(),
+                state: SandboxState::Running,
+                labels: Default::default(),
+                created_at: Utc::now(),
+                expires_at: None,
+                warm_pool_checkout: None,
+            },
+            pool_id: Some(pool.into()),
+            pool_slot: Some(PoolSlot::Ready),
+            claimed_from: None,
+            pool_generation: 0,
+            ready_at: Some(Utc::now()),
+            timeout_policy: None,
+            claim_env: Default::default(),
+            handle: Default::default(),
+            error: None,
+        }
+    }
+
+    fn claim() -> ClaimUpdate {
+        ClaimUpdate {
+            account_id: "acc_1".into(),
+            labels: Default::default(),
+            checkout: WarmPoolCheckout {
+                source: CheckoutSource::WarmPool,
+                hit: true,
+                id: "twp_1".into(),
+                mode: CheckoutMode::Require,
+                waited_ms: 0,
+                fallback_reason: None,
+            },
+            timeout_policy: None,
+            expires_at: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn survives_reopen_and_migrates_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("warmpool.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.insert_sandbox(&sandbox("sbx_a", "twp_1")).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.get_sandbox("sbx_a").unwrap().unwrap().sandbox.id, "sbx_a");
+    }
+
+    /// Many threads on two store handles over one real file claim from 20 ready sandboxes: exactly 20 succeed,
+    /// each with a different sandbox.
+    #[test]
+    fn concurrent_claims_never_share_a_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("warmpool.db");
+        let a = Arc::new(SqliteStore::open(&path).unwrap());
+        let b = Arc::new(SqliteStore::open(&path).unwrap());
+        for i in 0..20 {
+            a.insert_sandbox(&sandbox(&format!("sbx_{i:02}"), "twp_1"))
+                .unwrap();
+        }
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+                std::thread::spawn(move || store.claim_ready("twp_1", Some("bld_1"), &claim()).unwrap())
+            })
+            .collect();
+        let mut ids: Vec<String> = handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap())
+            .map(|r| r.sandbox.id)
+            .collect();
+        assert_eq!(ids.len(), 20);
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 20);
+        assert_eq!(a.count_sandboxes("acc_1").unwrap(), (20, 0));
+    }
+
+    #[test]
+    fn duplicate_template_name_is_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let spec = warmpool_api::TemplateSpec {
+            name: "api".into(),
+            ..Default::default()
+        };
+        let row = |id: &str| TemplateRow {
+            account_id: "acc_1".into(),
+            template: warmpool_api::Template::from_spec(id.into(), spec.clone(), Utc::now(), Utc::now()),
+        };
+        store.insert_template(&row("tpl_1")).unwrap();
+        assert!(matches!(
+            store.insert_template(&row("tpl_2")),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(store.list_templates("acc_1").unwrap().len(), 1);
+    }
+}
