@@ -138,14 +138,14 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
         let path = e.path().to_string();
         let inner = e.inner().to_string();
         let message = inner.split(" at line ").next().unwrap_or(&inner).to_string();
-        let field = match message
+        // The path already ends with an unknown field's name; at the root, take the name from the message.
+        let unknown = message
             .strip_prefix("unknown field `")
-            .and_then(|r| r.split('`').next())
-        {
-            Some(unknown) if path == "." => unknown.to_string(),
-            Some(unknown) => format!("{path}.{unknown}"),
-            None if path == "." => "body".to_string(),
-            None => path,
+            .and_then(|r| r.split('`').next());
+        let field = match unknown {
+            _ if path != "." => path,
+            Some(name) => name.to_string(),
+            None => "body".to_string(),
         };
         let message = if message.starts_with("unknown field") {
             message.split(", expected").next().unwrap_or(&message).to_string()

@@ -1,0 +1,472 @@
+//! procd end to end: the real `procd` binary, its gRPC service over a Unix socket, its exit codes and its log
+//! mirror.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use warmpool_procd::config::Listen;
+use warmpool_procd::proto::procd_client::ProcdClient;
+use warmpool_procd::proto::*;
+
+const TOKEN: &str = "test-token";
+
+struct Procd {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Procd {
+    fn start(warm_processes: serde_json::Value, env: &[(&str, &str)]) -> Procd {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("procd.sock");
+        std::fs::write(dir.path().join("token"), TOKEN).unwrap();
+        let config = serde_json::json!({
+            "listen": format!("unix://{}", socket.display()),
+            "token_file": dir.path().join("token"),
+            "warm_processes": warm_processes,
+        });
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let out = std::fs::File::create(dir.path().join("stdout")).unwrap();
+        let err = std::fs::File::create(dir.path().join("stderr")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_procd"));
+        cmd.arg("--config")
+            .arg(dir.path().join("config.json"))
+            .stdout(out)
+            .stderr(err);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let p = Procd { child, dir, socket };
+        wait_for(Duration::from_secs(10), || p.socket.exists());
+        p
+    }
+
+    fn client(&self) -> ProcdClient<tonic::transport::Channel> {
+        warmpool_procd::connect(&Listen::Unix(self.socket.clone())).unwrap()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn stdout_lines(&self) -> Vec<serde_json::Value> {
+        read_json_lines(&self.path("stdout"))
+    }
+
+    /// Waits for procd to exit and returns its exit code.
+    fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "procd did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn terminate(&mut self) -> i32 {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait_exit(Duration::from_secs(10))
+    }
+}
+
+impl Drop for Procd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("process").is_some())
+        .collect()
+}
+
+fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "condition not met within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn probe(client: &mut ProcdClient<tonic::transport::Channel>, kind: &str) -> ProbeResult {
+    client
+        .probe(ProbeRequest { kind: kind.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn wait_probe(p: &Procd, kind: &str, status: &str, timeout: Duration) -> ProbeResult {
+    let mut client = p.client();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = probe(&mut client, kind).await;
+        if r.status == status {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{kind} never became {status}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn http_get_readiness_becomes_ready() {
+    let port = free_port();
+    let mut p = Procd::start(
+        serde_json::json!([{
+            "name": "web", "type": "cmd",
+            "command": ["python3", "-m", "http.server", port.to_string(), "--bind", "127.0.0.1"],
+            "probes": {"readiness": {"http_get": {"port": port, "path": "/"}}}
+        }]),
+        &[],
+    );
+    let before = probe(&mut p.client(), "readiness").await;
+    assert_eq!(before.checks[0].name, "procd", "procd's own check comes first");
+    let ready = wait_probe(&p, "readiness", "passed", Duration::from_secs(15)).await;
+    assert_eq!(ready.checks[1].name, "web");
+    assert!(ready.checks[1].message.contains("200"), "{ready:?}");
+    assert_eq!(p.terminate(), 0, "SIGTERM is a graceful stop, not a crash");
+}
+
+#[tokio::test]
+async fn warm_process_exit_makes_procd_exit_nonzero() {
+    let mut p = Procd::start(
+        serde_json::json!([
+            {"name": "short", "type": "cmd", "command": ["sh", "-c", "echo bye; sleep 0.3; exit 0"]},
+            {"name": "long", "type": "cmd", "command": ["sleep", "100"]}
+        ]),
+        &[],
+    );
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(10)),
+        warmpool_procd::EXIT_WARM_PROCESS_EXITED
+    );
+    let lines = p.stdout_lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["process"] == "short" && l["data"] == "bye"),
+        "output flushed: {lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn failing_liveness_answers_then_exits() {
+    let mut p = Procd::start(
+        serde_json::json!([{
+            "name": "app", "type": "cmd", "command": ["sleep", "100"],
+            "probes": {"liveness": {"exec": {"command": ["sh", "-c", "test -f alive"]}, "initial_delay_ms": 300,
+                "period_ms": 50, "failure_threshold": 2}}
+        }]),
+        &[],
+    );
+    // Inside the initial delay liveness passes.
+    let early = probe(&mut p.client(), "liveness").await;
+    assert_eq!(early.status, "passed", "{early:?}");
+    let failed = wait_probe(&p, "liveness", "failed", Duration::from_secs(10)).await;
+    assert_eq!(failed.checks[1].reason, "exit_code", "{failed:?}");
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(10)),
+        warmpool_procd::EXIT_LIVENESS_FAILED
+    );
+}
+
+#[tokio::test]
+async fn log_mirror_lines_are_exact_and_truncated_on_utf8_boundary() {
+    let mut p = Procd::start(
+        serde_json::json!([{
+            "name": "talker", "type": "cmd", "alias": "t",
+            "command": ["sh", "-c", "printf 'héllo wörld\\nshort\\n'; printf 'to stderr\\n' >&2; printf 'partial'; exec sleep 100"]
+        }]),
+        &[("WARMPOOL_PROCESS_LOG_MAX_BYTES", "5")],
+    );
+    wait_for(Duration::from_secs(5), || p.stdout_lines().len() >= 2);
+    assert_eq!(p.terminate(), 0);
+    let lines = p.stdout_lines();
+    let raw = std::fs::read_to_string(p.path("stdout")).unwrap();
+    let first = raw
+        .lines()
+        .find(|l| l.contains("\"process\":\"talker\""))
+        .unwrap();
+    let positions: Vec<usize> = ["ts", "process", "alias", "pid", "stream", "data", "truncated"]
+        .iter()
+        .map(|k| {
+            first
+                .find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k} missing in {first}"))
+        })
+        .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "field order of DESIGN §4: {first}"
+    );
+    assert_eq!(
+        lines[0]["data"], "héll",
+        "5 bytes cut back to a character boundary"
+    );
+    assert_eq!(lines[0]["truncated"], true);
+    assert_eq!(lines[1]["data"], "short");
+    assert!(lines[1].get("truncated").is_none());
+    assert_eq!(lines[1]["alias"], "t");
+    assert_eq!(
+        lines[2]["data"], "parti",
+        "the partial line is flushed at exit, truncated"
+    );
+    let stderr = read_json_lines(&p.path("stderr"));
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l["stream"] == "stderr" && l["data"] == "to st"),
+        "{stderr:?}"
+    );
+}
+
+#[tokio::test]
+async fn log_mirror_can_be_switched_off() {
+    let mut p = Procd::start(
+        serde_json::json!([{"name": "talker", "type": "cmd", "command": ["sh", "-c", "echo hello; exec sleep 100"]}]),
+        &[("SANDBOX0_PROCESS_LOGS", "false")],
+    );
+    // The ring buffer still has the output.
+    let mut client = p.client();
+    let req = warmpool_procd::authorized(
+        ReadOutputRequest {
+            process: "talker".into(),
+            stream: "stdout".into(),
+            offset: 0,
+            follow: false,
+        },
+        Some(TOKEN),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut data = Vec::new();
+        let mut s = client
+            .read_output(warmpool_procd::authorized(req.get_ref().clone(), Some(TOKEN)))
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(chunk) = s.message().await.unwrap() {
+            data.extend(chunk.data);
+        }
+        if data == b"hello\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "output never arrived: {data:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(p.terminate(), 0);
+    assert!(p.stdout_lines().is_empty());
+}
+
+#[tokio::test]
+async fn read_output_from_an_offset_returns_exactly_the_bytes_written() {
+    let p = Procd::start(
+        serde_json::json!([{"name": "w", "type": "cmd", "command": ["sh", "-c", "printf '0123456789abcdef'; exec sleep 100"]}]),
+        &[],
+    );
+    let mut client = p.client();
+    let read = |offset| ReadOutputRequest {
+        process: "w".into(),
+        stream: "stdout".into(),
+        offset,
+        follow: false,
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = client
+            .read_output(warmpool_procd::authorized(read(10), Some(TOKEN)))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut data = Vec::new();
+        let mut first_offset = None;
+        while let Some(chunk) = s.message().await.unwrap() {
+            first_offset.get_or_insert(chunk.offset);
+            data.extend(chunk.data);
+        }
+        if !data.is_empty() {
+            assert_eq!(first_offset, Some(10));
+            assert_eq!(data, b"abcdef");
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn calls_without_the_token_are_refused_but_probe_is_open() {
+    let p = Procd::start(
+        serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]),
+        &[],
+    );
+    let mut client = p.client();
+    let err = client.list_processes(ListProcessesRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = client
+        .exec(warmpool_procd::authorized(
+            ExecRequest {
+                command: vec!["true".into()],
+                ..Default::default()
+            },
+            Some("wrong"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert_eq!(probe(&mut client, "startup").await.kind, "startup");
+    // With the token: exec runs to completion and returns output and exit code.
+    let r = client
+        .exec(warmpool_procd::authorized(
+            ExecRequest {
+                command: vec!["sh".into(), "-c".into(), "echo out; echo err >&2; exit 3".into()],
+                ..Default::default()
+            },
+            Some(TOKEN),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.exit_code, r.stdout, r.stderr),
+        (3, b"out\n".to_vec(), b"err\n".to_vec())
+    );
+    // Warm processes cannot be signalled through the API.
+    let err = client
+        .signal(warmpool_procd::authorized(
+            SignalRequest {
+                process: "a".into(),
+                signal: "KILL".into(),
+            },
+            Some(TOKEN),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn exec_timeout_kills_the_process_group() {
+    let p = Procd::start(
+        serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]),
+        &[],
+    );
+    let marker = p.path("grandchild-survived");
+    let script = format!("(sleep 1; touch {}) & sleep 100", marker.display());
+    let r = p
+        .client()
+        .exec(warmpool_procd::authorized(
+            ExecRequest {
+                command: vec!["sh".into(), "-c".into(), script],
+                timeout_ms: 200,
+                ..Default::default()
+            },
+            Some(TOKEN),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.timed_out);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!marker.exists(), "the whole process group was killed");
+}
+
+#[test]
+fn invalid_config_exits_2_naming_the_field() {
+    for (cwd, expected) in [
+        ("/config", "warm_processes[1].cwd uses reserved path \"/config\""),
+        ("relative/dir", "warm_processes[1].cwd must be an absolute path"),
+        (
+            "/procd/bin/x",
+            "warm_processes[1].cwd uses reserved path \"/procd/bin\"",
+        ),
+    ] {
+        let procs = serde_json::json!([
+            {"type": "cmd", "command": ["true"]},
+            {"type": "cmd", "command": ["true"], "cwd": cwd}
+        ]);
+        let out = Command::new(env!("CARGO_BIN_EXE_procd"))
+            .args(["--listen", "unix:///tmp/never-used.sock"])
+            .env("WARMPOOL_WARM_PROCESSES", procs.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_procd"))
+        .args(["--listen", "unix:///tmp/never-used.sock"])
+        .env(
+            "WARMPOOL_WARM_PROCESSES",
+            r#"[{"type":"repl","language":"python","command":["python3"]}]"#,
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("warm_processes[0].command is not allowed for type \"repl\""));
+}
+
+#[tokio::test]
+async fn repl_takes_stdin() {
+    let p = Procd::start(
+        serde_json::json!([{"name": "sh", "type": "repl", "language": "bash"}]),
+        &[("WARMPOOL_PROCESS_LOGS", "false")],
+    );
+    let mut client = p.client();
+    client
+        .write_stdin(warmpool_procd::authorized(
+            WriteStdinRequest {
+                process: "sh".into(),
+                data: b"echo from-repl\n".to_vec(),
+                close: false,
+            },
+            Some(TOKEN),
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let req = ReadOutputRequest {
+            process: "sh".into(),
+            stream: "stdout".into(),
+            offset: 0,
+            follow: false,
+        };
+        let mut s = client
+            .read_output(warmpool_procd::authorized(req, Some(TOKEN)))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(c) = s.message().await.unwrap() {
+            data.extend(c.data);
+        }
+        if String::from_utf8_lossy(&data).contains("from-repl") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", String::from_utf8_lossy(&data));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
