@@ -163,6 +163,11 @@ impl Client {
         self.call(Method::GET, &["readyz"], None).await
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> Result<String> {
+        self.text(&["metrics"]).await
+    }
+
     // Accounts and tokens (admin).
     pub async fn create_account(&self, req: &AccountCreate) -> Result<Account> {
         self.call(Method::POST, &["v1", "accounts"], Some(req)).await

@@ -165,6 +165,17 @@ async fn serve(
     })
 }
 
+/// Sets the hostname (procd does this as PID 1 of a new uts namespace, from `WARMPOOL_HOSTNAME`).
+pub fn set_hostname(name: &str) -> std::io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.
+    let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// A gRPC client for the procd at `listen` (lazy: connects on first use).
 pub fn connect(
     listen: &Listen,

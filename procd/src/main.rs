@@ -60,6 +60,11 @@ fn main() -> anyhow::Result<()> {
                     std::process::exit(warmpool_procd::EXIT_INVALID_CONFIG);
                 }
             };
+            if let Ok(name) = std::env::var("WARMPOOL_HOSTNAME") {
+                if let Err(e) = warmpool_procd::set_hostname(&name) {
+                    tracing::warn!(error = %e, hostname = %name, "Cannot set the hostname");
+                }
+            }
             runtime.block_on(warmpool_procd::run(settings))?
         }
     };

@@ -145,7 +145,13 @@ impl App {
     /// Runs passes until the process ends: on every poke and at least once a second.
     pub async fn run_reconciler(self: Arc<Self>) {
         loop {
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.poke.notified()).await;
+            if tokio::time::timeout(Duration::from_secs(1), self.poke.notified())
+                .await
+                .is_ok()
+            {
+                // Let a burst of pokes (one per checkout) coalesce into one pass.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let started = Instant::now();
             let pools = match self.store.list_pools(None) {
                 Ok(p) => p,
@@ -238,29 +244,20 @@ impl App {
             .store
             .get_template(&row.account_id, &pool.template_id)
             .map_err(|e| err(&e))?;
-        let sandboxes = self.store.list_all_sandboxes().map_err(|e| err(&e))?;
+        let sandboxes = self.store.list_pool_sandboxes(&pool.id).map_err(|e| err(&e))?;
         let members: Vec<&SandboxRow> = sandboxes
             .iter()
             .filter(|s| s.pool_id.as_deref() == Some(pool.id.as_str()))
             .collect();
         let quota = self.quotas(&row.account_id).map_err(|e| err(&e))?;
-        let warm_now = sandboxes
-            .iter()
-            .filter(|s| {
-                s.account_id == row.account_id
-                    && s.pool_id.is_some()
-                    && s.pool_slot != Some(PoolSlot::Draining)
-            })
-            .count() as u64;
-        let live_total = sandboxes
-            .iter()
-            .filter(|s| {
-                matches!(
-                    s.sandbox.state,
-                    SandboxState::Starting | SandboxState::Running | SandboxState::Paused
-                )
-            })
-            .count();
+        let quota_headroom = match quota.max_warm_sandboxes {
+            Some(max) => {
+                let (_, warm) = self.store.count_sandboxes(&row.account_id).map_err(|e| err(&e))?;
+                Some(max.saturating_sub(warm) as u32)
+            }
+            None => None,
+        };
+        let live_total = self.store.count_live_sandboxes().map_err(|e| err(&e))? as usize;
         let observed = Observed {
             state: pool.state,
             target: target(pool, &leases, now),
@@ -277,9 +274,7 @@ impl App {
                 })
                 .collect(),
             idle_timeout_seconds: pool.idle_timeout_seconds,
-            quota_headroom: quota
-                .max_warm_sandboxes
-                .map(|max| max.saturating_sub(warm_now) as u32),
+            quota_headroom,
             capacity: self.runtime.free_capacity(live_total) as u32,
         };
         let plan = plan(&observed);
@@ -400,15 +395,17 @@ impl App {
         }
         match self.start_sandbox(&mut row, spec).await {
             Ok(()) => {
-                // A drain may have claimed the slot while it was starting.
-                let current = self.store.get_sandbox(&row.sandbox.id).ok().flatten();
                 let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0);
-                if current.as_ref().and_then(|r| r.pool_slot) != Some(PoolSlot::Ready) {
-                    if let Some(current) = current {
+                // A drain or a pool delete may have removed it while it was starting.
+                match self.store.get_sandbox(&row.sandbox.id).ok().flatten() {
+                    Some(current) if current.pool_slot == Some(PoolSlot::Ready) => {
+                        self.inventory_signal(&pool_id).notify_waiters();
+                    }
+                    Some(current) => {
                         let _ = self.destroy(current).await;
                     }
+                    None => self.runtime.stop(&row.sandbox.id, &row.handle, true).await,
                 }
-                self.inventory_signal(&pool_id).notify_waiters();
             }
             Err(e) => {
                 let message = e.to_string();

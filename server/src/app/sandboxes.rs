@@ -139,17 +139,9 @@ impl App {
                 ),
             )?;
             Some(FallbackReason::UnpoolableShape)
-        } else if pool.pool.state != PoolState::Enabled {
-            let reason = if pool.pool.state == PoolState::Disabled {
-                FallbackReason::PoolDisabled
-            } else {
-                FallbackReason::PoolDraining
-            };
-            miss(
-                reason,
-                None,
-                format!("warm pool {} is {}", pool.pool.name, pool.pool.state.as_str()),
-            )?;
+        } else if pool.pool.state == PoolState::Draining {
+            let reason = FallbackReason::PoolDraining;
+            miss(reason, None, format!("warm pool {} is draining", pool.pool.name))?;
             Some(reason)
         } else {
             None
@@ -167,7 +159,13 @@ impl App {
                 .await;
         }
         self.check_owned_quota(&caller.account_id)?;
-        let wait = Duration::from_millis(req.warm_pool_wait_ms.unwrap_or(0));
+        // A disabled pool still hands out the inventory it kept, but nothing refills it: no point waiting.
+        let disabled = pool.pool.state == PoolState::Disabled;
+        let wait = if disabled {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(req.warm_pool_wait_ms.unwrap_or(0))
+        };
         let signal = self.inventory_signal(&pool.pool.id);
         loop {
             let notified = signal.notified();
@@ -201,21 +199,27 @@ impl App {
             let _ = tokio::time::timeout(left, notified).await;
         }
         let waited_ms = started.elapsed().as_millis() as u64;
-        miss(
-            FallbackReason::NoReadyInventory,
-            None,
-            format!(
-                "warm pool {} had no ready sandbox within {waited_ms} ms",
-                pool.pool.name
-            ),
-        )?;
+        let (reason, message) = if disabled {
+            (
+                FallbackReason::PoolDisabled,
+                format!(
+                    "warm pool {} is disabled and has no ready sandbox",
+                    pool.pool.name
+                ),
+            )
+        } else {
+            (
+                FallbackReason::NoReadyInventory,
+                format!(
+                    "warm pool {} had no ready sandbox within {waited_ms} ms",
+                    pool.pool.name
+                ),
+            )
+        };
+        miss(reason, None, message)?;
         self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
         let cold = self.cold_plan_for_pool(caller, &req, &pool)?;
-        let co = checkout(
-            CheckoutSource::Cold,
-            waited_ms,
-            Some(FallbackReason::NoReadyInventory),
-        );
+        let co = checkout(CheckoutSource::Cold, waited_ms, Some(reason));
         self.create_cold(caller, &req, cold, Some(co)).await
     }
 
@@ -318,7 +322,7 @@ impl App {
             pool_generation: 0,
             ready_at: None,
             timeout_policy: req.timeout_policy.clone(),
-            claim_env: Default::default(),
+            claim_env: req.envs.clone().unwrap_or_default(),
             handle: RuntimeHandle::default(),
             error: None,
         };

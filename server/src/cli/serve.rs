@@ -33,8 +33,8 @@ pub struct ServeArgs {
     /// Sandboxes this host runs at once (beyond it pools report `no_eligible_hosts`).
     #[arg(long, default_value_t = 256)]
     pub max_sandboxes: usize,
-    /// Sandboxes started at once by the reconciler.
-    #[arg(long, default_value_t = 16)]
+    /// Sandboxes started at once by the reconciler (most of a start is waiting for readiness).
+    #[arg(long, default_value_t = 100)]
     pub max_parallel_starts: usize,
     /// Run sandboxes as plain processes even where namespaces and cgroups are available.
     #[arg(long)]

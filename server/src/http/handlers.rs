@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use warmpool_api::*;
 
-use super::{ApiResult, Auth, Body};
+use super::{ApiResult, Auth, Body, OptionalBody};
 use crate::app::App;
 
 type S = State<Arc<App>>;
@@ -148,9 +148,8 @@ async fn create_build(
     State(app): S,
     Auth(c): Auth,
     Path(id): Path<String>,
-    body: Option<Body<BuildCreate>>,
+    OptionalBody(req): OptionalBody<BuildCreate>,
 ) -> ApiResult<impl IntoResponse> {
-    let req = body.map(|b| b.0).unwrap_or_default();
     Ok((StatusCode::ACCEPTED, Json(app.create_build(&c, &id, req)?)))
 }
 async fn list_builds(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Build>>> {

@@ -120,15 +120,33 @@ pub struct Body<T>(pub T);
 impl<T: DeserializeOwned> FromRequest<Arc<App>> for Body<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &Arc<App>) -> Result<Self, ApiError> {
-        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                FieldError::new("body", r.body_text()).into()
-            }
-        })?;
-        parse_body(&bytes).map(Body)
+        parse_body(&body_bytes(req, state).await?).map(Body)
     }
+}
+
+/// A JSON body that may be left out (an empty body is `T::default()`).
+pub struct OptionalBody<T>(pub T);
+
+#[axum::async_trait]
+impl<T: DeserializeOwned + Default> FromRequest<Arc<App>> for OptionalBody<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &Arc<App>) -> Result<Self, ApiError> {
+        let bytes = body_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalBody(T::default()));
+        }
+        parse_body(&bytes).map(OptionalBody)
+    }
+}
+
+async fn body_bytes(req: Request, state: &Arc<App>) -> ApiResult<axum::body::Bytes> {
+    axum::body::Bytes::from_request(req, state).await.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            FieldError::new("body", r.body_text()).into()
+        }
+    })
 }
 
 /// Parses JSON, naming the failing field (`warm_processes[1].cwd`, or the unknown field itself).

@@ -214,6 +214,7 @@ impl LocalRuntime {
                 c.arg("--net");
             }
             c.arg(&self.procd_bin);
+            c.env("WARMPOOL_HOSTNAME", id);
             c
         } else {
             tokio::process::Command::new(&self.procd_bin)
@@ -240,14 +241,30 @@ impl LocalRuntime {
         drop(procs_files);
         let child_pid = child.id().unwrap_or(0);
         let procd_pid = if self.isolation.namespaces {
-            find_child(child_pid).await
+            let found = find_child(child_pid).await;
+            if found.is_none() {
+                tracing::warn!(
+                    sandbox = id,
+                    wrapper = child_pid,
+                    "Cannot find procd under unshare; watching the wrapper"
+                );
+            }
+            found
         } else {
             Some(child_pid)
         };
         let exits = self.exits.clone();
         let sandbox = id.to_string();
+        let watched_dir = dir.display().to_string();
         tokio::spawn(async move {
             let _ = child.wait().await;
+            // The wrapper can go first; report the exit once procd itself is gone too.
+            for _ in 0..200 {
+                if !procd_pid.is_some_and(|p| pid_alive(p) && is_procd_of(p, &watched_dir)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let _ = exits.send(sandbox);
         });
         Ok(RuntimeHandle {
@@ -337,15 +354,26 @@ fn make_cgroups(id: &str, resources: &warmpool_api::Resources) -> Vec<String> {
 
 /// The pid of `parent`'s first child (procd under `unshare --fork`).
 async fn find_child(parent: u32) -> Option<u32> {
-    for _ in 0..200 {
+    for _ in 0..1000 {
         let text =
             std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap_or_default();
         if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
             return Some(pid);
         }
+        if !pid_alive(parent) {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     None
+}
+
+/// procd, or the `unshare` wrapper that lives exactly as long as it, is still running.
+fn handle_alive(handle: &RuntimeHandle) -> bool {
+    [handle.procd_pid, handle.child_pid]
+        .into_iter()
+        .flatten()
+        .any(|p| pid_alive(p) && is_procd_of(p, &handle.dir))
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -559,7 +587,13 @@ impl Runtime for LocalRuntime {
         let mut last = String::from("procd has not answered yet");
         loop {
             if !self.is_alive(handle) {
-                return Err(RuntimeError::Exited(self.log_tail(handle, 2000)));
+                let tail = self.log_tail(handle, 2000);
+                let tail = if tail.trim().is_empty() {
+                    "(procd printed nothing)".to_string()
+                } else {
+                    tail
+                };
+                return Err(RuntimeError::Exited(tail));
             }
             if Path::new(&handle.socket).exists() {
                 match self.probe(handle, ProbeKind::Readiness).await {
@@ -574,16 +608,18 @@ impl Runtime for LocalRuntime {
                     "readiness did not pass within {timeout:?}: {last}"
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     async fn stop(&self, _id: &str, handle: &RuntimeHandle, remove_dir: bool) {
         self.clients.lock().expect("clients").remove(&handle.socket);
-        if let Some(pid) = handle
-            .procd_pid
-            .filter(|p| pid_alive(*p) && is_procd_of(*p, &handle.dir))
-        {
+        let procd = match (handle.procd_pid, handle.child_pid) {
+            (Some(p), _) => Some(p),
+            (None, Some(wrapper)) if self.isolation.namespaces => find_child(wrapper).await,
+            (None, wrapper) => wrapper,
+        };
+        if let Some(pid) = procd.filter(|p| pid_alive(*p) && is_procd_of(*p, &handle.dir)) {
             signal(pid, libc::SIGTERM);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
             while pid_alive(pid) && tokio::time::Instant::now() < deadline {
@@ -592,6 +628,12 @@ impl Runtime for LocalRuntime {
             if pid_alive(pid) {
                 signal(pid, libc::SIGKILL);
             }
+        }
+        if let Some(wrapper) = handle
+            .child_pid
+            .filter(|p| pid_alive(*p) && is_procd_of(*p, &handle.dir))
+        {
+            signal(wrapper, libc::SIGKILL);
         }
         kill_cgroup(&handle.cgroups);
         remove_cgroups(&handle.cgroups).await;
@@ -680,9 +722,7 @@ impl Runtime for LocalRuntime {
     }
 
     fn is_alive(&self, handle: &RuntimeHandle) -> bool {
-        handle
-            .procd_pid
-            .is_some_and(|p| pid_alive(p) && is_procd_of(p, &handle.dir))
+        handle_alive(handle)
     }
 
     fn adopt(&self, id: &str, handle: &RuntimeHandle) -> bool {

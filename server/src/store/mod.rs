@@ -224,6 +224,8 @@ pub trait Store: Send + Sync {
     fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>>;
     fn update_sandbox(&self, row: &SandboxRow) -> StoreResult<()>;
     fn delete_sandbox(&self, id: &str) -> StoreResult<()>;
+    /// Live sandboxes on this server (all accounts, inventory too).
+    fn count_live_sandboxes(&self) -> StoreResult<u64>;
     /// Counts an account's live sandboxes: `(owned, warm inventory)`.
     fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)>;
     /// Atomically takes one ready sandbox of the pool (the resolved build first, oldest first) and makes it the

@@ -405,6 +405,15 @@ impl Store for SqliteStore {
         self.exec("DELETE FROM sandboxes WHERE id = ?1", [id])?;
         Ok(())
     }
+    fn count_live_sandboxes(&self) -> StoreResult<u64> {
+        let conn = self.conn.lock().expect("store lock");
+        let n: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM sandboxes WHERE state IN ('starting', 'running', 'paused')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64)
+    }
     fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)> {
         let conn = self.conn.lock().expect("store lock");
         let live = "state IN ('starting', 'running', 'paused')";

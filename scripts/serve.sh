@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Builds Warmpool and runs the control plane on its embedded defaults: SQLite and the local runtime in
+# ./.warmpool, listening on 127.0.0.1:7070. Extra arguments go to `warmpool serve`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bins
+exec target/release/warmpool serve "$@"

@@ -1,0 +1,120 @@
+//! The `warmpool` CLI against a real server process: the quickstart of the README, `--json`, errors and exit codes.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::*;
+use crate::restart::ServerProcess;
+
+struct Cli<'a> {
+    url: &'a str,
+    data_dir: &'a std::path::Path,
+}
+
+impl Cli<'_> {
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_warmpool"))
+            .args(args)
+            .env("WARMPOOL_ENDPOINT", self.url)
+            .env("WARMPOOL_DATA_DIR", self.data_dir)
+            .env_remove("WARMPOOL_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let (code, out, err) = self.run(&all);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed non-JSON ({e}): {out}"))
+    }
+}
+
+#[tokio::test]
+async fn quickstart_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _cleanup = KillOnDrop(tmp.path().to_path_buf());
+    let server = ServerProcess::start(tmp.path());
+    let cli = Cli {
+        url: &server.url,
+        data_dir: tmp.path(),
+    };
+    let spec = tmp.path().join("template.json");
+    std::fs::write(&spec, serde_json::to_string(&quick_template("api")).unwrap()).unwrap();
+
+    let t = cli.json(&["template", "create", "-f", spec.to_str().unwrap()]);
+    assert!(t["id"].as_str().unwrap().starts_with("tpl_"));
+    let b = cli.json(&["template", "build", "api", "--tag", "stable", "--wait"]);
+    assert_eq!(b["status"], "ready");
+    let s = cli.json(&["sandbox", "create", "--template", "api:stable"]);
+    assert_eq!(s["state"], "running");
+    let id = s["id"].as_str().unwrap().to_string();
+    let (code, out, _) = cli.run(&["sandbox", "exec", &id, "--", "echo", "hi"]);
+    assert_eq!((code, out.as_str()), (0, "hi\n"));
+    let (code, _, _) = cli.run(&["sandbox", "exec", &id, "--", "sh", "-c", "exit 3"]);
+    assert_eq!(code, 3, "exec exits with the command's code");
+    let list = cli.json(&["sandbox", "list"]);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+
+    let p = cli.json(&[
+        "pool",
+        "create",
+        "--name",
+        "api",
+        "--template",
+        "api:stable",
+        "--min-ready",
+        "1",
+        "--max-ready",
+        "2",
+    ]);
+    assert_eq!(p["version_policy"], "track_tag");
+    let st = cli.json(&["pool", "wait", "api", "--ready", "1", "--timeout", "60s"]);
+    assert_eq!(st["ready"], 1);
+    let hit = cli.json(&[
+        "sandbox",
+        "create",
+        "--warm-pool",
+        "api",
+        "--warm-pool-mode",
+        "require",
+    ]);
+    assert_eq!(hit["warm_pool_checkout"]["hit"], true);
+    let lease = cli.json(&[
+        "pool", "lease", "api", "--key", "job/1", "--count", "1", "--ttl", "10m",
+    ]);
+    assert_eq!(lease["count"], 1);
+    let released = cli.json(&["pool", "release", "api", "--key", "job/1", "--drain-if-last"]);
+    assert_eq!(released["drained"], true);
+    let (code, out, _) = cli.run(&["pool", "status", "api"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("state=draining"), "{out}");
+
+    let (code, out, err) = cli.run(&["sandbox", "get", "sbx_missing"]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(err.lines().count(), 1, "one-line error: {err}");
+    assert!(err.starts_with("error: not_found: "), "{err}");
+    let (code, _, err) = cli.run(&["sandbox", "create", "--template", "nope"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("invalid_request") && err.contains("template"),
+        "{err}"
+    );
+
+    let dir = tmp.path().join("sandboxes").join(&id);
+    assert!(dir.exists());
+    let (code, _, _) = cli.run(&["sandbox", "delete", &id]);
+    assert_eq!(code, 0);
+    assert!(!dir.exists());
+    for item in cli.json(&["sandbox", "list"])["items"].as_array().unwrap() {
+        cli.run(&["sandbox", "delete", item["id"].as_str().unwrap()]);
+    }
+    cli.run(&["pool", "delete", "api"]);
+    wait_no_procd(tmp.path());
+}

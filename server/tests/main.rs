@@ -1,0 +1,10 @@
+//! End-to-end tests of the control plane: an in-process server on a temp data dir and an ephemeral port, real
+//! SQLite files, real procd processes; plus the real `warmpool` binary for the CLI and crash recovery.
+
+mod harness;
+
+mod api;
+mod cli;
+mod pools;
+mod restart;
+mod sandboxes;

@@ -1,0 +1,156 @@
+//! Crash recovery with the real `warmpool` binary: a SIGKILL of the server loses no template, build or sandbox,
+//! re-adopts live sandboxes, and leaves no orphan process.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use warmpool_api::*;
+use warmpool_client::Client;
+
+use crate::harness::*;
+
+pub struct ServerProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl ServerProcess {
+    pub fn start(dir: &Path) -> ServerProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_warmpool"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .arg(dir)
+            .arg("--procd")
+            .arg(procd_bin())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_until("the server to answer", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        ServerProcess { child, url }
+    }
+
+    pub fn client(&self, dir: &Path) -> Client {
+        let token = std::fs::read_to_string(dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Client::new(&self.url, Some(token)).unwrap()
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sigkill_loses_nothing_and_leaves_no_orphans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = KillOnDrop(dir.clone());
+    let mut server = ServerProcess::start(&dir);
+    let c = server.client(&dir);
+    c.create_template(&quick_template("api")).await.unwrap();
+    let b = c.create_build("api", &["stable".into()]).await.unwrap();
+    let b = c
+        .wait_build(&b.id, Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    let s = c
+        .create_sandbox(&SandboxCreate {
+            template: Some("api:stable".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pool = c
+        .create_pool(&WarmPoolSpec {
+            name: "p".into(),
+            template: "api:stable".into(),
+            min_ready: 2,
+            max_ready: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.wait_pool_ready(&pool.id, 2, Duration::from_secs(60), |_| {})
+        .await
+        .unwrap();
+    let before = procs_mentioning(&dir).len();
+
+    server.kill9();
+    // An orphan: a procd for a sandbox directory the store has never heard of.
+    let orphan = dir.join("sandboxes").join("sbx_orphan");
+    std::fs::create_dir_all(orphan.join("root")).unwrap();
+    let config = serde_json::json!({"listen": format!("unix://{}/procd.sock", orphan.display()),
+        "warm_processes": [{"name": "x", "type": "cmd", "command": ["sleep", "1000"]}]});
+    std::fs::write(orphan.join("procd.json"), config.to_string()).unwrap();
+    let mut orphan_proc = Command::new(procd_bin())
+        .arg("--config")
+        .arg(orphan.join("procd.json"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the orphan to listen", Duration::from_secs(10), || {
+        orphan.join("procd.sock").exists()
+    });
+    assert_eq!(procs_mentioning(&dir).len(), before + 1);
+
+    let server = ServerProcess::start(&dir);
+    let c = server.client(&dir);
+    wait_until("the orphan to be killed", Duration::from_secs(10), || {
+        orphan_proc.try_wait().unwrap().is_some()
+    });
+    assert!(!orphan.exists(), "the orphan's directory is removed");
+    assert_eq!(c.get_template("api").await.unwrap().name, "api");
+    assert_eq!(c.get_build(&b.id).await.unwrap().status, BuildStatus::Ready);
+    let again = c.get_sandbox(&s.id).await.unwrap();
+    assert_eq!(again.state, SandboxState::Running);
+    let r = c
+        .exec(
+            &s.id,
+            &ExecRequest {
+                command: vec!["echo".into(), "still here".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "still here\n");
+    let status = c.pool_status(&pool.id).await.unwrap();
+    assert_eq!(status.ready, 2, "pool inventory was re-adopted: {status:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        procs_mentioning(&dir).len(),
+        before,
+        "nothing was started twice and nothing leaked"
+    );
+    // A re-adopted sandbox is still watched: deleting it stops its processes.
+    c.delete_sandbox(&s.id).await.unwrap();
+    assert!(!dir.join("sandboxes").join(&s.id).exists());
+    c.delete_pool(&pool.id).await.unwrap();
+    wait_no_procd(&dir);
+}
