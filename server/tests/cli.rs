@@ -1,7 +1,6 @@
 //! The `warmpool` CLI against a real server process: the quickstart of the README, `--json`, errors and exit codes.
 
 use std::process::Command;
-use std::time::Duration;
 
 use crate::harness::*;
 use crate::restart::ServerProcess;

@@ -1,0 +1,2 @@
+'use strict';
+require('./run').run('scale-up');
