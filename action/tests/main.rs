@@ -3,37 +3,22 @@
 //! `STATE_*` passed from main to post as the runner does. GitHub's API is a wiremock server.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use warmpool_action::runner::parse_key_values;
 use warmpool_api::*;
 use warmpool_client::Client;
+use warmpool_testkit::{KillOnDrop, ServerProcess};
 
-/// A binary built next to this test (`scripts/test.sh` builds every binary of the workspace first).
-fn sibling_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--bins"])
-            .status()
-            .unwrap();
-        assert!(
-            status.success() && path.exists(),
-            "{} is missing: run cargo build --workspace --bins",
-            path.display()
-        );
-    }
-    path
-}
-
+/// A real `warmpool serve` on a temp data dir.
 struct Server {
-    child: Child,
+    process: ServerProcess,
     url: String,
-    dir: tempfile::TempDir,
     client: Client,
+    _dir: tempfile::TempDir,
+    _cleanup: KillOnDrop,
 }
 
 impl Server {
@@ -43,45 +28,19 @@ impl Server {
 
     fn start_with(args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(sibling_bin("warmpool"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(dir.path())
-            .arg("--procd")
-            .arg(sibling_bin("procd"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let token = std::fs::read_to_string(dir.path().join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
-        let url = format!("http://127.0.0.1:{port}");
-        let client = Client::new(&url, Some(token)).unwrap();
+        let cleanup = KillOnDrop(dir.path().to_path_buf());
+        let process = ServerProcess::start(&dir.path().join("data"), args);
         Server {
-            child,
-            url,
-            dir,
-            client,
+            url: process.url.clone(),
+            client: process.client.clone(),
+            process,
+            _dir: dir,
+            _cleanup: cleanup,
         }
     }
 
     fn token(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string()
+        self.process.token()
     }
 
     /// A built template and a pool of it (`min_ready` 0, so only leases raise it).
@@ -108,26 +67,6 @@ impl Server {
             ..Default::default()
         };
         self.client.create_pool(&spec).await.unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Stop every procd of this data dir.
-        let needle = self.dir.path().display().to_string();
-        for pid in std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        {
-            let cmd =
-                String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
-                    .into_owned();
-            if cmd.contains(&needle) && cmd.contains("procd.json") {
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
     }
 }
 
@@ -334,7 +273,7 @@ async fn a_timeout_fails_with_an_annotation_and_post_still_cleans_up() {
         .input("ready", "1")
         .input("wait-timeout", "1s");
     let main = job.step("main", &HashMap::new());
-    assert_eq!(main.code, 1);
+    assert_eq!(main.code, 1, "{}", main.stdout);
     let line = main
         .stdout
         .lines()

@@ -3,7 +3,6 @@
 use std::process::Command;
 
 use crate::harness::*;
-use crate::restart::ServerProcess;
 
 struct Cli<'a> {
     url: &'a str,
@@ -39,7 +38,7 @@ impl Cli<'_> {
 async fn quickstart_through_the_cli() {
     let tmp = tempfile::tempdir().unwrap();
     let _cleanup = KillOnDrop(tmp.path().to_path_buf());
-    let server = ServerProcess::start(tmp.path());
+    let server = ServerProcess::start(tmp.path(), &[]);
     let cli = Cli {
         url: &server.url,
         data_dir: tmp.path(),

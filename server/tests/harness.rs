@@ -14,17 +14,12 @@ pub struct TestControlPlane {
     server: tokio::task::JoinHandle<()>,
 }
 
-/// The procd binary next to the test's `warmpool` binary, built if a narrow `cargo test` skipped it.
+pub use warmpool_testkit::{
+    kill_all_under, procs_mentioning, wait_no_procd, wait_until, KillOnDrop, ServerProcess,
+};
+
 pub fn procd_bin() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_warmpool")).with_file_name("procd");
-    if !path.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "warmpool-procd", "--bin", "procd"])
-            .status()
-            .expect("cargo build procd");
-        assert!(status.success(), "building procd failed");
-    }
-    path
+    warmpool_testkit::sibling_bin("procd")
 }
 
 pub fn serve_args(dir: &Path) -> ServeArgs {
@@ -134,79 +129,4 @@ pub fn quick_template(name: &str) -> TemplateSpec {
         "env": {"MODE": "warm"}
     }))
     .unwrap()
-}
-
-/// Pids whose command line runs a procd config under `dir` (procd and its unshare wrapper).
-pub fn procs_mentioning(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != std::process::id())
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'));
-            !zombie
-                && String::from_utf8_lossy(&cmd).contains(&needle)
-                && String::from_utf8_lossy(&cmd).contains("procd.json")
-        })
-        .collect()
-}
-
-pub fn kill_all_under(dir: &Path) {
-    for pid in procs_mentioning(dir) {
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    }
-    // Empty cgroups of sandboxes of this dir are removed by id.
-    if let Ok(rd) = std::fs::read_dir(dir.join("sandboxes")) {
-        for e in rd.flatten() {
-            for c in ["memory", "cpu", "freezer"] {
-                let _ = std::fs::remove_dir(
-                    Path::new("/sys/fs/cgroup")
-                        .join(c)
-                        .join("warmpool")
-                        .join(e.file_name()),
-                );
-            }
-        }
-    }
-}
-
-/// Waits until no procd runs under `dir`; on timeout names the ones left.
-pub fn wait_no_procd(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !procs_mentioning(dir).is_empty() {
-        if Instant::now() > deadline {
-            let left: Vec<String> = procs_mentioning(dir)
-                .iter()
-                .map(|p| {
-                    String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default())
-                        .replace('\0', " ")
-                })
-                .collect();
-            panic!("procd processes left: {left:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Kills every procd of a data dir when dropped (also when a test panics).
-pub struct KillOnDrop(pub PathBuf);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        kill_all_under(&self.0);
-    }
-}
-
-pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -8,11 +8,14 @@ use warmpool_api::*;
 
 use crate::harness::*;
 
-/// A template whose start takes two seconds, so a pool cannot refill between quick requests.
+/// A template whose sandboxes take five seconds to start (its build starts at once: the build's id is bld_…), so a
+/// pool cannot refill between quick requests.
 fn slow_template(name: &str) -> TemplateSpec {
     let mut spec = quick_template(name);
     // The artifact keeps the build's ready.flag: remove it so every start really waits.
-    spec.start_cmd = Some("rm -f ready.flag; sleep 2; touch ready.flag; exec sleep infinity".into());
+    spec.start_cmd = Some(
+        "rm -f ready.flag; case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) sleep 5;; esac; touch ready.flag; exec sleep infinity".into(),
+    );
     spec
 }
 

@@ -1,68 +1,12 @@
 //! Crash recovery with the real `warmpool` binary: a SIGKILL of the server loses no template, build or sandbox,
 //! re-adopts live sandboxes, and leaves no orphan process.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use warmpool_api::*;
-use warmpool_client::Client;
 
 use crate::harness::*;
-
-pub struct ServerProcess {
-    pub child: Child,
-    pub url: String,
-}
-
-impl ServerProcess {
-    pub fn start(dir: &Path) -> ServerProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("http://127.0.0.1:{port}");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("server.log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_warmpool"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(dir)
-            .arg("--procd")
-            .arg(procd_bin())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        wait_until("the server to answer", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        ServerProcess { child, url }
-    }
-
-    pub fn client(&self, dir: &Path) -> Client {
-        let token = std::fs::read_to_string(dir.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
-        Client::new(&self.url, Some(token)).unwrap()
-    }
-
-    pub fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn sigkill_loses_nothing_and_leaves_no_orphans() {
@@ -70,8 +14,8 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     let dir = tmp.path().join("data");
     std::fs::create_dir_all(&dir).unwrap();
     let _cleanup = KillOnDrop(dir.clone());
-    let mut server = ServerProcess::start(&dir);
-    let c = server.client(&dir);
+    let mut server = ServerProcess::start(&dir, &[]);
+    let c = server.client.clone();
     c.create_template(&quick_template("api")).await.unwrap();
     let b = c.create_build("api", &["stable".into()]).await.unwrap();
     let b = c
@@ -119,8 +63,8 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     });
     assert_eq!(procs_mentioning(&dir).len(), before + 1);
 
-    let server = ServerProcess::start(&dir);
-    let c = server.client(&dir);
+    let server = ServerProcess::start(&dir, &[]);
+    let c = server.client.clone();
     wait_until("the orphan to be killed", Duration::from_secs(10), || {
         orphan_proc.try_wait().unwrap().is_some()
     });

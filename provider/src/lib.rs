@@ -1,0 +1,126 @@
+//! `terraform-provider-warmpool`: Warmpool templates and warm pools as Terraform resources (protocol 6, crate
+//! `tf-provider`). All HTTP goes through `warmpool-client`, configured once in `configure` and shared with every
+//! resource and data source. Nothing but the plugin handshake is printed on stdout.
+
+pub mod data;
+pub mod model;
+pub mod pool;
+pub mod schema;
+pub mod template;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use tf_provider::schema::{AttributeConstraint::*, Schema};
+use tf_provider::value::ValueEmpty;
+use tf_provider::{map, Diagnostics, DynamicDataSource, DynamicResource, Provider};
+
+use model::{known, Str};
+
+/// The API client, set by `configure` (resources are built before it runs).
+#[derive(Clone, Default)]
+pub struct Shared(Arc<RwLock<Option<warmpool_client::Client>>>);
+
+impl Shared {
+    pub fn client(&self, diags: &mut Diagnostics) -> Option<warmpool_client::Client> {
+        let client = self.0.read().expect("client lock").clone();
+        if client.is_none() {
+            diags.root_error_short("the warmpool provider is not configured");
+        }
+        client
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProviderConfig {
+    pub endpoint: Str,
+    pub token: Str,
+}
+
+#[derive(Clone, Default)]
+pub struct WarmpoolProvider {
+    shared: Shared,
+}
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7070";
+
+pub fn provider_schema() -> Schema {
+    let mut token = schema::string(Optional, "API token (default WARMPOOL_TOKEN).");
+    token.sensitive = true;
+    Schema {
+        version: 1,
+        block: schema::block(
+            "Warmpool: templates and warm pools of ready sandboxes.",
+            vec![
+                (
+                    "endpoint",
+                    schema::string(
+                        Optional,
+                        "Control plane URL (default WARMPOOL_ENDPOINT, then http://127.0.0.1:7070).",
+                    ),
+                ),
+                ("token", token),
+            ],
+            vec![],
+        ),
+    }
+}
+
+#[async_trait::async_trait]
+impl Provider for WarmpoolProvider {
+    type Config<'a> = ProviderConfig;
+    type MetaState<'a> = ValueEmpty;
+
+    fn schema(&self, _diags: &mut Diagnostics) -> Option<Schema> {
+        Some(provider_schema())
+    }
+
+    async fn validate<'a>(&self, _diags: &mut Diagnostics, _config: Self::Config<'a>) -> Option<()> {
+        Some(())
+    }
+
+    async fn configure<'a>(
+        &self,
+        diags: &mut Diagnostics,
+        _version: String,
+        config: Self::Config<'a>,
+    ) -> Option<()> {
+        let endpoint = known(&config.endpoint)
+            .or_else(|| std::env::var("WARMPOOL_ENDPOINT").ok().filter(|e| !e.is_empty()))
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+        let token =
+            known(&config.token).or_else(|| std::env::var("WARMPOOL_TOKEN").ok().filter(|t| !t.is_empty()));
+        match warmpool_client::Client::new(&endpoint, token) {
+            Ok(c) => {
+                *self.shared.0.write().expect("client lock") = Some(c);
+                Some(())
+            }
+            Err(e) => {
+                diags.error(
+                    "Invalid endpoint",
+                    e.to_string(),
+                    tf_provider::AttributePath::new("endpoint"),
+                );
+                None
+            }
+        }
+    }
+
+    fn get_resources(&self, _diags: &mut Diagnostics) -> Option<HashMap<String, Box<dyn DynamicResource>>> {
+        Some(map! {
+            "template" => template::TemplateResource { shared: self.shared.clone() },
+            "warm_pool" => pool::PoolResource { shared: self.shared.clone() },
+        })
+    }
+
+    fn get_data_sources(
+        &self,
+        _diags: &mut Diagnostics,
+    ) -> Option<HashMap<String, Box<dyn DynamicDataSource>>> {
+        Some(map! {
+            "template" => data::TemplateDataSource { shared: self.shared.clone() },
+            "warm_pool" => data::PoolDataSource { shared: self.shared.clone() },
+        })
+    }
+}
