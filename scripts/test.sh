@@ -20,7 +20,7 @@ fi
 command -v terraform >/dev/null || echo "warning: terraform is not on PATH; the provider's tests will fail saying so" >&2
 command -v node >/dev/null || echo "warning: node is not on PATH; the action's shim test will fail saying so" >&2
 
-cargo build --workspace --bins
+cargo build --workspace --bins --examples
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

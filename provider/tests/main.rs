@@ -293,6 +293,39 @@ async fn bad_config_fails_at_plan_naming_the_attribute() {
 }
 
 #[tokio::test]
+async fn a_failed_build_is_an_apply_error_with_the_log_tail() {
+    require_terraform();
+    let server = Server::start();
+    let dir = server.workdir("failing", None);
+    std::fs::write(
+        dir.join("main.tf"),
+        concat!(
+            "terraform {\n  required_providers {\n    warmpool = { source = \"warmpool/warmpool\" }\n  }\n}\n",
+            "resource \"warmpool_template\" \"broken\" {\n  name = \"broken\"\n",
+            "  build_steps = [\"echo preparing the broken template\"]\n",
+            "  start_cmd = \"exec sleep infinity\"\n",
+            "  readiness {\n    exec { command = [\"test\", \"-f\", \"never.flag\"] }\n    timeout_ms = 1000\n  }\n}\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = server.tf(&dir, &["apply", "-auto-approve"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("failed") && err.contains("readiness did not pass"),
+        "{err}"
+    );
+    assert!(
+        err.contains("preparing the broken template"),
+        "the log tail is shown: {err}"
+    );
+    assert!(!err.contains("stack backtrace"), "{err}");
+    assert!(
+        server.client.list_templates().await.unwrap().is_empty(),
+        "nothing is left half-created"
+    );
+}
+
+#[tokio::test]
 async fn terraform_test_file_passes() {
     require_terraform();
     let server = Server::start();

@@ -116,3 +116,31 @@ async fn quickstart_through_the_cli() {
     cli.run(&["pool", "delete", "api"]);
     wait_no_procd(tmp.path());
 }
+
+/// The Rust client example (`client/examples/quickstart.rs`) runs against a real server.
+#[tokio::test]
+async fn rust_client_example_runs() {
+    let cp = TestControlPlane::start().await;
+    let example = warmpool_testkit::sibling_bin("examples/quickstart");
+    let token = std::fs::read_to_string(cp.dir.path().join("admin.token")).unwrap();
+    let out = tokio::process::Command::new(example)
+        .env("WARMPOOL_ENDPOINT", &cp.url)
+        .env("WARMPOOL_TOKEN", token.trim())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("hello from a warm sandbox") && stdout.contains("hit: true"),
+        "{stdout}"
+    );
+    assert!(
+        cp.client.list_templates().await.unwrap().is_empty(),
+        "the example cleans up"
+    );
+}

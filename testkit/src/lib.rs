@@ -17,7 +17,7 @@ pub fn sibling_bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     if !path.exists() {
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--bins"])
+            .args(["build", "--workspace", "--bins", "--examples"])
             .status()
             .expect("cargo build");
         assert!(

@@ -66,6 +66,15 @@ data "warmpool_warm_pool" "api" {
   depends_on = [warmpool_warm_pool.api]
 }
 
+data "warmpool_template" "stable" {
+  ref        = "${warmpool_template.api.name}:stable"
+  depends_on = [warmpool_template.api]
+}
+
+output "stable_build" {
+  value = data.warmpool_template.stable.build_id
+}
+
 output "ready" {
   value = data.warmpool_warm_pool.api.ready
 }

@@ -14,6 +14,11 @@ run "pool_fills_from_the_template_build" {
   }
 
   assert {
+    condition     = data.warmpool_template.stable.build_id == warmpool_template.api.build_id
+    error_message = "the stable tag does not point at the template's newest build"
+  }
+
+  assert {
     condition     = warmpool_template.api.build_status == "ready"
     error_message = "the build is not ready"
   }
