@@ -48,7 +48,8 @@ impl Server {
         let spec: TemplateSpec = serde_json::from_value(serde_json::json!({
             "name": name,
             "start_cmd": start_cmd,
-            "readiness": {"exec": {"command": ["test", "-f", "ready.flag"]}, "timeout_ms": 20000}
+            // The flag is named after the sandbox: the artifact keeps the build's own, which must not count.
+            "readiness": {"exec": {"command": ["sh", "-c", "test -f ready.$WARMPOOL_SANDBOX_ID"]}, "timeout_ms": 20000}
         }))
         .unwrap();
         self.client.create_template(&spec).await.unwrap();
@@ -70,7 +71,7 @@ impl Server {
     }
 }
 
-const QUICK: &str = "touch ready.flag; exec sleep infinity";
+const QUICK: &str = "touch ready.$WARMPOOL_SANDBOX_ID; exec sleep infinity";
 
 /// A directory playing one job of a workflow run on a runner.
 struct Job {
@@ -266,7 +267,7 @@ async fn a_second_workflow_keeps_its_capacity_when_the_first_drains() {
 async fn a_timeout_fails_with_an_annotation_and_post_still_cleans_up() {
     let server = Server::start();
     // Starts at once in the build (whose id is bld_…), takes 30 s in every sandbox.
-    let slow = "rm -f ready.flag; case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) sleep 30;; esac; touch ready.flag; exec sleep infinity";
+    let slow = "case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) sleep 30;; esac; touch ready.$WARMPOOL_SANDBOX_ID; exec sleep infinity";
     let pool = server.pool("slow", slow).await;
     let job = Job::new(&server, "7", "t")
         .input("pools", "slow")

@@ -32,6 +32,24 @@ impl Shared {
     }
 }
 
+/// Turns a client error into a diagnostic (the server's code and message) and the value into an `Option`, the
+/// currency of tf-provider's methods.
+pub trait OrDiag<T> {
+    fn or_diag(self, diags: &mut Diagnostics, summary: impl Into<String>) -> Option<T>;
+}
+
+impl<T> OrDiag<T> for Result<T, warmpool_client::Error> {
+    fn or_diag(self, diags: &mut Diagnostics, summary: impl Into<String>) -> Option<T> {
+        match self {
+            Ok(v) => Some(v),
+            Err(e) => {
+                diags.root_error(summary.into(), e.to_string());
+                None
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ProviderConfig {
     pub endpoint: Str,

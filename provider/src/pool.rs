@@ -12,7 +12,7 @@ use warmpool_api as api;
 use crate::model::*;
 use crate::schema::*;
 use crate::template::timeouts_block;
-use crate::Shared;
+use crate::{OrDiag, Shared};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PoolState {
@@ -414,13 +414,10 @@ impl Resource for PoolResource {
             labels: Some(spec.labels),
             enabled: spec.enabled,
         };
-        let pool = match c.update_pool(&id, &patch).await {
-            Ok(p) => p,
-            Err(e) => {
-                diags.root_error("Cannot update warm pool", e.to_string());
-                return None;
-            }
-        };
+        let pool = c
+            .update_pool(&id, &patch)
+            .await
+            .or_diag(diags, "Cannot update warm pool")?;
         let mut state = planned;
         state.set_from(&pool);
         let timeout = TimeoutsBlock::get(&state.timeouts, |t| &t.update, READY_TIMEOUT);

@@ -11,7 +11,7 @@ use warmpool_api as api;
 
 use crate::model::*;
 use crate::schema::*;
-use crate::Shared;
+use crate::{OrDiag, Shared};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TemplateState {
@@ -266,13 +266,10 @@ impl TemplateResource {
         timeout: Duration,
     ) -> Option<()> {
         let id = known(&state.id)?;
-        let build = match c.create_build(&id, &strs(&state.tags)).await {
-            Ok(b) => b,
-            Err(e) => {
-                diags.root_error("Cannot start a build", e.to_string());
-                return None;
-            }
-        };
+        let build = c
+            .create_build(&id, &strs(&state.tags))
+            .await
+            .or_diag(diags, "Cannot start a build")?;
         let done = match c.wait_build(&build.id, timeout, |_| {}).await {
             Ok(b) => b,
             Err(e) => {
@@ -428,13 +425,10 @@ impl Resource for TemplateResource {
                 return None;
             }
         };
-        let t = match c.create_template(&spec).await {
-            Ok(t) => t,
-            Err(e) => {
-                diags.root_error("Cannot create template", e.to_string());
-                return None;
-            }
-        };
+        let t = c
+            .create_template(&spec)
+            .await
+            .or_diag(diags, "Cannot create template")?;
         let mut state = planned;
         state.id = s(&t.id);
         let timeout = TimeoutsBlock::get(&state.timeouts, |t| &t.create, BUILD_TIMEOUT);
@@ -472,10 +466,9 @@ impl Resource for TemplateResource {
                 resources: Some(spec.resources),
                 cwd: spec.cwd,
             };
-            if let Err(e) = c.update_template(&id, &patch).await {
-                diags.root_error("Cannot update template", e.to_string());
-                return None;
-            }
+            c.update_template(&id, &patch)
+                .await
+                .or_diag(diags, "Cannot update template")?;
             let timeout = TimeoutsBlock::get(&state.timeouts, |t| &t.update, BUILD_TIMEOUT);
             self.build(diags, &c, &mut state, timeout).await?;
         } else if state.tags != prior.tags {
@@ -514,13 +507,10 @@ impl Resource for TemplateResource {
         id: String,
     ) -> Option<(Self::State<'a>, Self::PrivateState<'a>)> {
         let c = self.shared.client(diags)?;
-        let t = match c.get_template(&id).await {
-            Ok(t) => t,
-            Err(e) => {
-                diags.root_error(format!("Cannot import template {id}"), e.to_string());
-                return None;
-            }
-        };
+        let t = c
+            .get_template(&id)
+            .await
+            .or_diag(diags, format!("Cannot import template {id}"))?;
         let mut state = TemplateState::default();
         state.set_spec(&t);
         let builds = c.list_builds(&t.id).await.unwrap_or_default();

@@ -9,12 +9,19 @@ use warmpool_api::*;
 use crate::harness::*;
 
 /// A template whose sandboxes take five seconds to start (its build starts at once: the build's id is bld_…), so a
-/// pool cannot refill between quick requests.
+/// pool cannot refill between quick requests. The readiness flag is named after the sandbox: the artifact keeps
+/// the build's own flag, which must not make a sandbox ready early.
 fn slow_template(name: &str) -> TemplateSpec {
     let mut spec = quick_template(name);
-    // The artifact keeps the build's ready.flag: remove it so every start really waits.
     spec.start_cmd = Some(
-        "rm -f ready.flag; case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) sleep 5;; esac; touch ready.flag; exec sleep infinity".into(),
+        "case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) sleep 5;; esac; touch ready.$WARMPOOL_SANDBOX_ID; exec sleep infinity"
+            .into(),
+    );
+    spec.readiness = Some(
+        serde_json::from_value(serde_json::json!({
+            "exec": {"command": ["sh", "-c", "test -f ready.$WARMPOOL_SANDBOX_ID"]}, "timeout_ms": 20000
+        }))
+        .unwrap(),
     );
     spec
 }
