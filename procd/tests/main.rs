@@ -143,6 +143,24 @@ async fn http_get_readiness_becomes_ready() {
     let ready = wait_probe(&p, "readiness", "passed", Duration::from_secs(15)).await;
     assert_eq!(ready.checks[1].name, "web");
     assert!(ready.checks[1].message.contains("200"), "{ready:?}");
+    // The same result for humans and scripts: `procd probe` prints it as JSON and exits 0 when it passed.
+    let out = Command::new(env!("CARGO_BIN_EXE_procd"))
+        .args([
+            "probe",
+            "--listen",
+            &format!("unix://{}", p.socket.display()),
+            "--kind",
+            "readiness",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (json["kind"].as_str(), json["status"].as_str()),
+        (Some("readiness"), Some("passed"))
+    );
+    assert_eq!(json["checks"][1]["name"], "web");
     assert_eq!(p.terminate(), 0, "SIGTERM is a graceful stop, not a crash");
 }
 
