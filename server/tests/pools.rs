@@ -646,3 +646,19 @@ async fn degraded_reasons_follow_real_conditions() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn idle_timeout_replaces_stale_ready_sandboxes() {
+    let cp = TestControlPlane::start().await;
+    cp.ready_template("api").await;
+    let spec = WarmPoolSpec {
+        idle_timeout_seconds: Some(1),
+        ..pool_spec("idle", "api:stable", 1, 1)
+    };
+    let pool = cp.client.create_pool(&spec).await.unwrap();
+    let first = cp.wait_status(&pool.id, "1 ready", |s| s.ready == 1).await;
+    assert_eq!(first.expired, 0);
+    let later = cp.wait_status(&pool.id, "an expiry", |s| s.expired >= 1).await;
+    assert!(later.target == 1);
+    cp.wait_status(&pool.id, "a replacement", |s| s.ready == 1).await;
+}
