@@ -234,7 +234,7 @@ impl Client {
         timeout: Duration,
         mut progress: impl FnMut(&Build),
     ) -> Result<Build> {
-        let deadline = tokio_deadline(timeout);
+        let deadline = std::time::Instant::now() + timeout;
         loop {
             let build = self.get_build(id).await?;
             progress(&build);
@@ -247,7 +247,7 @@ impl Client {
                     format!("build {id} is still {}", build.status.as_str()),
                 ));
             }
-            sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
     pub async fn put_tag(&self, template: &str, tag: &str, build_id: &str) -> Result<Tag> {
@@ -348,7 +348,7 @@ impl Client {
         timeout: Duration,
         mut progress: impl FnMut(&PoolStatus),
     ) -> Result<PoolStatus> {
-        let deadline = tokio_deadline(timeout);
+        let deadline = std::time::Instant::now() + timeout;
         loop {
             let status = self.pool_status(pool).await?;
             progress(&status);
@@ -361,7 +361,7 @@ impl Client {
                     format!("pool {pool} has {} of {n} ready", status.ready),
                 ));
             }
-            sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -439,15 +439,6 @@ impl TemplateExt for Template {
         };
         TemplateWarmPool::create(client, &spec).await
     }
-}
-
-fn tokio_deadline(timeout: Duration) -> std::time::Instant {
-    std::time::Instant::now() + timeout
-}
-
-async fn sleep(d: Duration) {
-    // reqwest brings tokio; its timer is available wherever this client runs.
-    tokio::time::sleep(d).await
 }
 
 mod erased {

@@ -301,7 +301,7 @@ impl Probes {
             .into(),
         });
         let warm = self.sup.warm_processes();
-        for (name, spec) in &self.specs {
+        for (name, _) in &self.specs {
             let process = warm.iter().find(|p| &p.name == name);
             let target = self
                 .spec(name, kind)
@@ -335,7 +335,6 @@ impl Probes {
                     ),
                 },
             };
-            let _ = spec;
             checks.push(ProbeCheckResult {
                 name: name.clone(),
                 target,

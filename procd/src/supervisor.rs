@@ -242,28 +242,13 @@ impl Supervisor {
         if self.processes().iter().any(|p| p.name == req.name && p.running()) {
             return Err(SupervisorError::Exists(req.name));
         }
-        let mut cmd = command(&req.argv, req.cwd.as_ref(), &req.env);
-        cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
-        let (mut child, exited) = self
-            .reaper
-            .spawn(&mut cmd)
-            .map_err(|source| SupervisorError::Spawn {
-                command: req.argv.join(" "),
-                source,
-            })?;
-        let pid = child.id();
-        let stdin = child
-            .stdin
-            .take()
-            .map(|s| pipe::Sender::from_owned_fd(OwnedFd::from(s)).expect("stdin pipe"));
-        let stdout_pipe = child
-            .stdout
-            .take()
-            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)));
-        let stderr_pipe = child
-            .stderr
-            .take()
-            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)));
+        let Started {
+            pid,
+            stdin,
+            stdout: stdout_pipe,
+            stderr: stderr_pipe,
+            exited,
+        } = self.start(&req.argv, req.cwd.as_ref(), &req.env, req.stdin)?;
         let (exit_tx, exit_rx) = watch::channel(None);
         let process = Arc::new(Process {
             name: req.name,
@@ -285,7 +270,7 @@ impl Supervisor {
             (StreamName::Stdout, stdout_pipe),
             (StreamName::Stderr, stderr_pipe),
         ] {
-            if let Some(Ok(pipe)) = pipe {
+            if let Some(pipe) = pipe {
                 readers.push(tokio::spawn(pump(
                     self.mirror.clone(),
                     process.clone(),
@@ -328,36 +313,20 @@ impl Supervisor {
             return Err(SupervisorError::EmptyCommand);
         }
         let started = Instant::now();
-        let mut cmd = command(argv, cwd, env);
-        cmd.stdin(if stdin.is_empty() {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        });
-        let (mut child, exited) = self
-            .reaper
-            .spawn(&mut cmd)
-            .map_err(|source| SupervisorError::Spawn {
-                command: argv.join(" "),
-                source,
-            })?;
-        let pid = child.id() as i32;
-        if let Some(s) = child.stdin.take() {
-            let mut tx = pipe::Sender::from_owned_fd(OwnedFd::from(s)).expect("stdin pipe");
+        let started_process = self.start(argv, cwd, env, !stdin.is_empty())?;
+        let pid = started_process.pid as i32;
+        if let Some(mut tx) = started_process.stdin {
             tokio::spawn(async move {
                 let _ = tx.write_all(&stdin).await;
             });
         }
-        let out = child
-            .stdout
-            .take()
-            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)));
-        let err = child
-            .stderr
-            .take()
-            .map(|s| pipe::Receiver::from_owned_fd(OwnedFd::from(s)));
-        let out = tokio::spawn(collect(out.and_then(Result::ok)));
-        let err = tokio::spawn(collect(err.and_then(Result::ok)));
+        let (out, err, exited) = (
+            started_process.stdout,
+            started_process.stderr,
+            started_process.exited,
+        );
+        let out = tokio::spawn(collect(out));
+        let err = tokio::spawn(collect(err));
         let (exit_code, timed_out) = match tokio::time::timeout(timeout, exited).await {
             Ok(code) => (code.unwrap_or(-1), false),
             Err(_) => {
@@ -449,6 +418,46 @@ impl Supervisor {
             }
         }
         self.mirror.flush(Duration::from_secs(2));
+    }
+}
+
+/// A child just spawned: its pipes and its exit, registered with the reaper before it could exit.
+struct Started {
+    pid: u32,
+    stdin: Option<pipe::Sender>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+    exited: oneshot::Receiver<i32>,
+}
+
+impl Supervisor {
+    fn start(
+        &self,
+        argv: &[String],
+        cwd: Option<&PathBuf>,
+        env: &BTreeMap<String, String>,
+        stdin: bool,
+    ) -> Result<Started, SupervisorError> {
+        let mut cmd = command(argv, cwd, env);
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() });
+        let (mut child, exited) = self
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|source| SupervisorError::Spawn {
+                command: argv.join(" "),
+                source,
+            })?;
+        let receiver = |fd: Option<OwnedFd>| fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
+        Ok(Started {
+            pid: child.id(),
+            stdin: child
+                .stdin
+                .take()
+                .and_then(|s| pipe::Sender::from_owned_fd(OwnedFd::from(s)).ok()),
+            stdout: receiver(child.stdout.take().map(OwnedFd::from)),
+            stderr: receiver(child.stderr.take().map(OwnedFd::from)),
+            exited,
+        })
     }
 }
 

@@ -50,6 +50,14 @@ impl<T> OrDiag<T> for Result<T, warmpool_client::Error> {
     }
 }
 
+/// Deleting something that is already gone is a success.
+pub fn gone_is_ok(result: Result<(), warmpool_client::Error>) -> Result<(), warmpool_client::Error> {
+    match result {
+        Err(e) if e.code() == Some("not_found") => Ok(()),
+        other => other,
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ProviderConfig {
     pub endpoint: Str,

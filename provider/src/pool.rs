@@ -434,14 +434,7 @@ impl Resource for PoolResource {
     ) -> Option<()> {
         let c = self.shared.client(diags)?;
         // The server drains before it deletes.
-        match c.delete_pool(&known(&state.id)?).await {
-            Ok(()) => Some(()),
-            Err(e) if e.code() == Some("not_found") => Some(()),
-            Err(e) => {
-                diags.root_error("Cannot delete warm pool", e.to_string());
-                None
-            }
-        }
+        crate::gone_is_ok(c.delete_pool(&known(&state.id)?).await).or_diag(diags, "Cannot delete warm pool")
     }
 
     async fn import<'a>(

@@ -491,14 +491,8 @@ impl Resource for TemplateResource {
         _meta: Self::ProviderMetaState<'a>,
     ) -> Option<()> {
         let c = self.shared.client(diags)?;
-        match c.delete_template(&known(&state.id)?).await {
-            Ok(()) => Some(()),
-            Err(e) if e.code() == Some("not_found") => Some(()),
-            Err(e) => {
-                diags.root_error("Cannot delete template", e.to_string());
-                None
-            }
-        }
+        crate::gone_is_ok(c.delete_template(&known(&state.id)?).await)
+            .or_diag(diags, "Cannot delete template")
     }
 
     async fn import<'a>(

@@ -25,10 +25,10 @@ pub fn client(global: &Global) -> anyhow::Result<Client> {
 }
 
 fn is_local(endpoint: &str) -> bool {
-    reqwest_host(endpoint).is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]")
+    endpoint_host(endpoint).is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]")
 }
 
-fn reqwest_host(endpoint: &str) -> Option<String> {
+fn endpoint_host(endpoint: &str) -> Option<String> {
     let rest = endpoint.split_once("://")?.1;
     let host = rest.split(['/', '?']).next()?;
     Some(host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).to_string())
