@@ -488,3 +488,50 @@ async fn repl_takes_stdin() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Nobody reads procd's stdout: the mirror drops lines (and counts them) instead of stalling the process, and the
+/// ring buffer still has every byte's offset.
+#[tokio::test]
+async fn a_blocked_stdout_never_stalls_a_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("procd.sock");
+    let marker = dir.path().join("done");
+    let script = format!(
+        "head -c 20000000 /dev/zero | tr '\\0' 'x' | fold -w 100; touch {}; exec sleep 100",
+        marker.display()
+    );
+    let config = serde_json::json!({
+        "listen": format!("unix://{}", socket.display()),
+        "warm_processes": [{"name": "loud", "type": "cmd", "command": ["sh", "-c", script]}]
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    // stdout is a pipe that is never read (it fills after 64 KiB).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_procd"))
+        .arg("--config")
+        .arg(dir.path().join("config.json"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(60), || marker.exists());
+    let mut client = warmpool_procd::connect(&Listen::Unix(socket.clone())).unwrap();
+    let req = ReadOutputRequest {
+        process: "loud".into(),
+        stream: "stdout".into(),
+        offset: 0,
+        follow: false,
+    };
+    let mut s = client.read_output(req).await.unwrap().into_inner();
+    let first = s.message().await.unwrap().unwrap();
+    assert!(
+        first.dropped > 0 && first.dropped == first.offset,
+        "the ring kept the newest bytes and says what it dropped"
+    );
+    assert!(
+        first.offset >= 20_000_000 - (1 << 20),
+        "offsets count every byte written: {}",
+        first.offset
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

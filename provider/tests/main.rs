@@ -228,6 +228,14 @@ async fn quickstart_lifecycle_drift_import_and_destroy() {
     let (code, out, err) = server.tf(&cli, &["plan", "-detailed-exitcode"]);
     assert_eq!(code, 0, "imported pool plans clean:\n{out}\n{err}");
 
+    // A pool deleted outside Terraform is re-created by the next apply.
+    server.client.delete_pool(&pool.id).await.unwrap();
+    let (code, out, _) = server.tf(&dir, &plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("warmpool_warm_pool.api will be created"), "{out}");
+    server.ok(&dir, &args);
+    assert_eq!(server.client.get_pool("api").await.unwrap().min_ready, 2);
+
     // Destroy drains and deletes: no pools, no sandboxes.
     server.ok(&dir, &{
         let mut d = vec!["destroy", "-auto-approve", "-var", "pool_enabled=false"];
