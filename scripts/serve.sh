@@ -3,5 +3,5 @@
 # ./.warmpool, listening on 127.0.0.1:7070. Extra arguments go to `warmpool serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins
+cargo build --release -p warmpool-server -p warmpool-procd --bins
 exec target/release/warmpool serve "$@"
