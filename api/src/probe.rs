@@ -68,8 +68,9 @@ pub struct TcpSocketCheck {
     pub host: Option<String>,
 }
 
-/// Defaults, chosen for warm pools where start latency matters: startup and readiness are checked every 100 ms,
-/// liveness every second; each check may take a second; three failures in a row fail a probe.
+/// Defaults, chosen for warm pools where start latency matters: startup and readiness are checked every 100 ms
+/// (procd slows readiness to once a second after it has passed), liveness every second; each check may take a
+/// second; three failures in a row fail a probe.
 pub const DEFAULT_FAST_PERIOD_MS: u64 = 100;
 pub const DEFAULT_LIVENESS_PERIOD_MS: u64 = 1000;
 pub const DEFAULT_TIMEOUT_MS: u64 = 1000;

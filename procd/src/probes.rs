@@ -133,7 +133,7 @@ impl Probes {
                 let _ = tokio::time::timeout(Duration::from_millis(100), wait).await;
             }
         }
-        let period = Duration::from_millis(spec.period_ms(kind));
+        let mut period = Duration::from_millis(spec.period_ms(kind));
         loop {
             if !process.running() || self.sup.is_shutting_down() {
                 return;
@@ -157,6 +157,11 @@ impl Probes {
                     message,
                 });
                 return;
+            }
+            if status == ProbeStatus::Passed && spec.period_ms.is_none() {
+                // The fast default period only serves to notice readiness quickly; a warm pool of idle sandboxes
+                // should not spawn ten checks a second each.
+                period = Duration::from_millis(warmpool_api::DEFAULT_LIVENESS_PERIOD_MS);
             }
             tokio::time::sleep(period).await;
         }
