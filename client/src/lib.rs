@@ -146,6 +146,10 @@ impl Client {
         serde_json::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))
     }
 
+    async fn list<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<Vec<T>> {
+        Ok(self.call::<List<T>>(Method::GET, segments, None).await?.items)
+    }
+
     async fn text(&self, segments: &[&str]) -> Result<String> {
         let resp = self.raw(Method::GET, segments, &[], None).await?;
         resp.text().await.map_err(|source| Error::Transport {
@@ -173,10 +177,7 @@ impl Client {
         self.call(Method::POST, &["v1", "accounts"], Some(req)).await
     }
     pub async fn list_accounts(&self) -> Result<Vec<Account>> {
-        Ok(self
-            .call::<List<Account>>(Method::GET, &["v1", "accounts"], None)
-            .await?
-            .items)
+        self.list::<Account>(&["v1", "accounts"]).await
     }
     pub async fn update_account(&self, id: &str, patch: &AccountPatch) -> Result<Account> {
         self.call(Method::PATCH, &["v1", "accounts", id], Some(patch))
@@ -194,10 +195,7 @@ impl Client {
         self.call(Method::POST, &["v1", "templates"], Some(spec)).await
     }
     pub async fn list_templates(&self) -> Result<Vec<Template>> {
-        Ok(self
-            .call::<List<Template>>(Method::GET, &["v1", "templates"], None)
-            .await?
-            .items)
+        self.list::<Template>(&["v1", "templates"]).await
     }
     pub async fn get_template(&self, id_or_name: &str) -> Result<Template> {
         self.call(Method::GET, &["v1", "templates", id_or_name], None)
@@ -216,10 +214,7 @@ impl Client {
             .await
     }
     pub async fn list_builds(&self, template: &str) -> Result<Vec<Build>> {
-        Ok(self
-            .call::<List<Build>>(Method::GET, &["v1", "templates", template, "builds"], None)
-            .await?
-            .items)
+        self.list::<Build>(&["v1", "templates", template, "builds"]).await
     }
     pub async fn get_build(&self, id: &str) -> Result<Build> {
         self.call(Method::GET, &["v1", "builds", id], None).await
@@ -262,10 +257,7 @@ impl Client {
         .await
     }
     pub async fn list_tags(&self, template: &str) -> Result<Vec<Tag>> {
-        Ok(self
-            .call::<List<Tag>>(Method::GET, &["v1", "templates", template, "tags"], None)
-            .await?
-            .items)
+        self.list::<Tag>(&["v1", "templates", template, "tags"]).await
     }
     pub async fn delete_tag(&self, template: &str, tag: &str) -> Result<()> {
         self.delete(&["v1", "templates", template, "tags", tag]).await
@@ -277,10 +269,7 @@ impl Client {
             .await
     }
     pub async fn list_pools(&self) -> Result<Vec<WarmPool>> {
-        Ok(self
-            .call::<List<WarmPool>>(Method::GET, &["v1", "template-warm-pools"], None)
-            .await?
-            .items)
+        self.list::<WarmPool>(&["v1", "template-warm-pools"]).await
     }
     pub async fn get_pool(&self, id_or_name: &str) -> Result<WarmPool> {
         self.call(Method::GET, &["v1", "template-warm-pools", id_or_name], None)
@@ -335,10 +324,8 @@ impl Client {
         resp.json().await.map_err(|e| Error::Decode(e.to_string()))
     }
     pub async fn list_leases(&self, pool: &str) -> Result<Vec<Lease>> {
-        Ok(self
-            .call::<List<Lease>>(Method::GET, &["v1", "template-warm-pools", pool, "leases"], None)
-            .await?
-            .items)
+        self.list::<Lease>(&["v1", "template-warm-pools", pool, "leases"])
+            .await
     }
     /// Polls a pool's status until `ready >= n` (or `timeout`), calling `progress` on each poll.
     pub async fn wait_pool_ready(
@@ -370,10 +357,7 @@ impl Client {
         self.call(Method::POST, &["v1", "sandboxes"], Some(req)).await
     }
     pub async fn list_sandboxes(&self) -> Result<Vec<Sandbox>> {
-        Ok(self
-            .call::<List<Sandbox>>(Method::GET, &["v1", "sandboxes"], None)
-            .await?
-            .items)
+        self.list::<Sandbox>(&["v1", "sandboxes"]).await
     }
     pub async fn get_sandbox(&self, id: &str) -> Result<Sandbox> {
         self.call(Method::GET, &["v1", "sandboxes", id], None).await
@@ -394,10 +378,7 @@ impl Client {
         .await
     }
     pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>> {
-        Ok(self
-            .call::<List<LogLine>>(Method::GET, &["v1", "sandboxes", id, "logs"], None)
-            .await?
-            .items)
+        self.list::<LogLine>(&["v1", "sandboxes", id, "logs"]).await
     }
 }
 
