@@ -144,6 +144,7 @@ impl Procd for ProcdService {
         Ok(Response::new(probe_result_to_proto(self.probes.result(kind))))
     }
 
+    #[tracing::instrument(skip_all, level = "debug")]
     async fn start_process(
         &self,
         req: Request<StartProcessRequest>,
@@ -166,6 +167,7 @@ impl Procd for ProcdService {
         Ok(Response::new(info(&process)))
     }
 
+    #[tracing::instrument(skip_all, level = "debug")]
     async fn list_processes(
         &self,
         req: Request<ListProcessesRequest>,
@@ -177,6 +179,7 @@ impl Procd for ProcdService {
 
     type ReadOutputStream = OutputStream;
 
+    #[tracing::instrument(skip_all, level = "debug")]
     async fn read_output(&self, req: Request<ReadOutputRequest>) -> Result<Response<OutputStream>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
@@ -205,6 +208,7 @@ impl Procd for ProcdService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    #[tracing::instrument(skip_all, level = "debug")]
     async fn write_stdin(
         &self,
         req: Request<WriteStdinRequest>,
@@ -218,6 +222,7 @@ impl Procd for ProcdService {
         Ok(Response::new(WriteStdinResponse {}))
     }
 
+    #[tracing::instrument(skip_all, level = "debug")]
     async fn signal(&self, req: Request<SignalRequest>) -> Result<Response<SignalResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
@@ -227,6 +232,7 @@ impl Procd for ProcdService {
         Ok(Response::new(SignalResponse {}))
     }
 
+    #[tracing::instrument(skip_all, level = "debug")]
     async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
@@ -247,6 +253,7 @@ impl Procd for ProcdService {
         }))
     }
 
+    #[tracing::instrument(skip_all, level = "debug")]
     async fn pause(&self, req: Request<PauseRequest>) -> Result<Response<PauseResponse>, Status> {
         self.authorize(&req)?;
         self.sup.set_paused(req.get_ref().paused);
