@@ -17,8 +17,9 @@ struct Server {
     process: ServerProcess,
     url: String,
     client: Client,
-    _dir: tempfile::TempDir,
+    // Dropped in this order: the procds are killed while their directory still names their cgroups.
     _cleanup: KillOnDrop,
+    _dir: tempfile::TempDir,
 }
 
 impl Server {

@@ -26,9 +26,10 @@ fn require_terraform() {
 struct Server {
     process: ServerProcess,
     url: String,
-    dir: tempfile::TempDir,
     client: Client,
+    // Dropped in this order: the procds are killed while their directory still names their cgroups.
     _cleanup: KillOnDrop,
+    dir: tempfile::TempDir,
 }
 
 impl Server {

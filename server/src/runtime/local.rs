@@ -46,6 +46,9 @@ impl Isolation {
             let dir = Path::new(CGROUP_ROOT).join(c).join("warmpool");
             std::fs::create_dir_all(&dir).is_ok() && dir.join("cgroup.procs").exists()
         });
+        if cgroups {
+            sweep_stale_cgroups();
+        }
         Isolation { namespaces, cgroups }
     }
 
@@ -400,6 +403,26 @@ fn signal(pid: u32, sig: i32) {
         // SAFETY: kill(2) on a pid we verified belongs to the sandbox; no memory involved.
         unsafe {
             libc::kill(pid as i32, sig);
+        }
+    }
+}
+
+/// Removes sandbox cgroups left empty by processes that were reaped only after their sandbox stopped (rmdir fails
+/// on a cgroup that still has members, so live sandboxes are untouched; the age check spares one being created
+/// right now by another server on this host).
+fn sweep_stale_cgroups() {
+    let stale = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)))
+    };
+    for controller in CGROUP_CONTROLLERS {
+        let parent = Path::new(CGROUP_ROOT).join(controller).join("warmpool");
+        for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if (name.starts_with("sbx_") || name.starts_with("bld_")) && stale(&entry.path()) {
+                let _ = std::fs::remove_dir(entry.path());
+            }
         }
     }
 }
