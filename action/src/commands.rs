@@ -58,10 +58,7 @@ fn api(context: impl Into<String>) -> impl FnOnce(warmpool_client::Error) -> Act
 }
 
 fn input_error(name: &str, message: impl Into<String>) -> ActionError {
-    ActionError::Runner(RunnerError::Input {
-        name: name.into(),
-        message: message.into(),
-    })
+    ActionError::Runner(RunnerError::Input { name: name.into(), message: message.into() })
 }
 
 /// Runs a step; returns the exit code. Failures are reported as an `::error::` annotation.
@@ -120,10 +117,7 @@ fn client<W: Write>(r: &mut Runner<W>) -> Result<Client> {
     if let Some(t) = r.env.input("github-token") {
         r.add_mask(&t);
     }
-    let endpoint = r
-        .env
-        .input("endpoint")
-        .or_else(|| r.env.var("WARMPOOL_ENDPOINT").map(String::from));
+    let endpoint = r.env.input("endpoint").or_else(|| r.env.var("WARMPOOL_ENDPOINT").map(String::from));
     let endpoint = endpoint.ok_or_else(|| input_error("endpoint", "is required"))?;
     Client::new(&endpoint, token).map_err(api("connecting to the control plane"))
 }
@@ -137,9 +131,7 @@ fn duration(env: &ActionEnv, name: &str, default: &str) -> Result<Duration> {
 fn count(env: &ActionEnv, name: &str, default: u32) -> Result<u32> {
     match env.input(name) {
         None => Ok(default),
-        Some(v) => v
-            .parse()
-            .map_err(|_| input_error(name, format!("{v:?} is not a whole number"))),
+        Some(v) => v.parse().map_err(|_| input_error(name, format!("{v:?} is not a whole number"))),
     }
 }
 
@@ -170,10 +162,7 @@ fn lease_key(env: &ActionEnv, with_job: bool) -> Result<String> {
 fn pools(env: &ActionEnv) -> Result<Vec<String>> {
     let pools = env.input_lines("pools");
     if pools.is_empty() {
-        return Err(input_error(
-            "pools",
-            "is required (pool ids or names, one per line)",
-        ));
+        return Err(input_error("pools", "is required (pool ids or names, one per line)"));
     }
     Ok(pools)
 }
@@ -215,22 +204,12 @@ async fn resolve<W: Write>(
     let mut out = Vec::new();
     for name in names {
         let pool = c.get_pool(name).await.map_err(api(format!("warm pool {name}")))?;
-        let status = c
-            .pool_status(&pool.id)
-            .await
-            .map_err(api(format!("status of warm pool {name}")))?;
+        let status = c.pool_status(&pool.id).await.map_err(api(format!("status of warm pool {name}")))?;
         let cold_start = match &pool.resolved_build_id {
-            Some(b) => c
-                .get_build(b)
-                .await
-                .ok()
-                .and_then(|b| (b.finished_at? - b.created_at).to_std().ok()),
+            Some(b) => c.get_build(b).await.ok().and_then(|b| (b.finished_at? - b.created_at).to_std().ok()),
             None => None,
         };
-        r.info(&format!(
-            "Pool {name} ({}): {} ready of target {}",
-            pool.id, status.ready, status.target
-        ));
+        r.info(&format!("Pool {name} ({}): {} ready of target {}", pool.id, status.ready, status.target));
         let report = PoolReport {
             pool: name.clone(),
             id: pool.id.clone(),
@@ -253,9 +232,7 @@ async fn burst<W: Write>(r: &mut Runner<W>) -> Result<u32> {
     match r.env.input("ready").as_deref() {
         Some("auto") => {
             let env = &r.env;
-            let token = env
-                .input("github-token")
-                .or_else(|| env.var("GITHUB_TOKEN").map(String::from));
+            let token = env.input("github-token").or_else(|| env.var("GITHUB_TOKEN").map(String::from));
             let token = token.ok_or(GithubError::Missing("github-token"))?;
             let run = RunRef {
                 api_url: env.var("GITHUB_API_URL").unwrap_or("https://api.github.com"),
@@ -265,14 +242,10 @@ async fn burst<W: Write>(r: &mut Runner<W>) -> Result<u32> {
                 run_attempt: env.var("GITHUB_RUN_ATTEMPT").unwrap_or("1"),
             };
             let n = github::burst_size(&run).await?;
-            r.info(&format!(
-                "ready: auto → {n} queued or running jobs in this workflow run"
-            ));
+            r.info(&format!("ready: auto → {n} queued or running jobs in this workflow run"));
             Ok(n)
         }
-        Some(v) => v
-            .parse()
-            .map_err(|_| input_error("ready", format!("{v:?} is neither a number nor auto"))),
+        Some(v) => v.parse().map_err(|_| input_error("ready", format!("{v:?} is neither a number nor auto"))),
         None => Ok(count(&r.env, "checkout", 0)?.max(1)),
     }
 }
@@ -291,11 +264,7 @@ async fn scale_up_and_checkout<W: Write>(
     let on_finish = r.env.input("on-finish").unwrap_or_else(|| "drain".into());
     let on_finish = OnFinish::parse(&on_finish)
         .ok_or_else(|| input_error("on-finish", "must be drain, release or none"))?;
-    let checkouts = if with_checkout {
-        count(&r.env, "checkout", 0)?
-    } else {
-        0
-    };
+    let checkouts = if with_checkout { count(&r.env, "checkout", 0)? } else { 0 };
     let mode = mode(&r.env)?;
     let template = r.env.input("template");
     let mut pools = resolve(r, &c, &names).await?;
@@ -313,22 +282,13 @@ async fn scale_up_and_checkout<W: Write>(
         r.save_state("sandboxes", "[]")?;
     }
     for (pool, _) in &pools {
-        let spec = LeaseSpec {
-            count: ready,
-            ttl_seconds: ttl.as_secs().max(1),
-        };
+        let spec = LeaseSpec { count: ready, ttl_seconds: ttl.as_secs().max(1) };
         c.put_lease(&pool.id, &key, &spec)
             .await
             .map_err(api(format!("putting lease {key} on {}", pool.name)))?;
         if pool.state != PoolState::Enabled {
-            r.info(&format!(
-                "Pool {} is {}: enabling it",
-                pool.name,
-                pool.state.as_str()
-            ));
-            c.pool_action(&pool.id, "enable")
-                .await
-                .map_err(api(format!("enabling {}", pool.name)))?;
+            r.info(&format!("Pool {} is {}: enabling it", pool.name, pool.state.as_str()));
+            c.pool_action(&pool.id, "enable").await.map_err(api(format!("enabling {}", pool.name)))?;
         }
     }
     r.info(&format!(
@@ -339,18 +299,7 @@ async fn scale_up_and_checkout<W: Write>(
 
     let waited = wait_ready(r, &c, &mut pools, ready, wait).await;
     let result = match waited {
-        Ok(()) => {
-            checkout_all(
-                r,
-                &c,
-                &mut pools,
-                checkouts,
-                mode,
-                template.as_deref(),
-                keep_state,
-            )
-            .await
-        }
+        Ok(()) => checkout_all(r, &c, &mut pools, checkouts, mode, template.as_deref(), keep_state).await,
         Err(e) => Err(e),
     };
     finish(r, &pools)?;
@@ -367,17 +316,11 @@ async fn wait_ready<W: Write>(
 ) -> Result<()> {
     let started = Instant::now();
     let mut last_log = Instant::now() - Duration::from_secs(60);
-    r.group(&format!(
-        "Waiting for {ready} ready sandboxes in {} pool(s)",
-        pools.len()
-    ));
+    r.group(&format!("Waiting for {ready} ready sandboxes in {} pool(s)", pools.len()));
     let outcome = loop {
         let mut missing = Vec::new();
         for (pool, report) in pools.iter_mut() {
-            let s = c
-                .pool_status(&pool.id)
-                .await
-                .map_err(api(format!("status of {}", pool.name)))?;
+            let s = c.pool_status(&pool.id).await.map_err(api(format!("status of {}", pool.name)))?;
             report.target = s.target;
             report.ready = s.ready;
             report.degraded_reasons = degraded(&s);
@@ -500,19 +443,13 @@ async fn checkout_all<W: Write>(
     if failures.is_empty() {
         Ok(())
     } else {
-        Err(ActionError::Failed(format!(
-            "no warm sandbox available in: {}",
-            failures.join(", ")
-        )))
+        Err(ActionError::Failed(format!("no warm sandbox available in: {}", failures.join(", "))))
     }
 }
 
 /// Outputs and the step summary, written whether the step succeeded or not.
 fn finish<W: Write>(r: &mut Runner<W>, pools: &[(WarmPool, PoolReport)]) -> Result<()> {
-    let ids: Vec<&str> = pools
-        .iter()
-        .flat_map(|(_, rep)| rep.sandboxes.iter().map(String::as_str))
-        .collect();
+    let ids: Vec<&str> = pools.iter().flat_map(|(_, rep)| rep.sandboxes.iter().map(String::as_str)).collect();
     let reports: Vec<&PoolReport> = pools.iter().map(|(_, rep)| rep).collect();
     r.set_output("sandboxes", &serde_json::to_string(&ids).expect("json"))?;
     r.set_output("sandbox-ids", &ids.join(" "))?;
@@ -529,11 +466,7 @@ fn finish<W: Write>(r: &mut Runner<W>, pools: &[(WarmPool, PoolReport)]) -> Resu
             rep.waited_ms as f64 / 1000.0,
             rep.hits,
             rep.misses,
-            if rep.sandboxes.is_empty() {
-                "–".to_string()
-            } else {
-                rep.sandboxes.join(" ")
-            }
+            if rep.sandboxes.is_empty() { "–".to_string() } else { rep.sandboxes.join(" ") }
         ));
         saved += rep.cold_start.unwrap_or_default() * rep.hits;
     }
@@ -569,19 +502,11 @@ async fn post<W: Write>(r: &mut Runner<W>) -> Result<()> {
     }
     let c = Client::new(&endpoint, token).map_err(api("connecting to the control plane"))?;
     let parse = |name: &str| -> Vec<String> {
-        r.env
-            .state(name)
-            .and_then(|v| serde_json::from_str(&v).ok())
-            .unwrap_or_default()
+        r.env.state(name).and_then(|v| serde_json::from_str(&v).ok()).unwrap_or_default()
     };
     let (pools, sandboxes) = (parse("pools"), parse("sandboxes"));
     let key = r.env.state("lease-key").unwrap_or_default();
-    let on_finish = r
-        .env
-        .state("on-finish")
-        .as_deref()
-        .and_then(OnFinish::parse)
-        .unwrap_or(OnFinish::Drain);
+    let on_finish = r.env.state("on-finish").as_deref().and_then(OnFinish::parse).unwrap_or(OnFinish::Drain);
     cleanup(r, &c, &pools, &sandboxes, &key, on_finish).await
 }
 
@@ -631,17 +556,11 @@ async fn cleanup<W: Write>(
                     rel.remaining_leases,
                     if rel.drained { "; drained" } else { "" }
                 ));
-                md.push_str(&format!(
-                    "| {pool} | released | {} |\n",
-                    if rel.drained { "yes" } else { "no" }
-                ));
+                md.push_str(&format!("| {pool} | released | {} |\n", if rel.drained { "yes" } else { "no" }));
             }
             Err(e) if e.code() == Some("not_found") => r.warning(&format!("pool {pool} no longer exists")),
             Err(e) => {
-                return Err(ActionError::Api {
-                    context: format!("releasing the lease on {pool}"),
-                    source: e,
-                })
+                return Err(ActionError::Api { context: format!("releasing the lease on {pool}"), source: e })
             }
         }
     }

@@ -48,30 +48,18 @@ pub async fn burst_size(run: &RunRef<'_>) -> Result<u32, GithubError> {
         .map_err(GithubError::Client)?
         .build()
         .map_err(GithubError::Client)?;
-    let route = format!(
-        "/repos/{}/actions/runs/{}/attempts/{}/jobs",
-        run.repository, run.run_id, run.run_attempt
-    );
+    let route =
+        format!("/repos/{}/actions/runs/{}/attempts/{}/jobs", run.repository, run.run_id, run.run_attempt);
     let (mut page, mut seen, mut waiting) = (1u32, 0u64, 0u32);
     loop {
-        let params = [
-            ("per_page", "100".to_string()),
-            ("page", page.to_string()),
-            ("filter", "latest".into()),
-        ];
+        let params =
+            [("per_page", "100".to_string()), ("page", page.to_string()), ("filter", "latest".into())];
         let jobs: JobsPage = client
             .get(&route, Some(&params))
             .await
-            .map_err(|source| GithubError::Api {
-                run_id: run.run_id.into(),
-                source,
-            })?;
+            .map_err(|source| GithubError::Api { run_id: run.run_id.into(), source })?;
         seen += jobs.jobs.len() as u64;
-        waiting += jobs
-            .jobs
-            .iter()
-            .filter(|j| WAITING.contains(&j.status.as_str()))
-            .count() as u32;
+        waiting += jobs.jobs.iter().filter(|j| WAITING.contains(&j.status.as_str())).count() as u32;
         if jobs.jobs.is_empty() || seen >= jobs.total_count {
             break;
         }

@@ -30,17 +30,13 @@ pub struct ActionEnv {
 
 impl ActionEnv {
     pub fn from_process() -> ActionEnv {
-        ActionEnv {
-            vars: std::env::vars().collect(),
-        }
+        ActionEnv { vars: std::env::vars().collect() }
     }
 
     pub fn from_pairs<K: Into<String>, V: Into<String>>(
         pairs: impl IntoIterator<Item = (K, V)>,
     ) -> ActionEnv {
-        ActionEnv {
-            vars: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
-        }
+        ActionEnv { vars: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
     }
 
     pub fn var(&self, name: &str) -> Option<&str> {
@@ -50,38 +46,24 @@ impl ActionEnv {
     /// `INPUT_<NAME>`: uppercased, spaces → `_`, hyphens kept; trimmed; unset and empty are the same.
     pub fn input(&self, name: &str) -> Option<String> {
         let key = format!("INPUT_{}", name.replace(' ', "_").to_uppercase());
-        self.vars
-            .get(&key)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
+        self.vars.get(&key).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
     }
 
     pub fn required(&self, name: &str) -> Result<String, RunnerError> {
-        self.input(name).ok_or_else(|| RunnerError::Input {
-            name: name.into(),
-            message: "is required".into(),
-        })
+        self.input(name)
+            .ok_or_else(|| RunnerError::Input { name: name.into(), message: "is required".into() })
     }
 
     /// A multi-line input: one value per line, empty lines dropped.
     pub fn input_lines(&self, name: &str) -> Vec<String> {
         self.input(name)
-            .map(|v| {
-                v.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty())
-                    .map(String::from)
-                    .collect()
-            })
+            .map(|v| v.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
             .unwrap_or_default()
     }
 
     /// `STATE_<name>` (the name is not uppercased), as the runner passes state to `post`.
     pub fn state(&self, name: &str) -> Option<String> {
-        self.vars
-            .get(&format!("STATE_{name}"))
-            .cloned()
-            .filter(|v| !v.is_empty())
+        self.vars.get(&format!("STATE_{name}")).cloned().filter(|v| !v.is_empty())
     }
 }
 
@@ -123,11 +105,7 @@ impl<W: Write> Runner<W> {
     }
 
     pub fn error(&mut self, title: &str, message: &str) {
-        self.command(format!(
-            "::error title={}::{}",
-            escape_property(title),
-            escape_data(message)
-        ));
+        self.command(format!("::error title={}::{}", escape_property(title), escape_data(message)));
     }
 
     pub fn warning(&mut self, message: &str) {
@@ -151,13 +129,8 @@ impl<W: Write> Runner<W> {
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| RunnerError::File {
-                what,
-                path: path.clone(),
-                source,
-            })?;
-        f.write_all(text.as_bytes())
-            .map_err(|source| RunnerError::File { what, path, source })
+            .map_err(|source| RunnerError::File { what, path: path.clone(), source })?;
+        f.write_all(text.as_bytes()).map_err(|source| RunnerError::File { what, path, source })
     }
 
     /// `name<<DELIM\nvalue\nDELIM\n` with a random delimiter, so any value (multi-line too) is safe.
@@ -221,11 +194,7 @@ mod tests {
         assert_eq!(env.input_lines("pools"), ["a", "b"]);
         assert_eq!(env.input("my input").as_deref(), Some("x"));
         assert_eq!(env.input("empty"), None);
-        assert!(env
-            .required("empty")
-            .unwrap_err()
-            .to_string()
-            .contains("\"empty\""));
+        assert!(env.required("empty").unwrap_err().to_string().contains("\"empty\""));
         assert_eq!(env.state("lease-key").as_deref(), Some("k"));
     }
 
@@ -246,10 +215,7 @@ mod tests {
         let parsed = parse_key_values(&std::fs::read_to_string(&out_file).unwrap());
         assert_eq!(
             parsed,
-            [
-                ("report".into(), "{\n \"a\": 1\n}".into()),
-                ("ids".into(), "sbx_1 sbx_2".into())
-            ]
+            [("report".into(), "{\n \"a\": 1\n}".into()), ("ids".into(), "sbx_1 sbx_2".into())]
         );
         let printed = String::from_utf8(buf).unwrap();
         assert_eq!(

@@ -55,11 +55,7 @@ impl Server {
         .unwrap();
         self.client.create_template(&spec).await.unwrap();
         let b = self.client.create_build(name, &["stable".into()]).await.unwrap();
-        let b = self
-            .client
-            .wait_build(&b.id, Duration::from_secs(60), |_| {})
-            .await
-            .unwrap();
+        let b = self.client.wait_build(&b.id, Duration::from_secs(60), |_| {}).await.unwrap();
         assert_eq!(b.status, BuildStatus::Ready, "{:?}", b.error);
         let spec = WarmPoolSpec {
             name: name.into(),
@@ -107,8 +103,7 @@ impl Job {
     }
 
     fn input(mut self, name: &str, value: &str) -> Job {
-        self.env
-            .insert(format!("INPUT_{}", name.to_uppercase()), value.to_string());
+        self.env.insert(format!("INPUT_{}", name.to_uppercase()), value.to_string());
         self
     }
 
@@ -118,18 +113,12 @@ impl Job {
         let file = |kind: &str| self.dir.path().join(format!("{n}-{command}-{kind}"));
         let (out, state, summary) = (file("output"), file("state"), file("summary"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_warmpool-action"));
-        cmd.arg(command)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap());
+        cmd.arg(command).env_clear().env("PATH", std::env::var("PATH").unwrap());
         cmd.envs(&self.env).envs(extra);
-        cmd.env("GITHUB_OUTPUT", &out)
-            .env("GITHUB_STATE", &state)
-            .env("GITHUB_STEP_SUMMARY", &summary);
+        cmd.env("GITHUB_OUTPUT", &out).env("GITHUB_STATE", &state).env("GITHUB_STEP_SUMMARY", &summary);
         let result = cmd.output().unwrap();
         let read = |p: &Path| {
-            parse_key_values(&std::fs::read_to_string(p).unwrap_or_default())
-                .into_iter()
-                .collect()
+            parse_key_values(&std::fs::read_to_string(p).unwrap_or_default()).into_iter().collect()
         };
         StepResult {
             code: result.status.code().unwrap_or(-1),
@@ -142,16 +131,9 @@ impl Job {
 
     /// `post`, with the main step's state as `STATE_*` and none of the inputs (post reads nothing else).
     fn post(&self, main: &StepResult) -> StepResult {
-        let mut bare = Job {
-            dir: tempfile::tempdir().unwrap(),
-            env: HashMap::new(),
-        };
+        let mut bare = Job { dir: tempfile::tempdir().unwrap(), env: HashMap::new() };
         bare.env.insert("GITHUB_REPOSITORY".into(), "octo/app".into());
-        let state = main
-            .state
-            .iter()
-            .map(|(k, v)| (format!("STATE_{k}"), v.clone()))
-            .collect();
+        let state = main.state.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())).collect();
         let r = bare.step("post", &state);
         // Keep the dir alive for the caller's inspection only as long as needed.
         drop(bare.dir);
@@ -167,15 +149,12 @@ fn ids(step: &StepResult) -> Vec<String> {
 async fn main_raises_waits_checks_out_and_post_cleans_up() {
     let server = Server::start();
     let pool = server.pool("api", QUICK).await;
-    let job = Job::new(&server, "100", "test")
-        .input("pools", "api\n")
-        .input("ready", "2")
-        .input("checkout", "2");
+    let job =
+        Job::new(&server, "100", "test").input("pools", "api\n").input("ready", "2").input("checkout", "2");
     let main = job.step("main", &HashMap::new());
     assert_eq!(main.code, 0, "{}", main.stdout);
     assert!(
-        main.stdout
-            .starts_with(&format!("::add-mask::{}\n", server.token())),
+        main.stdout.starts_with(&format!("::add-mask::{}\n", server.token())),
         "the token is masked first"
     );
     assert!(main.stdout.contains("::group::Waiting for 2 ready sandboxes"));
@@ -184,11 +163,7 @@ async fn main_raises_waits_checks_out_and_post_cleans_up() {
     assert_eq!(main.outputs["sandbox-ids"], sandboxes.join(" "));
     let report: serde_json::Value = serde_json::from_str(&main.outputs["report"]).unwrap();
     assert_eq!(
-        (
-            report[0]["pool"].as_str(),
-            report[0]["hits"].as_u64(),
-            report[0]["misses"].as_u64()
-        ),
+        (report[0]["pool"].as_str(), report[0]["hits"].as_u64(), report[0]["misses"].as_u64()),
         (Some("api"), Some(2), Some(0))
     );
     assert_eq!(report[0]["target"], 2);
@@ -198,30 +173,16 @@ async fn main_raises_waits_checks_out_and_post_cleans_up() {
         assert_eq!(s.warm_pool_checkout.unwrap().mode, CheckoutMode::Require);
     }
     let leases = server.client.list_leases(&pool.id).await.unwrap();
-    assert_eq!(
-        (leases[0].key.as_str(), leases[0].count),
-        ("octo/app/100/1/test", 2)
-    );
+    assert_eq!((leases[0].key.as_str(), leases[0].count), ("octo/app/100/1/test", 2));
 
     let post = job.post(&main);
     assert_eq!(post.code, 0, "{}", post.stdout);
     for id in &sandboxes {
-        assert_eq!(
-            server.client.get_sandbox(id).await.unwrap_err().code(),
-            Some("not_found")
-        );
+        assert_eq!(server.client.get_sandbox(id).await.unwrap_err().code(), Some("not_found"));
     }
     assert!(server.client.list_leases(&pool.id).await.unwrap().is_empty());
-    assert_eq!(
-        server.client.get_pool(&pool.id).await.unwrap().state,
-        PoolState::Draining
-    );
-    assert!(
-        post.summary
-            .contains(&format!("| {} | released | yes |", pool.id)),
-        "{}",
-        post.summary
-    );
+    assert_eq!(server.client.get_pool(&pool.id).await.unwrap().state, PoolState::Draining);
+    assert!(post.summary.contains(&format!("| {} | released | yes |", pool.id)), "{}", post.summary);
     // post is idempotent.
     let again = job.post(&main);
     assert_eq!(again.code, 0, "{}", again.stdout);
@@ -231,37 +192,19 @@ async fn main_raises_waits_checks_out_and_post_cleans_up() {
 async fn a_second_workflow_keeps_its_capacity_when_the_first_drains() {
     let server = Server::start();
     let pool = server.pool("shared", QUICK).await;
-    let first = Job::new(&server, "1", "a")
-        .input("pools", "shared")
-        .input("ready", "1");
-    let second = Job::new(&server, "2", "b")
-        .input("pools", "shared")
-        .input("ready", "2");
-    let (m1, m2) = (
-        first.step("main", &HashMap::new()),
-        second.step("main", &HashMap::new()),
-    );
+    let first = Job::new(&server, "1", "a").input("pools", "shared").input("ready", "1");
+    let second = Job::new(&server, "2", "b").input("pools", "shared").input("ready", "2");
+    let (m1, m2) = (first.step("main", &HashMap::new()), second.step("main", &HashMap::new()));
     assert_eq!((m1.code, m2.code), (0, 0), "{}\n{}", m1.stdout, m2.stdout);
     assert_eq!(server.client.pool_status(&pool.id).await.unwrap().target, 3);
     let p1 = first.post(&m1);
     assert_eq!(p1.code, 0);
     let status = server.client.pool_status(&pool.id).await.unwrap();
-    assert_eq!(
-        (status.state, status.target),
-        (PoolState::Enabled, 2),
-        "the other lease keeps the pool up"
-    );
-    assert!(
-        p1.summary.contains(&format!("| {} | released | no |", pool.id)),
-        "{}",
-        p1.summary
-    );
+    assert_eq!((status.state, status.target), (PoolState::Enabled, 2), "the other lease keeps the pool up");
+    assert!(p1.summary.contains(&format!("| {} | released | no |", pool.id)), "{}", p1.summary);
     let p2 = second.post(&m2);
     assert_eq!(p2.code, 0);
-    assert_eq!(
-        server.client.pool_status(&pool.id).await.unwrap().state,
-        PoolState::Draining
-    );
+    assert_eq!(server.client.pool_status(&pool.id).await.unwrap().state, PoolState::Draining);
 }
 
 #[tokio::test]
@@ -270,10 +213,8 @@ async fn a_timeout_fails_with_an_annotation_and_post_still_cleans_up() {
     // Starts at once in the build (whose id is bld_…), takes 30 s in every sandbox.
     let slow = "case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) sleep 30;; esac; touch ready.$WARMPOOL_SANDBOX_ID; exec sleep infinity";
     let pool = server.pool("slow", slow).await;
-    let job = Job::new(&server, "7", "t")
-        .input("pools", "slow")
-        .input("ready", "1")
-        .input("wait-timeout", "1s");
+    let job =
+        Job::new(&server, "7", "t").input("pools", "slow").input("ready", "1").input("wait-timeout", "1s");
     let main = job.step("main", &HashMap::new());
     assert_eq!(main.code, 1, "{}", main.stdout);
     let line = main
@@ -281,10 +222,7 @@ async fn a_timeout_fails_with_an_annotation_and_post_still_cleans_up() {
         .lines()
         .find(|l| l.starts_with("::error title=Warm pool slow not ready::"))
         .unwrap_or_else(|| panic!("{}", main.stdout));
-    assert!(
-        line.contains("warm pool slow: 0 of 1 ready after 1s") && line.contains("warming 1"),
-        "{line}"
-    );
+    assert!(line.contains("warm pool slow: 0 of 1 ready after 1s") && line.contains("warming 1"), "{line}");
     assert_eq!(ids(&main), Vec::<String>::new());
     let post = job.post(&main);
     assert_eq!(post.code, 0);
@@ -296,10 +234,7 @@ async fn require_mode_miss_fails_the_step_with_the_reason() {
     // Room for one sandbox: once it is checked out the pool cannot refill, so the second checkout misses.
     let server = Server::start_with(&["--max-sandboxes", "1"]);
     server.pool("tiny", QUICK).await;
-    let job = Job::new(&server, "8", "t")
-        .input("pools", "tiny")
-        .input("ready", "1")
-        .input("checkout", "2");
+    let job = Job::new(&server, "8", "t").input("pools", "tiny").input("ready", "1").input("checkout", "2");
     let main = job.step("main", &HashMap::new());
     assert_eq!(main.code, 1, "{}", main.stdout);
     assert!(
@@ -347,13 +282,7 @@ async fn ready_auto_counts_the_runs_waiting_jobs_across_pages() {
     let pool = server.pool("auto", QUICK).await;
     server
         .client
-        .update_pool(
-            "auto",
-            &WarmPoolPatch {
-                max_ready: Some(100),
-                ..Default::default()
-            },
-        )
+        .update_pool("auto", &WarmPoolPatch { max_ready: Some(100), ..Default::default() })
         .await
         .unwrap();
     let job = Job::new(&server, "55", "plan")
@@ -365,11 +294,7 @@ async fn ready_auto_counts_the_runs_waiting_jobs_across_pages() {
     extra.insert("GITHUB_API_URL".to_string(), github.uri());
     let main = job.step("main", &extra);
     assert!(main.stdout.contains("::add-mask::ghs_secret"));
-    assert!(
-        main.stdout.contains("ready: auto → 53 queued or running jobs"),
-        "{}",
-        main.stdout
-    );
+    assert!(main.stdout.contains("ready: auto → 53 queued or running jobs"), "{}", main.stdout);
     let lease = &server.client.list_leases(&pool.id).await.unwrap()[0];
     assert_eq!(lease.count, 53, "2 in progress + 50 queued + 1 queued on page 2");
     assert_eq!(job.post(&main).code, 0);
@@ -380,32 +305,20 @@ async fn cross_job_sub_actions_share_one_lease() {
     let server = Server::start();
     let pool = server.pool("burst", QUICK).await;
     let key = "octo/app/9/1";
-    let setup = Job::new(&server, "9", "setup")
-        .input("pools", "burst")
-        .input("ready", "2");
+    let setup = Job::new(&server, "9", "setup").input("pools", "burst").input("ready", "2");
     let up = setup.step("scale-up", &HashMap::new());
     assert_eq!(up.code, 0, "{}", up.stdout);
     assert!(up.state.is_empty(), "scale-up leaves nothing for a post step");
     assert_eq!(server.client.list_leases(&pool.id).await.unwrap()[0].key, key);
-    let worker = Job::new(&server, "9", "worker")
-        .input("pools", "burst")
-        .input("checkout", "1");
+    let worker = Job::new(&server, "9", "worker").input("pools", "burst").input("checkout", "1");
     let got = worker.step("checkout", &HashMap::new());
     assert_eq!(got.code, 0, "{}", got.stdout);
     let sandbox = ids(&got).remove(0);
-    let last = Job::new(&server, "9", "cleanup")
-        .input("pools", "burst")
-        .input("sandboxes", &sandbox);
+    let last = Job::new(&server, "9", "cleanup").input("pools", "burst").input("sandboxes", &sandbox);
     let drained = last.step("drain", &HashMap::new());
     assert_eq!(drained.code, 0, "{}", drained.stdout);
-    assert_eq!(
-        server.client.get_sandbox(&sandbox).await.unwrap_err().code(),
-        Some("not_found")
-    );
-    assert_eq!(
-        server.client.get_pool(&pool.id).await.unwrap().state,
-        PoolState::Draining
-    );
+    assert_eq!(server.client.get_sandbox(&sandbox).await.unwrap_err().code(), Some("not_found"));
+    assert_eq!(server.client.get_pool(&pool.id).await.unwrap().state, PoolState::Draining);
 }
 
 /// Every input declared in action.yml (and the sub-actions) is read by the binary, and every output is written.
@@ -413,22 +326,14 @@ async fn cross_job_sub_actions_share_one_lease() {
 fn action_yml_contract() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let source = std::fs::read_to_string(root.join("src/commands.rs")).unwrap();
-    for file in [
-        "action.yml",
-        "scale-up/action.yml",
-        "checkout/action.yml",
-        "drain/action.yml",
-    ] {
+    for file in ["action.yml", "scale-up/action.yml", "checkout/action.yml", "drain/action.yml"] {
         let text = std::fs::read_to_string(root.join(file)).unwrap();
         let doc = &yaml_rust2::YamlLoader::load_from_str(&text).unwrap()[0];
         assert!(doc["branding"]["icon"].as_str().is_some(), "{file}: branding");
         let runs = &doc["runs"];
         assert_eq!(runs["using"].as_str(), Some("node24"), "{file}");
         let main = runs["main"].as_str().unwrap();
-        assert!(
-            root.join(Path::new(file).parent().unwrap()).join(main).exists(),
-            "{file}: {main} exists"
-        );
+        assert!(root.join(Path::new(file).parent().unwrap()).join(main).exists(), "{file}: {main} exists");
         for (name, spec) in doc["inputs"].as_hash().unwrap() {
             let name = name.as_str().unwrap();
             assert!(
@@ -441,18 +346,12 @@ fn action_yml_contract() {
                 format!("count(&r.env, \"{name}\""),
                 format!("duration(&r.env, \"{name}\""),
             ];
-            assert!(
-                read.iter().any(|r| source.contains(r)),
-                "{file}: input {name} is never read"
-            );
+            assert!(read.iter().any(|r| source.contains(r)), "{file}: input {name} is never read");
         }
         if let Some(outputs) = doc["outputs"].as_hash() {
             for (name, spec) in outputs {
                 let name = name.as_str().unwrap();
-                assert!(
-                    spec["description"].as_str().is_some(),
-                    "{file}: output {name} is documented"
-                );
+                assert!(spec["description"].as_str().is_some(), "{file}: output {name} is documented");
                 assert!(
                     source.contains(&format!("set_output(\"{name}\"")),
                     "{file}: output {name} is never written"
@@ -477,11 +376,8 @@ async fn node_shim_runs_and_verifies_downloads() {
     );
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bin = env!("CARGO_BIN_EXE_warmpool-action");
-    let out = Command::new("node")
-        .arg(root.join("shim/post.js"))
-        .env("WARMPOOL_ACTION_BIN", bin)
-        .output()
-        .unwrap();
+    let out =
+        Command::new("node").arg(root.join("shim/post.js")).env("WARMPOOL_ACTION_BIN", bin).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Nothing to clean up"));
     let out = Command::new("node")
@@ -507,15 +403,7 @@ async fn node_shim_runs_and_verifies_downloads() {
         use std::fmt::Write;
         let digest = Command::new("sha256sum").arg(bin).output().unwrap();
         let mut s = String::new();
-        write!(
-            s,
-            "{}",
-            String::from_utf8_lossy(&digest.stdout)
-                .split_whitespace()
-                .next()
-                .unwrap()
-        )
-        .unwrap();
+        write!(s, "{}", String::from_utf8_lossy(&digest.stdout).split_whitespace().next().unwrap()).unwrap();
         s
     };
     Mock::given(path(asset.clone()))
@@ -533,12 +421,7 @@ async fn node_shim_runs_and_verifies_downloads() {
         .env("RUNNER_TOOL_CACHE", cache.path())
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Nothing to clean up"));
 
     let bad = MockServer::start().await;

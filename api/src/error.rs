@@ -70,10 +70,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            message: message.into(),
-        }
+        FieldError { field: field.into(), message: message.into() }
     }
 }
 
@@ -98,13 +95,9 @@ pub fn join_path(parent: &str, child: &str) -> String {
 /// starting with a letter or digit.
 pub fn validate_name(field: &str, value: &str) -> Result<(), FieldError> {
     let ok_len = (1..=63).contains(&value.len());
-    let first_ok = value
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let chars_ok = value
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    let first_ok = value.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let chars_ok =
+        value.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
     if ok_len && first_ok && chars_ok {
         Ok(())
     } else {

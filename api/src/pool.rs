@@ -117,9 +117,8 @@ impl WarmPoolSpec {
 
     pub fn effective_version_policy(&self) -> VersionPolicy {
         self.version_policy.unwrap_or_else(|| {
-            let tagged = TemplateRef::parse("template", &self.template)
-                .ok()
-                .and_then(|r| r.tag().map(str::to_owned));
+            let tagged =
+                TemplateRef::parse("template", &self.template).ok().and_then(|r| r.tag().map(str::to_owned));
             if self.track_tag.is_some() || tagged.is_some() {
                 VersionPolicy::TrackTag
             } else {
@@ -134,9 +133,7 @@ impl WarmPoolSpec {
             return None;
         }
         self.track_tag.clone().or_else(|| {
-            TemplateRef::parse("template", &self.template)
-                .ok()
-                .and_then(|r| r.tag().map(str::to_owned))
+            TemplateRef::parse("template", &self.template).ok().and_then(|r| r.tag().map(str::to_owned))
         })
     }
 }

@@ -96,12 +96,8 @@ impl ProbeSpec {
 
     /// Checks that exactly one action is set and that numbers are in range; `path` names the probe.
     pub fn validate(&self, path: &str) -> Result<(), FieldError> {
-        let actions = [
-            self.process.is_some(),
-            self.exec.is_some(),
-            self.http_get.is_some(),
-            self.tcp_socket.is_some(),
-        ];
+        let actions =
+            [self.process.is_some(), self.exec.is_some(), self.http_get.is_some(), self.tcp_socket.is_some()];
         let set = actions.iter().filter(|a| **a).count();
         if set != 1 {
             return Err(FieldError::new(
@@ -111,18 +107,12 @@ impl ProbeSpec {
         }
         if let Some(exec) = &self.exec {
             if exec.command.is_empty() || exec.command[0].is_empty() {
-                return Err(FieldError::new(
-                    join_path(path, "exec.command"),
-                    "must not be empty",
-                ));
+                return Err(FieldError::new(join_path(path, "exec.command"), "must not be empty"));
             }
         }
         if let Some(http) = &self.http_get {
             if http.port == 0 {
-                return Err(FieldError::new(
-                    join_path(path, "http_get.port"),
-                    "must be 1-65535",
-                ));
+                return Err(FieldError::new(join_path(path, "http_get.port"), "must be 1-65535"));
             }
             if let Some(scheme) = &http.scheme {
                 if scheme != "http" && scheme != "https" {
@@ -134,19 +124,13 @@ impl ProbeSpec {
             }
             if let Some(p) = &http.path {
                 if !p.starts_with('/') {
-                    return Err(FieldError::new(
-                        join_path(path, "http_get.path"),
-                        "must start with '/'",
-                    ));
+                    return Err(FieldError::new(join_path(path, "http_get.path"), "must start with '/'"));
                 }
             }
         }
         if let Some(tcp) = &self.tcp_socket {
             if tcp.port == 0 {
-                return Err(FieldError::new(
-                    join_path(path, "tcp_socket.port"),
-                    "must be 1-65535",
-                ));
+                return Err(FieldError::new(join_path(path, "tcp_socket.port"), "must be 1-65535"));
             }
         }
         for (name, value) in [("period_ms", self.period_ms), ("timeout_ms", self.timeout_ms)] {
@@ -154,10 +138,9 @@ impl ProbeSpec {
                 return Err(FieldError::new(join_path(path, name), "must be greater than 0"));
             }
         }
-        for (name, value) in [
-            ("failure_threshold", self.failure_threshold),
-            ("success_threshold", self.success_threshold),
-        ] {
+        for (name, value) in
+            [("failure_threshold", self.failure_threshold), ("success_threshold", self.success_threshold)]
+        {
             if value == Some(0) {
                 return Err(FieldError::new(join_path(path, name), "must be at least 1"));
             }
@@ -195,9 +178,7 @@ impl std::str::FromStr for ProbeKind {
             "startup" => Ok(ProbeKind::Startup),
             "readiness" => Ok(ProbeKind::Readiness),
             "liveness" => Ok(ProbeKind::Liveness),
-            other => Err(format!(
-                "unknown probe kind {other:?}: expected startup, readiness or liveness"
-            )),
+            other => Err(format!("unknown probe kind {other:?}: expected startup, readiness or liveness")),
         }
     }
 }
@@ -297,29 +278,19 @@ pub const RESERVED_PATHS: [&str; 2] = ["/config", "/procd/bin"];
 /// reserved path or below one. `/a..b` is a fine name.
 pub fn validate_cwd(field: &str, cwd: &str) -> Result<(), FieldError> {
     if !cwd.starts_with('/') {
-        return Err(FieldError::new(
-            field,
-            format!("must be an absolute path (got {cwd:?})"),
-        ));
+        return Err(FieldError::new(field, format!("must be an absolute path (got {cwd:?})")));
     }
     if cwd == "/" {
         return Err(FieldError::new(field, "must not be \"/\""));
     }
     if cwd.ends_with('/') || cwd[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-        return Err(FieldError::new(
-            field,
-            format!("must be a normalized path (got {cwd:?})"),
-        ));
+        return Err(FieldError::new(field, format!("must be a normalized path (got {cwd:?})")));
     }
     if cwd.contains('\0') {
         return Err(FieldError::new(field, "must not contain NUL"));
     }
     for reserved in RESERVED_PATHS {
-        if cwd == reserved
-            || cwd
-                .strip_prefix(reserved)
-                .is_some_and(|rest| rest.starts_with('/'))
-        {
+        if cwd == reserved || cwd.strip_prefix(reserved).is_some_and(|rest| rest.starts_with('/')) {
             return Err(FieldError::new(field, format!("uses reserved path {reserved:?}")));
         }
     }
@@ -336,18 +307,12 @@ pub fn validate_warm_processes(path: &str, processes: &[WarmProcessSpec]) -> Res
             validate_name(&at("name"), name)?;
         }
         if !names.insert(p.effective_name(i)) {
-            return Err(FieldError::new(
-                at("name"),
-                format!("duplicate name {:?}", p.effective_name(i)),
-            ));
+            return Err(FieldError::new(at("name"), format!("duplicate name {:?}", p.effective_name(i))));
         }
         match p.process_type {
             ProcessType::Cmd => {
                 if p.language.is_some() {
-                    return Err(FieldError::new(
-                        at("language"),
-                        "is only allowed for type \"repl\"",
-                    ));
+                    return Err(FieldError::new(at("language"), "is only allowed for type \"repl\""));
                 }
                 match &p.command {
                     Some(c) if !c.is_empty() && !c[0].is_empty() => {}
@@ -436,43 +401,20 @@ mod tests {
 
     #[test]
     fn cwd_rules() {
-        for ok in [
-            "/app",
-            "/a..b",
-            "/srv/app/x",
-            "/configs",
-            "/procd/binaries",
-            "/procd",
-        ] {
+        for ok in ["/app", "/a..b", "/srv/app/x", "/configs", "/procd/binaries", "/procd"] {
             assert!(validate_cwd("cwd", ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "app",
-            "/",
-            "/app/",
-            "/a/../b",
-            "/a/./b",
-            "//a",
-            "/config",
-            "/config/x",
-            "/procd/bin/y",
-        ] {
+        for bad in ["app", "/", "/app/", "/a/../b", "/a/./b", "//a", "/config", "/config/x", "/procd/bin/y"] {
             assert!(validate_cwd("cwd", bad).is_err(), "{bad}");
         }
         let err = validate_cwd("warm_processes[1].cwd", "/config").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "warm_processes[1].cwd uses reserved path \"/config\""
-        );
+        assert_eq!(err.to_string(), "warm_processes[1].cwd uses reserved path \"/config\"");
     }
 
     #[test]
     fn repl_with_command_is_rejected_by_path() {
         let procs = vec![
-            WarmProcessSpec {
-                command: Some(vec!["sleep".into(), "1".into()]),
-                ..Default::default()
-            },
+            WarmProcessSpec { command: Some(vec!["sleep".into(), "1".into()]), ..Default::default() },
             WarmProcessSpec {
                 process_type: ProcessType::Repl,
                 language: Some(ReplLanguage::Python),

@@ -22,23 +22,14 @@ impl TemplateRef {
         if let Some((name, build_id)) = value.split_once('@') {
             validate_name(field, name)?;
             if !build_id.starts_with(id_prefix::BUILD) || build_id.len() <= id_prefix::BUILD.len() {
-                return Err(FieldError::new(
-                    field,
-                    format!("{build_id:?} is not a build id (bld_…)"),
-                ));
+                return Err(FieldError::new(field, format!("{build_id:?} is not a build id (bld_…)")));
             }
-            return Ok(TemplateRef::Build {
-                name: name.into(),
-                build_id: build_id.into(),
-            });
+            return Ok(TemplateRef::Build { name: name.into(), build_id: build_id.into() });
         }
         if let Some((name, tag)) = value.split_once(':') {
             validate_name(field, name)?;
             validate_name(field, tag)?;
-            return Ok(TemplateRef::Tag {
-                name: name.into(),
-                tag: tag.into(),
-            });
+            return Ok(TemplateRef::Tag { name: name.into(), tag: tag.into() });
         }
         // A bare template id is accepted wherever a name is.
         if !value.starts_with(id_prefix::TEMPLATE) {
@@ -67,23 +58,14 @@ mod tests {
 
     #[test]
     fn parses_the_three_forms() {
-        assert_eq!(
-            TemplateRef::parse("t", "api").unwrap(),
-            TemplateRef::Name("api".into())
-        );
+        assert_eq!(TemplateRef::parse("t", "api").unwrap(), TemplateRef::Name("api".into()));
         assert_eq!(
             TemplateRef::parse("t", "api:stable").unwrap(),
-            TemplateRef::Tag {
-                name: "api".into(),
-                tag: "stable".into()
-            }
+            TemplateRef::Tag { name: "api".into(), tag: "stable".into() }
         );
         assert_eq!(
             TemplateRef::parse("t", "api@bld_1").unwrap(),
-            TemplateRef::Build {
-                name: "api".into(),
-                build_id: "bld_1".into()
-            }
+            TemplateRef::Build { name: "api".into(), build_id: "bld_1".into() }
         );
         assert!(TemplateRef::parse("t", "api@x").is_err());
         assert!(TemplateRef::parse("t", "Api").is_err());

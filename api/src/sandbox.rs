@@ -31,9 +31,7 @@ impl std::str::FromStr for CheckoutMode {
             "require" => CheckoutMode::Require,
             "bypass" => CheckoutMode::Bypass,
             other => {
-                return Err(format!(
-                    "unknown checkout mode {other:?}: expected prefer, require or bypass"
-                ))
+                return Err(format!("unknown checkout mode {other:?}: expected prefer, require or bypass"))
             }
         })
     }
@@ -133,11 +131,7 @@ impl SandboxCreate {
         if self.network.is_some() {
             return Some("network");
         }
-        if self
-            .timeout_policy
-            .as_ref()
-            .is_some_and(|t| t.action != TimeoutAction::Destroy)
-        {
+        if self.timeout_policy.as_ref().is_some_and(|t| t.action != TimeoutAction::Destroy) {
             return Some("timeout_policy");
         }
         if self.auto_resume == Some(true) {

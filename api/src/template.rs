@@ -42,16 +42,10 @@ impl Resources {
             }
         }
         if self.memory_mb == Some(0) {
-            return Err(FieldError::new(
-                format!("{path}.memory_mb"),
-                "must be greater than 0",
-            ));
+            return Err(FieldError::new(format!("{path}.memory_mb"), "must be greater than 0"));
         }
         if self.disk_mb == Some(0) {
-            return Err(FieldError::new(
-                format!("{path}.disk_mb"),
-                "must be greater than 0",
-            ));
+            return Err(FieldError::new(format!("{path}.disk_mb"), "must be greater than 0"));
         }
         Ok(())
     }
@@ -111,12 +105,7 @@ impl TemplateSpec {
             readiness.validate("readiness")?;
         }
         validate_warm_processes("warm_processes", &self.warm_processes)?;
-        if self
-            .warm_processes
-            .iter()
-            .enumerate()
-            .any(|(i, p)| p.effective_name(i) == START_PROCESS)
-        {
+        if self.warm_processes.iter().enumerate().any(|(i, p)| p.effective_name(i) == START_PROCESS) {
             return Err(FieldError::new(
                 "warm_processes",
                 format!("the name {START_PROCESS:?} is reserved for start_cmd"),

@@ -22,15 +22,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }))?;
     let template = client.create_template(&spec).await?;
     let build = client.create_build(&template.name, &["stable".into()]).await?;
-    let build = client
-        .wait_build(&build.id, Duration::from_secs(120), |_| {})
-        .await?;
+    let build = client.wait_build(&build.id, Duration::from_secs(120), |_| {}).await?;
     println!("build {} is {}", build.id, build.status.as_str());
 
     let pool = template.create_warm_pool(&client, "client-example", 2, 4).await?;
-    client
-        .wait_pool_ready(&pool.id, 2, Duration::from_secs(120), |_| {})
-        .await?;
+    client.wait_pool_ready(&pool.id, 2, Duration::from_secs(120), |_| {}).await?;
     let sandbox = client
         .create_sandbox(&SandboxCreate {
             warm_pool: Some(pool.id.clone()),

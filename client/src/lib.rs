@@ -11,12 +11,7 @@ use warmpool_api::*;
 pub enum Error {
     /// The server answered with an error body.
     #[error("{code}: {message}")]
-    Api {
-        status: u16,
-        code: String,
-        message: String,
-        details: serde_json::Value,
-    },
+    Api { status: u16, code: String, message: String, details: serde_json::Value },
     #[error("cannot reach {endpoint}")]
     Transport {
         endpoint: String,
@@ -59,10 +54,7 @@ impl Client {
         let http = reqwest::Client::builder()
             .user_agent(concat!("warmpool-client/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|source| Error::Transport {
-                endpoint: endpoint.into(),
-                source,
-            })?;
+            .map_err(|source| Error::Transport { endpoint: endpoint.into(), source })?;
         Ok(Client { base, token, http })
     }
 
@@ -97,26 +89,21 @@ impl Client {
             req = req.bearer_auth(token);
         }
         if let Some(body) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(body.to_json());
+            req = req.header("content-type", "application/json").body(body.to_json());
         }
-        let resp = req.send().await.map_err(|source| Error::Transport {
-            endpoint: self.base.to_string(),
-            source,
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| Error::Transport { endpoint: self.base.to_string(), source })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => Error::Api {
-                status,
-                code: b.error.code,
-                message: b.error.message,
-                details: b.error.details,
-            },
+            Ok(b) => {
+                Error::Api { status, code: b.error.code, message: b.error.message, details: b.error.details }
+            }
             Err(_) => Error::Api {
                 status,
                 code: "http".into(),
@@ -134,15 +121,12 @@ impl Client {
     ) -> Result<T> {
         let resp = self.raw(method, segments, &[], body).await?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| Error::Transport {
-            endpoint: self.base.to_string(),
-            source,
-        })?;
-        let bytes: &[u8] = if status == reqwest::StatusCode::NO_CONTENT || bytes.is_empty() {
-            b"{}"
-        } else {
-            &bytes
-        };
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| Error::Transport { endpoint: self.base.to_string(), source })?;
+        let bytes: &[u8] =
+            if status == reqwest::StatusCode::NO_CONTENT || bytes.is_empty() { b"{}" } else { &bytes };
         serde_json::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))
     }
 
@@ -152,10 +136,7 @@ impl Client {
 
     async fn text(&self, segments: &[&str]) -> Result<String> {
         let resp = self.raw(Method::GET, segments, &[], None).await?;
-        resp.text().await.map_err(|source| Error::Transport {
-            endpoint: self.base.to_string(),
-            source,
-        })
+        resp.text().await.map_err(|source| Error::Transport { endpoint: self.base.to_string(), source })
     }
 
     async fn delete(&self, segments: &[&str]) -> Result<()> {
@@ -180,8 +161,7 @@ impl Client {
         self.list::<Account>(&["v1", "accounts"]).await
     }
     pub async fn update_account(&self, id: &str, patch: &AccountPatch) -> Result<Account> {
-        self.call(Method::PATCH, &["v1", "accounts", id], Some(patch))
-            .await
+        self.call(Method::PATCH, &["v1", "accounts", id], Some(patch)).await
     }
     pub async fn create_token(&self, req: &TokenCreate) -> Result<TokenCreated> {
         self.call(Method::POST, &["v1", "tokens"], Some(req)).await
@@ -198,20 +178,17 @@ impl Client {
         self.list::<Template>(&["v1", "templates"]).await
     }
     pub async fn get_template(&self, id_or_name: &str) -> Result<Template> {
-        self.call(Method::GET, &["v1", "templates", id_or_name], None)
-            .await
+        self.call(Method::GET, &["v1", "templates", id_or_name], None).await
     }
     pub async fn update_template(&self, id_or_name: &str, patch: &TemplatePatch) -> Result<Template> {
-        self.call(Method::PATCH, &["v1", "templates", id_or_name], Some(patch))
-            .await
+        self.call(Method::PATCH, &["v1", "templates", id_or_name], Some(patch)).await
     }
     pub async fn delete_template(&self, id_or_name: &str) -> Result<()> {
         self.delete(&["v1", "templates", id_or_name]).await
     }
     pub async fn create_build(&self, template: &str, tags: &[String]) -> Result<Build> {
         let req = BuildCreate { tags: tags.to_vec() };
-        self.call(Method::POST, &["v1", "templates", template, "builds"], Some(&req))
-            .await
+        self.call(Method::POST, &["v1", "templates", template, "builds"], Some(&req)).await
     }
     pub async fn list_builds(&self, template: &str) -> Result<Vec<Build>> {
         self.list::<Build>(&["v1", "templates", template, "builds"]).await
@@ -246,15 +223,8 @@ impl Client {
         }
     }
     pub async fn put_tag(&self, template: &str, tag: &str, build_id: &str) -> Result<Tag> {
-        let req = TagPut {
-            build_id: build_id.into(),
-        };
-        self.call(
-            Method::PUT,
-            &["v1", "templates", template, "tags", tag],
-            Some(&req),
-        )
-        .await
+        let req = TagPut { build_id: build_id.into() };
+        self.call(Method::PUT, &["v1", "templates", template, "tags", tag], Some(&req)).await
     }
     pub async fn list_tags(&self, template: &str) -> Result<Vec<Tag>> {
         self.list::<Tag>(&["v1", "templates", template, "tags"]).await
@@ -265,67 +235,38 @@ impl Client {
 
     // Warm pools.
     pub async fn create_pool(&self, spec: &WarmPoolSpec) -> Result<WarmPool> {
-        self.call(Method::POST, &["v1", "template-warm-pools"], Some(spec))
-            .await
+        self.call(Method::POST, &["v1", "template-warm-pools"], Some(spec)).await
     }
     pub async fn list_pools(&self) -> Result<Vec<WarmPool>> {
         self.list::<WarmPool>(&["v1", "template-warm-pools"]).await
     }
     pub async fn get_pool(&self, id_or_name: &str) -> Result<WarmPool> {
-        self.call(Method::GET, &["v1", "template-warm-pools", id_or_name], None)
-            .await
+        self.call(Method::GET, &["v1", "template-warm-pools", id_or_name], None).await
     }
     pub async fn update_pool(&self, id_or_name: &str, patch: &WarmPoolPatch) -> Result<WarmPool> {
-        self.call(
-            Method::PATCH,
-            &["v1", "template-warm-pools", id_or_name],
-            Some(patch),
-        )
-        .await
+        self.call(Method::PATCH, &["v1", "template-warm-pools", id_or_name], Some(patch)).await
     }
     pub async fn delete_pool(&self, id_or_name: &str) -> Result<()> {
         self.delete(&["v1", "template-warm-pools", id_or_name]).await
     }
     pub async fn pool_status(&self, id_or_name: &str) -> Result<PoolStatus> {
-        self.call(
-            Method::GET,
-            &["v1", "template-warm-pools", id_or_name, "status"],
-            None,
-        )
-        .await
+        self.call(Method::GET, &["v1", "template-warm-pools", id_or_name, "status"], None).await
     }
     /// `enable`, `disable`, `drain` or `reconcile`.
     pub async fn pool_action(&self, id_or_name: &str, action: &str) -> Result<WarmPool> {
-        self.call(
-            Method::POST,
-            &["v1", "template-warm-pools", id_or_name, action],
-            None,
-        )
-        .await
+        self.call(Method::POST, &["v1", "template-warm-pools", id_or_name, action], None).await
     }
     pub async fn put_lease(&self, pool: &str, key: &str, spec: &LeaseSpec) -> Result<Lease> {
-        self.call(
-            Method::PUT,
-            &["v1", "template-warm-pools", pool, "leases", key],
-            Some(spec),
-        )
-        .await
+        self.call(Method::PUT, &["v1", "template-warm-pools", pool, "leases", key], Some(spec)).await
     }
     pub async fn release_lease(&self, pool: &str, key: &str, drain_if_last: bool) -> Result<LeaseRelease> {
         let q = [("drain_if_last", if drain_if_last { "true" } else { "false" })];
-        let resp = self
-            .raw(
-                Method::DELETE,
-                &["v1", "template-warm-pools", pool, "leases", key],
-                &q,
-                None,
-            )
-            .await?;
+        let resp =
+            self.raw(Method::DELETE, &["v1", "template-warm-pools", pool, "leases", key], &q, None).await?;
         resp.json().await.map_err(|e| Error::Decode(e.to_string()))
     }
     pub async fn list_leases(&self, pool: &str) -> Result<Vec<Lease>> {
-        self.list::<Lease>(&["v1", "template-warm-pools", pool, "leases"])
-            .await
+        self.list::<Lease>(&["v1", "template-warm-pools", pool, "leases"]).await
     }
     /// Polls a pool's status until `ready >= n` (or `timeout`), calling `progress` on each poll.
     pub async fn wait_pool_ready(
@@ -366,16 +307,10 @@ impl Client {
         self.delete(&["v1", "sandboxes", id]).await
     }
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult> {
-        self.call(Method::POST, &["v1", "sandboxes", id, "exec"], Some(req))
-            .await
+        self.call(Method::POST, &["v1", "sandboxes", id, "exec"], Some(req)).await
     }
     pub async fn probe(&self, id: &str, kind: ProbeKind) -> Result<ProbeResult> {
-        self.call(
-            Method::GET,
-            &["v1", "sandboxes", id, "probes", kind.as_str()],
-            None,
-        )
-        .await
+        self.call(Method::GET, &["v1", "sandboxes", id, "probes", kind.as_str()], None).await
     }
     pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>> {
         self.list::<LogLine>(&["v1", "sandboxes", id, "logs"]).await

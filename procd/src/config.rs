@@ -38,10 +38,7 @@ impl std::fmt::Display for Listen {
 pub fn parse_listen(field: &str, value: &str) -> Result<Listen, FieldError> {
     if let Some(path) = value.strip_prefix("unix://") {
         if !path.starts_with('/') {
-            return Err(FieldError::new(
-                field,
-                format!("unix socket path must be absolute (got {value:?})"),
-            ));
+            return Err(FieldError::new(field, format!("unix socket path must be absolute (got {value:?})")));
         }
         return Ok(Listen::Unix(PathBuf::from(path)));
     }
@@ -51,10 +48,7 @@ pub fn parse_listen(field: &str, value: &str) -> Result<Listen, FieldError> {
             .map(Listen::Tcp)
             .map_err(|_| FieldError::new(field, format!("{addr:?} is not a host:port address")));
     }
-    Err(FieldError::new(
-        field,
-        format!("must start with unix:// or tcp:// (got {value:?})"),
-    ))
+    Err(FieldError::new(field, format!("must start with unix:// or tcp:// (got {value:?})")))
 }
 
 /// Whether and how output is mirrored as JSON lines.
@@ -101,11 +95,7 @@ impl LogSettings {
                 }
             },
         };
-        LogSettings {
-            enabled,
-            max_bytes,
-            warnings,
-        }
+        LogSettings { enabled, max_bytes, warnings }
     }
 }
 
@@ -147,10 +137,8 @@ pub struct Inputs {
 pub fn load(inputs: Inputs, logs: LogSettings) -> Result<Settings, ConfigError> {
     let mut file = match &inputs.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
             parse_json::<ConfigFile>(&path.display().to_string(), &text)?
         }
         None => ConfigFile::default(),
@@ -161,10 +149,7 @@ pub fn load(inputs: Inputs, logs: LogSettings) -> Result<Settings, ConfigError> 
         }
     }
     let listen_text = inputs.listen.clone().or(file.listen.clone()).ok_or_else(|| {
-        FieldError::new(
-            "listen",
-            "is required (--listen or \"listen\" in the config file)",
-        )
+        FieldError::new("listen", "is required (--listen or \"listen\" in the config file)")
     })?;
     let listen = parse_listen("listen", &listen_text)?;
     let token = match inputs.token_file.as_ref().or(file.token_file.as_ref()) {
@@ -179,19 +164,12 @@ pub fn load(inputs: Inputs, logs: LogSettings) -> Result<Settings, ConfigError> 
         .into());
     }
     validate_warm_processes("warm_processes", &file.warm_processes)?;
-    Ok(Settings {
-        listen,
-        token,
-        warm_processes: file.warm_processes,
-        logs,
-    })
+    Ok(Settings { listen, token, warm_processes: file.warm_processes, logs })
 }
 
 fn read_token(path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
     let token = text.trim().to_string();
     if token.is_empty() {
         return Err(FieldError::new("token_file", format!("{} is empty", path.display())).into());
@@ -200,10 +178,8 @@ fn read_token(path: &Path) -> Result<String, ConfigError> {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(source_name: &str, text: &str) -> Result<T, ConfigError> {
-    serde_json::from_str(text).map_err(|e| ConfigError::Json {
-        source_name: source_name.into(),
-        message: e.to_string(),
-    })
+    serde_json::from_str(text)
+        .map_err(|e| ConfigError::Json { source_name: source_name.into(), message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -212,10 +188,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let pairs: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let pairs: Vec<(String, String)> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
     }
 
@@ -224,10 +198,7 @@ mod tests {
         assert_eq!(LogSettings::from_env(env(&[])).max_bytes, 4096);
         assert!(!LogSettings::from_env(env(&[("WARMPOOL_PROCESS_LOGS", "false")])).enabled);
         assert!(!LogSettings::from_env(env(&[("SANDBOX0_PROCESS_LOGS", "false")])).enabled);
-        assert_eq!(
-            LogSettings::from_env(env(&[("SANDBOX0_PROCESS_LOG_MAX_BYTES", "10")])).max_bytes,
-            10
-        );
+        assert_eq!(LogSettings::from_env(env(&[("SANDBOX0_PROCESS_LOG_MAX_BYTES", "10")])).max_bytes, 10);
         let bad = LogSettings::from_env(env(&[("WARMPOOL_PROCESS_LOG_MAX_BYTES", "-3")]));
         assert_eq!(bad.max_bytes, 4096);
         assert_eq!(bad.warnings.len(), 1);
@@ -237,24 +208,15 @@ mod tests {
 
     #[test]
     fn listen_forms() {
-        assert_eq!(
-            parse_listen("listen", "unix:///tmp/p.sock").unwrap(),
-            Listen::Unix("/tmp/p.sock".into())
-        );
-        assert!(matches!(
-            parse_listen("listen", "tcp://127.0.0.1:7071").unwrap(),
-            Listen::Tcp(_)
-        ));
+        assert_eq!(parse_listen("listen", "unix:///tmp/p.sock").unwrap(), Listen::Unix("/tmp/p.sock".into()));
+        assert!(matches!(parse_listen("listen", "tcp://127.0.0.1:7071").unwrap(), Listen::Tcp(_)));
         assert!(parse_listen("listen", "unix://rel.sock").is_err());
         assert!(parse_listen("listen", "http://x").is_err());
     }
 
     #[test]
     fn tcp_without_token_is_rejected() {
-        let inputs = Inputs {
-            listen: Some("tcp://127.0.0.1:0".into()),
-            ..Default::default()
-        };
+        let inputs = Inputs { listen: Some("tcp://127.0.0.1:0".into()), ..Default::default() };
         let err = load(inputs, LogSettings::from_env(env(&[]))).unwrap_err();
         assert!(err.to_string().starts_with("listen "), "{err}");
     }
@@ -270,10 +232,7 @@ mod tests {
             ..Default::default()
         };
         let err = load(inputs, LogSettings::from_env(env(&[]))).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "warm_processes[1].cwd uses reserved path \"/config\""
-        );
+        assert_eq!(err.to_string(), "warm_processes[1].cwd uses reserved path \"/config\"");
     }
 
     proptest! {

@@ -30,12 +30,7 @@ pub struct ProcdService {
 
 impl ProcdService {
     pub fn new(sup: Arc<Supervisor>, probes: Arc<Probes>, token: Option<String>) -> Self {
-        ProcdService {
-            sup,
-            probes,
-            token,
-            bucket: Mutex::new((PROBE_RATE, Instant::now())),
-        }
+        ProcdService { sup, probes, token, bucket: Mutex::new((PROBE_RATE, Instant::now())) }
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -48,9 +43,7 @@ impl ProcdService {
         match given {
             Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
             Some(_) => Err(Status::unauthenticated("invalid sandbox token")),
-            None => Err(Status::unauthenticated(
-                "missing sandbox token (authorization: Bearer …)",
-            )),
+            None => Err(Status::unauthenticated("missing sandbox token (authorization: Bearer …)")),
         }
     }
 
@@ -123,9 +116,7 @@ fn parse_stream(s: &str) -> Result<StreamName, Status> {
     match s {
         "" | "stdout" => Ok(StreamName::Stdout),
         "stderr" => Ok(StreamName::Stderr),
-        other => Err(Status::invalid_argument(format!(
-            "stream must be stdout or stderr (got {other:?})"
-        ))),
+        other => Err(Status::invalid_argument(format!("stream must be stdout or stderr (got {other:?})"))),
     }
 }
 
@@ -215,10 +206,7 @@ impl Procd for ProcdService {
     ) -> Result<Response<WriteStdinResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
-        self.sup
-            .write_stdin(&r.process, &r.data, r.close)
-            .await
-            .map_err(status_of)?;
+        self.sup.write_stdin(&r.process, &r.data, r.close).await.map_err(status_of)?;
         Ok(Response::new(WriteStdinResponse {}))
     }
 
@@ -239,11 +227,7 @@ impl Procd for ProcdService {
         let timeout = Duration::from_millis(if r.timeout_ms == 0 { 60_000 } else { r.timeout_ms });
         let cwd = (!r.cwd.is_empty()).then(|| r.cwd.into());
         let env = r.env.into_iter().collect();
-        let o = self
-            .sup
-            .exec(&r.command, cwd.as_ref(), &env, r.stdin, timeout)
-            .await
-            .map_err(status_of)?;
+        let o = self.sup.exec(&r.command, cwd.as_ref(), &env, r.stdin, timeout).await.map_err(status_of)?;
         Ok(Response::new(ExecResponse {
             exit_code: o.exit_code,
             stdout: o.stdout,

@@ -90,10 +90,7 @@ pub async fn run(settings: Settings) -> Result<i32, RunError> {
             Err(source) => {
                 sup.shutdown(SHUTDOWN_GRACE).await;
                 let _ = stop_tx.send(true);
-                return Err(RunError::Start {
-                    name: name.clone(),
-                    source,
-                });
+                return Err(RunError::Start { name: name.clone(), source });
             }
         }
     }
@@ -131,10 +128,7 @@ async fn serve(
     service: grpc::ProcdService,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, RunError> {
-    let err = |source| RunError::Listen {
-        listen: listen.to_string(),
-        source,
-    };
+    let err = |source| RunError::Listen { listen: listen.to_string(), source };
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };

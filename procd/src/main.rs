@@ -39,10 +39,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("PROCD_LOG").unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let code = match cli.command {
         Some(Command::Probe { kind }) => runtime.block_on(probe(cli.listen, cli.token_file, kind))?,
         None => {

@@ -35,11 +35,7 @@ pub struct Chunk {
 
 impl RingBuffer {
     pub fn new(cap: usize) -> Self {
-        RingBuffer {
-            buf: VecDeque::new(),
-            cap,
-            start: 0,
-        }
+        RingBuffer { buf: VecDeque::new(), cap, start: 0 }
     }
 
     pub fn end(&self) -> u64 {
@@ -66,11 +62,7 @@ impl RingBuffer {
         let offset = from.max(self.start).min(self.end());
         let skip = (offset - self.start) as usize;
         let data = self.buf.iter().skip(skip).take(max).copied().collect();
-        Chunk {
-            offset,
-            data,
-            dropped,
-        }
+        Chunk { offset, data, dropped }
     }
 }
 
@@ -129,11 +121,7 @@ pub struct Line {
 
 impl LineSplitter {
     pub fn new(max: usize) -> Self {
-        LineSplitter {
-            max: max.max(1),
-            partial: Vec::new(),
-            truncated: false,
-        }
+        LineSplitter { max: max.max(1), partial: Vec::new(), truncated: false }
     }
 
     pub fn push(&mut self, mut data: &[u8]) -> Vec<Line> {
@@ -169,10 +157,7 @@ impl LineSplitter {
         if truncated {
             bytes.truncate(utf8_boundary(&bytes));
         }
-        Line {
-            data: String::from_utf8_lossy(&bytes).into_owned(),
-            truncated,
-        }
+        Line { data: String::from_utf8_lossy(&bytes).into_owned(), truncated }
     }
 }
 
@@ -247,12 +232,7 @@ pub struct Mirror {
 impl Mirror {
     /// A mirror writing to procd's stdout and stderr, or one that discards everything when disabled.
     pub fn start(enabled: bool, max_bytes: usize) -> Mirror {
-        Mirror::start_with(
-            enabled,
-            max_bytes,
-            || Box::new(std::io::stdout()),
-            || Box::new(std::io::stderr()),
-        )
+        Mirror::start_with(enabled, max_bytes, || Box::new(std::io::stdout()), || Box::new(std::io::stderr()))
     }
 
     pub fn start_with(
@@ -263,11 +243,7 @@ impl Mirror {
     ) -> Mirror {
         let dropped = Arc::new(AtomicU64::new(0));
         if !enabled {
-            return Mirror {
-                tx: None,
-                dropped,
-                max_bytes,
-            };
+            return Mirror { tx: None, dropped, max_bytes };
         }
         let (tx, rx) = mpsc::sync_channel::<MirrorMsg>(MIRROR_QUEUE);
         let counter = dropped.clone();
@@ -303,11 +279,7 @@ impl Mirror {
                 }
             })
             .expect("spawn mirror thread");
-        Mirror {
-            tx: Some(tx),
-            dropped,
-            max_bytes,
-        }
+        Mirror { tx: Some(tx), dropped, max_bytes }
     }
 
     pub fn max_bytes(&self) -> usize {
@@ -365,42 +337,14 @@ mod tests {
     fn ring_reads_from_offsets_and_reports_drops() {
         let mut r = RingBuffer::new(8);
         r.push(b"hello ");
-        assert_eq!(
-            r.read(0, 100),
-            Chunk {
-                offset: 0,
-                data: b"hello ".to_vec(),
-                dropped: 0
-            }
-        );
+        assert_eq!(r.read(0, 100), Chunk { offset: 0, data: b"hello ".to_vec(), dropped: 0 });
         r.push(b"world");
         assert_eq!(r.end(), 11);
-        assert_eq!(
-            r.read(0, 100),
-            Chunk {
-                offset: 3,
-                data: b"lo world".to_vec(),
-                dropped: 3
-            }
-        );
-        assert_eq!(
-            r.read(6, 3),
-            Chunk {
-                offset: 6,
-                data: b"wor".to_vec(),
-                dropped: 0
-            }
-        );
+        assert_eq!(r.read(0, 100), Chunk { offset: 3, data: b"lo world".to_vec(), dropped: 3 });
+        assert_eq!(r.read(6, 3), Chunk { offset: 6, data: b"wor".to_vec(), dropped: 0 });
         assert_eq!(r.read(11, 3).data, b"");
         r.push(b"0123456789ab");
-        assert_eq!(
-            r.read(11, 100),
-            Chunk {
-                offset: 15,
-                data: b"456789ab".to_vec(),
-                dropped: 4
-            }
-        );
+        assert_eq!(r.read(11, 100), Chunk { offset: 15, data: b"456789ab".to_vec(), dropped: 4 });
     }
 
     #[test]
@@ -408,36 +352,12 @@ mod tests {
         let mut s = LineSplitter::new(5);
         let lines = s.push("héllo wörld\nok\n".as_bytes());
         // "héllo" is 6 bytes; 5 bytes end inside nothing: h(1) é(2) l l = 5.
-        assert_eq!(
-            lines[0],
-            Line {
-                data: "héll".into(),
-                truncated: true
-            }
-        );
-        assert_eq!(
-            lines[1],
-            Line {
-                data: "ok".into(),
-                truncated: false
-            }
-        );
+        assert_eq!(lines[0], Line { data: "héll".into(), truncated: true });
+        assert_eq!(lines[1], Line { data: "ok".into(), truncated: false });
         let mut s = LineSplitter::new(2);
-        assert_eq!(
-            s.push("é€\n".as_bytes())[0],
-            Line {
-                data: "é".into(),
-                truncated: true
-            }
-        );
+        assert_eq!(s.push("é€\n".as_bytes())[0], Line { data: "é".into(), truncated: true });
         let mut s = LineSplitter::new(2);
-        assert_eq!(
-            s.push("€\n".as_bytes())[0],
-            Line {
-                data: "".into(),
-                truncated: true
-            }
-        );
+        assert_eq!(s.push("€\n".as_bytes())[0], Line { data: "".into(), truncated: true });
     }
 
     #[test]
@@ -445,13 +365,7 @@ mod tests {
         let mut s = LineSplitter::new(100);
         assert!(s.push(b"par").is_empty());
         assert!(s.push(b"tial").is_empty());
-        assert_eq!(
-            s.flush(),
-            Some(Line {
-                data: "partial".into(),
-                truncated: false
-            })
-        );
+        assert_eq!(s.flush(), Some(Line { data: "partial".into(), truncated: false }));
         assert_eq!(s.flush(), None);
     }
 

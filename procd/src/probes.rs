@@ -29,18 +29,10 @@ pub struct Outcome {
 
 impl Outcome {
     fn pass(reason: &str, message: impl Into<String>) -> Self {
-        Outcome {
-            passed: true,
-            reason: reason.into(),
-            message: message.into(),
-        }
+        Outcome { passed: true, reason: reason.into(), message: message.into() }
     }
     fn fail(reason: &str, message: impl Into<String>) -> Self {
-        Outcome {
-            passed: false,
-            reason: reason.into(),
-            message: message.into(),
-        }
+        Outcome { passed: false, reason: reason.into(), message: message.into() }
     }
 }
 
@@ -71,44 +63,24 @@ impl Probes {
                     let message = "not evaluated yet".to_string();
                     states.insert(
                         (name.clone(), kind),
-                        CheckState {
-                            status,
-                            reason: reason.into(),
-                            message,
-                            successes: 0,
-                            failures: 0,
-                        },
+                        CheckState { status, reason: reason.into(), message, successes: 0, failures: 0 },
                     );
                 }
             }
         }
-        Arc::new(Probes {
-            sup,
-            specs,
-            states: Mutex::new(states),
-            http,
-            changed: tokio::sync::Notify::new(),
-        })
+        Arc::new(Probes { sup, specs, states: Mutex::new(states), http, changed: tokio::sync::Notify::new() })
     }
 
     fn spec(&self, name: &str, kind: ProbeKind) -> Option<&ProbeSpec> {
-        self.specs
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, s)| s.probes.as_ref()?.get(kind))
+        self.specs.iter().find(|(n, _)| n == name).and_then(|(_, s)| s.probes.as_ref()?.get(kind))
     }
 
     fn state(&self, name: &str, kind: ProbeKind) -> Option<CheckState> {
-        self.states
-            .lock()
-            .expect("probe states")
-            .get(&(name.to_string(), kind))
-            .cloned()
+        self.states.lock().expect("probe states").get(&(name.to_string(), kind)).cloned()
     }
 
     fn startup_passed(&self, name: &str) -> bool {
-        self.state(name, ProbeKind::Startup)
-            .is_none_or(|s| s.status == ProbeStatus::Passed)
+        self.state(name, ProbeKind::Startup).is_none_or(|s| s.status == ProbeStatus::Passed)
     }
 
     /// Starts one evaluation loop per configured probe of `process`.
@@ -148,14 +120,8 @@ impl Probes {
                 return;
             }
             if kind == ProbeKind::Liveness && status == ProbeStatus::Failed {
-                let message = self
-                    .state(&process.name, kind)
-                    .map(|s| s.message)
-                    .unwrap_or_default();
-                let _ = self.sup.events().send(Event::LivenessFailed {
-                    name: process.name.clone(),
-                    message,
-                });
+                let message = self.state(&process.name, kind).map(|s| s.message).unwrap_or_default();
+                let _ = self.sup.events().send(Event::LivenessFailed { name: process.name.clone(), message });
                 return;
             }
             if status == ProbeStatus::Passed && spec.period_ms.is_none() {
@@ -170,15 +136,13 @@ impl Probes {
     /// Applies thresholds: the status flips only after `success_threshold` / `failure_threshold` in a row.
     fn record(&self, name: &str, kind: ProbeKind, spec: &ProbeSpec, outcome: Outcome) -> ProbeStatus {
         let mut states = self.states.lock().expect("probe states");
-        let state = states
-            .entry((name.to_string(), kind))
-            .or_insert_with(|| CheckState {
-                status: ProbeStatus::Failed,
-                reason: String::new(),
-                message: String::new(),
-                successes: 0,
-                failures: 0,
-            });
+        let state = states.entry((name.to_string(), kind)).or_insert_with(|| CheckState {
+            status: ProbeStatus::Failed,
+            reason: String::new(),
+            message: String::new(),
+            successes: 0,
+            failures: 0,
+        });
         if outcome.passed {
             state.successes += 1;
             state.failures = 0;
@@ -212,36 +176,18 @@ impl Probes {
         if let Some(exec) = &spec.exec {
             return match self
                 .sup
-                .exec(
-                    &exec.command,
-                    process.cwd.as_ref(),
-                    &process.env,
-                    Vec::new(),
-                    timeout,
-                )
+                .exec(&exec.command, process.cwd.as_ref(), &process.env, Vec::new(), timeout)
                 .await
             {
-                Ok(o) if o.timed_out => Outcome::fail(
-                    "timeout",
-                    format!("{:?} timed out after {timeout:?}", exec.command),
-                ),
+                Ok(o) if o.timed_out => {
+                    Outcome::fail("timeout", format!("{:?} timed out after {timeout:?}", exec.command))
+                }
                 Ok(o) if o.exit_code == 0 => Outcome::pass("exit_code", "exit code 0"),
                 Ok(o) => {
                     let stderr = String::from_utf8_lossy(&o.stderr);
-                    let tail: String = stderr
-                        .trim()
-                        .chars()
-                        .rev()
-                        .take(200)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
-                    let detail = if tail.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {tail}")
-                    };
+                    let tail: String =
+                        stderr.trim().chars().rev().take(200).collect::<Vec<_>>().into_iter().rev().collect();
+                    let detail = if tail.is_empty() { String::new() } else { format!(": {tail}") };
                     Outcome::fail(
                         "exit_code",
                         format!("{:?} exited with code {}{detail}", exec.command, o.exit_code),
@@ -292,39 +238,22 @@ impl Probes {
         checks.push(ProbeCheckResult {
             name: "procd".into(),
             target: "procd".into(),
-            status: if shutting_down {
-                ProbeStatus::Failed
-            } else {
-                ProbeStatus::Passed
-            },
+            status: if shutting_down { ProbeStatus::Failed } else { ProbeStatus::Passed },
             reason: if shutting_down { "shutting_down" } else { "serving" }.into(),
-            message: if shutting_down {
-                "procd is shutting down"
-            } else {
-                "procd is serving"
-            }
-            .into(),
+            message: if shutting_down { "procd is shutting down" } else { "procd is serving" }.into(),
         });
         let warm = self.sup.warm_processes();
         for (name, _) in &self.specs {
             let process = warm.iter().find(|p| &p.name == name);
-            let target = self
-                .spec(name, kind)
-                .map(describe)
-                .unwrap_or_else(|| "process".to_string());
+            let target = self.spec(name, kind).map(describe).unwrap_or_else(|| "process".to_string());
             let (status, reason, message) = match process {
-                None => (
-                    ProbeStatus::Failed,
-                    "not_started".into(),
-                    format!("process {name:?} has not started"),
-                ),
+                None => {
+                    (ProbeStatus::Failed, "not_started".into(), format!("process {name:?} has not started"))
+                }
                 Some(p) if !p.running() => (
                     ProbeStatus::Failed,
                     "exited".into(),
-                    format!(
-                        "process {name:?} exited with code {}",
-                        p.exit_code().unwrap_or(-1)
-                    ),
+                    format!("process {name:?} exited with code {}", p.exit_code().unwrap_or(-1)),
                 ),
                 Some(_) if kind != ProbeKind::Startup && !self.startup_passed(name) => (
                     ProbeStatus::Failed,
@@ -333,20 +262,10 @@ impl Probes {
                 ),
                 Some(_) => match self.state(name, kind) {
                     Some(s) => (s.status, s.reason, s.message),
-                    None => (
-                        ProbeStatus::Passed,
-                        "running".into(),
-                        format!("process {name:?} is running"),
-                    ),
+                    None => (ProbeStatus::Passed, "running".into(), format!("process {name:?} is running")),
                 },
             };
-            checks.push(ProbeCheckResult {
-                name: name.clone(),
-                target,
-                status,
-                reason,
-                message,
-            });
+            checks.push(ProbeCheckResult { name: name.clone(), target, status, reason, message });
         }
         if kind == ProbeKind::Readiness && self.specs.is_empty() {
             checks.push(ProbeCheckResult {
@@ -397,11 +316,7 @@ fn describe(spec: &ProbeSpec) -> String {
         );
     }
     if let Some(t) = &spec.tcp_socket {
-        return format!(
-            "tcp_socket: {}:{}",
-            t.host.as_deref().unwrap_or("127.0.0.1"),
-            t.port
-        );
+        return format!("tcp_socket: {}:{}", t.host.as_deref().unwrap_or("127.0.0.1"), t.port);
     }
     "process".into()
 }

@@ -242,13 +242,8 @@ impl Supervisor {
         if self.processes().iter().any(|p| p.name == req.name && p.running()) {
             return Err(SupervisorError::Exists(req.name));
         }
-        let Started {
-            pid,
-            stdin,
-            stdout: stdout_pipe,
-            stderr: stderr_pipe,
-            exited,
-        } = self.start(&req.argv, req.cwd.as_ref(), &req.env, req.stdin)?;
+        let Started { pid, stdin, stdout: stdout_pipe, stderr: stderr_pipe, exited } =
+            self.start(&req.argv, req.cwd.as_ref(), &req.env, req.stdin)?;
         let (exit_tx, exit_rx) = watch::channel(None);
         let process = Arc::new(Process {
             name: req.name,
@@ -266,17 +261,9 @@ impl Supervisor {
         self.processes.lock().expect("process list").push(process.clone());
 
         let mut readers = Vec::new();
-        for (stream, pipe) in [
-            (StreamName::Stdout, stdout_pipe),
-            (StreamName::Stderr, stderr_pipe),
-        ] {
+        for (stream, pipe) in [(StreamName::Stdout, stdout_pipe), (StreamName::Stderr, stderr_pipe)] {
             if let Some(pipe) = pipe {
-                readers.push(tokio::spawn(pump(
-                    self.mirror.clone(),
-                    process.clone(),
-                    stream,
-                    pipe,
-                )));
+                readers.push(tokio::spawn(pump(self.mirror.clone(), process.clone(), stream, pipe)));
             }
         }
         let sup = self.clone();
@@ -291,10 +278,7 @@ impl Supervisor {
             let _ = exit_tx.send(Some(code));
             if watched.warm && !sup.is_shutting_down() {
                 tracing::error!(process = %watched.name, pid = watched.pid, code, "Warm process exited");
-                let _ = sup.events.send(Event::WarmExited {
-                    name: watched.name.clone(),
-                    code,
-                });
+                let _ = sup.events.send(Event::WarmExited { name: watched.name.clone(), code });
             }
         });
         Ok(process)
@@ -320,11 +304,7 @@ impl Supervisor {
                 let _ = tx.write_all(&stdin).await;
             });
         }
-        let (out, err, exited) = (
-            started_process.stdout,
-            started_process.stderr,
-            started_process.exited,
-        );
+        let (out, err, exited) = (started_process.stdout, started_process.stderr, started_process.exited);
         let out = tokio::spawn(collect(out));
         let err = tokio::spawn(collect(err));
         let (exit_code, timed_out) = match tokio::time::timeout(timeout, exited).await {
@@ -335,37 +315,16 @@ impl Supervisor {
             }
         };
         let grace = Duration::from_millis(200);
-        let stdout = tokio::time::timeout(grace, out)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let stderr = tokio::time::timeout(grace, err)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        Ok(ExecOutcome {
-            exit_code,
-            stdout,
-            stderr,
-            duration: started.elapsed(),
-            timed_out,
-        })
+        let stdout = tokio::time::timeout(grace, out).await.ok().and_then(Result::ok).unwrap_or_default();
+        let stderr = tokio::time::timeout(grace, err).await.ok().and_then(Result::ok).unwrap_or_default();
+        Ok(ExecOutcome { exit_code, stdout, stderr, duration: started.elapsed(), timed_out })
     }
 
     pub async fn write_stdin(&self, name: &str, data: &[u8], close: bool) -> Result<(), SupervisorError> {
         let process = self.get(name)?;
         let mut guard = process.stdin.lock().await;
-        let tx = guard
-            .as_mut()
-            .ok_or_else(|| SupervisorError::NoStdin(name.into()))?;
-        tx.write_all(data)
-            .await
-            .map_err(|source| SupervisorError::Stdin {
-                name: name.into(),
-                source,
-            })?;
+        let tx = guard.as_mut().ok_or_else(|| SupervisorError::NoStdin(name.into()))?;
+        tx.write_all(data).await.map_err(|source| SupervisorError::Stdin { name: name.into(), source })?;
         if close {
             *guard = None;
         }
@@ -443,17 +402,11 @@ impl Supervisor {
         let (mut child, exited) = self
             .reaper
             .spawn(&mut cmd)
-            .map_err(|source| SupervisorError::Spawn {
-                command: argv.join(" "),
-                source,
-            })?;
+            .map_err(|source| SupervisorError::Spawn { command: argv.join(" "), source })?;
         let receiver = |fd: Option<OwnedFd>| fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
         Ok(Started {
             pid: child.id(),
-            stdin: child
-                .stdin
-                .take()
-                .and_then(|s| pipe::Sender::from_owned_fd(OwnedFd::from(s)).ok()),
+            stdin: child.stdin.take().and_then(|s| pipe::Sender::from_owned_fd(OwnedFd::from(s)).ok()),
             stdout: receiver(child.stdout.take().map(OwnedFd::from)),
             stderr: receiver(child.stderr.take().map(OwnedFd::from)),
             exited,
@@ -470,11 +423,7 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<()>>) {
 fn command(argv: &[String], cwd: Option<&PathBuf>, env: &BTreeMap<String, String>) -> std::process::Command {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .envs(env)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    cmd.args(&argv[1..]).envs(env).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     if let Some(cwd) = cwd {
         cmd.current_dir(cwd);
     }
@@ -500,26 +449,14 @@ async fn pump(mirror: Mirror, process: Arc<Process>, stream: StreamName, mut pip
                 out.push(&buf[..n]);
                 if mirror.enabled() {
                     for line in splitter.push(&buf[..n]) {
-                        mirror.emit(
-                            &process.name,
-                            process.alias.as_deref(),
-                            process.pid,
-                            stream,
-                            &line,
-                        );
+                        mirror.emit(&process.name, process.alias.as_deref(), process.pid, stream, &line);
                     }
                 }
             }
         }
     }
     if let Some(line) = splitter.flush() {
-        mirror.emit(
-            &process.name,
-            process.alias.as_deref(),
-            process.pid,
-            stream,
-            &line,
-        );
+        mirror.emit(&process.name, process.alias.as_deref(), process.pid, stream, &line);
     }
 }
 

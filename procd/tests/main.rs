@@ -31,10 +31,7 @@ impl Procd {
         let out = std::fs::File::create(dir.path().join("stdout")).unwrap();
         let err = std::fs::File::create(dir.path().join("stderr")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_procd"));
-        cmd.arg("--config")
-            .arg(dir.path().join("config.json"))
-            .stdout(out)
-            .stderr(err);
+        cmd.arg("--config").arg(dir.path().join("config.json")).stdout(out).stderr(err);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -99,11 +96,7 @@ fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) {
 }
 
 async fn probe(client: &mut ProcdClient<tonic::transport::Channel>, kind: &str) -> ProbeResult {
-    client
-        .probe(ProbeRequest { kind: kind.into() })
-        .await
-        .unwrap()
-        .into_inner()
+    client.probe(ProbeRequest { kind: kind.into() }).await.unwrap().into_inner()
 }
 
 async fn wait_probe(p: &Procd, kind: &str, status: &str, timeout: Duration) -> ProbeResult {
@@ -120,11 +113,7 @@ async fn wait_probe(p: &Procd, kind: &str, status: &str, timeout: Duration) -> P
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test]
@@ -145,21 +134,12 @@ async fn http_get_readiness_becomes_ready() {
     assert!(ready.checks[1].message.contains("200"), "{ready:?}");
     // The same result for humans and scripts: `procd probe` prints it as JSON and exits 0 when it passed.
     let out = Command::new(env!("CARGO_BIN_EXE_procd"))
-        .args([
-            "probe",
-            "--listen",
-            &format!("unix://{}", p.socket.display()),
-            "--kind",
-            "readiness",
-        ])
+        .args(["probe", "--listen", &format!("unix://{}", p.socket.display()), "--kind", "readiness"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        (json["kind"].as_str(), json["status"].as_str()),
-        (Some("readiness"), Some("passed"))
-    );
+    assert_eq!((json["kind"].as_str(), json["status"].as_str()), (Some("readiness"), Some("passed")));
     assert_eq!(json["checks"][1]["name"], "web");
     assert_eq!(p.terminate(), 0, "SIGTERM is a graceful stop, not a crash");
 }
@@ -173,17 +153,9 @@ async fn warm_process_exit_makes_procd_exit_nonzero() {
         ]),
         &[],
     );
-    assert_eq!(
-        p.wait_exit(Duration::from_secs(10)),
-        warmpool_procd::EXIT_WARM_PROCESS_EXITED
-    );
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), warmpool_procd::EXIT_WARM_PROCESS_EXITED);
     let lines = p.stdout_lines();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l["process"] == "short" && l["data"] == "bye"),
-        "output flushed: {lines:?}"
-    );
+    assert!(lines.iter().any(|l| l["process"] == "short" && l["data"] == "bye"), "output flushed: {lines:?}");
 }
 
 #[tokio::test]
@@ -201,10 +173,7 @@ async fn failing_liveness_answers_then_exits() {
     assert_eq!(early.status, "passed", "{early:?}");
     let failed = wait_probe(&p, "liveness", "failed", Duration::from_secs(10)).await;
     assert_eq!(failed.checks[1].reason, "exit_code", "{failed:?}");
-    assert_eq!(
-        p.wait_exit(Duration::from_secs(10)),
-        warmpool_procd::EXIT_LIVENESS_FAILED
-    );
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), warmpool_procd::EXIT_LIVENESS_FAILED);
 }
 
 #[tokio::test]
@@ -220,41 +189,20 @@ async fn log_mirror_lines_are_exact_and_truncated_on_utf8_boundary() {
     assert_eq!(p.terminate(), 0);
     let lines = p.stdout_lines();
     let raw = std::fs::read_to_string(p.path("stdout")).unwrap();
-    let first = raw
-        .lines()
-        .find(|l| l.contains("\"process\":\"talker\""))
-        .unwrap();
+    let first = raw.lines().find(|l| l.contains("\"process\":\"talker\"")).unwrap();
     let positions: Vec<usize> = ["ts", "process", "alias", "pid", "stream", "data", "truncated"]
         .iter()
-        .map(|k| {
-            first
-                .find(&format!("\"{k}\":"))
-                .unwrap_or_else(|| panic!("{k} missing in {first}"))
-        })
+        .map(|k| first.find(&format!("\"{k}\":")).unwrap_or_else(|| panic!("{k} missing in {first}")))
         .collect();
-    assert!(
-        positions.windows(2).all(|w| w[0] < w[1]),
-        "field order of DESIGN §4: {first}"
-    );
-    assert_eq!(
-        lines[0]["data"], "héll",
-        "5 bytes cut back to a character boundary"
-    );
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "field order of DESIGN §4: {first}");
+    assert_eq!(lines[0]["data"], "héll", "5 bytes cut back to a character boundary");
     assert_eq!(lines[0]["truncated"], true);
     assert_eq!(lines[1]["data"], "short");
     assert!(lines[1].get("truncated").is_none());
     assert_eq!(lines[1]["alias"], "t");
-    assert_eq!(
-        lines[2]["data"], "parti",
-        "the partial line is flushed at exit, truncated"
-    );
+    assert_eq!(lines[2]["data"], "parti", "the partial line is flushed at exit, truncated");
     let stderr = read_json_lines(&p.path("stderr"));
-    assert!(
-        stderr
-            .iter()
-            .any(|l| l["stream"] == "stderr" && l["data"] == "to st"),
-        "{stderr:?}"
-    );
+    assert!(stderr.iter().any(|l| l["stream"] == "stderr" && l["data"] == "to st"), "{stderr:?}");
 }
 
 #[tokio::test]
@@ -266,12 +214,7 @@ async fn log_mirror_can_be_switched_off() {
     // The ring buffer still has the output.
     let mut client = p.client();
     let req = warmpool_procd::authorized(
-        ReadOutputRequest {
-            process: "talker".into(),
-            stream: "stdout".into(),
-            offset: 0,
-            follow: false,
-        },
+        ReadOutputRequest { process: "talker".into(), stream: "stdout".into(), offset: 0, follow: false },
         Some(TOKEN),
     );
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -302,19 +245,12 @@ async fn read_output_from_an_offset_returns_exactly_the_bytes_written() {
         &[],
     );
     let mut client = p.client();
-    let read = |offset| ReadOutputRequest {
-        process: "w".into(),
-        stream: "stdout".into(),
-        offset,
-        follow: false,
-    };
+    let read =
+        |offset| ReadOutputRequest { process: "w".into(), stream: "stdout".into(), offset, follow: false };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut s = client
-            .read_output(warmpool_procd::authorized(read(10), Some(TOKEN)))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut s =
+            client.read_output(warmpool_procd::authorized(read(10), Some(TOKEN))).await.unwrap().into_inner();
         let mut data = Vec::new();
         let mut first_offset = None;
         while let Some(chunk) = s.message().await.unwrap() {
@@ -333,19 +269,13 @@ async fn read_output_from_an_offset_returns_exactly_the_bytes_written() {
 
 #[tokio::test]
 async fn calls_without_the_token_are_refused_but_probe_is_open() {
-    let p = Procd::start(
-        serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]),
-        &[],
-    );
+    let p = Procd::start(serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]), &[]);
     let mut client = p.client();
     let err = client.list_processes(ListProcessesRequest {}).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     let err = client
         .exec(warmpool_procd::authorized(
-            ExecRequest {
-                command: vec!["true".into()],
-                ..Default::default()
-            },
+            ExecRequest { command: vec!["true".into()], ..Default::default() },
             Some("wrong"),
         ))
         .await
@@ -364,17 +294,11 @@ async fn calls_without_the_token_are_refused_but_probe_is_open() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (r.exit_code, r.stdout, r.stderr),
-        (3, b"out\n".to_vec(), b"err\n".to_vec())
-    );
+    assert_eq!((r.exit_code, r.stdout, r.stderr), (3, b"out\n".to_vec(), b"err\n".to_vec()));
     // Warm processes cannot be signalled through the API.
     let err = client
         .signal(warmpool_procd::authorized(
-            SignalRequest {
-                process: "a".into(),
-                signal: "KILL".into(),
-            },
+            SignalRequest { process: "a".into(), signal: "KILL".into() },
             Some(TOKEN),
         ))
         .await
@@ -384,10 +308,7 @@ async fn calls_without_the_token_are_refused_but_probe_is_open() {
 
 #[tokio::test]
 async fn exec_timeout_kills_the_process_group() {
-    let p = Procd::start(
-        serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]),
-        &[],
-    );
+    let p = Procd::start(serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]), &[]);
     let marker = p.path("grandchild-survived");
     let script = format!("(sleep 1; touch {}) & sleep 100", marker.display());
     let r = p
@@ -413,10 +334,7 @@ fn invalid_config_exits_2_naming_the_field() {
     for (cwd, expected) in [
         ("/config", "warm_processes[1].cwd uses reserved path \"/config\""),
         ("relative/dir", "warm_processes[1].cwd must be an absolute path"),
-        (
-            "/procd/bin/x",
-            "warm_processes[1].cwd uses reserved path \"/procd/bin\"",
-        ),
+        ("/procd/bin/x", "warm_processes[1].cwd uses reserved path \"/procd/bin\""),
     ] {
         let procs = serde_json::json!([
             {"type": "cmd", "command": ["true"]},
@@ -435,10 +353,7 @@ fn invalid_config_exits_2_naming_the_field() {
     }
     let out = Command::new(env!("CARGO_BIN_EXE_procd"))
         .args(["--listen", "unix:///tmp/never-used.sock"])
-        .env(
-            "WARMPOOL_WARM_PROCESSES",
-            r#"[{"type":"repl","language":"python","command":["python3"]}]"#,
-        )
+        .env("WARMPOOL_WARM_PROCESSES", r#"[{"type":"repl","language":"python","command":["python3"]}]"#)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -455,28 +370,17 @@ async fn repl_takes_stdin() {
     let mut client = p.client();
     client
         .write_stdin(warmpool_procd::authorized(
-            WriteStdinRequest {
-                process: "sh".into(),
-                data: b"echo from-repl\n".to_vec(),
-                close: false,
-            },
+            WriteStdinRequest { process: "sh".into(), data: b"echo from-repl\n".to_vec(), close: false },
             Some(TOKEN),
         ))
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let req = ReadOutputRequest {
-            process: "sh".into(),
-            stream: "stdout".into(),
-            offset: 0,
-            follow: false,
-        };
-        let mut s = client
-            .read_output(warmpool_procd::authorized(req, Some(TOKEN)))
-            .await
-            .unwrap()
-            .into_inner();
+        let req =
+            ReadOutputRequest { process: "sh".into(), stream: "stdout".into(), offset: 0, follow: false };
+        let mut s =
+            client.read_output(warmpool_procd::authorized(req, Some(TOKEN))).await.unwrap().into_inner();
         let mut data = Vec::new();
         while let Some(c) = s.message().await.unwrap() {
             data.extend(c.data);
@@ -515,23 +419,14 @@ async fn a_blocked_stdout_never_stalls_a_process() {
         .unwrap();
     wait_for(Duration::from_secs(60), || marker.exists());
     let mut client = warmpool_procd::connect(&Listen::Unix(socket.clone())).unwrap();
-    let req = ReadOutputRequest {
-        process: "loud".into(),
-        stream: "stdout".into(),
-        offset: 0,
-        follow: false,
-    };
+    let req = ReadOutputRequest { process: "loud".into(), stream: "stdout".into(), offset: 0, follow: false };
     let mut s = client.read_output(req).await.unwrap().into_inner();
     let first = s.message().await.unwrap().unwrap();
     assert!(
         first.dropped > 0 && first.dropped == first.offset,
         "the ring kept the newest bytes and says what it dropped"
     );
-    assert!(
-        first.offset >= 20_000_000 - (1 << 20),
-        "offsets count every byte written: {}",
-        first.offset
-    );
+    assert!(first.offset >= 20_000_000 - (1 << 20), "offsets count every byte written: {}", first.offset);
     let _ = child.kill();
     let _ = child.wait();
 }

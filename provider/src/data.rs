@@ -68,11 +68,7 @@ impl DataSource for TemplateDataSource {
         let t = match c.get_template(parsed.name()).await {
             Ok(t) => t,
             Err(e) => {
-                diags.error(
-                    "Cannot resolve template ref",
-                    e.to_string(),
-                    AttributePath::new("ref"),
-                );
+                diags.error("Cannot resolve template ref", e.to_string(), AttributePath::new("ref"));
                 return None;
             }
         };
@@ -98,11 +94,7 @@ impl DataSource for TemplateDataSource {
         config.name = s(&t.name);
         config.build_id = opt_s(build_id.clone());
         config.build_status = match build_id {
-            Some(b) => c
-                .get_build(&b)
-                .await
-                .map(|b| s(b.status.as_str()))
-                .unwrap_or(Value::Null),
+            Some(b) => c.get_build(&b).await.map(|b| s(b.status.as_str())).unwrap_or(Value::Null),
             None => Value::Null,
         };
         Some(config)

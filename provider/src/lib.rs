@@ -123,11 +123,7 @@ impl Provider for WarmpoolProvider {
                 Some(())
             }
             Err(e) => {
-                diags.error(
-                    "Invalid endpoint",
-                    e.to_string(),
-                    tf_provider::AttributePath::new("endpoint"),
-                );
+                diags.error("Invalid endpoint", e.to_string(), tf_provider::AttributePath::new("endpoint"));
                 None
             }
         }

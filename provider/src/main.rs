@@ -7,8 +7,5 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(tf_provider::serve(
-            "warmpool",
-            terraform_provider_warmpool::WarmpoolProvider::default(),
-        ))
+        .block_on(tf_provider::serve("warmpool", terraform_provider_warmpool::WarmpoolProvider::default()))
 }

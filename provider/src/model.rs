@@ -16,18 +16,12 @@ pub fn known(v: &Str) -> Option<String> {
 }
 
 pub fn strs(v: &StrList) -> Vec<String> {
-    v.as_ref_option()
-        .map(|l| l.iter().filter_map(known).collect())
-        .unwrap_or_default()
+    v.as_ref_option().map(|l| l.iter().filter_map(known).collect()).unwrap_or_default()
 }
 
 pub fn map(v: &StrMap) -> BTreeMap<String, String> {
     v.as_ref_option()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), known(v)?)))
-                .collect()
-        })
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), known(v)?))).collect())
         .unwrap_or_default()
 }
 
@@ -52,11 +46,7 @@ pub fn map_value(v: &BTreeMap<String, String>) -> StrMap {
     if v.is_empty() {
         Value::Null
     } else {
-        Value::Value(
-            v.iter()
-                .map(|(k, v)| (k.clone(), Value::Value(v.clone())))
-                .collect(),
-        )
+        Value::Value(v.iter().map(|(k, v)| (k.clone(), Value::Value(v.clone()))).collect())
     }
 }
 
@@ -117,29 +107,17 @@ impl ProbeBlock {
         let n32 = |v: &Num| num(v).map(|n| n as u32);
         api::ProbeSpec {
             exec: self.exec.as_ref_option().map(|e| api::ExecCheck {
-                command: if e.command.is_unknown() {
-                    vec!["(unknown)".into()]
-                } else {
-                    strs(&e.command)
-                },
+                command: if e.command.is_unknown() { vec!["(unknown)".into()] } else { strs(&e.command) },
             }),
             http_get: self.http_get.as_ref_option().map(|h| api::HttpGetCheck {
-                port: if h.port.is_unknown() {
-                    1
-                } else {
-                    num(&h.port).unwrap_or(0) as u16
-                },
+                port: if h.port.is_unknown() { 1 } else { num(&h.port).unwrap_or(0) as u16 },
                 path: known(&h.path),
                 host: known(&h.host),
                 scheme: known(&h.scheme),
                 headers: None,
             }),
             tcp_socket: self.tcp_socket.as_ref_option().map(|t| api::TcpSocketCheck {
-                port: if t.port.is_unknown() {
-                    1
-                } else {
-                    num(&t.port).unwrap_or(0) as u16
-                },
+                port: if t.port.is_unknown() { 1 } else { num(&t.port).unwrap_or(0) as u16 },
                 host: known(&t.host),
             }),
             process: self.process.as_ref_option().map(|_| api::ProcessCheck {}),
@@ -156,11 +134,7 @@ impl ProbeBlock {
             exec: p
                 .exec
                 .as_ref()
-                .map(|e| {
-                    Value::Value(ExecBlock {
-                        command: list(&e.command),
-                    })
-                })
+                .map(|e| Value::Value(ExecBlock { command: list(&e.command) }))
                 .unwrap_or(Value::Null),
             http_get: p
                 .http_get
@@ -184,11 +158,7 @@ impl ProbeBlock {
                     })
                 })
                 .unwrap_or(Value::Null),
-            process: p
-                .process
-                .as_ref()
-                .map(|_| Value::Value(ProcessBlock {}))
-                .unwrap_or(Value::Null),
+            process: p.process.as_ref().map(|_| Value::Value(ProcessBlock {})).unwrap_or(Value::Null),
             initial_delay_ms: opt_n(p.initial_delay_ms.map(|n| n as i64)),
             period_ms: opt_n(p.period_ms.map(|n| n as i64)),
             timeout_ms: opt_n(p.timeout_ms.map(|n| n as i64)),
@@ -249,11 +219,7 @@ impl WarmProcessBlock {
         };
         let any_probe = probes.startup.is_some() || probes.readiness.is_some() || probes.liveness.is_some();
         Ok(api::WarmProcessSpec {
-            name: if self.name.is_unknown() {
-                Some(format!("unknown-{index}"))
-            } else {
-                known(&self.name)
-            },
+            name: if self.name.is_unknown() { Some(format!("unknown-{index}")) } else { known(&self.name) },
             process_type,
             alias: known(&self.alias),
             command: if self.command.is_unknown() {
@@ -270,8 +236,7 @@ impl WarmProcessBlock {
 
     pub fn from_api(p: &api::WarmProcessSpec) -> WarmProcessBlock {
         let probe = |p: Option<&api::ProbeSpec>| {
-            p.map(|p| Value::Value(ProbeBlock::from_api(p)))
-                .unwrap_or(Value::Null)
+            p.map(|p| Value::Value(ProbeBlock::from_api(p))).unwrap_or(Value::Null)
         };
         let probes = p.probes.clone().unwrap_or_default();
         WarmProcessBlock {

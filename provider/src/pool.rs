@@ -39,10 +39,7 @@ pub struct PoolState {
 const READY_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 fn enum_error(field: &str, value: &str, allowed: &str) -> (String, String) {
-    (
-        field.to_string(),
-        format!("must be one of {allowed} (got {value:?})"),
-    )
+    (field.to_string(), format!("must be one of {allowed} (got {value:?})"))
 }
 
 impl PoolState {
@@ -58,10 +55,9 @@ impl PoolState {
     fn checkout_policy(&self) -> Result<Option<api::CheckoutMode>, (String, String)> {
         match known(&self.checkout_policy) {
             None => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| enum_error("checkout_policy", &v, "prefer, require, bypass")),
+            Some(v) => {
+                v.parse().map(Some).map_err(|_| enum_error("checkout_policy", &v, "prefer, require, bypass"))
+            }
         }
     }
 
@@ -137,10 +133,7 @@ pub fn pool_schema() -> Schema {
             vec![
                 ("id", string(Computed, "Pool id (twp_…).")),
                 ("name", string(Required, "Unique name.")),
-                (
-                    "template",
-                    string(Required, "Template ref: name, name:tag or name@bld_…."),
-                ),
+                ("template", string(Required, "Template ref: name, name:tag or name@bld_….")),
                 (
                     "version_policy",
                     string(
@@ -150,38 +143,14 @@ pub fn pool_schema() -> Schema {
                 ),
                 (
                     "track_tag",
-                    string(
-                        OptionalComputed,
-                        "The tag a track_tag pool follows (default: the ref's tag).",
-                    ),
+                    string(OptionalComputed, "The tag a track_tag pool follows (default: the ref's tag)."),
                 ),
-                (
-                    "min_ready",
-                    number(Required, "Ready sandboxes kept at all times."),
-                ),
-                (
-                    "max_ready",
-                    number(
-                        Required,
-                        "Upper bound of the target (leases raise it up to this).",
-                    ),
-                ),
-                (
-                    "cpu",
-                    number(Optional, "CPUs per sandbox (overrides the template)."),
-                ),
-                (
-                    "memory_mb",
-                    number(Optional, "Memory per sandbox in MiB (overrides the template)."),
-                ),
-                (
-                    "checkout_policy",
-                    string(Optional, "Default checkout mode: prefer, require or bypass."),
-                ),
-                (
-                    "idle_timeout_seconds",
-                    number(Optional, "Replace ready sandboxes older than this."),
-                ),
+                ("min_ready", number(Required, "Ready sandboxes kept at all times.")),
+                ("max_ready", number(Required, "Upper bound of the target (leases raise it up to this).")),
+                ("cpu", number(Optional, "CPUs per sandbox (overrides the template).")),
+                ("memory_mb", number(Optional, "Memory per sandbox in MiB (overrides the template).")),
+                ("checkout_policy", string(Optional, "Default checkout mode: prefer, require or bypass.")),
+                ("idle_timeout_seconds", number(Optional, "Replace ready sandboxes older than this.")),
                 ("labels", string_map(Optional, "Labels of the pool's sandboxes.")),
                 (
                     "enabled",
@@ -190,14 +159,8 @@ pub fn pool_schema() -> Schema {
                         "false disables the pool (it keeps its inventory, stops filling).",
                     ),
                 ),
-                (
-                    "wait_for_ready",
-                    boolean(OptionalComputed, "Wait during apply until ready >= min_ready."),
-                ),
-                (
-                    "rollout_generation",
-                    number(Computed, "Incremented by every rollout."),
-                ),
+                ("wait_for_ready", boolean(OptionalComputed, "Wait during apply until ready >= min_ready.")),
+                ("rollout_generation", number(Computed, "Incremented by every rollout.")),
                 ("resolved_build_id", string(Computed, "The build the pool fills.")),
             ],
             vec![("timeouts", timeouts_block())],
@@ -251,9 +214,7 @@ impl Resource for PoolResource {
     }
 
     async fn validate<'a>(&self, diags: &mut Diagnostics, config: Self::State<'a>) -> Option<()> {
-        let result = config
-            .spec()
-            .and_then(|spec| spec.validate().map_err(|e| (e.field, e.message)));
+        let result = config.spec().and_then(|spec| spec.validate().map_err(|e| (e.field, e.message)));
         match result {
             // An unknown template ref cannot be checked yet.
             Err((field, _)) if field == "template" && config.template.is_unknown() => {}
@@ -414,10 +375,7 @@ impl Resource for PoolResource {
             labels: Some(spec.labels),
             enabled: spec.enabled,
         };
-        let pool = c
-            .update_pool(&id, &patch)
-            .await
-            .or_diag(diags, "Cannot update warm pool")?;
+        let pool = c.update_pool(&id, &patch).await.or_diag(diags, "Cannot update warm pool")?;
         let mut state = planned;
         state.set_from(&pool);
         let timeout = TimeoutsBlock::get(&state.timeouts, |t| &t.update, READY_TIMEOUT);

@@ -29,19 +29,11 @@ pub fn boolean(constraint: AttributeConstraint, description: &str) -> Attribute 
 }
 
 pub fn string_list(constraint: AttributeConstraint, description: &str) -> Attribute {
-    attr(
-        AttributeType::List(Box::new(AttributeType::String)),
-        constraint,
-        description,
-    )
+    attr(AttributeType::List(Box::new(AttributeType::String)), constraint, description)
 }
 
 pub fn string_map(constraint: AttributeConstraint, description: &str) -> Attribute {
-    attr(
-        AttributeType::Map(Box::new(AttributeType::String)),
-        constraint,
-        description,
-    )
+    attr(AttributeType::Map(Box::new(AttributeType::String)), constraint, description)
 }
 
 pub fn block(
@@ -52,10 +44,7 @@ pub fn block(
     Block {
         version: 1,
         description: Description::plain(description.to_string()),
-        attributes: attributes
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect::<HashMap<_, _>>(),
+        attributes: attributes.into_iter().map(|(k, v)| (k.to_string(), v)).collect::<HashMap<_, _>>(),
         blocks: blocks.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         deprecated: false,
     }
@@ -122,10 +111,7 @@ mod tests {
     fn api_paths_map_to_schema_paths() {
         assert_eq!(
             attribute_path("warm_processes[1].cwd").to_string(),
-            AttributePath::new("warm_process")
-                .index(1)
-                .attribute("cwd")
-                .to_string()
+            AttributePath::new("warm_process").index(1).attribute("cwd").to_string()
         );
         assert_eq!(
             attribute_path("warm_processes[0].probes.readiness.exec.command").to_string(),
@@ -144,14 +130,8 @@ mod tests {
         );
         assert_eq!(
             attribute_path("resources.cpu").to_string(),
-            AttributePath::new("resources")
-                .index(0)
-                .attribute("cpu")
-                .to_string()
+            AttributePath::new("resources").index(0).attribute("cpu").to_string()
         );
-        assert_eq!(
-            attribute_path("max_ready").to_string(),
-            AttributePath::new("max_ready").to_string()
-        );
+        assert_eq!(attribute_path("max_ready").to_string(), AttributePath::new("max_ready").to_string());
     }
 }

@@ -41,11 +41,7 @@ impl TemplateState {
     /// The spec this state describes; errors carry API field paths.
     pub fn spec(&self) -> Result<api::TemplateSpec, (String, String)> {
         let warm_processes = match self.warm_process.as_ref_option() {
-            Some(list) => list
-                .iter()
-                .enumerate()
-                .map(|(i, p)| p.to_api(i))
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(list) => list.iter().enumerate().map(|(i, p)| p.to_api(i)).collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
         let resources = self
@@ -64,10 +60,7 @@ impl TemplateState {
                 known(&self.name).unwrap_or_default()
             },
             image: known(&self.image),
-            build: api::BuildRecipe {
-                steps: strs(&self.build_steps),
-                env: map(&self.build_env),
-            },
+            build: api::BuildRecipe { steps: strs(&self.build_steps), env: map(&self.build_env) },
             start_cmd: if self.start_cmd.is_unknown() {
                 Some("(unknown)".into())
             } else {
@@ -91,11 +84,8 @@ impl TemplateState {
         self.start_cmd = opt_s(t.start_cmd.clone());
         self.cwd = opt_s(t.cwd.clone());
         self.env = map_value(&t.env);
-        self.readiness = t
-            .readiness
-            .as_ref()
-            .map(|r| Value::Value(ProbeBlock::from_api(r)))
-            .unwrap_or(Value::Null);
+        self.readiness =
+            t.readiness.as_ref().map(|r| Value::Value(ProbeBlock::from_api(r))).unwrap_or(Value::Null);
         self.warm_process = Value::Value(t.warm_processes.iter().map(WarmProcessBlock::from_api).collect());
         let r = &t.resources;
         self.resources = if r.cpu.is_none() && r.memory_mb.is_none() && r.disk_mb.is_none() {
@@ -127,11 +117,8 @@ impl TemplateState {
 }
 
 fn probe_block(description: &str) -> NestedBlock {
-    let exec = block(
-        "Passes when the command exits 0.",
-        vec![("command", string_list(Required, "argv"))],
-        vec![],
-    );
+    let exec =
+        block("Passes when the command exits 0.", vec![("command", string_list(Required, "argv"))], vec![]);
     let http = block(
         "Passes on HTTP 200-399.",
         vec![
@@ -144,36 +131,21 @@ fn probe_block(description: &str) -> NestedBlock {
     );
     let tcp = block(
         "Passes when a TCP connection opens.",
-        vec![
-            ("port", number(Required, "Port.")),
-            ("host", string(Optional, "Host (default 127.0.0.1).")),
-        ],
+        vec![("port", number(Required, "Port.")), ("host", string(Optional, "Host (default 127.0.0.1)."))],
         vec![],
     );
     let process = block("Passes while the process runs.", vec![], vec![]);
     NestedBlock::Optional(block(
         description,
         vec![
-            (
-                "initial_delay_ms",
-                number(Optional, "Delay before the first check."),
-            ),
+            ("initial_delay_ms", number(Optional, "Delay before the first check.")),
             ("period_ms", number(Optional, "Time between checks.")),
             (
                 "timeout_ms",
-                number(
-                    Optional,
-                    "In `readiness`: the bound of the whole start. In probes: per check.",
-                ),
+                number(Optional, "In `readiness`: the bound of the whole start. In probes: per check."),
             ),
-            (
-                "failure_threshold",
-                number(Optional, "Failures in a row that fail the probe."),
-            ),
-            (
-                "success_threshold",
-                number(Optional, "Successes in a row that pass it."),
-            ),
+            ("failure_threshold", number(Optional, "Failures in a row that fail the probe.")),
+            ("success_threshold", number(Optional, "Successes in a row that pass it.")),
         ],
         vec![
             ("exec", NestedBlock::Optional(exec)),
@@ -187,10 +159,7 @@ fn probe_block(description: &str) -> NestedBlock {
 pub fn timeouts_block() -> NestedBlock {
     NestedBlock::Optional(block(
         "Operation timeouts (durations such as 10m).",
-        vec![
-            ("create", string(Optional, "Default 20m.")),
-            ("update", string(Optional, "Default 20m.")),
-        ],
+        vec![("create", string(Optional, "Default 20m.")), ("update", string(Optional, "Default 20m."))],
         vec![],
     ))
 }
@@ -204,10 +173,7 @@ pub fn template_schema() -> Schema {
             ("alias", string(Optional, "Alias shown in logs.")),
             ("command", string_list(Optional, "argv (cmd only).")),
             ("language", string(Optional, "python, node or bash (repl only).")),
-            (
-                "cwd",
-                string(Optional, "Absolute working directory inside the sandbox."),
-            ),
+            ("cwd", string(Optional, "Absolute working directory inside the sandbox.")),
             ("env", string_map(Optional, "Environment.")),
         ],
         vec![
@@ -266,10 +232,7 @@ impl TemplateResource {
         timeout: Duration,
     ) -> Option<()> {
         let id = known(&state.id)?;
-        let build = c
-            .create_build(&id, &strs(&state.tags))
-            .await
-            .or_diag(diags, "Cannot start a build")?;
+        let build = c.create_build(&id, &strs(&state.tags)).await.or_diag(diags, "Cannot start a build")?;
         let done = match c.wait_build(&build.id, timeout, |_| {}).await {
             Ok(b) => b,
             Err(e) => {
@@ -281,20 +244,9 @@ impl TemplateResource {
         state.build_status = s(done.status.as_str());
         if done.status == api::BuildStatus::Failed {
             let log = c.build_logs(&done.id).await.unwrap_or_default();
-            let tail: Vec<&str> = log
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
             diags.root_error(
-                format!(
-                    "Build {} of template {} failed",
-                    done.id,
-                    known(&state.name).unwrap_or_default()
-                ),
+                format!("Build {} of template {} failed", done.id, known(&state.name).unwrap_or_default()),
                 format!(
                     "{}\n\nLast lines of the build log:\n{}",
                     done.error.unwrap_or_default(),
@@ -318,9 +270,7 @@ impl Resource for TemplateResource {
     }
 
     async fn validate<'a>(&self, diags: &mut Diagnostics, config: Self::State<'a>) -> Option<()> {
-        let result = config
-            .spec()
-            .and_then(|spec| spec.validate().map_err(|e| (e.field, e.message)));
+        let result = config.spec().and_then(|spec| spec.validate().map_err(|e| (e.field, e.message)));
         if let Err((field, message)) = result {
             diags.error(format!("Invalid {field}"), message, attribute_path(&field));
         }
@@ -425,10 +375,7 @@ impl Resource for TemplateResource {
                 return None;
             }
         };
-        let t = c
-            .create_template(&spec)
-            .await
-            .or_diag(diags, "Cannot create template")?;
+        let t = c.create_template(&spec).await.or_diag(diags, "Cannot create template")?;
         let mut state = planned;
         state.id = s(&t.id);
         let timeout = TimeoutsBlock::get(&state.timeouts, |t| &t.create, BUILD_TIMEOUT);
@@ -466,9 +413,7 @@ impl Resource for TemplateResource {
                 resources: Some(spec.resources),
                 cwd: spec.cwd,
             };
-            c.update_template(&id, &patch)
-                .await
-                .or_diag(diags, "Cannot update template")?;
+            c.update_template(&id, &patch).await.or_diag(diags, "Cannot update template")?;
             let timeout = TimeoutsBlock::get(&state.timeouts, |t| &t.update, BUILD_TIMEOUT);
             self.build(diags, &c, &mut state, timeout).await?;
         } else if state.tags != prior.tags {
@@ -501,19 +446,11 @@ impl Resource for TemplateResource {
         id: String,
     ) -> Option<(Self::State<'a>, Self::PrivateState<'a>)> {
         let c = self.shared.client(diags)?;
-        let t = c
-            .get_template(&id)
-            .await
-            .or_diag(diags, format!("Cannot import template {id}"))?;
+        let t = c.get_template(&id).await.or_diag(diags, format!("Cannot import template {id}"))?;
         let mut state = TemplateState::default();
         state.set_spec(&t);
         let builds = c.list_builds(&t.id).await.unwrap_or_default();
-        if let Some(b) = builds
-            .iter()
-            .rev()
-            .find(|b| b.status == api::BuildStatus::Ready)
-            .or(builds.last())
-        {
+        if let Some(b) = builds.iter().rev().find(|b| b.status == api::BuildStatus::Ready).or(builds.last()) {
             state.build_id = s(&b.id);
             state.build_status = s(b.status.as_str());
             let tags: Vec<String> = c

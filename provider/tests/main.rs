@@ -10,10 +10,7 @@ use warmpool_client::Client;
 use warmpool_testkit::{procs_mentioning, sibling_bin, KillOnDrop, ServerProcess};
 
 fn require_terraform() {
-    let ok = Command::new("terraform")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let ok = Command::new("terraform").arg("version").output().is_ok_and(|o| o.status.success());
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     assert!(
         ok,
@@ -37,10 +34,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let cleanup = KillOnDrop(dir.path().to_path_buf());
         let process = ServerProcess::start(&dir.path().join("data"), &[]);
-        let provider_dir = sibling_bin("terraform-provider-warmpool")
-            .parent()
-            .unwrap()
-            .to_path_buf();
+        let provider_dir = sibling_bin("terraform-provider-warmpool").parent().unwrap().to_path_buf();
         std::fs::write(
             dir.path().join("terraform.rc"),
             format!(
@@ -49,13 +43,7 @@ impl Server {
             ),
         )
         .unwrap();
-        Server {
-            url: process.url.clone(),
-            client: process.client.clone(),
-            process,
-            dir,
-            _cleanup: cleanup,
-        }
+        Server { url: process.url.clone(), client: process.client.clone(), process, dir, _cleanup: cleanup }
     }
 
     fn token(&self) -> String {
@@ -67,9 +55,7 @@ impl Server {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         if let Some(example) = example {
-            let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../examples/terraform")
-                .join(example);
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/terraform").join(example);
             for entry in std::fs::read_dir(src).unwrap() {
                 let entry = entry.unwrap();
                 std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
@@ -130,58 +116,31 @@ async fn quickstart_lifecycle_drift_import_and_destroy() {
     let status = server.client.pool_status(&pool.id).await.unwrap();
     assert!(status.ready >= 2, "{status:?}");
     let first_build = pool.resolved_build_id.clone().unwrap();
-    assert_eq!(
-        server.tf(&dir, &["plan", "-detailed-exitcode"]).0,
-        0,
-        "a second plan shows no changes"
-    );
+    assert_eq!(server.tf(&dir, &["plan", "-detailed-exitcode"]).0, 0, "a second plan shows no changes");
 
     // A spec change: a new build, the tag moves, the pool rolls to a new generation.
     server.ok(
         &dir,
-        &[
-            "apply",
-            "-auto-approve",
-            "-var",
-            "start_cmd=echo v2 > v; touch ready.flag; exec sleep infinity",
-        ],
+        &["apply", "-auto-approve", "-var", "start_cmd=echo v2 > v; touch ready.flag; exec sleep infinity"],
     );
     let tags = server.client.list_tags("api").await.unwrap();
     assert_ne!(tags[0].build_id, first_build, "the tag moved to the new build");
     wait_for("the rollout", async || {
-        server
-            .client
-            .pool_status(&pool.id)
-            .await
-            .unwrap()
-            .rollout_generation
-            >= 2
+        server.client.pool_status(&pool.id).await.unwrap().rollout_generation >= 2
     })
     .await;
-    let v2 = [
-        "-var",
-        "start_cmd=echo v2 > v; touch ready.flag; exec sleep infinity",
-    ];
+    let v2 = ["-var", "start_cmd=echo v2 > v; touch ready.flag; exec sleep infinity"];
 
     // enabled = false disables the pool.
     let mut args = vec!["apply", "-auto-approve", "-var", "pool_enabled=false"];
     args.extend(v2);
     server.ok(&dir, &args);
-    assert_eq!(
-        server.client.get_pool(&pool.id).await.unwrap().state,
-        PoolState::Disabled
-    );
+    assert_eq!(server.client.get_pool(&pool.id).await.unwrap().state, PoolState::Disabled);
 
     // Drift: a change made outside Terraform shows up, and apply corrects it.
     server
         .client
-        .update_pool(
-            &pool.id,
-            &WarmPoolPatch {
-                min_ready: Some(1),
-                ..Default::default()
-            },
-        )
+        .update_pool(&pool.id, &WarmPoolPatch { min_ready: Some(1), ..Default::default() })
         .await
         .unwrap();
     let mut plan = vec!["plan", "-detailed-exitcode", "-var", "pool_enabled=false"];
@@ -222,10 +181,7 @@ async fn quickstart_lifecycle_drift_import_and_destroy() {
          resource \"warmpool_warm_pool\" \"api\" {\n  name = \"api\"\n  template = \"api:stable\"\n  min_ready = 2\n  max_ready = 10\n  enabled = false\n}\n",
     )
     .unwrap();
-    server.ok(
-        &cli,
-        &["import", "-input=false", "warmpool_warm_pool.api", &pool.id],
-    );
+    server.ok(&cli, &["import", "-input=false", "warmpool_warm_pool.api", &pool.id]);
     let (code, out, err) = server.tf(&cli, &["plan", "-detailed-exitcode"]);
     assert_eq!(code, 0, "imported pool plans clean:\n{out}\n{err}");
 
@@ -263,22 +219,13 @@ async fn bad_config_fails_at_plan_naming_the_attribute() {
     write("resource \"warmpool_warm_pool\" \"p\" {\n  name = \"p\"\n  template = \"api:stable\"\n  min_ready = 5\n  max_ready = 1\n}\n");
     let (code, _, err) = server.tf(&dir, &["plan"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("Invalid max_ready") && err.contains("main.tf line 10"),
-        "{err}"
-    );
-    assert!(
-        !err.contains("stack backtrace"),
-        "no backtraces in user-facing errors: {err}"
-    );
+    assert!(err.contains("Invalid max_ready") && err.contains("main.tf line 10"), "{err}");
+    assert!(!err.contains("stack backtrace"), "no backtraces in user-facing errors: {err}");
 
     write("resource \"warmpool_warm_pool\" \"p\" {\n  name = \"p\"\n  template = \"api:stable\"\n  min_ready = 1\n  max_ready = 1\n  checkout_policy = \"sometimes\"\n}\n");
     let (code, _, err) = server.tf(&dir, &["plan"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("checkout_policy") && err.contains("main.tf line 11"),
-        "{err}"
-    );
+    assert!(err.contains("checkout_policy") && err.contains("main.tf line 11"), "{err}");
 
     write(concat!(
         "resource \"warmpool_template\" \"t\" {\n  name = \"t\"\n  start_cmd = \"sleep 1\"\n",
@@ -287,10 +234,7 @@ async fn bad_config_fails_at_plan_naming_the_attribute() {
     ));
     let (code, _, err) = server.tf(&dir, &["plan"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("warm_processes[0].command") && err.contains("main.tf line 13"),
-        "{err}"
-    );
+    assert!(err.contains("warm_processes[0].command") && err.contains("main.tf line 13"), "{err}");
 
     // Values from other resources are unknown at plan time: no false errors.
     write(concat!(
@@ -319,19 +263,10 @@ async fn a_failed_build_is_an_apply_error_with_the_log_tail() {
     .unwrap();
     let (code, out, err) = server.tf(&dir, &["apply", "-auto-approve"]);
     assert_eq!(code, 1, "{out}");
-    assert!(
-        err.contains("failed") && err.contains("readiness did not pass"),
-        "{err}"
-    );
-    assert!(
-        err.contains("preparing the broken template"),
-        "the log tail is shown: {err}"
-    );
+    assert!(err.contains("failed") && err.contains("readiness did not pass"), "{err}");
+    assert!(err.contains("preparing the broken template"), "the log tail is shown: {err}");
     assert!(!err.contains("stack backtrace"), "{err}");
-    assert!(
-        server.client.list_templates().await.unwrap().is_empty(),
-        "nothing is left half-created"
-    );
+    assert!(server.client.list_templates().await.unwrap().is_empty(), "nothing is left half-created");
 }
 
 #[tokio::test]
@@ -341,10 +276,7 @@ async fn terraform_test_file_passes() {
     let dir = server.workdir("tftest", Some("quickstart"));
     let out = server.ok(&dir, &["test"]);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
-    assert!(
-        server.client.list_pools().await.unwrap().is_empty(),
-        "terraform test destroys what it applied"
-    );
+    assert!(server.client.list_pools().await.unwrap().is_empty(), "terraform test destroys what it applied");
 }
 
 /// Every attribute and block of every schema is documented in the registry-layout docs.
@@ -371,32 +303,19 @@ fn docs_cover_the_schema() {
         let mut all = Vec::new();
         names(block, &mut all);
         for name in all {
-            assert!(
-                text.contains(&format!("`{name}`")),
-                "docs/{file} does not document `{name}`"
-            );
+            assert!(text.contains(&format!("`{name}`")), "docs/{file} does not document `{name}`");
         }
     };
     check("index.md", &terraform_provider_warmpool::provider_schema().block);
-    check(
-        "resources/template.md",
-        &terraform_provider_warmpool::template::template_schema().block,
-    );
-    check(
-        "resources/warm_pool.md",
-        &terraform_provider_warmpool::pool::pool_schema().block,
-    );
+    check("resources/template.md", &terraform_provider_warmpool::template::template_schema().block);
+    check("resources/warm_pool.md", &terraform_provider_warmpool::pool::pool_schema().block);
     let mut diags = tf_provider::Diagnostics::default();
     let shared = terraform_provider_warmpool::Shared::default();
     use tf_provider::DataSource;
-    let t = terraform_provider_warmpool::data::TemplateDataSource {
-        shared: shared.clone(),
-    }
-    .schema(&mut diags)
-    .unwrap();
-    check("data-sources/template.md", &t.block);
-    let p = terraform_provider_warmpool::data::PoolDataSource { shared }
+    let t = terraform_provider_warmpool::data::TemplateDataSource { shared: shared.clone() }
         .schema(&mut diags)
         .unwrap();
+    check("data-sources/template.md", &t.block);
+    let p = terraform_provider_warmpool::data::PoolDataSource { shared }.schema(&mut diags).unwrap();
     check("data-sources/warm_pool.md", &p.block);
 }

@@ -2,11 +2,8 @@ use clap::Parser;
 
 fn main() {
     let cli = warmpool_server::cli::Cli::parse();
-    let default_level = if matches!(cli.command, warmpool_server::cli::Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
-    };
+    let default_level =
+        if matches!(cli.command, warmpool_server::cli::Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -14,10 +11,7 @@ fn main() {
                 .unwrap_or_else(|_| default_level.into()),
         )
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let code = match runtime.block_on(warmpool_server::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {

@@ -13,9 +13,8 @@ pub struct Metrics {
     pub reconcile_seconds: HistogramVec,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -29,11 +28,8 @@ impl Default for Metrics {
         )
         .expect("metric");
         let checkout_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "warmpool_checkout_seconds",
-                "Time to serve a sandbox create, by source",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("warmpool_checkout_seconds", "Time to serve a sandbox create, by source")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &["source"],
         )
         .expect("metric");
@@ -43,11 +39,8 @@ impl Default for Metrics {
         )
         .expect("metric");
         let sandbox_start_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "warmpool_sandbox_start_seconds",
-                "Time from start to readiness of a sandbox",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("warmpool_sandbox_start_seconds", "Time from start to readiness of a sandbox")
+                .buckets(LATENCY_BUCKETS.to_vec()),
             &[],
         )
         .expect("metric");
@@ -80,9 +73,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("encode metrics");
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encode metrics");
         String::from_utf8(buf).expect("utf-8 metrics")
     }
 }

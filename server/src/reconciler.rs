@@ -65,11 +65,7 @@ pub struct Plan {
 /// Desired + observed → actions. Pure: no I/O, tested with tables.
 pub fn plan(o: &Observed) -> Plan {
     let mut p = Plan::default();
-    let live: Vec<&Member> = o
-        .members
-        .iter()
-        .filter(|m| m.slot != PoolSlot::Draining)
-        .collect();
+    let live: Vec<&Member> = o.members.iter().filter(|m| m.slot != PoolSlot::Draining).collect();
     if o.state == PoolState::Draining {
         p.stop = live.iter().map(|m| (m.id.clone(), StopReason::Drain)).collect();
         return p;
@@ -79,9 +75,7 @@ pub fn plan(o: &Observed) -> Plan {
     let mut old_ready = Vec::new();
     for m in &live {
         let expired = m.slot == PoolSlot::Ready
-            && o.idle_timeout_seconds
-                .zip(m.ready_for_secs)
-                .is_some_and(|(limit, age)| age >= limit);
+            && o.idle_timeout_seconds.zip(m.ready_for_secs).is_some_and(|(limit, age)| age >= limit);
         if expired {
             p.stop.push((m.id.clone(), StopReason::Expired));
         } else if m.generation == o.generation {
@@ -104,11 +98,7 @@ pub fn plan(o: &Observed) -> Plan {
     let target = o.target as usize;
     // Old ready sandboxes keep serving until the new generation has enough ready ones.
     let keep_old = target.saturating_sub(current_ready.len()).min(old_ready.len());
-    p.stop.extend(
-        old_ready[keep_old..]
-            .iter()
-            .map(|m| (m.id.clone(), StopReason::Rollout)),
-    );
+    p.stop.extend(old_ready[keep_old..].iter().map(|m| (m.id.clone(), StopReason::Rollout)));
     // Above target: stop warming ones first, then the newest ready.
     let alive = current_ready.len() + current_warming.len();
     if alive > target {
@@ -145,10 +135,7 @@ impl App {
     /// Runs passes until the process ends: on every poke and at least once a second.
     pub async fn run_reconciler(self: Arc<Self>) {
         loop {
-            if tokio::time::timeout(Duration::from_secs(1), self.poke.notified())
-                .await
-                .is_ok()
-            {
+            if tokio::time::timeout(Duration::from_secs(1), self.poke.notified()).await.is_ok() {
                 // Let a burst of pokes (one per checkout) coalesce into one pass.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -156,20 +143,14 @@ impl App {
             let pools = match self.store.list_pools(None) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::error!(
-                        error = &e as &dyn std::error::Error,
-                        "Reconciler cannot list pools"
-                    );
+                    tracing::error!(error = &e as &dyn std::error::Error, "Reconciler cannot list pools");
                     continue;
                 }
             };
             for pool in pools {
                 self.reconcile_pool(&pool.pool.id).await;
             }
-            self.metrics
-                .reconcile_seconds
-                .with_label_values(&[])
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.reconcile_seconds.with_label_values(&[]).observe(started.elapsed().as_secs_f64());
         }
     }
 
@@ -240,15 +221,10 @@ impl App {
                 .filter(|b| b.build.status == BuildStatus::Ready),
             None => None,
         };
-        let template = self
-            .store
-            .get_template(&row.account_id, &pool.template_id)
-            .map_err(|e| err(&e))?;
+        let template = self.store.get_template(&row.account_id, &pool.template_id).map_err(|e| err(&e))?;
         let sandboxes = self.store.list_pool_sandboxes(&pool.id).map_err(|e| err(&e))?;
-        let members: Vec<&SandboxRow> = sandboxes
-            .iter()
-            .filter(|s| s.pool_id.as_deref() == Some(pool.id.as_str()))
-            .collect();
+        let members: Vec<&SandboxRow> =
+            sandboxes.iter().filter(|s| s.pool_id.as_deref() == Some(pool.id.as_str())).collect();
         let quota = self.quotas(&row.account_id).map_err(|e| err(&e))?;
         let quota_headroom = match quota.max_warm_sandboxes {
             Some(max) => {
@@ -279,35 +255,11 @@ impl App {
         };
         let plan = plan(&observed);
         for (state, n) in [
-            (
-                "ready",
-                observed
-                    .members
-                    .iter()
-                    .filter(|m| m.slot == PoolSlot::Ready)
-                    .count(),
-            ),
-            (
-                "warming",
-                observed
-                    .members
-                    .iter()
-                    .filter(|m| m.slot == PoolSlot::Warming)
-                    .count(),
-            ),
-            (
-                "draining",
-                observed
-                    .members
-                    .iter()
-                    .filter(|m| m.slot == PoolSlot::Draining)
-                    .count(),
-            ),
+            ("ready", observed.members.iter().filter(|m| m.slot == PoolSlot::Ready).count()),
+            ("warming", observed.members.iter().filter(|m| m.slot == PoolSlot::Warming).count()),
+            ("draining", observed.members.iter().filter(|m| m.slot == PoolSlot::Draining).count()),
         ] {
-            self.metrics
-                .pool_sandboxes
-                .with_label_values(&[&pool.id, state])
-                .set(n as i64);
+            self.metrics.pool_sandboxes.with_label_values(&[&pool.id, state]).set(n as i64);
         }
 
         for (id, reason) in &plan.stop {
@@ -325,10 +277,8 @@ impl App {
             });
         }
         if plan.start > 0 {
-            let (template, build) = (
-                template.expect("build_ready checks it"),
-                build.expect("build_ready checks it"),
-            );
+            let (template, build) =
+                (template.expect("build_ready checks it"), build.expect("build_ready checks it"));
             for _ in 0..plan.start {
                 let mut spec = build.spec.clone();
                 if pool.resources.cpu.is_some() {
@@ -383,12 +333,7 @@ impl App {
     async fn prewarm(self: Arc<Self>, pool_id: String, mut row: SandboxRow, spec: StartSpec) {
         let _slot = self.start_slots.clone().acquire_owned().await;
         // The pool may have drained or moved on while this start waited for a slot.
-        if self
-            .store
-            .get_sandbox(&row.sandbox.id)
-            .ok()
-            .flatten()
-            .and_then(|r| r.pool_slot)
+        if self.store.get_sandbox(&row.sandbox.id).ok().flatten().and_then(|r| r.pool_slot)
             != Some(PoolSlot::Warming)
         {
             return;
@@ -427,12 +372,7 @@ mod tests {
     use super::*;
 
     fn member(id: &str, generation: u64, slot: PoolSlot, age: Option<u64>) -> Member {
-        Member {
-            id: id.into(),
-            generation,
-            slot,
-            ready_for_secs: age,
-        }
+        Member { id: id.into(), generation, slot, ready_for_secs: age }
     }
 
     fn observed(target: u32, members: Vec<Member>) -> Observed {
@@ -474,10 +414,7 @@ mod tests {
             },
             Case {
                 name: "warming counts toward target",
-                o: observed(
-                    3,
-                    vec![member("a", 2, Warming, None), member("b", 2, Ready, Some(1))],
-                ),
+                o: observed(3, vec![member("a", 2, Warming, None), member("b", 2, Ready, Some(1))]),
                 start: 1,
                 stop: vec![],
                 blocked: vec![],
@@ -545,10 +482,7 @@ mod tests {
                 name: "disabled keeps inventory",
                 o: Observed {
                     state: PoolState::Disabled,
-                    ..observed(
-                        0,
-                        vec![member("a", 2, Ready, Some(1)), member("o", 1, Ready, Some(1))],
-                    )
+                    ..observed(0, vec![member("a", 2, Ready, Some(1)), member("o", 1, Ready, Some(1))])
                 },
                 start: 0,
                 stop: vec![],
@@ -558,13 +492,7 @@ mod tests {
                 name: "idle timeout expires stale ready sandboxes and replaces them",
                 o: Observed {
                     idle_timeout_seconds: Some(60),
-                    ..observed(
-                        2,
-                        vec![
-                            member("old", 2, Ready, Some(61)),
-                            member("new", 2, Ready, Some(3)),
-                        ],
-                    )
+                    ..observed(2, vec![member("old", 2, Ready, Some(61)), member("new", 2, Ready, Some(3))])
                 },
                 start: 1,
                 stop: vec![("old", Expired)],
@@ -572,40 +500,28 @@ mod tests {
             },
             Case {
                 name: "quota caps the fill",
-                o: Observed {
-                    quota_headroom: Some(1),
-                    ..observed(3, vec![])
-                },
+                o: Observed { quota_headroom: Some(1), ..observed(3, vec![]) },
                 start: 1,
                 stop: vec![],
                 blocked: vec![DegradedReason::QuotaExceeded],
             },
             Case {
                 name: "no capacity",
-                o: Observed {
-                    capacity: 0,
-                    ..observed(3, vec![])
-                },
+                o: Observed { capacity: 0, ..observed(3, vec![]) },
                 start: 0,
                 stop: vec![],
                 blocked: vec![DegradedReason::NoEligibleHosts],
             },
             Case {
                 name: "build not ready: nothing starts",
-                o: Observed {
-                    build_ready: false,
-                    ..observed(3, vec![])
-                },
+                o: Observed { build_ready: false, ..observed(3, vec![]) },
                 start: 0,
                 stop: vec![],
                 blocked: vec![],
             },
             Case {
                 name: "prewarm failures stop filling",
-                o: Observed {
-                    fill_stopped: true,
-                    ..observed(3, vec![])
-                },
+                o: Observed { fill_stopped: true, ..observed(3, vec![]) },
                 start: 0,
                 stop: vec![],
                 blocked: vec![],

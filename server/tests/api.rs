@@ -21,17 +21,11 @@ async fn raw(
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
-    )
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
 }
 
 fn admin(cp: &TestControlPlane) -> String {
-    std::fs::read_to_string(cp.dir.path().join("admin.token"))
-        .unwrap()
-        .trim()
-        .to_string()
+    std::fs::read_to_string(cp.dir.path().join("admin.token")).unwrap().trim().to_string()
 }
 
 #[tokio::test]
@@ -45,15 +39,8 @@ async fn openapi_matches_golden_file() {
         std::fs::write(&path, &text).unwrap();
     }
     let golden = std::fs::read_to_string(&path).expect("golden file (run with UPDATE_GOLDEN=1 to create it)");
-    assert_eq!(
-        text, golden,
-        "the OpenAPI document changed; if intended, run with UPDATE_GOLDEN=1"
-    );
-    for route in [
-        "/v1/sandboxes",
-        "/v1/template-warm-pools/{id}/leases/{key}",
-        "/v1/templates/{id}/builds",
-    ] {
+    assert_eq!(text, golden, "the OpenAPI document changed; if intended, run with UPDATE_GOLDEN=1");
+    for route in ["/v1/sandboxes", "/v1/template-warm-pools/{id}/leases/{key}", "/v1/templates/{id}/builds"] {
         assert!(doc["paths"][route].is_object(), "{route} missing");
     }
 }
@@ -61,10 +48,7 @@ async fn openapi_matches_golden_file() {
 #[tokio::test]
 async fn health_metrics_and_readyz_need_no_token() {
     let cp = TestControlPlane::start().await;
-    assert_eq!(
-        raw(&cp.url, reqwest::Method::GET, "/healthz", None, None).await.0,
-        200
-    );
+    assert_eq!(raw(&cp.url, reqwest::Method::GET, "/healthz", None, None).await.0, 200);
     let (status, ready) = raw(&cp.url, reqwest::Method::GET, "/readyz", None, None).await;
     assert_eq!(status, 200);
     assert_eq!(ready["runtime"]["runtime"], "local");
@@ -72,10 +56,7 @@ async fn health_metrics_and_readyz_need_no_token() {
     let (status, _) = raw(&cp.url, reqwest::Method::GET, "/metrics", None, None).await;
     assert_eq!(status, 200);
     let (status, body) = raw(&cp.url, reqwest::Method::GET, "/v1/templates", None, None).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (401, Some("unauthorized"))
-    );
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
 }
 
 #[tokio::test]
@@ -84,16 +65,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     let token = admin(&cp);
     let post = |path: &'static str, body: &'static str| {
         let (url, token) = (cp.url.clone(), token.clone());
-        async move {
-            raw(
-                &url,
-                reqwest::Method::POST,
-                path,
-                Some(&token),
-                Some(body.to_string()),
-            )
-            .await
-        }
+        async move { raw(&url, reqwest::Method::POST, path, Some(&token), Some(body.to_string())).await }
     };
     let cases = [
         ("/v1/templates", r#"{"name":"a","colour":"red"}"#, "colour"),
@@ -113,11 +85,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
             r#"{"name":"a","start_cmd":"x","readiness":{"exec":{"command":["true"]},"tcp_socket":{"port":1}}}"#,
             "readiness",
         ),
-        (
-            "/v1/templates",
-            r#"{"name":"a","resources":{"cpu":-1}}"#,
-            "resources.cpu",
-        ),
+        ("/v1/templates", r#"{"name":"a","resources":{"cpu":-1}}"#, "resources.cpu"),
         (
             "/v1/template-warm-pools",
             r#"{"name":"p","template":"nope","min_ready":3,"max_ready":1}"#,
@@ -152,26 +120,13 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         assert_eq!(err["error"]["code"], "invalid_request");
         assert_eq!(err["error"]["details"]["field"], field, "{body}: {err}");
     }
-    assert!(
-        cp.client.list_templates().await.unwrap().is_empty(),
-        "nothing half-written"
-    );
+    assert!(cp.client.list_templates().await.unwrap().is_empty(), "nothing half-written");
     assert!(cp.client.list_pools().await.unwrap().is_empty());
     assert!(cp.client.list_sandboxes().await.unwrap().is_empty());
 
     let big = format!(r#"{{"name":"a","start_cmd":"{}"}}"#, "x".repeat(1 << 20));
-    let (status, err) = raw(
-        &cp.url,
-        reqwest::Method::POST,
-        "/v1/templates",
-        Some(&token),
-        Some(big),
-    )
-    .await;
-    assert_eq!(
-        (status, err["error"]["code"].as_str()),
-        (413, Some("payload_too_large"))
-    );
+    let (status, err) = raw(&cp.url, reqwest::Method::POST, "/v1/templates", Some(&token), Some(big)).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (413, Some("payload_too_large")));
 }
 
 #[tokio::test]
@@ -182,20 +137,14 @@ async fn accounts_are_isolated_and_quotas_apply() {
         .client
         .create_account(&AccountCreate {
             name: "tenant".into(),
-            quotas: Quotas {
-                max_sandboxes: Some(1),
-                max_warm_sandboxes: None,
-            },
+            quotas: Quotas { max_sandboxes: Some(1), max_warm_sandboxes: None },
         })
         .await
         .unwrap();
     assert!(acc.id.starts_with("acc_"));
     let tok = cp
         .client
-        .create_token(&TokenCreate {
-            account_id: acc.id.clone(),
-            name: Some("ci".into()),
-        })
+        .create_token(&TokenCreate { account_id: acc.id.clone(), name: Some("ci".into()) })
         .await
         .unwrap();
     let tenant = cp.client_with(Some(&tok.token));
@@ -204,55 +153,28 @@ async fn accounts_are_isolated_and_quotas_apply() {
     assert_eq!(err.code(), Some("not_found"));
     let admin_sandbox = cp
         .client
-        .create_sandbox(&SandboxCreate {
-            template: Some("shared-name".into()),
-            ..Default::default()
-        })
+        .create_sandbox(&SandboxCreate { template: Some("shared-name".into()), ..Default::default() })
         .await
         .unwrap();
-    assert_eq!(
-        tenant.get_sandbox(&admin_sandbox.id).await.unwrap_err().code(),
-        Some("not_found")
-    );
-    assert_eq!(
-        tenant.delete_sandbox(&admin_sandbox.id).await.unwrap_err().code(),
-        Some("not_found")
-    );
+    assert_eq!(tenant.get_sandbox(&admin_sandbox.id).await.unwrap_err().code(), Some("not_found"));
+    assert_eq!(tenant.delete_sandbox(&admin_sandbox.id).await.unwrap_err().code(), Some("not_found"));
     // Tenants cannot administer accounts.
     let err = tenant
-        .create_account(&AccountCreate {
-            name: "x".into(),
-            quotas: Default::default(),
-        })
+        .create_account(&AccountCreate { name: "x".into(), quotas: Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some("unauthorized"));
 
-    tenant
-        .create_template(&quick_template("shared-name"))
-        .await
-        .unwrap();
-    let b = tenant
-        .create_build("shared-name", &["stable".into()])
-        .await
-        .unwrap();
-    let b = tenant
-        .wait_build(&b.id, std::time::Duration::from_secs(60), |_| {})
-        .await
-        .unwrap();
+    tenant.create_template(&quick_template("shared-name")).await.unwrap();
+    let b = tenant.create_build("shared-name", &["stable".into()]).await.unwrap();
+    let b = tenant.wait_build(&b.id, std::time::Duration::from_secs(60), |_| {}).await.unwrap();
     assert_eq!(b.status, BuildStatus::Ready);
     let first = tenant
-        .create_sandbox(&SandboxCreate {
-            template: Some("shared-name:stable".into()),
-            ..Default::default()
-        })
+        .create_sandbox(&SandboxCreate { template: Some("shared-name:stable".into()), ..Default::default() })
         .await
         .unwrap();
     let err = tenant
-        .create_sandbox(&SandboxCreate {
-            template: Some("shared-name:stable".into()),
-            ..Default::default()
-        })
+        .create_sandbox(&SandboxCreate { template: Some("shared-name:stable".into()), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some("quota_exceeded"));
@@ -260,9 +182,6 @@ async fn accounts_are_isolated_and_quotas_apply() {
     tenant.delete_sandbox(&first.id).await.unwrap();
     // Revoked tokens stop working.
     cp.client.delete_token(&tok.id).await.unwrap();
-    assert_eq!(
-        tenant.list_templates().await.unwrap_err().code(),
-        Some("unauthorized")
-    );
+    assert_eq!(tenant.list_templates().await.unwrap_err().code(), Some("unauthorized"));
     cp.client.delete_sandbox(&admin_sandbox.id).await.unwrap();
 }

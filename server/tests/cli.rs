@@ -39,10 +39,7 @@ async fn quickstart_through_the_cli() {
     let tmp = tempfile::tempdir().unwrap();
     let _cleanup = KillOnDrop(tmp.path().to_path_buf());
     let server = ServerProcess::start(tmp.path(), &[]);
-    let cli = Cli {
-        url: &server.url,
-        data_dir: tmp.path(),
-    };
+    let cli = Cli { url: &server.url, data_dir: tmp.path() };
     let spec = tmp.path().join("template.json");
     std::fs::write(&spec, serde_json::to_string(&quick_template("api")).unwrap()).unwrap();
 
@@ -75,18 +72,9 @@ async fn quickstart_through_the_cli() {
     assert_eq!(p["version_policy"], "track_tag");
     let st = cli.json(&["pool", "wait", "api", "--ready", "1", "--timeout", "60s"]);
     assert_eq!(st["ready"], 1);
-    let hit = cli.json(&[
-        "sandbox",
-        "create",
-        "--warm-pool",
-        "api",
-        "--warm-pool-mode",
-        "require",
-    ]);
+    let hit = cli.json(&["sandbox", "create", "--warm-pool", "api", "--warm-pool-mode", "require"]);
     assert_eq!(hit["warm_pool_checkout"]["hit"], true);
-    let lease = cli.json(&[
-        "pool", "lease", "api", "--key", "job/1", "--count", "1", "--ttl", "10m",
-    ]);
+    let lease = cli.json(&["pool", "lease", "api", "--key", "job/1", "--count", "1", "--ttl", "10m"]);
     assert_eq!(lease["count"], 1);
     let released = cli.json(&["pool", "release", "api", "--key", "job/1", "--drain-if-last"]);
     assert_eq!(released["drained"], true);
@@ -100,10 +88,7 @@ async fn quickstart_through_the_cli() {
     assert!(err.starts_with("error: not_found: "), "{err}");
     let (code, _, err) = cli.run(&["sandbox", "create", "--template", "nope"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("invalid_request") && err.contains("template"),
-        "{err}"
-    );
+    assert!(err.contains("invalid_request") && err.contains("template"), "{err}");
 
     let dir = tmp.path().join("sandboxes").join(&id);
     assert!(dir.exists());
@@ -130,17 +115,7 @@ async fn rust_client_example_runs() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("hello from a warm sandbox") && stdout.contains("hit: true"),
-        "{stdout}"
-    );
-    assert!(
-        cp.client.list_templates().await.unwrap().is_empty(),
-        "the example cleans up"
-    );
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("hello from a warm sandbox") && stdout.contains("hit: true"), "{stdout}");
+    assert!(cp.client.list_templates().await.unwrap().is_empty(), "the example cleans up");
 }

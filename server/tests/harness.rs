@@ -52,17 +52,9 @@ impl TestControlPlane {
         let server = tokio::spawn(async move {
             axum::serve(listener, router).await.unwrap();
         });
-        let token = std::fs::read_to_string(dir.path().join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
+        let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();
         let client = Client::new(&url, Some(token)).unwrap();
-        TestControlPlane {
-            client,
-            url,
-            dir,
-            server,
-        }
+        TestControlPlane { client, url, dir, server }
     }
 
     pub fn client_with(&self, token: Option<&str>) -> Client {
@@ -81,10 +73,7 @@ impl TestControlPlane {
     pub async fn build(&self, name: &str, tags: &[&str]) -> Build {
         let tags: Vec<String> = tags.iter().map(|s| s.to_string()).collect();
         let b = self.client.create_build(name, &tags).await.unwrap();
-        self.client
-            .wait_build(&b.id, Duration::from_secs(60), |_| {})
-            .await
-            .unwrap()
+        self.client.wait_build(&b.id, Duration::from_secs(60), |_| {}).await.unwrap()
     }
 
     pub async fn wait_status(
@@ -99,10 +88,7 @@ impl TestControlPlane {
             if cond(&s) {
                 return s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "pool {pool} never reached {what}: {s:?}"
-            );
+            assert!(Instant::now() < deadline, "pool {pool} never reached {what}: {s:?}");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }

@@ -18,15 +18,9 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     let c = server.client.clone();
     c.create_template(&quick_template("api")).await.unwrap();
     let b = c.create_build("api", &["stable".into()]).await.unwrap();
-    let b = c
-        .wait_build(&b.id, Duration::from_secs(60), |_| {})
-        .await
-        .unwrap();
+    let b = c.wait_build(&b.id, Duration::from_secs(60), |_| {}).await.unwrap();
     let s = c
-        .create_sandbox(&SandboxCreate {
-            template: Some("api:stable".into()),
-            ..Default::default()
-        })
+        .create_sandbox(&SandboxCreate { template: Some("api:stable".into()), ..Default::default() })
         .await
         .unwrap();
     let pool = c
@@ -39,9 +33,7 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
         })
         .await
         .unwrap();
-    c.wait_pool_ready(&pool.id, 2, Duration::from_secs(60), |_| {})
-        .await
-        .unwrap();
+    c.wait_pool_ready(&pool.id, 2, Duration::from_secs(60), |_| {}).await.unwrap();
     let before = procs_mentioning(&dir).len();
 
     server.kill9();
@@ -58,9 +50,7 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_until("the orphan to listen", Duration::from_secs(10), || {
-        orphan.join("procd.sock").exists()
-    });
+    wait_until("the orphan to listen", Duration::from_secs(10), || orphan.join("procd.sock").exists());
     assert_eq!(procs_mentioning(&dir).len(), before + 1);
 
     let server = ServerProcess::start(&dir, &[]);
@@ -74,24 +64,14 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     let again = c.get_sandbox(&s.id).await.unwrap();
     assert_eq!(again.state, SandboxState::Running);
     let r = c
-        .exec(
-            &s.id,
-            &ExecRequest {
-                command: vec!["echo".into(), "still here".into()],
-                ..Default::default()
-            },
-        )
+        .exec(&s.id, &ExecRequest { command: vec!["echo".into(), "still here".into()], ..Default::default() })
         .await
         .unwrap();
     assert_eq!(r.stdout, "still here\n");
     let status = c.pool_status(&pool.id).await.unwrap();
     assert_eq!(status.ready, 2, "pool inventory was re-adopted: {status:?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        procs_mentioning(&dir).len(),
-        before,
-        "nothing was started twice and nothing leaked"
-    );
+    assert_eq!(procs_mentioning(&dir).len(), before, "nothing was started twice and nothing leaked");
     // A re-adopted sandbox is still watched: deleting it stops its processes.
     c.delete_sandbox(&s.id).await.unwrap();
     assert!(!dir.join("sandboxes").join(&s.id).exists());

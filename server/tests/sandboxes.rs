@@ -12,22 +12,13 @@ async fn build_runs_steps_and_start_contract_then_sandbox_exec_and_delete() {
     let (t, build) = cp.ready_template("api").await;
     assert!(t.id.starts_with("tpl_") && build.id.starts_with("bld_"));
     let tags = cp.client.list_tags("api").await.unwrap();
-    assert_eq!(
-        (tags[0].name.as_str(), tags[0].build_id.as_str()),
-        ("stable", build.id.as_str())
-    );
+    assert_eq!((tags[0].name.as_str(), tags[0].build_id.as_str()), ("stable", build.id.as_str()));
     let log = cp.client.build_logs(&build.id).await.unwrap();
-    assert!(
-        log.contains("step 1 of 1") && log.contains("readiness passed"),
-        "{log}"
-    );
+    assert!(log.contains("step 1 of 1") && log.contains("readiness passed"), "{log}");
 
     let s = cp
         .client
-        .create_sandbox(&SandboxCreate {
-            template: Some("api:stable".into()),
-            ..Default::default()
-        })
+        .create_sandbox(&SandboxCreate { template: Some("api:stable".into()), ..Default::default() })
         .await
         .unwrap();
     assert_eq!(s.state, SandboxState::Running);
@@ -47,11 +38,7 @@ async fn build_runs_steps_and_start_contract_then_sandbox_exec_and_delete() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        (r.exit_code, r.stdout.as_str()),
-        (0, "hi\nbuilt\nwarm\nunset\n"),
-        "{r:?}"
-    );
+    assert_eq!((r.exit_code, r.stdout.as_str()), (0, "hi\nbuilt\nwarm\nunset\n"), "{r:?}");
     if cp.client.readyz().await.unwrap()["runtime"]["namespaces"] == true {
         let r = cp
             .client
@@ -85,10 +72,7 @@ async fn build_runs_steps_and_start_contract_then_sandbox_exec_and_delete() {
         .client
         .exec(
             &s.id,
-            &ExecRequest {
-                command: vec!["sh".into(), "-c".into(), "exit 7".into()],
-                ..Default::default()
-            },
+            &ExecRequest { command: vec!["sh".into(), "-c".into(), "exit 7".into()], ..Default::default() },
         )
         .await
         .unwrap();
@@ -105,10 +89,7 @@ async fn build_runs_steps_and_start_contract_then_sandbox_exec_and_delete() {
     cp.client.delete_sandbox(&s.id).await.unwrap();
     assert!(!dir.exists(), "the sandbox directory is removed");
     assert_eq!(cp.procd_count(), 0, "no procd left");
-    assert_eq!(
-        cp.client.get_sandbox(&s.id).await.unwrap_err().code(),
-        Some("not_found")
-    );
+    assert_eq!(cp.client.get_sandbox(&s.id).await.unwrap_err().code(), Some("not_found"));
 }
 
 #[tokio::test]
@@ -124,20 +105,11 @@ async fn a_start_contract_that_never_passes_fails_the_build_with_the_probe_messa
     let b = cp.build("broken", &["stable"]).await;
     assert_eq!(b.status, BuildStatus::Failed);
     let error = b.error.unwrap();
-    assert!(
-        error.contains("readiness did not pass") && error.contains("never.flag"),
-        "{error}"
-    );
-    assert!(
-        cp.client.list_tags("broken").await.unwrap().is_empty(),
-        "tags move only to ready builds"
-    );
+    assert!(error.contains("readiness did not pass") && error.contains("never.flag"), "{error}");
+    assert!(cp.client.list_tags("broken").await.unwrap().is_empty(), "tags move only to ready builds");
     let err = cp
         .client
-        .create_sandbox(&SandboxCreate {
-            template: Some("broken".into()),
-            ..Default::default()
-        })
+        .create_sandbox(&SandboxCreate { template: Some("broken".into()), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some("conflict"));
@@ -167,10 +139,7 @@ async fn warm_processes_logs_and_probes_reach_the_api() {
     assert_eq!(cp.build("talky", &[]).await.status, BuildStatus::Ready);
     let s = cp
         .client
-        .create_sandbox(&SandboxCreate {
-            template: Some("talky".into()),
-            ..Default::default()
-        })
+        .create_sandbox(&SandboxCreate { template: Some("talky".into()), ..Default::default() })
         .await
         .unwrap();
     let mut lines = Vec::new();
@@ -181,17 +150,12 @@ async fn warm_processes_logs_and_probes_reach_the_api() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        lines.iter().any(|l| l.process == "start" && l.data == "started"),
-        "{lines:?}"
-    );
+    assert!(lines.iter().any(|l| l.process == "start" && l.data == "started"), "{lines:?}");
     assert!(lines
         .iter()
         .any(|l| l.process == "agent" && l.alias.as_deref() == Some("a") && l.data == "agent-up"));
     assert!(
-        lines
-            .iter()
-            .any(|l| l.process == "agent" && l.data.ends_with("/root/work")),
+        lines.iter().any(|l| l.process == "agent" && l.data.ends_with("/root/work")),
         "cwd is rooted in the sandbox: {lines:?}"
     );
     let live = cp.client.probe(&s.id, ProbeKind::Liveness).await.unwrap();
@@ -207,10 +171,7 @@ async fn timeout_policy_destroys_the_sandbox() {
         .client
         .create_sandbox(&SandboxCreate {
             template: Some("api".into()),
-            timeout_policy: Some(TimeoutPolicy {
-                timeout_seconds: 1,
-                action: TimeoutAction::Destroy,
-            }),
+            timeout_policy: Some(TimeoutPolicy { timeout_seconds: 1, action: TimeoutAction::Destroy }),
             ..Default::default()
         })
         .await
@@ -230,10 +191,7 @@ async fn a_sandbox_whose_procd_dies_becomes_failed() {
     cp.ready_template("api").await;
     let s = cp
         .client
-        .create_sandbox(&SandboxCreate {
-            template: Some("api".into()),
-            ..Default::default()
-        })
+        .create_sandbox(&SandboxCreate { template: Some("api".into()), ..Default::default() })
         .await
         .unwrap();
     kill_all_under(&cp.dir.path().join("sandboxes").join(&s.id));

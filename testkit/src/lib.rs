@@ -56,11 +56,7 @@ impl ServerProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         let log = data_dir.with_extension("server.log");
         std::thread::spawn(move || {
-            let mut out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .ok();
+            let mut out = std::fs::OpenOptions::new().create(true).append(true).open(log).ok();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("serving on ").nth(1) {
                     let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
@@ -71,27 +67,15 @@ impl ServerProcess {
                 }
             }
         });
-        let url = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server did not report its address");
-        let token = std::fs::read_to_string(data_dir.join("admin.token"))
-            .expect("admin token")
-            .trim()
-            .to_string();
+        let url = rx.recv_timeout(Duration::from_secs(60)).expect("the server did not report its address");
+        let token =
+            std::fs::read_to_string(data_dir.join("admin.token")).expect("admin token").trim().to_string();
         let client = Client::new(&url, Some(token)).expect("client");
-        ServerProcess {
-            child,
-            url,
-            data_dir: data_dir.to_path_buf(),
-            client,
-        }
+        ServerProcess { child, url, data_dir: data_dir.to_path_buf(), client }
     }
 
     pub fn token(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("admin.token"))
-            .expect("admin token")
-            .trim()
-            .to_string()
+        std::fs::read_to_string(self.data_dir.join("admin.token")).expect("admin token").trim().to_string()
     }
 
     /// SIGKILL, as a crash would.
@@ -135,10 +119,7 @@ pub fn kill_all_under(dir: &Path) {
         for e in std::fs::read_dir(sandboxes).into_iter().flatten().flatten() {
             for c in ["memory", "cpu", "freezer"] {
                 let _ = std::fs::remove_dir(
-                    Path::new("/sys/fs/cgroup")
-                        .join(c)
-                        .join("warmpool")
-                        .join(e.file_name()),
+                    Path::new("/sys/fs/cgroup").join(c).join("warmpool").join(e.file_name()),
                 );
             }
         }
@@ -176,10 +157,7 @@ impl Drop for KillOnDrop {
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {timeout:?}"
-        );
+        assert!(Instant::now() < deadline, "{what} did not happen within {timeout:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

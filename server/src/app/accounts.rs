@@ -54,14 +54,8 @@ impl App {
 
     pub fn authenticate(&self, token: Option<&str>) -> AppResult<Caller> {
         let token = token.ok_or(AppError::Unauthorized)?;
-        let row = self
-            .store
-            .token_by_hash(&hash(token))?
-            .ok_or(AppError::Unauthorized)?;
-        Ok(Caller {
-            account_id: row.account_id.unwrap_or_else(|| DEFAULT_ACCOUNT.into()),
-            admin: row.admin,
-        })
+        let row = self.store.token_by_hash(&hash(token))?.ok_or(AppError::Unauthorized)?;
+        Ok(Caller { account_id: row.account_id.unwrap_or_else(|| DEFAULT_ACCOUNT.into()), admin: row.admin })
     }
 
     fn require_admin(caller: &Caller) -> AppResult<()> {
@@ -92,10 +86,7 @@ impl App {
 
     pub fn update_account(&self, caller: &Caller, id: &str, patch: AccountPatch) -> AppResult<Account> {
         Self::require_admin(caller)?;
-        let mut account = self
-            .store
-            .get_account(id)?
-            .ok_or_else(|| not_found("account", id))?;
+        let mut account = self.store.get_account(id)?.ok_or_else(|| not_found("account", id))?;
         if let Some(name) = patch.name {
             validate_name("name", &name)?;
             account.name = name;
@@ -122,12 +113,7 @@ impl App {
             created_at: Utc::now(),
         };
         self.store.insert_token(&row)?;
-        Ok(TokenCreated {
-            id: row.id,
-            token: secret,
-            account_id: req.account_id,
-            name: req.name,
-        })
+        Ok(TokenCreated { id: row.id, token: secret, account_id: req.account_id, name: req.name })
     }
 
     pub fn delete_token(&self, caller: &Caller, id: &str) -> AppResult<()> {
@@ -141,23 +127,14 @@ impl App {
 
     /// The account's quotas (none for unknown accounts).
     pub fn quotas(&self, account_id: &str) -> AppResult<warmpool_api::Quotas> {
-        Ok(self
-            .store
-            .get_account(account_id)?
-            .map(|a| a.quotas)
-            .unwrap_or_default())
+        Ok(self.store.get_account(account_id)?.map(|a| a.quotas).unwrap_or_default())
     }
 }
 
 fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(path)?;
     f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     writeln!(f, "{secret}")
 }

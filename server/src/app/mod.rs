@@ -34,11 +34,7 @@ pub enum AppError {
     #[error("{0}")]
     Quota(String),
     #[error("{message}")]
-    Unavailable {
-        reason: String,
-        field: Option<String>,
-        message: String,
-    },
+    Unavailable { reason: String, field: Option<String>, message: String },
     #[error("store failure")]
     Store(#[source] StoreError),
     #[error("{0}")]
@@ -57,10 +53,7 @@ impl From<StoreError> for AppError {
 pub type AppResult<T> = Result<T, AppError>;
 
 pub fn not_found(kind: &'static str, id: &str) -> AppError {
-    AppError::NotFound {
-        kind,
-        id: id.to_string(),
-    }
+    AppError::NotFound { kind, id: id.to_string() }
 }
 
 /// Who is calling: the account whose resources they see, and whether they may administer accounts.
@@ -118,12 +111,7 @@ impl App {
     }
 
     pub fn inventory_signal(&self, pool_id: &str) -> Arc<Notify> {
-        self.inventory
-            .lock()
-            .expect("inventory")
-            .entry(pool_id.to_string())
-            .or_default()
-            .clone()
+        self.inventory.lock().expect("inventory").entry(pool_id.to_string()).or_default().clone()
     }
 
     /// Read-modify-write of one pool row, serialized with every other.

@@ -20,11 +20,7 @@ pub fn target(pool: &WarmPool, leases: &[LeaseRow], now: chrono::DateTime<Utc>) 
     if pool.state != PoolState::Enabled {
         return 0;
     }
-    let leased: u64 = leases
-        .iter()
-        .filter(|l| l.lease.expires_at > now)
-        .map(|l| l.lease.count as u64)
-        .sum();
+    let leased: u64 = leases.iter().filter(|l| l.lease.expires_at > now).map(|l| l.lease.count as u64).sum();
     (pool.min_ready as u64 + leased).min(pool.max_ready as u64) as u32
 }
 
@@ -47,15 +43,9 @@ impl App {
             checkout_policy: spec.checkout_policy,
             idle_timeout_seconds: spec.idle_timeout_seconds,
             labels: spec.labels.clone(),
-            state: if spec.enabled == Some(false) {
-                PoolState::Disabled
-            } else {
-                PoolState::Enabled
-            },
+            state: if spec.enabled == Some(false) { PoolState::Disabled } else { PoolState::Enabled },
             rollout_generation: 1,
-            resolved_build_id: build
-                .filter(|b| b.build.status == BuildStatus::Ready)
-                .map(|b| b.build.id),
+            resolved_build_id: build.filter(|b| b.build.status == BuildStatus::Ready).map(|b| b.build.id),
             previous_build_id: None,
             created_at: now,
             updated_at: now,
@@ -70,18 +60,11 @@ impl App {
     }
 
     pub fn list_pools(&self, caller: &Caller) -> AppResult<Vec<WarmPool>> {
-        Ok(self
-            .store
-            .list_pools(Some(&caller.account_id))?
-            .into_iter()
-            .map(|r| r.pool)
-            .collect())
+        Ok(self.store.list_pools(Some(&caller.account_id))?.into_iter().map(|r| r.pool).collect())
     }
 
     pub fn get_pool(&self, caller: &Caller, id_or_name: &str) -> AppResult<PoolRow> {
-        self.store
-            .get_pool(&caller.account_id, id_or_name)?
-            .ok_or_else(|| not_found("warm pool", id_or_name))
+        self.store.get_pool(&caller.account_id, id_or_name)?.ok_or_else(|| not_found("warm pool", id_or_name))
     }
 
     /// Applies a patch. A change of template, version policy, tag or resources starts a new rollout generation
@@ -230,10 +213,7 @@ impl App {
             expires_at: now + chrono::Duration::seconds(spec.ttl_seconds as i64),
             updated_at: now,
         };
-        self.store.put_lease(&LeaseRow {
-            account_id: caller.account_id.clone(),
-            lease: lease.clone(),
-        })?;
+        self.store.put_lease(&LeaseRow { account_id: caller.account_id.clone(), lease: lease.clone() })?;
         self.poke.notify_one();
         Ok(lease)
     }
@@ -266,11 +246,7 @@ impl App {
             self.set_pool_state(caller, &row.pool.id, PoolState::Draining)?;
         }
         self.poke.notify_one();
-        Ok(LeaseRelease {
-            released,
-            remaining_leases: remaining,
-            drained,
-        })
+        Ok(LeaseRelease { released, remaining_leases: remaining, drained })
     }
 
     pub fn pool_status(&self, caller: &Caller, id_or_name: &str) -> AppResult<PoolStatus> {
@@ -338,11 +314,7 @@ impl App {
     /// building, `template_build_unavailable` when it failed, was deleted, or the template is gone.
     pub fn artifact_problem(&self, row: &PoolRow) -> AppResult<Option<DegradedReason>> {
         let pool = &row.pool;
-        if self
-            .store
-            .get_template(&row.account_id, &pool.template_id)?
-            .is_none()
-        {
+        if self.store.get_template(&row.account_id, &pool.template_id)?.is_none() {
             return Ok(Some(DegradedReason::TemplateBuildUnavailable));
         }
         let wanted = match (&pool.version_policy, &pool.track_tag) {

@@ -22,19 +22,13 @@ const MAX_WAIT_MS: u64 = 10 * 60 * 1000;
 
 fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
     if req.template.is_none() && req.warm_pool.is_none() {
-        return Err(FieldError::new(
-            "template",
-            "is required unless warm_pool is given",
-        ));
+        return Err(FieldError::new("template", "is required unless warm_pool is given"));
     }
     if let Some(t) = &req.template {
         warmpool_api::TemplateRef::parse("template", t)?;
     }
     if req.warm_pool_wait_ms.is_some_and(|w| w > MAX_WAIT_MS) {
-        return Err(FieldError::new(
-            "warm_pool_wait_ms",
-            format!("must be at most {MAX_WAIT_MS}"),
-        ));
+        return Err(FieldError::new("warm_pool_wait_ms", format!("must be at most {MAX_WAIT_MS}")));
     }
     for key in req.envs.iter().flatten().map(|(k, _)| k) {
         validate_env_key(&format!("envs.{key}"), key)?;
@@ -47,25 +41,16 @@ fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
         validate_cwd("cwd", cwd)?;
     }
     if req.desktop == Some(true) {
-        return Err(FieldError::new(
-            "desktop",
-            "is not supported by the local runtime",
-        ));
+        return Err(FieldError::new("desktop", "is not supported by the local runtime"));
     }
     if let Some(t) = &req.timeout_policy {
         if t.timeout_seconds == 0 {
-            return Err(FieldError::new(
-                "timeout_policy.timeout_seconds",
-                "must be greater than 0",
-            ));
+            return Err(FieldError::new("timeout_policy.timeout_seconds", "must be greater than 0"));
         }
     }
     for key in req.labels.iter().flatten().map(|(k, _)| k) {
         if key.is_empty() || key.len() > 63 {
-            return Err(FieldError::new(
-                format!("labels.{key}"),
-                "keys must be 1-63 characters",
-            ));
+            return Err(FieldError::new(format!("labels.{key}"), "keys must be 1-63 characters"));
         }
     }
     Ok(())
@@ -90,13 +75,8 @@ impl App {
             .get_pool(&caller.account_id, &pool_ref)?
             .ok_or_else(|| not_found("warm pool", &pool_ref))?;
         if let Some(t) = &req.template {
-            let name = warmpool_api::TemplateRef::parse("template", t)?
-                .name()
-                .to_string();
-            let template_id = self
-                .store
-                .get_template(&caller.account_id, &name)?
-                .map(|t| t.template.id);
+            let name = warmpool_api::TemplateRef::parse("template", t)?.name().to_string();
+            let template_id = self.store.get_template(&caller.account_id, &name)?.map(|t| t.template.id);
             if template_id.as_deref() != Some(pool.pool.template_id.as_str()) {
                 return Err(FieldError::new(
                     "template",
@@ -105,10 +85,7 @@ impl App {
                 .into());
             }
         }
-        let mode = req
-            .warm_pool_mode
-            .or(pool.pool.checkout_policy)
-            .unwrap_or(CheckoutMode::Prefer);
+        let mode = req.warm_pool_mode.or(pool.pool.checkout_policy).unwrap_or(CheckoutMode::Prefer);
         let checkout = |source, waited_ms, fallback_reason| WarmPoolCheckout {
             source,
             hit: source == CheckoutSource::WarmPool,
@@ -150,22 +127,14 @@ impl App {
             self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
             let cold = self.cold_plan_for_pool(caller, &req, &pool)?;
             return self
-                .create_cold(
-                    caller,
-                    &req,
-                    cold,
-                    Some(checkout(CheckoutSource::Cold, 0, Some(reason))),
-                )
+                .create_cold(caller, &req, cold, Some(checkout(CheckoutSource::Cold, 0, Some(reason))))
                 .await;
         }
         self.check_owned_quota(&caller.account_id)?;
         // A disabled pool still hands out the inventory it kept, but nothing refills it: no point waiting.
         let disabled = pool.pool.state == PoolState::Disabled;
-        let wait = if disabled {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(req.warm_pool_wait_ms.unwrap_or(0))
-        };
+        let wait =
+            if disabled { Duration::ZERO } else { Duration::from_millis(req.warm_pool_wait_ms.unwrap_or(0)) };
         let signal = self.inventory_signal(&pool.pool.id);
         loop {
             let notified = signal.notified();
@@ -182,8 +151,7 @@ impl App {
                 created_at: Utc::now(),
             };
             if let Some(row) =
-                self.store
-                    .claim_ready(&pool.pool.id, pool.pool.resolved_build_id.as_deref(), &claim)?
+                self.store.claim_ready(&pool.pool.id, pool.pool.resolved_build_id.as_deref(), &claim)?
             {
                 self.poke.notify_one();
                 self.record_checkout(&pool, mode, CheckoutSource::WarmPool, started);
@@ -202,18 +170,12 @@ impl App {
         let (reason, message) = if disabled {
             (
                 FallbackReason::PoolDisabled,
-                format!(
-                    "warm pool {} is disabled and has no ready sandbox",
-                    pool.pool.name
-                ),
+                format!("warm pool {} is disabled and has no ready sandbox", pool.pool.name),
             )
         } else {
             (
                 FallbackReason::NoReadyInventory,
-                format!(
-                    "warm pool {} had no ready sandbox within {waited_ms} ms",
-                    pool.pool.name
-                ),
+                format!("warm pool {} had no ready sandbox within {waited_ms} ms", pool.pool.name),
             )
         };
         miss(reason, None, message)?;
@@ -228,10 +190,7 @@ impl App {
             CheckoutSource::WarmPool => "warm_pool",
             CheckoutSource::Cold => "cold",
         };
-        self.metrics
-            .checkouts_total
-            .with_label_values(&[&pool.pool.id, mode.as_str(), source])
-            .inc();
+        self.metrics.checkouts_total.with_label_values(&[&pool.pool.id, mode.as_str(), source]).inc();
         if source == "warm_pool" {
             self.metrics
                 .checkout_seconds
@@ -261,15 +220,9 @@ impl App {
             return self.cold_plan(caller, t);
         }
         let build_id = pool.pool.resolved_build_id.clone().ok_or_else(|| {
-            AppError::Conflict(format!(
-                "warm pool {} has no resolved build to start cold",
-                pool.pool.name
-            ))
+            AppError::Conflict(format!("warm pool {} has no resolved build to start cold", pool.pool.name))
         })?;
-        let build = self
-            .store
-            .get_build(&build_id)?
-            .ok_or_else(|| not_found("build", &build_id))?;
+        let build = self.store.get_build(&build_id)?.ok_or_else(|| not_found("build", &build_id))?;
         let template = self
             .store
             .get_template(&caller.account_id, &pool.pool.template_id)?
@@ -330,12 +283,7 @@ impl App {
             .volumes
             .iter()
             .flatten()
-            .map(|v| {
-                (
-                    self.runtime.volume_dir(&caller.account_id, &v.name),
-                    v.mount_path.clone(),
-                )
-            })
+            .map(|v| (self.runtime.volume_dir(&caller.account_id, &v.name), v.mount_path.clone()))
             .collect();
         let spec = StartSpec {
             sandbox_id: row.sandbox.id.clone(),
@@ -365,9 +313,7 @@ impl App {
         let result = async {
             let handle = self.runtime.start(spec).await?;
             row.handle = handle.clone();
-            self.store
-                .update_sandbox(row)
-                .map_err(|e| crate::runtime::RuntimeError::Build(e.to_string()))?;
+            self.store.update_sandbox(row).map_err(|e| crate::runtime::RuntimeError::Build(e.to_string()))?;
             self.runtime.wait_ready(&handle, timeout).await
         }
         .await;
@@ -412,12 +358,7 @@ impl App {
     }
 
     pub fn list_sandboxes(&self, caller: &Caller) -> AppResult<Vec<Sandbox>> {
-        Ok(self
-            .store
-            .list_sandboxes(&caller.account_id)?
-            .into_iter()
-            .map(|r| r.sandbox)
-            .collect())
+        Ok(self.store.list_sandboxes(&caller.account_id)?.into_iter().map(|r| r.sandbox).collect())
     }
 
     pub async fn delete_sandbox(&self, caller: &Caller, id: &str) -> AppResult<()> {
@@ -437,10 +378,7 @@ impl App {
     pub(super) async fn expire_sandbox(&self, mut row: SandboxRow) -> AppResult<()> {
         match row.timeout_policy.as_ref().map(|t| t.action) {
             Some(TimeoutAction::Pause) => {
-                self.runtime
-                    .pause(&row.handle, true)
-                    .await
-                    .map_err(|e| AppError::Internal(e.to_string()))?;
+                self.runtime.pause(&row.handle, true).await.map_err(|e| AppError::Internal(e.to_string()))?;
                 row.sandbox.state = SandboxState::Paused;
                 row.sandbox.expires_at = None;
                 self.store.update_sandbox(&row)?;
@@ -467,10 +405,7 @@ impl App {
             validate_env_key(&format!("env.{key}"), key)?;
         }
         if row.sandbox.state != SandboxState::Running {
-            return Err(AppError::Conflict(format!(
-                "sandbox {id} is {}",
-                row.sandbox.state.as_str()
-            )));
+            return Err(AppError::Conflict(format!("sandbox {id} is {}", row.sandbox.state.as_str())));
         }
         let build = self.store.get_build(&row.sandbox.build_id)?;
         let base_cwd = build.as_ref().and_then(|b| b.spec.cwd.clone());

@@ -40,12 +40,7 @@ impl App {
     }
 
     pub fn list_templates(&self, caller: &Caller) -> AppResult<Vec<Template>> {
-        Ok(self
-            .store
-            .list_templates(&caller.account_id)?
-            .into_iter()
-            .map(|r| r.template)
-            .collect())
+        Ok(self.store.list_templates(&caller.account_id)?.into_iter().map(|r| r.template).collect())
     }
 
     pub fn get_template(&self, caller: &Caller, id_or_name: &str) -> AppResult<TemplateRow> {
@@ -112,10 +107,7 @@ impl App {
     }
 
     pub fn build_log_path(&self, build_id: &str) -> std::path::PathBuf {
-        self.config
-            .data_dir
-            .join("build-logs")
-            .join(format!("{build_id}.log"))
+        self.config.data_dir.join("build-logs").join(format!("{build_id}.log"))
     }
 
     async fn run_build(self: Arc<Self>, mut row: BuildRow) {
@@ -160,16 +152,9 @@ impl App {
         spec: &TemplateSpec,
         log: &std::path::Path,
     ) -> Result<(), String> {
-        let root = self
-            .runtime
-            .run_build_steps(id, spec, log)
-            .await
-            .map_err(|e| e.to_string())?;
+        let root = self.runtime.run_build_steps(id, spec, log).await.map_err(|e| e.to_string())?;
         if spec.start_cmd.is_some() || !spec.warm_processes.is_empty() {
-            append(
-                log,
-                "==> checking the start contract (start_cmd until readiness passes)\n",
-            );
+            append(log, "==> checking the start contract (start_cmd until readiness passes)\n");
             let start = StartSpec {
                 sandbox_id: id.to_string(),
                 artifact: None,
@@ -179,11 +164,7 @@ impl App {
                 volumes: Vec::new(),
                 private_network: false,
             };
-            let handle = self
-                .runtime
-                .start_in(id, root.clone(), start)
-                .await
-                .map_err(|e| e.to_string())?;
+            let handle = self.runtime.start_in(id, root.clone(), start).await.map_err(|e| e.to_string())?;
             let ready = self.runtime.wait_ready(&handle, start_timeout(spec)).await;
             let output = self.runtime.log_tail(&handle, 64 * 1024);
             self.runtime.stop(id, &handle, false).await;
@@ -191,21 +172,13 @@ impl App {
             ready.map_err(|e| format!("start contract failed: {e}"))?;
             append(log, "==> readiness passed\n");
         }
-        self.runtime
-            .seal_artifact(id, root)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.runtime.seal_artifact(id, root).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
     pub fn list_builds(&self, caller: &Caller, template: &str) -> AppResult<Vec<Build>> {
         let t = self.get_template(caller, template)?;
-        Ok(self
-            .store
-            .list_builds(&t.template.id)?
-            .into_iter()
-            .map(|b| b.build)
-            .collect())
+        Ok(self.store.list_builds(&t.template.id)?.into_iter().map(|b| b.build).collect())
     }
 
     pub fn get_build(&self, caller: &Caller, id: &str) -> AppResult<BuildRow> {
@@ -223,16 +196,10 @@ impl App {
     pub fn put_tag(&self, caller: &Caller, template: &str, tag: &str, build_id: &str) -> AppResult<Tag> {
         let t = self.get_template(caller, template)?;
         validate_name("tag", tag)?;
-        let build = self
-            .store
-            .get_build(build_id)?
-            .filter(|b| b.build.template_id == t.template.id)
-            .ok_or_else(|| {
-                FieldError::new(
-                    "build_id",
-                    format!("{build_id:?} is not a build of {}", t.template.name),
-                )
-            })?;
+        let build =
+            self.store.get_build(build_id)?.filter(|b| b.build.template_id == t.template.id).ok_or_else(
+                || FieldError::new("build_id", format!("{build_id:?} is not a build of {}", t.template.name)),
+            )?;
         if build.build.status != BuildStatus::Ready {
             return Err(AppError::Conflict(format!(
                 "build {build_id} is {}, not ready",
@@ -242,12 +209,7 @@ impl App {
         let now = Utc::now();
         self.store.put_tag(&t.template.id, tag, build_id, now)?;
         self.poke.notify_one();
-        Ok(Tag {
-            name: tag.into(),
-            template_id: t.template.id,
-            build_id: build_id.into(),
-            updated_at: now,
-        })
+        Ok(Tag { name: tag.into(), template_id: t.template.id, build_id: build_id.into(), updated_at: now })
     }
 
     pub fn list_tags(&self, caller: &Caller, template: &str) -> AppResult<Vec<Tag>> {

@@ -56,11 +56,7 @@ fn checkout_buckets(metrics: &str) -> Vec<(f64, f64)> {
         .filter(|l| l.contains("source=\"warm_pool\""))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
             let count = l.rsplit(' ').next()?.parse().ok()?;
             Some((le, count))
         })
@@ -71,23 +67,10 @@ fn checkout_buckets(metrics: &str) -> Vec<(f64, f64)> {
 fn server_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> serde_json::Value {
     let diff: Vec<(f64, f64)> = after
         .iter()
-        .map(|(le, n)| {
-            (
-                *le,
-                n - before
-                    .iter()
-                    .find(|(b, _)| b == le)
-                    .map(|(_, m)| *m)
-                    .unwrap_or(0.0),
-            )
-        })
+        .map(|(le, n)| (*le, n - before.iter().find(|(b, _)| b == le).map(|(_, m)| *m).unwrap_or(0.0)))
         .collect();
     let total = diff.last().map(|(_, n)| *n).unwrap_or(0.0);
-    let quantile = |q: f64| {
-        diff.iter()
-            .find(|(_, n)| *n >= q * total)
-            .map(|(le, _)| le * 1000.0)
-    };
+    let quantile = |q: f64| diff.iter().find(|(_, n)| *n >= q * total).map(|(le, _)| le * 1000.0);
     serde_json::json!({"count": total, "p50_ms_at_most": quantile(0.5), "p99_ms_at_most": quantile(0.99)})
 }
 
@@ -165,10 +148,7 @@ pub async fn checkout(global: &Global, args: CheckoutArgs) -> anyhow::Result<i32
     for _ in 0..args.cold {
         let t = Instant::now();
         let s = c
-            .create_sandbox(&SandboxCreate {
-                template: Some(args.template.clone()),
-                ..Default::default()
-            })
+            .create_sandbox(&SandboxCreate { template: Some(args.template.clone()), ..Default::default() })
             .await?;
         cold_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         c.delete_sandbox(&s.id).await?;

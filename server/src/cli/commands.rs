@@ -43,11 +43,8 @@ fn print<T: Serialize>(global: &Global, value: &T, text: impl FnOnce(&T) -> Stri
 }
 
 fn spinner(global: &Global, message: String) -> indicatif::ProgressBar {
-    let bar = if global.json {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new_spinner()
-    };
+    let bar =
+        if global.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
     bar.enable_steady_tick(Duration::from_millis(120));
     bar.set_message(message);
     bar
@@ -111,13 +108,7 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
                     &["ID", "NAME", "START_CMD"],
                     l.items
                         .iter()
-                        .map(|t| {
-                            vec![
-                                t.id.clone(),
-                                t.name.clone(),
-                                t.start_cmd.clone().unwrap_or_default(),
-                            ]
-                        })
+                        .map(|t| vec![t.id.clone(), t.name.clone(), t.start_cmd.clone().unwrap_or_default()])
                         .collect(),
                 )
             });
@@ -133,17 +124,10 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
                 format!("deleted template {reference}")
             });
         }
-        TemplateCmd::Build {
-            name,
-            tags,
-            wait,
-            timeout,
-        } => {
+        TemplateCmd::Build { name, tags, wait, timeout } => {
             let build = c.create_build(&name, &tags).await?;
             if !wait {
-                print(global, &build, |b| {
-                    format!("build {} is {}", b.id, b.status.as_str())
-                });
+                print(global, &build, |b| format!("build {} is {}", b.id, b.status.as_str()));
                 return Ok(0);
             }
             let bar = spinner(global, format!("building {name} ({})", build.id));
@@ -159,11 +143,7 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
                 None => format!(
                     "build {} is ready{}",
                     b.id,
-                    if b.tags.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (tags: {})", b.tags.join(", "))
-                    }
+                    if b.tags.is_empty() { String::new() } else { format!(" (tags: {})", b.tags.join(", ")) }
                 ),
             });
             return Ok(if failed { 1 } else { 0 });
@@ -244,28 +224,13 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
         }
         PoolCmd::Get { id } => print(global, &c.get_pool(&id).await?, show),
         PoolCmd::Status { id } => print(global, &c.pool_status(&id).await?, status_line),
-        PoolCmd::Update {
-            id,
-            min_ready,
-            max_ready,
-        } => {
-            let p = c
-                .update_pool(
-                    &id,
-                    &WarmPoolPatch {
-                        min_ready,
-                        max_ready,
-                        ..Default::default()
-                    },
-                )
-                .await?;
+        PoolCmd::Update { id, min_ready, max_ready } => {
+            let p = c.update_pool(&id, &WarmPoolPatch { min_ready, max_ready, ..Default::default() }).await?;
             print(global, &p, show);
         }
         PoolCmd::Delete { id } => {
             c.delete_pool(&id).await?;
-            print(global, &serde_json::json!({"deleted": id}), |_| {
-                format!("drained and deleted pool {id}")
-            });
+            print(global, &serde_json::json!({"deleted": id}), |_| format!("drained and deleted pool {id}"));
         }
         PoolCmd::Enable { id } => print(global, &c.pool_action(&id, "enable").await?, show),
         PoolCmd::Disable { id } => print(global, &c.pool_action(&id, "disable").await?, show),
@@ -305,28 +270,12 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
             }
         }
         PoolCmd::Lease { id, key, count, ttl } => {
-            let l = c
-                .put_lease(
-                    &id,
-                    &key,
-                    &LeaseSpec {
-                        count,
-                        ttl_seconds: ttl.as_secs().max(1),
-                    },
-                )
-                .await?;
+            let l = c.put_lease(&id, &key, &LeaseSpec { count, ttl_seconds: ttl.as_secs().max(1) }).await?;
             print(global, &l, |l| {
-                format!(
-                    "lease {} on {}: count={} expires {}",
-                    l.key, l.pool_id, l.count, l.expires_at
-                )
+                format!("lease {} on {}: count={} expires {}", l.key, l.pool_id, l.count, l.expires_at)
             });
         }
-        PoolCmd::Release {
-            id,
-            key,
-            drain_if_last,
-        } => {
+        PoolCmd::Release { id, key, drain_if_last } => {
             let r = c.release_lease(&id, &key, drain_if_last).await?;
             print(global, &r, |r| {
                 format!(
@@ -346,28 +295,14 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
             .as_ref()
             .map(|co| format!(" source={}", if co.hit { "warm_pool" } else { "cold" }))
             .unwrap_or_default();
-        format!(
-            "sandbox {} {} template={} build={}{source}",
-            s.id,
-            s.state.as_str(),
-            s.template,
-            s.build_id
-        )
+        format!("sandbox {} {} template={} build={}{source}", s.id, s.state.as_str(), s.template, s.build_id)
     };
     match cmd {
-        SandboxCmd::Create {
-            template,
-            warm_pool,
-            warm_pool_mode,
-            warm_pool_wait,
-        } => {
+        SandboxCmd::Create { template, warm_pool, warm_pool_mode, warm_pool_wait } => {
             let req = SandboxCreate {
                 template,
                 warm_pool,
-                warm_pool_mode: warm_pool_mode
-                    .map(|m| m.parse())
-                    .transpose()
-                    .map_err(anyhow::Error::msg)?,
+                warm_pool_mode: warm_pool_mode.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?,
                 warm_pool_wait_ms: warm_pool_wait,
                 ..Default::default()
             };
@@ -376,12 +311,7 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
             bar.finish_and_clear();
             print(global, &s?, show);
         }
-        SandboxCmd::Exec {
-            id,
-            cwd,
-            timeout,
-            command,
-        } => {
+        SandboxCmd::Exec { id, cwd, timeout, command } => {
             let req = ExecRequest {
                 command,
                 cwd,
@@ -395,10 +325,7 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
                 print!("{}", r.stdout);
                 eprint!("{}", r.stderr);
                 if r.timed_out {
-                    eprintln!(
-                        "error: command timed out after {}",
-                        humantime::format_duration(timeout)
-                    );
+                    eprintln!("error: command timed out after {}", humantime::format_duration(timeout));
                 }
             }
             return Ok(if r.exit_code < 0 { 1 } else { r.exit_code });
@@ -425,9 +352,7 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
         SandboxCmd::Get { id } => print(global, &c.get_sandbox(&id).await?, show),
         SandboxCmd::Delete { id } => {
             c.delete_sandbox(&id).await?;
-            print(global, &serde_json::json!({"deleted": id}), |_| {
-                format!("deleted sandbox {id}")
-            });
+            print(global, &serde_json::json!({"deleted": id}), |_| format!("deleted sandbox {id}"));
         }
         SandboxCmd::Logs { id } => {
             let items = c.logs(&id).await?;

@@ -12,11 +12,7 @@ use clap::{Args, Parser, Subcommand};
 pub use commands::run_client_command;
 
 #[derive(Parser)]
-#[command(
-    name = "warmpool",
-    version,
-    about = "Warm pools of ready sandboxes: control plane and CLI"
-)]
+#[command(name = "warmpool", version, about = "Warm pools of ready sandboxes: control plane and CLI")]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -27,12 +23,7 @@ pub struct Cli {
 #[derive(Args, Clone)]
 pub struct Global {
     /// Control plane URL.
-    #[arg(
-        long,
-        global = true,
-        env = "WARMPOOL_ENDPOINT",
-        default_value = "http://127.0.0.1:7070"
-    )]
+    #[arg(long, global = true, env = "WARMPOOL_ENDPOINT", default_value = "http://127.0.0.1:7070")]
     pub endpoint: String,
     /// API token (default: <data-dir>/admin.token when the endpoint is local).
     #[arg(long, global = true, env = "WARMPOOL_TOKEN", hide_env_values = true)]

@@ -51,11 +51,7 @@ fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         return Ok(sibling);
     }
     std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join("procd"))
-                .find(|p| p.exists())
-        })
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("procd")).find(|p| p.exists()))
         .context("cannot find the procd binary: build it (cargo build) or pass --procd")
 }
 
@@ -74,11 +70,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))?);
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-    let isolation = if args.no_isolation {
-        Isolation::none()
-    } else {
-        Isolation::detect()
-    };
+    let isolation = if args.no_isolation { Isolation::none() } else { Isolation::detect() };
     let runtime = LocalRuntime::new(
         data_dir.clone(),
         find_procd(args.procd.clone())?,

@@ -20,38 +20,23 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route(
-            "/v1/openapi.json",
-            get(|| async { Json(super::openapi::document()) }),
-        )
+        .route("/v1/openapi.json", get(|| async { Json(super::openapi::document()) }))
         .route("/v1/accounts", post(create_account).get(list_accounts))
         .route("/v1/accounts/:id", axum::routing::patch(update_account))
         .route("/v1/tokens", post(create_token))
         .route("/v1/tokens/:id", axum::routing::delete(delete_token))
         .route("/v1/templates", post(create_template).get(list_templates))
-        .route(
-            "/v1/templates/:id",
-            get(get_template).patch(update_template).delete(delete_template),
-        )
+        .route("/v1/templates/:id", get(get_template).patch(update_template).delete(delete_template))
         .route("/v1/templates/:id/builds", post(create_build).get(list_builds))
         .route("/v1/templates/:id/tags", get(list_tags))
-        .route(
-            "/v1/templates/:id/tags/:tag",
-            put(put_tag).get(get_tag).delete(delete_tag),
-        )
+        .route("/v1/templates/:id/tags/:tag", put(put_tag).get(get_tag).delete(delete_tag))
         .route("/v1/builds/:id", get(get_build))
         .route("/v1/builds/:id/logs", get(build_logs))
         .route("/v1/template-warm-pools", post(create_pool).get(list_pools))
-        .route(
-            "/v1/template-warm-pools/:id",
-            get(get_pool).patch(update_pool).delete(delete_pool),
-        )
+        .route("/v1/template-warm-pools/:id", get(get_pool).patch(update_pool).delete(delete_pool))
         .route("/v1/template-warm-pools/:id/status", get(pool_status))
         .route("/v1/template-warm-pools/:id/leases", get(list_leases))
-        .route(
-            "/v1/template-warm-pools/:id/leases/*key",
-            put(put_lease).delete(release_lease),
-        )
+        .route("/v1/template-warm-pools/:id/leases/*key", put(put_lease).delete(release_lease))
         .route("/v1/template-warm-pools/:id/:action", post(pool_action))
         .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/v1/sandboxes/:id", get(get_sandbox).delete(delete_sandbox))
@@ -72,21 +57,11 @@ async fn readyz(State(app): S) -> impl IntoResponse {
         "runtime": app.runtime.details(),
         "reconciler": if app.config.reconciler_enabled { "on" } else { "off" },
     });
-    (
-        if store_ok {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        Json(body),
-    )
+    (if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
 async fn metrics(State(app): S) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        app.metrics.render(),
-    )
+    ([("content-type", "text/plain; version=0.0.4")], app.metrics.render())
 }
 
 async fn create_account(
@@ -159,10 +134,7 @@ async fn get_build(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiR
     Ok(Json(app.get_build(&c, &id)?.build))
 }
 async fn build_logs(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok((
-        [("content-type", "text/plain; charset=utf-8")],
-        app.build_logs(&c, &id)?,
-    ))
+    Ok(([("content-type", "text/plain; charset=utf-8")], app.build_logs(&c, &id)?))
 }
 async fn list_tags(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Tag>>> {
     Ok(list(app.list_tags(&c, &id)?))
@@ -263,12 +235,7 @@ async fn release_lease(
     Path((id, key)): Path<(String, String)>,
     Query(q): Query<ReleaseQuery>,
 ) -> ApiResult<Json<LeaseRelease>> {
-    Ok(Json(app.release_lease(
-        &c,
-        &id,
-        key.trim_start_matches('/'),
-        q.drain_if_last,
-    )?))
+    Ok(Json(app.release_lease(&c, &id, key.trim_start_matches('/'), q.drain_if_last)?))
 }
 
 async fn create_sandbox(

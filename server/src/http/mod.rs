@@ -47,22 +47,16 @@ impl IntoResponse for ApiError {
                 serde_json::json!({}),
             ),
             ApiError::App(e) => match e {
-                AppError::Invalid(f) => (
-                    ErrorCode::InvalidRequest,
-                    f.to_string(),
-                    serde_json::json!({"field": f.field}),
-                ),
+                AppError::Invalid(f) => {
+                    (ErrorCode::InvalidRequest, f.to_string(), serde_json::json!({"field": f.field}))
+                }
                 AppError::Unauthorized | AppError::Forbidden => {
                     (ErrorCode::Unauthorized, e.to_string(), serde_json::json!({}))
                 }
                 AppError::NotFound { .. } => (ErrorCode::NotFound, e.to_string(), serde_json::json!({})),
                 AppError::Conflict(m) => (ErrorCode::Conflict, m, serde_json::json!({})),
                 AppError::Quota(m) => (ErrorCode::QuotaExceeded, m, serde_json::json!({})),
-                AppError::Unavailable {
-                    reason,
-                    field,
-                    message,
-                } => {
+                AppError::Unavailable { reason, field, message } => {
                     let mut d = serde_json::json!({"reason": reason});
                     if let Some(f) = field {
                         d["field"] = f.into();
@@ -71,22 +65,12 @@ impl IntoResponse for ApiError {
                 }
                 AppError::Store(_) | AppError::Internal(_) => {
                     tracing::error!(error = &e as &dyn std::error::Error, "Internal error");
-                    (
-                        ErrorCode::Internal,
-                        "internal error (see the server log)".into(),
-                        serde_json::json!({}),
-                    )
+                    (ErrorCode::Internal, "internal error (see the server log)".into(), serde_json::json!({}))
                 }
             },
         };
         let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: code.as_str().into(),
-                message,
-                details,
-            },
-        };
+        let body = ErrorBody { error: ErrorDetail { code: code.as_str().into(), message, details } };
         (status, Json(body)).into_response()
     }
 }
@@ -105,12 +89,7 @@ impl FromRequestParts<Arc<App>> for Auth {
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    headers.get("authorization")?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
 /// A JSON body: unknown fields and type errors are `invalid_request` naming the field path.
@@ -157,9 +136,7 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
         let inner = e.inner().to_string();
         let message = inner.split(" at line ").next().unwrap_or(&inner).to_string();
         // The path already ends with an unknown field's name; at the root, take the name from the message.
-        let unknown = message
-            .strip_prefix("unknown field `")
-            .and_then(|r| r.split('`').next());
+        let unknown = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next());
         let field = match unknown {
             _ if path != "." => path,
             Some(name) => name.to_string(),
@@ -175,9 +152,7 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
 }
 
 pub fn router(app: Arc<App>) -> axum::Router {
-    handlers::routes()
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(app)
+    handlers::routes().layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT)).with_state(app)
 }
 
 #[cfg(test)]
@@ -187,25 +162,19 @@ mod tests {
     #[test]
     fn body_errors_name_the_field() {
         let err = parse_body::<warmpool_api::TemplateSpec>(br#"{"name":"a","colour":1}"#).unwrap_err();
-        let ApiError::App(AppError::Invalid(f)) = err else {
-            panic!()
-        };
+        let ApiError::App(AppError::Invalid(f)) = err else { panic!() };
         assert_eq!(f.field, "colour");
         let err = parse_body::<warmpool_api::TemplateSpec>(
             br#"{"name":"a","warm_processes":[{"type":"cmd","command":["x"]},{"type":"cmd","oops":1}]}"#,
         )
         .unwrap_err();
-        let ApiError::App(AppError::Invalid(f)) = err else {
-            panic!()
-        };
+        let ApiError::App(AppError::Invalid(f)) = err else { panic!() };
         assert_eq!(f.field, "warm_processes[1].oops");
         let err = parse_body::<warmpool_api::WarmPoolSpec>(
             br#"{"name":"a","template":"t","min_ready":-1,"max_ready":1}"#,
         )
         .unwrap_err();
-        let ApiError::App(AppError::Invalid(f)) = err else {
-            panic!()
-        };
+        let ApiError::App(AppError::Invalid(f)) = err else { panic!() };
         assert_eq!(f.field, "min_ready");
     }
 }

@@ -9,10 +9,7 @@ use warmpool_api::*;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(
-        title = "Warmpool",
-        description = "Sandboxes from templates, with warm pools of ready sandboxes."
-    ),
+    info(title = "Warmpool", description = "Sandboxes from templates, with warm pools of ready sandboxes."),
     components(schemas(
         ErrorBody,
         ErrorDetail,
@@ -76,123 +73,25 @@ use warmpool_api::*;
 struct Schemas;
 
 /// (method, path, request schema, success status, response schema or "text", summary).
-type Route = (
-    &'static str,
-    &'static str,
-    Option<&'static str>,
-    u16,
-    Option<&'static str>,
-    &'static str,
-);
+type Route = (&'static str, &'static str, Option<&'static str>, u16, Option<&'static str>, &'static str);
 
 const ROUTES: &[Route] = &[
-    (
-        "get",
-        "/healthz",
-        None,
-        200,
-        Some("text"),
-        "Liveness of the server",
-    ),
-    (
-        "get",
-        "/readyz",
-        None,
-        200,
-        None,
-        "Readiness, store and runtime details",
-    ),
+    ("get", "/healthz", None, 200, Some("text"), "Liveness of the server"),
+    ("get", "/readyz", None, 200, None, "Readiness, store and runtime details"),
     ("get", "/metrics", None, 200, Some("text"), "Prometheus metrics"),
-    (
-        "post",
-        "/v1/accounts",
-        Some("AccountCreate"),
-        201,
-        Some("Account"),
-        "Create an account (admin)",
-    ),
+    ("post", "/v1/accounts", Some("AccountCreate"), 201, Some("Account"), "Create an account (admin)"),
     ("get", "/v1/accounts", None, 200, None, "List accounts (admin)"),
-    (
-        "patch",
-        "/v1/accounts/{id}",
-        Some("AccountPatch"),
-        200,
-        Some("Account"),
-        "Update an account (admin)",
-    ),
-    (
-        "post",
-        "/v1/tokens",
-        Some("TokenCreate"),
-        201,
-        Some("TokenCreated"),
-        "Create a token (admin)",
-    ),
-    (
-        "delete",
-        "/v1/tokens/{id}",
-        None,
-        204,
-        None,
-        "Revoke a token (admin)",
-    ),
-    (
-        "post",
-        "/v1/templates",
-        Some("TemplateSpec"),
-        201,
-        Some("Template"),
-        "Create a template",
-    ),
+    ("patch", "/v1/accounts/{id}", Some("AccountPatch"), 200, Some("Account"), "Update an account (admin)"),
+    ("post", "/v1/tokens", Some("TokenCreate"), 201, Some("TokenCreated"), "Create a token (admin)"),
+    ("delete", "/v1/tokens/{id}", None, 204, None, "Revoke a token (admin)"),
+    ("post", "/v1/templates", Some("TemplateSpec"), 201, Some("Template"), "Create a template"),
     ("get", "/v1/templates", None, 200, None, "List templates"),
-    (
-        "get",
-        "/v1/templates/{id}",
-        None,
-        200,
-        Some("Template"),
-        "Get a template by id or name",
-    ),
-    (
-        "patch",
-        "/v1/templates/{id}",
-        Some("TemplatePatch"),
-        200,
-        Some("Template"),
-        "Update a template",
-    ),
-    (
-        "delete",
-        "/v1/templates/{id}",
-        None,
-        204,
-        None,
-        "Delete a template with its builds and tags",
-    ),
-    (
-        "post",
-        "/v1/templates/{id}/builds",
-        Some("BuildCreate"),
-        202,
-        Some("Build"),
-        "Start a build",
-    ),
-    (
-        "get",
-        "/v1/templates/{id}/builds",
-        None,
-        200,
-        None,
-        "List a template's builds",
-    ),
-    (
-        "get",
-        "/v1/templates/{id}/tags",
-        None,
-        200,
-        None,
-        "List a template's tags",
-    ),
+    ("get", "/v1/templates/{id}", None, 200, Some("Template"), "Get a template by id or name"),
+    ("patch", "/v1/templates/{id}", Some("TemplatePatch"), 200, Some("Template"), "Update a template"),
+    ("delete", "/v1/templates/{id}", None, 204, None, "Delete a template with its builds and tags"),
+    ("post", "/v1/templates/{id}/builds", Some("BuildCreate"), 202, Some("Build"), "Start a build"),
+    ("get", "/v1/templates/{id}/builds", None, 200, None, "List a template's builds"),
+    ("get", "/v1/templates/{id}/tags", None, 200, None, "List a template's tags"),
     (
         "put",
         "/v1/templates/{id}/tags/{tag}",
@@ -201,55 +100,13 @@ const ROUTES: &[Route] = &[
         Some("Tag"),
         "Point a tag at a ready build",
     ),
-    (
-        "get",
-        "/v1/templates/{id}/tags/{tag}",
-        None,
-        200,
-        Some("Tag"),
-        "Get a tag",
-    ),
-    (
-        "delete",
-        "/v1/templates/{id}/tags/{tag}",
-        None,
-        204,
-        None,
-        "Delete a tag",
-    ),
+    ("get", "/v1/templates/{id}/tags/{tag}", None, 200, Some("Tag"), "Get a tag"),
+    ("delete", "/v1/templates/{id}/tags/{tag}", None, 204, None, "Delete a tag"),
     ("get", "/v1/builds/{id}", None, 200, Some("Build"), "Get a build"),
-    (
-        "get",
-        "/v1/builds/{id}/logs",
-        None,
-        200,
-        Some("text"),
-        "A build's log",
-    ),
-    (
-        "post",
-        "/v1/template-warm-pools",
-        Some("WarmPoolSpec"),
-        201,
-        Some("WarmPool"),
-        "Create a warm pool",
-    ),
-    (
-        "get",
-        "/v1/template-warm-pools",
-        None,
-        200,
-        None,
-        "List warm pools",
-    ),
-    (
-        "get",
-        "/v1/template-warm-pools/{id}",
-        None,
-        200,
-        Some("WarmPool"),
-        "Get a warm pool by id or name",
-    ),
+    ("get", "/v1/builds/{id}/logs", None, 200, Some("text"), "A build's log"),
+    ("post", "/v1/template-warm-pools", Some("WarmPoolSpec"), 201, Some("WarmPool"), "Create a warm pool"),
+    ("get", "/v1/template-warm-pools", None, 200, None, "List warm pools"),
+    ("get", "/v1/template-warm-pools/{id}", None, 200, Some("WarmPool"), "Get a warm pool by id or name"),
     (
         "patch",
         "/v1/template-warm-pools/{id}",
@@ -258,30 +115,9 @@ const ROUTES: &[Route] = &[
         Some("WarmPool"),
         "Update a warm pool",
     ),
-    (
-        "delete",
-        "/v1/template-warm-pools/{id}",
-        None,
-        204,
-        None,
-        "Drain, then delete a warm pool",
-    ),
-    (
-        "get",
-        "/v1/template-warm-pools/{id}/status",
-        None,
-        200,
-        Some("PoolStatus"),
-        "A pool's live status",
-    ),
-    (
-        "post",
-        "/v1/template-warm-pools/{id}/enable",
-        None,
-        200,
-        Some("WarmPool"),
-        "Resume filling",
-    ),
+    ("delete", "/v1/template-warm-pools/{id}", None, 204, None, "Drain, then delete a warm pool"),
+    ("get", "/v1/template-warm-pools/{id}/status", None, 200, Some("PoolStatus"), "A pool's live status"),
+    ("post", "/v1/template-warm-pools/{id}/enable", None, 200, Some("WarmPool"), "Resume filling"),
     (
         "post",
         "/v1/template-warm-pools/{id}/disable",
@@ -298,22 +134,8 @@ const ROUTES: &[Route] = &[
         Some("WarmPool"),
         "Stop filling, remove inventory",
     ),
-    (
-        "post",
-        "/v1/template-warm-pools/{id}/reconcile",
-        None,
-        200,
-        Some("WarmPool"),
-        "Run a pass now",
-    ),
-    (
-        "get",
-        "/v1/template-warm-pools/{id}/leases",
-        None,
-        200,
-        None,
-        "Active leases",
-    ),
+    ("post", "/v1/template-warm-pools/{id}/reconcile", None, 200, Some("WarmPool"), "Run a pass now"),
+    ("get", "/v1/template-warm-pools/{id}/leases", None, 200, None, "Active leases"),
     (
         "put",
         "/v1/template-warm-pools/{id}/leases/{key}",
@@ -330,61 +152,17 @@ const ROUTES: &[Route] = &[
         Some("LeaseRelease"),
         "Release a lease",
     ),
-    (
-        "post",
-        "/v1/sandboxes",
-        Some("SandboxCreate"),
-        201,
-        Some("Sandbox"),
-        "Create or check out a sandbox",
-    ),
+    ("post", "/v1/sandboxes", Some("SandboxCreate"), 201, Some("Sandbox"), "Create or check out a sandbox"),
     ("get", "/v1/sandboxes", None, 200, None, "List sandboxes"),
-    (
-        "get",
-        "/v1/sandboxes/{id}",
-        None,
-        200,
-        Some("Sandbox"),
-        "Get a sandbox",
-    ),
-    (
-        "delete",
-        "/v1/sandboxes/{id}",
-        None,
-        204,
-        None,
-        "Delete a sandbox",
-    ),
-    (
-        "post",
-        "/v1/sandboxes/{id}/exec",
-        Some("ExecRequest"),
-        200,
-        Some("ExecResult"),
-        "Run a command",
-    ),
-    (
-        "get",
-        "/v1/sandboxes/{id}/probes/{kind}",
-        None,
-        200,
-        Some("ProbeResult"),
-        "Latest probe result",
-    ),
-    (
-        "get",
-        "/v1/sandboxes/{id}/logs",
-        None,
-        200,
-        None,
-        "Mirrored process output",
-    ),
+    ("get", "/v1/sandboxes/{id}", None, 200, Some("Sandbox"), "Get a sandbox"),
+    ("delete", "/v1/sandboxes/{id}", None, 204, None, "Delete a sandbox"),
+    ("post", "/v1/sandboxes/{id}/exec", Some("ExecRequest"), 200, Some("ExecResult"), "Run a command"),
+    ("get", "/v1/sandboxes/{id}/probes/{kind}", None, 200, Some("ProbeResult"), "Latest probe result"),
+    ("get", "/v1/sandboxes/{id}/logs", None, 200, None, "Mirrored process output"),
 ];
 
 fn json(schema: &str) -> utoipa::openapi::Content {
-    ContentBuilder::new()
-        .schema(Some(Ref::from_schema_name(schema)))
-        .build()
+    ContentBuilder::new().schema(Some(Ref::from_schema_name(schema))).build()
 }
 
 pub fn document() -> Doc {
@@ -398,15 +176,9 @@ pub fn document() -> Doc {
             _ => HttpMethod::Delete,
         };
         let mut op = OperationBuilder::new().summary(Some(*summary));
-        for param in path
-            .split('/')
-            .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
-        {
+        for param in path.split('/').filter_map(|s| s.strip_prefix('{')?.strip_suffix('}')) {
             op = op.parameter(
-                ParameterBuilder::new()
-                    .name(param)
-                    .parameter_in(ParameterIn::Path)
-                    .required(Required::True),
+                ParameterBuilder::new().name(param).parameter_in(ParameterIn::Path).required(Required::True),
             );
         }
         if let Some(body) = body {
@@ -418,12 +190,12 @@ pub fn document() -> Doc {
             ));
         }
         let ok = match response {
-            Some("text") => ResponseBuilder::new()
-                .description("OK")
-                .content("text/plain", ContentBuilder::new().build()),
-            Some(schema) => ResponseBuilder::new()
-                .description("OK")
-                .content("application/json", json(schema)),
+            Some("text") => {
+                ResponseBuilder::new().description("OK").content("text/plain", ContentBuilder::new().build())
+            }
+            Some(schema) => {
+                ResponseBuilder::new().description("OK").content("application/json", json(schema))
+            }
             None => ResponseBuilder::new().description("OK"),
         };
         op = op.response(status.to_string(), ok.build());

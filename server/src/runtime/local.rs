@@ -53,10 +53,7 @@ impl Isolation {
     }
 
     pub fn none() -> Isolation {
-        Isolation {
-            namespaces: false,
-            cgroups: false,
-        }
+        Isolation { namespaces: false, cgroups: false }
     }
 }
 
@@ -124,10 +121,8 @@ impl LocalRuntime {
                 command: Some(vec!["/bin/sh".into(), "-c".into(), cmd.clone()]),
                 cwd: Some(base_cwd.display().to_string()),
                 env: env.clone(),
-                probes: readiness.map(|r| warmpool_api::ProbeSet {
-                    readiness: Some(r),
-                    ..Default::default()
-                }),
+                probes: readiness
+                    .map(|r| warmpool_api::ProbeSet { readiness: Some(r), ..Default::default() }),
                 ..Default::default()
             });
         }
@@ -177,42 +172,25 @@ impl LocalRuntime {
             "warm_processes": warm,
         });
         let config_path = dir.join("procd.json");
-        write_private(
-            &config_path,
-            &serde_json::to_string_pretty(&config).expect("json"),
-        )?;
+        write_private(&config_path, &serde_json::to_string_pretty(&config).expect("json"))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(dir.join("procd.log"))
             .map_err(RuntimeError::io("opening procd.log"))?;
 
-        let cgroups = if self.isolation.cgroups {
-            make_cgroups(id, &t.resources)
-        } else {
-            Vec::new()
-        };
+        let cgroups = if self.isolation.cgroups { make_cgroups(id, &t.resources) } else { Vec::new() };
         let procs_files: Vec<std::fs::File> = cgroups
             .iter()
             .filter_map(|d| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(Path::new(d).join("cgroup.procs"))
-                    .ok()
+                std::fs::OpenOptions::new().write(true).open(Path::new(d).join("cgroup.procs")).ok()
             })
             .collect();
         let procs_fds: Vec<i32> = procs_files.iter().map(|f| f.as_raw_fd()).collect();
 
         let mut cmd = if self.isolation.namespaces {
             let mut c = tokio::process::Command::new("unshare");
-            c.args([
-                "--pid",
-                "--fork",
-                "--mount",
-                "--uts",
-                "--mount-proc",
-                "--kill-child=SIGTERM",
-            ]);
+            c.args(["--pid", "--fork", "--mount", "--uts", "--mount-proc", "--kill-child=SIGTERM"]);
             if spec.private_network {
                 c.arg("--net");
             }
@@ -238,9 +216,8 @@ impl LocalRuntime {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(RuntimeError::io(format!("starting {}", self.procd_bin.display())))?;
+        let mut child =
+            cmd.spawn().map_err(RuntimeError::io(format!("starting {}", self.procd_bin.display())))?;
         drop(procs_files);
         let child_pid = child.id().unwrap_or(0);
         let procd_pid = if self.isolation.namespaces {
@@ -317,8 +294,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), RuntimeError> {
         .mode(0o600)
         .open(path)
         .map_err(RuntimeError::io(format!("writing {}", path.display())))?;
-    f.write_all(text.as_bytes())
-        .map_err(RuntimeError::io(format!("writing {}", path.display())))
+    f.write_all(text.as_bytes()).map_err(RuntimeError::io(format!("writing {}", path.display())))
 }
 
 fn make_cgroups(id: &str, resources: &warmpool_api::Resources) -> Vec<String> {
@@ -329,15 +305,12 @@ fn make_cgroups(id: &str, resources: &warmpool_api::Resources) -> Vec<String> {
             continue;
         }
         let limit = match controller {
-            "memory" => resources
-                .memory_mb
-                .map(|mb| ("memory.limit_in_bytes", (mb * 1024 * 1024).to_string())),
-            "cpu" => resources.cpu.map(|cpu| {
-                (
-                    "cpu.cfs_quota_us",
-                    ((cpu * 100_000.0) as u64).max(1000).to_string(),
-                )
-            }),
+            "memory" => {
+                resources.memory_mb.map(|mb| ("memory.limit_in_bytes", (mb * 1024 * 1024).to_string()))
+            }
+            "cpu" => resources
+                .cpu
+                .map(|cpu| ("cpu.cfs_quota_us", ((cpu * 100_000.0) as u64).max(1000).to_string())),
             _ => None,
         };
         if let Some((file, value)) = limit {
@@ -460,10 +433,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), RuntimeError> {
     if status.success() {
         Ok(())
     } else {
-        Err(RuntimeError::Build(format!(
-            "copying {} failed ({status})",
-            from.display()
-        )))
+        Err(RuntimeError::Build(format!("copying {} failed ({status})", from.display())))
     }
 }
 
@@ -531,12 +501,7 @@ impl Runtime for LocalRuntime {
             .open(log)
             .map_err(RuntimeError::io("opening build log"))?;
         for (i, step) in spec.build.steps.iter().enumerate() {
-            let _ = writeln!(
-                log_file,
-                "==> step {} of {}: {step}",
-                i + 1,
-                spec.build.steps.len()
-            );
+            let _ = writeln!(log_file, "==> step {} of {}: {step}", i + 1, spec.build.steps.len());
             let status = tokio::process::Command::new("/bin/sh")
                 .arg("-c")
                 .arg(step)
@@ -551,10 +516,7 @@ impl Runtime for LocalRuntime {
                 .await
                 .map_err(RuntimeError::io("running build step"))?;
             if !status.success() {
-                let code = status
-                    .code()
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| status.to_string());
+                let code = status.code().map(|c| c.to_string()).unwrap_or_else(|| status.to_string());
                 return Err(RuntimeError::Build(format!(
                     "build step {} ({step:?}) exited with code {code}",
                     i + 1
@@ -611,11 +573,7 @@ impl Runtime for LocalRuntime {
         loop {
             if !self.is_alive(handle) {
                 let tail = self.log_tail(handle, 2000);
-                let tail = if tail.trim().is_empty() {
-                    "(procd printed nothing)".to_string()
-                } else {
-                    tail
-                };
+                let tail = if tail.trim().is_empty() { "(procd printed nothing)".to_string() } else { tail };
                 return Err(RuntimeError::Exited(tail));
             }
             if Path::new(&handle.socket).exists() {
@@ -652,10 +610,7 @@ impl Runtime for LocalRuntime {
                 signal(pid, libc::SIGKILL);
             }
         }
-        if let Some(wrapper) = handle
-            .child_pid
-            .filter(|p| pid_alive(*p) && is_procd_of(*p, &handle.dir))
-        {
+        if let Some(wrapper) = handle.child_pid.filter(|p| pid_alive(*p) && is_procd_of(*p, &handle.dir)) {
             signal(wrapper, libc::SIGKILL);
         }
         kill_cgroup(&handle.cgroups);
@@ -706,13 +661,8 @@ impl Runtime for LocalRuntime {
 
     async fn probe(&self, handle: &RuntimeHandle, kind: ProbeKind) -> Result<ProbeResult, RuntimeError> {
         let mut client = self.client(handle)?;
-        let msg = warmpool_procd::proto::ProbeRequest {
-            kind: kind.as_str().into(),
-        };
-        let r = client
-            .probe(msg)
-            .await
-            .map_err(|s| RuntimeError::Unreachable(s.message().to_string()))?;
+        let msg = warmpool_procd::proto::ProbeRequest { kind: kind.as_str().into() };
+        let r = client.probe(msg).await.map_err(|s| RuntimeError::Unreachable(s.message().to_string()))?;
         Ok(probe_from_proto(r.into_inner()))
     }
 
@@ -758,9 +708,7 @@ impl Runtime for LocalRuntime {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let alive = handle
-                    .procd_pid
-                    .is_some_and(|p| pid_alive(p) && is_procd_of(p, &handle.dir));
+                let alive = handle.procd_pid.is_some_and(|p| pid_alive(p) && is_procd_of(p, &handle.dir));
                 if !alive {
                     let _ = exits.send(id);
                     return;
@@ -773,9 +721,7 @@ impl Runtime for LocalRuntime {
     fn sandbox_dirs(&self) -> Vec<String> {
         std::fs::read_dir(self.data_dir.join("sandboxes"))
             .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
+                rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
             })
             .unwrap_or_default()
     }
@@ -793,14 +739,7 @@ impl Runtime for LocalRuntime {
         }
         let cgroups: Vec<String> = CGROUP_CONTROLLERS
             .iter()
-            .map(|c| {
-                Path::new(CGROUP_ROOT)
-                    .join(c)
-                    .join("warmpool")
-                    .join(id)
-                    .display()
-                    .to_string()
-            })
+            .map(|c| Path::new(CGROUP_ROOT).join(c).join("warmpool").join(id).display().to_string())
             .filter(|d| Path::new(d).exists())
             .collect();
         kill_cgroup(&cgroups);

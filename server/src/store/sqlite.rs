@@ -51,10 +51,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let store = SqliteStore {
-            conn: Mutex::new(conn),
-            path: path.display().to_string(),
-        };
+        let store = SqliteStore { conn: Mutex::new(conn), path: path.display().to_string() };
         store.migrate()?;
         Ok(store)
     }
@@ -94,13 +91,7 @@ impl SqliteStore {
 }
 
 /// The columns of a sandbox row besides its ids: (json, pool_id, pool_slot, state, ready_at).
-type SandboxColumns = (
-    String,
-    Option<String>,
-    Option<&'static str>,
-    String,
-    Option<String>,
-);
+type SandboxColumns = (String, Option<String>, Option<&'static str>, String, Option<String>);
 
 fn sandbox_params(row: &SandboxRow) -> StoreResult<SandboxColumns> {
     Ok((
@@ -150,11 +141,7 @@ impl Store for SqliteStore {
     }
     fn has_admin_token(&self) -> StoreResult<bool> {
         let conn = self.conn.lock().expect("store lock");
-        Ok(
-            conn.query_row("SELECT COUNT(*) FROM tokens WHERE admin = 1", [], |r| {
-                r.get::<_, i64>(0)
-            })? > 0,
-        )
+        Ok(conn.query_row("SELECT COUNT(*) FROM tokens WHERE admin = 1", [], |r| r.get::<_, i64>(0))? > 0)
     }
     fn delete_token(&self, id: &str) -> StoreResult<bool> {
         Ok(self.exec("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
@@ -179,10 +166,7 @@ impl Store for SqliteStore {
         )
     }
     fn list_templates(&self, account_id: &str) -> StoreResult<Vec<TemplateRow>> {
-        self.many(
-            "SELECT json FROM templates WHERE account_id = ?1 ORDER BY name",
-            [account_id],
-        )
+        self.many("SELECT json FROM templates WHERE account_id = ?1 ORDER BY name", [account_id])
     }
     fn update_template(&self, row: &TemplateRow) -> StoreResult<()> {
         let t = &row.template;
@@ -210,13 +194,7 @@ impl Store for SqliteStore {
         let b = &row.build;
         self.exec(
             "INSERT INTO builds (id, template_id, status, created_at, json) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                b.id,
-                b.template_id,
-                b.status.as_str(),
-                ts(&b.created_at),
-                serde_json::to_string(row)?
-            ],
+            params![b.id, b.template_id, b.status.as_str(), ts(&b.created_at), serde_json::to_string(row)?],
         )?;
         Ok(())
     }
@@ -224,17 +202,11 @@ impl Store for SqliteStore {
         self.one("SELECT json FROM builds WHERE id = ?1", [id])
     }
     fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
-        self.many(
-            "SELECT json FROM builds WHERE template_id = ?1 ORDER BY created_at",
-            [template_id],
-        )
+        self.many("SELECT json FROM builds WHERE template_id = ?1 ORDER BY created_at", [template_id])
     }
     fn list_builds_in(&self, statuses: &[&str]) -> StoreResult<Vec<BuildRow>> {
         let all: Vec<BuildRow> = self.many("SELECT json FROM builds ORDER BY created_at", [])?;
-        Ok(all
-            .into_iter()
-            .filter(|b| statuses.contains(&b.build.status.as_str()))
-            .collect())
+        Ok(all.into_iter().filter(|b| statuses.contains(&b.build.status.as_str())).collect())
     }
     fn update_build(&self, row: &BuildRow) -> StoreResult<()> {
         let b = &row.build;
@@ -268,11 +240,7 @@ impl Store for SqliteStore {
             "SELECT name, build_id, updated_at FROM tags WHERE template_id = ?1 ORDER BY name",
         )?;
         let rows = stmt.query_map([template_id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -280,20 +248,12 @@ impl Store for SqliteStore {
             let updated_at = DateTime::parse_from_rfc3339(&updated_at)
                 .map_err(|e| StoreError::Backend(format!("corrupt timestamp: {e}")))?
                 .with_timezone(&Utc);
-            out.push(Tag {
-                name,
-                template_id: template_id.to_string(),
-                build_id,
-                updated_at,
-            });
+            out.push(Tag { name, template_id: template_id.to_string(), build_id, updated_at });
         }
         Ok(out)
     }
     fn delete_tag(&self, template_id: &str, tag: &str) -> StoreResult<bool> {
-        Ok(self.exec(
-            "DELETE FROM tags WHERE template_id = ?1 AND name = ?2",
-            [template_id, tag],
-        )? > 0)
+        Ok(self.exec("DELETE FROM tags WHERE template_id = ?1 AND name = ?2", [template_id, tag])? > 0)
     }
 
     fn insert_pool(&self, row: &PoolRow) -> StoreResult<()> {
@@ -353,16 +313,10 @@ impl Store for SqliteStore {
         Ok(())
     }
     fn delete_lease(&self, pool_id: &str, key: &str) -> StoreResult<bool> {
-        Ok(self.exec(
-            "DELETE FROM leases WHERE pool_id = ?1 AND key = ?2",
-            [pool_id, key],
-        )? > 0)
+        Ok(self.exec("DELETE FROM leases WHERE pool_id = ?1 AND key = ?2", [pool_id, key])? > 0)
     }
     fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
-        self.many(
-            "SELECT json FROM leases WHERE pool_id = ?1 ORDER BY key",
-            [pool_id],
-        )
+        self.many("SELECT json FROM leases WHERE pool_id = ?1 ORDER BY key", [pool_id])
     }
 
     fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
@@ -387,10 +341,7 @@ impl Store for SqliteStore {
         self.many("SELECT json FROM sandboxes ORDER BY id", [])
     }
     fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>> {
-        self.many(
-            "SELECT json FROM sandboxes WHERE pool_id = ?1 OR claimed_from = ?1 ORDER BY id",
-            [pool_id],
-        )
+        self.many("SELECT json FROM sandboxes WHERE pool_id = ?1 OR claimed_from = ?1 ORDER BY id", [pool_id])
     }
     fn update_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
         let (json, pool_id, slot, state, ready_at) = sandbox_params(row)?;
@@ -544,8 +495,7 @@ mod tests {
         let a = Arc::new(SqliteStore::open(&path).unwrap());
         let b = Arc::new(SqliteStore::open(&path).unwrap());
         for i in 0..20 {
-            a.insert_sandbox(&sandbox(&format!("sbx_{i:02}"), "twp_1"))
-                .unwrap();
+            a.insert_sandbox(&sandbox(&format!("sbx_{i:02}"), "twp_1")).unwrap();
         }
         let handles: Vec<_> = (0..64)
             .map(|i| {
@@ -553,11 +503,8 @@ mod tests {
                 std::thread::spawn(move || store.claim_ready("twp_1", Some("bld_1"), &claim()).unwrap())
             })
             .collect();
-        let mut ids: Vec<String> = handles
-            .into_iter()
-            .filter_map(|h| h.join().unwrap())
-            .map(|r| r.sandbox.id)
-            .collect();
+        let mut ids: Vec<String> =
+            handles.into_iter().filter_map(|h| h.join().unwrap()).map(|r| r.sandbox.id).collect();
         assert_eq!(ids.len(), 20);
         ids.sort();
         ids.dedup();
@@ -569,19 +516,13 @@ mod tests {
     fn duplicate_template_name_is_a_conflict() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
-        let spec = warmpool_api::TemplateSpec {
-            name: "api".into(),
-            ..Default::default()
-        };
+        let spec = warmpool_api::TemplateSpec { name: "api".into(), ..Default::default() };
         let row = |id: &str| TemplateRow {
             account_id: "acc_1".into(),
             template: warmpool_api::Template::from_spec(id.into(), spec.clone(), Utc::now(), Utc::now()),
         };
         store.insert_template(&row("tpl_1")).unwrap();
-        assert!(matches!(
-            store.insert_template(&row("tpl_2")),
-            Err(StoreError::Conflict(_))
-        ));
+        assert!(matches!(store.insert_template(&row("tpl_2")), Err(StoreError::Conflict(_))));
         assert_eq!(store.list_templates("acc_1").unwrap().len(), 1);
     }
 }
