@@ -218,7 +218,7 @@ impl Resource for PoolResource {
         match result {
             // An unknown template ref cannot be checked yet.
             Err((field, _)) if field == "template" && config.template.is_unknown() => {}
-            Err((field, message)) => diags.error(format!("Invalid {field}"), message, attribute_path(&field)),
+            Err(e) => field_error(diags, e),
             Ok(_) => {}
         }
         Some(())
@@ -324,7 +324,7 @@ impl Resource for PoolResource {
         _meta: Self::ProviderMetaState<'a>,
     ) -> Option<(Self::State<'a>, Self::PrivateState<'a>)> {
         let c = self.shared.client(diags)?;
-        let spec = planned.spec().ok()?;
+        let spec = planned.spec().map_err(|e| field_error(diags, e)).ok()?;
         let pool = match c.create_pool(&spec).await {
             Ok(p) => p,
             Err(e) => {
@@ -361,7 +361,7 @@ impl Resource for PoolResource {
     ) -> Option<(Self::State<'a>, Self::PrivateState<'a>)> {
         let c = self.shared.client(diags)?;
         let id = known(&prior.id)?;
-        let spec = planned.spec().ok()?;
+        let spec = planned.spec().map_err(|e| field_error(diags, e)).ok()?;
         let patch = api::WarmPoolPatch {
             name: Some(spec.name),
             template: Some(spec.template),

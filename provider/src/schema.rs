@@ -50,6 +50,11 @@ pub fn block(
     }
 }
 
+/// Reports an API field error `(path, message)` on the matching attribute, so Terraform shows its file and line.
+pub fn field_error(diags: &mut tf_provider::Diagnostics, (field, message): (String, String)) {
+    diags.error(format!("Invalid {field}"), message, attribute_path(&field));
+}
+
 /// Blocks with "at most one" nesting: Terraform addresses their attributes through index 0.
 const SINGLE_BLOCKS: [&str; 10] = [
     "readiness",

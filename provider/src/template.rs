@@ -271,8 +271,8 @@ impl Resource for TemplateResource {
 
     async fn validate<'a>(&self, diags: &mut Diagnostics, config: Self::State<'a>) -> Option<()> {
         let result = config.spec().and_then(|spec| spec.validate().map_err(|e| (e.field, e.message)));
-        if let Err((field, message)) = result {
-            diags.error(format!("Invalid {field}"), message, attribute_path(&field));
+        if let Err(e) = result {
+            field_error(diags, e);
         }
         Some(())
     }
@@ -368,13 +368,7 @@ impl Resource for TemplateResource {
         _meta: Self::ProviderMetaState<'a>,
     ) -> Option<(Self::State<'a>, Self::PrivateState<'a>)> {
         let c = self.shared.client(diags)?;
-        let spec = match planned.spec() {
-            Ok(s) => s,
-            Err((field, message)) => {
-                diags.error(format!("Invalid {field}"), message, attribute_path(&field));
-                return None;
-            }
-        };
+        let spec = planned.spec().map_err(|e| field_error(diags, e)).ok()?;
         let t = c.create_template(&spec).await.or_diag(diags, "Cannot create template")?;
         let mut state = planned;
         state.id = s(&t.id);
@@ -401,7 +395,7 @@ impl Resource for TemplateResource {
         let id = known(&prior.id)?;
         state.id = prior.id.clone();
         if state.spec_only() != prior.spec_only() {
-            let spec = state.spec().ok()?;
+            let spec = state.spec().map_err(|e| field_error(diags, e)).ok()?;
             let patch = api::TemplatePatch {
                 name: Some(spec.name),
                 image: spec.image,

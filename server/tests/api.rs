@@ -151,11 +151,7 @@ async fn accounts_are_isolated_and_quotas_apply() {
     // Another account's template is not found; the tenant may reuse the name.
     let err = tenant.get_template("shared-name").await.unwrap_err();
     assert_eq!(err.code(), Some("not_found"));
-    let admin_sandbox = cp
-        .client
-        .create_sandbox(&SandboxCreate { template: Some("shared-name".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let admin_sandbox = cp.client.create_sandbox(&cold("shared-name")).await.unwrap();
     assert_eq!(tenant.get_sandbox(&admin_sandbox.id).await.unwrap_err().code(), Some("not_found"));
     assert_eq!(tenant.delete_sandbox(&admin_sandbox.id).await.unwrap_err().code(), Some("not_found"));
     // Tenants cannot administer accounts.
@@ -169,14 +165,8 @@ async fn accounts_are_isolated_and_quotas_apply() {
     let b = tenant.create_build("shared-name", &["stable".into()]).await.unwrap();
     let b = tenant.wait_build(&b.id, std::time::Duration::from_secs(60), |_| {}).await.unwrap();
     assert_eq!(b.status, BuildStatus::Ready);
-    let first = tenant
-        .create_sandbox(&SandboxCreate { template: Some("shared-name:stable".into()), ..Default::default() })
-        .await
-        .unwrap();
-    let err = tenant
-        .create_sandbox(&SandboxCreate { template: Some("shared-name:stable".into()), ..Default::default() })
-        .await
-        .unwrap_err();
+    let first = tenant.create_sandbox(&cold("shared-name:stable")).await.unwrap();
+    let err = tenant.create_sandbox(&cold("shared-name:stable")).await.unwrap_err();
     assert_eq!(err.code(), Some("quota_exceeded"));
     assert!(matches!(err, warmpool_client::Error::Api { status: 429, .. }));
     tenant.delete_sandbox(&first.id).await.unwrap();

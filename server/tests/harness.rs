@@ -106,6 +106,17 @@ impl Drop for TestControlPlane {
     }
 }
 
+/// Runs `argv` in a sandbox through the API and returns its result.
+pub async fn run(client: &Client, sandbox: &str, argv: &[&str]) -> ExecResult {
+    let req = ExecRequest { command: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    client.exec(sandbox, &req).await.unwrap()
+}
+
+/// A cold create of `template`.
+pub fn cold(template: &str) -> SandboxCreate {
+    SandboxCreate { template: Some(template.into()), ..Default::default() }
+}
+
 pub fn quick_template(name: &str) -> TemplateSpec {
     serde_json::from_value(serde_json::json!({
         "name": name,

@@ -77,11 +77,7 @@ async fn fill_checkout_modes_and_fallbacks() {
         (503, "warm_pool_unavailable", Some("no_ready_inventory"))
     );
     for id in &ids {
-        let r = cp
-            .client
-            .exec(id, &ExecRequest { command: vec!["cat".into(), "built.txt".into()], ..Default::default() })
-            .await
-            .unwrap();
+        let r = run(&cp.client, id, &["cat", "built.txt"]).await;
         assert_eq!(r.stdout, "built\n");
     }
 
@@ -123,14 +119,7 @@ async fn fill_checkout_modes_and_fallbacks() {
     req.warm_pool_mode = Some(CheckoutMode::Prefer);
     let s = cp.client.create_sandbox(&req).await.unwrap();
     assert_eq!(s.warm_pool_checkout.unwrap().fallback_reason, Some(FallbackReason::UnpoolableShape));
-    let r = cp
-        .client
-        .exec(
-            &s.id,
-            &ExecRequest { command: vec!["sh".into(), "-c".into(), "echo $X".into()], ..Default::default() },
-        )
-        .await
-        .unwrap();
+    let r = run(&cp.client, &s.id, &["sh", "-c", "echo $X"]).await;
     assert_eq!(r.stdout, "1\n", "envs reach the cold sandbox");
 
     // The pool's default mode applies when the request names none.
@@ -261,20 +250,12 @@ async fn moving_the_tag_rolls_the_pool_and_leaves_claimed_sandboxes_alone() {
     assert_eq!(s.previous_build_id.as_deref(), Some(first.id.as_str()));
     let fresh = cp.client.create_sandbox(&checkout(&pool.id, CheckoutMode::Require, 10_000)).await.unwrap();
     assert_eq!(fresh.build_id, second.id);
-    let r = cp
-        .client
-        .exec(&fresh.id, &ExecRequest { command: vec!["cat".into(), "version".into()], ..Default::default() })
-        .await
-        .unwrap();
+    let r = run(&cp.client, &fresh.id, &["cat", "version"]).await;
     assert_eq!(r.stdout, "v2\n");
     // The sandbox checked out before the rollout still runs the old build.
     let old = cp.client.get_sandbox(&claimed.id).await.unwrap();
     assert_eq!((old.state, old.build_id.as_str()), (SandboxState::Running, first.id.as_str()));
-    let r = cp
-        .client
-        .exec(&claimed.id, &ExecRequest { command: vec!["true".into()], ..Default::default() })
-        .await
-        .unwrap();
+    let r = run(&cp.client, &claimed.id, &["true"]).await;
     assert_eq!(r.exit_code, 0);
 }
 

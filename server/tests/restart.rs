@@ -19,10 +19,7 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     c.create_template(&quick_template("api")).await.unwrap();
     let b = c.create_build("api", &["stable".into()]).await.unwrap();
     let b = c.wait_build(&b.id, Duration::from_secs(60), |_| {}).await.unwrap();
-    let s = c
-        .create_sandbox(&SandboxCreate { template: Some("api:stable".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let s = c.create_sandbox(&cold("api:stable")).await.unwrap();
     let pool = c
         .create_pool(&WarmPoolSpec {
             name: "p".into(),
@@ -63,10 +60,7 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     assert_eq!(c.get_build(&b.id).await.unwrap().status, BuildStatus::Ready);
     let again = c.get_sandbox(&s.id).await.unwrap();
     assert_eq!(again.state, SandboxState::Running);
-    let r = c
-        .exec(&s.id, &ExecRequest { command: vec!["echo".into(), "still here".into()], ..Default::default() })
-        .await
-        .unwrap();
+    let r = run(&c, &s.id, &["echo", "still here"]).await;
     assert_eq!(r.stdout, "still here\n");
     let status = c.pool_status(&pool.id).await.unwrap();
     assert_eq!(status.ready, 2, "pool inventory was re-adopted: {status:?}");

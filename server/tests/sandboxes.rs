@@ -16,41 +16,18 @@ async fn build_runs_steps_and_start_contract_then_sandbox_exec_and_delete() {
     let log = cp.client.build_logs(&build.id).await.unwrap();
     assert!(log.contains("step 1 of 1") && log.contains("readiness passed"), "{log}");
 
-    let s = cp
-        .client
-        .create_sandbox(&SandboxCreate { template: Some("api:stable".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let s = cp.client.create_sandbox(&cold("api:stable")).await.unwrap();
     assert_eq!(s.state, SandboxState::Running);
     assert!(s.warm_pool_checkout.is_none(), "no pool was considered");
-    let r = cp
-        .client
-        .exec(
-            &s.id,
-            &ExecRequest {
-                command: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "echo hi; cat built.txt; echo $MODE; echo ${ONLY_AT_BUILD:-unset}".into(),
-                ],
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let r = run(
+        &cp.client,
+        &s.id,
+        &["sh", "-c", "echo hi; cat built.txt; echo $MODE; echo ${ONLY_AT_BUILD:-unset}"],
+    )
+    .await;
     assert_eq!((r.exit_code, r.stdout.as_str()), (0, "hi\nbuilt\nwarm\nunset\n"), "{r:?}");
     if cp.client.readyz().await.unwrap()["runtime"]["namespaces"] == true {
-        let r = cp
-            .client
-            .exec(
-                &s.id,
-                &ExecRequest {
-                    command: vec!["sh".into(), "-c".into(), "hostname; echo $$".into()],
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        let r = run(&cp.client, &s.id, &["sh", "-c", "hostname; echo $$"]).await;
         let lines: Vec<&str> = r.stdout.lines().collect();
         assert_eq!(lines[0], s.id, "own uts namespace named after the sandbox");
         assert!(lines[1].parse::<u32>().unwrap() < 100, "own pid namespace: {r:?}");
@@ -68,14 +45,7 @@ async fn build_runs_steps_and_start_contract_then_sandbox_exec_and_delete() {
         .await
         .unwrap();
     assert!(r.timed_out);
-    let r = cp
-        .client
-        .exec(
-            &s.id,
-            &ExecRequest { command: vec!["sh".into(), "-c".into(), "exit 7".into()], ..Default::default() },
-        )
-        .await
-        .unwrap();
+    let r = run(&cp.client, &s.id, &["sh", "-c", "exit 7"]).await;
     assert_eq!(r.exit_code, 7);
 
     let ready = cp.client.probe(&s.id, ProbeKind::Readiness).await.unwrap();
@@ -107,11 +77,7 @@ async fn a_start_contract_that_never_passes_fails_the_build_with_the_probe_messa
     let error = b.error.unwrap();
     assert!(error.contains("readiness did not pass") && error.contains("never.flag"), "{error}");
     assert!(cp.client.list_tags("broken").await.unwrap().is_empty(), "tags move only to ready builds");
-    let err = cp
-        .client
-        .create_sandbox(&SandboxCreate { template: Some("broken".into()), ..Default::default() })
-        .await
-        .unwrap_err();
+    let err = cp.client.create_sandbox(&cold("broken")).await.unwrap_err();
     assert_eq!(err.code(), Some("conflict"));
 
     let failing_step: TemplateSpec = serde_json::from_value(
@@ -137,11 +103,7 @@ async fn warm_processes_logs_and_probes_reach_the_api() {
     .unwrap();
     cp.client.create_template(&spec).await.unwrap();
     assert_eq!(cp.build("talky", &[]).await.status, BuildStatus::Ready);
-    let s = cp
-        .client
-        .create_sandbox(&SandboxCreate { template: Some("talky".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let s = cp.client.create_sandbox(&cold("talky")).await.unwrap();
     let mut lines = Vec::new();
     for _ in 0..100 {
         lines = cp.client.logs(&s.id).await.unwrap();
@@ -189,11 +151,7 @@ async fn timeout_policy_destroys_the_sandbox() {
 async fn a_sandbox_whose_procd_dies_becomes_failed() {
     let cp = TestControlPlane::start().await;
     cp.ready_template("api").await;
-    let s = cp
-        .client
-        .create_sandbox(&SandboxCreate { template: Some("api".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let s = cp.client.create_sandbox(&cold("api")).await.unwrap();
     kill_all_under(&cp.dir.path().join("sandboxes").join(&s.id));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {

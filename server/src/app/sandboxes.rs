@@ -392,7 +392,7 @@ impl App {
     }
 
     pub async fn exec(&self, caller: &Caller, id: &str, req: ExecRequest) -> AppResult<ExecResult> {
-        let mut row = self.owned(caller, id)?;
+        let row = self.owned(caller, id)?;
         if req.command.is_empty() || req.command[0].is_empty() {
             return Err(FieldError::new("command", "must not be empty").into());
         }
@@ -410,7 +410,7 @@ impl App {
         let build = self.store.get_build(&row.sandbox.build_id)?;
         let base_cwd = build.as_ref().and_then(|b| b.spec.cwd.clone());
         let mut env: BTreeMap<String, String> = build.map(|b| b.spec.env).unwrap_or_default();
-        env.extend(std::mem::take(&mut row.claim_env));
+        env.extend(row.claim_env);
         self.runtime
             .exec(&row.handle, req, base_cwd.as_deref(), env)
             .await

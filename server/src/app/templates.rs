@@ -217,6 +217,11 @@ impl App {
         Ok(self.store.list_tags(&t.template.id)?)
     }
 
+    pub fn get_tag(&self, caller: &Caller, template: &str, tag: &str) -> AppResult<Tag> {
+        let t = self.get_template(caller, template)?;
+        self.store.get_tag(&t.template.id, tag)?.ok_or_else(|| not_found("tag", tag))
+    }
+
     pub fn delete_tag(&self, caller: &Caller, template: &str, tag: &str) -> AppResult<()> {
         let t = self.get_template(caller, template)?;
         if !self.store.delete_tag(&t.template.id, tag)? {

@@ -152,11 +152,7 @@ async fn get_tag(
     Auth(c): Auth,
     Path((id, tag)): Path<(String, String)>,
 ) -> ApiResult<Json<Tag>> {
-    app.list_tags(&c, &id)?
-        .into_iter()
-        .find(|t| t.name == tag)
-        .map(Json)
-        .ok_or_else(|| crate::app::not_found("tag", &tag).into())
+    Ok(Json(app.get_tag(&c, &id, &tag)?))
 }
 async fn delete_tag(
     State(app): S,
