@@ -19,7 +19,7 @@ pub struct ErrorDetail {
     pub details: serde_json::Value,
 }
 
-/// The error codes of DESIGN §3, each with its HTTP status.
+/// The API's error codes, each with its HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -30,6 +30,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     QuotaExceeded,
     WarmPoolUnavailable,
+    /// The store or the runtime cannot take writes now (disk full, read-only database, cluster unreachable).
+    ServiceUnavailable,
     Internal,
 }
 
@@ -42,7 +44,7 @@ impl ErrorCode {
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::QuotaExceeded => 429,
-            ErrorCode::WarmPoolUnavailable => 503,
+            ErrorCode::WarmPoolUnavailable | ErrorCode::ServiceUnavailable => 503,
             ErrorCode::Internal => 500,
         }
     }
@@ -56,6 +58,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::WarmPoolUnavailable => "warm_pool_unavailable",
+            ErrorCode::ServiceUnavailable => "service_unavailable",
             ErrorCode::Internal => "internal",
         }
     }

@@ -257,10 +257,19 @@ pub struct ExecResult {
     pub exit_code: i32,
     pub stdout: String,
     pub stderr: String,
+    /// `stdout` was cut at 8 MiB.
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    /// `stderr` was cut at 8 MiB.
+    #[serde(default)]
+    pub stderr_truncated: bool,
     pub duration_ms: u64,
     #[serde(default)]
     pub timed_out: bool,
 }
+
+/// Bytes of each exec output stream returned; the rest is dropped and the stream's `_truncated` flag set.
+pub const EXEC_OUTPUT_LIMIT: usize = 8 << 20;
 
 /// One mirrored output line of `GET /v1/sandboxes/{id}/logs` (procd's JSON log line).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]

@@ -12,11 +12,14 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use warmpool_api::ProbeKind;
 
-use crate::output::StreamName;
+use crate::convert::{
+    kind_from_proto, probe_result_to_proto, signal_from_proto, stream_from_proto, stream_to_proto,
+    FIELD_METADATA,
+};
 use crate::probes::Probes;
 use crate::proto::procd_server::Procd;
 use crate::proto::*;
-use crate::supervisor::{parse_signal, Process, SpawnRequest, Supervisor, SupervisorError};
+use crate::supervisor::{self, Process, SpawnRequest, Supervisor, SupervisorError};
 
 /// Probe calls allowed per second (a token bucket with this capacity).
 const PROBE_RATE: f64 = 200.0;
@@ -67,36 +70,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn status_of(err: SupervisorError) -> Status {
+    let invalid_field = |field: &str, message: String| {
+        let mut status = Status::invalid_argument(message);
+        status.metadata_mut().insert(FIELD_METADATA, field.parse().expect("ASCII field name"));
+        status
+    };
     match &err {
         SupervisorError::NoSuchProcess(_) => Status::not_found(err.to_string()),
         SupervisorError::Exists(_) | SupervisorError::WarmProcess(_) => {
             Status::failed_precondition(err.to_string())
         }
-        SupervisorError::EmptyCommand | SupervisorError::NoStdin(_) => {
-            Status::invalid_argument(err.to_string())
-        }
-        SupervisorError::Spawn { source, .. } => Status::invalid_argument(format!("{err}: {source}")),
+        SupervisorError::NoStdin(_) => Status::invalid_argument(err.to_string()),
+        SupervisorError::EmptyCommand => invalid_field("command", err.to_string()),
+        SupervisorError::Cwd(_) => invalid_field("cwd", err.to_string()),
+        SupervisorError::Spawn { source, .. } => invalid_field("command", format!("{err}: {source}")),
         SupervisorError::Stdin { source, .. } => Status::unavailable(format!("{err}: {source}")),
-    }
-}
-
-pub fn probe_result_to_proto(r: warmpool_api::ProbeResult) -> ProbeResult {
-    ProbeResult {
-        kind: r.kind.as_str().into(),
-        status: r.status.as_str().into(),
-        reason: r.reason,
-        message: r.message,
-        checks: r
-            .checks
-            .into_iter()
-            .map(|c| ProbeCheck {
-                name: c.name,
-                target: c.target,
-                status: c.status.as_str().into(),
-                reason: c.reason,
-                message: c.message,
-            })
-            .collect(),
     }
 }
 
@@ -112,15 +100,7 @@ fn info(p: &Process) -> ProcessInfo {
     }
 }
 
-fn parse_stream(s: &str) -> Result<StreamName, Status> {
-    match s {
-        "" | "stdout" => Ok(StreamName::Stdout),
-        "stderr" => Ok(StreamName::Stderr),
-        other => Err(Status::invalid_argument(format!("stream must be stdout or stderr (got {other:?})"))),
-    }
-}
-
-type OutputStream = Pin<Box<dyn Stream<Item = Result<OutputChunk, Status>> + Send>>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Largest chunk sent in one `ReadOutput` message.
 const CHUNK: usize = 64 * 1024;
@@ -131,8 +111,35 @@ impl Procd for ProcdService {
         if !self.take_probe_token() {
             return Err(Status::resource_exhausted("probe rate limit exceeded"));
         }
-        let kind: ProbeKind = req.get_ref().kind.parse().map_err(Status::invalid_argument)?;
+        let kind = probe_kind(req.get_ref())?;
         Ok(Response::new(probe_result_to_proto(self.probes.result(kind))))
+    }
+
+    type WatchProbeStream = BoxStream<ProbeResult>;
+
+    async fn watch_probe(
+        &self,
+        req: Request<ProbeRequest>,
+    ) -> Result<Response<Self::WatchProbeStream>, Status> {
+        let kind = probe_kind(req.get_ref())?;
+        let probes = self.probes.clone();
+        let stream = async_stream::try_stream! {
+            let mut last = None;
+            loop {
+                let changed = probes.changed();
+                let result = probes.result(kind);
+                if last != Some(result.status) {
+                    last = Some(result.status);
+                    yield probe_result_to_proto(result);
+                }
+                if probes.is_shutting_down() {
+                    break;
+                }
+                // A warm process that exits changes readiness without a probe run: look again now and then.
+                let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -168,13 +175,17 @@ impl Procd for ProcdService {
         Ok(Response::new(ListProcessesResponse { processes }))
     }
 
-    type ReadOutputStream = OutputStream;
+    type ReadOutputStream = BoxStream<OutputChunk>;
 
     #[tracing::instrument(skip_all, level = "debug")]
-    async fn read_output(&self, req: Request<ReadOutputRequest>) -> Result<Response<OutputStream>, Status> {
+    async fn read_output(
+        &self,
+        req: Request<ReadOutputRequest>,
+    ) -> Result<Response<Self::ReadOutputStream>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
-        let stream_name = parse_stream(&r.stream)?;
+        let stream_name = stream_from_proto(r.stream)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown stream {}", r.stream)))?;
         let process = self.sup.get(&r.process).map_err(status_of)?;
         let out = process.stream(stream_name).clone();
         let follow = r.follow;
@@ -214,27 +225,39 @@ impl Procd for ProcdService {
     async fn signal(&self, req: Request<SignalRequest>) -> Result<Response<SignalResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
-        let signal = parse_signal(&r.signal)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown signal {:?}", r.signal)))?;
+        let signal = signal_from_proto(r.signal)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown signal {}", r.signal)))?;
         self.sup.signal(&r.process, signal).map_err(status_of)?;
         Ok(Response::new(SignalResponse {}))
     }
 
+    type ExecStream = BoxStream<ExecEvent>;
+
     #[tracing::instrument(skip_all, level = "debug")]
-    async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+    async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
         let timeout = Duration::from_millis(if r.timeout_ms == 0 { 60_000 } else { r.timeout_ms });
-        let cwd = (!r.cwd.is_empty()).then(|| r.cwd.into());
+        let cwd: Option<std::path::PathBuf> = (!r.cwd.is_empty()).then(|| r.cwd.into());
         let env = r.env.into_iter().collect();
-        let o = self.sup.exec(&r.command, cwd.as_ref(), &env, r.stdin, timeout).await.map_err(status_of)?;
-        Ok(Response::new(ExecResponse {
-            exit_code: o.exit_code,
-            stdout: o.stdout,
-            stderr: o.stderr,
-            duration_ms: o.duration.as_millis() as u64,
-            timed_out: o.timed_out,
-        }))
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let sup = self.sup.clone();
+        let run =
+            tokio::spawn(async move { sup.exec(&r.command, cwd.as_ref(), &env, r.stdin, timeout, tx).await });
+        // Nothing is sent before the command started: a start failure is the call's error, not a stream event.
+        let first = rx.recv().await;
+        if first.is_none() {
+            run.await.map_err(|e| Status::internal(e.to_string()))?.map_err(status_of)?;
+            return Err(Status::internal("exec ended without an exit"));
+        }
+        let stream = async_stream::stream! {
+            let mut next = first;
+            while let Some(event) = next {
+                yield Ok(exec_event_to_proto(event));
+                next = rx.recv().await;
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
     }
 
     #[tracing::instrument(skip_all, level = "debug")]
@@ -243,4 +266,25 @@ impl Procd for ProcdService {
         self.sup.set_paused(req.get_ref().paused);
         Ok(Response::new(PauseResponse {}))
     }
+}
+
+fn probe_kind(req: &ProbeRequest) -> Result<ProbeKind, Status> {
+    kind_from_proto(req.kind)
+        .ok_or_else(|| Status::invalid_argument(format!("unknown probe kind {}", req.kind)))
+}
+
+fn exec_event_to_proto(event: supervisor::ExecEvent) -> ExecEvent {
+    let event = match event {
+        supervisor::ExecEvent::Output(stream, data) => {
+            exec_event::Event::Output(ExecOutput { stream: stream_to_proto(stream).into(), data })
+        }
+        supervisor::ExecEvent::Exit(e) => exec_event::Event::Exit(ExecExit {
+            exit_code: e.exit_code,
+            duration_ms: e.duration.as_millis() as u64,
+            timed_out: e.timed_out,
+            stdout_truncated: e.stdout_truncated,
+            stderr_truncated: e.stderr_truncated,
+        }),
+    };
+    ExecEvent { event: Some(event) }
 }

@@ -6,6 +6,7 @@
 //! configuration (before anything starts), 3 when a liveness probe failed.
 
 pub mod config;
+pub mod convert;
 pub mod grpc;
 pub mod output;
 pub mod probes;

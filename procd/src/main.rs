@@ -76,22 +76,13 @@ async fn probe(listen: Option<String>, token_file: Option<PathBuf>, kind: String
         None => std::env::var("WARMPOOL_PROCD_TOKEN").ok(),
     };
     let mut client = warmpool_procd::connect(&listen)?;
+    let kind: warmpool_api::ProbeKind = kind.parse().map_err(|e: String| anyhow::anyhow!("--kind: {e}"))?;
     let req = warmpool_procd::authorized(
-        warmpool_procd::proto::ProbeRequest { kind },
+        warmpool_procd::proto::ProbeRequest { kind: warmpool_procd::convert::kind_to_proto(kind).into() },
         token.as_deref().map(str::trim),
     );
     let result = client.probe(req).await.context("probe call failed")?.into_inner();
-    let passed = result.status == "passed";
-    let checks: Vec<_> = result
-        .checks
-        .iter()
-        .map(|c| {
-            serde_json::json!({"name": c.name, "target": c.target, "status": c.status, "reason": c.reason,
-                "message": c.message})
-        })
-        .collect();
-    let json = serde_json::json!({"kind": result.kind, "status": result.status, "reason": result.reason,
-        "message": result.message, "checks": checks});
-    println!("{}", serde_json::to_string_pretty(&json)?);
-    Ok(if passed { 0 } else { 1 })
+    let result = warmpool_procd::convert::probe_result_from_proto(result);
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(if result.status == warmpool_api::ProbeStatus::Passed { 0 } else { 1 })
 }

@@ -71,6 +71,15 @@ impl Probes {
         Arc::new(Probes { sup, specs, states: Mutex::new(states), http, changed: tokio::sync::Notify::new() })
     }
 
+    /// Completes at the next change of any probe state.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.sup.is_shutting_down()
+    }
+
     fn spec(&self, name: &str, kind: ProbeKind) -> Option<&ProbeSpec> {
         self.specs.iter().find(|(n, _)| n == name).and_then(|(_, s)| s.probes.as_ref()?.get(kind))
     }
@@ -176,13 +185,13 @@ impl Probes {
         if let Some(exec) = &spec.exec {
             return match self
                 .sup
-                .exec(&exec.command, process.cwd.as_ref(), &process.env, Vec::new(), timeout)
+                .exec_collect(&exec.command, process.cwd.as_ref(), &process.env, timeout)
                 .await
             {
-                Ok(o) if o.timed_out => {
+                Ok(o) if o.exit.timed_out => {
                     Outcome::fail("timeout", format!("{:?} timed out after {timeout:?}", exec.command))
                 }
-                Ok(o) if o.exit_code == 0 => Outcome::pass("exit_code", "exit code 0"),
+                Ok(o) if o.exit.exit_code == 0 => Outcome::pass("exit_code", "exit code 0"),
                 Ok(o) => {
                     let stderr = String::from_utf8_lossy(&o.stderr);
                     let tail: String =
@@ -190,7 +199,7 @@ impl Probes {
                     let detail = if tail.is_empty() { String::new() } else { format!(": {tail}") };
                     Outcome::fail(
                         "exit_code",
-                        format!("{:?} exited with code {}{detail}", exec.command, o.exit_code),
+                        format!("{:?} exited with code {}{detail}", exec.command, o.exit.exit_code),
                     )
                 }
                 Err(e) => Outcome::fail("exec_error", error_chain(&e)),

@@ -17,6 +17,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use warmpool_api::EXEC_OUTPUT_LIMIT;
+
 use crate::output::{LineSplitter, Mirror, StreamName, StreamOutput};
 
 /// What procd's main loop hears from the supervisor and the probes.
@@ -30,6 +32,8 @@ pub enum Event {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
+    #[error("working directory {0:?} does not exist or is not a directory")]
+    Cwd(PathBuf),
     #[error("cannot start {command:?}")]
     Spawn {
         command: String,
@@ -167,18 +171,30 @@ impl Process {
     }
 }
 
-/// The result of [`Supervisor::exec`].
+/// The result of [`Supervisor::exec`] once the command is done.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecOutcome {
+pub struct ExecExit {
     pub exit_code: i32,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
     pub duration: Duration,
     pub timed_out: bool,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
 }
 
-/// Output kept per stream of an `exec`.
-const EXEC_OUTPUT_LIMIT: usize = 8 << 20;
+/// What an `exec` produces, in order: output chunks as they are read, then one exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Output(StreamName, Vec<u8>),
+    Exit(ExecExit),
+}
+
+/// A whole `exec` collected in memory (probes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    pub exit: ExecExit,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
 
 pub struct Supervisor {
     reaper: Arc<Reaper>,
@@ -284,7 +300,9 @@ impl Supervisor {
         Ok(process)
     }
 
-    /// Runs a command to completion (or `timeout`, when its whole process group is killed).
+    /// Runs a command to completion (or `timeout`, when its whole process group is killed), sending its output to
+    /// `events` as it is read (at most [`EXEC_OUTPUT_LIMIT`] bytes per stream; the rest is read and dropped) and
+    /// then its exit. Fails before anything is sent when the command cannot start.
     pub async fn exec(
         &self,
         argv: &[String],
@@ -292,9 +310,13 @@ impl Supervisor {
         env: &BTreeMap<String, String>,
         stdin: Vec<u8>,
         timeout: Duration,
-    ) -> Result<ExecOutcome, SupervisorError> {
+        events: mpsc::Sender<ExecEvent>,
+    ) -> Result<(), SupervisorError> {
         if argv.is_empty() || argv[0].is_empty() {
             return Err(SupervisorError::EmptyCommand);
+        }
+        if let Some(dir) = cwd.filter(|d| !d.is_dir()) {
+            return Err(SupervisorError::Cwd(dir.clone()));
         }
         let started = Instant::now();
         let started_process = self.start(argv, cwd, env, !stdin.is_empty())?;
@@ -304,20 +326,56 @@ impl Supervisor {
                 let _ = tx.write_all(&stdin).await;
             });
         }
-        let (out, err, exited) = (started_process.stdout, started_process.stderr, started_process.exited);
-        let out = tokio::spawn(collect(out));
-        let err = tokio::spawn(collect(err));
-        let (exit_code, timed_out) = match tokio::time::timeout(timeout, exited).await {
+        let out = tokio::spawn(forward(started_process.stdout, StreamName::Stdout, events.clone()));
+        let err = tokio::spawn(forward(started_process.stderr, StreamName::Stderr, events.clone()));
+        let (exit_code, timed_out) = match tokio::time::timeout(timeout, started_process.exited).await {
             Ok(code) => (code.unwrap_or(-1), false),
             Err(_) => {
                 kill_group(pid, libc::SIGKILL);
                 (-1, true)
             }
         };
+        // A grandchild holding a pipe open must not keep the exit from being reported.
         let grace = Duration::from_millis(200);
-        let stdout = tokio::time::timeout(grace, out).await.ok().and_then(Result::ok).unwrap_or_default();
-        let stderr = tokio::time::timeout(grace, err).await.ok().and_then(Result::ok).unwrap_or_default();
-        Ok(ExecOutcome { exit_code, stdout, stderr, duration: started.elapsed(), timed_out })
+        let stdout_truncated =
+            tokio::time::timeout(grace, out).await.ok().and_then(Result::ok).unwrap_or(false);
+        let stderr_truncated =
+            tokio::time::timeout(grace, err).await.ok().and_then(Result::ok).unwrap_or(false);
+        let exit = ExecExit {
+            exit_code,
+            duration: started.elapsed(),
+            timed_out,
+            stdout_truncated,
+            stderr_truncated,
+        };
+        let _ = events.send(ExecEvent::Exit(exit)).await;
+        Ok(())
+    }
+
+    /// [`Supervisor::exec`], collected in memory.
+    pub async fn exec_collect(
+        &self,
+        argv: &[String],
+        cwd: Option<&PathBuf>,
+        env: &BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> Result<ExecOutcome, SupervisorError> {
+        let (tx, mut rx) = mpsc::channel(16);
+        let run = self.exec(argv, cwd, env, Vec::new(), timeout, tx);
+        let collect = async {
+            let (mut stdout, mut stderr, mut exit) = (Vec::new(), Vec::new(), None);
+            while let Some(event) = rx.recv().await {
+                match event {
+                    ExecEvent::Output(StreamName::Stdout, data) => stdout.extend_from_slice(&data),
+                    ExecEvent::Output(StreamName::Stderr, data) => stderr.extend_from_slice(&data),
+                    ExecEvent::Exit(e) => exit = Some(e),
+                }
+            }
+            (stdout, stderr, exit)
+        };
+        let (result, (stdout, stderr, exit)) = tokio::join!(run, collect);
+        result?;
+        Ok(ExecOutcome { exit: exit.expect("exec always ends with its exit"), stdout, stderr })
     }
 
     pub async fn write_stdin(&self, name: &str, data: &[u8], close: bool) -> Result<(), SupervisorError> {
@@ -460,34 +518,27 @@ async fn pump(mirror: Mirror, process: Arc<Process>, stream: StreamName, mut pip
     }
 }
 
-async fn collect(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
-    let mut data = Vec::new();
-    let Some(mut pipe) = pipe else { return data };
-    let mut buf = vec![0u8; 16 * 1024];
+/// Sends one exec stream to `events` in chunks, up to [`EXEC_OUTPUT_LIMIT`] bytes; returns whether it was cut.
+async fn forward(
+    pipe: Option<impl AsyncRead + Unpin>,
+    stream: StreamName,
+    events: mpsc::Sender<ExecEvent>,
+) -> bool {
+    let Some(mut pipe) = pipe else { return false };
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut sent, mut truncated) = (0usize, false);
     while let Ok(n) = pipe.read(&mut buf).await {
         if n == 0 {
             break;
         }
-        let room = EXEC_OUTPUT_LIMIT.saturating_sub(data.len());
-        data.extend_from_slice(&buf[..n.min(room)]);
+        let room = EXEC_OUTPUT_LIMIT.saturating_sub(sent);
+        truncated |= n > room;
+        if room > 0 {
+            let take = n.min(room);
+            sent += take;
+            // A receiver that went away (the caller hung up) stops nothing: the pipe is still drained.
+            let _ = events.send(ExecEvent::Output(stream, buf[..take].to_vec())).await;
+        }
     }
-    data
-}
-
-/// Parses a signal name (`TERM`, `SIGTERM`, `9`).
-pub fn parse_signal(name: &str) -> Option<i32> {
-    let upper = name.trim().to_ascii_uppercase();
-    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
-    Some(match bare {
-        "TERM" => libc::SIGTERM,
-        "KILL" => libc::SIGKILL,
-        "INT" => libc::SIGINT,
-        "HUP" => libc::SIGHUP,
-        "QUIT" => libc::SIGQUIT,
-        "USR1" => libc::SIGUSR1,
-        "USR2" => libc::SIGUSR2,
-        "STOP" => libc::SIGSTOP,
-        "CONT" => libc::SIGCONT,
-        n => n.parse().ok().filter(|n| (1..=64).contains(n))?,
-    })
+    truncated
 }

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use warmpool_procd::config::Listen;
+use warmpool_procd::convert;
 use warmpool_procd::proto::procd_client::ProcdClient;
 use warmpool_procd::proto::*;
 
@@ -95,21 +96,54 @@ fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-async fn probe(client: &mut ProcdClient<tonic::transport::Channel>, kind: &str) -> ProbeResult {
-    client.probe(ProbeRequest { kind: kind.into() }).await.unwrap().into_inner()
+async fn probe(client: &mut ProcdClient<tonic::transport::Channel>, kind: &str) -> warmpool_api::ProbeResult {
+    let kind = convert::kind_to_proto(kind.parse().unwrap()).into();
+    convert::probe_result_from_proto(client.probe(ProbeRequest { kind }).await.unwrap().into_inner())
 }
 
-async fn wait_probe(p: &Procd, kind: &str, status: &str, timeout: Duration) -> ProbeResult {
+async fn wait_probe(p: &Procd, kind: &str, status: &str, timeout: Duration) -> warmpool_api::ProbeResult {
     let mut client = p.client();
     let deadline = Instant::now() + timeout;
     loop {
         let r = probe(&mut client, kind).await;
-        if r.status == status {
+        if r.status.as_str() == status {
             return r;
         }
         assert!(Instant::now() < deadline, "{kind} never became {status}: {r:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// An exec's streamed events, collected.
+#[derive(Debug, Default)]
+struct Ran {
+    exit: ExecExit,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+async fn exec(
+    client: &mut ProcdClient<tonic::transport::Channel>,
+    req: ExecRequest,
+) -> Result<Ran, tonic::Status> {
+    let mut events = client.exec(warmpool_procd::authorized(req, Some(TOKEN))).await?.into_inner();
+    let mut ran = Ran::default();
+    let mut chunks = 0;
+    while let Some(event) = events.message().await? {
+        match event.event.expect("an event") {
+            exec_event::Event::Output(o) => {
+                chunks += 1;
+                assert!(o.data.len() <= 64 * 1024, "chunks are at most 64 KiB");
+                match Stream::try_from(o.stream).unwrap() {
+                    Stream::Stderr => ran.stderr.extend(o.data),
+                    _ => ran.stdout.extend(o.data),
+                }
+            }
+            exec_event::Event::Exit(e) => ran.exit = e,
+        }
+    }
+    assert!(chunks <= 1000, "{chunks} chunks");
+    Ok(ran)
 }
 
 fn free_port() -> u16 {
@@ -170,7 +204,7 @@ async fn failing_liveness_answers_then_exits() {
     );
     // Inside the initial delay liveness passes.
     let early = probe(&mut p.client(), "liveness").await;
-    assert_eq!(early.status, "passed", "{early:?}");
+    assert_eq!(early.status.as_str(), "passed", "{early:?}");
     let failed = wait_probe(&p, "liveness", "failed", Duration::from_secs(10)).await;
     assert_eq!(failed.checks[1].reason, "exit_code", "{failed:?}");
     assert_eq!(p.wait_exit(Duration::from_secs(10)), warmpool_procd::EXIT_LIVENESS_FAILED);
@@ -214,7 +248,12 @@ async fn log_mirror_can_be_switched_off() {
     // The ring buffer still has the output.
     let mut client = p.client();
     let req = warmpool_procd::authorized(
-        ReadOutputRequest { process: "talker".into(), stream: "stdout".into(), offset: 0, follow: false },
+        ReadOutputRequest {
+            process: "talker".into(),
+            stream: Stream::Stdout.into(),
+            offset: 0,
+            follow: false,
+        },
         Some(TOKEN),
     );
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -245,8 +284,12 @@ async fn read_output_from_an_offset_returns_exactly_the_bytes_written() {
         &[],
     );
     let mut client = p.client();
-    let read =
-        |offset| ReadOutputRequest { process: "w".into(), stream: "stdout".into(), offset, follow: false };
+    let read = |offset| ReadOutputRequest {
+        process: "w".into(),
+        stream: Stream::Stdout.into(),
+        offset,
+        follow: false,
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let mut s =
@@ -281,24 +324,22 @@ async fn calls_without_the_token_are_refused_but_probe_is_open() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    assert_eq!(probe(&mut client, "startup").await.kind, "startup");
+    assert_eq!(probe(&mut client, "startup").await.kind.as_str(), "startup");
     // With the token: exec runs to completion and returns output and exit code.
-    let r = client
-        .exec(warmpool_procd::authorized(
-            ExecRequest {
-                command: vec!["sh".into(), "-c".into(), "echo out; echo err >&2; exit 3".into()],
-                ..Default::default()
-            },
-            Some(TOKEN),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((r.exit_code, r.stdout, r.stderr), (3, b"out\n".to_vec(), b"err\n".to_vec()));
+    let r = exec(
+        &mut client,
+        ExecRequest {
+            command: vec!["sh".into(), "-c".into(), "echo out; echo err >&2; exit 3".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.exit.exit_code, r.stdout, r.stderr), (3, b"out\n".to_vec(), b"err\n".to_vec()));
     // Warm processes cannot be signalled through the API.
     let err = client
         .signal(warmpool_procd::authorized(
-            SignalRequest { process: "a".into(), signal: "KILL".into() },
+            SignalRequest { process: "a".into(), signal: Signal::Kill.into() },
             Some(TOKEN),
         ))
         .await
@@ -311,20 +352,17 @@ async fn exec_timeout_kills_the_process_group() {
     let p = Procd::start(serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]), &[]);
     let marker = p.path("grandchild-survived");
     let script = format!("(sleep 1; touch {}) & sleep 100", marker.display());
-    let r = p
-        .client()
-        .exec(warmpool_procd::authorized(
-            ExecRequest {
-                command: vec!["sh".into(), "-c".into(), script],
-                timeout_ms: 200,
-                ..Default::default()
-            },
-            Some(TOKEN),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.timed_out);
+    let r = exec(
+        &mut p.client(),
+        ExecRequest {
+            command: vec!["sh".into(), "-c".into(), script],
+            timeout_ms: 200,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.exit.timed_out);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!marker.exists(), "the whole process group was killed");
 }
@@ -377,8 +415,12 @@ async fn repl_takes_stdin() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let req =
-            ReadOutputRequest { process: "sh".into(), stream: "stdout".into(), offset: 0, follow: false };
+        let req = ReadOutputRequest {
+            process: "sh".into(),
+            stream: Stream::Stdout.into(),
+            offset: 0,
+            follow: false,
+        };
         let mut s =
             client.read_output(warmpool_procd::authorized(req, Some(TOKEN))).await.unwrap().into_inner();
         let mut data = Vec::new();
@@ -419,7 +461,8 @@ async fn a_blocked_stdout_never_stalls_a_process() {
         .unwrap();
     wait_for(Duration::from_secs(60), || marker.exists());
     let mut client = warmpool_procd::connect(&Listen::Unix(socket.clone())).unwrap();
-    let req = ReadOutputRequest { process: "loud".into(), stream: "stdout".into(), offset: 0, follow: false };
+    let req =
+        ReadOutputRequest { process: "loud".into(), stream: Stream::Stdout.into(), offset: 0, follow: false };
     let mut s = client.read_output(req).await.unwrap().into_inner();
     let first = s.message().await.unwrap().unwrap();
     assert!(
@@ -429,4 +472,67 @@ async fn a_blocked_stdout_never_stalls_a_process() {
     assert!(first.offset >= 20_000_000 - (1 << 20), "offsets count every byte written: {}", first.offset);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test]
+async fn exec_names_the_field_of_a_command_that_cannot_start_and_cuts_output_at_8_mib() {
+    let p = Procd::start(serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]), &[]);
+    let mut client = p.client();
+    let field = |status: &tonic::Status| {
+        status.metadata().get(convert::FIELD_METADATA).map(|v| v.to_str().unwrap().to_string())
+    };
+    let missing = ExecRequest { command: vec!["/no/such/binary".into()], ..Default::default() };
+    let err = exec(&mut client, missing).await.unwrap_err();
+    assert_eq!(
+        (err.code(), field(&err).as_deref()),
+        (tonic::Code::InvalidArgument, Some("command")),
+        "{err:?}"
+    );
+    let bad_cwd =
+        ExecRequest { command: vec!["true".into()], cwd: "/no/such/dir".into(), ..Default::default() };
+    let err = exec(&mut client, bad_cwd).await.unwrap_err();
+    assert_eq!((err.code(), field(&err).as_deref()), (tonic::Code::InvalidArgument, Some("cwd")), "{err:?}");
+    assert!(err.message().contains("/no/such/dir"), "{err:?}");
+    // 20 MiB on stdout, 1 KiB on stderr: stdout is cut at exactly 8 MiB and flagged; nothing fails.
+    let big = ExecRequest {
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "head -c 20971520 /dev/zero; head -c 1024 /dev/zero >&2".into(),
+        ],
+        ..Default::default()
+    };
+    let r = exec(&mut client, big).await.unwrap();
+    assert_eq!((r.stdout.len(), r.stderr.len()), (8 << 20, 1024));
+    assert!(r.exit.stdout_truncated && !r.exit.stderr_truncated, "{:?}", r.exit);
+    assert_eq!(r.exit.exit_code, 0);
+}
+
+#[tokio::test]
+async fn watch_probe_reports_readiness_changes_as_they_happen() {
+    let flags = tempfile::tempdir().unwrap();
+    let flag = flags.path().join("ready");
+    let p = Procd::start(
+        serde_json::json!([{
+            "name": "app", "type": "cmd", "command": ["sleep", "100"],
+            "probes": {"readiness": {"exec": {"command": ["test", "-f", flag]}, "period_ms": 50}}
+        }]),
+        &[],
+    );
+    let mut watch = p
+        .client()
+        .watch_probe(ProbeRequest { kind: ProbeKind::Readiness.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    async fn next(watch: &mut tonic::Streaming<ProbeResult>) -> warmpool_api::ProbeStatus {
+        let r =
+            tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap().unwrap();
+        convert::probe_result_from_proto(r).status
+    }
+    assert_eq!(next(&mut watch).await, warmpool_api::ProbeStatus::Failed);
+    std::fs::write(&flag, "").unwrap();
+    assert_eq!(next(&mut watch).await, warmpool_api::ProbeStatus::Passed);
+    std::fs::remove_file(&flag).unwrap();
+    assert_eq!(next(&mut watch).await, warmpool_api::ProbeStatus::Failed);
 }

@@ -1,26 +1,73 @@
-//! The reconciler keeps every pool at its target. Level-triggered: a pass looks at everything (on a timer and when
-//! poked; a poke carries no payload), a pure [`plan`] turns observed + desired state into actions, and
-//! [`App::reconcile_pool`] executes them. No retries inside a pass: errors are recorded in the pool's status and
-//! the next pass tries again. Starts run in the background, bounded by a semaphore, so a pool of 100 fills in
-//! about one start time (times 100 / the bound).
+//! The reconciler keeps every pool at its target. Level-triggered per pool: a pass over a pool looks at all of it,
+//! a pure [`plan`] turns observed + desired state into actions, and [`App::reconcile_pool`] executes them. No
+//! retries inside a pass: errors are recorded in the pool's status and the next pass tries again. Starts run in the
+//! background, bounded by a semaphore, so a pool of 100 fills in about one start time.
+//!
+//! Cost grows with changes, not with pools: a pass runs for a pool when something pokes it (an API change, a
+//! checkout, a sandbox becoming ready or failing — [`Pokes`]), when a time-based change falls due (a lease expiring,
+//! a ready sandbox reaching its idle timeout), and otherwise once every [`RESYNC`] as a safety net, spread over
+//! time so that 10,000 idle pools cost a trickle, not a burst. A pass that changes nothing writes nothing.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use warmpool_api::{BuildStatus, DegradedReason, PoolState, Sandbox, SandboxState, VersionPolicy};
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use warmpool_api::{BuildStatus, DegradedReason, PoolState, Sandbox, SandboxState};
 
-use crate::app::pools::{target, PREWARM_FAILURE_LIMIT};
-use crate::app::{new_id, App};
+use crate::app::lifecycle::{StartError, StopCause};
+use crate::app::pools::{start_rollout, target, Counts, PREWARM_FAILURE_LIMIT};
+use crate::app::{new_id, App, AppError};
 use crate::runtime::StartSpec;
-use crate::store::{PoolSlot, RuntimeHandle, SandboxRow};
+use crate::store::{Lifecycle, RuntimeHandle, SandboxRow};
+
+/// Every pool gets a pass at least this often, even if nothing poked it.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a pool blocked on capacity or quota is looked at again.
+const BLOCKED_RETRY: Duration = Duration::from_secs(2);
+
+/// Pools that want a pass. A poke names a pool and carries nothing else: the pass looks at everything of it.
+#[derive(Default)]
+pub struct Pokes {
+    dirty: Mutex<HashSet<String>>,
+    all: AtomicBool,
+    notify: Notify,
+}
+
+impl Pokes {
+    /// Something about this pool changed.
+    pub fn pool(&self, id: &str) {
+        self.dirty.lock().expect("pokes").insert(id.to_string());
+        self.notify.notify_one();
+    }
+
+    /// Something every pool may depend on changed (a build finished, a tag moved, a template went).
+    pub fn all(&self) {
+        self.all.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> (bool, HashSet<String>) {
+        (self.all.swap(false, Ordering::SeqCst), std::mem::take(&mut *self.dirty.lock().expect("pokes")))
+    }
+}
+
+/// A pool's last pass, published in its status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassRecord {
+    pub at: DateTime<Utc>,
+    pub duration_ms: u64,
+}
 
 /// A pool's unclaimed sandbox as the planner sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
     pub id: String,
     pub generation: u64,
-    pub slot: PoolSlot,
+    /// `warming`, `ready`, `draining` or `failed` (claimed sandboxes are no longer members).
+    pub lifecycle: Lifecycle,
     /// Seconds since it became ready.
     pub ready_for_secs: Option<u64>,
 }
@@ -42,22 +89,10 @@ pub struct Observed {
     pub capacity: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// Above target.
-    Excess,
-    /// Of an older rollout generation.
-    Rollout,
-    /// The pool is draining.
-    Drain,
-    /// Ready longer than `idle_timeout_seconds`.
-    Expired,
-}
-
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
     pub start: u32,
-    pub stop: Vec<(String, StopReason)>,
+    pub stop: Vec<(String, StopCause)>,
     /// Why fewer sandboxes are started than the target needs.
     pub blocked: Vec<DegradedReason>,
 }
@@ -65,40 +100,41 @@ pub struct Plan {
 /// Desired + observed → actions. Pure: no I/O, tested with tables.
 pub fn plan(o: &Observed) -> Plan {
     let mut p = Plan::default();
-    let live: Vec<&Member> = o.members.iter().filter(|m| m.slot != PoolSlot::Draining).collect();
+    let live: Vec<&Member> =
+        o.members.iter().filter(|m| matches!(m.lifecycle, Lifecycle::Warming | Lifecycle::Ready)).collect();
     if o.state == PoolState::Draining {
-        p.stop = live.iter().map(|m| (m.id.clone(), StopReason::Drain)).collect();
+        p.stop = live.iter().map(|m| (m.id.clone(), StopCause::Drain)).collect();
         return p;
     }
     let mut current_ready = Vec::new();
     let mut current_warming = Vec::new();
     let mut old_ready = Vec::new();
     for m in &live {
-        let expired = m.slot == PoolSlot::Ready
+        let expired = m.lifecycle == Lifecycle::Ready
             && o.idle_timeout_seconds.zip(m.ready_for_secs).is_some_and(|(limit, age)| age >= limit);
         if expired {
-            p.stop.push((m.id.clone(), StopReason::Expired));
+            p.stop.push((m.id.clone(), StopCause::Expired));
         } else if m.generation == o.generation {
-            if m.slot == PoolSlot::Ready {
+            if m.lifecycle == Lifecycle::Ready {
                 current_ready.push(*m)
             } else {
                 current_warming.push(*m)
             }
-        } else if m.slot == PoolSlot::Ready {
+        } else if m.lifecycle == Lifecycle::Ready {
             old_ready.push(*m);
         } else {
-            p.stop.push((m.id.clone(), StopReason::Rollout));
+            p.stop.push((m.id.clone(), StopCause::Rollout));
         }
     }
     if o.state == PoolState::Disabled {
         // Disabled keeps its inventory (old generations included) and starts nothing.
-        p.stop.retain(|(_, r)| *r == StopReason::Expired);
+        p.stop.retain(|(_, r)| *r == StopCause::Expired);
         return p;
     }
     let target = o.target as usize;
     // Old ready sandboxes keep serving until the new generation has enough ready ones.
     let keep_old = target.saturating_sub(current_ready.len()).min(old_ready.len());
-    p.stop.extend(old_ready[keep_old..].iter().map(|m| (m.id.clone(), StopReason::Rollout)));
+    p.stop.extend(old_ready[keep_old..].iter().map(|m| (m.id.clone(), StopCause::Rollout)));
     // Above target: stop warming ones first, then the newest ready.
     let alive = current_ready.len() + current_warming.len();
     if alive > target {
@@ -107,7 +143,7 @@ pub fn plan(o: &Observed) -> Plan {
             if excess == 0 {
                 break;
             }
-            p.stop.push((m.id.clone(), StopReason::Excess));
+            p.stop.push((m.id.clone(), StopCause::ScaleDown));
             excess -= 1;
         }
         return p;
@@ -132,108 +168,116 @@ pub fn plan(o: &Observed) -> Plan {
 }
 
 impl App {
-    /// Runs passes until the process ends: on every poke and at least once a second.
+    /// Runs passes until the process ends: for poked pools at once (pokes within 5 ms coalesce), and for the rest
+    /// when their due time comes.
     pub async fn run_reconciler(self: Arc<Self>) {
+        let mut due: HashMap<String, Instant> = HashMap::new();
         loop {
-            if tokio::time::timeout(Duration::from_secs(1), self.poke.notified()).await.is_ok() {
-                // Let a burst of pokes (one per checkout) coalesce into one pass.
+            let next = due.values().min().copied().unwrap_or_else(|| Instant::now() + RESYNC);
+            let wait = next.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(wait, self.pokes.notify.notified()).await.is_ok() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let started = Instant::now();
-            let pools = match self.store.list_pools(None) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(error = &e as &dyn std::error::Error, "Reconciler cannot list pools");
-                    continue;
+            let (all, mut pools) = self.pokes.take();
+            if all || due.is_empty() {
+                match self.store.list_pools(None) {
+                    Ok(rows) => pools.extend(rows.into_iter().map(|r| r.pool.id)),
+                    Err(e) => {
+                        tracing::error!(error = &e as &dyn std::error::Error, "Reconciler cannot list pools");
+                        self.pokes.all();
+                        tokio::time::sleep(BLOCKED_RETRY).await;
+                        continue;
+                    }
                 }
-            };
+            }
+            let now = Instant::now();
+            pools.extend(due.iter().filter(|(_, at)| **at <= now).map(|(id, _)| id.clone()));
+            if pools.is_empty() {
+                continue;
+            }
             for pool in pools {
-                self.reconcile_pool(&pool.pool.id).await;
+                match self.reconcile_pool(&pool).await {
+                    Some(after) => due.insert(pool, Instant::now() + after),
+                    None => due.remove(&pool),
+                };
             }
             self.metrics.reconcile_seconds.with_label_values(&[]).observe(started.elapsed().as_secs_f64());
         }
     }
 
-    /// One pass over one pool.
+    /// One pass over one pool; returns when it next falls due (None: the pool is gone).
     #[tracing::instrument(skip(self), level = "debug")]
-    pub async fn reconcile_pool(self: &Arc<Self>, pool_id: &str) {
+    pub async fn reconcile_pool(self: &Arc<Self>, pool_id: &str) -> Option<Duration> {
         let started = Instant::now();
         let outcome = self.reconcile_inner(pool_id).await;
-        let elapsed = started.elapsed();
-        let _ = self.update_pool(pool_id, |row| {
-            row.ctl.last_reconciled_at = Some(Utc::now());
-            row.ctl.last_reconcile_duration_ms = Some(elapsed.as_millis() as u64);
-            match outcome {
-                Ok(blocked) => {
-                    row.ctl.blocked = blocked;
-                    row.ctl.last_error = None;
-                }
-                Err(e) => row.ctl.last_error = Some(e),
-            }
-        });
+        let record = PassRecord { at: Utc::now(), duration_ms: started.elapsed().as_millis() as u64 };
+        self.passes.lock().expect("passes").insert(pool_id.to_string(), record);
+        let (blocked, last_error, next) = match outcome {
+            Ok(None) => return None,
+            Ok(Some(Pass { blocked, next })) => (blocked, None, next),
+            Err(e) => (Vec::new(), Some(e.to_string()), BLOCKED_RETRY),
+        };
+        // Write only what changed: an idle pool's pass writes nothing.
+        let changed = self
+            .store
+            .get_pool_by_id(pool_id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.ctl.blocked != blocked || r.ctl.last_error != last_error);
+        if changed {
+            let _ = self.update_pool(pool_id, |row| {
+                row.ctl.blocked = blocked;
+                row.ctl.last_error = last_error;
+            });
+        }
+        Some(next)
     }
 
-    async fn reconcile_inner(self: &Arc<Self>, pool_id: &str) -> Result<Vec<DegradedReason>, String> {
-        let err = |e: &dyn std::error::Error| e.to_string();
-        // Follow the tag (track_tag) or resolve a pinned ref once.
-        let row = self
-            .update_pool(pool_id, |row| {
-                let p = &mut row.pool;
-                let wanted = match (p.version_policy, &p.track_tag) {
-                    (VersionPolicy::TrackTag, Some(tag)) => {
-                        self.store.get_tag(&p.template_id, tag).ok().flatten().map(|t| t.build_id)
+    async fn reconcile_inner(self: &Arc<Self>, pool_id: &str) -> Result<Option<Pass>, AppError> {
+        let Some(row) = self.store.get_pool_by_id(pool_id)? else { return Ok(None) };
+        // Follow the tag (track_tag), or resolve a pinned ref once.
+        let wanted = self.wanted_build(&row)?;
+        let wanted_ready = match &wanted {
+            Some(id) => self.store.get_build(id)?.is_some_and(|b| b.build.status == BuildStatus::Ready),
+            None => false,
+        };
+        let row = match wanted.filter(|_| wanted_ready) {
+            Some(new) if row.pool.resolved_build_id.as_deref() != Some(new.as_str()) => {
+                let updated = self.update_pool(pool_id, |row| {
+                    if row.pool.resolved_build_id.is_some() {
+                        start_rollout(row, Some(new.clone()));
+                    } else {
+                        row.pool.resolved_build_id = Some(new.clone());
                     }
-                    _ if p.resolved_build_id.is_none() => {
-                        self.resolve_ref(&row.account_id, "template", &p.template).ok().and_then(|(_, b)| b).map(|b| b.build.id)
-                    }
-                    _ => None,
-                };
-                let ready = wanted
-                    .as_ref()
-                    .and_then(|id| self.store.get_build(id).ok().flatten())
-                    .is_some_and(|b| b.build.status == BuildStatus::Ready);
-                if let Some(new) = wanted.filter(|_| ready) {
-                    if p.resolved_build_id.as_deref() != Some(new.as_str()) {
-                        if p.resolved_build_id.is_some() {
-                            p.previous_build_id = p.resolved_build_id.take();
-                            p.rollout_generation += 1;
-                            row.ctl.prewarm_failures = 0;
-                            tracing::info!(pool = %p.id, build = %new, generation = p.rollout_generation, "Rolling out a new build");
-                        }
-                        p.resolved_build_id = Some(new);
-                    }
+                    row.clone()
+                })?;
+                match updated {
+                    Some(row) => row,
+                    None => return Ok(None),
                 }
-                row.clone()
-            })
-            .map_err(|e| err(&e))?;
-        let Some(row) = row else { return Ok(Vec::new()) };
+            }
+            _ => row,
+        };
         let pool = &row.pool;
         let now = Utc::now();
-        let leases = self.store.list_leases(&pool.id).map_err(|e| err(&e))?;
+        let leases = self.store.list_leases(&pool.id)?;
         for l in leases.iter().filter(|l| l.lease.expires_at <= now) {
-            let _ = self.store.delete_lease(&pool.id, &l.lease.key);
+            self.store.delete_lease(&pool.id, &l.lease.key)?;
         }
         let build = match &pool.resolved_build_id {
-            Some(id) => self
-                .store
-                .get_build(id)
-                .map_err(|e| err(&e))?
-                .filter(|b| b.build.status == BuildStatus::Ready),
+            Some(id) => self.store.get_build(id)?.filter(|b| b.build.status == BuildStatus::Ready),
             None => None,
         };
-        let template = self.store.get_template(&row.account_id, &pool.template_id).map_err(|e| err(&e))?;
-        let sandboxes = self.store.list_pool_sandboxes(&pool.id).map_err(|e| err(&e))?;
+        let template = self.store.get_template(&row.account_id, &pool.template_id)?;
+        let sandboxes = self.store.list_pool_sandboxes(&pool.id)?;
         let members: Vec<&SandboxRow> =
             sandboxes.iter().filter(|s| s.pool_id.as_deref() == Some(pool.id.as_str())).collect();
-        let quota = self.quotas(&row.account_id).map_err(|e| err(&e))?;
-        let quota_headroom = match quota.max_warm_sandboxes {
-            Some(max) => {
-                let (_, warm) = self.store.count_sandboxes(&row.account_id).map_err(|e| err(&e))?;
-                Some(max.saturating_sub(warm) as u32)
-            }
+        let quota_headroom = match self.quotas(&row.account_id)?.max_warm_sandboxes {
+            Some(max) => Some(max.saturating_sub(self.store.count_sandboxes(&row.account_id)?.1) as u32),
             None => None,
         };
-        let live_total = self.store.count_live_sandboxes().map_err(|e| err(&e))? as usize;
+        let live_total = self.store.count_live_sandboxes()? as usize;
         let observed = Observed {
             state: pool.state,
             target: target(pool, &leases, now),
@@ -245,7 +289,7 @@ impl App {
                 .map(|s| Member {
                     id: s.sandbox.id.clone(),
                     generation: s.pool_generation,
-                    slot: s.pool_slot.unwrap_or(PoolSlot::Warming),
+                    lifecycle: s.lifecycle,
                     ready_for_secs: s.ready_at.map(|t| (now - t).num_seconds().max(0) as u64),
                 })
                 .collect(),
@@ -254,27 +298,28 @@ impl App {
             capacity: self.runtime.free_capacity(live_total) as u32,
         };
         let plan = plan(&observed);
-        for (state, n) in [
-            ("ready", observed.members.iter().filter(|m| m.slot == PoolSlot::Ready).count()),
-            ("warming", observed.members.iter().filter(|m| m.slot == PoolSlot::Warming).count()),
-            ("draining", observed.members.iter().filter(|m| m.slot == PoolSlot::Draining).count()),
-        ] {
+        let counts = Counts::of(&pool.id, &sandboxes);
+        for (state, n) in
+            [("ready", counts.ready), ("warming", counts.warming), ("draining", counts.draining)]
+        {
             self.metrics.pool_sandboxes.with_label_values(&[&pool.id, state]).set(n as i64);
         }
 
-        for (id, reason) in &plan.stop {
-            let Some(mut member) = members.iter().find(|m| &m.sandbox.id == id).map(|m| (*m).clone()) else {
-                continue;
-            };
-            member.pool_slot = Some(PoolSlot::Draining);
-            self.store.update_sandbox(&member).map_err(|e| err(&e))?;
-            if *reason == StopReason::Expired {
-                let _ = self.update_pool(&pool.id, |r| r.ctl.expired_total += 1);
+        // Removals a crash or a runtime error left half-done are finished here.
+        for member in
+            members.iter().filter(|m| matches!(m.lifecycle, Lifecycle::Draining | Lifecycle::Failed))
+        {
+            let (app, member) = (self.clone(), (*member).clone());
+            tokio::spawn(async move { app.finish_stop(&member).await });
+        }
+        for (id, cause) in &plan.stop {
+            let Some(member) = members.iter().find(|m| &m.sandbox.id == id) else { continue };
+            // Committed here, before the runtime acts; a claim that got there first wins and this does nothing.
+            let from = [Lifecycle::Warming, Lifecycle::Ready];
+            if let Some(member) = self.begin_stop((*member).clone(), &from, *cause)? {
+                let app = self.clone();
+                tokio::spawn(async move { app.finish_stop(&member).await });
             }
-            let app = self.clone();
-            tokio::spawn(async move {
-                let _ = app.destroy(member).await;
-            });
         }
         if plan.start > 0 {
             let (template, build) =
@@ -302,7 +347,7 @@ impl App {
                         warm_pool_checkout: None,
                     },
                     pool_id: Some(pool.id.clone()),
-                    pool_slot: Some(PoolSlot::Warming),
+                    lifecycle: Lifecycle::Warming,
                     claimed_from: None,
                     pool_generation: pool.rollout_generation,
                     ready_at: None,
@@ -311,8 +356,8 @@ impl App {
                     handle: RuntimeHandle::default(),
                     error: None,
                 };
-                // Inserted now, so the next pass counts it as warming and does not start it twice.
-                self.store.insert_sandbox(&sandbox_row).map_err(|e| err(&e))?;
+                // Inserted before anything starts: the next pass counts it, and a crash finds it.
+                self.store.insert_sandbox(&sandbox_row)?;
                 let start = StartSpec {
                     sandbox_id: sandbox_row.sandbox.id.clone(),
                     artifact: Some(self.runtime.artifact(&build.build.id)),
@@ -327,52 +372,70 @@ impl App {
                 tokio::spawn(async move { app.prewarm(pool_id, sandbox_row, start).await });
             }
         }
-        Ok(plan.blocked)
+        // When does a time-based change fall due? Leases expire; ready sandboxes reach their idle timeout.
+        let mut next = RESYNC + Duration::from_millis(rand::random::<u64>() % 30_000);
+        let mut until = |at: DateTime<Utc>| {
+            let left = (at - now).to_std().unwrap_or_default() + Duration::from_millis(10);
+            next = next.min(left);
+        };
+        leases.iter().filter(|l| l.lease.expires_at > now).for_each(|l| until(l.lease.expires_at));
+        if let Some(idle) = pool.idle_timeout_seconds {
+            members
+                .iter()
+                .filter_map(|m| m.ready_at.filter(|_| m.lifecycle == Lifecycle::Ready))
+                .for_each(|at| until(at + chrono::Duration::seconds(idle as i64)));
+        }
+        if !plan.blocked.is_empty() {
+            next = next.min(BLOCKED_RETRY);
+        }
+        Ok(Some(Pass { blocked: plan.blocked, next }))
     }
 
+    /// Starts one inventory sandbox. Only a real failure counts (and feeds the prewarm breaker); a sandbox stopped
+    /// while starting (scale-down, drain, rollout) does not.
     async fn prewarm(self: Arc<Self>, pool_id: String, mut row: SandboxRow, spec: StartSpec) {
         let _slot = self.start_slots.clone().acquire_owned().await;
         // The pool may have drained or moved on while this start waited for a slot.
-        if self.store.get_sandbox(&row.sandbox.id).ok().flatten().and_then(|r| r.pool_slot)
-            != Some(PoolSlot::Warming)
-        {
-            return;
-        }
-        match self.start_sandbox(&mut row, spec).await {
-            Ok(()) => {
-                let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0);
-                // A drain or a pool delete may have removed it while it was starting.
-                match self.store.get_sandbox(&row.sandbox.id).ok().flatten() {
-                    Some(current) if current.pool_slot == Some(PoolSlot::Ready) => {
-                        self.inventory_signal(&pool_id).notify_waiters();
-                    }
-                    Some(current) => {
-                        let _ = self.destroy(current).await;
-                    }
-                    None => self.runtime.stop(&row.sandbox.id, &row.handle, true).await,
+        let still_wanted = matches!(
+            self.store.get_sandbox(&row.sandbox.id),
+            Ok(Some(current)) if current.lifecycle == Lifecycle::Warming
+        );
+        if still_wanted {
+            match self.start_sandbox(&mut row, spec, Lifecycle::Ready).await {
+                Ok(()) => {
+                    let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0);
+                    self.watch_readiness(&row);
+                    self.inventory_signal(&pool_id).notify_waiters();
+                }
+                Err(StartError::Stopped) => {}
+                Err(StartError::Failed(e)) => {
+                    let message = e.to_string();
+                    tracing::warn!(pool = %pool_id, sandbox = %row.sandbox.id, %message, "Prewarm failed");
+                    let _ = self.update_pool(&pool_id, |r| {
+                        r.ctl.prewarm_failures += 1;
+                        r.ctl.failed_total += 1;
+                        r.ctl.last_failure_logs = Some(message.clone());
+                        r.ctl.last_error = Some(message);
+                    });
                 }
             }
-            Err(e) => {
-                let message = e.to_string();
-                tracing::warn!(pool = %pool_id, sandbox = %row.sandbox.id, %message, "Prewarm failed");
-                let _ = self.update_pool(&pool_id, |r| {
-                    r.ctl.prewarm_failures += 1;
-                    r.ctl.failed_total += 1;
-                    r.ctl.last_failure_logs = Some(message.clone());
-                    r.ctl.last_error = Some(message);
-                });
-            }
         }
-        self.poke.notify_one();
+        self.pokes.pool(&pool_id);
     }
+}
+
+/// What a pass leaves behind.
+struct Pass {
+    blocked: Vec<DegradedReason>,
+    next: Duration,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn member(id: &str, generation: u64, slot: PoolSlot, age: Option<u64>) -> Member {
-        Member { id: id.into(), generation, slot, ready_for_secs: age }
+    fn member(id: &str, generation: u64, lifecycle: Lifecycle, age: Option<u64>) -> Member {
+        Member { id: id.into(), generation, lifecycle, ready_for_secs: age }
     }
 
     fn observed(target: u32, members: Vec<Member>) -> Observed {
@@ -389,19 +452,19 @@ mod tests {
         }
     }
 
-    fn stops(p: &Plan) -> Vec<(&str, StopReason)> {
+    fn stops(p: &Plan) -> Vec<(&str, StopCause)> {
         p.stop.iter().map(|(id, r)| (id.as_str(), *r)).collect()
     }
 
     #[test]
     fn planner_table() {
-        use PoolSlot::*;
-        use StopReason::*;
+        use Lifecycle::*;
+        use StopCause::{Drain, Expired, Rollout, ScaleDown as Excess};
         struct Case {
             name: &'static str,
             o: Observed,
             start: u32,
-            stop: Vec<(&'static str, StopReason)>,
+            stop: Vec<(&'static str, StopCause)>,
             blocked: Vec<DegradedReason>,
         }
         let cases = vec![
@@ -541,14 +604,14 @@ mod tests {
         #[test]
         fn planner_never_overshoots(target in 0u32..20, slots in proptest::collection::vec((0u64..3, 0u8..3, proptest::option::of(0u64..100)), 0..30)) {
             let members: Vec<Member> = slots.iter().enumerate().map(|(i, (g, s, age))| {
-                let slot = match s { 0 => PoolSlot::Warming, 1 => PoolSlot::Ready, _ => PoolSlot::Draining };
+                let slot = match s { 0 => Lifecycle::Warming, 1 => Lifecycle::Ready, _ => Lifecycle::Draining };
                 member(&format!("m{i}"), *g, slot, *age)
             }).collect();
             let o = Observed { idle_timeout_seconds: Some(50), ..observed(target, members.clone()) };
             let p = plan(&o);
             let stopped: std::collections::HashSet<_> = p.stop.iter().map(|(id, _)| id.clone()).collect();
             proptest::prop_assert_eq!(stopped.len(), p.stop.len());
-            let current_live = members.iter().filter(|m| m.generation == 2 && m.slot != PoolSlot::Draining && !stopped.contains(&m.id)).count();
+            let current_live = members.iter().filter(|m| m.generation == 2 && m.lifecycle != Lifecycle::Draining && !stopped.contains(&m.id)).count();
             proptest::prop_assert!(current_live + p.start as usize <= (target as usize).max(current_live.min(target as usize)));
         }
     }

@@ -2,21 +2,24 @@
 //! and knows nothing of HTTP; handlers translate requests into these calls.
 
 pub mod accounts;
+pub mod lifecycle;
 pub mod pools;
 pub mod sandboxes;
 pub mod templates;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
-use tokio::sync::{mpsc, Notify, Semaphore};
-use warmpool_api::{FieldError, SandboxState};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::AbortHandle;
+use warmpool_api::FieldError;
 
 use crate::metrics::Metrics;
+use crate::reconciler::{PassRecord, Pokes};
 use crate::runtime::Runtime;
-use crate::store::{PoolRow, Store, StoreError};
+use crate::store::{Lifecycle, PoolRow, Store, StoreError};
 
 /// Errors of the domain, each mapped to one API error code by the HTTP layer.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +36,12 @@ pub enum AppError {
     Conflict(String),
     #[error("{0}")]
     Quota(String),
+    /// A checkout found no usable inventory (`warm_pool_unavailable`).
     #[error("{message}")]
-    Unavailable { reason: String, field: Option<String>, message: String },
+    WarmPoolUnavailable { reason: String, field: Option<String>, message: String },
+    /// The store or the runtime cannot take writes now (`service_unavailable`); clears without a restart.
+    #[error("{0}")]
+    ServiceUnavailable(String),
     #[error("store failure")]
     Store(#[source] StoreError),
     #[error("{0}")]
@@ -45,6 +52,10 @@ impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(what) => AppError::Conflict(format!("{what} already exists")),
+            StoreError::Unavailable { reason, .. } => AppError::ServiceUnavailable(format!(
+                "the database cannot take writes right now: {reason}; nothing was changed, retry once the \
+                 operator has fixed it"
+            )),
             e => AppError::Store(e),
         }
     }
@@ -85,14 +96,20 @@ pub struct App {
     pub runtime: Arc<dyn Runtime>,
     pub metrics: Metrics,
     pub config: AppConfig,
-    /// Wakes the reconciler (no payload: it looks at everything).
-    pub poke: Notify,
+    /// Pools the reconciler should look at (see [`Pokes`]).
+    pub pokes: Pokes,
     /// Per-pool wake-ups for checkouts waiting on inventory.
     inventory: Mutex<HashMap<String, Arc<Notify>>>,
     /// Serializes read-modify-write of pool rows.
     pool_lock: Mutex<()>,
     pub start_slots: Arc<Semaphore>,
     pub build_slots: Arc<Semaphore>,
+    /// Readiness watches of ready inventory, by sandbox.
+    watchers: Mutex<HashMap<String, AbortHandle>>,
+    /// Sandboxes whose removal is under way (so a retry does not run it twice).
+    stopping: Mutex<HashSet<String>>,
+    /// Each pool's last reconcile pass, kept in memory (a pass that changed nothing writes nothing).
+    pub passes: Mutex<HashMap<String, PassRecord>>,
 }
 
 impl App {
@@ -104,9 +121,12 @@ impl App {
             start_slots: Arc::new(Semaphore::new(config.max_parallel_starts.max(1))),
             build_slots: Arc::new(Semaphore::new(config.max_parallel_builds.max(1))),
             config,
-            poke: Notify::new(),
+            pokes: Pokes::default(),
             inventory: Mutex::new(HashMap::new()),
             pool_lock: Mutex::new(()),
+            watchers: Mutex::new(HashMap::new()),
+            stopping: Mutex::new(HashSet::new()),
+            passes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -125,76 +145,6 @@ impl App {
         Ok(Some(out))
     }
 
-    /// Brings the runtime in line with the store after a (re)start: live sandboxes are re-adopted; sandboxes
-    /// caught mid-start, and ones whose procd died, are cleaned up; directories the store does not know are killed
-    /// and removed; builds caught mid-way fail.
-    pub async fn recover(self: &Arc<Self>) -> AppResult<()> {
-        let rows = self.store.list_all_sandboxes()?;
-        let known: std::collections::HashSet<String> = rows.iter().map(|r| r.sandbox.id.clone()).collect();
-        let (mut adopted, mut removed) = (0, 0);
-        for mut row in rows {
-            let live = matches!(row.sandbox.state, SandboxState::Running | SandboxState::Paused);
-            if live && self.runtime.adopt(&row.sandbox.id, &row.handle) {
-                adopted += 1;
-                continue;
-            }
-            self.runtime.stop(&row.sandbox.id, &row.handle, true).await;
-            if row.pool_id.is_some() || row.sandbox.state == SandboxState::Starting {
-                // Inventory is refilled by the reconciler; a half-started sandbox was never handed out.
-                self.store.delete_sandbox(&row.sandbox.id)?;
-            } else if live {
-                row.sandbox.state = SandboxState::Failed;
-                row.error = Some("procd was not running when the server restarted".into());
-                self.store.update_sandbox(&row)?;
-            }
-            removed += 1;
-        }
-        let mut orphans = 0;
-        for id in self.runtime.sandbox_dirs() {
-            if !known.contains(&id) {
-                self.runtime.remove_unknown(&id).await;
-                orphans += 1;
-            }
-        }
-        for mut build in self.store.list_builds_in(&["queued", "building"])? {
-            build.build.status = warmpool_api::BuildStatus::Failed;
-            build.build.error = Some("the server restarted while this build was running".into());
-            build.build.finished_at = Some(Utc::now());
-            self.store.update_build(&build)?;
-            self.runtime.remove_artifact(&build.build.id).await;
-        }
-        tracing::info!(adopted, removed, orphans, "Recovered sandboxes from the store");
-        Ok(())
-    }
-
-    /// Handles procd exits reported by the runtime: a live sandbox becomes `failed`; inventory is dropped and the
-    /// reconciler refills.
-    pub async fn watch_exits(self: Arc<Self>, mut exits: mpsc::UnboundedReceiver<String>) {
-        while let Some(id) = exits.recv().await {
-            let Ok(Some(mut row)) = self.store.get_sandbox(&id) else {
-                continue;
-            };
-            if !matches!(row.sandbox.state, SandboxState::Running | SandboxState::Paused) {
-                continue;
-            }
-            if self.runtime.is_alive(&row.handle) {
-                continue;
-            }
-            let tail = self.runtime.log_tail(&row.handle, 2000);
-            tracing::warn!(sandbox = %id, "procd exited; sandbox failed");
-            row.sandbox.state = SandboxState::Failed;
-            row.error = Some(format!("procd exited: {}", tail.trim()));
-            if let Some(pool) = row.pool_id.clone() {
-                let _ = self.update_pool(&pool, |p| p.ctl.failed_total += 1);
-                self.runtime.stop(&id, &row.handle, true).await;
-                let _ = self.store.delete_sandbox(&id);
-            } else {
-                let _ = self.store.update_sandbox(&row);
-            }
-            self.poke.notify_one();
-        }
-    }
-
     /// Applies sandboxes' timeout policies once a second.
     pub async fn enforce_timeouts(self: Arc<Self>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -206,7 +156,8 @@ impl App {
             };
             for row in rows {
                 let due = row.pool_id.is_none()
-                    && row.sandbox.state == SandboxState::Running
+                    && row.lifecycle == Lifecycle::Claimed
+                    && row.sandbox.state == warmpool_api::SandboxState::Running
                     && row.sandbox.expires_at.is_some_and(|t| t <= now);
                 if due {
                     if let Err(e) = self.expire_sandbox(row).await {

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use chrono::Utc;
 use warmpool_api::{
     id_prefix, BuildStatus, DegradedReason, FieldError, Lease, LeaseRelease, LeaseSpec, PoolState,
-    PoolStatus, SandboxState, VersionPolicy, WarmPool, WarmPoolPatch, WarmPoolSpec,
+    PoolStatus, VersionPolicy, WarmPool, WarmPoolPatch, WarmPoolSpec,
 };
 
+use super::lifecycle::StopCause;
 use super::{new_id, not_found, App, AppResult, Caller};
-use crate::store::{LeaseRow, PoolControl, PoolRow, PoolSlot};
+use crate::store::{LeaseRow, Lifecycle, PoolControl, PoolRow, SandboxRow, StoreResult};
 
 /// Prewarm failures in a row after which a pool stops filling.
 pub const PREWARM_FAILURE_LIMIT: u32 = 3;
@@ -24,7 +25,65 @@ pub fn target(pool: &WarmPool, leases: &[LeaseRow], now: chrono::DateTime<Utc>) 
     (pool.min_ready as u64 + leased).min(pool.max_ready as u64) as u32
 }
 
+/// A pool's sandboxes counted by where they are in their lifecycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub ready: u32,
+    pub warming: u32,
+    pub draining: u32,
+    /// Checked out from this pool and still alive.
+    pub claimed: u32,
+}
+
+impl Counts {
+    pub fn of(pool_id: &str, rows: &[SandboxRow]) -> Counts {
+        let mut c = Counts::default();
+        for s in rows {
+            let inventory = s.pool_id.as_deref() == Some(pool_id);
+            match s.lifecycle {
+                Lifecycle::Ready if inventory => c.ready += 1,
+                Lifecycle::Warming if inventory => c.warming += 1,
+                Lifecycle::Draining if inventory => c.draining += 1,
+                Lifecycle::Claimed if s.claimed_from.as_deref() == Some(pool_id) => c.claimed += 1,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// Starts a new rollout generation towards `new_build` (None: not resolvable yet). Old inventory drains as the new
+/// generation fills; a prewarm-failure stop is lifted.
+pub fn start_rollout(row: &mut PoolRow, new_build: Option<String>) {
+    let p = &mut row.pool;
+    if p.resolved_build_id != new_build && p.resolved_build_id.is_some() {
+        p.previous_build_id = p.resolved_build_id.take();
+    }
+    p.resolved_build_id = new_build;
+    p.rollout_generation += 1;
+    row.ctl.prewarm_failures = 0;
+    row.ctl.last_failure_logs = None;
+    tracing::info!(pool = %p.id, build = ?p.resolved_build_id, generation = p.rollout_generation, "Rolling out");
+}
+
 impl App {
+    /// The build the pool should run now: a `track_tag` pool's tag target, otherwise its resolved build (or what its
+    /// ref resolves to, before the first resolution).
+    pub fn wanted_build(&self, row: &PoolRow) -> StoreResult<Option<String>> {
+        let p = &row.pool;
+        Ok(match (p.version_policy, &p.track_tag) {
+            (VersionPolicy::TrackTag, Some(tag)) => {
+                self.store.get_tag(&p.template_id, tag)?.map(|t| t.build_id)
+            }
+            _ if p.resolved_build_id.is_some() => p.resolved_build_id.clone(),
+            _ => self
+                .resolve_ref(&row.account_id, "template", &p.template)
+                .ok()
+                .and_then(|(_, b)| b)
+                .map(|b| b.build.id),
+        })
+    }
+
     pub fn create_pool(&self, caller: &Caller, spec: WarmPoolSpec) -> AppResult<WarmPool> {
         spec.validate()?;
         let (template, build) = self.resolve_ref(&caller.account_id, "template", &spec.template)?;
@@ -55,7 +114,7 @@ impl App {
             pool: pool.clone(),
             ctl: PoolControl::default(),
         })?;
-        self.poke.notify_one();
+        self.pokes.pool(&pool.id);
         Ok(pool)
     }
 
@@ -137,36 +196,36 @@ impl App {
                 Some(false) => p.state = PoolState::Disabled,
                 None => {}
             }
+            p.updated_at = Utc::now();
             if rollout {
                 let new_build = build
                     .as_ref()
                     .filter(|b| b.build.status == BuildStatus::Ready)
                     .map(|b| b.build.id.clone());
-                if p.resolved_build_id != new_build {
-                    p.previous_build_id = p.resolved_build_id.take();
-                }
-                p.resolved_build_id = new_build;
-                p.rollout_generation += 1;
-                row.ctl.prewarm_failures = 0;
-                row.ctl.last_failure_logs = None;
+                start_rollout(row, new_build);
             }
-            p.updated_at = Utc::now();
-            p.clone()
+            row.pool.clone()
         })?;
-        self.poke.notify_one();
+        self.pokes.pool(&current.pool.id);
         updated.ok_or_else(|| not_found("warm pool", id_or_name))
     }
 
     pub async fn delete_pool(&self, caller: &Caller, id_or_name: &str) -> AppResult<()> {
         let row = self.get_pool(caller, id_or_name)?;
         self.set_pool_state(caller, &row.pool.id, PoolState::Draining)?;
-        // Drain first: stop every unclaimed sandbox of the pool, then forget it.
+        // Drain first: stop every unclaimed sandbox of the pool (claimed ones are their callers'), then forget it.
         for sandbox in self.store.list_pool_sandboxes(&row.pool.id)? {
-            if sandbox.pool_id.as_deref() == Some(row.pool.id.as_str()) {
-                self.destroy(sandbox).await?;
+            if sandbox.pool_id.as_deref() != Some(row.pool.id.as_str()) {
+                continue;
+            }
+            if matches!(sandbox.lifecycle, Lifecycle::Draining | Lifecycle::Failed) {
+                self.finish_stop(&sandbox).await?;
+            } else {
+                self.stop_sandbox(sandbox, &[Lifecycle::Warming, Lifecycle::Ready], StopCause::Drain).await?;
             }
         }
         self.store.delete_pool(&row.pool.id)?;
+        self.passes.lock().expect("passes").remove(&row.pool.id);
         Ok(())
     }
 
@@ -179,7 +238,7 @@ impl App {
                 r.pool.clone()
             })?
             .ok_or_else(|| not_found("warm pool", id_or_name))?;
-        self.poke.notify_one();
+        self.pokes.pool(&pool.id);
         Ok(pool)
     }
 
@@ -214,7 +273,7 @@ impl App {
             updated_at: now,
         };
         self.store.put_lease(&LeaseRow { account_id: caller.account_id.clone(), lease: lease.clone() })?;
-        self.poke.notify_one();
+        self.pokes.pool(&row.pool.id);
         Ok(lease)
     }
 
@@ -245,7 +304,7 @@ impl App {
         if drained {
             self.set_pool_state(caller, &row.pool.id, PoolState::Draining)?;
         }
-        self.poke.notify_one();
+        self.pokes.pool(&row.pool.id);
         Ok(LeaseRelease { released, remaining_leases: remaining, drained })
     }
 
@@ -258,22 +317,9 @@ impl App {
         let pool = &row.pool;
         let leases = self.store.list_leases(&pool.id)?;
         let target = target(pool, &leases, Utc::now());
-        let (mut ready, mut warming, mut draining, mut claimed) = (0, 0, 0, 0);
-        for s in self.store.list_pool_sandboxes(&pool.id)? {
-            if s.pool_id.as_deref() == Some(pool.id.as_str()) {
-                match s.pool_slot {
-                    Some(PoolSlot::Ready) => ready += 1,
-                    Some(PoolSlot::Warming) => warming += 1,
-                    Some(PoolSlot::Draining) => draining += 1,
-                    None => {}
-                }
-            } else if matches!(
-                s.sandbox.state,
-                SandboxState::Running | SandboxState::Paused | SandboxState::Starting
-            ) {
-                claimed += 1;
-            }
-        }
+        let Counts { ready, warming, draining, claimed } =
+            Counts::of(&pool.id, &self.store.list_pool_sandboxes(&pool.id)?);
+        let pass = self.passes.lock().expect("passes").get(&pool.id).cloned();
         let mut reasons: Vec<DegradedReason> = row.ctl.blocked.clone();
         if let Some(r) = self.artifact_problem(row)? {
             reasons.push(r);
@@ -303,8 +349,11 @@ impl App {
             rollout_generation: pool.rollout_generation,
             resolved_build_id: pool.resolved_build_id.clone(),
             previous_build_id: pool.previous_build_id.clone(),
-            last_reconciled_at: row.ctl.last_reconciled_at,
-            last_reconcile_duration_ms: row.ctl.last_reconcile_duration_ms,
+            last_reconciled_at: pass.as_ref().map(|p| p.at).or(row.ctl.last_reconciled_at),
+            last_reconcile_duration_ms: pass
+                .as_ref()
+                .map(|p| p.duration_ms)
+                .or(row.ctl.last_reconcile_duration_ms),
             last_error: row.ctl.last_error.clone(),
             last_failure_logs: row.ctl.last_failure_logs.clone(),
         })
@@ -317,12 +366,7 @@ impl App {
         if self.store.get_template(&row.account_id, &pool.template_id)?.is_none() {
             return Ok(Some(DegradedReason::TemplateBuildUnavailable));
         }
-        let wanted = match (&pool.version_policy, &pool.track_tag) {
-            (VersionPolicy::TrackTag, Some(tag)) => {
-                self.store.get_tag(&pool.template_id, tag)?.map(|t| t.build_id)
-            }
-            _ => pool.resolved_build_id.clone(),
-        };
+        let wanted = self.wanted_build(row)?;
         let building = self
             .store
             .list_builds(&pool.template_id)?

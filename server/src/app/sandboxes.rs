@@ -12,10 +12,10 @@ use warmpool_api::{
     SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
 };
 
-use super::templates::start_timeout;
+use super::lifecycle::{runtime_error, StartError, StopCause};
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
-use crate::runtime::StartSpec;
-use crate::store::{BuildRow, ClaimUpdate, PoolRow, PoolSlot, RuntimeHandle, SandboxRow, TemplateRow};
+use crate::runtime::{RuntimeError, StartSpec};
+use crate::store::{BuildRow, ClaimUpdate, Lifecycle, PoolRow, RuntimeHandle, SandboxRow, TemplateRow};
 
 /// Longest `warm_pool_wait_ms` accepted.
 const MAX_WAIT_MS: u64 = 10 * 60 * 1000;
@@ -96,7 +96,7 @@ impl App {
         };
         let miss = |reason: FallbackReason, field: Option<&str>, message: String| -> AppResult<()> {
             if mode == CheckoutMode::Require {
-                return Err(AppError::Unavailable {
+                return Err(AppError::WarmPoolUnavailable {
                     reason: reason.as_str().into(),
                     field: field.map(Into::into),
                     message,
@@ -153,7 +153,8 @@ impl App {
             if let Some(row) =
                 self.store.claim_ready(&pool.pool.id, pool.pool.resolved_build_id.as_deref(), &claim)?
             {
-                self.poke.notify_one();
+                self.unwatch(&row.sandbox.id);
+                self.pokes.pool(&pool.pool.id);
                 self.record_checkout(&pool, mode, CheckoutSource::WarmPool, started);
                 tracing::debug!(pool = %pool.pool.id, sandbox = %row.sandbox.id, waited_ms, "Checked out");
                 return Ok(row.sandbox);
@@ -163,7 +164,7 @@ impl App {
                 break;
             }
             // Inventory may appear while we wait: the reconciler wakes us (no polling per request).
-            self.poke.notify_one();
+            self.pokes.pool(&pool.pool.id);
             let _ = tokio::time::timeout(left, notified).await;
         }
         let waited_ms = started.elapsed().as_millis() as u64;
@@ -270,7 +271,7 @@ impl App {
             account_id: caller.account_id.clone(),
             sandbox,
             pool_id: None,
-            pool_slot: None,
+            lifecycle: Lifecycle::Warming,
             claimed_from: None,
             pool_generation: 0,
             ready_at: None,
@@ -295,7 +296,16 @@ impl App {
             private_network: req.network.as_ref().is_some_and(|n| n.mode == NetworkMode::None),
         };
         self.store.insert_sandbox(&row)?;
-        self.start_sandbox(&mut row, spec).await?;
+        match self.start_sandbox(&mut row, spec, Lifecycle::Claimed).await {
+            Ok(()) => {}
+            Err(StartError::Failed(e)) => return Err(e),
+            Err(StartError::Stopped) => {
+                return Err(AppError::Conflict(format!(
+                    "sandbox {} was deleted while it was starting",
+                    row.sandbox.id
+                )))
+            }
+        }
         if row.sandbox.warm_pool_checkout.is_some() {
             self.metrics
                 .checkout_seconds
@@ -303,46 +313,6 @@ impl App {
                 .observe(started.elapsed().as_secs_f64());
         }
         Ok(row.sandbox)
-    }
-
-    /// Starts procd for an inserted row (state `starting`) and waits for readiness. On failure the sandbox is
-    /// stopped and its row removed, and the error carries procd's last output.
-    pub async fn start_sandbox(&self, row: &mut SandboxRow, spec: StartSpec) -> AppResult<()> {
-        let timeout = start_timeout(&spec.spec);
-        let started = Instant::now();
-        let result = async {
-            let handle = self.runtime.start(spec).await?;
-            row.handle = handle.clone();
-            self.store.update_sandbox(row).map_err(|e| crate::runtime::RuntimeError::Build(e.to_string()))?;
-            self.runtime.wait_ready(&handle, timeout).await
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                self.metrics
-                    .sandbox_start_seconds
-                    .with_label_values(&[])
-                    .observe(started.elapsed().as_secs_f64());
-                row.sandbox.state = SandboxState::Running;
-                row.ready_at = Some(Utc::now());
-                if row.pool_slot == Some(PoolSlot::Warming) {
-                    row.pool_slot = Some(PoolSlot::Ready);
-                }
-                self.store.update_sandbox(row)?;
-                Ok(())
-            }
-            Err(e) => {
-                let logs = self.runtime.log_tail(&row.handle, 4000);
-                self.runtime.stop(&row.sandbox.id, &row.handle, true).await;
-                self.store.delete_sandbox(&row.sandbox.id)?;
-                let logs = logs.trim();
-                Err(AppError::Conflict(if logs.is_empty() {
-                    format!("sandbox {} failed to start: {e}", row.sandbox.id)
-                } else {
-                    format!("sandbox {} failed to start: {e}\n{logs}", row.sandbox.id)
-                }))
-            }
-        }
     }
 
     /// A caller's sandbox (pool inventory is not anyone's until checked out).
@@ -361,16 +331,20 @@ impl App {
         Ok(self.store.list_sandboxes(&caller.account_id)?.into_iter().map(|r| r.sandbox).collect())
     }
 
+    /// Deletes a caller's sandbox: `draining` is committed first, so a failure of the store leaves procd running
+    /// and the row as it was (retry), and a failure of the runtime leaves a `draining` row (retry, or recovery
+    /// finishes it). Deleting a sandbox that is already draining finishes the job.
     pub async fn delete_sandbox(&self, caller: &Caller, id: &str) -> AppResult<()> {
         let row = self.owned(caller, id)?;
-        self.destroy(row).await
-    }
-
-    pub async fn destroy(&self, row: SandboxRow) -> AppResult<()> {
-        self.runtime.stop(&row.sandbox.id, &row.handle, true).await;
-        self.store.delete_sandbox(&row.sandbox.id)?;
-        if row.claimed_from.is_some() || row.pool_id.is_some() {
-            self.poke.notify_one();
+        if row.lifecycle == Lifecycle::Draining {
+            return self.finish_stop(&row).await;
+        }
+        let from = [Lifecycle::Warming, Lifecycle::Claimed, Lifecycle::Failed];
+        if !self.stop_sandbox(row, &from, StopCause::Deleted).await? {
+            // Another transition won the race (a failure, a concurrent delete): finish what is there.
+            if let Some(row) = self.store.get_sandbox(id)?.filter(|r| r.lifecycle == Lifecycle::Draining) {
+                self.finish_stop(&row).await?;
+            }
         }
         Ok(())
     }
@@ -378,15 +352,19 @@ impl App {
     pub(super) async fn expire_sandbox(&self, mut row: SandboxRow) -> AppResult<()> {
         match row.timeout_policy.as_ref().map(|t| t.action) {
             Some(TimeoutAction::Pause) => {
-                self.runtime.pause(&row.handle, true).await.map_err(|e| AppError::Internal(e.to_string()))?;
+                let id = row.sandbox.id.clone();
+                self.runtime
+                    .pause(&row.handle, true)
+                    .await
+                    .map_err(|e| runtime_error(&format!("pausing {id}"), e))?;
                 row.sandbox.state = SandboxState::Paused;
                 row.sandbox.expires_at = None;
-                self.store.update_sandbox(&row)?;
+                self.store.update_sandbox_if(&row, &[Lifecycle::Claimed])?;
                 Ok(())
             }
             _ => {
                 tracing::info!(sandbox = %row.sandbox.id, "Timeout policy: destroying sandbox");
-                self.destroy(row).await
+                self.stop_sandbox(row, &[Lifecycle::Claimed], StopCause::Timeout).await.map(drop)
             }
         }
     }
@@ -404,17 +382,31 @@ impl App {
         for key in req.env.iter().flatten().map(|(k, _)| k) {
             validate_env_key(&format!("env.{key}"), key)?;
         }
-        if row.sandbox.state != SandboxState::Running {
+        if row.lifecycle != Lifecycle::Claimed || row.sandbox.state != SandboxState::Running {
             return Err(AppError::Conflict(format!("sandbox {id} is {}", row.sandbox.state.as_str())));
         }
         let build = self.store.get_build(&row.sandbox.build_id)?;
         let base_cwd = build.as_ref().and_then(|b| b.spec.cwd.clone());
         let mut env: BTreeMap<String, String> = build.map(|b| b.spec.env).unwrap_or_default();
         env.extend(row.claim_env);
-        self.runtime
-            .exec(&row.handle, req, base_cwd.as_deref(), env)
-            .await
-            .map_err(|e| AppError::Conflict(format!("exec in sandbox {id} failed: {e}")))
+        let cwd = req.cwd.clone();
+        let command = req.command[0].clone();
+        self.runtime.exec(&row.handle, req, base_cwd.as_deref(), env).await.map_err(|e| match e {
+            // Name what the caller sent, not the host path the runtime resolved it to.
+            RuntimeError::Invalid { field: "cwd", .. } => FieldError::new(
+                "cwd",
+                format!(
+                    "{:?} does not exist in the sandbox or is not a directory",
+                    cwd.as_deref().unwrap_or(".")
+                ),
+            )
+            .into(),
+            RuntimeError::Invalid { message, .. } => {
+                let reason = message.rsplit(": ").next().unwrap_or(&message).to_string();
+                FieldError::new("command", format!("{command:?} cannot be started: {reason}")).into()
+            }
+            e => runtime_error(&format!("exec in sandbox {id} failed"), e),
+        })
     }
 
     pub async fn probe(&self, caller: &Caller, id: &str, kind: ProbeKind) -> AppResult<ProbeResult> {

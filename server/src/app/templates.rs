@@ -71,7 +71,7 @@ impl App {
         for b in builds {
             self.runtime.remove_artifact(&b.build.id).await;
         }
-        self.poke.notify_one();
+        self.pokes.all();
         Ok(())
     }
 
@@ -143,7 +143,7 @@ impl App {
             }
         }
         let _ = self.store.update_build(&row);
-        self.poke.notify_one();
+        self.pokes.all();
     }
 
     async fn build_artifact(
@@ -167,7 +167,7 @@ impl App {
             let handle = self.runtime.start_in(id, root.clone(), start).await.map_err(|e| e.to_string())?;
             let ready = self.runtime.wait_ready(&handle, start_timeout(spec)).await;
             let output = self.runtime.log_tail(&handle, 64 * 1024);
-            self.runtime.stop(id, &handle, false).await;
+            self.runtime.stop_build(&handle).await;
             append(log, &output);
             ready.map_err(|e| format!("start contract failed: {e}"))?;
             append(log, "==> readiness passed\n");
@@ -208,7 +208,7 @@ impl App {
         }
         let now = Utc::now();
         self.store.put_tag(&t.template.id, tag, build_id, now)?;
-        self.poke.notify_one();
+        self.pokes.all();
         Ok(Tag { name: tag.into(), template_id: t.template.id, build_id: build_id.into(), updated_at: now })
     }
 
@@ -227,7 +227,7 @@ impl App {
         if !self.store.delete_tag(&t.template.id, tag)? {
             return Err(not_found("tag", tag));
         }
-        self.poke.notify_one();
+        self.pokes.all();
         Ok(())
     }
 

@@ -60,6 +60,15 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
+    // The data dir holds the database, the admin token and the secret key: the owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", data_dir.display()))?;
+    let secret_path = data_dir.join("secret.key");
+    let secrets = Arc::new(
+        crate::secrets::Secrets::load_or_create(&secret_path)
+            .with_context(|| format!("reading {}", secret_path.display()))?,
+    );
     let db = match args.database.as_deref() {
         None => data_dir.join("warmpool.db"),
         Some(url) if url.starts_with("sqlite:") => {
@@ -77,6 +86,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
         isolation,
         args.max_sandboxes,
         exits_tx,
+        secrets,
     );
     let config = AppConfig {
         data_dir,

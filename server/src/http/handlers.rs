@@ -49,11 +49,14 @@ fn list<T>(items: Vec<T>) -> Json<List<T>> {
     Json(List { items })
 }
 
+/// Ready while the store takes writes: a real (tiny) write, so a full disk or a read-only database shows here.
 async fn readyz(State(app): S) -> impl IntoResponse {
-    let store_ok = app.store.list_accounts().is_ok();
+    let write = app.store.check_writable();
+    let store_ok = write.is_ok();
     let body = serde_json::json!({
         "status": if store_ok { "ready" } else { "not_ready" },
         "store": app.store.describe(),
+        "store_error": write.err().map(|e| crate::app::AppError::from(e).to_string()),
         "runtime": app.runtime.details(),
         "reconciler": if app.config.reconciler_enabled { "on" } else { "off" },
     });

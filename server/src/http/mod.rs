@@ -1,4 +1,4 @@
-//! The HTTP API (DESIGN §3): translates requests into `app` calls and `AppError`s into the error body. Error
+//! The HTTP API: translates requests into `app` calls and `AppError`s into the error body. Error
 //! codes map to statuses here and nowhere else.
 
 pub mod handlers;
@@ -56,12 +56,16 @@ impl IntoResponse for ApiError {
                 AppError::NotFound { .. } => (ErrorCode::NotFound, e.to_string(), serde_json::json!({})),
                 AppError::Conflict(m) => (ErrorCode::Conflict, m, serde_json::json!({})),
                 AppError::Quota(m) => (ErrorCode::QuotaExceeded, m, serde_json::json!({})),
-                AppError::Unavailable { reason, field, message } => {
+                AppError::WarmPoolUnavailable { reason, field, message } => {
                     let mut d = serde_json::json!({"reason": reason});
                     if let Some(f) = field {
                         d["field"] = f.into();
                     }
                     (ErrorCode::WarmPoolUnavailable, message, d)
+                }
+                AppError::ServiceUnavailable(m) => {
+                    tracing::warn!(message = %m, "Answering service_unavailable");
+                    (ErrorCode::ServiceUnavailable, m, serde_json::json!({}))
                 }
                 AppError::Store(_) | AppError::Internal(_) => {
                     tracing::error!(error = &e as &dyn std::error::Error, "Internal error");

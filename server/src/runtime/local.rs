@@ -10,16 +10,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use warmpool_api::{
-    ExecRequest, ExecResult, LogLine, ProbeCheckResult, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus,
-    ProcessType, TemplateSpec, WarmProcessSpec, START_PROCESS,
+    ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus, ProcessType,
+    TemplateSpec, WarmProcessSpec, EXEC_OUTPUT_LIMIT, START_PROCESS,
 };
 use warmpool_procd::config::Listen;
+use warmpool_procd::convert;
 use warmpool_procd::proto::procd_client::ProcdClient;
+use warmpool_procd::proto::{self, exec_event};
 
 use super::{Runtime, RuntimeError, StartSpec};
+use crate::secrets::Secrets;
 use crate::store::RuntimeHandle;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -64,6 +69,7 @@ pub struct LocalRuntime {
     max_sandboxes: usize,
     exits: mpsc::UnboundedSender<String>,
     clients: Mutex<HashMap<String, ProcdClient<Channel>>>,
+    secrets: Arc<Secrets>,
 }
 
 impl LocalRuntime {
@@ -74,6 +80,7 @@ impl LocalRuntime {
         isolation: Isolation,
         max_sandboxes: usize,
         exits: mpsc::UnboundedSender<String>,
+        secrets: Arc<Secrets>,
     ) -> Arc<LocalRuntime> {
         Arc::new(LocalRuntime {
             data_dir,
@@ -82,7 +89,41 @@ impl LocalRuntime {
             max_sandboxes,
             exits,
             clients: Default::default(),
+            secrets,
         })
+    }
+
+    /// A call to procd with the sandbox's token.
+    fn authorized<T>(&self, handle: &RuntimeHandle, message: T) -> tonic::Request<T> {
+        warmpool_procd::authorized(message, Some(&self.secrets.procd_token(&handle.id)))
+    }
+
+    /// SIGTERM to procd (its warm processes get its grace period), SIGKILL after 6 s, then every process left in
+    /// the sandbox's cgroups and every process whose command line names `dir`, then the cgroups themselves.
+    async fn kill_everything(&self, id: &str, dir: &Path, handle: Option<&RuntimeHandle>) {
+        let dir_text = format!("{}/", dir.display());
+        if let Some(handle) = handle {
+            self.clients.lock().expect("clients").remove(&handle.socket);
+            let procd = match (handle.procd_pid, handle.child_pid) {
+                (Some(p), _) => Some(p),
+                (None, Some(wrapper)) if self.isolation.namespaces => find_child(wrapper).await,
+                (None, wrapper) => wrapper,
+            };
+            if let Some(pid) = procd.filter(|p| pid_alive(*p) && is_procd_of(*p, &dir_text)) {
+                signal(pid, libc::SIGTERM);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+                while pid_alive(pid) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        // Whatever is left: procd whose pid was never recorded, the `unshare` wrapper, stragglers.
+        for pid in processes_naming(&dir_text) {
+            signal(pid, libc::SIGKILL);
+        }
+        let cgroups = cgroup_dirs(id);
+        kill_cgroup(&cgroups);
+        remove_cgroups(&cgroups).await;
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {
@@ -163,9 +204,8 @@ impl LocalRuntime {
         }
         let (warm, has_warm_processes) = self.procd_config(id, root, spec);
         let socket = socket_path(dir, id);
-        let token = random_token();
         let token_path = dir.join("procd.token");
-        write_private(&token_path, &token)?;
+        write_private(&token_path, &self.secrets.procd_token(id))?;
         let config = serde_json::json!({
             "listen": format!("unix://{}", socket.display()),
             "token_file": token_path,
@@ -248,11 +288,11 @@ impl LocalRuntime {
             let _ = exits.send(sandbox);
         });
         Ok(RuntimeHandle {
+            id: id.to_string(),
             procd_pid,
             child_pid: Some(child_pid),
             dir: dir.display().to_string(),
             socket: socket.display().to_string(),
-            token,
             cgroups,
             has_warm_processes,
         })
@@ -275,13 +315,6 @@ fn socket_path(dir: &Path, id: &str) -> PathBuf {
     } else {
         std::env::temp_dir().join(format!("warmpool-{id}.sock"))
     }
-}
-
-fn random_token() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 24];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    hex::encode(bytes)
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), RuntimeError> {
@@ -400,6 +433,24 @@ fn sweep_stale_cgroups() {
     }
 }
 
+/// The cgroup directories of a sandbox or build that exist now.
+fn cgroup_dirs(id: &str) -> Vec<String> {
+    CGROUP_CONTROLLERS
+        .iter()
+        .map(|c| Path::new(CGROUP_ROOT).join(c).join("warmpool").join(id).display().to_string())
+        .filter(|d| Path::new(d).exists())
+        .collect()
+}
+
+/// Pids (other than ours) whose command line names `dir`: procd and its `unshare` wrapper carry
+/// `--config <dir>/procd.json`.
+fn processes_naming(dir: &str) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id() && is_procd_of(*pid, dir))
+        .collect()
+}
+
 fn kill_cgroup(dirs: &[String]) {
     for dir in dirs {
         if let Ok(text) = std::fs::read_to_string(Path::new(dir).join("cgroup.procs")) {
@@ -437,29 +488,8 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), RuntimeError> {
     }
 }
 
-fn probe_from_proto(r: warmpool_procd::proto::ProbeResult) -> ProbeResult {
-    let status = |s: &str| match s {
-        "passed" => ProbeStatus::Passed,
-        "suspended" => ProbeStatus::Suspended,
-        _ => ProbeStatus::Failed,
-    };
-    ProbeResult {
-        kind: r.kind.parse().unwrap_or(ProbeKind::Readiness),
-        status: status(&r.status),
-        reason: r.reason,
-        message: r.message,
-        checks: r
-            .checks
-            .into_iter()
-            .map(|c| ProbeCheckResult {
-                name: c.name,
-                target: c.target,
-                status: status(&c.status),
-                reason: c.reason,
-                message: c.message,
-            })
-            .collect(),
-    }
+fn unreachable(status: tonic::Status) -> RuntimeError {
+    RuntimeError::Unreachable(status.message().to_string())
 }
 
 #[async_trait::async_trait]
@@ -593,31 +623,21 @@ impl Runtime for LocalRuntime {
         }
     }
 
-    async fn stop(&self, _id: &str, handle: &RuntimeHandle, remove_dir: bool) {
-        self.clients.lock().expect("clients").remove(&handle.socket);
-        let procd = match (handle.procd_pid, handle.child_pid) {
-            (Some(p), _) => Some(p),
-            (None, Some(wrapper)) if self.isolation.namespaces => find_child(wrapper).await,
-            (None, wrapper) => wrapper,
-        };
-        if let Some(pid) = procd.filter(|p| pid_alive(*p) && is_procd_of(*p, &handle.dir)) {
-            signal(pid, libc::SIGTERM);
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
-            while pid_alive(pid) && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            if pid_alive(pid) {
-                signal(pid, libc::SIGKILL);
-            }
-        }
-        if let Some(wrapper) = handle.child_pid.filter(|p| pid_alive(*p) && is_procd_of(*p, &handle.dir)) {
-            signal(wrapper, libc::SIGKILL);
-        }
-        kill_cgroup(&handle.cgroups);
-        remove_cgroups(&handle.cgroups).await;
+    async fn stop_build(&self, handle: &RuntimeHandle) {
+        self.kill_everything(&handle.id, Path::new(&handle.dir), Some(handle)).await;
         let _ = std::fs::remove_file(&handle.socket);
-        if remove_dir && !handle.dir.is_empty() {
-            let _ = std::fs::remove_dir_all(&handle.dir);
+    }
+
+    async fn destroy(&self, id: &str, handle: Option<&RuntimeHandle>) -> Result<(), RuntimeError> {
+        let dir = self.sandbox_dir(id);
+        self.kill_everything(id, &dir, handle).await;
+        let socket = handle.map(|h| PathBuf::from(&h.socket)).unwrap_or_else(|| socket_path(&dir, id));
+        let _ = std::fs::remove_file(socket);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(RuntimeError::Io { context: format!("removing {}", dir.display()), source: e })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -637,7 +657,7 @@ impl Runtime for LocalRuntime {
         };
         let mut full_env = env;
         full_env.extend(req.env.unwrap_or_default());
-        let msg = warmpool_procd::proto::ExecRequest {
+        let msg = proto::ExecRequest {
             command: req.command,
             cwd: cwd.display().to_string(),
             env: full_env.into_iter().collect(),
@@ -645,34 +665,60 @@ impl Runtime for LocalRuntime {
             stdin: req.stdin.unwrap_or_default().into_bytes(),
         };
         let mut client = self.client(handle)?;
-        let r = client
-            .exec(warmpool_procd::authorized(msg, Some(&handle.token)))
-            .await
-            .map_err(|s| RuntimeError::Unreachable(s.message().to_string()))?
-            .into_inner();
+        let mut events = client.exec(self.authorized(handle, msg)).await.map_err(exec_error)?.into_inner();
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut exit = None;
+        while let Some(event) = events.message().await.map_err(unreachable)? {
+            match event.event {
+                Some(exec_event::Event::Output(o)) => {
+                    let buf = match convert::stream_from_proto(o.stream) {
+                        Some(warmpool_procd::output::StreamName::Stderr) => &mut stderr,
+                        _ => &mut stdout,
+                    };
+                    // procd already cuts each stream; this only guards the server's memory.
+                    let room = EXEC_OUTPUT_LIMIT.saturating_sub(buf.len());
+                    buf.extend_from_slice(&o.data[..o.data.len().min(room)]);
+                }
+                Some(exec_event::Event::Exit(e)) => exit = Some(e),
+                None => {}
+            }
+        }
+        let exit =
+            exit.ok_or_else(|| RuntimeError::Unreachable("procd ended the exec without an exit".into()))?;
         Ok(ExecResult {
-            exit_code: r.exit_code,
-            stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
-            duration_ms: r.duration_ms,
-            timed_out: r.timed_out,
+            exit_code: exit.exit_code,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            stdout_truncated: exit.stdout_truncated,
+            stderr_truncated: exit.stderr_truncated,
+            duration_ms: exit.duration_ms,
+            timed_out: exit.timed_out,
         })
     }
 
     async fn probe(&self, handle: &RuntimeHandle, kind: ProbeKind) -> Result<ProbeResult, RuntimeError> {
         let mut client = self.client(handle)?;
-        let msg = warmpool_procd::proto::ProbeRequest { kind: kind.as_str().into() };
-        let r = client.probe(msg).await.map_err(|s| RuntimeError::Unreachable(s.message().to_string()))?;
-        Ok(probe_from_proto(r.into_inner()))
+        let msg = proto::ProbeRequest { kind: convert::kind_to_proto(kind).into() };
+        let r = client.probe(msg).await.map_err(unreachable)?;
+        Ok(convert::probe_result_from_proto(r.into_inner()))
+    }
+
+    async fn watch_readiness(
+        &self,
+        handle: &RuntimeHandle,
+    ) -> Result<BoxStream<'static, ProbeStatus>, RuntimeError> {
+        let mut client = self.client(handle)?;
+        let msg = proto::ProbeRequest { kind: convert::kind_to_proto(ProbeKind::Readiness).into() };
+        let stream = client.watch_probe(msg).await.map_err(unreachable)?.into_inner();
+        Ok(stream
+            .take_while(|r| std::future::ready(r.is_ok()))
+            .filter_map(|r| std::future::ready(r.ok().map(|r| convert::probe_result_from_proto(r).status)))
+            .boxed())
     }
 
     async fn pause(&self, handle: &RuntimeHandle, paused: bool) -> Result<(), RuntimeError> {
         let mut client = self.client(handle)?;
-        let msg = warmpool_procd::proto::PauseRequest { paused };
-        client
-            .pause(warmpool_procd::authorized(msg, Some(&handle.token)))
-            .await
-            .map_err(|s| RuntimeError::Unreachable(s.message().to_string()))?;
+        client.pause(self.authorized(handle, proto::PauseRequest { paused })).await.map_err(unreachable)?;
         Ok(())
     }
 
@@ -718,7 +764,9 @@ impl Runtime for LocalRuntime {
         true
     }
 
-    fn sandbox_dirs(&self) -> Vec<String> {
+    fn list_sandboxes(&self) -> Vec<String> {
+        // Only this data dir's: cgroups are host-wide and may belong to another server on this host (a cgroup
+        // left without its directory is swept once empty, see `sweep_stale_cgroups`).
         std::fs::read_dir(self.data_dir.join("sandboxes"))
             .map(|rd| {
                 rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
@@ -726,28 +774,21 @@ impl Runtime for LocalRuntime {
             .unwrap_or_default()
     }
 
-    async fn remove_unknown(&self, id: &str) {
-        let dir = self.sandbox_dir(id);
-        let dir_text = dir.display().to_string();
-        // Any process whose command line names this directory is a leftover of it.
-        if let Ok(rd) = std::fs::read_dir("/proc") {
-            for pid in rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
-                if pid != std::process::id() && is_procd_of(pid, &format!("{dir_text}/")) {
-                    signal(pid, libc::SIGKILL);
-                }
-            }
-        }
-        let cgroups: Vec<String> = CGROUP_CONTROLLERS
-            .iter()
-            .map(|c| Path::new(CGROUP_ROOT).join(c).join("warmpool").join(id).display().to_string())
-            .filter(|d| Path::new(d).exists())
-            .collect();
-        kill_cgroup(&cgroups);
-        remove_cgroups(&cgroups).await;
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
     fn free_capacity(&self, running: usize) -> usize {
         self.max_sandboxes.saturating_sub(running)
+    }
+}
+
+/// A command that cannot start is the caller's mistake, named by the field procd reports.
+fn exec_error(status: tonic::Status) -> RuntimeError {
+    let field = status.metadata().get(convert::FIELD_METADATA).and_then(|v| v.to_str().ok());
+    match (status.code(), field) {
+        (tonic::Code::InvalidArgument, Some("cwd")) => {
+            RuntimeError::Invalid { field: "cwd", message: status.message().to_string() }
+        }
+        (tonic::Code::InvalidArgument, Some(_)) => {
+            RuntimeError::Invalid { field: "command", message: status.message().to_string() }
+        }
+        _ => unreachable(status),
     }
 }

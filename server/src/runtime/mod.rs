@@ -7,12 +7,16 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use warmpool_api::{ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, TemplateSpec};
+use futures::stream::BoxStream;
+use warmpool_api::{ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec};
 
 use crate::store::RuntimeHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// A request field names something the sandbox cannot do (a command that does not exist, a missing `cwd`).
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
     #[error("sandbox did not become ready: {0}")]
     NotReady(String),
     #[error("procd exited while starting: {0}")]
@@ -32,6 +36,13 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// Whether the host cannot take writes now (disk full, read-only filesystem): an operator's problem that
+    /// clears by itself, not a bug.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, RuntimeError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT)))
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
         let context = context.into();
         move |source| RuntimeError::Io { context, source }
@@ -80,8 +91,12 @@ pub trait Runtime: Send + Sync {
     async fn start_in(&self, id: &str, dir: PathBuf, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError>;
     /// Waits until readiness passes, procd exits, or `timeout`.
     async fn wait_ready(&self, handle: &RuntimeHandle, timeout: Duration) -> Result<(), RuntimeError>;
-    /// Stops procd (SIGTERM, then SIGKILL) and removes the sandbox's directory and cgroups.
-    async fn stop(&self, id: &str, handle: &RuntimeHandle, remove_dir: bool);
+    /// Stops a build's start-contract run (procd and its cgroups); the build directory stays for sealing.
+    async fn stop_build(&self, handle: &RuntimeHandle);
+    /// Removes everything the runtime holds for a sandbox: procd (SIGTERM, then SIGKILL), every process and cgroup,
+    /// the directory. Idempotent, and complete without a handle (a crash between starting procd and recording its
+    /// handle must not leak it). An error leaves something to retry.
+    async fn destroy(&self, id: &str, handle: Option<&RuntimeHandle>) -> Result<(), RuntimeError>;
     async fn exec(
         &self,
         handle: &RuntimeHandle,
@@ -90,16 +105,19 @@ pub trait Runtime: Send + Sync {
         env: BTreeMap<String, String>,
     ) -> Result<ExecResult, RuntimeError>;
     async fn probe(&self, handle: &RuntimeHandle, kind: ProbeKind) -> Result<ProbeResult, RuntimeError>;
+    /// The sandbox's readiness now, then at every change, until procd goes away (the stream ends).
+    async fn watch_readiness(
+        &self,
+        handle: &RuntimeHandle,
+    ) -> Result<BoxStream<'static, ProbeStatus>, RuntimeError>;
     async fn pause(&self, handle: &RuntimeHandle, paused: bool) -> Result<(), RuntimeError>;
     fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine>;
     fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String;
     fn is_alive(&self, handle: &RuntimeHandle) -> bool;
     /// Watches a procd started by an earlier server process; false if it is gone.
     fn adopt(&self, id: &str, handle: &RuntimeHandle) -> bool;
-    /// Sandbox ids that have a directory on this host.
-    fn sandbox_dirs(&self) -> Vec<String>;
-    /// Kills whatever runs in a sandbox directory the store does not know and removes it.
-    async fn remove_unknown(&self, id: &str);
+    /// Ids of every sandbox the runtime holds anything for (to remove those the store does not know).
+    fn list_sandboxes(&self) -> Vec<String>;
     /// How many more sandboxes this host takes.
     fn free_capacity(&self, running: usize) -> usize;
 }

@@ -14,28 +14,57 @@ use warmpool_api::{
     Account, Build, Lease, Sandbox, Template, TemplateSpec, TimeoutPolicy, WarmPool, WarmPoolCheckout,
 };
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} already exists")]
     Conflict(String),
-    #[error("store failure: {0}")]
-    Backend(String),
+    /// The database cannot take writes now (disk full, read-only, I/O error, locked): an operator can fix it and
+    /// the store recovers by itself; answered `service_unavailable`.
+    #[error("the database cannot take writes now ({reason})")]
+    Unavailable {
+        reason: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    #[error("a stored {what} does not parse")]
+    Corrupt {
+        what: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    #[error("database error")]
+    Backend(#[source] BoxError),
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        match &e {
-            rusqlite::Error::SqliteFailure(f, msg) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                StoreError::Conflict(msg.clone().unwrap_or_else(|| "row".into()))
+        use rusqlite::ErrorCode::*;
+        let code = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => Some(f.code),
+            _ => None,
+        };
+        let reason = match code {
+            Some(ConstraintViolation) => {
+                let rusqlite::Error::SqliteFailure(_, msg) = &e else { unreachable!() };
+                return StoreError::Conflict(msg.clone().unwrap_or_else(|| "row".into()));
             }
-            _ => StoreError::Backend(e.to_string()),
-        }
+            Some(DiskFull) => "the disk is full",
+            Some(ReadOnly) => "the database is read-only",
+            Some(SystemIoFailure) => "an I/O error",
+            Some(CannotOpen) => "the database file cannot be opened",
+            Some(PermissionDenied) => "permission denied",
+            Some(DatabaseBusy | DatabaseLocked) => "the database is locked",
+            _ => return StoreError::Backend(Box::new(e)),
+        };
+        StoreError::Unavailable { reason, source: Box::new(e) }
     }
 }
 
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
-        StoreError::Backend(format!("corrupt JSON column: {e}"))
+        StoreError::Corrupt { what: "JSON column", source: Box::new(e) }
     }
 }
 
@@ -95,24 +124,53 @@ pub struct LeaseRow {
     pub lease: Lease,
 }
 
-/// Where a sandbox stands relative to a pool.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+/// Where a sandbox is in its life. Every sandbox, pool inventory included, moves through one state machine:
+///
+/// ```text
+/// warming ──> ready ──> claimed          (a checkout; cold creates go warming ──> claimed)
+/// warming | ready | claimed ──> draining ──> gone (row deleted)   (scale-down, rollout, drain, expiry, delete)
+/// any ──> failed                          (only a real failure)
+/// ```
+///
+/// Each transition is one conditional write ([`Store::update_sandbox_if`]) committed before the runtime acts on
+/// it, so a claim and a stop can never both win, and a crash leaves a row saying what to finish.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
-pub enum PoolSlot {
-    /// Starting for the pool.
+pub enum Lifecycle {
+    /// Starting: procd is being started or its readiness has not passed yet.
     Warming,
-    /// Ready and unclaimed.
+    /// Pool inventory whose readiness passes, unclaimed.
     Ready,
-    /// Being removed from the pool (rollout, drain, expiry).
+    /// A caller's sandbox (checked out, or cold-created and ready).
+    Claimed,
+    /// Being stopped on purpose; the row goes once the runtime has removed everything.
     Draining,
+    /// Stopped by a real failure (start contract not met, warm process exit, liveness, procd lost).
+    Failed,
 }
 
-impl PoolSlot {
+impl Lifecycle {
+    pub const ALL: [Lifecycle; 5] =
+        [Lifecycle::Warming, Lifecycle::Ready, Lifecycle::Claimed, Lifecycle::Draining, Lifecycle::Failed];
+
     pub fn as_str(self) -> &'static str {
         match self {
-            PoolSlot::Warming => "warming",
-            PoolSlot::Ready => "ready",
-            PoolSlot::Draining => "draining",
+            Lifecycle::Warming => "warming",
+            Lifecycle::Ready => "ready",
+            Lifecycle::Claimed => "claimed",
+            Lifecycle::Draining => "draining",
+            Lifecycle::Failed => "failed",
+        }
+    }
+
+    /// The sandbox state the API shows for it (`paused` is kept apart: it is a claimed sandbox's runtime state).
+    pub fn sandbox_state(self) -> warmpool_api::SandboxState {
+        use warmpool_api::SandboxState;
+        match self {
+            Lifecycle::Warming => SandboxState::Starting,
+            Lifecycle::Ready | Lifecycle::Claimed => SandboxState::Running,
+            Lifecycle::Draining => SandboxState::Stopped,
+            Lifecycle::Failed => SandboxState::Failed,
         }
     }
 }
@@ -120,13 +178,15 @@ impl PoolSlot {
 /// How the runtime finds a sandbox's processes again (after a restart, too).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RuntimeHandle {
+    /// The sandbox (or build) id the runtime knows it by.
+    #[serde(default)]
+    pub id: String,
     /// The procd process as seen from the server's pid namespace.
     pub procd_pid: Option<u32>,
     /// The process the server spawned (procd itself, or the `unshare` wrapper around it).
     pub child_pid: Option<u32>,
     pub dir: String,
     pub socket: String,
-    pub token: String,
     /// cgroup directories created for the sandbox.
     #[serde(default)]
     pub cgroups: Vec<String>,
@@ -141,7 +201,7 @@ pub struct SandboxRow {
     pub sandbox: Sandbox,
     /// Inventory of this pool (None for cold sandboxes and after a checkout).
     pub pool_id: Option<String>,
-    pub pool_slot: Option<PoolSlot>,
+    pub lifecycle: Lifecycle,
     /// The pool it was checked out from.
     pub claimed_from: Option<String>,
     /// The pool's `rollout_generation` this sandbox was started for.
@@ -172,6 +232,8 @@ pub struct ClaimUpdate {
 /// implementation runs them on a blocking pool.
 pub trait Store: Send + Sync {
     fn describe(&self) -> String;
+    /// Makes one small durable write: fails while the store cannot take writes (`/readyz`).
+    fn check_writable(&self) -> StoreResult<()>;
 
     fn insert_account(&self, account: &Account) -> StoreResult<()>;
     fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
@@ -222,14 +284,18 @@ pub trait Store: Send + Sync {
     /// Every sandbox the store knows (inventory too).
     fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>>;
     fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>>;
-    fn update_sandbox(&self, row: &SandboxRow) -> StoreResult<()>;
-    fn delete_sandbox(&self, id: &str) -> StoreResult<()>;
+    /// Writes the row only if the stored lifecycle is one of `expected`; false when it was not (someone else's
+    /// transition won, or the row is gone).
+    fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool>;
+    /// Deletes the row only if its lifecycle is one of `expected`.
+    fn delete_sandbox_if(&self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool>;
     /// Live sandboxes on this server (all accounts, inventory too).
     fn count_live_sandboxes(&self) -> StoreResult<u64>;
     /// Counts an account's live sandboxes: `(owned, warm inventory)`.
     fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)>;
     /// Atomically takes one ready sandbox of the pool (the resolved build first, oldest first) and makes it the
-    /// caller's. Two callers never get the same sandbox.
+    /// caller's (`ready → claimed`). Two callers never get the same sandbox, and a sandbox being stopped is never
+    /// taken.
     fn claim_ready(
         &self,
         pool_id: &str,

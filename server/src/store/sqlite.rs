@@ -12,7 +12,8 @@ use warmpool_api::{Account, Tag};
 use super::*;
 
 /// Schema versions, applied in order; each runs once.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, json TEXT NOT NULL);
 CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, admin INTEGER NOT NULL, json TEXT NOT NULL);
 CREATE TABLE templates (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name TEXT NOT NULL, json TEXT NOT NULL,
@@ -29,11 +30,46 @@ CREATE TABLE sandboxes (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, pool_id T
     claimed_from TEXT, build_id TEXT NOT NULL, state TEXT NOT NULL, ready_at TEXT, json TEXT NOT NULL);
 CREATE INDEX sandboxes_by_pool ON sandboxes (pool_id, pool_slot, ready_at);
 CREATE INDEX sandboxes_by_account ON sandboxes (account_id);
-"#];
+"#,
+    r#"
+ALTER TABLE sandboxes ADD COLUMN lifecycle TEXT NOT NULL DEFAULT 'claimed';
+UPDATE sandboxes SET lifecycle = CASE
+    WHEN pool_slot IS NOT NULL THEN pool_slot
+    WHEN state = 'starting' THEN 'warming'
+    WHEN state = 'failed' THEN 'failed'
+    WHEN state = 'stopped' THEN 'draining'
+    ELSE 'claimed' END;
+UPDATE sandboxes SET json = json_remove(json_set(json, '$.lifecycle', lifecycle), '$.pool_slot', '$.handle.token');
+DROP INDEX sandboxes_by_pool;
+CREATE INDEX sandboxes_by_pool ON sandboxes (pool_id, lifecycle, ready_at);
+CREATE TABLE health (id INTEGER PRIMARY KEY, at TEXT NOT NULL);
+"#,
+];
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     path: String,
+}
+
+/// Creates `path` with mode 0600 if it is missing, and takes group and other access away if it exists.
+fn restrict_to_owner(path: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| StoreError::Unavailable {
+        reason: "the database file cannot be opened",
+        source: Box::new(e),
+    };
+    if path.exists() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    } else if !path.as_os_str().to_string_lossy().ends_with("-shm")
+        && !path.as_os_str().to_string_lossy().ends_with("-wal")
+    {
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn lifecycles(expected: &[Lifecycle]) -> String {
+    expected.iter().map(|l| format!("'{}'", l.as_str())).collect::<Vec<_>>().join(", ")
 }
 
 fn ts(t: &DateTime<Utc>) -> String {
@@ -45,7 +81,10 @@ fn from_json<T: DeserializeOwned>(text: String) -> StoreResult<T> {
 }
 
 impl SqliteStore {
+    /// Opens (or creates) the database. The file and its WAL are readable by the owner only: the database holds
+    /// every token hash and pool of every account.
     pub fn open(path: &Path) -> StoreResult<SqliteStore> {
+        restrict_to_owner(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -53,6 +92,11 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let store = SqliteStore { conn: Mutex::new(conn), path: path.display().to_string() };
         store.migrate()?;
+        for suffix in ["-wal", "-shm"] {
+            let mut companion = path.as_os_str().to_owned();
+            companion.push(suffix);
+            restrict_to_owner(Path::new(&companion))?;
+        }
         Ok(store)
     }
 
@@ -90,14 +134,14 @@ impl SqliteStore {
     }
 }
 
-/// The columns of a sandbox row besides its ids: (json, pool_id, pool_slot, state, ready_at).
-type SandboxColumns = (String, Option<String>, Option<&'static str>, String, Option<String>);
+/// The columns of a sandbox row besides its ids: (json, pool_id, lifecycle, state, ready_at).
+type SandboxColumns = (String, Option<String>, &'static str, String, Option<String>);
 
 fn sandbox_params(row: &SandboxRow) -> StoreResult<SandboxColumns> {
     Ok((
         serde_json::to_string(row)?,
         row.pool_id.clone(),
-        row.pool_slot.map(PoolSlot::as_str),
+        row.lifecycle.as_str(),
         row.sandbox.state.as_str().to_string(),
         row.ready_at.as_ref().map(ts),
     ))
@@ -106,6 +150,14 @@ fn sandbox_params(row: &SandboxRow) -> StoreResult<SandboxColumns> {
 impl Store for SqliteStore {
     fn describe(&self) -> String {
         format!("sqlite:{}", self.path)
+    }
+
+    fn check_writable(&self) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO health (id, at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            [ts(&Utc::now())],
+        )?;
+        Ok(())
     }
 
     fn insert_account(&self, a: &Account) -> StoreResult<()> {
@@ -246,7 +298,7 @@ impl Store for SqliteStore {
         for row in rows {
             let (name, build_id, updated_at) = row?;
             let updated_at = DateTime::parse_from_rfc3339(&updated_at)
-                .map_err(|e| StoreError::Backend(format!("corrupt timestamp: {e}")))?
+                .map_err(|e| StoreError::Corrupt { what: "tag timestamp", source: Box::new(e) })?
                 .with_timezone(&Utc);
             out.push(Tag { name, template_id: template_id.to_string(), build_id, updated_at });
         }
@@ -320,11 +372,11 @@ impl Store for SqliteStore {
     }
 
     fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
-        let (json, pool_id, slot, state, ready_at) = sandbox_params(row)?;
+        let (json, pool_id, lifecycle, state, ready_at) = sandbox_params(row)?;
         self.exec(
-            "INSERT INTO sandboxes (id, account_id, pool_id, pool_slot, claimed_from, build_id, state, ready_at, json)
+            "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![row.sandbox.id, row.account_id, pool_id, slot, row.claimed_from, row.sandbox.build_id, state, ready_at, json],
+            params![row.sandbox.id, row.account_id, pool_id, lifecycle, row.claimed_from, row.sandbox.build_id, state, ready_at, json],
         )?;
         Ok(())
     }
@@ -343,23 +395,26 @@ impl Store for SqliteStore {
     fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>> {
         self.many("SELECT json FROM sandboxes WHERE pool_id = ?1 OR claimed_from = ?1 ORDER BY id", [pool_id])
     }
-    fn update_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
-        let (json, pool_id, slot, state, ready_at) = sandbox_params(row)?;
-        self.exec(
-            "UPDATE sandboxes SET account_id = ?2, pool_id = ?3, pool_slot = ?4, claimed_from = ?5, state = ?6,
-             ready_at = ?7, json = ?8 WHERE id = ?1",
-            params![row.sandbox.id, row.account_id, pool_id, slot, row.claimed_from, state, ready_at, json],
+    fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool> {
+        let (json, pool_id, lifecycle, state, ready_at) = sandbox_params(row)?;
+        let changed = self.exec(
+            &format!(
+                "UPDATE sandboxes SET account_id = ?2, pool_id = ?3, lifecycle = ?4, claimed_from = ?5, state = ?6,
+                 ready_at = ?7, json = ?8 WHERE id = ?1 AND lifecycle IN ({})",
+                lifecycles(expected)
+            ),
+            params![row.sandbox.id, row.account_id, pool_id, lifecycle, row.claimed_from, state, ready_at, json],
         )?;
-        Ok(())
+        Ok(changed == 1)
     }
-    fn delete_sandbox(&self, id: &str) -> StoreResult<()> {
-        self.exec("DELETE FROM sandboxes WHERE id = ?1", [id])?;
-        Ok(())
+    fn delete_sandbox_if(&self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool> {
+        let sql = format!("DELETE FROM sandboxes WHERE id = ?1 AND lifecycle IN ({})", lifecycles(expected));
+        Ok(self.exec(&sql, [id])? == 1)
     }
     fn count_live_sandboxes(&self) -> StoreResult<u64> {
         let conn = self.conn.lock().expect("store lock");
         let n: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM sandboxes WHERE state IN ('starting', 'running', 'paused')",
+            "SELECT COUNT(*) FROM sandboxes WHERE lifecycle IN ('warming', 'ready', 'claimed', 'draining')",
             [],
             |r| r.get(0),
         )?;
@@ -367,18 +422,12 @@ impl Store for SqliteStore {
     }
     fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)> {
         let conn = self.conn.lock().expect("store lock");
-        let live = "state IN ('starting', 'running', 'paused')";
-        let owned: i64 = conn.query_row(
-            &format!("SELECT COUNT(*) FROM sandboxes WHERE account_id = ?1 AND pool_id IS NULL AND {live}"),
+        let (owned, warm): (i64, i64) = conn.query_row(
+            "SELECT COALESCE(SUM(pool_id IS NULL AND lifecycle IN ('warming', 'claimed')), 0),
+                    COALESCE(SUM(pool_id IS NOT NULL AND lifecycle IN ('warming', 'ready')), 0)
+             FROM sandboxes WHERE account_id = ?1",
             [account_id],
-            |r| r.get(0),
-        )?;
-        let warm: i64 = conn.query_row(
-            &format!(
-                "SELECT COUNT(*) FROM sandboxes WHERE account_id = ?1 AND pool_id IS NOT NULL AND {live}"
-            ),
-            [account_id],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         Ok((owned as u64, warm as u64))
     }
@@ -393,7 +442,7 @@ impl Store for SqliteStore {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let picked: Option<String> = tx
             .query_row(
-                "SELECT json FROM sandboxes WHERE pool_id = ?1 AND pool_slot = 'ready' AND state = 'running'
+                "SELECT json FROM sandboxes WHERE pool_id = ?1 AND lifecycle = 'ready'
                  ORDER BY (build_id = ?2) DESC, ready_at LIMIT 1",
                 params![pool_id, prefer_build.unwrap_or("")],
                 |r| r.get(0),
@@ -403,7 +452,7 @@ impl Store for SqliteStore {
         let mut row: SandboxRow = from_json(text)?;
         row.account_id = claim.account_id.clone();
         row.pool_id = None;
-        row.pool_slot = None;
+        row.lifecycle = Lifecycle::Claimed;
         row.claimed_from = Some(pool_id.to_string());
         row.sandbox.labels = claim.labels.clone();
         row.sandbox.warm_pool_checkout = Some(claim.checkout.clone());
@@ -412,8 +461,8 @@ impl Store for SqliteStore {
         row.timeout_policy = claim.timeout_policy.clone();
         let (json, _, _, _, _) = sandbox_params(&row)?;
         let changed = tx.execute(
-            "UPDATE sandboxes SET account_id = ?2, pool_id = NULL, pool_slot = NULL, claimed_from = ?3, json = ?4
-             WHERE id = ?1 AND pool_slot = 'ready'",
+            "UPDATE sandboxes SET account_id = ?2, pool_id = NULL, lifecycle = 'claimed', claimed_from = ?3,
+             json = ?4 WHERE id = ?1 AND lifecycle = 'ready'",
             params![row.sandbox.id, row.account_id, pool_id, json],
         )?;
         if changed != 1 {
@@ -445,7 +494,7 @@ mod tests {
                 warm_pool_checkout: None,
             },
             pool_id: Some(pool.into()),
-            pool_slot: Some(PoolSlot::Ready),
+            lifecycle: Lifecycle::Ready,
             claimed_from: None,
             pool_generation: 0,
             ready_at: Some(Utc::now()),
@@ -510,6 +559,45 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), 20);
         assert_eq!(a.count_sandboxes("acc_1").unwrap(), (20, 0));
+    }
+
+    /// A claim and a stop race for the same ready sandbox: exactly one of the two conditional writes wins.
+    #[test]
+    fn a_claim_and_a_stop_never_both_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("warmpool.db");
+        let a = Arc::new(SqliteStore::open(&path).unwrap());
+        let b = Arc::new(SqliteStore::open(&path).unwrap());
+        for round in 0..200 {
+            let id = format!("sbx_{round:03}");
+            a.insert_sandbox(&sandbox(&id, "twp_1")).unwrap();
+            let claimer = std::thread::spawn({
+                let a = a.clone();
+                move || a.claim_ready("twp_1", None, &claim()).unwrap().is_some()
+            });
+            let mut draining = sandbox(&id, "twp_1");
+            draining.lifecycle = Lifecycle::Draining;
+            let stopped = b.update_sandbox_if(&draining, &[Lifecycle::Warming, Lifecycle::Ready]).unwrap();
+            let claimed = claimer.join().unwrap();
+            assert!(claimed != stopped, "round {round}: claimed {claimed}, stopped {stopped}");
+            let stored = a.get_sandbox(&id).unwrap().unwrap().lifecycle;
+            assert_eq!(stored, if claimed { Lifecycle::Claimed } else { Lifecycle::Draining });
+        }
+    }
+
+    #[test]
+    fn the_database_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("warmpool.db");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        store.check_writable().unwrap();
+        for file in ["warmpool.db", "warmpool.db-wal", "warmpool.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}");
+        }
     }
 
     #[test]

@@ -1,0 +1,326 @@
+//! The sandbox lifecycle: every move of every sandbox (pool inventory included) between `warming`, `ready`,
+//! `claimed`, `draining` and `failed` is made here, as one conditional store write committed **before** the
+//! runtime acts on it. A claim and a stop therefore never both win, and a crash at any point leaves a row that
+//! says what to finish ([`App::recover`]): nothing runs without a row, and no live row lacks its process.
+//!
+//! Deliberate stops (scale-down, rollout, drain, idle expiry, delete, timeout) go through `draining` and are never
+//! counted as failures; only a real failure (start contract not met, procd lost, readiness lost) is `failed`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use futures::StreamExt;
+use warmpool_api::{ProbeStatus, SandboxState};
+
+use super::templates::start_timeout;
+use super::{App, AppError, AppResult};
+use crate::runtime::{RuntimeError, StartSpec};
+use crate::store::{Lifecycle, SandboxRow};
+
+use Lifecycle::*;
+
+/// Why a sandbox is stopped on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    /// Above the pool's target.
+    ScaleDown,
+    /// Of an older rollout generation.
+    Rollout,
+    /// The pool is draining or being deleted.
+    Drain,
+    /// Ready longer than the pool's `idle_timeout_seconds`.
+    Expired,
+    /// `DELETE /v1/sandboxes/{id}`.
+    Deleted,
+    /// Its timeout policy destroyed it.
+    Timeout,
+}
+
+/// Why a start did not produce a ready sandbox.
+#[derive(Debug)]
+pub enum StartError {
+    /// It was stopped on purpose while starting (a drain, a scale-down, a delete): not a failure.
+    Stopped,
+    /// A real failure, already recorded; the error is what the caller is told.
+    Failed(AppError),
+}
+
+impl From<AppError> for StartError {
+    fn from(e: AppError) -> Self {
+        StartError::Failed(e)
+    }
+}
+
+/// A runtime error as the domain reports it: out of space is `service_unavailable`, the rest a conflict.
+pub fn runtime_error(context: &str, e: RuntimeError) -> AppError {
+    if e.is_out_of_space() {
+        AppError::ServiceUnavailable(format!("{context}: the host is out of disk space ({e})"))
+    } else {
+        AppError::Conflict(format!("{context}: {e}"))
+    }
+}
+
+impl App {
+    /// Moves `row` to `to` if the stored lifecycle is one of `from`; on false nothing changed (another transition
+    /// won) and `row` is as it was.
+    pub fn transition(&self, row: &mut SandboxRow, to: Lifecycle, from: &[Lifecycle]) -> AppResult<bool> {
+        let before = (row.lifecycle, row.sandbox.state);
+        row.lifecycle = to;
+        // `paused` is a claimed sandbox's runtime state, kept across writes that do not change the lifecycle.
+        if !(to == Claimed && row.sandbox.state == SandboxState::Paused) {
+            row.sandbox.state = to.sandbox_state();
+        }
+        let won = self.store.update_sandbox_if(row, from)?;
+        if !won {
+            (row.lifecycle, row.sandbox.state) = before;
+        }
+        Ok(won)
+    }
+
+    /// Starts procd for an inserted `warming` row and waits for readiness, then moves it to `done` (`ready` for
+    /// inventory, `claimed` for a cold create). The handle is recorded before waiting, so a crash can find procd.
+    pub async fn start_sandbox(
+        &self,
+        row: &mut SandboxRow,
+        spec: StartSpec,
+        done: Lifecycle,
+    ) -> Result<(), StartError> {
+        let timeout = start_timeout(&spec.spec);
+        let started = Instant::now();
+        let handle = match self.runtime.start(spec).await {
+            Ok(h) => h,
+            Err(e) => return Err(self.start_failed(row, e).await),
+        };
+        row.handle = handle.clone();
+        if !self.store.update_sandbox_if(row, &[Warming]).map_err(AppError::from)? {
+            let _ = self.runtime.destroy(&row.sandbox.id, Some(&handle)).await;
+            return Err(StartError::Stopped);
+        }
+        if let Err(e) = self.runtime.wait_ready(&handle, timeout).await {
+            return Err(self.start_failed(row, e).await);
+        }
+        self.metrics.sandbox_start_seconds.with_label_values(&[]).observe(started.elapsed().as_secs_f64());
+        row.ready_at = Some(Utc::now());
+        if !self.transition(row, done, &[Warming])? {
+            let _ = self.runtime.destroy(&row.sandbox.id, Some(&handle)).await;
+            return Err(StartError::Stopped);
+        }
+        Ok(())
+    }
+
+    /// A start that failed: a real failure unless the sandbox was being stopped anyway. Either way nothing is left.
+    async fn start_failed(&self, row: &mut SandboxRow, e: RuntimeError) -> StartError {
+        let logs =
+            if row.handle.dir.is_empty() { String::new() } else { self.runtime.log_tail(&row.handle, 4000) };
+        let id = row.sandbox.id.clone();
+        let logs = logs.trim();
+        let message = if logs.is_empty() {
+            format!("sandbox {id} failed to start: {e}")
+        } else {
+            format!("sandbox {id} failed to start: {e}\n{logs}")
+        };
+        let error = if e.is_out_of_space() {
+            AppError::ServiceUnavailable(message.clone())
+        } else {
+            AppError::Conflict(message.clone())
+        };
+        row.error = Some(message);
+        let failed = match self.transition(row, Failed, &[Warming]) {
+            Ok(won) => won,
+            Err(store) => return StartError::Failed(store),
+        };
+        let _ = self.runtime.destroy(&id, Some(&row.handle)).await;
+        if !failed {
+            return StartError::Stopped;
+        }
+        if let Err(store) = self.store.delete_sandbox_if(&id, &[Failed]) {
+            return StartError::Failed(store.into());
+        }
+        StartError::Failed(error)
+    }
+
+    /// First half of a deliberate stop: `from → draining`, committed. `None` when another transition won (a claim
+    /// took the sandbox first, or it is already going).
+    pub fn begin_stop(
+        &self,
+        mut row: SandboxRow,
+        from: &[Lifecycle],
+        cause: StopCause,
+    ) -> AppResult<Option<SandboxRow>> {
+        if !self.transition(&mut row, Draining, from)? {
+            return Ok(None);
+        }
+        self.unwatch(&row.sandbox.id);
+        tracing::debug!(sandbox = %row.sandbox.id, ?cause, "Stopping sandbox");
+        if cause == StopCause::Expired {
+            if let Some(pool) = &row.pool_id {
+                self.update_pool(pool, |p| p.ctl.expired_total += 1)?;
+            }
+        }
+        Ok(Some(row))
+    }
+
+    /// Second half: the runtime removes everything, then the row goes. Also what finishes a `draining` row left by
+    /// a crash or a failed removal (idempotent).
+    pub async fn finish_stop(&self, row: &SandboxRow) -> AppResult<()> {
+        let id = &row.sandbox.id;
+        if !self.stopping.lock().expect("stopping").insert(id.clone()) {
+            return Ok(());
+        }
+        let result = self.runtime.destroy(id, Some(&row.handle)).await;
+        self.stopping.lock().expect("stopping").remove(id);
+        result.map_err(|e| runtime_error(&format!("stopping sandbox {id}"), e))?;
+        self.store.delete_sandbox_if(id, &[Draining, Failed])?;
+        if let Some(pool) = row.pool_id.as_ref().or(row.claimed_from.as_ref()) {
+            self.pokes.pool(pool);
+        }
+        Ok(())
+    }
+
+    /// A deliberate stop, both halves. False when the sandbox was not in one of `from`.
+    pub async fn stop_sandbox(
+        &self,
+        row: SandboxRow,
+        from: &[Lifecycle],
+        cause: StopCause,
+    ) -> AppResult<bool> {
+        match self.begin_stop(row, from, cause)? {
+            Some(row) => self.finish_stop(&row).await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// A real failure of a live sandbox (`from → failed`). Pool inventory is counted in the pool's `failed`,
+    /// removed and replaced; a caller's sandbox keeps its row and logs until deleted.
+    pub async fn fail_sandbox(
+        &self,
+        mut row: SandboxRow,
+        from: &[Lifecycle],
+        message: String,
+    ) -> AppResult<bool> {
+        tracing::warn!(sandbox = %row.sandbox.id, %message, "Sandbox failed");
+        row.error = Some(message);
+        if !self.transition(&mut row, Failed, from)? {
+            return Ok(false);
+        }
+        if let Some(pool) = row.pool_id.clone() {
+            self.update_pool(&pool, |p| p.ctl.failed_total += 1)?;
+            self.finish_stop(&row).await?;
+            self.pokes.pool(&pool);
+        }
+        Ok(true)
+    }
+
+    /// Watches a ready inventory sandbox's readiness (procd evaluates it; a stream, no polling): the moment it
+    /// stops passing, the sandbox leaves `ready` (so no checkout can take it) and the pool replaces it.
+    pub fn watch_readiness(self: &Arc<Self>, row: &SandboxRow) {
+        let app = self.clone();
+        let id = row.sandbox.id.clone();
+        let handle = row.handle.clone();
+        let task = tokio::spawn(async move {
+            let mut statuses = match app.runtime.watch_readiness(&handle).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot watch readiness");
+                    return;
+                }
+            };
+            // The stream ends when procd goes; the exit watcher handles that.
+            while let Some(status) = statuses.next().await {
+                if status == ProbeStatus::Passed {
+                    continue;
+                }
+                app.watchers.lock().expect("watchers").remove(&id);
+                if let Ok(Some(row)) = app.store.get_sandbox(&id) {
+                    let message = format!("readiness stopped passing ({})", status.as_str());
+                    if let Err(e) = app.fail_sandbox(row, &[Ready], message).await {
+                        tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot retire an unready sandbox");
+                    }
+                }
+                return;
+            }
+        });
+        self.watchers.lock().expect("watchers").insert(row.sandbox.id.clone(), task.abort_handle());
+    }
+
+    /// Stops watching a sandbox's readiness (it was claimed or is being stopped).
+    pub fn unwatch(&self, id: &str) {
+        if let Some(task) = self.watchers.lock().expect("watchers").remove(id) {
+            task.abort();
+        }
+    }
+
+    /// Brings the runtime in line with the store after a (re)start, finishing or undoing every half-done
+    /// transition: `warming` rows were mid-start (never handed out) and are undone; `draining` rows are finished;
+    /// live rows are re-adopted, or failed when procd is gone; then anything the runtime holds that has no row is
+    /// removed. Builds caught mid-way fail.
+    pub async fn recover(self: &Arc<Self>) -> AppResult<()> {
+        let (mut adopted, mut undone, mut finished, mut failed) = (0, 0, 0, 0);
+        for row in self.store.list_all_sandboxes()? {
+            let id = row.sandbox.id.clone();
+            match row.lifecycle {
+                Warming => {
+                    self.runtime
+                        .destroy(&id, Some(&row.handle))
+                        .await
+                        .map_err(|e| runtime_error("recovery", e))?;
+                    self.store.delete_sandbox_if(&id, &[Warming])?;
+                    undone += 1;
+                }
+                Draining => {
+                    self.finish_stop(&row).await?;
+                    finished += 1;
+                }
+                Ready | Claimed if self.runtime.adopt(&id, &row.handle) => {
+                    if row.lifecycle == Ready {
+                        self.watch_readiness(&row);
+                    }
+                    adopted += 1;
+                }
+                Ready | Claimed => {
+                    let from = row.lifecycle;
+                    self.fail_sandbox(row, &[from], "procd was not running when the server restarted".into())
+                        .await?;
+                    failed += 1;
+                }
+                Failed if row.pool_id.is_some() => self.finish_stop(&row).await?,
+                Failed => {}
+            }
+        }
+        let known: std::collections::HashSet<String> =
+            self.store.list_all_sandboxes()?.into_iter().map(|r| r.sandbox.id).collect();
+        let mut orphans = 0;
+        for id in self.runtime.list_sandboxes() {
+            if !known.contains(&id) {
+                self.runtime.destroy(&id, None).await.map_err(|e| runtime_error("recovery", e))?;
+                orphans += 1;
+            }
+        }
+        for mut build in self.store.list_builds_in(&["queued", "building"])? {
+            build.build.status = warmpool_api::BuildStatus::Failed;
+            build.build.error = Some("the server restarted while this build was running".into());
+            build.build.finished_at = Some(Utc::now());
+            self.store.update_build(&build)?;
+            self.runtime.remove_artifact(&build.build.id).await;
+        }
+        tracing::info!(adopted, undone, finished, failed, orphans, "Recovered sandboxes from the store");
+        self.pokes.all();
+        Ok(())
+    }
+
+    /// Handles procd exits reported by the runtime: a live sandbox whose procd is gone has failed.
+    pub async fn watch_exits(self: Arc<Self>, mut exits: tokio::sync::mpsc::UnboundedReceiver<String>) {
+        while let Some(id) = exits.recv().await {
+            let Ok(Some(row)) = self.store.get_sandbox(&id) else { continue };
+            let from = row.lifecycle;
+            if !matches!(from, Ready | Claimed) || self.runtime.is_alive(&row.handle) {
+                continue;
+            }
+            let tail = self.runtime.log_tail(&row.handle, 2000);
+            if let Err(e) = self.fail_sandbox(row, &[from], format!("procd exited: {}", tail.trim())).await {
+                tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot record a failed sandbox");
+            }
+        }
+    }
+}
