@@ -55,7 +55,7 @@ async fn claims_racing_scale_downs_and_rollouts_lose_nothing() {
         tokio::spawn(async move {
             let mut round = 0u64;
             while Instant::now() < stop {
-                let n = if round % 2 == 0 { 1 } else { 8 };
+                let n = if round.is_multiple_of(2) { 1 } else { 8 };
                 let memory_mb = if round % 4 < 2 { Some(256) } else { Some(512) };
                 let patch = WarmPoolPatch {
                     min_ready: Some(n),
@@ -115,12 +115,16 @@ async fn kill9_during_a_fill_leaks_nothing() {
         let status =
             wait_status(&server.client, &pool.id, "12 ready", |s| s.ready == 12 && s.warming == 0).await;
         assert_eq!(status.failed, 0, "a crash is not the sandboxes' failure: {status:?}");
-        wait_until("exactly 12 procd processes", Duration::from_secs(15), || {
-            procs_mentioning(&data).len() == 12
+        wait_until("exactly 12 sandboxes to run", Duration::from_secs(15), || {
+            running_sandboxes(&data).len() == 12
         });
-        let dirs = sandbox_dirs(&data);
-        assert_eq!(dirs.len(), 12, "one directory per sandbox: {dirs:?}");
-        assert_eq!(cgroups_of(&dirs).len(), cgroups_of(&dirs).len().min(12));
+        let owned = server.client.list_sandboxes().await.unwrap();
+        assert!(owned.is_empty(), "inventory is nobody's until checked out: {owned:?}");
+        let dirs: std::collections::BTreeSet<String> = sandbox_dirs(&data).into_iter().collect();
+        assert_eq!(dirs, running_sandboxes(&data), "one directory per running sandbox, no more");
+        let cgroups = cgroups_of(&sandbox_dirs(&data)).len();
+        assert!(cgroups <= 12, "{cgroups} cgroups");
+        eprintln!("kill -9 after {kill_after:?}: converged to 12 ready, 12 procd, 12 directories");
         // Refill from scratch for the next kill point.
         server
             .client

@@ -77,6 +77,20 @@ pub fn sandbox_dirs(data: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Ids of the sandboxes of a data dir that have a running procd (procd and its `unshare` wrapper name the
+/// sandbox's directory on their command lines).
+pub fn running_sandboxes(data: &Path) -> std::collections::BTreeSet<String> {
+    procs_mentioning(data)
+        .into_iter()
+        .filter_map(|pid| {
+            let cmd =
+                String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).into_owned();
+            let rest = cmd.split("/sandboxes/").nth(1)?;
+            Some(rest.split('/').next()?.to_string())
+        })
+        .collect()
+}
+
 /// Sandbox cgroups of a data dir's sandboxes (cgroup v1 memory controller, where the host has it).
 pub fn cgroups_of(ids: &[String]) -> Vec<String> {
     ids.iter().filter(|id| Path::new("/sys/fs/cgroup/memory/warmpool").join(id).exists()).cloned().collect()
