@@ -109,19 +109,39 @@ pub fn procs_mentioning(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// SIGKILLs every procd under `dir` (a pid namespace dies with its PID 1) and removes their empty cgroups.
+/// SIGKILLs every procd under `dir` (a pid namespace dies with its PID 1), then everything left in their cgroups,
+/// and removes the cgroups once their members are gone (a cgroup cannot be removed before its last member is
+/// reaped, which takes a moment after SIGKILL).
 pub fn kill_all_under(dir: &Path) {
     for pid in procs_mentioning(dir) {
         // SAFETY: kill(2) on pids whose command line names this test's directory.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
-    for sandboxes in [dir.join("sandboxes"), dir.join("data/sandboxes")] {
+    let mut cgroups = Vec::new();
+    for sandboxes in
+        [dir.join("sandboxes"), dir.join("data/sandboxes"), dir.join("builds"), dir.join("data/builds")]
+    {
         for e in std::fs::read_dir(sandboxes).into_iter().flatten().flatten() {
-            for c in ["memory", "cpu", "freezer"] {
-                let _ = std::fs::remove_dir(
-                    Path::new("/sys/fs/cgroup").join(c).join("warmpool").join(e.file_name()),
-                );
+            for c in ["memory", "cpu", "freezer", "pids"] {
+                let cgroup = Path::new("/sys/fs/cgroup").join(c).join("warmpool").join(e.file_name());
+                if cgroup.exists() {
+                    cgroups.push(cgroup);
+                }
             }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cgroups.is_empty() && Instant::now() < deadline {
+        cgroups.retain(|cgroup| {
+            let members = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+            for pid in members.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a member of this test's sandbox cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::fs::remove_dir(cgroup).is_err() && cgroup.exists()
+        });
+        if !cgroups.is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -1,5 +1,8 @@
-//! `warmpool bench checkout`: measures warm checkouts (claims from a filled pool by concurrent clients) against
-//! cold creates of the same template, on a running server, and prints the numbers as JSON (DESIGN §9).
+//! Benchmarks against a running server, printing their numbers as JSON:
+//! - `warmpool bench checkout` measures warm checkouts (claims from a filled pool by concurrent clients) against
+//!   cold creates of the same template;
+//! - `warmpool bench pools --count N` creates N idle pools and measures the server's CPU use at rest (from its
+//!   `process_cpu_seconds_total` metric), then the checkout latency with all of them present.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -172,6 +175,130 @@ pub async fn checkout(global: &Global, args: CheckoutArgs) -> anyhow::Result<i32
         "cold_over_server_side_warm_p50": ratio(server_side["p50_ms_at_most"].as_f64()),
         "note": "warm/cold are measured by the client over loopback HTTP (with 32 clients in flight they include \
             queueing); server_side_warm comes from the warmpool_checkout_seconds histogram (bucket upper bounds)",
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(0)
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct PoolsArgs {
+    /// Idle pools to create (`min_ready` 0, no leases: nothing to start, only their reconcile cost).
+    #[arg(long, default_value_t = 1000)]
+    pub count: u32,
+    /// How long the server is watched at rest once the pools exist.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// Requests in flight while creating and deleting the pools.
+    #[arg(long, default_value_t = 16)]
+    pub parallel: usize,
+    /// Warm checkouts measured with the pools present (from an extra pool of this many ready sandboxes; 0 skips).
+    #[arg(long, default_value_t = 16)]
+    pub checkouts: u32,
+    /// Keep the pools afterwards.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// `process_cpu_seconds_total` of a `/metrics` text.
+fn cpu_seconds(metrics: &str) -> anyhow::Result<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("the server does not report process_cpu_seconds_total")
+}
+
+/// Runs `f` over `items` with at most `parallel` in flight.
+async fn for_each_parallel<T, F, Fut>(items: Vec<T>, parallel: usize, f: F) -> anyhow::Result<()>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    use futures::StreamExt;
+    let results: Vec<anyhow::Result<()>> =
+        futures::stream::iter(items.into_iter().map(f)).buffer_unordered(parallel.max(1)).collect().await;
+    results.into_iter().collect()
+}
+
+pub async fn pools(global: &Global, args: PoolsArgs) -> anyhow::Result<i32> {
+    let c = Arc::new(client(global)?);
+    let prefix = format!("bench-pools-{}", std::process::id());
+    let spec: TemplateSpec = serde_json::from_value(serde_json::json!({
+        "name": prefix,
+        "start_cmd": "touch ready-$WARMPOOL_SANDBOX_ID; exec sleep infinity",
+        "readiness": {"exec": {"command": ["sh", "-c", "test -f ready-$WARMPOOL_SANDBOX_ID"]}},
+    }))?;
+    c.create_template(&spec).await.context("creating the benchmark template")?;
+    let b = c.create_build(&prefix, &[]).await?;
+    let b = c.wait_build(&b.id, Duration::from_secs(300), |_| {}).await?;
+    anyhow::ensure!(b.status == BuildStatus::Ready, "the benchmark template did not build: {:?}", b.error);
+    let template = format!("{prefix}@{}", b.id);
+
+    let idle = Instant::now();
+    let names: Vec<String> = (0..args.count).map(|i| format!("{prefix}-{i}")).collect();
+    for_each_parallel(names.clone(), args.parallel, |name| {
+        let (c, template) = (c.clone(), template.clone());
+        async move {
+            let spec = WarmPoolSpec { name, template, min_ready: 0, max_ready: 1, ..Default::default() };
+            c.create_pool(&spec).await.map(drop).context("creating a pool")
+        }
+    })
+    .await?;
+    let create_s = idle.elapsed().as_secs_f64();
+    // Let the passes the creations caused run out.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = cpu_seconds(&c.metrics().await?)?;
+    tokio::time::sleep(args.window).await;
+    let after = cpu_seconds(&c.metrics().await?)?;
+    let cpu_percent = (after - before) / args.window.as_secs_f64() * 100.0;
+
+    let mut checkout = serde_json::Value::Null;
+    if args.checkouts > 0 {
+        let spec = WarmPoolSpec {
+            name: format!("{prefix}-warm"),
+            template: template.clone(),
+            min_ready: args.checkouts,
+            max_ready: args.checkouts,
+            enabled: Some(true),
+            ..Default::default()
+        };
+        let pool = c.create_pool(&spec).await?;
+        c.wait_pool_ready(&pool.id, args.checkouts, Duration::from_secs(300), |_| {}).await?;
+        c.pool_action(&pool.id, "disable").await?;
+        let buckets_before = checkout_buckets(&c.metrics().await?);
+        let mut ms = Vec::new();
+        for _ in 0..args.checkouts {
+            let req = SandboxCreate {
+                warm_pool: Some(pool.id.clone()),
+                warm_pool_mode: Some(CheckoutMode::Require),
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let s = c.create_sandbox(&req).await?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            c.delete_sandbox(&s.id).await?;
+        }
+        checkout = serde_json::json!({
+            "client": summary(ms),
+            "server_side": server_quantiles(&buckets_before, &checkout_buckets(&c.metrics().await?)),
+        });
+        c.delete_pool(&pool.id).await?;
+    }
+    if !args.keep {
+        for_each_parallel(names, args.parallel, |name| {
+            let c = c.clone();
+            async move { c.delete_pool(&name).await.map_err(Into::into) }
+        })
+        .await?;
+        c.delete_template(&prefix).await?;
+    }
+    let report = serde_json::json!({
+        "pools": args.count,
+        "create_seconds": create_s,
+        "window_seconds": args.window.as_secs_f64(),
+        "server_cpu_percent_of_one_core": cpu_percent,
+        "checkout_with_pools_present": checkout,
+        "note": "idle pools: min_ready 0, no leases; CPU is the server process's user+system time over the window",
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(0)

@@ -46,7 +46,7 @@ pub enum Command {
     /// Sandboxes.
     #[command(subcommand)]
     Sandbox(SandboxCmd),
-    /// Benchmarks (DESIGN §9).
+    /// Benchmarks that print their numbers as JSON.
     #[command(subcommand)]
     Bench(BenchCmd),
 }
@@ -198,6 +198,8 @@ pub enum SandboxCmd {
 pub enum BenchCmd {
     /// Warm vs cold checkout latency and throughput, as JSON.
     Checkout(bench::CheckoutArgs),
+    /// The server's CPU use at rest with N idle pools, as JSON.
+    Pools(bench::PoolsArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -205,6 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::serve(args).await.map(|_| 0),
         Command::Bench(BenchCmd::Checkout(args)) => bench::checkout(&cli.global, args).await,
+        Command::Bench(BenchCmd::Pools(args)) => bench::pools(&cli.global, args).await,
         command => run_client_command(&cli.global, command).await,
     }
 }
