@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds Warmpool and runs the control plane on its embedded defaults: SQLite and the local runtime in
-# ./.warmpool, listening on 127.0.0.1:7070. Extra arguments go to `warmpool serve`.
+# Builds Warmpool and runs the control plane on its embedded defaults: SQLite and the local runtime (runc) in
+# ./.warmpool, listening on 127.0.0.1:7070. Runs as root (sandboxes are OCI containers). Extra arguments go to
+# `warmpool serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/host-deps.sh
 cargo build --release -p warmpool-server -p warmpool-procd --bins
 exec target/release/warmpool serve "$@"

@@ -7,16 +7,8 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)" >&2; exit 1; }
 export RUST_LIB_BACKTRACE=0
 
-# The tf-provider crate (Terraform provider) runs protoc at build time.
-if ! command -v protoc >/dev/null && [ -z "${PROTOC:-}" ]; then
-  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "installing protobuf-compiler (protoc) for the Terraform provider's build" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler libprotobuf-dev >/dev/null
-  else
-    echo "protoc is missing: install protobuf-compiler (Debian) or set PROTOC" >&2
-    exit 1
-  fi
-fi
+# runc, the CNI plugins and protoc (see the script).
+./scripts/host-deps.sh
 command -v terraform >/dev/null || echo "warning: terraform is not on PATH; the provider's tests will fail saying so" >&2
 command -v node >/dev/null || echo "warning: node is not on PATH; the action's shim test will fail saying so" >&2
 

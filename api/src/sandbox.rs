@@ -65,13 +65,17 @@ pub struct VolumeMount {
     pub mount_path: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkMode {
-    /// The host's network (default).
-    Host,
-    /// A private network namespace with loopback only.
+    /// A network namespace of its own with outbound access through a bridge; the host's loopback services are out
+    /// of reach (default).
+    #[default]
+    Isolated,
+    /// A network namespace of its own with loopback only.
     None,
+    /// The host's network namespace (opt-in, for trusted templates).
+    Host,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]

@@ -365,7 +365,7 @@ impl App {
                     envs: Default::default(),
                     cwd: None,
                     volumes: Vec::new(),
-                    private_network: false,
+                    network: Default::default(),
                 };
                 let app = self.clone();
                 let pool_id = pool.id.clone();
@@ -409,14 +409,9 @@ impl App {
                 }
                 Err(StartError::Stopped) => {}
                 Err(StartError::Failed(e)) => {
-                    let message = e.to_string();
-                    tracing::warn!(pool = %pool_id, sandbox = %row.sandbox.id, %message, "Prewarm failed");
-                    let _ = self.update_pool(&pool_id, |r| {
-                        r.ctl.prewarm_failures += 1;
-                        r.ctl.failed_total += 1;
-                        r.ctl.last_failure_logs = Some(message.clone());
-                        r.ctl.last_error = Some(message);
-                    });
+                    // Counted in the pool by the lifecycle, when the sandbox went `failed`.
+                    let e = &e as &dyn std::error::Error;
+                    tracing::warn!(pool = %pool_id, sandbox = %row.sandbox.id, error = e, "Prewarm failed");
                 }
             }
         }

@@ -32,7 +32,6 @@ pub fn serve_args(dir: &Path) -> ServeArgs {
         procd: Some(procd_bin()),
         max_sandboxes: 256,
         max_parallel_starts: 16,
-        no_isolation: false,
     }
 }
 

@@ -243,7 +243,10 @@ async fn moving_the_tag_rolls_the_pool_and_leaves_claimed_sandboxes_alone() {
     assert_eq!(second.status, BuildStatus::Ready);
     let s = cp
         .wait_status(&pool.id, "rollout", |s| {
-            s.resolved_build_id.as_deref() == Some(second.id.as_str()) && s.ready == 2
+            // Old ready sandboxes serve until new ones are ready, then drain: settled means only new ones.
+            s.resolved_build_id.as_deref() == Some(second.id.as_str())
+                && s.ready == 2
+                && s.warming + s.draining == 0
         })
         .await;
     assert_eq!(s.rollout_generation, 2);

@@ -1,7 +1,6 @@
 //! Crash recovery with the real `warmpool` binary: a SIGKILL of the server loses no template, build or sandbox,
 //! re-adopts live sandboxes, and leaves no orphan process.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use warmpool_api::*;
@@ -33,29 +32,22 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     c.wait_pool_ready(&pool.id, 2, Duration::from_secs(60), |_| {}).await.unwrap();
     let before = procs_mentioning(&dir).len();
 
+    // An orphan: a live sandbox whose row the store loses while the server is down.
+    let orphan_sandbox = c.create_sandbox(&cold("api:stable")).await.unwrap();
     server.kill9();
-    // An orphan: a procd for a sandbox directory the store has never heard of.
-    let orphan = dir.join("sandboxes").join("sbx_orphan");
-    std::fs::create_dir_all(orphan.join("root")).unwrap();
-    let config = serde_json::json!({"listen": format!("unix://{}/procd.sock", orphan.display()),
-        "warm_processes": [{"name": "x", "type": "cmd", "command": ["sleep", "1000"]}]});
-    std::fs::write(orphan.join("procd.json"), config.to_string()).unwrap();
-    let mut orphan_proc = Command::new(procd_bin())
-        .arg("--config")
-        .arg(orphan.join("procd.json"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the orphan to listen", Duration::from_secs(10), || orphan.join("procd.sock").exists());
+    {
+        use warmpool_server::store::{Lifecycle, Store};
+        let store = warmpool_server::store::sqlite::SqliteStore::open(&dir.join("warmpool.db")).unwrap();
+        assert!(store.delete_sandbox_if(&orphan_sandbox.id, &Lifecycle::ALL).unwrap());
+    }
+    let orphan = dir.join("sandboxes").join(&orphan_sandbox.id);
+    assert!(orphan.exists());
     assert_eq!(procs_mentioning(&dir).len(), before + 1);
 
     let server = ServerProcess::start(&dir, &[]);
     let c = server.client.clone();
-    wait_until("the orphan to be killed", Duration::from_secs(10), || {
-        orphan_proc.try_wait().unwrap().is_some()
-    });
-    assert!(!orphan.exists(), "the orphan's directory is removed");
+    wait_until("the orphan to be removed", Duration::from_secs(10), || !orphan.exists());
+    assert_eq!(procs_mentioning(&dir).len(), before, "the orphan's container was killed");
     assert_eq!(c.get_template("api").await.unwrap().name, "api");
     assert_eq!(c.get_build(&b.id).await.unwrap().status, BuildStatus::Ready);
     let again = c.get_sandbox(&s.id).await.unwrap();

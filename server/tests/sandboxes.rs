@@ -54,7 +54,10 @@ async fn build_runs_steps_and_start_contract_then_sandbox_exec_and_delete() {
     assert_eq!(ready.checks[1].name, START_PROCESS);
 
     let dir = cp.dir.path().join("sandboxes").join(&s.id);
-    assert!(dir.join("root/ready.flag").exists());
+    assert!(
+        dir.join("upper/workspace/ready.flag").exists(),
+        "what a sandbox writes lands in its own upper layer"
+    );
     assert!(cp.procd_count() >= 1);
     cp.client.delete_sandbox(&s.id).await.unwrap();
     assert!(!dir.exists(), "the sandbox directory is removed");
@@ -117,8 +120,8 @@ async fn warm_processes_logs_and_probes_reach_the_api() {
         .iter()
         .any(|l| l.process == "agent" && l.alias.as_deref() == Some("a") && l.data == "agent-up"));
     assert!(
-        lines.iter().any(|l| l.process == "agent" && l.data.ends_with("/root/work")),
-        "cwd is rooted in the sandbox: {lines:?}"
+        lines.iter().any(|l| l.process == "agent" && l.data == "/work"),
+        "an absolute cwd means what it says: {lines:?}"
     );
     let live = cp.client.probe(&s.id, ProbeKind::Liveness).await.unwrap();
     assert_eq!(live.checks.len(), 3);
@@ -152,7 +155,10 @@ async fn a_sandbox_whose_procd_dies_becomes_failed() {
     let cp = TestControlPlane::start().await;
     cp.ready_template("api").await;
     let s = cp.client.create_sandbox(&cold("api")).await.unwrap();
-    kill_all_under(&cp.dir.path().join("sandboxes").join(&s.id));
+    // procd (the container's PID 1) is killed from the host.
+    let pid = procs_mentioning(cp.dir.path())[0];
+    // SAFETY: kill(2) on the test's own sandbox's procd.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let got = cp.client.get_sandbox(&s.id).await.unwrap();

@@ -91,45 +91,86 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Pids (not zombies) of procd processes, and their `unshare` wrappers, running a config under `dir`.
-pub fn procs_mentioning(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != std::process::id())
-        .filter(|pid| {
-            let cmd =
-                String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default())
-                    .into_owned();
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'));
-            !zombie && cmd.contains(&needle) && cmd.contains("procd.json")
+/// runc state roots of the data dir `dir` (or of `dir/data`).
+fn runc_roots(dir: &Path) -> Vec<PathBuf> {
+    [dir.join("runc"), dir.join("data/runc")].into_iter().filter(|r| r.is_dir()).collect()
+}
+
+/// Ids of the containers (sandboxes and builds) runc knows under `dir`.
+pub fn containers_under(dir: &Path) -> Vec<(PathBuf, String)> {
+    runc_roots(dir)
+        .into_iter()
+        .flat_map(|root| {
+            std::fs::read_dir(&root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(move |e| (root.clone(), e.file_name().to_string_lossy().into_owned()))
         })
         .collect()
 }
 
-/// SIGKILLs every procd under `dir` (a pid namespace dies with its PID 1), then everything left in their cgroups,
-/// and removes the cgroups once their members are gone (a cgroup cannot be removed before its last member is
-/// reaped, which takes a moment after SIGKILL).
+/// Pids (not zombies) of the procd processes (PID 1 of each container) of the data dir `dir`.
+pub fn procs_mentioning(dir: &Path) -> Vec<u32> {
+    containers_under(dir)
+        .into_iter()
+        .filter_map(|(root, id)| {
+            let state = std::fs::read_to_string(root.join(&id).join("state.json")).ok()?;
+            let pid =
+                state.split("\"init_process_pid\":").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?;
+            pid.parse::<u32>().ok()
+        })
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            !stat.is_empty() && !stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+        })
+        .collect()
+}
+
+/// Removes everything the server's runtime made under `dir` that outlives a killed server: containers (runc kills
+/// what runs in them), overlay mounts, network namespaces and cgroups. A cgroup cannot be removed before its last
+/// member is reaped, which takes a moment after SIGKILL.
 pub fn kill_all_under(dir: &Path) {
-    for pid in procs_mentioning(dir) {
-        // SAFETY: kill(2) on pids whose command line names this test's directory.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let mut ids = Vec::new();
+    for (root, id) in containers_under(dir) {
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(&root)
+            .args(["delete", "--force", &id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        ids.push(id);
     }
-    let mut cgroups = Vec::new();
-    for sandboxes in
-        [dir.join("sandboxes"), dir.join("data/sandboxes"), dir.join("builds"), dir.join("data/builds")]
-    {
-        for e in std::fs::read_dir(sandboxes).into_iter().flatten().flatten() {
-            for c in ["memory", "cpu", "freezer", "pids"] {
-                let cgroup = Path::new("/sys/fs/cgroup").join(c).join("warmpool").join(e.file_name());
-                if cgroup.exists() {
-                    cgroups.push(cgroup);
-                }
-            }
+    for parent in ["sandboxes", "data/sandboxes", "builds", "data/builds"] {
+        for e in std::fs::read_dir(dir.join(parent)).into_iter().flatten().flatten() {
+            ids.push(e.file_name().to_string_lossy().into_owned());
         }
     }
+    ids.sort();
+    ids.dedup();
+    let prefix = dir.display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut targets: Vec<&str> =
+        mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for target in targets {
+        let _ = Command::new("umount").arg("-l").arg(target).status();
+    }
+    for id in &ids {
+        let netns = format!("wp-{}", id.trim_start_matches("sbx_").trim_start_matches("bld_"));
+        if Path::new("/var/run/netns").join(&netns).exists() {
+            let _ = Command::new("ip").args(["netns", "delete", &netns]).status();
+        }
+    }
+    let mut cgroups: Vec<PathBuf> = ids
+        .iter()
+        .flat_map(|id| {
+            ["memory", "cpu", "freezer", "pids", "cpuacct", "blkio", "devices"]
+                .map(|c| Path::new("/sys/fs/cgroup").join(c).join("warmpool").join(id))
+        })
+        .filter(|c| c.exists())
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !cgroups.is_empty() && Instant::now() < deadline {
         cgroups.retain(|cgroup| {

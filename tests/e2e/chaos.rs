@@ -146,20 +146,21 @@ async fn kill9_during_a_fill_leaks_nothing() {
 }
 
 /// A ready sandbox whose readiness stops passing leaves `ready` at once: no checkout gets it, it counts as failed,
-/// and the pool refills once readiness can pass again.
+/// and the pool refills once readiness can pass again. Readiness here is "the test's listener on the host answers"
+/// (reached through the sandbox network's gateway), so the test can take it away from all sandboxes at once.
 #[tokio::test]
 async fn readiness_lost_while_ready_is_never_handed_out() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let _cleanup = KillOnDrop(data.clone());
-    let gate = tmp.path().join("healthy");
-    std::fs::write(&gate, "").unwrap();
+    let gate = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = gate.local_addr().unwrap().port();
     let server = ServerProcess::start(&data, &[]);
     let c = server.client.clone();
     let mut spec = template("flaky", 0.0);
     spec.readiness = Some(
         serde_json::from_value(serde_json::json!({
-            "exec": {"command": ["test", "-f", gate]}, "timeout_ms": 30000, "period_ms": 100
+            "tcp_socket": {"host": GATEWAY, "port": port}, "timeout_ms": 30000, "period_ms": 100
         }))
         .unwrap(),
     );
@@ -167,14 +168,14 @@ async fn readiness_lost_while_ready_is_never_handed_out() {
     let pool = c.create_pool(&pool_spec("flaky", "flaky:stable", 3, 3)).await.unwrap();
     wait_status(&c, &pool.id, "3 ready", |s| s.ready == 3).await;
 
-    std::fs::remove_file(&gate).unwrap();
+    drop(gate);
     let status = wait_status(&c, &pool.id, "no ready sandbox", |s| s.ready == 0).await;
     assert!(status.failed >= 3, "{status:?}");
     for _ in 0..6 {
         let err = c.create_sandbox(&require(&pool.id, 0)).await.unwrap_err();
         assert_eq!(err.code(), Some("warm_pool_unavailable"), "an unready sandbox was handed out: {err}");
     }
-    std::fs::write(&gate, "").unwrap();
+    let _gate = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
     c.pool_action(&pool.id, "reconcile").await.unwrap();
     wait_status(&c, &pool.id, "3 ready again", |s| s.ready == 3).await;
     let s = c.create_sandbox(&require(&pool.id, 0)).await.unwrap();
@@ -265,7 +266,7 @@ async fn secrets_are_private() {
         let mode = std::fs::metadata(data.join(file)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{file}");
     }
-    let token = std::fs::read_to_string(data.join("sandboxes").join(&s.id).join("procd.token")).unwrap();
+    let token = std::fs::read_to_string(data.join("sandboxes").join(&s.id).join("config/token")).unwrap();
     let mut db = std::fs::read(data.join("warmpool.db")).unwrap();
     db.extend(std::fs::read(data.join("warmpool.db-wal")).unwrap_or_default());
     let needle = token.trim().as_bytes();

@@ -3,6 +3,7 @@
 //! pass or fail.
 
 mod chaos;
+mod isolation;
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,6 +14,9 @@ use warmpool_client::Client;
 pub use warmpool_testkit::{
     kill_all_under, procs_mentioning, wait_no_procd, wait_until, KillOnDrop, ServerProcess,
 };
+
+/// The host's address on the sandboxes' bridge network (`network.mode: isolated`).
+pub const GATEWAY: &str = "10.88.0.1";
 
 /// A template whose sandboxes become ready `delay_s` seconds after they start. Each sandbox writes its own flag
 /// (named by its id), so a flag left in the build artifact cannot pass a sandbox's readiness early.
@@ -77,17 +81,17 @@ pub fn sandbox_dirs(data: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Ids of the sandboxes of a data dir that have a running procd (procd and its `unshare` wrapper name the
-/// sandbox's directory on their command lines).
+/// Ids of the sandboxes of a data dir whose container runs.
 pub fn running_sandboxes(data: &Path) -> std::collections::BTreeSet<String> {
-    procs_mentioning(data)
+    let alive = procs_mentioning(data);
+    warmpool_testkit::containers_under(data)
         .into_iter()
-        .filter_map(|pid| {
-            let cmd =
-                String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).into_owned();
-            let rest = cmd.split("/sandboxes/").nth(1)?;
-            Some(rest.split('/').next()?.to_string())
+        .filter(|(_, id)| id.starts_with("sbx_"))
+        .filter(|(root, id)| {
+            let state = std::fs::read_to_string(root.join(id).join("state.json")).unwrap_or_default();
+            alive.iter().any(|pid| state.contains(&format!("\"init_process_pid\":{pid},")))
         })
+        .map(|(_, id)| id)
         .collect()
 }
 

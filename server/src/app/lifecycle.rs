@@ -130,10 +130,23 @@ impl App {
             Ok(won) => won,
             Err(store) => return StartError::Failed(store),
         };
-        let _ = self.runtime.destroy(&id, Some(&row.handle)).await;
         if !failed {
+            let _ = self.runtime.destroy(&id, Some(&row.handle)).await;
             return StartError::Stopped;
         }
+        // A pool's failed start counts at once (and feeds the prewarm breaker), before the slow cleanup.
+        if let Some(pool) = &row.pool_id {
+            let recorded = self.update_pool(pool, |p| {
+                p.ctl.prewarm_failures += 1;
+                p.ctl.failed_total += 1;
+                p.ctl.last_failure_logs = row.error.clone();
+                p.ctl.last_error = row.error.clone();
+            });
+            if let Err(e) = recorded {
+                tracing::warn!(pool = %pool, error = &e as &dyn std::error::Error, "Cannot record a failed start");
+            }
+        }
+        let _ = self.runtime.destroy(&id, Some(&row.handle)).await;
         if let Err(store) = self.store.delete_sandbox_if(&id, &[Failed]) {
             return StartError::Failed(store.into());
         }

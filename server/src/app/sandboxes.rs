@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use warmpool_api::{
     id_prefix, validate_cwd, validate_env_key, validate_name, CheckoutMode, CheckoutSource, ExecRequest,
-    ExecResult, FallbackReason, FieldError, LogLine, NetworkMode, PoolState, ProbeKind, ProbeResult, Sandbox,
+    ExecResult, FallbackReason, FieldError, LogLine, PoolState, ProbeKind, ProbeResult, Sandbox,
     SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
 };
 
@@ -293,7 +293,7 @@ impl App {
             envs: req.envs.clone().unwrap_or_default(),
             cwd: req.cwd.clone(),
             volumes,
-            private_network: req.network.as_ref().is_some_and(|n| n.mode == NetworkMode::None),
+            network: req.network.as_ref().map(|n| n.mode).unwrap_or_default(),
         };
         self.store.insert_sandbox(&row)?;
         match self.start_sandbox(&mut row, spec, Lifecycle::Claimed).await {

@@ -162,7 +162,7 @@ impl App {
                 envs: Default::default(),
                 cwd: None,
                 volumes: Vec::new(),
-                private_network: false,
+                network: Default::default(),
             };
             let handle = self.runtime.start_in(id, root.clone(), start).await.map_err(|e| e.to_string())?;
             let ready = self.runtime.wait_ready(&handle, start_timeout(spec)).await;

@@ -2,7 +2,8 @@
 //! - `warmpool bench checkout` measures warm checkouts (claims from a filled pool by concurrent clients) against
 //!   cold creates of the same template;
 //! - `warmpool bench pools --count N` creates N idle pools and measures the server's CPU use at rest (from its
-//!   `process_cpu_seconds_total` metric), then the checkout latency with all of them present.
+//!   `process_cpu_seconds_total` metric), then the checkout latency with all of them present;
+//! - `warmpool bench artifact` compares cold create and pool fill for a tiny and a big artifact.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -300,6 +301,126 @@ pub async fn pools(global: &Global, args: PoolsArgs) -> anyhow::Result<i32> {
         "checkout_with_pools_present": checkout,
         "note": "idle pools: min_ready 0, no leases; CPU is the server process's user+system time over the window",
     });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(0)
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ArtifactArgs {
+    /// Size of the big artifact, in MB.
+    #[arg(long, default_value_t = 300)]
+    pub size_mb: u64,
+    /// Files in the big artifact.
+    #[arg(long, default_value_t = 20_000)]
+    pub files: u64,
+    /// Cold creates measured per artifact.
+    #[arg(long, default_value_t = 5)]
+    pub cold: u32,
+    /// Sandboxes in the measured pool fill (and in the disk measurement).
+    #[arg(long, default_value_t = 10)]
+    pub pool: u32,
+    /// The server's data dir, to measure the disk its sandboxes add (skipped when not given).
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+}
+
+/// Bytes used under `dir` (allocated blocks, as `du` counts them), not following mounts.
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else { return 0 };
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            // The rootfs mount point shows the lower layers: what a sandbox adds is its upper layer.
+            if path.file_name().is_some_and(|n| n == "rootfs") {
+                continue;
+            }
+            total += disk_usage(&path);
+        }
+    }
+    total
+}
+
+/// Cold create and pool fill of a tiny and a big artifact, side by side: a sandbox's root filesystem is an overlay
+/// over the artifact, so both should cost the same.
+pub async fn artifact(global: &Global, args: ArtifactArgs) -> anyhow::Result<i32> {
+    let c = Arc::new(client(global)?);
+    let prefix = format!("bench-artifact-{}", std::process::id());
+    let per_file = args.size_mb * 1024 * 1024 / args.files.max(1);
+    let big_step = format!(
+        "python3 -c \"import os\nfor i in range({files}):\n  d = 'data/%03d' % (i // 1000)\n  os.makedirs(d, exist_ok=True)\n  open('%s/f%d' % (d, i), 'wb').write(os.urandom({per_file}))\"",
+        files = args.files,
+    );
+    let cases = [("tiny", "head -c 1024 /dev/urandom > data.bin".to_string()), ("big", big_step)];
+    let mut report = serde_json::Map::new();
+    for (label, step) in cases {
+        let name = format!("{prefix}-{label}");
+        let spec: TemplateSpec = serde_json::from_value(serde_json::json!({
+            "name": name,
+            "build": {"steps": [step]},
+            "start_cmd": "touch ready-$WARMPOOL_SANDBOX_ID; exec sleep infinity",
+            "readiness": {"exec": {"command": ["sh", "-c", "test -f ready-$WARMPOOL_SANDBOX_ID"]}},
+        }))?;
+        c.create_template(&spec).await?;
+        let t = Instant::now();
+        let b = c.create_build(&name, &[]).await?;
+        let b = c.wait_build(&b.id, Duration::from_secs(1800), |_| {}).await?;
+        anyhow::ensure!(b.status == BuildStatus::Ready, "the {label} template did not build: {:?}", b.error);
+        let build_s = t.elapsed().as_secs_f64();
+        let template = format!("{name}@{}", b.id);
+        let mut cold_ms = Vec::new();
+        for _ in 0..args.cold {
+            let t = Instant::now();
+            let s = c
+                .create_sandbox(&SandboxCreate { template: Some(template.clone()), ..Default::default() })
+                .await?;
+            cold_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            c.delete_sandbox(&s.id).await?;
+        }
+        let before = args.data_dir.as_ref().map(|d| disk_usage(&d.join("sandboxes")));
+        let t = Instant::now();
+        let spec = WarmPoolSpec {
+            name: name.clone(),
+            template,
+            min_ready: args.pool,
+            max_ready: args.pool,
+            ..Default::default()
+        };
+        let pool = c.create_pool(&spec).await?;
+        c.wait_pool_ready(&pool.id, args.pool, Duration::from_secs(600), |_| {}).await?;
+        let fill_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let added_mb = args.data_dir.as_ref().zip(before).map(|(d, before)| {
+            disk_usage(&d.join("sandboxes")).saturating_sub(before) as f64 / (1024.0 * 1024.0)
+        });
+        c.delete_pool(&pool.id).await?;
+        c.delete_template(&name).await?;
+        report.insert(
+            label.into(),
+            serde_json::json!({
+                "artifact_bytes": if label == "tiny" { 1024 } else { per_file * args.files },
+                "artifact_files": if label == "tiny" { 1 } else { args.files },
+                "build_seconds": build_s,
+                "cold_create": summary(cold_ms),
+                "pool_fill_ms": fill_ms,
+                "pool_sandboxes": args.pool,
+                "disk_added_by_pool_mb": added_mb,
+            }),
+        );
+    }
+    let ratio = |key: &str| {
+        let get = |label: &str| report[label][key]["p50_ms"].as_f64().unwrap_or(0.0);
+        if get("tiny") > 0.0 {
+            get("big") / get("tiny")
+        } else {
+            0.0
+        }
+    };
+    let cold_ratio = ratio("cold_create");
+    let fill = |label: &str| report[label]["pool_fill_ms"].as_f64().unwrap_or(0.0);
+    let fill_ratio = if fill("tiny") > 0.0 { fill("big") / fill("tiny") } else { 0.0 };
+    report.insert("cold_create_p50_big_over_tiny".into(), cold_ratio.into());
+    report.insert("pool_fill_big_over_tiny".into(), fill_ratio.into());
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(0)
 }

@@ -200,6 +200,8 @@ pub enum BenchCmd {
     Checkout(bench::CheckoutArgs),
     /// The server's CPU use at rest with N idle pools, as JSON.
     Pools(bench::PoolsArgs),
+    /// Cold create and pool fill for a tiny and a big (300 MB, 20,000 files) artifact, side by side, as JSON.
+    Artifact(bench::ArtifactArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -208,6 +210,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(args) => serve::serve(args).await.map(|_| 0),
         Command::Bench(BenchCmd::Checkout(args)) => bench::checkout(&cli.global, args).await,
         Command::Bench(BenchCmd::Pools(args)) => bench::pools(&cli.global, args).await,
+        Command::Bench(BenchCmd::Artifact(args)) => bench::artifact(&cli.global, args).await,
         command => run_client_command(&cli.global, command).await,
     }
 }

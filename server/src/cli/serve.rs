@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::app::{App, AppConfig};
-use crate::runtime::local::{Isolation, LocalRuntime};
+use crate::runtime::local::LocalRuntime;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 
@@ -36,9 +36,6 @@ pub struct ServeArgs {
     /// Sandboxes started at once by the reconciler (most of a start is waiting for readiness).
     #[arg(long, default_value_t = 100)]
     pub max_parallel_starts: usize,
-    /// Run sandboxes as plain processes even where namespaces and cgroups are available.
-    #[arg(long)]
-    pub no_isolation: bool,
 }
 
 fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -79,15 +76,13 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))?);
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-    let isolation = if args.no_isolation { Isolation::none() } else { Isolation::detect() };
     let runtime = LocalRuntime::new(
         data_dir.clone(),
         find_procd(args.procd.clone())?,
-        isolation,
         args.max_sandboxes,
         exits_tx,
         secrets,
-    );
+    )?;
     let config = AppConfig {
         data_dir,
         reconciler_enabled: args.reconciler == "on",

@@ -1,5 +1,5 @@
-//! Runtimes run sandboxes: the `local` runtime (a directory plus a `procd` process per sandbox, in Linux
-//! namespaces and cgroups where the host allows). The domain talks to a runtime only through [`Runtime`].
+//! Runtimes run sandboxes: the `local` runtime (an OCI container per sandbox, run by runc, with procd as its PID 1).
+//! The domain talks to a runtime only through [`Runtime`].
 
 pub mod local;
 
@@ -62,7 +62,7 @@ pub struct StartSpec {
     pub cwd: Option<String>,
     /// Named volume directories and where they appear inside the sandbox.
     pub volumes: Vec<(PathBuf, String)>,
-    pub private_network: bool,
+    pub network: warmpool_api::NetworkMode,
 }
 
 #[async_trait::async_trait]

@@ -181,16 +181,16 @@ pub struct RuntimeHandle {
     /// The sandbox (or build) id the runtime knows it by.
     #[serde(default)]
     pub id: String,
-    /// The procd process as seen from the server's pid namespace.
+    /// procd as seen from the server's pid namespace, and its start time (clock ticks since boot): together they
+    /// name the process even after its pid is reused.
     pub procd_pid: Option<u32>,
-    /// The process the server spawned (procd itself, or the `unshare` wrapper around it).
-    pub child_pid: Option<u32>,
-    pub dir: String,
-    pub socket: String,
-    /// cgroup directories created for the sandbox.
     #[serde(default)]
-    pub cgroups: Vec<String>,
-    /// Whether procd runs its warm processes (false for a template with no start_cmd and no warm processes).
+    pub procd_started: Option<u64>,
+    /// The runtime's directory for the sandbox.
+    pub dir: String,
+    /// procd's Unix socket.
+    pub socket: String,
+    /// Whether procd runs warm processes (false for a template with no start_cmd and no warm processes).
     #[serde(default)]
     pub has_warm_processes: bool,
 }

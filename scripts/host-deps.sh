@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the local runtime and the builds need on a fresh Debian machine, when it is missing:
+# runc (runs every sandbox and build as an OCI container), the standard CNI plugins (sandbox networking),
+# iproute2 (network namespaces), and protoc (the Terraform provider's build). Safe to run again.
+set -euo pipefail
+
+missing=()
+command -v runc >/dev/null || missing+=(runc)
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v iptables >/dev/null || missing+=(iptables)
+command -v protoc >/dev/null || [ -n "${PROTOC:-}" ] || missing+=(protobuf-compiler libprotobuf-dev)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+  echo "missing: ${missing[*]} (install them with your package manager, as root)" >&2
+  exit 1
+fi

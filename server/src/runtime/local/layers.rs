@@ -1,0 +1,88 @@
+//! Root filesystems as overlays: the lower layers (the build's artifact, then the base) are shared read-only, the
+//! upper layer is the container's own, so starting a sandbox costs the same for a 1 KB and a 1 GB artifact and a
+//! sandbox's disk use is what it writes.
+
+use std::path::{Path, PathBuf};
+
+use super::super::RuntimeError;
+use super::oci::{CONFIG_DIR, HOST_SYSTEM_DIRS, PROCD_BIN, RUN_DIR};
+
+/// The base layer used without an image: empty mount points for the host's system directories and procd's files,
+/// and the host's merged-`/usr` symlinks (`/bin -> usr/bin`). Returns the host directories to bind read-only.
+pub fn host_base(dir: &Path) -> Result<Vec<String>, RuntimeError> {
+    let io = |what: &str| RuntimeError::io(format!("preparing the base layer ({what})"));
+    let mut binds = Vec::new();
+    for d in ["proc", "dev", "sys", "tmp", "workspace", "root"].iter().map(|d| format!("/{d}")).chain(
+        [PROCD_BIN.rsplit_once('/').map(|(d, _)| d).unwrap_or("/procd"), CONFIG_DIR, RUN_DIR]
+            .map(String::from),
+    ) {
+        std::fs::create_dir_all(dir.join(d.trim_start_matches('/'))).map_err(io(&d))?;
+    }
+    std::fs::write(dir.join(PROCD_BIN.trim_start_matches('/')), b"").map_err(io("procd mount point"))?;
+    for host in HOST_SYSTEM_DIRS {
+        let inside = dir.join(host.trim_start_matches('/'));
+        match std::fs::read_link(host) {
+            Ok(target) => {
+                if std::fs::read_link(&inside).ok() != Some(target.clone()) {
+                    let _ = std::fs::remove_file(&inside);
+                    std::os::unix::fs::symlink(&target, &inside).map_err(io(host))?;
+                }
+            }
+            Err(_) if Path::new(host).is_dir() => {
+                std::fs::create_dir_all(&inside).map_err(io(host))?;
+                binds.push(host.to_string());
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(binds)
+}
+
+/// An overlay mount: `lower` (top first) under `upper`, at `target`.
+pub struct Overlay {
+    pub lower: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub target: PathBuf,
+}
+
+impl Overlay {
+    pub fn mount(&self) -> Result<(), RuntimeError> {
+        for d in [&self.upper, &self.work, &self.target] {
+            std::fs::create_dir_all(d).map_err(RuntimeError::io(format!("creating {}", d.display())))?;
+        }
+        let lower = self.lower.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
+        let options =
+            format!("lowerdir={lower},upperdir={},workdir={}", self.upper.display(), self.work.display());
+        mount_overlay(&self.target, &options)
+            .map_err(RuntimeError::io(format!("mounting the overlay at {}", self.target.display())))
+    }
+}
+
+fn mount_overlay(target: &Path, options: &str) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |s: &[u8]| CString::new(s).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e));
+    let (source, fstype) = (c(b"overlay")?, c(b"overlay")?);
+    let (target, data) = (c(target.as_os_str().as_bytes())?, c(options.as_bytes())?);
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc =
+        unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, data.as_ptr().cast()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Unmounts `target` if something is mounted there (lazily if it is busy).
+pub fn unmount(target: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(target.as_os_str().as_bytes()) else { return };
+    // SAFETY: a NUL-terminated path that outlives the call.
+    unsafe {
+        if libc::umount2(path.as_ptr(), 0) != 0 {
+            libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}

@@ -1,0 +1,669 @@
+//! The local runtime: every sandbox and every build is an OCI container run by `runc`, with procd as its PID 1.
+//!
+//! A container's root filesystem is an overlay: the build's artifact layer and the base as lower layers, its own
+//! upper layer on top (see `layers`). Without a template `image` the base is the host's `/usr /bin /sbin /lib* /etc`,
+//! bound read-only. Inside, the workspace is `/workspace`, absolute paths mean what they say, procd is at
+//! `/procd/bin/procd` and its config under `/config`. A container has its own pid, mount, uts, ipc and network
+//! namespaces, runc's default capability set, a seccomp denylist, a `pids` limit and the template's resources as
+//! cgroup limits (see `oci`); `network.mode` is `isolated` (CNI bridge, see `net`), `none` or `host`.
+//!
+//! On the host, `<data-dir>/sandboxes/<id>/` is the container's bundle: `config.json`, `rootfs/` (the overlay
+//! mount point), `upper/` and `work/`, `config/` (procd's config and token), `run/` (procd's socket) and `procd.log`
+//! (procd's stdout and stderr). runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live
+//! containers again and the directory listing names the ones to remove.
+
+mod layers;
+mod net;
+pub mod oci;
+mod runc;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use warmpool_api::{
+    ExecRequest, ExecResult, LogLine, NetworkMode, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus,
+    ProcessType, TemplateSpec, WarmProcessSpec, EXEC_OUTPUT_LIMIT, START_PROCESS,
+};
+use warmpool_procd::config::Listen;
+use warmpool_procd::convert;
+use warmpool_procd::proto::procd_client::ProcdClient;
+use warmpool_procd::proto::{self, exec_event};
+
+use super::{Runtime, RuntimeError, StartSpec};
+use crate::secrets::Secrets;
+use crate::store::RuntimeHandle;
+use layers::Overlay;
+use net::Cni;
+use oci::{ContainerSpec, Network};
+use runc::Runc;
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const CGROUP_CONTROLLERS: [&str; 5] = ["memory", "cpu", "freezer", "pids", "cpuacct"];
+/// The workspace, the default `cwd` inside every container.
+pub const WORKSPACE: &str = "/workspace";
+/// How long a build step may run.
+const BUILD_STEP_TIMEOUT_MS: u64 = 60 * 60 * 1000;
+
+pub struct LocalRuntime {
+    data_dir: PathBuf,
+    procd_bin: PathBuf,
+    max_sandboxes: usize,
+    exits: mpsc::UnboundedSender<String>,
+    clients: Mutex<HashMap<String, ProcdClient<Channel>>>,
+    secrets: Arc<Secrets>,
+    runc: Runc,
+    cni: Cni,
+    /// The base layer without an image, and the host directories bound read-only over it.
+    base: PathBuf,
+    host_dirs: Vec<String>,
+}
+
+impl LocalRuntime {
+    /// Checks that this host runs OCI containers (root, runc) and prepares the base layer. `exits` hears the id of
+    /// every sandbox whose procd exits.
+    pub fn new(
+        data_dir: PathBuf,
+        procd_bin: PathBuf,
+        max_sandboxes: usize,
+        exits: mpsc::UnboundedSender<String>,
+        secrets: Arc<Secrets>,
+    ) -> Result<Arc<LocalRuntime>, RuntimeError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(RuntimeError::Build(
+                "the local runtime runs sandboxes as OCI containers and needs root (run warmpool serve as root)"
+                    .into(),
+            ));
+        }
+        if !Runc::available() {
+            return Err(RuntimeError::Build(
+                "the local runtime needs runc: install it (Debian: apt-get install runc)".into(),
+            ));
+        }
+        let base = data_dir.join("base").join("host");
+        let host_dirs = layers::host_base(&base)?;
+        sweep_stale_cgroups();
+        Ok(Arc::new(LocalRuntime {
+            runc: Runc { root: data_dir.join("runc") },
+            cni: Cni { state_dir: data_dir.join("cni") },
+            data_dir,
+            procd_bin,
+            max_sandboxes,
+            exits,
+            clients: Default::default(),
+            secrets,
+            base,
+            host_dirs,
+        }))
+    }
+
+    /// A call to procd with the sandbox's token.
+    fn authorized<T>(&self, handle: &RuntimeHandle, message: T) -> tonic::Request<T> {
+        warmpool_procd::authorized(message, Some(&self.secrets.procd_token(&handle.id)))
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("sandboxes").join(id)
+    }
+
+    fn build_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("builds").join(id)
+    }
+
+    fn client(&self, handle: &RuntimeHandle) -> Result<ProcdClient<Channel>, RuntimeError> {
+        let mut clients = self.clients.lock().expect("clients");
+        if let Some(c) = clients.get(&handle.socket) {
+            return Ok(c.clone());
+        }
+        let client = warmpool_procd::connect(&Listen::Unix(handle.socket.clone().into()))
+            .map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
+        clients.insert(handle.socket.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// procd's warm processes for a sandbox: `start_cmd` (with the template's readiness) and the warm processes,
+    /// all with real paths inside the container.
+    fn procd_config(&self, id: &str, spec: &StartSpec) -> Vec<WarmProcessSpec> {
+        let t = &spec.spec;
+        let base_cwd = spec.cwd.clone().or(t.cwd.clone()).unwrap_or_else(|| WORKSPACE.into());
+        let mut env: BTreeMap<String, String> = t.env.clone();
+        env.extend(spec.envs.clone());
+        env.insert("WARMPOOL_SANDBOX_ID".into(), id.into());
+        let mut processes = Vec::new();
+        if let Some(cmd) = &t.start_cmd {
+            let readiness = t.readiness.clone().map(|r| ProbeSpec {
+                // In a template, readiness.timeout_ms bounds the whole start; each check gets at most 1 s of it.
+                timeout_ms: Some(r.timeout_ms.unwrap_or(1000).min(1000)),
+                ..r
+            });
+            processes.push(WarmProcessSpec {
+                name: Some(START_PROCESS.into()),
+                process_type: ProcessType::Cmd,
+                command: Some(vec!["/bin/sh".into(), "-c".into(), cmd.clone()]),
+                cwd: Some(base_cwd.clone()),
+                env: env.clone(),
+                probes: readiness
+                    .map(|r| warmpool_api::ProbeSet { readiness: Some(r), ..Default::default() }),
+                ..Default::default()
+            });
+        }
+        for p in &t.warm_processes {
+            let mut p = p.clone();
+            p.cwd = Some(p.cwd.unwrap_or_else(|| base_cwd.clone()));
+            let mut penv = env.clone();
+            penv.extend(p.env.clone());
+            p.env = penv;
+            processes.push(p);
+        }
+        processes
+    }
+
+    /// Mounts the container's root filesystem (`lower` under `bundle/upper`), writes procd's config and the OCI
+    /// spec, wires the network, and starts the container. `processes` false starts procd with no warm process (a
+    /// build's steps run through exec).
+    async fn launch(
+        &self,
+        id: &str,
+        bundle: &Path,
+        lower: Vec<PathBuf>,
+        spec: &StartSpec,
+        processes: bool,
+    ) -> Result<RuntimeHandle, RuntimeError> {
+        let io = |what: &str| RuntimeError::io(format!("{what} for {id}"));
+        let rootfs = bundle.join("rootfs");
+        Overlay { lower, upper: bundle.join("upper"), work: bundle.join("work"), target: rootfs.clone() }
+            .mount()?;
+        let t = &spec.spec;
+        let cwd = spec.cwd.clone().or(t.cwd.clone()).unwrap_or_else(|| WORKSPACE.into());
+        let warm = if processes { self.procd_config(id, spec) } else { Vec::new() };
+        for dir in std::iter::once(&cwd).chain(warm.iter().filter_map(|p| p.cwd.as_ref())) {
+            std::fs::create_dir_all(rootfs.join(dir.trim_start_matches('/')))
+                .map_err(io("creating the working directory"))?;
+        }
+        let config_dir = bundle.join("config");
+        std::fs::create_dir_all(&config_dir).map_err(io("creating the config directory"))?;
+        let run_dir = run_dir(bundle, id);
+        std::fs::create_dir_all(&run_dir).map_err(io("creating the run directory"))?;
+        write_private(&config_dir.join("token"), &self.secrets.procd_token(id))?;
+        let procd_config = serde_json::json!({
+            "listen": format!("unix://{}/procd.sock", oci::RUN_DIR),
+            "token_file": format!("{}/token", oci::CONFIG_DIR),
+            "warm_processes": warm,
+        });
+        write_private(&config_dir.join("procd.json"), &procd_config.to_string())?;
+        for (host, _) in &spec.volumes {
+            std::fs::create_dir_all(host).map_err(io("creating a volume"))?;
+        }
+        let network = match spec.network {
+            NetworkMode::Host => Network::Host,
+            NetworkMode::None => Network::Loopback,
+            NetworkMode::Isolated if Cni::available() => Network::Namespace(self.cni.add(id).await?),
+            NetworkMode::Isolated => {
+                return Err(RuntimeError::Build(
+                    "network mode isolated needs the CNI plugins (Debian: apt-get install \
+                     containernetworking-plugins)"
+                        .into(),
+                ))
+            }
+        };
+        let config = oci::config(&ContainerSpec {
+            id,
+            rootfs: &rootfs,
+            procd_bin: &self.procd_bin,
+            config_dir: &config_dir,
+            run_dir: &run_dir,
+            host_dirs: self.host_dirs.clone(),
+            volumes: &spec.volumes,
+            network,
+            resources: &t.resources,
+            cwd: &cwd,
+        });
+        std::fs::write(bundle.join("config.json"), config.to_string()).map_err(io("writing config.json"))?;
+        let pid = self.runc.run(id, bundle, &bundle.join("procd.log")).await?;
+        let handle = RuntimeHandle {
+            id: id.to_string(),
+            procd_pid: Some(pid),
+            procd_started: start_ticks(pid),
+            dir: bundle.display().to_string(),
+            socket: run_dir.join("procd.sock").display().to_string(),
+            has_warm_processes: !warm.is_empty(),
+        };
+        self.watch_exit(handle.clone());
+        Ok(handle)
+    }
+
+    /// Reports the container's exit on `exits` (procd is not our child: runc started it).
+    fn watch_exit(&self, handle: RuntimeHandle) {
+        let exits = self.exits.clone();
+        tokio::spawn(async move {
+            while handle_alive(&handle) {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let _ = exits.send(handle.id);
+        });
+    }
+
+    /// Stops a container for good: SIGTERM to procd (its warm processes get its grace period), SIGKILL to all of
+    /// it after 6 s, then its cgroups, root filesystem mount and network. Idempotent; needs no handle.
+    async fn teardown(&self, id: &str, bundle: &Path, handle: Option<&RuntimeHandle>) {
+        if let Some(h) = handle {
+            self.clients.lock().expect("clients").remove(&h.socket);
+        }
+        if let Some(state) = self.runc.state(id).await {
+            if state.status == "running" || state.status == "paused" {
+                self.runc.kill(id, "TERM").await;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+                while pid_alive(state.pid) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        self.runc.delete(id).await;
+        let cgroups = cgroup_dirs(id);
+        kill_cgroup(&cgroups);
+        remove_cgroups(&cgroups).await;
+        layers::unmount(&bundle.join("rootfs"));
+        self.cni.remove(id).await;
+        let _ = std::fs::remove_dir_all(run_dir(bundle, id));
+    }
+}
+
+/// procd's socket directory: `<bundle>/run`, or a short path under the temp dir where the bundle's path is too
+/// long for a Unix socket (107 bytes).
+fn run_dir(bundle: &Path, id: &str) -> PathBuf {
+    let dir = bundle.join("run");
+    if dir.as_os_str().len() < 90 {
+        dir
+    } else {
+        std::env::temp_dir().join("warmpool-run").join(id)
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), RuntimeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(RuntimeError::io(format!("writing {}", path.display())))?;
+    f.write_all(text.as_bytes()).map_err(RuntimeError::io(format!("writing {}", path.display())))
+}
+
+/// A process's start time (clock ticks since boot): with its pid, it names the process even after pid reuse.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// procd is still running (same pid, same start time, not a zombie).
+fn handle_alive(handle: &RuntimeHandle) -> bool {
+    handle.procd_pid.is_some_and(|p| pid_alive(p) && start_ticks(p) == handle.procd_started)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0 && !is_zombie(pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Removes sandbox cgroups left empty by processes that were reaped only after their sandbox stopped (rmdir fails
+/// on a cgroup that still has members, so live sandboxes are untouched; the age check spares one being created
+/// right now by another server on this host).
+fn sweep_stale_cgroups() {
+    let stale = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(60)))
+    };
+    for controller in CGROUP_CONTROLLERS {
+        let parent = Path::new(CGROUP_ROOT).join(controller).join("warmpool");
+        for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if (name.starts_with("sbx_") || name.starts_with("bld_")) && stale(&entry.path()) {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
+/// The cgroup directories of a sandbox or build that exist now.
+fn cgroup_dirs(id: &str) -> Vec<String> {
+    CGROUP_CONTROLLERS
+        .iter()
+        .map(|c| Path::new(CGROUP_ROOT).join(c).join("warmpool").join(id).display().to_string())
+        .filter(|d| Path::new(d).exists())
+        .collect()
+}
+
+fn kill_cgroup(dirs: &[String]) {
+    for dir in dirs {
+        if let Ok(text) = std::fs::read_to_string(Path::new(dir).join("cgroup.procs")) {
+            for pid in text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a member of this sandbox's cgroup; no memory involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+async fn remove_cgroups(dirs: &[String]) {
+    for dir in dirs {
+        for _ in 0..50 {
+            if std::fs::remove_dir(dir).is_ok() || !Path::new(dir).exists() {
+                break;
+            }
+            kill_cgroup(std::slice::from_ref(dir));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn unreachable(status: tonic::Status) -> RuntimeError {
+    RuntimeError::Unreachable(status.message().to_string())
+}
+
+#[async_trait::async_trait]
+impl Runtime for LocalRuntime {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn details(&self) -> serde_json::Value {
+        serde_json::json!({
+            "runtime": "local",
+            "isolation": "oci",
+            "oci_runtime": "runc",
+            "network": if Cni::available() { "cni-bridge" } else { "none-only" },
+            "procd": self.procd_bin,
+        })
+    }
+
+    fn volume_dir(&self, account_id: &str, name: &str) -> PathBuf {
+        self.data_dir.join("volumes").join(account_id).join(name)
+    }
+
+    async fn run_build_steps(
+        &self,
+        build_id: &str,
+        spec: &TemplateSpec,
+        log: &Path,
+    ) -> Result<PathBuf, RuntimeError> {
+        use std::io::Write;
+        let dir = self.build_dir(build_id);
+        self.teardown(build_id, &dir, None).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the build directory"))?;
+        let mut log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(RuntimeError::io("opening the build log"))?;
+        let start = StartSpec {
+            sandbox_id: build_id.to_string(),
+            artifact: None,
+            spec: spec.clone(),
+            envs: Default::default(),
+            cwd: None,
+            volumes: Vec::new(),
+            network: NetworkMode::Isolated,
+        };
+        let handle = self.launch(build_id, &dir, vec![self.base.clone()], &start, false).await?;
+        let mut env = spec.build.env.clone();
+        env.insert("WARMPOOL_BUILD_ID".into(), build_id.into());
+        env.insert("WARMPOOL_SANDBOX_ID".into(), build_id.into());
+        let result = async {
+            self.wait_ready(&handle, Duration::from_secs(30)).await?;
+            for (i, step) in spec.build.steps.iter().enumerate() {
+                let _ = writeln!(log_file, "==> step {} of {}: {step}", i + 1, spec.build.steps.len());
+                let req = ExecRequest {
+                    command: vec!["/bin/sh".into(), "-c".into(), step.clone()],
+                    timeout_ms: Some(BUILD_STEP_TIMEOUT_MS),
+                    ..Default::default()
+                };
+                let r = self.exec(&handle, req, spec.cwd.as_deref(), env.clone()).await?;
+                let _ = log_file.write_all(r.stdout.as_bytes());
+                let _ = log_file.write_all(r.stderr.as_bytes());
+                if r.exit_code != 0 {
+                    return Err(RuntimeError::Build(format!(
+                        "build step {} ({step:?}) exited with code {}",
+                        i + 1,
+                        r.exit_code
+                    )));
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.teardown(build_id, &dir, Some(&handle)).await;
+        result.map(|()| dir)
+    }
+
+    async fn seal_artifact(&self, build_id: &str, dir: PathBuf) -> Result<PathBuf, RuntimeError> {
+        let artifact = self.artifact(build_id);
+        std::fs::create_dir_all(artifact.parent().expect("artifacts dir"))
+            .map_err(RuntimeError::io("artifacts dir"))?;
+        let _ = std::fs::remove_dir_all(&artifact);
+        std::fs::rename(dir.join("upper"), &artifact).map_err(RuntimeError::io("sealing the artifact"))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(artifact)
+    }
+
+    fn artifact(&self, build_id: &str) -> PathBuf {
+        self.data_dir.join("artifacts").join(build_id)
+    }
+
+    async fn remove_artifact(&self, build_id: &str) {
+        let dir = self.build_dir(build_id);
+        self.teardown(build_id, &dir, None).await;
+        let _ = std::fs::remove_dir_all(self.artifact(build_id));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    async fn start(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
+        let id = spec.sandbox_id.clone();
+        let dir = self.sandbox_dir(&id);
+        std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the sandbox directory"))?;
+        let lower = spec.artifact.iter().cloned().chain([self.base.clone()]).collect();
+        self.launch(&id, &dir, lower, &spec, true).await
+    }
+
+    async fn start_in(&self, id: &str, dir: PathBuf, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
+        self.launch(id, &dir, vec![self.base.clone()], &spec, true).await
+    }
+
+    async fn wait_ready(&self, handle: &RuntimeHandle, timeout: Duration) -> Result<(), RuntimeError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::from("procd has not answered yet");
+        loop {
+            if !self.is_alive(handle) {
+                let tail = self.log_tail(handle, 2000);
+                let tail = if tail.trim().is_empty() { "(procd printed nothing)".to_string() } else { tail };
+                return Err(RuntimeError::Exited(tail));
+            }
+            if Path::new(&handle.socket).exists() {
+                match self.probe(handle, ProbeKind::Readiness).await {
+                    Ok(r) if r.status == ProbeStatus::Passed => return Ok(()),
+                    Ok(_) if !handle.has_warm_processes => return Ok(()),
+                    Ok(r) => last = r.message,
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::NotReady(format!(
+                    "readiness did not pass within {timeout:?}: {last}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop_build(&self, handle: &RuntimeHandle) {
+        self.teardown(&handle.id, Path::new(&handle.dir), Some(handle)).await;
+    }
+
+    async fn destroy(&self, id: &str, handle: Option<&RuntimeHandle>) -> Result<(), RuntimeError> {
+        let dir = self.sandbox_dir(id);
+        self.teardown(id, &dir, handle).await;
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(RuntimeError::Io { context: format!("removing {}", dir.display()), source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn exec(
+        &self,
+        handle: &RuntimeHandle,
+        req: ExecRequest,
+        base_cwd: Option<&str>,
+        env: BTreeMap<String, String>,
+    ) -> Result<ExecResult, RuntimeError> {
+        let base = Path::new(base_cwd.unwrap_or(WORKSPACE));
+        let cwd = match req.cwd.as_deref() {
+            Some(c) => base.join(c),
+            None => base.to_path_buf(),
+        };
+        let mut full_env = env;
+        full_env.extend(req.env.unwrap_or_default());
+        let msg = proto::ExecRequest {
+            command: req.command,
+            cwd: cwd.display().to_string(),
+            env: full_env.into_iter().collect(),
+            timeout_ms: req.timeout_ms.unwrap_or(60_000),
+            stdin: req.stdin.unwrap_or_default().into_bytes(),
+        };
+        let mut client = self.client(handle)?;
+        let mut events = client.exec(self.authorized(handle, msg)).await.map_err(exec_error)?.into_inner();
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut exit = None;
+        while let Some(event) = events.message().await.map_err(unreachable)? {
+            match event.event {
+                Some(exec_event::Event::Output(o)) => {
+                    let buf = match convert::stream_from_proto(o.stream) {
+                        Some(warmpool_procd::output::StreamName::Stderr) => &mut stderr,
+                        _ => &mut stdout,
+                    };
+                    // procd already cuts each stream; this only guards the server's memory.
+                    let room = EXEC_OUTPUT_LIMIT.saturating_sub(buf.len());
+                    buf.extend_from_slice(&o.data[..o.data.len().min(room)]);
+                }
+                Some(exec_event::Event::Exit(e)) => exit = Some(e),
+                None => {}
+            }
+        }
+        let exit =
+            exit.ok_or_else(|| RuntimeError::Unreachable("procd ended the exec without an exit".into()))?;
+        Ok(ExecResult {
+            exit_code: exit.exit_code,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            stdout_truncated: exit.stdout_truncated,
+            stderr_truncated: exit.stderr_truncated,
+            duration_ms: exit.duration_ms,
+            timed_out: exit.timed_out,
+        })
+    }
+
+    async fn probe(&self, handle: &RuntimeHandle, kind: ProbeKind) -> Result<ProbeResult, RuntimeError> {
+        let mut client = self.client(handle)?;
+        let msg = proto::ProbeRequest { kind: convert::kind_to_proto(kind).into() };
+        let r = client.probe(msg).await.map_err(unreachable)?;
+        Ok(convert::probe_result_from_proto(r.into_inner()))
+    }
+
+    async fn watch_readiness(
+        &self,
+        handle: &RuntimeHandle,
+    ) -> Result<BoxStream<'static, ProbeStatus>, RuntimeError> {
+        let mut client = self.client(handle)?;
+        let msg = proto::ProbeRequest { kind: convert::kind_to_proto(ProbeKind::Readiness).into() };
+        let stream = client.watch_probe(msg).await.map_err(unreachable)?.into_inner();
+        Ok(stream
+            .take_while(|r| std::future::ready(r.is_ok()))
+            .filter_map(|r| std::future::ready(r.ok().map(|r| convert::probe_result_from_proto(r).status)))
+            .boxed())
+    }
+
+    async fn pause(&self, handle: &RuntimeHandle, paused: bool) -> Result<(), RuntimeError> {
+        let mut client = self.client(handle)?;
+        client.pause(self.authorized(handle, proto::PauseRequest { paused })).await.map_err(unreachable)?;
+        Ok(())
+    }
+
+    fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine> {
+        self.log_tail(handle, 1 << 20)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<LogLine>(l).ok())
+            .collect()
+    }
+
+    fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String {
+        let data = std::fs::read(Path::new(&handle.dir).join("procd.log")).unwrap_or_default();
+        let start = data.len().saturating_sub(bytes);
+        let text = String::from_utf8_lossy(&data[start..]).into_owned();
+        // Start at a whole line.
+        match (start > 0, text.find('\n')) {
+            (true, Some(i)) => text[i + 1..].to_string(),
+            _ => text,
+        }
+    }
+
+    fn is_alive(&self, handle: &RuntimeHandle) -> bool {
+        handle_alive(handle)
+    }
+
+    fn adopt(&self, _id: &str, handle: &RuntimeHandle) -> bool {
+        if !self.is_alive(handle) {
+            return false;
+        }
+        self.watch_exit(handle.clone());
+        true
+    }
+
+    fn list_sandboxes(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.data_dir.join("sandboxes"))
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        // A container can outlive its directory (a crash mid-removal); runc's state root is this data dir's own.
+        for id in self.runc.list().into_iter().filter(|id| id.starts_with("sbx_")) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    fn free_capacity(&self, running: usize) -> usize {
+        self.max_sandboxes.saturating_sub(running)
+    }
+}
+
+/// A command that cannot start is the caller's mistake, named by the field procd reports.
+fn exec_error(status: tonic::Status) -> RuntimeError {
+    let field = status.metadata().get(convert::FIELD_METADATA).and_then(|v| v.to_str().ok());
+    match (status.code(), field) {
+        (tonic::Code::InvalidArgument, Some("cwd")) => {
+            RuntimeError::Invalid { field: "cwd", message: status.message().to_string() }
+        }
+        (tonic::Code::InvalidArgument, Some(_)) => {
+            RuntimeError::Invalid { field: "command", message: status.message().to_string() }
+        }
+        _ => unreachable(status),
+    }
+}

@@ -1,0 +1,101 @@
+//! `runc`, the reference OCI runtime (Debian's `runc` package), driven through its command line with its state
+//! kept under the data dir (`--root`), so `runc list` names exactly this server's containers.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use super::super::RuntimeError;
+
+#[derive(Debug, Clone)]
+pub struct Runc {
+    pub root: PathBuf,
+}
+
+/// What `runc state` says of a container.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct State {
+    pub pid: u32,
+    pub status: String,
+}
+
+impl Runc {
+    fn command(&self) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("runc");
+        c.arg("--root").arg(&self.root).stdin(Stdio::null()).kill_on_drop(false);
+        c
+    }
+
+    /// Whether `runc` runs on this host.
+    pub fn available() -> bool {
+        std::process::Command::new("runc").arg("--version").output().is_ok_and(|o| o.status.success())
+    }
+
+    /// Creates and starts the container of `bundle` (its `config.json`); the container's stdout and stderr go to
+    /// `log`. Returns procd's pid as the host sees it.
+    pub async fn run(&self, id: &str, bundle: &Path, log: &Path) -> Result<u32, RuntimeError> {
+        let open = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map_err(RuntimeError::io(format!("opening {}", log.display())))
+        };
+        // The container inherits runc's stdout and stderr: both go to the log (a pipe would stay open as long as
+        // the container runs). runc's own error, if any, is the log's last line.
+        let before = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+        let status = self
+            .command()
+            .arg("create")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id)
+            .stdout(open()?)
+            .stderr(open()?)
+            .status()
+            .await
+            .map_err(RuntimeError::io("running runc create (is the runc package installed?)"))?;
+        if !status.success() {
+            let text = std::fs::read(log).unwrap_or_default();
+            let err = String::from_utf8_lossy(&text[(before as usize).min(text.len())..]).into_owned();
+            return Err(RuntimeError::Build(format!("runc create {id} failed: {}", err.trim())));
+        }
+        self.simple(&["start", id]).await?;
+        let state =
+            self.state(id).await.ok_or_else(|| RuntimeError::Exited(format!("container {id} is gone")))?;
+        Ok(state.pid)
+    }
+
+    async fn simple(&self, args: &[&str]) -> Result<(), RuntimeError> {
+        let out = self.command().args(args).output().await.map_err(RuntimeError::io("running runc"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(RuntimeError::Build(format!(
+                "runc {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    pub async fn state(&self, id: &str) -> Option<State> {
+        let out = self.command().args(["state", id]).output().await.ok()?;
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    pub async fn kill(&self, id: &str, signal: &str) {
+        let _ = self.simple(&["kill", id, signal]).await;
+    }
+
+    /// Kills whatever is left and forgets the container (idempotent).
+    pub async fn delete(&self, id: &str) {
+        let _ = self.simple(&["delete", "--force", id]).await;
+    }
+
+    /// Ids of this server's containers.
+    pub fn list(&self) -> Vec<String> {
+        std::fs::read_dir(&self.root)
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+}
