@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the local runtime and the builds need on a fresh Debian machine, when it is missing:
 # runc (runs every sandbox and build as an OCI container), the standard CNI plugins (sandbox networking),
-# iproute2 (network namespaces), and protoc (the Terraform provider's build). Safe to run again.
+# iproute2 (network namespaces), umoci and skopeo (template images), busybox-static (the tests' tiny image) and
+# protoc (the Terraform provider's build). Safe to run again.
 set -euo pipefail
 
 missing=()
@@ -9,6 +10,9 @@ command -v runc >/dev/null || missing+=(runc)
 [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
+command -v umoci >/dev/null || missing+=(umoci)
+command -v skopeo >/dev/null || missing+=(skopeo)
+command -v busybox >/dev/null || missing+=(busybox-static)
 command -v protoc >/dev/null || [ -n "${PROTOC:-}" ] || missing+=(protobuf-compiler libprotobuf-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 

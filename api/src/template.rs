@@ -56,7 +56,7 @@ impl Resources {
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     pub name: String,
-    /// OCI image (used by the kubernetes runtime).
+    /// OCI image the sandboxes run on: a local OCI layout path (`/path/layout:tag`) or a registry reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default)]

@@ -360,7 +360,7 @@ impl App {
                 self.store.insert_sandbox(&sandbox_row)?;
                 let start = StartSpec {
                     sandbox_id: sandbox_row.sandbox.id.clone(),
-                    artifact: Some(self.runtime.artifact(&build.build.id)),
+                    build_id: Some(build.build.id.clone()),
                     spec,
                     envs: Default::default(),
                     cwd: None,

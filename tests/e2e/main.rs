@@ -3,6 +3,7 @@
 //! pass or fail.
 
 mod chaos;
+mod images;
 mod isolation;
 
 use std::path::Path;

@@ -14,7 +14,7 @@ use warmpool_api::{
 
 use super::lifecycle::{runtime_error, StartError, StopCause};
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
-use crate::runtime::{RuntimeError, StartSpec};
+use crate::runtime::{RuntimeError, StartSpec, Volume};
 use crate::store::{BuildRow, ClaimUpdate, Lifecycle, PoolRow, RuntimeHandle, SandboxRow, TemplateRow};
 
 /// Longest `warm_pool_wait_ms` accepted.
@@ -284,11 +284,15 @@ impl App {
             .volumes
             .iter()
             .flatten()
-            .map(|v| (self.runtime.volume_dir(&caller.account_id, &v.name), v.mount_path.clone()))
+            .map(|v| Volume {
+                account_id: caller.account_id.clone(),
+                name: v.name.clone(),
+                mount_path: v.mount_path.clone(),
+            })
             .collect();
         let spec = StartSpec {
             sandbox_id: row.sandbox.id.clone(),
-            artifact: Some(self.runtime.artifact(&plan.build.build.id)),
+            build_id: Some(plan.build.build.id.clone()),
             spec: plan.build.spec.clone(),
             envs: req.envs.clone().unwrap_or_default(),
             cwd: req.cwd.clone(),

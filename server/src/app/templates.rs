@@ -152,19 +152,19 @@ impl App {
         spec: &TemplateSpec,
         log: &std::path::Path,
     ) -> Result<(), String> {
-        let root = self.runtime.run_build_steps(id, spec, log).await.map_err(|e| e.to_string())?;
+        self.runtime.run_build_steps(id, spec, log).await.map_err(|e| e.to_string())?;
         if spec.start_cmd.is_some() || !spec.warm_processes.is_empty() {
             append(log, "==> checking the start contract (start_cmd until readiness passes)\n");
             let start = StartSpec {
                 sandbox_id: id.to_string(),
-                artifact: None,
+                build_id: None,
                 spec: spec.clone(),
                 envs: Default::default(),
                 cwd: None,
                 volumes: Vec::new(),
                 network: Default::default(),
             };
-            let handle = self.runtime.start_in(id, root.clone(), start).await.map_err(|e| e.to_string())?;
+            let handle = self.runtime.start_build(start).await.map_err(|e| e.to_string())?;
             let ready = self.runtime.wait_ready(&handle, start_timeout(spec)).await;
             let output = self.runtime.log_tail(&handle, 64 * 1024);
             self.runtime.stop_build(&handle).await;
@@ -172,7 +172,7 @@ impl App {
             ready.map_err(|e| format!("start contract failed: {e}"))?;
             append(log, "==> readiness passed\n");
         }
-        self.runtime.seal_artifact(id, root).await.map_err(|e| e.to_string())?;
+        self.runtime.seal_artifact(id).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 

@@ -4,13 +4,12 @@
 pub mod local;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
 use warmpool_api::{ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec};
 
-use crate::store::RuntimeHandle;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -53,16 +52,45 @@ impl RuntimeError {
 #[derive(Debug, Clone)]
 pub struct StartSpec {
     pub sandbox_id: String,
-    /// The build artifact copied into the sandbox (None: the directory is already populated, as in a build).
-    pub artifact: Option<PathBuf>,
+    /// The build whose artifact the sandbox starts from (None: a build's own start-contract check).
+    pub build_id: Option<String>,
     pub spec: TemplateSpec,
     /// Extra environment for start_cmd and warm processes (`envs`).
     pub envs: BTreeMap<String, String>,
     /// Working directory override (absolute inside the sandbox).
     pub cwd: Option<String>,
-    /// Named volume directories and where they appear inside the sandbox.
-    pub volumes: Vec<(PathBuf, String)>,
+    /// Named volumes of the sandbox's account and where they appear inside it.
+    pub volumes: Vec<Volume>,
     pub network: warmpool_api::NetworkMode,
+}
+
+/// A named volume: storage of an account that outlives sandboxes, mounted at `mount_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    pub account_id: String,
+    pub name: String,
+    pub mount_path: String,
+}
+
+/// How the runtime finds a sandbox's processes again (after a restart, too). Stored with the sandbox's row and
+/// meaningful to the runtime that made it only.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RuntimeHandle {
+    /// The sandbox (or build) id the runtime knows it by.
+    #[serde(default)]
+    pub id: String,
+    /// procd as seen from the server's pid namespace, and its start time (clock ticks since boot): together they
+    /// name the process even after its pid is reused.
+    pub procd_pid: Option<u32>,
+    #[serde(default)]
+    pub procd_started: Option<u64>,
+    /// The runtime's directory for the sandbox.
+    pub dir: String,
+    /// procd's Unix socket.
+    pub socket: String,
+    /// Whether procd runs warm processes (false for a template with no start_cmd and no warm processes).
+    #[serde(default)]
+    pub has_warm_processes: bool,
 }
 
 #[async_trait::async_trait]
@@ -70,25 +98,21 @@ pub trait Runtime: Send + Sync {
     fn name(&self) -> &'static str;
     /// What isolation this host gives sandboxes (namespaces, cgroups), for `/readyz`.
     fn details(&self) -> serde_json::Value;
-    /// Directory that holds named volumes.
-    fn volume_dir(&self, account_id: &str, name: &str) -> PathBuf;
-
-    /// Runs a template's build steps in a fresh directory, appending output to `log`; returns the directory.
+    /// Runs a template's build steps in the build's own workspace, appending their output to `log`.
     async fn run_build_steps(
         &self,
         build_id: &str,
         spec: &TemplateSpec,
         log: &std::path::Path,
-    ) -> Result<PathBuf, RuntimeError>;
-    /// Turns a build directory whose start contract passed into the build's artifact.
-    async fn seal_artifact(&self, build_id: &str, dir: PathBuf) -> Result<PathBuf, RuntimeError>;
-    fn artifact(&self, build_id: &str) -> PathBuf;
+    ) -> Result<(), RuntimeError>;
+    /// Starts procd in the build's workspace (the build's start-contract check).
+    async fn start_build(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError>;
+    /// Turns the build's workspace, whose start contract passed, into the build's artifact.
+    async fn seal_artifact(&self, build_id: &str) -> Result<(), RuntimeError>;
     async fn remove_artifact(&self, build_id: &str);
 
     /// Starts procd for a sandbox (does not wait for readiness).
     async fn start(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError>;
-    /// Starts procd in a build directory (a build's start-contract check).
-    async fn start_in(&self, id: &str, dir: PathBuf, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError>;
     /// Waits until readiness passes, procd exits, or `timeout`.
     async fn wait_ready(&self, handle: &RuntimeHandle, timeout: Duration) -> Result<(), RuntimeError>;
     /// Stops a build's start-contract run (procd and its cgroups); the build directory stays for sealing.

@@ -9,6 +9,8 @@ pub mod sqlite;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+
+pub use crate::runtime::RuntimeHandle;
 use serde::{Deserialize, Serialize};
 use warmpool_api::{
     Account, Build, Lease, Sandbox, Template, TemplateSpec, TimeoutPolicy, WarmPool, WarmPoolCheckout,
@@ -173,26 +175,6 @@ impl Lifecycle {
             Lifecycle::Failed => SandboxState::Failed,
         }
     }
-}
-
-/// How the runtime finds a sandbox's processes again (after a restart, too).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct RuntimeHandle {
-    /// The sandbox (or build) id the runtime knows it by.
-    #[serde(default)]
-    pub id: String,
-    /// procd as seen from the server's pid namespace, and its start time (clock ticks since boot): together they
-    /// name the process even after its pid is reused.
-    pub procd_pid: Option<u32>,
-    #[serde(default)]
-    pub procd_started: Option<u64>,
-    /// The runtime's directory for the sandbox.
-    pub dir: String,
-    /// procd's Unix socket.
-    pub socket: String,
-    /// Whether procd runs warm processes (false for a template with no start_cmd and no warm processes).
-    #[serde(default)]
-    pub has_warm_processes: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -7,18 +7,25 @@ use std::path::{Path, PathBuf};
 use super::super::RuntimeError;
 use super::oci::{CONFIG_DIR, HOST_SYSTEM_DIRS, PROCD_BIN, RUN_DIR};
 
-/// The base layer used without an image: empty mount points for the host's system directories and procd's files,
+/// Empty mount points for procd's files and the workspace (the layer laid over an image).
+pub fn mount_points(dir: &Path) -> Result<(), RuntimeError> {
+    let io = |what: &str| RuntimeError::io(format!("preparing the base layer ({what})"));
+    let procd_dir = PROCD_BIN.rsplit_once('/').map(|(d, _)| d).unwrap_or("/procd");
+    for d in ["/workspace", procd_dir, CONFIG_DIR, RUN_DIR] {
+        std::fs::create_dir_all(dir.join(d.trim_start_matches('/'))).map_err(io(d))?;
+    }
+    std::fs::write(dir.join(PROCD_BIN.trim_start_matches('/')), b"").map_err(io("procd mount point"))
+}
+
+/// The base layer used without an image: the mount points, empty directories for the host's system directories
 /// and the host's merged-`/usr` symlinks (`/bin -> usr/bin`). Returns the host directories to bind read-only.
 pub fn host_base(dir: &Path) -> Result<Vec<String>, RuntimeError> {
     let io = |what: &str| RuntimeError::io(format!("preparing the base layer ({what})"));
-    let mut binds = Vec::new();
-    for d in ["proc", "dev", "sys", "tmp", "workspace", "root"].iter().map(|d| format!("/{d}")).chain(
-        [PROCD_BIN.rsplit_once('/').map(|(d, _)| d).unwrap_or("/procd"), CONFIG_DIR, RUN_DIR]
-            .map(String::from),
-    ) {
-        std::fs::create_dir_all(dir.join(d.trim_start_matches('/'))).map_err(io(&d))?;
+    mount_points(dir)?;
+    for d in ["proc", "dev", "sys", "tmp", "root"] {
+        std::fs::create_dir_all(dir.join(d)).map_err(io(d))?;
     }
-    std::fs::write(dir.join(PROCD_BIN.trim_start_matches('/')), b"").map_err(io("procd mount point"))?;
+    let mut binds = Vec::new();
     for host in HOST_SYSTEM_DIRS {
         let inside = dir.join(host.trim_start_matches('/'));
         match std::fs::read_link(host) {
@@ -84,5 +91,57 @@ pub fn unmount(target: &Path) {
         if libc::umount2(path.as_ptr(), 0) != 0 {
             libc::umount2(path.as_ptr(), libc::MNT_DETACH);
         }
+    }
+}
+
+/// Where an image is unpacked: a local OCI image layout (`/path/to/layout` or `/path/to/layout:tag`, default tag
+/// `latest`), or a registry reference (`python:3.12-slim`, `ghcr.io/org/img:tag`) copied once with `skopeo`. Both
+/// are unpacked with `umoci` into `<cache>/<sha256 of the reference>/rootfs` and reused by every later build and
+/// sandbox. Returns the unpacked root filesystem.
+pub async fn image_rootfs(cache: &Path, image: &str) -> Result<PathBuf, RuntimeError> {
+    use sha2::Digest;
+    let key = hex::encode(sha2::Sha256::digest(image.as_bytes()));
+    let dir = cache.join(&key);
+    let rootfs = dir.join("rootfs");
+    if rootfs.is_dir() {
+        return Ok(rootfs);
+    }
+    let staging = cache.join(format!("{key}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(RuntimeError::io("creating the image cache"))?;
+    let layout = if image.starts_with('/') {
+        // A local layout: `path` or `path:tag` (a tag never contains '/').
+        match image.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')) {
+            Some((path, tag)) => format!("{path}:{tag}"),
+            None => format!("{image}:latest"),
+        }
+    } else {
+        let copied = staging.join("layout");
+        tool("skopeo", &["copy", &format!("docker://{image}"), &format!("oci:{}:image", copied.display())])
+            .await?;
+        format!("{}:image", copied.display())
+    };
+    let bundle = staging.join("bundle");
+    tool("umoci", &["unpack", "--image", &layout, &bundle.display().to_string()]).await?;
+    std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the image cache"))?;
+    std::fs::rename(bundle.join("rootfs"), &rootfs).map_err(RuntimeError::io("caching the image"))?;
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(rootfs)
+}
+
+async fn tool(program: &str, args: &[&str]) -> Result<(), RuntimeError> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(RuntimeError::io(format!("running {program} (Debian: apt-get install {program})")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RuntimeError::Build(format!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
     }
 }

@@ -35,9 +35,8 @@ use warmpool_procd::convert;
 use warmpool_procd::proto::procd_client::ProcdClient;
 use warmpool_procd::proto::{self, exec_event};
 
-use super::{Runtime, RuntimeError, StartSpec};
+use super::{Runtime, RuntimeError, RuntimeHandle, StartSpec};
 use crate::secrets::Secrets;
-use crate::store::RuntimeHandle;
 use layers::Overlay;
 use net::Cni;
 use oci::{ContainerSpec, Network};
@@ -62,6 +61,10 @@ pub struct LocalRuntime {
     /// The base layer without an image, and the host directories bound read-only over it.
     base: PathBuf,
     host_dirs: Vec<String>,
+    /// Mount points only (procd's files, `/workspace`), laid over an image.
+    base_mounts: PathBuf,
+    /// Serializes image unpacking (each image is unpacked once).
+    images: tokio::sync::Mutex<()>,
 }
 
 impl LocalRuntime {
@@ -88,6 +91,8 @@ impl LocalRuntime {
         }
         let base = data_dir.join("base").join("host");
         let host_dirs = layers::host_base(&base)?;
+        let base_mounts = data_dir.join("base").join("mounts");
+        layers::mount_points(&base_mounts)?;
         sweep_stale_cgroups();
         Ok(Arc::new(LocalRuntime {
             runc: Runc { root: data_dir.join("runc") },
@@ -100,6 +105,8 @@ impl LocalRuntime {
             secrets,
             base,
             host_dirs,
+            base_mounts,
+            images: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -114,6 +121,11 @@ impl LocalRuntime {
 
     fn build_dir(&self, id: &str) -> PathBuf {
         self.data_dir.join("builds").join(id)
+    }
+
+    /// A build's artifact: the upper layer of its build container.
+    fn artifact(&self, build_id: &str) -> PathBuf {
+        self.data_dir.join("artifacts").join(build_id)
     }
 
     fn client(&self, handle: &RuntimeHandle) -> Result<ProcdClient<Channel>, RuntimeError> {
@@ -164,18 +176,32 @@ impl LocalRuntime {
         processes
     }
 
-    /// Mounts the container's root filesystem (`lower` under `bundle/upper`), writes procd's config and the OCI
+    /// The lower layers below a container's own: the build's artifact (if any), then the template's image or, without
+    /// one, the host base; and the host directories to bind (none with an image).
+    async fn layers(&self, spec: &StartSpec) -> Result<(Vec<PathBuf>, Vec<String>), RuntimeError> {
+        let artifact = spec.build_id.iter().map(|b| self.artifact(b));
+        Ok(match &spec.spec.image {
+            Some(image) => {
+                let _unpacking = self.images.lock().await;
+                let rootfs = layers::image_rootfs(&self.data_dir.join("images"), image).await?;
+                (artifact.chain([self.base_mounts.clone(), rootfs]).collect(), Vec::new())
+            }
+            None => (artifact.chain([self.base.clone()]).collect(), self.host_dirs.clone()),
+        })
+    }
+
+    /// Mounts the container's root filesystem (its layers under `bundle/upper`), writes procd's config and the OCI
     /// spec, wires the network, and starts the container. `processes` false starts procd with no warm process (a
     /// build's steps run through exec).
     async fn launch(
         &self,
         id: &str,
         bundle: &Path,
-        lower: Vec<PathBuf>,
         spec: &StartSpec,
         processes: bool,
     ) -> Result<RuntimeHandle, RuntimeError> {
         let io = |what: &str| RuntimeError::io(format!("{what} for {id}"));
+        let (lower, host_dirs) = self.layers(spec).await?;
         let rootfs = bundle.join("rootfs");
         Overlay { lower, upper: bundle.join("upper"), work: bundle.join("work"), target: rootfs.clone() }
             .mount()?;
@@ -197,7 +223,12 @@ impl LocalRuntime {
             "warm_processes": warm,
         });
         write_private(&config_dir.join("procd.json"), &procd_config.to_string())?;
-        for (host, _) in &spec.volumes {
+        let volumes: Vec<(PathBuf, String)> = spec
+            .volumes
+            .iter()
+            .map(|v| (self.data_dir.join("volumes").join(&v.account_id).join(&v.name), v.mount_path.clone()))
+            .collect();
+        for (host, _) in &volumes {
             std::fs::create_dir_all(host).map_err(io("creating a volume"))?;
         }
         let network = match spec.network {
@@ -218,8 +249,8 @@ impl LocalRuntime {
             procd_bin: &self.procd_bin,
             config_dir: &config_dir,
             run_dir: &run_dir,
-            host_dirs: self.host_dirs.clone(),
-            volumes: &spec.volumes,
+            host_dirs,
+            volumes: &volumes,
             network,
             resources: &t.resources,
             cwd: &cwd,
@@ -393,16 +424,12 @@ impl Runtime for LocalRuntime {
         })
     }
 
-    fn volume_dir(&self, account_id: &str, name: &str) -> PathBuf {
-        self.data_dir.join("volumes").join(account_id).join(name)
-    }
-
     async fn run_build_steps(
         &self,
         build_id: &str,
         spec: &TemplateSpec,
         log: &Path,
-    ) -> Result<PathBuf, RuntimeError> {
+    ) -> Result<(), RuntimeError> {
         use std::io::Write;
         let dir = self.build_dir(build_id);
         self.teardown(build_id, &dir, None).await;
@@ -415,14 +442,14 @@ impl Runtime for LocalRuntime {
             .map_err(RuntimeError::io("opening the build log"))?;
         let start = StartSpec {
             sandbox_id: build_id.to_string(),
-            artifact: None,
+            build_id: None,
             spec: spec.clone(),
             envs: Default::default(),
             cwd: None,
             volumes: Vec::new(),
             network: NetworkMode::Isolated,
         };
-        let handle = self.launch(build_id, &dir, vec![self.base.clone()], &start, false).await?;
+        let handle = self.launch(build_id, &dir, &start, false).await?;
         let mut env = spec.build.env.clone();
         env.insert("WARMPOOL_BUILD_ID".into(), build_id.into());
         env.insert("WARMPOOL_SANDBOX_ID".into(), build_id.into());
@@ -450,21 +477,23 @@ impl Runtime for LocalRuntime {
         }
         .await;
         self.teardown(build_id, &dir, Some(&handle)).await;
-        result.map(|()| dir)
+        result
     }
 
-    async fn seal_artifact(&self, build_id: &str, dir: PathBuf) -> Result<PathBuf, RuntimeError> {
+    async fn start_build(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
+        let dir = self.build_dir(&spec.sandbox_id);
+        self.launch(&spec.sandbox_id, &dir, &spec, true).await
+    }
+
+    async fn seal_artifact(&self, build_id: &str) -> Result<(), RuntimeError> {
+        let dir = self.build_dir(build_id);
         let artifact = self.artifact(build_id);
         std::fs::create_dir_all(artifact.parent().expect("artifacts dir"))
             .map_err(RuntimeError::io("artifacts dir"))?;
         let _ = std::fs::remove_dir_all(&artifact);
         std::fs::rename(dir.join("upper"), &artifact).map_err(RuntimeError::io("sealing the artifact"))?;
         let _ = std::fs::remove_dir_all(&dir);
-        Ok(artifact)
-    }
-
-    fn artifact(&self, build_id: &str) -> PathBuf {
-        self.data_dir.join("artifacts").join(build_id)
+        Ok(())
     }
 
     async fn remove_artifact(&self, build_id: &str) {
@@ -478,12 +507,7 @@ impl Runtime for LocalRuntime {
         let id = spec.sandbox_id.clone();
         let dir = self.sandbox_dir(&id);
         std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the sandbox directory"))?;
-        let lower = spec.artifact.iter().cloned().chain([self.base.clone()]).collect();
-        self.launch(&id, &dir, lower, &spec, true).await
-    }
-
-    async fn start_in(&self, id: &str, dir: PathBuf, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
-        self.launch(id, &dir, vec![self.base.clone()], &spec, true).await
+        self.launch(&id, &dir, &spec, true).await
     }
 
     async fn wait_ready(&self, handle: &RuntimeHandle, timeout: Duration) -> Result<(), RuntimeError> {

@@ -43,11 +43,14 @@ impl Runc {
         // The container inherits runc's stdout and stderr: both go to the log (a pipe would stay open as long as
         // the container runs). runc's own error, if any, is the log's last line.
         let before = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
+        let pid_file = bundle.join("procd.pid");
         let status = self
             .command()
             .arg("create")
             .arg("--bundle")
             .arg(bundle)
+            .arg("--pid-file")
+            .arg(&pid_file)
             .arg(id)
             .stdout(open()?)
             .stderr(open()?)
@@ -59,10 +62,12 @@ impl Runc {
             let err = String::from_utf8_lossy(&text[(before as usize).min(text.len())..]).into_owned();
             return Err(RuntimeError::Build(format!("runc create {id} failed: {}", err.trim())));
         }
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| RuntimeError::Exited(format!("runc wrote no pid for container {id}")))?;
         self.simple(&["start", id]).await?;
-        let state =
-            self.state(id).await.ok_or_else(|| RuntimeError::Exited(format!("container {id} is gone")))?;
-        Ok(state.pid)
+        Ok(pid)
     }
 
     async fn simple(&self, args: &[&str]) -> Result<(), RuntimeError> {
