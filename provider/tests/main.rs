@@ -121,7 +121,7 @@ async fn quickstart_lifecycle_drift_import_and_destroy() {
     // A spec change: a new build, the tag moves, the pool rolls to a new generation.
     server.ok(
         &dir,
-        &["apply", "-auto-approve", "-var", "start_cmd=echo v2 > v; touch ready.flag; exec sleep infinity"],
+        &["apply", "-auto-approve", "-var", "start_cmd=echo v2 > v; touch /tmp/started; exec sleep infinity"],
     );
     let tags = server.client.list_tags("api").await.unwrap();
     assert_ne!(tags[0].build_id, first_build, "the tag moved to the new build");
@@ -129,7 +129,7 @@ async fn quickstart_lifecycle_drift_import_and_destroy() {
         server.client.pool_status(&pool.id).await.unwrap().rollout_generation >= 2
     })
     .await;
-    let v2 = ["-var", "start_cmd=echo v2 > v; touch ready.flag; exec sleep infinity"];
+    let v2 = ["-var", "start_cmd=echo v2 > v; touch /tmp/started; exec sleep infinity"];
 
     // enabled = false disables the pool.
     let mut args = vec!["apply", "-auto-approve", "-var", "pool_enabled=false"];

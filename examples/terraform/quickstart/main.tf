@@ -10,7 +10,7 @@ terraform {
 
 variable "start_cmd" {
   type    = string
-  default = "touch ready.flag; exec sleep infinity"
+  default = "touch /tmp/started; exec sleep infinity"
 }
 
 variable "pool_enabled" {
@@ -30,7 +30,7 @@ resource "warmpool_template" "api" {
   start_cmd   = var.start_cmd
   readiness {
     exec {
-      command = ["test", "-f", "ready.flag"]
+      command = ["test", "-f", "/tmp/started"]
     }
     timeout_ms = 30000
   }
