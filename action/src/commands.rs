@@ -190,10 +190,7 @@ struct PoolReport {
 }
 
 fn degraded(s: &PoolStatus) -> Vec<String> {
-    s.degraded_reasons
-        .iter()
-        .filter_map(|r| serde_json::to_value(r).ok()?.as_str().map(String::from))
-        .collect()
+    s.degraded_reasons.iter().map(|r| r.as_str().to_string()).collect()
 }
 
 async fn resolve<W: Write>(
@@ -336,6 +333,10 @@ async fn wait_ready<W: Write>(
         if missing.is_empty() {
             break Ok(());
         }
+        // A pool that stopped filling for a reason waiting cannot clear fails the step now, not at the timeout.
+        if missing.iter().any(|(_, _, s)| s.stuck().is_some()) {
+            break Err(missing);
+        }
         if last_log.elapsed() >= Duration::from_secs(2) {
             for (name, want, s) in &missing {
                 r.info(&format!(
@@ -355,6 +356,17 @@ async fn wait_ready<W: Write>(
         Ok(()) => Ok(()),
         Err(missing) => {
             for (name, want, s) in &missing {
+                if let Some((reason, detail)) = s.stuck() {
+                    let reason = reason.as_str();
+                    r.error(
+                        &format!("Warm pool {name} stopped filling"),
+                        &format!(
+                            "warm pool {name}: {} of {want} ready; it stopped filling ({reason}): {detail}",
+                            s.ready
+                        ),
+                    );
+                    continue;
+                }
                 let reasons = degraded(s);
                 r.error(
                     &format!("Warm pool {name} not ready"),

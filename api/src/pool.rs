@@ -1,4 +1,4 @@
-//! Warm pools, their status and leases (DESIGN §2–3).
+//! Warm pools, their status and leases.
 
 use std::collections::BTreeMap;
 
@@ -269,4 +269,41 @@ pub struct LeaseRelease {
     pub remaining_leases: u32,
     /// Whether the pool was drained because this was its last lease.
     pub drained: bool,
+}
+
+impl DegradedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DegradedReason::NoEligibleHosts => "no_eligible_hosts",
+            DegradedReason::ArtifactNotReady => "artifact_not_ready",
+            DegradedReason::ArtifactPrewarmFailed => "artifact_prewarm_failed",
+            DegradedReason::QuotaExceeded => "quota_exceeded",
+            DegradedReason::TemplateBuildUnavailable => "template_build_unavailable",
+            DegradedReason::ControllerDisabled => "controller_disabled",
+            DegradedReason::DrainActive => "drain_active",
+        }
+    }
+
+    /// Whether waiting alone can clear it. `artifact_prewarm_failed` needs a `reconcile` or a spec change,
+    /// `template_build_unavailable` a new build, `controller_disabled` a server with its reconciler on, and
+    /// `drain_active` an `enable`; the others clear as builds finish, capacity frees up or quotas allow.
+    pub fn clears_by_waiting(self) -> bool {
+        !matches!(
+            self,
+            DegradedReason::ArtifactPrewarmFailed
+                | DegradedReason::TemplateBuildUnavailable
+                | DegradedReason::ControllerDisabled
+                | DegradedReason::DrainActive
+        )
+    }
+}
+
+impl PoolStatus {
+    /// The first reason this pool cannot fill by waiting, with what it last reported: a wait should stop at once
+    /// and say so.
+    pub fn stuck(&self) -> Option<(DegradedReason, String)> {
+        let reason = self.degraded_reasons.iter().copied().find(|r| !r.clears_by_waiting())?;
+        let detail = self.last_failure_logs.clone().or_else(|| self.last_error.clone()).unwrap_or_default();
+        Some((reason, detail))
+    }
 }

@@ -1,4 +1,4 @@
-//! Probes and warm processes (DESIGN §4): the specs a template carries and procd runs, their validation, and the
+//! Probes and warm processes: the specs a template carries and procd runs, their validation, and the
 //! aggregated probe result procd reports.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! Sandboxes, checkouts from warm pools, and exec (DESIGN §2–3).
+//! Sandboxes, checkouts from warm pools, and exec.
 
 use std::collections::BTreeMap;
 
@@ -118,7 +118,7 @@ pub struct SandboxCreate {
 }
 
 impl SandboxCreate {
-    /// The first field (in DESIGN order) that cannot be applied to an already-started sandbox.
+    /// The first field (in the documented order) that cannot be applied to an already-started sandbox.
     pub fn unpoolable_field(&self) -> Option<&'static str> {
         if self.envs.as_ref().is_some_and(|e| !e.is_empty()) {
             return Some("envs");

@@ -1,4 +1,4 @@
-//! Templates, builds and tags (DESIGN §2–3).
+//! Templates, builds and tags.
 
 use std::collections::BTreeMap;
 

@@ -24,6 +24,9 @@ pub enum Error {
     Endpoint(String),
     #[error("timed out after {0:?}: {1}")]
     Timeout(Duration, String),
+    /// A wait that cannot succeed: the pool stopped filling for a reason that waiting does not clear.
+    #[error("warm pool {pool} stopped filling ({reason}){}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    PoolStuck { pool: String, reason: String, detail: String },
 }
 
 impl Error {
@@ -282,6 +285,9 @@ impl Client {
             progress(&status);
             if status.ready >= n {
                 return Ok(status);
+            }
+            if let Some((reason, detail)) = status.stuck() {
+                return Err(Error::PoolStuck { pool: pool.into(), reason: reason.as_str().into(), detail });
             }
             if std::time::Instant::now() >= deadline {
                 return Err(Error::Timeout(

@@ -199,7 +199,7 @@ impl StreamName {
     }
 }
 
-/// One mirrored line, in the field order of DESIGN §4.
+/// One mirrored line, in the documented field order (`ts, process, alias, pid, stream, data, truncated`).
 #[derive(Debug, Serialize)]
 pub struct MirrorLine<'a> {
     pub ts: String,

@@ -228,7 +228,7 @@ async fn log_mirror_lines_are_exact_and_truncated_on_utf8_boundary() {
         .iter()
         .map(|k| first.find(&format!("\"{k}\":")).unwrap_or_else(|| panic!("{k} missing in {first}")))
         .collect();
-    assert!(positions.windows(2).all(|w| w[0] < w[1]), "field order of DESIGN §4: {first}");
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "documented field order: {first}");
     assert_eq!(lines[0]["data"], "héll", "5 bytes cut back to a character boundary");
     assert_eq!(lines[0]["truncated"], true);
     assert_eq!(lines[1]["data"], "short");

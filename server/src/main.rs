@@ -5,6 +5,8 @@ fn main() {
     let default_level =
         if matches!(cli.command, warmpool_server::cli::Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
+        // Colours only on a terminal: a log file keeps plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WARMPOOL_LOG")

@@ -59,6 +59,25 @@ async fn health_metrics_and_readyz_need_no_token() {
     assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
 }
 
+/// Unknown routes, methods a route does not take and path segments that do not decode answer in the error
+/// envelope, like every other error.
+#[tokio::test]
+async fn unknown_routes_methods_and_bad_paths_answer_in_the_envelope() {
+    let cp = TestControlPlane::start().await;
+    let token = admin(&cp);
+    for (method, path, status, code) in [
+        (reqwest::Method::GET, "/v1/nope", 404, "not_found"),
+        (reqwest::Method::GET, "/nope", 404, "not_found"),
+        (reqwest::Method::PATCH, "/healthz", 405, "invalid_request"),
+        (reqwest::Method::PUT, "/v1/templates", 405, "invalid_request"),
+        (reqwest::Method::GET, "/v1/sandboxes/%FF%FE", 400, "invalid_request"),
+    ] {
+        let (got, body) = raw(&cp.url, method.clone(), path, Some(&token), None).await;
+        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{method} {path}: {body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    }
+}
+
 #[tokio::test]
 async fn bad_input_names_the_field_and_writes_nothing() {
     let cp = TestControlPlane::start().await;

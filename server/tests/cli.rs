@@ -47,6 +47,10 @@ async fn quickstart_through_the_cli() {
     assert!(t["id"].as_str().unwrap().starts_with("tpl_"));
     let b = cli.json(&["template", "build", "api", "--tag", "stable", "--wait"]);
     assert_eq!(b["status"], "ready");
+    let builds = cli.json(&["template", "builds", "api"]);
+    assert_eq!(builds["items"][0]["id"], b["id"]);
+    let (code, out, _) = cli.run(&["template", "builds", "api"]);
+    assert!(code == 0 && out.contains("ready") && out.contains("stable"), "{out}");
     let s = cli.json(&["sandbox", "create", "--template", "api:stable"]);
     assert_eq!(s["state"], "running");
     let id = s["id"].as_str().unwrap().to_string();

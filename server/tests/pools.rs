@@ -315,6 +315,12 @@ async fn a_template_that_cannot_start_trips_artifact_prewarm_failed() {
         .await;
     assert!(s.failed >= 3);
     assert!(s.last_failure_logs.as_deref().unwrap_or("").contains("cannot start here"), "{s:?}");
+    // A wait stops at once, with the reason and the last failure's output, instead of running into its timeout.
+    let started = std::time::Instant::now();
+    let err = cp.client.wait_pool_ready(&pool.id, 2, Duration::from_secs(300), |_| {}).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("artifact_prewarm_failed") && text.contains("cannot start here"), "{text}");
     // Filling stops: the failure count stays put.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let later = cp.client.pool_status(&pool.id).await.unwrap();

@@ -149,6 +149,26 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
             return Ok(if failed { 1 } else { 0 });
         }
         TemplateCmd::Logs { build_id } => print!("{}", c.build_logs(&build_id).await?),
+        TemplateCmd::Builds { name } => {
+            let items = c.list_builds(&name).await?;
+            print(global, &List { items }, |l| {
+                table(
+                    &["ID", "STATUS", "TAGS", "CREATED", "ERROR"],
+                    l.items
+                        .iter()
+                        .map(|b| {
+                            vec![
+                                b.id.clone(),
+                                b.status.as_str().to_string(),
+                                b.tags.join(","),
+                                b.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                                b.error.clone().unwrap_or_default(),
+                            ]
+                        })
+                        .collect(),
+                )
+            });
+        }
     }
     Ok(0)
 }

@@ -80,6 +80,11 @@ pub enum TemplateCmd {
     Logs {
         build_id: String,
     },
+    /// List a template's builds, oldest first, with their status and tags.
+    Builds {
+        /// Template name or id.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -156,7 +156,52 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
 }
 
 pub fn router(app: Arc<App>) -> axum::Router {
-    handlers::routes().layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT)).with_state(app)
+    handlers::routes()
+        .fallback(unknown_route)
+        .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app)
+}
+
+async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::App(AppError::NotFound { kind: "route", id: format!("{method} {}", uri.path()) })
+}
+
+/// Every error leaves in the JSON envelope, also the ones axum answers by itself (a method a route does not take,
+/// a path segment that does not decode, a missing content type).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let allow = response.headers().get(axum::http::header::ALLOW).cloned();
+    let text = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let (code, message, details) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = allow.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let message = format!("this route does not take that method (allowed: {allowed})");
+            (ErrorCode::InvalidRequest, message, serde_json::json!({"field": "method", "allowed": allowed}))
+        }
+        StatusCode::NOT_FOUND => (ErrorCode::NotFound, "no such route".to_string(), serde_json::json!({})),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            ErrorCode::PayloadTooLarge,
+            format!("request body is larger than {BODY_LIMIT} bytes"),
+            serde_json::json!({}),
+        ),
+        s if s.is_client_error() => (ErrorCode::InvalidRequest, text, serde_json::json!({"field": "path"})),
+        _ => (ErrorCode::Internal, "internal error (see the server log)".to_string(), serde_json::json!({})),
+    };
+    let body = ErrorBody { error: ErrorDetail { code: code.as_str().into(), message, details } };
+    let mut response = (status, Json(body)).into_response();
+    if let Some(allow) = allow {
+        response.headers_mut().insert(axum::http::header::ALLOW, allow);
+    }
+    response
 }
 
 #[cfg(test)]
