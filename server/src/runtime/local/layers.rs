@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::super::RuntimeError;
 use super::oci::{CONFIG_DIR, HOST_SYSTEM_DIRS, PROCD_BIN, RUN_DIR};
+use super::run_tool;
 
 /// Empty mount points for procd's files and the workspace (the layer laid over an image).
 pub fn mount_points(dir: &Path) -> Result<(), RuntimeError> {
@@ -117,31 +118,17 @@ pub async fn image_rootfs(cache: &Path, image: &str) -> Result<PathBuf, RuntimeE
         }
     } else {
         let copied = staging.join("layout");
-        tool("skopeo", &["copy", &format!("docker://{image}"), &format!("oci:{}:image", copied.display())])
-            .await?;
+        run_tool(
+            "skopeo",
+            &["copy", &format!("docker://{image}"), &format!("oci:{}:image", copied.display())],
+        )
+        .await?;
         format!("{}:image", copied.display())
     };
     let bundle = staging.join("bundle");
-    tool("umoci", &["unpack", "--image", &layout, &bundle.display().to_string()]).await?;
+    run_tool("umoci", &["unpack", "--image", &layout, &bundle.display().to_string()]).await?;
     std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the image cache"))?;
     std::fs::rename(bundle.join("rootfs"), &rootfs).map_err(RuntimeError::io("caching the image"))?;
     let _ = std::fs::remove_dir_all(&staging);
     Ok(rootfs)
-}
-
-async fn tool(program: &str, args: &[&str]) -> Result<(), RuntimeError> {
-    let out = tokio::process::Command::new(program)
-        .args(args)
-        .output()
-        .await
-        .map_err(RuntimeError::io(format!("running {program} (Debian: apt-get install {program})")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(RuntimeError::Build(format!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
 }

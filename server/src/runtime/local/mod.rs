@@ -305,6 +305,24 @@ impl LocalRuntime {
     }
 }
 
+/// Runs a host tool to completion; a failure is an error carrying what the tool printed on stderr.
+async fn run_tool(program: &str, args: &[&str]) -> Result<(), RuntimeError> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(RuntimeError::io(format!(
+            "running {program} (is it installed? see scripts/host-deps.sh)"
+        )))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(RuntimeError::Build(format!("{program} {} failed: {}", args.join(" "), stderr.trim())))
+    }
+}
+
 /// procd's socket directory: `<bundle>/run`, or a short path under the temp dir where the bundle's path is too
 /// long for a Unix socket (107 bytes).
 fn run_dir(bundle: &Path, id: &str) -> PathBuf {

@@ -8,6 +8,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 
 use super::super::RuntimeError;
+use super::run_tool;
 
 const CNI_BIN: &str = "/usr/lib/cni";
 const BRIDGE: &str = "warmpool0";
@@ -75,7 +76,7 @@ impl Cni {
     /// Creates the sandbox's namespace and wires it (loopback up, `eth0` on the bridge).
     pub async fn add(&self, id: &str) -> Result<String, RuntimeError> {
         let _ = std::fs::create_dir_all(&self.state_dir);
-        ip(&["netns", "add", &netns_name(id)]).await?;
+        run_tool("ip", &["netns", "add", &netns_name(id)]).await?;
         self.plugin("loopback", "ADD", id, "lo").await?;
         self.plugin("bridge", "ADD", id, "eth0").await?;
         Ok(netns_path(id))
@@ -85,24 +86,7 @@ impl Cni {
     pub async fn remove(&self, id: &str) {
         if Path::new(&netns_path(id)).exists() {
             let _ = self.plugin("bridge", "DEL", id, "eth0").await;
-            let _ = ip(&["netns", "delete", &netns_name(id)]).await;
+            let _ = run_tool("ip", &["netns", "delete", &netns_name(id)]).await;
         }
-    }
-}
-
-async fn ip(args: &[&str]) -> Result<(), RuntimeError> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .map_err(RuntimeError::io("running ip"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(RuntimeError::Build(format!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
     }
 }

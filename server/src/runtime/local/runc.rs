@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use super::super::RuntimeError;
+use super::run_tool;
 
 #[derive(Debug, Clone)]
 pub struct Runc {
@@ -71,16 +72,8 @@ impl Runc {
     }
 
     async fn simple(&self, args: &[&str]) -> Result<(), RuntimeError> {
-        let out = self.command().args(args).output().await.map_err(RuntimeError::io("running runc"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(RuntimeError::Build(format!(
-                "runc {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
-        }
+        let root = self.root.display().to_string();
+        run_tool("runc", &[&["--root", root.as_str()], args].concat()).await
     }
 
     pub async fn state(&self, id: &str) -> Option<State> {
