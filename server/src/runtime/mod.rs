@@ -20,8 +20,9 @@ pub enum RuntimeError {
     NotReady(String),
     #[error("procd exited while starting: {0}")]
     Exited(String),
+    /// A step of the runtime failed (a build step, runc, the network setup); the message says which.
     #[error("{0}")]
-    Build(String),
+    Failed(String),
     #[error("procd is unreachable: {0}")]
     Unreachable(String),
     #[error("no capacity left on this host ({0} sandboxes)")]

@@ -79,13 +79,13 @@ impl LocalRuntime {
     ) -> Result<Arc<LocalRuntime>, RuntimeError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            return Err(RuntimeError::Build(
+            return Err(RuntimeError::Failed(
                 "the local runtime runs sandboxes as OCI containers and needs root (run warmpool serve as root)"
                     .into(),
             ));
         }
         if !Runc::available() {
-            return Err(RuntimeError::Build(
+            return Err(RuntimeError::Failed(
                 "the local runtime needs runc: install it (Debian: apt-get install runc)".into(),
             ));
         }
@@ -236,7 +236,7 @@ impl LocalRuntime {
             NetworkMode::None => Network::Loopback,
             NetworkMode::Isolated if Cni::available() => Network::Namespace(self.cni.add(id).await?),
             NetworkMode::Isolated => {
-                return Err(RuntimeError::Build(
+                return Err(RuntimeError::Failed(
                     "network mode isolated needs the CNI plugins (Debian: apt-get install \
                      containernetworking-plugins)"
                         .into(),
@@ -319,7 +319,7 @@ async fn run_tool(program: &str, args: &[&str]) -> Result<(), RuntimeError> {
         Ok(())
     } else {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(RuntimeError::Build(format!("{program} {} failed: {}", args.join(" "), stderr.trim())))
+        Err(RuntimeError::Failed(format!("{program} {} failed: {}", args.join(" "), stderr.trim())))
     }
 }
 
@@ -484,7 +484,7 @@ impl Runtime for LocalRuntime {
                 let _ = log_file.write_all(r.stdout.as_bytes());
                 let _ = log_file.write_all(r.stderr.as_bytes());
                 if r.exit_code != 0 {
-                    return Err(RuntimeError::Build(format!(
+                    return Err(RuntimeError::Failed(format!(
                         "build step {} ({step:?}) exited with code {}",
                         i + 1,
                         r.exit_code

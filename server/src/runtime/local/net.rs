@@ -65,7 +65,7 @@ impl Cni {
         if out.status.success() {
             Ok(())
         } else {
-            Err(RuntimeError::Build(format!(
+            Err(RuntimeError::Failed(format!(
                 "CNI {plugin} {command} failed: {}{}",
                 String::from_utf8_lossy(&out.stdout).trim(),
                 String::from_utf8_lossy(&out.stderr).trim()

@@ -61,7 +61,7 @@ impl Runc {
         if !status.success() {
             let text = std::fs::read(log).unwrap_or_default();
             let err = String::from_utf8_lossy(&text[(before as usize).min(text.len())..]).into_owned();
-            return Err(RuntimeError::Build(format!("runc create {id} failed: {}", err.trim())));
+            return Err(RuntimeError::Failed(format!("runc create {id} failed: {}", err.trim())));
         }
         let pid = std::fs::read_to_string(&pid_file)
             .ok()
