@@ -117,16 +117,35 @@ impl Provider for WarmpoolProvider {
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
         let token =
             known(&config.token).or_else(|| std::env::var("WARMPOOL_TOKEN").ok().filter(|t| !t.is_empty()));
-        match warmpool_client::Client::new(&endpoint, token) {
-            Ok(c) => {
-                *self.shared.0.write().expect("client lock") = Some(c);
-                Some(())
-            }
+        let c = match warmpool_client::Client::new(&endpoint, token) {
+            Ok(c) => c,
             Err(e) => {
                 diags.error("Invalid endpoint", e.to_string(), tf_provider::AttributePath::new("endpoint"));
-                None
+                return None;
+            }
+        };
+        // Plan reads the server too: a wrong token or an unreachable server fails here, at plan, not at apply.
+        match c.list_templates().await {
+            Ok(_) => {}
+            Err(warmpool_client::Error::Api { status: 401, message, .. }) => {
+                diags.error(
+                    "The Warmpool server refused the token",
+                    format!("{endpoint} answered: {message}. Set the provider's token (or WARMPOOL_TOKEN)."),
+                    tf_provider::AttributePath::new("token"),
+                );
+                return None;
+            }
+            Err(e) => {
+                diags.error(
+                    "Cannot reach the Warmpool server",
+                    format!("{endpoint}: {e}. Set the provider's endpoint (or WARMPOOL_ENDPOINT)."),
+                    tf_provider::AttributePath::new("endpoint"),
+                );
+                return None;
             }
         }
+        *self.shared.0.write().expect("client lock") = Some(c);
+        Some(())
     }
 
     fn get_resources(&self, _diags: &mut Diagnostics) -> Option<HashMap<String, Box<dyn DynamicResource>>> {

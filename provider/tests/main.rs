@@ -236,6 +236,17 @@ async fn bad_config_fails_at_plan_naming_the_attribute() {
     assert_eq!(code, 1);
     assert!(err.contains("warm_processes[0].command") && err.contains("main.tf line 13"), "{err}");
 
+    // A refused token or an unreachable server fails plan, naming the attribute.
+    let pool = "resource \"warmpool_warm_pool\" \"p\" {\n  name = \"p\"\n  template = \"api:stable\"\n  min_ready = 1\n  max_ready = 1\n}\n";
+    write(&format!("provider \"warmpool\" {{\n  token = \"wrong\"\n}}\n{pool}"));
+    let (code, _, err) = server.tf(&dir, &["plan"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("refused the token") && err.contains("token"), "{err}");
+    write(&format!("provider \"warmpool\" {{\n  endpoint = \"http://127.0.0.1:1\"\n}}\n{pool}"));
+    let (code, _, err) = server.tf(&dir, &["plan"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("Cannot reach the Warmpool server") && err.contains("127.0.0.1:1"), "{err}");
+
     // Values from other resources are unknown at plan time: no false errors.
     write(concat!(
         "resource \"warmpool_template\" \"t\" {\n  name = \"t\"\n  start_cmd = \"sleep 1\"\n}\n",
