@@ -29,6 +29,7 @@ pub struct CheckoutArgs {
     /// Cold creates to measure (one at a time).
     #[arg(long, default_value_t = 3)]
     pub cold: u32,
+    /// How long filling the pool may take (`5m`).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }

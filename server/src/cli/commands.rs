@@ -116,7 +116,20 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
         TemplateCmd::Get { reference } => {
             let name = TemplateRef::parse("reference", &reference)?.name().to_string();
             let t = c.get_template(&name).await?;
-            print(global, &t, |t| serde_json::to_string_pretty(t).expect("json"));
+            print(global, &t, |t| {
+                let mut rows = vec![
+                    ("id", t.id.clone()),
+                    ("name", t.name.clone()),
+                    ("image", t.image.clone().unwrap_or_else(|| "(host base)".into())),
+                    ("build steps", t.build.steps.len().to_string()),
+                    ("start_cmd", t.start_cmd.clone().unwrap_or_default()),
+                    ("cwd", t.cwd.clone().unwrap_or_else(|| "/workspace".into())),
+                    ("warm processes", t.warm_processes.len().to_string()),
+                    ("created", t.created_at.format("%Y-%m-%d %H:%M:%S").to_string()),
+                ];
+                rows.retain(|(_, v)| !v.is_empty());
+                rows.iter().map(|(k, v)| format!("{k:<16}{v}")).collect::<Vec<_>>().join("\n")
+            });
         }
         TemplateCmd::Delete { reference } => {
             c.delete_template(&reference).await?;
@@ -195,7 +208,7 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
             version_policy,
             track_tag,
             checkout_policy,
-            idle_timeout_seconds,
+            idle_timeout,
         } => {
             let spec = WarmPoolSpec {
                 name,
@@ -214,7 +227,7 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
                     .map(|m| m.parse())
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
-                idle_timeout_seconds,
+                idle_timeout_seconds: idle_timeout.map(|d| d.as_secs()),
                 ..Default::default()
             };
             let p = c.create_pool(&spec).await?;
@@ -323,7 +336,7 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
                 template,
                 warm_pool,
                 warm_pool_mode: warm_pool_mode.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?,
-                warm_pool_wait_ms: warm_pool_wait,
+                warm_pool_wait_ms: warm_pool_wait.map(|d| d.as_millis() as u64),
                 ..Default::default()
             };
             let bar = spinner(global, "creating sandbox".into());

@@ -55,29 +55,39 @@ pub enum Command {
 pub enum TemplateCmd {
     /// Create a template from a JSON spec.
     Create {
+        /// The template spec (JSON; the fields of `POST /v1/templates`).
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+    /// List the templates of the token's account.
     List,
+    /// Show a template.
     Get {
+        /// `name`, `name:tag`, `name@bld_…` or the template's id.
         reference: String,
     },
+    /// Delete a template with its builds and tags.
     Delete {
+        /// Template name or id.
         reference: String,
     },
     /// Build a template; tags move to the build when it is ready.
     Build {
+        /// Template name or id.
         name: String,
+        /// Tag to move to the build once it is ready (repeatable).
         #[arg(long = "tag")]
         tags: Vec<String>,
         /// Wait until the build is ready or failed.
         #[arg(long)]
         wait: bool,
+        /// How long `--wait` waits (`30s`, `10m`).
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Print a build's log.
     Logs {
+        /// The build's id (`bld_…`).
         build_id: String,
     },
     /// List a template's builds, oldest first, with their status and tags.
@@ -87,78 +97,125 @@ pub enum TemplateCmd {
     },
 }
 
+/// A duration: `500ms`, `30s`, `10m`; a bare number is milliseconds.
+fn millis(text: &str) -> Result<std::time::Duration, String> {
+    match text.parse::<u64>() {
+        Ok(ms) => Ok(std::time::Duration::from_millis(ms)),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    }
+}
+
 #[derive(Subcommand)]
 pub enum PoolCmd {
+    /// Create a warm pool.
     Create {
+        /// Pool name (unique in the account).
         #[arg(long)]
         name: String,
+        /// Template ref: `name`, `name:tag` or `name@bld_…`.
         #[arg(long)]
         template: String,
+        /// Ready sandboxes kept at all times.
         #[arg(long)]
         min_ready: u32,
+        /// Upper bound of the target, leases included.
         #[arg(long)]
         max_ready: u32,
+        /// `track_tag` follows a tag as it moves; `pinned_build` keeps one build (default: `track_tag` when the ref
+        /// names a tag).
         #[arg(long, value_parser = ["pinned_build", "track_tag"])]
         version_policy: Option<String>,
+        /// The tag a `track_tag` pool follows (default: the ref's tag).
         #[arg(long)]
         track_tag: Option<String>,
+        /// Default checkout mode for this pool.
         #[arg(long, value_parser = ["prefer", "require", "bypass"])]
         checkout_policy: Option<String>,
-        #[arg(long)]
-        idle_timeout_seconds: Option<u64>,
+        /// Replace a ready sandbox idle for longer than this (`30m`, `2h`).
+        #[arg(long, alias = "idle-timeout-seconds", value_parser = humantime::parse_duration)]
+        idle_timeout: Option<std::time::Duration>,
     },
+    /// List the warm pools of the token's account.
     List,
+    /// Show a pool's spec.
     Get {
+        /// Pool id or name.
         id: String,
     },
+    /// Show a pool's live status: counts, degraded reasons, last failure.
     Status {
+        /// Pool id or name.
         id: String,
     },
+    /// Change a pool's size.
     Update {
+        /// Pool id or name.
         id: String,
+        /// New `min_ready`.
         #[arg(long)]
         min_ready: Option<u32>,
+        /// New `max_ready`.
         #[arg(long)]
         max_ready: Option<u32>,
     },
+    /// Drain a pool, then delete it (checked-out sandboxes are not touched).
     Delete {
+        /// Pool id or name.
         id: String,
     },
+    /// Resume filling.
     Enable {
+        /// Pool id or name.
         id: String,
     },
+    /// Stop filling; ready inventory is kept and still handed out.
     Disable {
+        /// Pool id or name.
         id: String,
     },
+    /// Stop filling and destroy ready and warming inventory.
     Drain {
+        /// Pool id or name.
         id: String,
     },
+    /// Run a reconcile pass now (and lift a prewarm-failure stop).
     Reconcile {
+        /// Pool id or name.
         id: String,
     },
-    /// Wait until the pool has N ready sandboxes.
+    /// Wait until the pool has N ready sandboxes; fails at once if the pool stopped filling.
     Wait {
+        /// Pool id or name.
         id: String,
+        /// Ready sandboxes to wait for.
         #[arg(long)]
         ready: u32,
+        /// Give up after this long (`30s`, `5m`).
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Raise the pool's target with a lease (idempotent per key).
     Lease {
+        /// Pool id or name.
         id: String,
+        /// Lease key; putting the same key again updates it.
         #[arg(long)]
         key: String,
+        /// Sandboxes the lease adds to the target.
         #[arg(long)]
         count: u32,
+        /// The lease stops counting after this long (`30m`, `2h`).
         #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
     },
     /// Release a lease.
     Release {
+        /// Pool id or name.
         id: String,
+        /// Lease key.
         #[arg(long)]
         key: String,
+        /// Drain the pool when no other lease remains.
         #[arg(long)]
         drain_if_last: bool,
     },
@@ -166,35 +223,51 @@ pub enum PoolCmd {
 
 #[derive(Subcommand)]
 pub enum SandboxCmd {
+    /// Create a sandbox: cold from a template, or checked out from a warm pool.
     Create {
+        /// Template ref: `name`, `name:tag` or `name@bld_…` (optional with `--warm-pool`).
         #[arg(long)]
         template: Option<String>,
+        /// Check out from this warm pool (id or name).
         #[arg(long)]
         warm_pool: Option<String>,
+        /// `prefer` falls back to a cold start, `require` fails without ready inventory, `bypass` always starts
+        /// cold (default: the pool's checkout policy, else prefer).
         #[arg(long, value_parser = ["prefer", "require", "bypass"])]
         warm_pool_mode: Option<String>,
-        /// Milliseconds to wait for ready inventory.
-        #[arg(long)]
-        warm_pool_wait: Option<u64>,
+        /// How long to wait for ready inventory (`500ms`, `2s`; a bare number is milliseconds).
+        #[arg(long, value_parser = millis)]
+        warm_pool_wait: Option<std::time::Duration>,
     },
     /// Run a command in a sandbox; exits with its exit code.
     Exec {
+        /// Sandbox id.
         id: String,
+        /// Working directory (absolute, or relative to the template's).
         #[arg(long)]
         cwd: Option<String>,
+        /// Kill the command after this long (`30s`, `10m`).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// List the sandboxes of the token's account.
     List,
+    /// Show a sandbox.
     Get {
+        /// Sandbox id.
         id: String,
     },
+    /// Stop a sandbox and remove everything it had.
     Delete {
+        /// Sandbox id.
         id: String,
     },
+    /// Print a sandbox's mirrored process output.
     Logs {
+        /// Sandbox id.
         id: String,
     },
 }
@@ -217,5 +290,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCmd::Pools(args)) => bench::pools(&cli.global, args).await,
         Command::Bench(BenchCmd::Artifact(args)) => bench::artifact(&cli.global, args).await,
         command => run_client_command(&cli.global, command).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command and every flag says what it is for in `--help`.
+    #[test]
+    fn every_command_and_flag_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name()).trim().to_string();
+            if cmd.get_about().is_none() && path != "warmpool" {
+                missing.push(format!("{path}: no description"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_help().is_none() && !matches!(id, "help" | "version") {
+                    missing.push(format!("{path} {id}: no description"));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
     }
 }

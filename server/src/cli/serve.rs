@@ -15,13 +15,16 @@ use crate::store::Store;
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
+    /// Address the HTTP API listens on (port 0 picks a free one; the address is printed).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Directory for the database, the admin token, the secret key, builds and sandboxes.
     #[arg(long, env = "WARMPOOL_DATA_DIR", default_value = ".warmpool")]
     pub data_dir: PathBuf,
     /// `sqlite:PATH` (default: `<data-dir>/warmpool.db`).
     #[arg(long, env = "WARMPOOL_DATABASE")]
     pub database: Option<String>,
+    /// Where sandboxes run: `local` runs each as an OCI container (runc) on this host.
     #[arg(long, default_value = "local", value_parser = ["local"])]
     pub runtime: String,
     /// `off` runs no reconciler (pools report `controller_disabled`).
