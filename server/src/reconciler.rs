@@ -210,14 +210,13 @@ impl App {
     #[tracing::instrument(skip(self), level = "debug")]
     pub async fn reconcile_pool(self: &Arc<Self>, pool_id: &str) -> Option<Duration> {
         let started = Instant::now();
-        let outcome = self.reconcile_inner(pool_id).await;
-        let record = PassRecord { at: Utc::now(), duration_ms: started.elapsed().as_millis() as u64 };
-        self.passes.lock().expect("passes").insert(pool_id.to_string(), record);
-        let (blocked, last_error, next) = match outcome {
+        let (blocked, last_error, next) = match self.reconcile_inner(pool_id).await {
             Ok(None) => return None,
             Ok(Some(Pass { blocked, next })) => (blocked, None, next),
             Err(e) => (Vec::new(), Some(e.to_string()), BLOCKED_RETRY),
         };
+        let record = PassRecord { at: Utc::now(), duration_ms: started.elapsed().as_millis() as u64 };
+        self.passes.lock().expect("passes").insert(pool_id.to_string(), record);
         // Write only what changed: an idle pool's pass writes nothing.
         let changed = self
             .store

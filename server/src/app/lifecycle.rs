@@ -54,10 +54,15 @@ impl From<AppError> for StartError {
 
 /// A runtime error as the domain reports it: out of space is `service_unavailable`, the rest a conflict.
 pub fn runtime_error(context: &str, e: RuntimeError) -> AppError {
+    classify(&e, format!("{context}: {e}"))
+}
+
+/// `message` about `e`, as the error code the caller sees.
+fn classify(e: &RuntimeError, message: String) -> AppError {
     if e.is_out_of_space() {
-        AppError::ServiceUnavailable(format!("{context}: the host is out of disk space ({e})"))
+        AppError::ServiceUnavailable(format!("{message} (the host is out of disk space)"))
     } else {
-        AppError::Conflict(format!("{context}: {e}"))
+        AppError::Conflict(message)
     }
 }
 
@@ -120,11 +125,7 @@ impl App {
         } else {
             format!("sandbox {id} failed to start: {e}\n{logs}")
         };
-        let error = if e.is_out_of_space() {
-            AppError::ServiceUnavailable(message.clone())
-        } else {
-            AppError::Conflict(message.clone())
-        };
+        let error = classify(&e, message.clone());
         row.error = Some(message);
         let failed = match self.transition(row, Failed, &[Warming]) {
             Ok(won) => won,
@@ -217,10 +218,10 @@ impl App {
         if !self.transition(&mut row, Failed, from)? {
             return Ok(false);
         }
-        if let Some(pool) = row.pool_id.clone() {
-            self.update_pool(&pool, |p| p.ctl.failed_total += 1)?;
+        if let Some(pool) = &row.pool_id {
+            self.update_pool(pool, |p| p.ctl.failed_total += 1)?;
+            // Removing it pokes the pool, which replaces it.
             self.finish_stop(&row).await?;
-            self.pokes.pool(&pool);
         }
         Ok(true)
     }

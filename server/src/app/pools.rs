@@ -349,11 +349,8 @@ impl App {
             rollout_generation: pool.rollout_generation,
             resolved_build_id: pool.resolved_build_id.clone(),
             previous_build_id: pool.previous_build_id.clone(),
-            last_reconciled_at: pass.as_ref().map(|p| p.at).or(row.ctl.last_reconciled_at),
-            last_reconcile_duration_ms: pass
-                .as_ref()
-                .map(|p| p.duration_ms)
-                .or(row.ctl.last_reconcile_duration_ms),
+            last_reconciled_at: pass.as_ref().map(|p| p.at),
+            last_reconcile_duration_ms: pass.as_ref().map(|p| p.duration_ms),
             last_error: row.ctl.last_error.clone(),
             last_failure_logs: row.ctl.last_failure_logs.clone(),
         })

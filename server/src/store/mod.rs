@@ -113,8 +113,6 @@ pub struct PoolControl {
     pub last_failure_logs: Option<String>,
     pub failed_total: u32,
     pub expired_total: u32,
-    pub last_reconciled_at: Option<DateTime<Utc>>,
-    pub last_reconcile_duration_ms: Option<u64>,
     pub last_error: Option<String>,
     /// Why filling was blocked in the last pass (quota, capacity).
     pub blocked: Vec<warmpool_api::DegradedReason>,

@@ -51,21 +51,17 @@ pub struct SqliteStore {
     path: String,
 }
 
-/// Creates `path` with mode 0600 if it is missing, and takes group and other access away if it exists.
+/// Takes group and other access away from `path` if it exists (the database, its WAL, its shared memory).
 fn restrict_to_owner(path: &Path) -> StoreResult<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |e: std::io::Error| StoreError::Unavailable {
-        reason: "the database file cannot be opened",
-        source: Box::new(e),
-    };
+    use std::os::unix::fs::PermissionsExt;
     if path.exists() {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-    } else if !path.as_os_str().to_string_lossy().ends_with("-shm")
-        && !path.as_os_str().to_string_lossy().ends_with("-wal")
-    {
-        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(cannot_open)?;
     }
     Ok(())
+}
+
+fn cannot_open(e: std::io::Error) -> StoreError {
+    StoreError::Unavailable { reason: "the database file cannot be opened", source: Box::new(e) }
 }
 
 fn lifecycles(expected: &[Lifecycle]) -> String {
@@ -84,6 +80,9 @@ impl SqliteStore {
     /// Opens (or creates) the database. The file and its WAL are readable by the owner only: the database holds
     /// every token hash and pool of every account.
     pub fn open(path: &Path) -> StoreResult<SqliteStore> {
+        // Created private, so it is never readable by others, not even for a moment.
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(cannot_open)?;
         restrict_to_owner(path)?;
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;

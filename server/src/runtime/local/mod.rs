@@ -143,7 +143,7 @@ impl LocalRuntime {
     /// all with real paths inside the container.
     fn procd_config(&self, id: &str, spec: &StartSpec) -> Vec<WarmProcessSpec> {
         let t = &spec.spec;
-        let base_cwd = spec.cwd.clone().or(t.cwd.clone()).unwrap_or_else(|| WORKSPACE.into());
+        let base_cwd = working_dir(spec);
         let mut env: BTreeMap<String, String> = t.env.clone();
         env.extend(spec.envs.clone());
         env.insert("WARMPOOL_SANDBOX_ID".into(), id.into());
@@ -206,7 +206,7 @@ impl LocalRuntime {
         Overlay { lower, upper: bundle.join("upper"), work: bundle.join("work"), target: rootfs.clone() }
             .mount()?;
         let t = &spec.spec;
-        let cwd = spec.cwd.clone().or(t.cwd.clone()).unwrap_or_else(|| WORKSPACE.into());
+        let cwd = working_dir(spec);
         let warm = if processes { self.procd_config(id, spec) } else { Vec::new() };
         for dir in std::iter::once(&cwd).chain(warm.iter().filter_map(|p| p.cwd.as_ref())) {
             std::fs::create_dir_all(rootfs.join(dir.trim_start_matches('/')))
@@ -303,6 +303,11 @@ impl LocalRuntime {
         self.cni.remove(id).await;
         let _ = std::fs::remove_dir_all(run_dir(bundle, id));
     }
+}
+
+/// The working directory of a container: the request's `cwd`, else the template's, else the workspace.
+fn working_dir(spec: &StartSpec) -> String {
+    spec.cwd.clone().or(spec.spec.cwd.clone()).unwrap_or_else(|| WORKSPACE.into())
 }
 
 /// Runs a host tool to completion; a failure is an error carrying what the tool printed on stderr.
