@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use warmpool_api::*;
 use warmpool_client::Client;
-use warmpool_testkit::{procs_mentioning, sibling_bin, KillOnDrop, ServerProcess};
+use warmpool_testkit::{procd_pids, sibling_bin, KillOnDrop, ServerProcess};
 
 fn require_terraform() {
     let ok = Command::new("terraform").arg("version").output().is_ok_and(|o| o.status.success());
@@ -93,7 +93,7 @@ impl Server {
     }
 
     fn procd_count(&self) -> usize {
-        procs_mentioning(self.dir.path()).len()
+        procd_pids(self.dir.path()).len()
     }
 }
 

@@ -1,7 +1,7 @@
 //! `TestControlPlane`: the server on a temp dir and an ephemeral port, handing back a typed client.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use warmpool_api::*;
 use warmpool_client::Client;
@@ -15,7 +15,7 @@ pub struct TestControlPlane {
 }
 
 pub use warmpool_testkit::{
-    kill_all_under, procs_mentioning, wait_no_procd, wait_until, KillOnDrop, ServerProcess,
+    kill_all_under, pool_spec, procd_pids, wait_no_procd, wait_until, KillOnDrop, ServerProcess,
 };
 
 pub fn procd_bin() -> PathBuf {
@@ -81,20 +81,12 @@ impl TestControlPlane {
         what: &str,
         cond: impl Fn(&PoolStatus) -> bool,
     ) -> PoolStatus {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let s = self.client.pool_status(pool).await.unwrap();
-            if cond(&s) {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "pool {pool} never reached {what}: {s:?}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        warmpool_testkit::wait_status(&self.client, pool, what, cond).await
     }
 
     /// procd processes running for this control plane's data dir.
     pub fn procd_count(&self) -> usize {
-        procs_mentioning(self.dir.path()).len()
+        procd_pids(self.dir.path()).len()
     }
 }
 

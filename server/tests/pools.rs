@@ -26,16 +26,6 @@ fn slow_template(name: &str) -> TemplateSpec {
     spec
 }
 
-fn pool_spec(name: &str, template: &str, min: u32, max: u32) -> WarmPoolSpec {
-    WarmPoolSpec {
-        name: name.into(),
-        template: template.into(),
-        min_ready: min,
-        max_ready: max,
-        ..Default::default()
-    }
-}
-
 fn checkout(pool: &str, mode: CheckoutMode, wait_ms: u64) -> SandboxCreate {
     SandboxCreate {
         warm_pool: Some(pool.into()),

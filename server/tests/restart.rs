@@ -30,7 +30,7 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
         .await
         .unwrap();
     c.wait_pool_ready(&pool.id, 2, Duration::from_secs(60), |_| {}).await.unwrap();
-    let before = procs_mentioning(&dir).len();
+    let before = procd_pids(&dir).len();
 
     // An orphan: a live sandbox whose row the store loses while the server is down.
     let orphan_sandbox = c.create_sandbox(&cold("api:stable")).await.unwrap();
@@ -42,12 +42,12 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     }
     let orphan = dir.join("sandboxes").join(&orphan_sandbox.id);
     assert!(orphan.exists());
-    assert_eq!(procs_mentioning(&dir).len(), before + 1);
+    assert_eq!(procd_pids(&dir).len(), before + 1);
 
     let server = ServerProcess::start(&dir, &[]);
     let c = server.client.clone();
     wait_until("the orphan to be removed", Duration::from_secs(10), || !orphan.exists());
-    assert_eq!(procs_mentioning(&dir).len(), before, "the orphan's container was killed");
+    assert_eq!(procd_pids(&dir).len(), before, "the orphan's container was killed");
     assert_eq!(c.get_template("api").await.unwrap().name, "api");
     assert_eq!(c.get_build(&b.id).await.unwrap().status, BuildStatus::Ready);
     let again = c.get_sandbox(&s.id).await.unwrap();
@@ -57,7 +57,7 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     let status = c.pool_status(&pool.id).await.unwrap();
     assert_eq!(status.ready, 2, "pool inventory was re-adopted: {status:?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(procs_mentioning(&dir).len(), before, "nothing was started twice and nothing leaked");
+    assert_eq!(procd_pids(&dir).len(), before, "nothing was started twice and nothing leaked");
     // A re-adopted sandbox is still watched: deleting it stops its processes.
     c.delete_sandbox(&s.id).await.unwrap();
     assert!(!dir.join("sandboxes").join(&s.id).exists());

@@ -156,7 +156,7 @@ async fn a_sandbox_whose_procd_dies_becomes_failed() {
     cp.ready_template("api").await;
     let s = cp.client.create_sandbox(&cold("api")).await.unwrap();
     // procd (the container's PID 1) is killed from the host.
-    let pid = procs_mentioning(cp.dir.path())[0];
+    let pid = procd_pids(cp.dir.path())[0];
     // SAFETY: kill(2) on the test's own sandbox's procd.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

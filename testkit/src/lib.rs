@@ -1,12 +1,13 @@
-//! Test support for the end-to-end tests of the server, the GitHub Action and the Terraform provider (three users,
+//! Test support for the end-to-end tests of the server, the GitHub Action, the Terraform provider and `tests/` (four
 //! hence a crate): start the real `warmpool serve` binary on an ephemeral port, hand back a typed client, and find
-//! or kill the procd processes of a data dir so no test leaks sandboxes.
+//! or kill the containers of a data dir so no test leaks sandboxes, and the pool helpers every suite uses.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use warmpool_api::{PoolStatus, WarmPoolSpec};
 use warmpool_client::Client;
 
 /// A binary of the workspace, next to the running test (`target/<profile>/`); built if a narrow `cargo test`
@@ -96,35 +97,46 @@ fn runc_roots(dir: &Path) -> Vec<PathBuf> {
     [dir.join("runc"), dir.join("data/runc")].into_iter().filter(|r| r.is_dir()).collect()
 }
 
-/// Ids of the containers (sandboxes and builds) runc knows under `dir`.
-pub fn containers_under(dir: &Path) -> Vec<(PathBuf, String)> {
+/// A container (sandbox or build) runc knows under a data dir.
+#[derive(Debug, Clone)]
+pub struct Container {
+    /// runc's state root.
+    pub root: PathBuf,
+    pub id: String,
+    /// procd, the container's PID 1 as the host sees it (from runc's `state.json`).
+    pub pid: Option<u32>,
+}
+
+/// Every container runc knows under `dir`, running or not.
+pub fn containers_under(dir: &Path) -> Vec<Container> {
+    let pid_of = |state: &str| -> Option<u32> {
+        let tail = state.split("\"init_process_pid\":").nth(1)?;
+        tail.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
     runc_roots(dir)
         .into_iter()
         .flat_map(|root| {
-            std::fs::read_dir(&root)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(move |e| (root.clone(), e.file_name().to_string_lossy().into_owned()))
+            std::fs::read_dir(&root).into_iter().flatten().flatten().map(move |e| {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let state = std::fs::read_to_string(root.join(&id).join("state.json")).unwrap_or_default();
+                Container { pid: pid_of(&state), root: root.clone(), id }
+            })
         })
         .collect()
 }
 
-/// Pids (not zombies) of the procd processes (PID 1 of each container) of the data dir `dir`.
-pub fn procs_mentioning(dir: &Path) -> Vec<u32> {
-    containers_under(dir)
-        .into_iter()
-        .filter_map(|(root, id)| {
-            let state = std::fs::read_to_string(root.join(&id).join("state.json")).ok()?;
-            let pid =
-                state.split("\"init_process_pid\":").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?;
-            pid.parse::<u32>().ok()
-        })
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            !stat.is_empty() && !stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
-        })
-        .collect()
+/// The containers under `dir` whose procd runs (not a zombie).
+pub fn running_containers(dir: &Path) -> Vec<Container> {
+    let alive = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        !stat.is_empty() && !stat.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z'))
+    };
+    containers_under(dir).into_iter().filter(|c| c.pid.is_some_and(alive)).collect()
+}
+
+/// Pids of the running procd processes (PID 1 of each container) of the data dir `dir`.
+pub fn procd_pids(dir: &Path) -> Vec<u32> {
+    running_containers(dir).into_iter().filter_map(|c| c.pid).collect()
 }
 
 /// Removes everything the server's runtime made under `dir` that outlives a killed server: containers (runc kills
@@ -132,7 +144,7 @@ pub fn procs_mentioning(dir: &Path) -> Vec<u32> {
 /// member is reaped, which takes a moment after SIGKILL.
 pub fn kill_all_under(dir: &Path) {
     let mut ids = Vec::new();
-    for (root, id) in containers_under(dir) {
+    for Container { root, id, .. } in containers_under(dir) {
         let _ = Command::new("runc")
             .arg("--root")
             .arg(&root)
@@ -187,21 +199,45 @@ pub fn kill_all_under(dir: &Path) {
     }
 }
 
-/// Waits until no procd runs under `dir`; on timeout names the ones left.
+/// Waits until no procd runs under `dir`; on timeout names the containers left.
 pub fn wait_no_procd(dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !procs_mentioning(dir).is_empty() {
-        if Instant::now() > deadline {
-            let left: Vec<String> = procs_mentioning(dir)
-                .iter()
-                .map(|p| {
-                    String::from_utf8_lossy(&std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default())
-                        .replace('\0', " ")
-                })
-                .collect();
-            panic!("procd processes left: {left:#?}");
+    loop {
+        let left: Vec<String> = running_containers(dir).into_iter().map(|c| c.id).collect();
+        if left.is_empty() {
+            return;
         }
+        assert!(Instant::now() < deadline, "containers still running: {left:?}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A pool of `template` with `min`..`max` ready sandboxes.
+pub fn pool_spec(name: &str, template: &str, min: u32, max: u32) -> WarmPoolSpec {
+    WarmPoolSpec {
+        name: name.into(),
+        template: template.into(),
+        min_ready: min,
+        max_ready: max,
+        ..Default::default()
+    }
+}
+
+/// Polls a pool's status until `cond` holds; panics naming `what` after 90 s.
+pub async fn wait_status(
+    c: &Client,
+    pool: &str,
+    what: &str,
+    cond: impl Fn(&PoolStatus) -> bool,
+) -> PoolStatus {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = c.pool_status(pool).await.unwrap();
+        if cond(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "pool {pool} never reached {what}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

@@ -137,8 +137,9 @@ async fn kill9_during_a_fill_leaks_nothing() {
         assert!(owned.is_empty(), "inventory is nobody's until checked out: {owned:?}");
         let dirs: std::collections::BTreeSet<String> = sandbox_dirs(&data).into_iter().collect();
         assert_eq!(dirs, running_sandboxes(&data), "one directory per running sandbox, no more");
-        let cgroups = cgroups_of(&sandbox_dirs(&data)).len();
-        assert!(cgroups <= 12, "{cgroups} cgroups");
+        let cgroups: std::collections::BTreeSet<String> =
+            cgroups_of(&sandbox_dirs(&data)).into_iter().collect();
+        assert_eq!(cgroups, dirs, "each running sandbox has its cgroup");
         eprintln!("kill -9 after {kill_after:?}: converged to 12 ready, 12 procd, 12 directories");
         // Refill from scratch for the next kill point.
         server
@@ -150,7 +151,7 @@ async fn kill9_during_a_fill_leaks_nothing() {
             .await
             .unwrap();
         wait_status(&server.client, &pool.id, "empty", |s| s.ready + s.warming + s.draining == 0).await;
-        wait_until("procd processes to go", Duration::from_secs(15), || procs_mentioning(&data).is_empty());
+        wait_until("procd processes to go", Duration::from_secs(15), || procd_pids(&data).is_empty());
         server
             .client
             .update_pool(&pool.id, &WarmPoolPatch { min_ready: Some(12), ..Default::default() })
@@ -231,10 +232,7 @@ async fn exec_limits_and_errors() {
     let server = ServerProcess::start(&data, &[]);
     let c = server.client.clone();
     build(&c, &template("exec", 0.0)).await;
-    let s = c
-        .create_sandbox(&SandboxCreate { template: Some("exec:stable".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let s = c.create_sandbox(&cold("exec:stable")).await.unwrap();
     let exec = |command: &[&str], cwd: Option<&str>| ExecRequest {
         command: command.iter().map(|s| s.to_string()).collect(),
         cwd: cwd.map(Into::into),
@@ -273,10 +271,7 @@ async fn secrets_are_private() {
     let server = ServerProcess::start(&data, &[]);
     let c = server.client.clone();
     build(&c, &template("sec", 0.0)).await;
-    let s = c
-        .create_sandbox(&SandboxCreate { template: Some("sec:stable".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let s = c.create_sandbox(&cold("sec:stable")).await.unwrap();
     for file in ["warmpool.db", "admin.token", "secret.key"] {
         let mode = std::fs::metadata(data.join(file)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{file}");
@@ -321,10 +316,7 @@ async fn a_full_disk_answers_503_and_recovers() {
     let server = ServerProcess::start(&data, &[]);
     let c = server.client.clone();
     build(&c, &template("disk", 0.0)).await;
-    let s = c
-        .create_sandbox(&SandboxCreate { template: Some("disk:stable".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let s = c.create_sandbox(&cold("disk:stable")).await.unwrap();
 
     let filler = data.join("filler");
     let _ = Command::new("dd")

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use warmpool_api::*;
 
 use crate::*;
 
@@ -58,17 +57,10 @@ async fn a_template_image_is_the_sandbox_base() {
     spec.image = Some(format!("{}:tiny", layout.display()));
     spec.start_cmd = Some("touch ready-$WARMPOOL_SANDBOX_ID; exec sleep 100000".into());
     build(&c, &spec).await;
-    let s = c
-        .create_sandbox(&SandboxCreate { template: Some("imaged:stable".into()), ..Default::default() })
-        .await
-        .unwrap();
-    let sh = |script: &str| ExecRequest {
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    };
-    let r = c.exec(&s.id, &sh("cat /etc/os-release; cat built.txt")).await.unwrap();
+    let s = c.create_sandbox(&cold("imaged:stable")).await.unwrap();
+    let r = sh(&c, &s.id, "cat /etc/os-release; cat built.txt").await;
     assert_eq!(r.stdout, "ID=warmpool-test-image\nbuilt\n", "{r:?}");
-    let r = c.exec(&s.id, &sh("test -e /usr/bin/python3")).await.unwrap();
+    let r = sh(&c, &s.id, "test -e /usr/bin/python3").await;
     assert_ne!(r.exit_code, 0, "the host's /usr is not part of an image's sandbox");
     c.delete_sandbox(&s.id).await.unwrap();
     wait_no_procd(&data);

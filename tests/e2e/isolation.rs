@@ -10,12 +10,6 @@ use warmpool_client::Client;
 
 use crate::*;
 
-async fn sh(c: &Client, id: &str, script: &str) -> ExecResult {
-    c.exec(id, &ExecRequest { command: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() })
-        .await
-        .unwrap()
-}
-
 /// A tenant (second account) with a built template.
 async fn tenant(server: &ServerProcess) -> Client {
     let acc = server
@@ -47,11 +41,7 @@ async fn a_hostile_tenant_sees_nothing_of_the_host() {
     let server = ServerProcess::start(&data, &[]);
     // The admin's sandbox, which the tenant must not be able to read.
     build(&server.client, &template("admin", 0.0)).await;
-    let mine = server
-        .client
-        .create_sandbox(&SandboxCreate { template: Some("admin:stable".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let mine = server.client.create_sandbox(&cold("admin:stable")).await.unwrap();
     sh(&server.client, &mine.id, "echo secret > /workspace/admin-only").await;
     let c = tenant(&server).await;
     let s = c.create_sandbox(&create(None)).await.unwrap();

@@ -13,7 +13,8 @@ use warmpool_api::*;
 use warmpool_client::Client;
 
 pub use warmpool_testkit::{
-    kill_all_under, procs_mentioning, wait_no_procd, wait_until, KillOnDrop, ServerProcess,
+    kill_all_under, pool_spec, procd_pids, running_containers, wait_no_procd, wait_status, wait_until,
+    KillOnDrop, ServerProcess,
 };
 
 /// The host's address on the sandboxes' bridge network (`network.mode: isolated`).
@@ -39,14 +40,16 @@ pub async fn build(c: &Client, spec: &TemplateSpec) {
     assert_eq!(b.status, BuildStatus::Ready, "{:?}", b.error);
 }
 
-pub fn pool_spec(name: &str, template: &str, min: u32, max: u32) -> WarmPoolSpec {
-    WarmPoolSpec {
-        name: name.into(),
-        template: template.into(),
-        min_ready: min,
-        max_ready: max,
-        ..Default::default()
-    }
+/// A cold create of `template`.
+pub fn cold(template: &str) -> SandboxCreate {
+    SandboxCreate { template: Some(template.into()), ..Default::default() }
+}
+
+/// Runs `script` with `sh -c` in a sandbox.
+pub async fn sh(c: &Client, id: &str, script: &str) -> ExecResult {
+    c.exec(id, &ExecRequest { command: vec!["sh".into(), "-c".into(), script.into()], ..Default::default() })
+        .await
+        .unwrap()
 }
 
 pub fn require(pool: &str, wait_ms: u64) -> SandboxCreate {
@@ -55,23 +58,6 @@ pub fn require(pool: &str, wait_ms: u64) -> SandboxCreate {
         warm_pool_mode: Some(CheckoutMode::Require),
         warm_pool_wait_ms: Some(wait_ms),
         ..Default::default()
-    }
-}
-
-pub async fn wait_status(
-    c: &Client,
-    pool: &str,
-    what: &str,
-    cond: impl Fn(&PoolStatus) -> bool,
-) -> PoolStatus {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = c.pool_status(pool).await.unwrap();
-        if cond(&s) {
-            return s;
-        }
-        assert!(std::time::Instant::now() < deadline, "pool never reached {what}: {s:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -84,16 +70,7 @@ pub fn sandbox_dirs(data: &Path) -> Vec<String> {
 
 /// Ids of the sandboxes of a data dir whose container runs.
 pub fn running_sandboxes(data: &Path) -> std::collections::BTreeSet<String> {
-    let alive = procs_mentioning(data);
-    warmpool_testkit::containers_under(data)
-        .into_iter()
-        .filter(|(_, id)| id.starts_with("sbx_"))
-        .filter(|(root, id)| {
-            let state = std::fs::read_to_string(root.join(id).join("state.json")).unwrap_or_default();
-            alive.iter().any(|pid| state.contains(&format!("\"init_process_pid\":{pid},")))
-        })
-        .map(|(_, id)| id)
-        .collect()
+    running_containers(data).into_iter().map(|c| c.id).filter(|id| id.starts_with("sbx_")).collect()
 }
 
 /// Sandbox cgroups of a data dir's sandboxes (cgroup v1 memory controller, where the host has it).
