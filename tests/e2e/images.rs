@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-
 use crate::*;
 
 fn run(program: &str, args: &[&str]) {
