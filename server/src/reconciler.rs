@@ -196,7 +196,27 @@ impl App {
             if pools.is_empty() {
                 continue;
             }
+            // Only the pool's one replica reconciles it (with one replica: this one, always).
+            let share = match self.pool_share() {
+                Ok(share) => share,
+                Err(e) => {
+                    tracing::warn!(error = &e as &dyn std::error::Error, "Reconciler cannot see the replicas");
+                    continue;
+                }
+            };
             for pool in pools {
+                match self.own_pool(&pool, share).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        due.remove(&pool);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(pool = %pool, error = &e as &dyn std::error::Error, "Cannot take a pool");
+                        due.insert(pool, Instant::now() + BLOCKED_RETRY);
+                        continue;
+                    }
+                }
                 match self.reconcile_pool(&pool).await {
                     Some(after) => due.insert(pool, Instant::now() + after),
                     None => due.remove(&pool),
@@ -211,7 +231,10 @@ impl App {
     pub async fn reconcile_pool(self: &Arc<Self>, pool_id: &str) -> Option<Duration> {
         let started = Instant::now();
         let (blocked, last_error, next) = match self.reconcile_inner(pool_id).await {
-            Ok(None) => return None,
+            Ok(None) => {
+                self.release_pool(pool_id);
+                return None;
+            }
             Ok(Some(Pass { blocked, next })) => (blocked, None, next),
             Err(e) => (Vec::new(), Some(e.to_string()), BLOCKED_RETRY),
         };
@@ -226,8 +249,8 @@ impl App {
             .is_some_and(|r| r.ctl.blocked != blocked || r.ctl.last_error != last_error);
         if changed {
             let _ = self.update_pool(pool_id, |row| {
-                row.ctl.blocked = blocked;
-                row.ctl.last_error = last_error;
+                row.ctl.blocked = blocked.clone();
+                row.ctl.last_error = last_error.clone();
             });
         }
         Some(next)
@@ -354,6 +377,7 @@ impl App {
                     claim_env: Default::default(),
                     handle: RuntimeHandle::default(),
                     error: None,
+                    owner: Some(self.replica.clone()),
                 };
                 // Inserted before anything starts: the next pass counts it, and a crash finds it.
                 self.store.insert_sandbox(&sandbox_row)?;

@@ -1,6 +1,9 @@
 //! Test support for the end-to-end tests of the server, the GitHub Action, the Terraform provider and `tests/` (four
 //! hence a crate): start the real `warmpool serve` binary on an ephemeral port, hand back a typed client, and find
-//! or kill the containers of a data dir so no test leaks sandboxes, and the pool helpers every suite uses.
+//! or kill the containers of a data dir so no test leaks sandboxes, the pool helpers every suite uses, and a real
+//! PostgreSQL ([`postgres::Postgres`]).
+
+pub mod postgres;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -265,60 +265,30 @@ impl App {
         }
     }
 
-    /// Brings the runtime in line with the store after a (re)start, finishing or undoing every half-done
-    /// transition: `warming` rows were mid-start (never handed out) and are undone; `draining` rows are finished;
-    /// live rows are re-adopted, or failed when procd is gone; then anything the runtime holds that has no row is
-    /// removed. Builds caught mid-way fail.
+    /// Brings the runtime in line with the store after a (re)start: anything the runtime holds that has no row is
+    /// removed (the runtime is asked first: a row is always written before its sandbox starts, so a sandbox another
+    /// replica is starting right now has its row); rows of replicas that are gone (this process's earlier run
+    /// included) are finished, undone or adopted ([`App::adopt_orphans`]); then the pools this replica takes adopt
+    /// their inventory ([`App::own_pool`]).
     pub async fn recover(self: &Arc<Self>) -> AppResult<()> {
-        let (mut adopted, mut undone, mut finished, mut failed) = (0, 0, 0, 0);
-        for row in self.store.list_all_sandboxes()? {
-            let id = row.sandbox.id.clone();
-            match row.lifecycle {
-                Warming => {
-                    self.runtime
-                        .destroy(&id, Some(&row.handle))
-                        .await
-                        .map_err(|e| runtime_error("recovery", e))?;
-                    self.store.delete_sandbox_if(&id, &[Warming])?;
-                    undone += 1;
-                }
-                Draining => {
-                    self.finish_stop(&row).await?;
-                    finished += 1;
-                }
-                Ready | Claimed if self.runtime.adopt(&id, &row.handle) => {
-                    if row.lifecycle == Ready {
-                        self.watch_readiness(&row);
-                    }
-                    adopted += 1;
-                }
-                Ready | Claimed => {
-                    let from = row.lifecycle;
-                    self.fail_sandbox(row, &[from], "procd was not running when the server restarted".into())
-                        .await?;
-                    failed += 1;
-                }
-                Failed if row.pool_id.is_some() => self.finish_stop(&row).await?,
-                Failed => {}
-            }
-        }
+        let held = self.runtime.list_sandboxes();
         let known: std::collections::HashSet<String> =
             self.store.list_all_sandboxes()?.into_iter().map(|r| r.sandbox.id).collect();
         let mut orphans = 0;
-        for id in self.runtime.list_sandboxes() {
-            if !known.contains(&id) {
-                self.runtime.destroy(&id, None).await.map_err(|e| runtime_error("recovery", e))?;
-                orphans += 1;
-            }
+        for id in held.into_iter().filter(|id| !known.contains(id)) {
+            self.runtime.destroy(&id, None).await.map_err(|e| runtime_error("recovery", e))?;
+            orphans += 1;
         }
-        for mut build in self.store.list_builds_in(&["queued", "building"])? {
-            build.build.status = warmpool_api::BuildStatus::Failed;
-            build.build.error = Some("the server restarted while this build was running".into());
-            build.build.finished_at = Some(Utc::now());
-            self.store.update_build(&build)?;
-            self.runtime.remove_artifact(&build.build.id).await;
+        if self.store.lock_leader()? {
+            self.leader.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.adopt_orphans().await?;
         }
-        tracing::info!(adopted, undone, finished, failed, orphans, "Recovered sandboxes from the store");
+        let share = self.pool_share()?;
+        let mut pools = 0;
+        for pool in self.store.list_pool_ids()? {
+            pools += usize::from(self.own_pool(&pool, share).await?);
+        }
+        tracing::info!(orphans, pools, replica = %self.replica, "Recovered sandboxes from the store");
         self.pokes.all();
         Ok(())
     }

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod lifecycle;
 pub mod pools;
+pub mod replicas;
 pub mod sandboxes;
 pub mod templates;
 
@@ -92,6 +93,8 @@ pub struct AppConfig {
 }
 
 pub struct App {
+    /// This process among the replicas sharing the store (`rep_…`, new at every start).
+    pub replica: String,
     pub store: Arc<dyn Store>,
     pub runtime: Arc<dyn Runtime>,
     pub metrics: Metrics,
@@ -100,8 +103,6 @@ pub struct App {
     pub pokes: Pokes,
     /// Per-pool wake-ups for checkouts waiting on inventory.
     inventory: Mutex<HashMap<String, Arc<Notify>>>,
-    /// Serializes read-modify-write of pool rows.
-    pool_lock: Mutex<()>,
     pub start_slots: Arc<Semaphore>,
     pub build_slots: Arc<Semaphore>,
     /// Readiness watches of ready inventory, by sandbox.
@@ -110,11 +111,16 @@ pub struct App {
     stopping: Mutex<HashSet<String>>,
     /// Each pool's last reconcile pass, kept in memory (a pass that changed nothing writes nothing).
     pub passes: Mutex<HashMap<String, PassRecord>>,
+    /// Pools this replica reconciles (it holds their locks in the store).
+    owned: Mutex<HashSet<String>>,
+    /// Whether this replica runs the once-per-cluster work (taking over what dead replicas left).
+    leader: std::sync::atomic::AtomicBool,
 }
 
 impl App {
     pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, config: AppConfig) -> Arc<App> {
         Arc::new(App {
+            replica: new_id("rep_"),
             store,
             runtime,
             metrics: Metrics::default(),
@@ -123,10 +129,11 @@ impl App {
             config,
             pokes: Pokes::default(),
             inventory: Mutex::new(HashMap::new()),
-            pool_lock: Mutex::new(()),
             watchers: Mutex::new(HashMap::new()),
             stopping: Mutex::new(HashSet::new()),
             passes: Mutex::new(HashMap::new()),
+            owned: Mutex::new(HashSet::new()),
+            leader: Default::default(),
         })
     }
 
@@ -134,22 +141,29 @@ impl App {
         self.inventory.lock().expect("inventory").entry(pool_id.to_string()).or_default().clone()
     }
 
-    /// Read-modify-write of one pool row, serialized with every other.
-    pub fn update_pool<T>(&self, pool_id: &str, f: impl FnOnce(&mut PoolRow) -> T) -> AppResult<Option<T>> {
-        let _guard = self.pool_lock.lock().expect("pool lock");
-        let Some(mut row) = self.store.get_pool_by_id(pool_id)? else {
-            return Ok(None);
-        };
-        let out = f(&mut row);
-        self.store.update_pool(&row)?;
-        Ok(Some(out))
+    /// Read-modify-write of one pool row: `f` runs on the stored row and its result is written only if no other
+    /// write (of any replica) came in between; otherwise it runs again on the newer row.
+    pub fn update_pool<T>(&self, pool_id: &str, mut f: impl FnMut(&mut PoolRow) -> T) -> AppResult<Option<T>> {
+        loop {
+            let Some(mut row) = self.store.get_pool_by_id(pool_id)? else {
+                return Ok(None);
+            };
+            let out = f(&mut row);
+            if self.store.update_pool(&row)? {
+                return Ok(Some(out));
+            }
+        }
     }
 
-    /// Applies sandboxes' timeout policies once a second.
+    /// Applies sandboxes' timeout policies once a second (on the leader replica).
     pub async fn enforce_timeouts(self: Arc<Self>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             tick.tick().await;
+            // Once per cluster: the leader's job.
+            if !self.leader.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
             let now = Utc::now();
             let Ok(rows) = self.store.list_all_sandboxes() else {
                 continue;

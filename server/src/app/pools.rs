@@ -113,6 +113,7 @@ impl App {
             account_id: caller.account_id.clone(),
             pool: pool.clone(),
             ctl: PoolControl::default(),
+            rev: 0,
         })?;
         self.pokes.pool(&pool.id);
         Ok(pool)
@@ -226,6 +227,7 @@ impl App {
         }
         self.store.delete_pool(&row.pool.id)?;
         self.passes.lock().expect("passes").remove(&row.pool.id);
+        self.release_pool(&row.pool.id);
         Ok(())
     }
 
@@ -249,7 +251,8 @@ impl App {
             r.ctl.prewarm_failures = 0;
             r.ctl.last_failure_logs = None;
         })?;
-        if self.config.reconciler_enabled {
+        // The pool's reconciler runs the pass: here, or on the replica that has the pool (the write above told it).
+        if self.config.reconciler_enabled && self.own_pool(&row.pool.id, self.pool_share()?).await? {
             self.reconcile_pool(&row.pool.id).await;
         }
         Ok(self.get_pool(caller, &row.pool.id)?.pool)

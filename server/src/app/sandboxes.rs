@@ -279,6 +279,7 @@ impl App {
             claim_env: req.envs.clone().unwrap_or_default(),
             handle: RuntimeHandle::default(),
             error: None,
+            owner: Some(self.replica.clone()),
         };
         let volumes = req
             .volumes

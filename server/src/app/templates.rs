@@ -99,6 +99,7 @@ impl App {
             account_id: caller.account_id.clone(),
             build: build.clone(),
             spec: template.template.spec(),
+            runner: Some(self.replica.clone()),
         };
         self.store.insert_build(&row)?;
         let app = self.clone();

@@ -10,8 +10,6 @@ use clap::Args;
 
 use crate::app::{App, AppConfig};
 use crate::runtime::local::LocalRuntime;
-use crate::store::sqlite::SqliteStore;
-use crate::store::Store;
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -21,7 +19,8 @@ pub struct ServeArgs {
     /// Directory for the database, the admin token, the secret key, builds and sandboxes.
     #[arg(long, env = "WARMPOOL_DATA_DIR", default_value = ".warmpool")]
     pub data_dir: PathBuf,
-    /// `sqlite:PATH` (default: `<data-dir>/warmpool.db`).
+    /// `sqlite:PATH` (default: `<data-dir>/warmpool.db`), or `postgres://user@host:port/db` for several replicas
+    /// sharing one state (on one host they share the data dir too).
     #[arg(long, env = "WARMPOOL_DATABASE")]
     pub database: Option<String>,
     /// Where sandboxes run: `local` runs each as an OCI container (runc) on this host.
@@ -69,15 +68,10 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
         crate::secrets::Secrets::load_or_create(&secret_path)
             .with_context(|| format!("reading {}", secret_path.display()))?,
     );
-    let db = match args.database.as_deref() {
-        None => data_dir.join("warmpool.db"),
-        Some(url) if url.starts_with("sqlite:") => {
-            PathBuf::from(url.trim_start_matches("sqlite:").trim_start_matches("//"))
-        }
-        Some(url) => anyhow::bail!("--database {url:?}: only sqlite:PATH is supported by this build"),
-    };
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&db).with_context(|| format!("opening {}", db.display()))?);
+    let default_db = data_dir.join("warmpool.db");
+    let store = crate::store::open(args.database.as_deref(), &default_db).with_context(|| {
+        format!("opening the database {}", args.database.as_deref().unwrap_or(&default_db.display().to_string()))
+    })?;
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let runtime = LocalRuntime::new(
         data_dir.clone(),
@@ -95,7 +89,9 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
     let app = App::new(store, runtime, config);
     let token_path = app.bootstrap_admin()?;
     tracing::info!(path = %token_path.display(), "Admin token");
+    app.join_cluster()?;
     app.recover().await?;
+    tokio::spawn(app.clone().balance());
     tokio::spawn(app.clone().watch_exits(exits_rx));
     tokio::spawn(app.clone().enforce_timeouts());
     if app.config.reconciler_enabled {

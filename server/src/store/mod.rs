@@ -3,7 +3,14 @@
 //!
 //! Rows keep the queried columns as columns and the rest of the object as JSON, so the wire types stay the single
 //! definition of a resource. The warm-pool claim is one atomic statement ([`Store::claim_ready`]).
+//!
+//! Several replicas may share one store (PostgreSQL): each pool is reconciled by the one replica that holds its
+//! lock ([`Store::lock_pool`]), and what one replica changes reaches the others as [`StoreEvent`]s. The embedded
+//! store serves one replica, which owns every pool; the trait's defaults say so.
 
+#[cfg(test)]
+pub mod contract;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -12,6 +19,7 @@ use chrono::{DateTime, Utc};
 
 pub use crate::runtime::RuntimeHandle;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::UnboundedSender;
 use warmpool_api::{
     Account, Build, Lease, Sandbox, Template, TemplateSpec, TimeoutPolicy, WarmPool, WarmPoolCheckout,
 };
@@ -20,6 +28,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("--database {0:?}: expected sqlite:PATH or postgres://user@host:port/db")]
+    InvalidUrl(String),
     #[error("{0} already exists")]
     Conflict(String),
     /// The database cannot take writes now (disk full, read-only, I/O error, locked): an operator can fix it and
@@ -95,6 +105,9 @@ pub struct BuildRow {
     pub build: Build,
     /// The template's spec when the build was made: what its sandboxes run.
     pub spec: TemplateSpec,
+    /// The replica running the build (a build whose replica is gone failed).
+    #[serde(default)]
+    pub runner: Option<String>,
 }
 
 /// A pool plus its controller's bookkeeping.
@@ -103,6 +116,10 @@ pub struct PoolRow {
     pub account_id: String,
     pub pool: WarmPool,
     pub ctl: PoolControl,
+    /// Bumped by every write: [`Store::update_pool`] writes only over the revision it read, so two replicas'
+    /// read-modify-writes of one pool never lose each other's change.
+    #[serde(default)]
+    pub rev: u64,
 }
 
 /// What the reconciler records about a pool (published in its status).
@@ -195,6 +212,9 @@ pub struct SandboxRow {
     pub handle: RuntimeHandle,
     /// The error of a sandbox that failed.
     pub error: Option<String>,
+    /// The replica that started or adopted it and watches it: the only one that may undo it while `warming`.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// What a claim writes into the sandbox it takes.
@@ -206,6 +226,27 @@ pub struct ClaimUpdate {
     pub timeout_policy: Option<TimeoutPolicy>,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+}
+
+/// What one replica's change means for the others (PostgreSQL's `LISTEN/NOTIFY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// Something about this pool changed: its spec, a lease, its inventory (a sandbox became ready, was claimed or
+    /// went).
+    Pool(String),
+    /// Something every pool may depend on changed (a build finished, a tag moved, a template went).
+    All,
+    /// This replica's session with the database ended, and with it the locks of every pool it reconciled.
+    LocksLost,
+}
+
+/// How the pools are spread over the live replicas now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cluster {
+    pub replicas: u64,
+    pub pools: u64,
+    /// Pools some replica reconciles.
+    pub locked_pools: u64,
 }
 
 /// Every durable operation. Methods are synchronous: the embedded store answers in microseconds; a networked
@@ -250,7 +291,10 @@ pub trait Store: Send + Sync {
     fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>>;
     /// All pools, or one account's.
     fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>>;
-    fn update_pool(&self, row: &PoolRow) -> StoreResult<()>;
+    /// Writes the pool if its stored revision is still `row.rev` (and bumps it); false when another write came
+    /// first or the pool is gone.
+    fn update_pool(&self, row: &PoolRow) -> StoreResult<bool>;
+    fn list_pool_ids(&self) -> StoreResult<Vec<String>>;
     fn delete_pool(&self, id: &str) -> StoreResult<()>;
 
     fn put_lease(&self, row: &LeaseRow) -> StoreResult<()>;
@@ -282,4 +326,45 @@ pub trait Store: Send + Sync {
         prefer_build: Option<&str>,
         claim: &ClaimUpdate,
     ) -> StoreResult<Option<SandboxRow>>;
+
+    // Replicas. The defaults are the embedded store's: one replica, which owns every pool.
+
+    /// Joins the store as `replica` (alive until this process ends) and sends what other replicas change to
+    /// `events`.
+    fn join(&self, _replica: &str, _events: UnboundedSender<StoreEvent>) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Whether another replica is still running: rows it owns are its to finish.
+    fn replica_alive(&self, _replica: &str) -> StoreResult<bool> {
+        Ok(false)
+    }
+    /// Takes the pool for this replica to reconcile; false while another replica has it.
+    fn lock_pool(&self, _pool_id: &str) -> StoreResult<bool> {
+        Ok(true)
+    }
+    fn unlock_pool(&self, _pool_id: &str) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Takes the cluster's one leader lock (work done once for all replicas); false while another replica has it.
+    fn lock_leader(&self) -> StoreResult<bool> {
+        Ok(true)
+    }
+    /// How pools are spread over replicas (None: this replica is the only one).
+    fn cluster(&self) -> StoreResult<Option<Cluster>> {
+        Ok(None)
+    }
+}
+
+/// Opens the store a `--database` URL names: `sqlite:PATH` (`default` when unset) or `postgres://…`.
+pub fn open(url: Option<&str>, default: &std::path::Path) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    Ok(match url {
+        None => std::sync::Arc::new(sqlite::SqliteStore::open(default)?),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            std::sync::Arc::new(postgres::PgStore::open(url)?)
+        }
+        Some(url) => {
+            let path = url.strip_prefix("sqlite:").ok_or_else(|| StoreError::InvalidUrl(url.to_string()))?;
+            std::sync::Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path.trim_start_matches("//")))?)
+        }
+    })
 }

@@ -1,0 +1,225 @@
+//! Several replicas on one store. Every replica serves every API call (exec, probes, logs and deletes reach any
+//! sandbox: with the local runtime, replicas on one host share the data dir). What must happen once is divided:
+//!
+//! - **Pools**: each pool is reconciled by the one replica holding its lock ([`App::own_pool`]). A replica takes
+//!   free pools up to its share (pools ÷ live replicas), so pools spread, and the pools of a replica that died are
+//!   free at once (its database session closed) and taken within a second ([`App::balance`]). Taking a pool adopts
+//!   its inventory: ready sandboxes are watched again, half-started ones of a dead replica undone.
+//! - **Everything else a dead replica left** (its callers' sandboxes, cold starts, builds) is taken over by the
+//!   leader ([`App::adopt_orphans`]).
+//! - Other replicas' changes arrive as [`StoreEvent`]s: they poke the pool's reconciler (if it is here) and wake
+//!   checkouts waiting here for that pool.
+//!
+//! With the embedded store this replica is the only one: it owns every pool and is the leader.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::lifecycle::runtime_error;
+use super::{App, AppResult};
+use crate::store::{Lifecycle, SandboxRow, StoreEvent};
+
+use Lifecycle::*;
+
+/// How often a replica looks for pools nobody reconciles.
+const BALANCE_EVERY: Duration = Duration::from_secs(1);
+
+impl App {
+    /// Joins the store's replicas and follows their changes.
+    pub fn join_cluster(self: &Arc<Self>) -> AppResult<()> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.store.join(&self.replica, tx)?;
+        tokio::spawn(self.clone().follow_events(rx));
+        Ok(())
+    }
+
+    async fn follow_events(self: Arc<Self>, mut events: UnboundedReceiver<StoreEvent>) {
+        while let Some(event) = events.recv().await {
+            match event {
+                StoreEvent::Pool(pool) => {
+                    self.inventory_signal(&pool).notify_waiters();
+                    self.pokes.pool(&pool);
+                }
+                StoreEvent::All => self.pokes.all(),
+                StoreEvent::LocksLost => {
+                    self.owned.lock().expect("owned").clear();
+                    self.leader.store(false, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Whether this replica reconciles the pool now.
+    pub fn owns(&self, pool_id: &str) -> bool {
+        self.owned.lock().expect("owned").contains(pool_id)
+    }
+
+    /// How many pools this replica should reconcile at most (None: all of them).
+    pub fn pool_share(&self) -> AppResult<Option<usize>> {
+        Ok(self.store.cluster()?.map(|c| c.pools.div_ceil(c.replicas.max(1)).max(1) as usize))
+    }
+
+    /// Makes this replica the pool's reconciler if it is free and this replica is below `share`; adopts the pool's
+    /// inventory when it does. True when this replica reconciles the pool.
+    pub async fn own_pool(self: &Arc<Self>, pool_id: &str, share: Option<usize>) -> AppResult<bool> {
+        {
+            let owned = self.owned.lock().expect("owned");
+            if owned.contains(pool_id) {
+                return Ok(true);
+            }
+            if share.is_some_and(|share| owned.len() >= share) {
+                return Ok(false);
+            }
+        }
+        if !self.store.lock_pool(pool_id)? {
+            return Ok(false);
+        }
+        self.owned.lock().expect("owned").insert(pool_id.to_string());
+        tracing::debug!(pool = %pool_id, replica = %self.replica, "Reconciling pool");
+        self.adopt_pool(pool_id).await?;
+        Ok(true)
+    }
+
+    /// Lets the pool go (it was deleted).
+    pub fn release_pool(&self, pool_id: &str) {
+        if self.owned.lock().expect("owned").remove(pool_id) {
+            if let Err(e) = self.store.unlock_pool(pool_id) {
+                tracing::warn!(pool = %pool_id, error = &e as &dyn std::error::Error, "Cannot release a pool");
+            }
+        }
+    }
+
+    /// Takes over a pool's inventory: ready sandboxes are adopted (watched for exit and readiness) or failed when
+    /// procd is gone; sandboxes a dead replica was starting are undone; removals left half-done are finished.
+    /// Sandboxes a live replica is starting stay its own: its start finishes or undoes them.
+    async fn adopt_pool(self: &Arc<Self>, pool_id: &str) -> AppResult<()> {
+        let mut alive = HashMap::new();
+        for row in self.store.list_pool_sandboxes(pool_id)? {
+            if row.pool_id.as_deref() != Some(pool_id) || row.owner.as_deref() == Some(self.replica.as_str()) {
+                continue;
+            }
+            if row.lifecycle == Warming && self.owner_alive(&row, &mut alive)? {
+                continue;
+            }
+            self.take_over(row).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the replica owning `row` still runs (`alive` caches the answers of one sweep).
+    fn owner_alive(&self, row: &SandboxRow, alive: &mut HashMap<String, bool>) -> AppResult<bool> {
+        let Some(owner) = &row.owner else { return Ok(false) };
+        if owner == &self.replica {
+            return Ok(true);
+        }
+        if let Some(known) = alive.get(owner) {
+            return Ok(*known);
+        }
+        let known = self.store.replica_alive(owner)?;
+        alive.insert(owner.clone(), known);
+        Ok(known)
+    }
+
+    /// Finishes or adopts a sandbox whose owner is gone, as the owner would have: a half-started sandbox is undone
+    /// (nobody was handed it), a removal is finished, a live one is adopted (or failed if procd is gone).
+    async fn take_over(self: &Arc<Self>, mut row: SandboxRow) -> AppResult<()> {
+        let id = row.sandbox.id.clone();
+        match row.lifecycle {
+            Warming => {
+                self.runtime.destroy(&id, Some(&row.handle)).await.map_err(|e| runtime_error("recovery", e))?;
+                self.store.delete_sandbox_if(&id, &[Warming])?;
+            }
+            Draining => self.finish_stop(&row).await?,
+            Failed if row.pool_id.is_some() => self.finish_stop(&row).await?,
+            Failed => {}
+            Ready | Claimed if self.runtime.adopt(&id, &row.handle) => {
+                let from = row.lifecycle;
+                row.owner = Some(self.replica.clone());
+                if self.store.update_sandbox_if(&row, &[from])? && from == Ready {
+                    self.watch_readiness(&row);
+                }
+            }
+            Ready | Claimed => {
+                let from = row.lifecycle;
+                self.fail_sandbox(row, &[from], "procd was gone when another replica took it over".into())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes over what replicas that are gone left outside pools: their callers' sandboxes (adopted, so their
+    /// exits are seen), cold starts they were making (undone), removals (finished), and builds (failed: a build's
+    /// steps ran in the replica that died).
+    pub async fn adopt_orphans(self: &Arc<Self>) -> AppResult<usize> {
+        let mut alive = HashMap::new();
+        let mut taken = 0;
+        for row in self.store.list_all_sandboxes()? {
+            if row.pool_id.is_some() || self.owner_alive(&row, &mut alive)? {
+                continue;
+            }
+            self.take_over(row).await?;
+            taken += 1;
+        }
+        for mut build in self.store.list_builds_in(&["queued", "building"])? {
+            let runner_alive = match &build.runner {
+                Some(r) if r == &self.replica => true,
+                Some(r) => *alive.entry(r.clone()).or_insert(self.store.replica_alive(r)?),
+                None => false,
+            };
+            if runner_alive {
+                continue;
+            }
+            build.build.status = warmpool_api::BuildStatus::Failed;
+            build.build.error = Some("the server running this build stopped before it finished".into());
+            build.build.finished_at = Some(Utc::now());
+            self.store.update_build(&build)?;
+            self.runtime.remove_artifact(&build.build.id).await;
+            taken += 1;
+        }
+        Ok(taken)
+    }
+
+    /// With several replicas: once a second, takes free pools up to this replica's share, and leads when no other
+    /// replica does (the leader takes over what a replica that died left outside pools). Cheap at rest: one small
+    /// query a second.
+    pub async fn balance(self: Arc<Self>) {
+        let mut replicas = 0;
+        loop {
+            tokio::time::sleep(BALANCE_EVERY).await;
+            if let Err(e) = self.balance_once(&mut replicas).await {
+                tracing::warn!(error = &e as &dyn std::error::Error, "Cannot balance pools over replicas");
+            }
+        }
+    }
+
+    async fn balance_once(self: &Arc<Self>, last_replicas: &mut u64) -> AppResult<()> {
+        let Some(cluster) = self.store.cluster()? else { return Ok(()) };
+        let replica_left = cluster.replicas < *last_replicas;
+        *last_replicas = cluster.replicas;
+        let became_leader = !self.leader.load(Ordering::SeqCst) && self.store.lock_leader()?;
+        if became_leader {
+            self.leader.store(true, Ordering::SeqCst);
+        }
+        if self.leader.load(Ordering::SeqCst) && (became_leader || replica_left) {
+            let taken = self.adopt_orphans().await?;
+            if taken > 0 {
+                tracing::info!(taken, "Took over what a stopped replica left");
+            }
+        }
+        if cluster.locked_pools < cluster.pools {
+            let share = self.pool_share()?;
+            for pool in self.store.list_pool_ids()? {
+                if !self.owns(&pool) && self.own_pool(&pool, share).await? {
+                    self.pokes.pool(&pool);
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,349 @@
+//! One suite for every store: what the domain relies on, run against the embedded SQLite store and a real
+//! PostgreSQL started by the test. Each test opens two handles on one database (for PostgreSQL: two replicas),
+//! so races cross connections as they do in production.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::Utc;
+use warmpool_api::{
+    CheckoutMode, CheckoutSource, PoolState, Resources, SandboxState, TimeoutAction, TimeoutPolicy, VersionPolicy,
+    WarmPool, WarmPoolCheckout,
+};
+
+use super::*;
+
+/// A database and a way to open handles on it.
+pub trait Backend {
+    fn open(&self) -> Arc<dyn Store>;
+}
+
+pub struct Sqlite(tempfile::TempDir);
+
+impl Sqlite {
+    pub fn new() -> Sqlite {
+        Sqlite(tempfile::tempdir().unwrap())
+    }
+}
+
+impl Backend for Sqlite {
+    fn open(&self) -> Arc<dyn Store> {
+        Arc::new(super::sqlite::SqliteStore::open(&self.0.path().join("warmpool.db")).unwrap())
+    }
+}
+
+pub struct Postgres {
+    _server: warmpool_testkit::postgres::Postgres,
+    pub url: String,
+}
+
+impl Postgres {
+    pub fn new() -> Postgres {
+        let server = warmpool_testkit::postgres::Postgres::start();
+        let url = server.database();
+        Postgres { _server: server, url }
+    }
+}
+
+impl Backend for Postgres {
+    fn open(&self) -> Arc<dyn Store> {
+        Arc::new(super::postgres::PgStore::open(&self.url).unwrap())
+    }
+}
+
+/// Instantiates each test of the suite once per store.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(&super::Sqlite::new()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(&super::Postgres::new()) } )*
+        }
+    };
+}
+
+contract!(
+    concurrent_claims_never_share_a_sandbox,
+    a_claim_and_a_stop_never_both_win,
+    a_claim_writes_the_whole_row,
+    duplicate_names_are_conflicts,
+    pool_writes_never_lose_a_change,
+    every_resource_round_trips,
+);
+
+pub fn sandbox(id: &str, pool: &str) -> SandboxRow {
+    SandboxRow {
+        account_id: "acc_1".into(),
+        sandbox: warmpool_api::Sandbox {
+            id: id.into(),
+            template: "t".into(),
+            template_id: "tpl_1".into(),
+            build_id: "bld_1".into(),
+            state: SandboxState::Running,
+            labels: Default::default(),
+            created_at: Utc::now(),
+            expires_at: None,
+            warm_pool_checkout: None,
+        },
+        pool_id: Some(pool.into()),
+        lifecycle: Lifecycle::Ready,
+        claimed_from: None,
+        pool_generation: 0,
+        ready_at: Some(Utc::now()),
+        timeout_policy: None,
+        claim_env: Default::default(),
+        handle: Default::default(),
+        error: None,
+        owner: None,
+    }
+}
+
+fn claim() -> ClaimUpdate {
+    ClaimUpdate {
+        account_id: "acc_1".into(),
+        labels: Default::default(),
+        checkout: WarmPoolCheckout {
+            source: CheckoutSource::WarmPool,
+            hit: true,
+            id: "twp_1".into(),
+            mode: CheckoutMode::Require,
+            waited_ms: 0,
+            fallback_reason: None,
+        },
+        timeout_policy: None,
+        expires_at: None,
+        created_at: Utc::now(),
+    }
+}
+
+fn pool(id: &str, name: &str) -> PoolRow {
+    let now = Utc::now();
+    PoolRow {
+        account_id: "acc_1".into(),
+        pool: WarmPool {
+            id: id.into(),
+            name: name.into(),
+            template: "t".into(),
+            template_id: "tpl_1".into(),
+            version_policy: VersionPolicy::PinnedBuild,
+            track_tag: None,
+            min_ready: 1,
+            max_ready: 4,
+            resources: Resources::default(),
+            checkout_policy: None,
+            idle_timeout_seconds: None,
+            labels: Default::default(),
+            state: PoolState::Enabled,
+            rollout_generation: 1,
+            resolved_build_id: None,
+            previous_build_id: None,
+            created_at: now,
+            updated_at: now,
+        },
+        ctl: PoolControl::default(),
+        rev: 0,
+    }
+}
+
+/// 64 threads on two handles claim from 20 ready sandboxes: exactly 20 succeed, each with a different sandbox.
+fn concurrent_claims_never_share_a_sandbox(db: &dyn Backend) {
+    let (a, b) = (db.open(), db.open());
+    for i in 0..20 {
+        a.insert_sandbox(&sandbox(&format!("sbx_{i:02}"), "twp_1")).unwrap();
+    }
+    let handles: Vec<_> = (0..64)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            std::thread::spawn(move || store.claim_ready("twp_1", Some("bld_1"), &claim()).unwrap())
+        })
+        .collect();
+    let mut ids: Vec<String> =
+        handles.into_iter().filter_map(|h| h.join().unwrap()).map(|r| r.sandbox.id).collect();
+    assert_eq!(ids.len(), 20);
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 20);
+    assert_eq!(a.count_sandboxes("acc_1").unwrap(), (20, 0));
+}
+
+/// A claim and a stop race for the same ready sandbox: exactly one of the two conditional writes wins.
+fn a_claim_and_a_stop_never_both_win(db: &dyn Backend) {
+    let (a, b) = (db.open(), db.open());
+    for round in 0..200 {
+        let id = format!("sbx_{round:03}");
+        a.insert_sandbox(&sandbox(&id, "twp_1")).unwrap();
+        let claimer = std::thread::spawn({
+            let a = a.clone();
+            move || a.claim_ready("twp_1", None, &claim()).unwrap().is_some()
+        });
+        let mut draining = sandbox(&id, "twp_1");
+        draining.lifecycle = Lifecycle::Draining;
+        let stopped = b.update_sandbox_if(&draining, &[Lifecycle::Warming, Lifecycle::Ready]).unwrap();
+        let claimed = claimer.join().unwrap();
+        assert!(claimed != stopped, "round {round}: claimed {claimed}, stopped {stopped}");
+        let stored = a.get_sandbox(&id).unwrap().unwrap().lifecycle;
+        assert_eq!(stored, if claimed { Lifecycle::Claimed } else { Lifecycle::Draining });
+    }
+}
+
+/// What a claim returns is what is stored, with every field of the claim applied and the rest kept.
+fn a_claim_writes_the_whole_row(db: &dyn Backend) {
+    let store = db.open();
+    let mut ready = sandbox("sbx_1", "twp_1");
+    ready.handle.id = "sbx_1".into();
+    ready.handle.socket = "/run/procd.sock".into();
+    ready.owner = Some("rep_1".into());
+    ready.pool_generation = 3;
+    store.insert_sandbox(&ready).unwrap();
+    let mut other_build = sandbox("sbx_0", "twp_1");
+    other_build.sandbox.build_id = "bld_0".into();
+    other_build.ready_at = Some(Utc::now() - chrono::Duration::seconds(60));
+    store.insert_sandbox(&other_build).unwrap();
+
+    let mut update = claim();
+    update.account_id = "acc_2".into();
+    update.labels = BTreeMap::from([("job".to_string(), "ci".to_string())]);
+    update.timeout_policy = Some(TimeoutPolicy { timeout_seconds: 60, action: TimeoutAction::Pause });
+    update.expires_at = Some(Utc::now() + chrono::Duration::seconds(60));
+    // The resolved build first, though the other sandbox has been ready longer.
+    let claimed = store.claim_ready("twp_1", Some("bld_1"), &update).unwrap().unwrap();
+    let mut expected = ready.clone();
+    expected.account_id = "acc_2".into();
+    expected.pool_id = None;
+    expected.lifecycle = Lifecycle::Claimed;
+    expected.claimed_from = Some("twp_1".into());
+    expected.sandbox.labels = update.labels.clone();
+    expected.sandbox.warm_pool_checkout = Some(update.checkout.clone());
+    expected.sandbox.created_at = update.created_at;
+    expected.sandbox.expires_at = update.expires_at;
+    expected.timeout_policy = update.timeout_policy.clone();
+    assert_eq!(claimed, expected);
+    assert_eq!(store.get_sandbox("sbx_1").unwrap().unwrap(), expected);
+    assert_eq!(store.list_sandboxes("acc_2").unwrap(), vec![expected]);
+    assert_eq!(store.count_sandboxes("acc_2").unwrap(), (1, 0));
+    assert_eq!(store.list_pool_sandboxes("twp_1").unwrap().len(), 2, "claimed_from keeps it the pool's");
+}
+
+fn duplicate_names_are_conflicts(db: &dyn Backend) {
+    let store = db.open();
+    let spec = warmpool_api::TemplateSpec { name: "api".into(), ..Default::default() };
+    let row = |id: &str| TemplateRow {
+        account_id: "acc_1".into(),
+        template: warmpool_api::Template::from_spec(id.into(), spec.clone(), Utc::now(), Utc::now()),
+    };
+    store.insert_template(&row("tpl_1")).unwrap();
+    assert!(matches!(store.insert_template(&row("tpl_2")), Err(StoreError::Conflict(_))));
+    assert_eq!(store.list_templates("acc_1").unwrap().len(), 1);
+    store.insert_pool(&pool("twp_1", "api")).unwrap();
+    assert!(matches!(store.insert_pool(&pool("twp_2", "api")), Err(StoreError::Conflict(_))));
+}
+
+/// Two read-modify-writes of one pool from two handles: the second, made over a stale read, is refused, so
+/// neither change is lost.
+fn pool_writes_never_lose_a_change(db: &dyn Backend) {
+    let (a, b) = (db.open(), db.open());
+    a.insert_pool(&pool("twp_1", "api")).unwrap();
+    let mut first = a.get_pool_by_id("twp_1").unwrap().unwrap();
+    let mut second = b.get_pool_by_id("twp_1").unwrap().unwrap();
+    first.pool.min_ready = 3;
+    second.ctl.failed_total = 7;
+    assert!(a.update_pool(&first).unwrap());
+    assert!(!b.update_pool(&second).unwrap(), "a write over a stale read must be refused");
+    let mut again = b.get_pool_by_id("twp_1").unwrap().unwrap();
+    again.ctl.failed_total = 7;
+    assert!(b.update_pool(&again).unwrap());
+    let stored = a.get_pool_by_id("twp_1").unwrap().unwrap();
+    assert_eq!((stored.pool.min_ready, stored.ctl.failed_total, stored.rev), (3, 7, 2));
+    assert_eq!(a.list_pool_ids().unwrap(), vec!["twp_1".to_string()]);
+    a.delete_pool("twp_1").unwrap();
+    assert!(!b.update_pool(&stored).unwrap(), "a deleted pool is not written");
+}
+
+fn every_resource_round_trips(db: &dyn Backend) {
+    let store = db.open();
+    let now = Utc::now();
+    let account = warmpool_api::Account {
+        id: "acc_1".into(),
+        name: "team".into(),
+        quotas: Default::default(),
+        created_at: now,
+    };
+    store.insert_account(&account).unwrap();
+    assert_eq!(store.get_account("acc_1").unwrap(), Some(account.clone()));
+    assert_eq!(store.list_accounts().unwrap(), vec![account]);
+
+    let token = TokenRow {
+        id: "tok_1".into(),
+        account_id: Some("acc_1".into()),
+        name: None,
+        hash: "abc".into(),
+        admin: true,
+        created_at: now,
+    };
+    assert!(!store.has_admin_token().unwrap());
+    store.insert_token(&token).unwrap();
+    assert!(store.has_admin_token().unwrap());
+    assert_eq!(store.token_by_hash("abc").unwrap(), Some(token));
+    assert!(store.delete_token("tok_1").unwrap());
+    assert!(!store.delete_token("tok_1").unwrap());
+
+    let build = |id: &str, status: warmpool_api::BuildStatus, at| BuildRow {
+        account_id: "acc_1".into(),
+        build: warmpool_api::Build {
+            id: id.into(),
+            template_id: "tpl_1".into(),
+            status,
+            tags: vec![],
+            error: None,
+            created_at: at,
+            finished_at: None,
+        },
+        spec: Default::default(),
+        runner: Some("rep_1".into()),
+    };
+    use warmpool_api::BuildStatus::*;
+    store.insert_build(&build("bld_1", Ready, now - chrono::Duration::seconds(2))).unwrap();
+    store.insert_build(&build("bld_2", Building, now - chrono::Duration::seconds(1))).unwrap();
+    store.insert_build(&build("bld_3", Ready, now)).unwrap();
+    assert_eq!(store.latest_ready_build("tpl_1").unwrap().unwrap().build.id, "bld_3");
+    let building: Vec<String> =
+        store.list_builds_in(&["queued", "building"]).unwrap().into_iter().map(|b| b.build.id).collect();
+    assert_eq!(building, vec!["bld_2"]);
+    store.update_build(&build("bld_2", Failed, now)).unwrap();
+    assert_eq!(store.get_build("bld_2").unwrap().unwrap().build.status, Failed);
+    assert_eq!(store.list_builds("tpl_1").unwrap().len(), 3);
+
+    store.put_tag("tpl_1", "stable", "bld_1", now).unwrap();
+    store.put_tag("tpl_1", "stable", "bld_3", now).unwrap();
+    assert_eq!(store.get_tag("tpl_1", "stable").unwrap().unwrap().build_id, "bld_3");
+    assert!(store.delete_tag("tpl_1", "stable").unwrap());
+    assert!(store.list_tags("tpl_1").unwrap().is_empty());
+
+    store.insert_pool(&pool("twp_1", "api")).unwrap();
+    let lease = LeaseRow {
+        account_id: "acc_1".into(),
+        lease: warmpool_api::Lease {
+            pool_id: "twp_1".into(),
+            key: "ci/1".into(),
+            count: 2,
+            ttl_seconds: 60,
+            expires_at: now + chrono::Duration::seconds(60),
+            updated_at: now,
+        },
+    };
+    store.put_lease(&lease).unwrap();
+    store.put_lease(&lease).unwrap();
+    assert_eq!(store.list_leases("twp_1").unwrap(), vec![lease]);
+    assert!(store.delete_lease("twp_1", "ci/1").unwrap());
+
+    let mut warming = sandbox("sbx_1", "twp_1");
+    warming.lifecycle = Lifecycle::Warming;
+    store.insert_sandbox(&warming).unwrap();
+    assert_eq!(store.count_live_sandboxes().unwrap(), 1);
+    assert_eq!(store.count_sandboxes("acc_1").unwrap(), (0, 1));
+    assert!(!store.delete_sandbox_if("sbx_1", &[Lifecycle::Draining]).unwrap());
+    assert!(store.delete_sandbox_if("sbx_1", &[Lifecycle::Warming]).unwrap());
+    assert!(store.list_all_sandboxes().unwrap().is_empty());
+    store.check_writable().unwrap();
+}

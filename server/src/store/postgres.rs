@@ -1,0 +1,786 @@
+//! The PostgreSQL store, for several `warmpool serve` replicas sharing one state.
+//!
+//! - Every operation is one statement (no client-side transactions), so a small set of pipelined connections
+//!   serves all callers. The claim is one `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED)`: two replicas
+//!   never take the same sandbox and never wait on each other's candidate.
+//! - Each replica holds one **session** connection for its whole life: it `LISTEN`s for what other replicas change
+//!   and holds the advisory locks that say which replica is alive and which pools it reconciles. A replica that
+//!   dies (even by `kill -9`) closes that connection, which releases its locks at once.
+//! - Statements that change what a pool's reconciler or waiting checkouts care about `NOTIFY` the pool in the same
+//!   statement.
+//!
+//! The [`Store`] trait is synchronous (the embedded store answers in microseconds). Connections are driven by a
+//! small runtime of the store's own, and a caller blocks on the reply like it blocks on SQLite's lock: the reply's
+//! future only waits on a channel, so blocking on it never needs the caller's runtime.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
+use warmpool_api::{Account, Tag};
+
+use super::*;
+
+/// Schema versions, applied in order, each once, by whichever replica starts first.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, json JSONB NOT NULL);
+CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, admin BOOLEAN NOT NULL, json JSONB NOT NULL);
+CREATE TABLE templates (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name TEXT NOT NULL, json JSONB NOT NULL,
+    UNIQUE (account_id, name));
+CREATE TABLE builds (id TEXT PRIMARY KEY, template_id TEXT NOT NULL, status TEXT NOT NULL,
+    created_at TEXT NOT NULL, json JSONB NOT NULL);
+CREATE INDEX builds_by_template ON builds (template_id, created_at);
+CREATE TABLE tags (template_id TEXT NOT NULL, name TEXT NOT NULL, build_id TEXT NOT NULL,
+    updated_at TEXT NOT NULL, PRIMARY KEY (template_id, name));
+CREATE TABLE pools (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name TEXT NOT NULL, rev BIGINT NOT NULL,
+    json JSONB NOT NULL, UNIQUE (account_id, name));
+CREATE TABLE leases (pool_id TEXT NOT NULL, key TEXT NOT NULL, json JSONB NOT NULL, PRIMARY KEY (pool_id, key));
+CREATE TABLE sandboxes (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, pool_id TEXT, lifecycle TEXT NOT NULL,
+    claimed_from TEXT, build_id TEXT NOT NULL, state TEXT NOT NULL, ready_at TEXT, json JSONB NOT NULL);
+CREATE INDEX sandboxes_by_pool ON sandboxes (pool_id, lifecycle, ready_at);
+CREATE INDEX sandboxes_by_account ON sandboxes (account_id);
+CREATE INDEX sandboxes_claimed_from ON sandboxes (claimed_from);
+CREATE TABLE health (id INTEGER PRIMARY KEY, at TEXT NOT NULL);
+"#];
+
+/// The `NOTIFY` channel: payload `pool:<id>` or `*`.
+const CHANNEL: &str = "warmpool";
+/// Advisory lock namespaces (the first key of the two-key form): one lock per live replica, one per reconciled pool,
+/// and one for migrations.
+const LOCK_REPLICA: i32 = 0x5750_0001;
+const LOCK_POOL: i32 = 0x5750_0002;
+const LOCK_MIGRATE: i32 = 0x5750_0003;
+const LOCK_LEADER: i32 = 0x5750_0004;
+/// Connections serving statements (they pipeline: many callers share one).
+const CONNECTIONS: usize = 4;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The held advisory locks of namespace `ns` in this database (`pg_locks` spans the whole cluster).
+fn held_locks(ns: i32) -> String {
+    format!(
+        "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND classid = {ns} AND objsubid = 2 AND granted
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+}
+
+/// The second key of an id's advisory lock (non-negative, so it compares equal to `pg_locks.objid`).
+const LOCK_KEY: &str = "(hashtext($1) & 2147483647)";
+
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn from_json<T: DeserializeOwned>(text: &str) -> StoreResult<T> {
+    Ok(serde_json::from_str(text)?)
+}
+
+fn lifecycles(expected: &[Lifecycle]) -> Vec<&'static str> {
+    expected.iter().map(|l| l.as_str()).collect()
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let reason = match e.code() {
+            Some(code) if *code == SqlState::UNIQUE_VIOLATION => {
+                let what = e.as_db_error().and_then(|d| d.constraint()).unwrap_or("row").to_string();
+                return StoreError::Conflict(what);
+            }
+            Some(code) if *code == SqlState::DISK_FULL => "the disk is full",
+            Some(code) if *code == SqlState::READ_ONLY_SQL_TRANSACTION => "the database is read-only",
+            Some(code) if *code == SqlState::IO_ERROR => "an I/O error",
+            Some(code)
+                if [SqlState::ADMIN_SHUTDOWN, SqlState::CANNOT_CONNECT_NOW, SqlState::TOO_MANY_CONNECTIONS]
+                    .contains(code) =>
+            {
+                "the database is not accepting connections"
+            }
+            Some(_) => return StoreError::Backend(Box::new(e)),
+            None => "the database is unreachable",
+        };
+        StoreError::Unavailable { reason, source: Box::new(e) }
+    }
+}
+
+/// A statement parameter with its type (statements are sent typed: one round trip, nothing prepared).
+type Param<'a> = (&'a (dyn ToSql + Sync), Type);
+
+fn text(v: &(dyn ToSql + Sync)) -> Param<'_> {
+    (v, Type::TEXT)
+}
+
+/// What the session task and the store share.
+struct Session {
+    config: Config,
+    replica: String,
+    events: UnboundedSender<StoreEvent>,
+    client: Mutex<Option<Arc<Client>>>,
+}
+
+pub struct PgStore {
+    /// Drives the connections; `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+    config: Config,
+    describe: String,
+    connections: Vec<Mutex<Arc<Client>>>,
+    next: AtomicUsize,
+    session: Mutex<Option<Arc<Session>>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks; the store may be dropped inside another runtime.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Connects one client and drives its connection on the store's runtime.
+async fn connect(config: Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = &e as &dyn std::error::Error, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+impl PgStore {
+    /// Connects, and brings the schema up to date (once, whichever replica gets there first).
+    pub fn open(url: &str) -> StoreResult<PgStore> {
+        let mut config: Config = url.parse().map_err(|e| StoreError::Unavailable {
+            reason: "the PostgreSQL URL does not parse",
+            source: Box::new(e),
+        })?;
+        config.connect_timeout(CONNECT_TIMEOUT).application_name("warmpool");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("warmpool-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let describe = format!(
+            "postgres://{}@{}/{}",
+            config.get_user().unwrap_or(""),
+            config
+                .get_hosts()
+                .iter()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            config.get_dbname().unwrap_or("")
+        );
+        let mut store = PgStore {
+            runtime: Some(runtime),
+            config,
+            describe,
+            connections: Vec::new(),
+            next: AtomicUsize::new(0),
+            session: Mutex::new(None),
+        };
+        store.migrate()?;
+        for _ in 0..CONNECTIONS {
+            let client = store.spawn(connect(store.config.clone()))??;
+            store.connections.push(Mutex::new(Arc::new(client)));
+        }
+        Ok(store)
+    }
+
+    /// Runs `f` on the store's runtime and waits for it.
+    fn spawn<T: Send + 'static>(&self, f: impl std::future::Future<Output = T> + Send + 'static) -> StoreResult<T> {
+        let rt = self.runtime.as_ref().expect("runtime");
+        futures::executor::block_on(rt.spawn(f)).map_err(|e| StoreError::Backend(Box::new(e)))
+    }
+
+    fn migrate(&self) -> StoreResult<()> {
+        let config = self.config.clone();
+        self.spawn(async move {
+            let mut client = connect(config).await?;
+            let tx = client.transaction().await?;
+            tx.execute(&format!("SELECT pg_advisory_xact_lock({LOCK_MIGRATE}, 0)"), &[]).await?;
+            tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)").await?;
+            let applied: i64 =
+                tx.query_one("SELECT COUNT(*) FROM schema_migrations", &[]).await?.get(0);
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+                tx.batch_execute(sql).await?;
+                let version = i as i32 + 1;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                    &[&version, &ts(&Utc::now())],
+                )
+                .await?;
+            }
+            tx.commit().await
+        })??;
+        Ok(())
+    }
+
+    /// A statement connection (round-robin), reconnected if it was closed.
+    fn client(&self) -> StoreResult<Arc<Client>> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let mut slot = self.connections[i].lock().expect("connection slot");
+        if slot.is_closed() {
+            *slot = Arc::new(self.spawn(connect(self.config.clone()))??);
+        }
+        Ok(slot.clone())
+    }
+
+    fn query(&self, sql: &str, params: &[Param]) -> StoreResult<Vec<Row>> {
+        let client = self.client()?;
+        Ok(futures::executor::block_on(client.query_typed(sql, params))?)
+    }
+
+    /// Rows changed by a statement that returns one row per change.
+    fn changed(&self, sql: &str, params: &[Param]) -> StoreResult<usize> {
+        Ok(self.query(sql, params)?.len())
+    }
+
+    fn one<T: DeserializeOwned>(&self, sql: &str, params: &[Param]) -> StoreResult<Option<T>> {
+        match self.query(sql, params)?.first() {
+            Some(row) => Ok(Some(from_json(row.get::<_, &str>(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    fn many<T: DeserializeOwned>(&self, sql: &str, params: &[Param]) -> StoreResult<Vec<T>> {
+        self.query(sql, params)?.iter().map(|row| from_json(row.get::<_, &str>(0))).collect()
+    }
+
+    fn session_client(&self) -> StoreResult<Arc<Client>> {
+        let session = self.session.lock().expect("session").clone();
+        session.and_then(|s| s.client.lock().expect("session client").clone()).ok_or(StoreError::Unavailable {
+            reason: "this replica's database session is reconnecting",
+            source: "no session".into(),
+        })
+    }
+
+    /// A statement on this replica's session (where its advisory locks live) that answers one boolean.
+    fn session_bool(&self, sql: &str, params: &[Param]) -> StoreResult<bool> {
+        let client = self.session_client()?;
+        let rows = futures::executor::block_on(client.query_typed(sql, params))?;
+        Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+    }
+}
+
+/// Keeps this replica's session: connects, `LISTEN`s, takes the replica's lock, forwards notifications, and when the
+/// connection ends says so ([`StoreEvent::LocksLost`]) and connects again. The first attempt's outcome goes to
+/// `first`.
+async fn keep_session(
+    session: Arc<Session>,
+    mut first: Option<tokio::sync::oneshot::Sender<Result<(), tokio_postgres::Error>>>,
+) {
+    loop {
+        let attempt = async {
+            let (client, mut connection) = session.config.connect(NoTls).await?;
+            let events = session.events.clone();
+            let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                let mut messages = futures::stream::poll_fn(|cx| connection.poll_message(cx));
+                while let Some(Ok(message)) = messages.next().await {
+                    if let AsyncMessage::Notification(n) = message {
+                        // A change of a sandbox outside any pool notifies an empty payload: nobody's business.
+                        let event = match n.payload() {
+                            "*" => StoreEvent::All,
+                            payload => match payload.strip_prefix("pool:") {
+                                Some(pool) => StoreEvent::Pool(pool.to_string()),
+                                None => continue,
+                            },
+                        };
+                        let _ = events.send(event);
+                    }
+                }
+                let _ = ended_tx.send(());
+            });
+            client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+            client
+                .query_typed(
+                    &format!("SELECT pg_advisory_lock({LOCK_REPLICA}, {LOCK_KEY})"),
+                    &[text(&session.replica)],
+                )
+                .await?;
+            Ok::<_, tokio_postgres::Error>((Arc::new(client), ended))
+        };
+        match attempt.await {
+            Ok((client, ended)) => {
+                *session.client.lock().expect("session client") = Some(client);
+                match first.take() {
+                    Some(first) => {
+                        let _ = first.send(Ok(()));
+                    }
+                    // Reconnected: something may have changed unheard.
+                    None => {
+                        let _ = session.events.send(StoreEvent::All);
+                    }
+                }
+                let _ = ended.await;
+                *session.client.lock().expect("session client") = None;
+                tracing::warn!("Lost the database session; this replica's pools go to others until it reconnects");
+                let _ = session.events.send(StoreEvent::LocksLost);
+            }
+            Err(e) => {
+                if let Some(first) = first.take() {
+                    let _ = first.send(Err(e));
+                    return;
+                }
+                tracing::warn!(error = &e as &dyn std::error::Error, "Cannot reconnect the database session");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Sandbox columns besides its id: (json, pool_id, lifecycle, state, ready_at).
+type SandboxColumns = (String, Option<String>, &'static str, &'static str, Option<String>);
+
+fn sandbox_columns(row: &SandboxRow) -> StoreResult<SandboxColumns> {
+    Ok((
+        serde_json::to_string(row)?,
+        row.pool_id.clone(),
+        row.lifecycle.as_str(),
+        row.sandbox.state.as_str(),
+        row.ready_at.as_ref().map(ts),
+    ))
+}
+
+/// Renames a unique violation to what the user knows it as.
+fn conflict_as(what: String) -> impl FnOnce(StoreError) -> StoreError {
+    move |e| match e {
+        StoreError::Conflict(_) => StoreError::Conflict(what),
+        e => e,
+    }
+}
+
+impl Store for PgStore {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn check_writable(&self) -> StoreResult<()> {
+        let at = ts(&Utc::now());
+        self.query(
+            "INSERT INTO health (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            &[text(&at)],
+        )?;
+        Ok(())
+    }
+
+    fn insert_account(&self, a: &Account) -> StoreResult<()> {
+        let json = serde_json::to_string(a)?;
+        self.query(
+            "INSERT INTO accounts (id, name, json) VALUES ($1, $2, $3::jsonb)",
+            &[text(&a.id), text(&a.name), text(&json)],
+        )?;
+        Ok(())
+    }
+    fn get_account(&self, id: &str) -> StoreResult<Option<Account>> {
+        self.one("SELECT json::text FROM accounts WHERE id = $1", &[text(&id)])
+    }
+    fn list_accounts(&self) -> StoreResult<Vec<Account>> {
+        self.many("SELECT json::text FROM accounts ORDER BY name", &[])
+    }
+    fn update_account(&self, a: &Account) -> StoreResult<()> {
+        let json = serde_json::to_string(a)?;
+        self.query(
+            "UPDATE accounts SET name = $2, json = $3::jsonb WHERE id = $1",
+            &[text(&a.id), text(&a.name), text(&json)],
+        )?;
+        Ok(())
+    }
+
+    fn insert_token(&self, t: &TokenRow) -> StoreResult<()> {
+        let json = serde_json::to_string(t)?;
+        self.query(
+            "INSERT INTO tokens (id, hash, admin, json) VALUES ($1, $2, $3, $4::jsonb)",
+            &[text(&t.id), text(&t.hash), (&t.admin, Type::BOOL), text(&json)],
+        )?;
+        Ok(())
+    }
+    fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>> {
+        self.one("SELECT json::text FROM tokens WHERE hash = $1", &[text(&hash)])
+    }
+    fn has_admin_token(&self) -> StoreResult<bool> {
+        Ok(!self.query("SELECT 1 FROM tokens WHERE admin LIMIT 1", &[])?.is_empty())
+    }
+    fn delete_token(&self, id: &str) -> StoreResult<bool> {
+        Ok(self.changed("DELETE FROM tokens WHERE id = $1 RETURNING 1", &[text(&id)])? > 0)
+    }
+
+    fn insert_template(&self, row: &TemplateRow) -> StoreResult<()> {
+        let t = &row.template;
+        let json = serde_json::to_string(row)?;
+        self.query(
+            "INSERT INTO templates (id, account_id, name, json) VALUES ($1, $2, $3, $4::jsonb)",
+            &[text(&t.id), text(&row.account_id), text(&t.name), text(&json)],
+        )
+        .map_err(conflict_as(format!("template {:?}", t.name)))?;
+        Ok(())
+    }
+    fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>> {
+        self.one(
+            "SELECT json::text FROM templates WHERE account_id = $1 AND (id = $2 OR name = $2)",
+            &[text(&account_id), text(&id_or_name)],
+        )
+    }
+    fn list_templates(&self, account_id: &str) -> StoreResult<Vec<TemplateRow>> {
+        self.many("SELECT json::text FROM templates WHERE account_id = $1 ORDER BY name", &[text(&account_id)])
+    }
+    fn update_template(&self, row: &TemplateRow) -> StoreResult<()> {
+        let t = &row.template;
+        let json = serde_json::to_string(row)?;
+        self.query(
+            "UPDATE templates SET name = $2, json = $3::jsonb WHERE id = $1",
+            &[text(&t.id), text(&t.name), text(&json)],
+        )
+        .map_err(conflict_as(format!("template {:?}", t.name)))?;
+        Ok(())
+    }
+    fn delete_template(&self, id: &str) -> StoreResult<()> {
+        self.query(
+            "WITH t AS (DELETE FROM tags WHERE template_id = $1), b AS (DELETE FROM builds WHERE template_id = $1),
+                  n AS (SELECT pg_notify('warmpool', '*'))
+             DELETE FROM templates WHERE id = $1 AND EXISTS (SELECT 1 FROM n)",
+            &[text(&id)],
+        )?;
+        Ok(())
+    }
+
+    fn insert_build(&self, row: &BuildRow) -> StoreResult<()> {
+        let b = &row.build;
+        let (created, json) = (ts(&b.created_at), serde_json::to_string(row)?);
+        self.query(
+            "INSERT INTO builds (id, template_id, status, created_at, json) VALUES ($1, $2, $3, $4, $5::jsonb)",
+            &[text(&b.id), text(&b.template_id), text(&b.status.as_str()), text(&created), text(&json)],
+        )?;
+        Ok(())
+    }
+    fn get_build(&self, id: &str) -> StoreResult<Option<BuildRow>> {
+        self.one("SELECT json::text FROM builds WHERE id = $1", &[text(&id)])
+    }
+    fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
+        self.many(
+            "SELECT json::text FROM builds WHERE template_id = $1 ORDER BY created_at",
+            &[text(&template_id)],
+        )
+    }
+    fn list_builds_in(&self, statuses: &[&str]) -> StoreResult<Vec<BuildRow>> {
+        self.many(
+            "SELECT json::text FROM builds WHERE status = ANY($1) ORDER BY created_at",
+            &[(&statuses, Type::TEXT_ARRAY)],
+        )
+    }
+    fn update_build(&self, row: &BuildRow) -> StoreResult<()> {
+        let b = &row.build;
+        let json = serde_json::to_string(row)?;
+        // A build that finished changes what pools can start: every replica hears it.
+        self.query(
+            "WITH u AS (UPDATE builds SET status = $2, json = $3::jsonb WHERE id = $1 RETURNING status)
+             SELECT pg_notify('warmpool', '*') FROM u WHERE status IN ('ready', 'failed')",
+            &[text(&b.id), text(&b.status.as_str()), text(&json)],
+        )?;
+        Ok(())
+    }
+    fn latest_ready_build(&self, template_id: &str) -> StoreResult<Option<BuildRow>> {
+        self.one(
+            "SELECT json::text FROM builds WHERE template_id = $1 AND status = 'ready'
+             ORDER BY created_at DESC LIMIT 1",
+            &[text(&template_id)],
+        )
+    }
+
+    fn put_tag(&self, template_id: &str, tag: &str, build_id: &str, at: DateTime<Utc>) -> StoreResult<()> {
+        let at = ts(&at);
+        self.query(
+            "WITH u AS (INSERT INTO tags (template_id, name, build_id, updated_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (template_id, name) DO UPDATE SET build_id = excluded.build_id,
+                 updated_at = excluded.updated_at RETURNING 1)
+             SELECT pg_notify('warmpool', '*') FROM u",
+            &[text(&template_id), text(&tag), text(&build_id), text(&at)],
+        )?;
+        Ok(())
+    }
+    fn get_tag(&self, template_id: &str, tag: &str) -> StoreResult<Option<Tag>> {
+        Ok(self.list_tags(template_id)?.into_iter().find(|t| t.name == tag))
+    }
+    fn list_tags(&self, template_id: &str) -> StoreResult<Vec<Tag>> {
+        self.query(
+            "SELECT name, build_id, updated_at FROM tags WHERE template_id = $1 ORDER BY name",
+            &[text(&template_id)],
+        )?
+        .iter()
+        .map(|r| {
+            let updated_at = DateTime::parse_from_rfc3339(r.get::<_, &str>(2))
+                .map_err(|e| StoreError::Corrupt { what: "tag timestamp", source: Box::new(e) })?
+                .with_timezone(&Utc);
+            Ok(Tag { name: r.get(0), template_id: template_id.to_string(), build_id: r.get(1), updated_at })
+        })
+        .collect()
+    }
+    fn delete_tag(&self, template_id: &str, tag: &str) -> StoreResult<bool> {
+        Ok(self.changed(
+            "WITH d AS (DELETE FROM tags WHERE template_id = $1 AND name = $2 RETURNING 1)
+             SELECT pg_notify('warmpool', '*') FROM d",
+            &[text(&template_id), text(&tag)],
+        )? > 0)
+    }
+
+    fn insert_pool(&self, row: &PoolRow) -> StoreResult<()> {
+        let p = &row.pool;
+        let json = serde_json::to_string(row)?;
+        self.query(
+            "WITH i AS (INSERT INTO pools (id, account_id, name, rev, json) VALUES ($1, $2, $3, $4, $5::jsonb)
+                 RETURNING id)
+             SELECT pg_notify('warmpool', 'pool:' || id) FROM i",
+            &[text(&p.id), text(&row.account_id), text(&p.name), (&(row.rev as i64), Type::INT8), text(&json)],
+        )
+        .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
+        Ok(())
+    }
+    fn get_pool(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>> {
+        self.one(
+            "SELECT json::text FROM pools WHERE account_id = $1 AND (id = $2 OR name = $2)",
+            &[text(&account_id), text(&id_or_name)],
+        )
+    }
+    fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>> {
+        self.one("SELECT json::text FROM pools WHERE id = $1", &[text(&id)])
+    }
+    fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>> {
+        match account_id {
+            Some(a) => self.many("SELECT json::text FROM pools WHERE account_id = $1 ORDER BY name", &[text(&a)]),
+            None => self.many("SELECT json::text FROM pools ORDER BY id", &[]),
+        }
+    }
+    fn update_pool(&self, row: &PoolRow) -> StoreResult<bool> {
+        let p = &row.pool;
+        let next = PoolRow { rev: row.rev + 1, ..row.clone() };
+        let json = serde_json::to_string(&next)?;
+        let changed = self
+            .changed(
+                "WITH u AS (UPDATE pools SET name = $2, rev = $4 + 1, json = $3::jsonb WHERE id = $1 AND rev = $4
+                     RETURNING id)
+                 SELECT pg_notify('warmpool', 'pool:' || id) FROM u",
+                &[text(&p.id), text(&p.name), text(&json), (&(row.rev as i64), Type::INT8)],
+            )
+            .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
+        Ok(changed == 1)
+    }
+    fn list_pool_ids(&self) -> StoreResult<Vec<String>> {
+        Ok(self.query("SELECT id FROM pools ORDER BY id", &[])?.iter().map(|r| r.get(0)).collect())
+    }
+    fn delete_pool(&self, id: &str) -> StoreResult<()> {
+        self.query(
+            "WITH l AS (DELETE FROM leases WHERE pool_id = $1), d AS (DELETE FROM pools WHERE id = $1 RETURNING id)
+             SELECT pg_notify('warmpool', 'pool:' || id) FROM d",
+            &[text(&id)],
+        )?;
+        Ok(())
+    }
+
+    fn put_lease(&self, row: &LeaseRow) -> StoreResult<()> {
+        let json = serde_json::to_string(row)?;
+        self.query(
+            "WITH u AS (INSERT INTO leases (pool_id, key, json) VALUES ($1, $2, $3::jsonb)
+                 ON CONFLICT (pool_id, key) DO UPDATE SET json = excluded.json RETURNING pool_id)
+             SELECT pg_notify('warmpool', 'pool:' || pool_id) FROM u",
+            &[text(&row.lease.pool_id), text(&row.lease.key), text(&json)],
+        )?;
+        Ok(())
+    }
+    fn delete_lease(&self, pool_id: &str, key: &str) -> StoreResult<bool> {
+        Ok(self.changed(
+            "WITH d AS (DELETE FROM leases WHERE pool_id = $1 AND key = $2 RETURNING pool_id)
+             SELECT pg_notify('warmpool', 'pool:' || pool_id) FROM d",
+            &[text(&pool_id), text(&key)],
+        )? > 0)
+    }
+    fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
+        self.many("SELECT json::text FROM leases WHERE pool_id = $1 ORDER BY key", &[text(&pool_id)])
+    }
+
+    fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
+        let (json, pool_id, lifecycle, state, ready_at) = sandbox_columns(row)?;
+        self.query(
+            "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
+            &[
+                text(&row.sandbox.id),
+                text(&row.account_id),
+                text(&pool_id),
+                text(&lifecycle),
+                text(&row.claimed_from),
+                text(&row.sandbox.build_id),
+                text(&state),
+                text(&ready_at),
+                text(&json),
+            ],
+        )?;
+        Ok(())
+    }
+    fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
+        self.one("SELECT json::text FROM sandboxes WHERE id = $1", &[text(&id)])
+    }
+    fn list_sandboxes(&self, account_id: &str) -> StoreResult<Vec<SandboxRow>> {
+        self.many(
+            "SELECT json::text FROM sandboxes WHERE account_id = $1 AND pool_id IS NULL ORDER BY id",
+            &[text(&account_id)],
+        )
+    }
+    fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
+        self.many("SELECT json::text FROM sandboxes ORDER BY id", &[])
+    }
+    fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>> {
+        self.many(
+            "SELECT json::text FROM sandboxes WHERE pool_id = $1 OR claimed_from = $1 ORDER BY id",
+            &[text(&pool_id)],
+        )
+    }
+    fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool> {
+        let (json, pool_id, lifecycle, state, ready_at) = sandbox_columns(row)?;
+        let expected = lifecycles(expected);
+        // The pool hears it: a sandbox that became ready wakes waiting checkouts; one that went, its reconciler.
+        let changed = self.changed(
+            "WITH u AS (UPDATE sandboxes SET account_id = $2, pool_id = $3, lifecycle = $4, claimed_from = $5,
+                 state = $6, ready_at = $7, json = $8::jsonb WHERE id = $1 AND lifecycle = ANY($9)
+                 RETURNING COALESCE(pool_id, claimed_from) AS pool)
+             SELECT pg_notify('warmpool', 'pool:' || pool) FROM u",
+            &[
+                text(&row.sandbox.id),
+                text(&row.account_id),
+                text(&pool_id),
+                text(&lifecycle),
+                text(&row.claimed_from),
+                text(&state),
+                text(&ready_at),
+                text(&json),
+                (&expected, Type::TEXT_ARRAY),
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+    fn delete_sandbox_if(&self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool> {
+        let expected = lifecycles(expected);
+        let changed = self.changed(
+            "WITH d AS (DELETE FROM sandboxes WHERE id = $1 AND lifecycle = ANY($2)
+                 RETURNING COALESCE(pool_id, claimed_from) AS pool)
+             SELECT pg_notify('warmpool', 'pool:' || pool) FROM d",
+            &[text(&id), (&expected, Type::TEXT_ARRAY)],
+        )?;
+        Ok(changed == 1)
+    }
+    fn count_live_sandboxes(&self) -> StoreResult<u64> {
+        let rows = self.query(
+            "SELECT COUNT(*) FROM sandboxes WHERE lifecycle IN ('warming', 'ready', 'claimed', 'draining')",
+            &[],
+        )?;
+        Ok(rows[0].get::<_, i64>(0) as u64)
+    }
+    fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)> {
+        let rows = self.query(
+            "SELECT COUNT(*) FILTER (WHERE pool_id IS NULL AND lifecycle IN ('warming', 'claimed')),
+                    COUNT(*) FILTER (WHERE pool_id IS NOT NULL AND lifecycle IN ('warming', 'ready'))
+             FROM sandboxes WHERE account_id = $1",
+            &[text(&account_id)],
+        )?;
+        Ok((rows[0].get::<_, i64>(0) as u64, rows[0].get::<_, i64>(1) as u64))
+    }
+
+    fn claim_ready(
+        &self,
+        pool_id: &str,
+        prefer_build: Option<&str>,
+        claim: &ClaimUpdate,
+    ) -> StoreResult<Option<SandboxRow>> {
+        // The claim's changes as JSON patches of the row and of its sandbox (the same fields the embedded store
+        // sets).
+        let row_patch = serde_json::json!({
+            "account_id": claim.account_id,
+            "pool_id": null,
+            "lifecycle": Lifecycle::Claimed.as_str(),
+            "claimed_from": pool_id,
+            "timeout_policy": claim.timeout_policy,
+        })
+        .to_string();
+        let sandbox_patch = serde_json::json!({
+            "labels": claim.labels,
+            "warm_pool_checkout": claim.checkout,
+            "created_at": claim.created_at,
+            "expires_at": claim.expires_at,
+        })
+        .to_string();
+        let prefer = prefer_build.unwrap_or("");
+        // One statement: the candidate is locked as it is picked, and a candidate another claim (or a stop) has
+        // locked is skipped, not waited for.
+        let rows = self.query(
+            "WITH c AS (UPDATE sandboxes s SET account_id = $2, pool_id = NULL, lifecycle = 'claimed',
+                     claimed_from = $1,
+                     json = (s.json || $3::jsonb) || jsonb_build_object('sandbox', (s.json -> 'sandbox') || $4::jsonb)
+                 WHERE s.id = (SELECT id FROM sandboxes WHERE pool_id = $1 AND lifecycle = 'ready'
+                               ORDER BY (build_id = $5) DESC, ready_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+                   AND s.lifecycle = 'ready'
+                 RETURNING s.json)
+             SELECT json::text, pg_notify('warmpool', 'pool:' || $1) FROM c",
+            &[text(&pool_id), text(&claim.account_id), text(&row_patch), text(&sandbox_patch), text(&prefer)],
+        )?;
+        rows.first().map(|r| from_json(r.get::<_, &str>(0))).transpose()
+    }
+
+    fn join(&self, replica: &str, events: UnboundedSender<StoreEvent>) -> StoreResult<()> {
+        let session = Arc::new(Session {
+            config: self.config.clone(),
+            replica: replica.to_string(),
+            events,
+            client: Mutex::new(None),
+        });
+        let (first, joined) = tokio::sync::oneshot::channel();
+        let rt = self.runtime.as_ref().expect("runtime");
+        rt.spawn(keep_session(session.clone(), Some(first)));
+        futures::executor::block_on(joined).map_err(|e| StoreError::Backend(Box::new(e)))??;
+        *self.session.lock().expect("session") = Some(session);
+        Ok(())
+    }
+
+    fn replica_alive(&self, replica: &str) -> StoreResult<bool> {
+        let rows = self.query(
+            &format!("SELECT EXISTS ({} AND objid = {LOCK_KEY}::oid)", held_locks(LOCK_REPLICA)),
+            &[text(&replica)],
+        )?;
+        Ok(rows[0].get(0))
+    }
+
+    fn lock_pool(&self, pool_id: &str) -> StoreResult<bool> {
+        self.session_bool(&format!("SELECT pg_try_advisory_lock({LOCK_POOL}, {LOCK_KEY})"), &[text(&pool_id)])
+    }
+
+    fn unlock_pool(&self, pool_id: &str) -> StoreResult<()> {
+        self.session_bool(&format!("SELECT pg_advisory_unlock({LOCK_POOL}, {LOCK_KEY})"), &[text(&pool_id)])?;
+        Ok(())
+    }
+
+    fn lock_leader(&self) -> StoreResult<bool> {
+        self.session_bool(&format!("SELECT pg_try_advisory_lock({LOCK_LEADER}, 0)"), &[])
+    }
+
+    fn cluster(&self) -> StoreResult<Option<Cluster>> {
+        let rows = self.query(
+            &format!(
+                "SELECT (SELECT COUNT(*) FROM ({}) r), (SELECT COUNT(*) FROM pools), (SELECT COUNT(*) FROM ({}) p)",
+                held_locks(LOCK_REPLICA),
+                held_locks(LOCK_POOL)
+            ),
+            &[],
+        )?;
+        let count = |i| rows[0].get::<_, i64>(i) as u64;
+        Ok(Some(Cluster { replicas: count(0), pools: count(1), locked_pools: count(2) }))
+    }
+}
