@@ -2,7 +2,8 @@
 # Installs what the local runtime and the builds need on a fresh Debian machine, when it is missing:
 # runc (runs every sandbox and build as an OCI container), the standard CNI plugins (sandbox networking),
 # iproute2 (network namespaces), umoci and skopeo (template images), busybox-static (the tests' tiny image) and
-# protoc (the Terraform provider's build). Safe to run again.
+# protoc (the Terraform provider's build), and the PostgreSQL server binaries (the tests start their own PostgreSQL).
+# Safe to run again.
 set -euo pipefail
 
 missing=()
@@ -13,6 +14,7 @@ command -v iptables >/dev/null || missing+=(iptables)
 command -v umoci >/dev/null || missing+=(umoci)
 command -v skopeo >/dev/null || missing+=(skopeo)
 command -v busybox >/dev/null || missing+=(busybox-static)
+command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v protoc >/dev/null || [ -n "${PROTOC:-}" ] || missing+=(protobuf-compiler libprotobuf-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -117,7 +117,7 @@ fn claim() -> ClaimUpdate {
     }
 }
 
-fn pool(id: &str, name: &str) -> PoolRow {
+pub fn pool(id: &str, name: &str) -> PoolRow {
     let now = Utc::now();
     PoolRow {
         account_id: "acc_1".into(),

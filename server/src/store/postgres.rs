@@ -784,3 +784,70 @@ impl Store for PgStore {
         Ok(Some(Cluster { replicas: count(0), pools: count(1), locked_pools: count(2) }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::{sandbox, Backend, Postgres};
+
+    fn joined(db: &Postgres, replica: &str) -> (Arc<dyn Store>, tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) {
+        let store = db.open();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        store.join(replica, tx).unwrap();
+        (store, rx)
+    }
+
+    fn next_event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) -> StoreEvent {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(event) = rx.try_recv() {
+                return event;
+            }
+            assert!(std::time::Instant::now() < deadline, "no event within 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A sandbox becoming ready on one replica wakes the other (its waiting checkouts and its reconciler); a moved
+    /// tag reaches every pool.
+    #[test]
+    fn changes_reach_other_replicas() {
+        let db = Postgres::new();
+        let (a, _a_events) = joined(&db, "rep_a");
+        let (_b, mut b_events) = joined(&db, "rep_b");
+        let mut row = sandbox("sbx_1", "twp_1");
+        row.lifecycle = Lifecycle::Warming;
+        a.insert_sandbox(&row).unwrap();
+        row.lifecycle = Lifecycle::Ready;
+        assert!(a.update_sandbox_if(&row, &[Lifecycle::Warming]).unwrap());
+        assert_eq!(next_event(&mut b_events), StoreEvent::Pool("twp_1".into()));
+        a.put_tag("tpl_1", "stable", "bld_1", Utc::now()).unwrap();
+        assert_eq!(next_event(&mut b_events), StoreEvent::All);
+    }
+
+    /// A pool is reconciled by one replica at a time; when that replica's process goes, its locks go with its
+    /// session and another replica takes the pool.
+    #[test]
+    fn a_pool_has_one_replica_and_a_dead_replica_lets_go() {
+        let db = Postgres::new();
+        let (a, _a_events) = joined(&db, "rep_a");
+        let (b, _b_events) = joined(&db, "rep_b");
+        a.insert_pool(&crate::store::contract::pool("twp_1", "api")).unwrap();
+        assert!(a.lock_pool("twp_1").unwrap());
+        assert!(!b.lock_pool("twp_1").unwrap());
+        assert!(a.lock_leader().unwrap());
+        assert!(!b.lock_leader().unwrap());
+        assert!(b.replica_alive("rep_a").unwrap());
+        assert!(!b.replica_alive("rep_gone").unwrap());
+        assert_eq!(b.cluster().unwrap(), Some(Cluster { replicas: 2, pools: 1, locked_pools: 1 }));
+        drop(a);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !b.lock_pool("twp_1").unwrap() {
+            assert!(std::time::Instant::now() < deadline, "the pool was never released");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(b.lock_leader().unwrap());
+        assert!(!b.replica_alive("rep_a").unwrap());
+        assert_eq!(b.cluster().unwrap(), Some(Cluster { replicas: 1, pools: 1, locked_pools: 1 }));
+    }
+}
