@@ -200,7 +200,10 @@ impl App {
             let share = match self.pool_share() {
                 Ok(share) => share,
                 Err(e) => {
-                    tracing::warn!(error = &e as &dyn std::error::Error, "Reconciler cannot see the replicas");
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "Reconciler cannot see the replicas"
+                    );
                     continue;
                 }
             };

@@ -143,7 +143,11 @@ impl App {
 
     /// Read-modify-write of one pool row: `f` runs on the stored row and its result is written only if no other
     /// write (of any replica) came in between; otherwise it runs again on the newer row.
-    pub fn update_pool<T>(&self, pool_id: &str, mut f: impl FnMut(&mut PoolRow) -> T) -> AppResult<Option<T>> {
+    pub fn update_pool<T>(
+        &self,
+        pool_id: &str,
+        mut f: impl FnMut(&mut PoolRow) -> T,
+    ) -> AppResult<Option<T>> {
         loop {
             let Some(mut row) = self.store.get_pool_by_id(pool_id)? else {
                 return Ok(None);

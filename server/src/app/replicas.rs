@@ -59,6 +59,13 @@ impl App {
         self.owned.lock().expect("owned").contains(pool_id)
     }
 
+    /// The pools this replica reconciles, sorted.
+    pub fn owned_pools(&self) -> Vec<String> {
+        let mut pools: Vec<String> = self.owned.lock().expect("owned").iter().cloned().collect();
+        pools.sort();
+        pools
+    }
+
     /// How many pools this replica should reconcile at most (None: all of them).
     pub fn pool_share(&self) -> AppResult<Option<usize>> {
         Ok(self.store.cluster()?.map(|c| c.pools.div_ceil(c.replicas.max(1)).max(1) as usize))
@@ -100,7 +107,8 @@ impl App {
     async fn adopt_pool(self: &Arc<Self>, pool_id: &str) -> AppResult<()> {
         let mut alive = HashMap::new();
         for row in self.store.list_pool_sandboxes(pool_id)? {
-            if row.pool_id.as_deref() != Some(pool_id) || row.owner.as_deref() == Some(self.replica.as_str()) {
+            if row.pool_id.as_deref() != Some(pool_id) || row.owner.as_deref() == Some(self.replica.as_str())
+            {
                 continue;
             }
             if row.lifecycle == Warming && self.owner_alive(&row, &mut alive)? {
@@ -131,7 +139,10 @@ impl App {
         let id = row.sandbox.id.clone();
         match row.lifecycle {
             Warming => {
-                self.runtime.destroy(&id, Some(&row.handle)).await.map_err(|e| runtime_error("recovery", e))?;
+                self.runtime
+                    .destroy(&id, Some(&row.handle))
+                    .await
+                    .map_err(|e| runtime_error("recovery", e))?;
                 self.store.delete_sandbox_if(&id, &[Warming])?;
             }
             Draining => self.finish_stop(&row).await?,

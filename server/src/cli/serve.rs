@@ -70,7 +70,10 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
     );
     let default_db = data_dir.join("warmpool.db");
     let store = crate::store::open(args.database.as_deref(), &default_db).with_context(|| {
-        format!("opening the database {}", args.database.as_deref().unwrap_or(&default_db.display().to_string()))
+        format!(
+            "opening the database {}",
+            args.database.as_deref().unwrap_or(&default_db.display().to_string())
+        )
     })?;
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
     let runtime = LocalRuntime::new(

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use warmpool_api::{
-    CheckoutMode, CheckoutSource, PoolState, Resources, SandboxState, TimeoutAction, TimeoutPolicy, VersionPolicy,
-    WarmPool, WarmPoolCheckout,
+    CheckoutMode, CheckoutSource, PoolState, Resources, SandboxState, TimeoutAction, TimeoutPolicy,
+    VersionPolicy, WarmPool, WarmPoolCheckout,
 };
 
 use super::*;

@@ -364,7 +364,9 @@ pub fn open(url: Option<&str>, default: &std::path::Path) -> Result<std::sync::A
         }
         Some(url) => {
             let path = url.strip_prefix("sqlite:").ok_or_else(|| StoreError::InvalidUrl(url.to_string()))?;
-            std::sync::Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path.trim_start_matches("//")))?)
+            std::sync::Arc::new(sqlite::SqliteStore::open(std::path::Path::new(
+                path.trim_start_matches("//"),
+            ))?)
         }
     })
 }

@@ -96,8 +96,12 @@ impl From<tokio_postgres::Error> for StoreError {
             Some(code) if *code == SqlState::READ_ONLY_SQL_TRANSACTION => "the database is read-only",
             Some(code) if *code == SqlState::IO_ERROR => "an I/O error",
             Some(code)
-                if [SqlState::ADMIN_SHUTDOWN, SqlState::CANNOT_CONNECT_NOW, SqlState::TOO_MANY_CONNECTIONS]
-                    .contains(code) =>
+                if [
+                    SqlState::ADMIN_SHUTDOWN,
+                    SqlState::CANNOT_CONNECT_NOW,
+                    SqlState::TOO_MANY_CONNECTIONS,
+                ]
+                .contains(code) =>
             {
                 "the database is not accepting connections"
             }
@@ -198,7 +202,10 @@ impl PgStore {
     }
 
     /// Runs `f` on the store's runtime and waits for it.
-    fn spawn<T: Send + 'static>(&self, f: impl std::future::Future<Output = T> + Send + 'static) -> StoreResult<T> {
+    fn spawn<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> StoreResult<T> {
         let rt = self.runtime.as_ref().expect("runtime");
         futures::executor::block_on(rt.spawn(f)).map_err(|e| StoreError::Backend(Box::new(e)))
     }
@@ -259,10 +266,12 @@ impl PgStore {
 
     fn session_client(&self) -> StoreResult<Arc<Client>> {
         let session = self.session.lock().expect("session").clone();
-        session.and_then(|s| s.client.lock().expect("session client").clone()).ok_or(StoreError::Unavailable {
-            reason: "this replica's database session is reconnecting",
-            source: "no session".into(),
-        })
+        session.and_then(|s| s.client.lock().expect("session client").clone()).ok_or(
+            StoreError::Unavailable {
+                reason: "this replica's database session is reconnecting",
+                source: "no session".into(),
+            },
+        )
     }
 
     /// A statement on this replica's session (where its advisory locks live) that answers one boolean.
@@ -325,7 +334,9 @@ async fn keep_session(
                 }
                 let _ = ended.await;
                 *session.client.lock().expect("session client") = None;
-                tracing::warn!("Lost the database session; this replica's pools go to others until it reconnects");
+                tracing::warn!(
+                    "Lost the database session; this replica's pools go to others until it reconnects"
+                );
                 let _ = session.events.send(StoreEvent::LocksLost);
             }
             Err(e) => {
@@ -433,7 +444,10 @@ impl Store for PgStore {
         )
     }
     fn list_templates(&self, account_id: &str) -> StoreResult<Vec<TemplateRow>> {
-        self.many("SELECT json::text FROM templates WHERE account_id = $1 ORDER BY name", &[text(&account_id)])
+        self.many(
+            "SELECT json::text FROM templates WHERE account_id = $1 ORDER BY name",
+            &[text(&account_id)],
+        )
     }
     fn update_template(&self, row: &TemplateRow) -> StoreResult<()> {
         let t = &row.template;
@@ -557,7 +571,9 @@ impl Store for PgStore {
     }
     fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>> {
         match account_id {
-            Some(a) => self.many("SELECT json::text FROM pools WHERE account_id = $1 ORDER BY name", &[text(&a)]),
+            Some(a) => {
+                self.many("SELECT json::text FROM pools WHERE account_id = $1 ORDER BY name", &[text(&a)])
+            }
             None => self.many("SELECT json::text FROM pools ORDER BY id", &[]),
         }
     }
@@ -790,7 +806,10 @@ mod tests {
     use super::*;
     use crate::store::contract::{sandbox, Backend, Postgres};
 
-    fn joined(db: &Postgres, replica: &str) -> (Arc<dyn Store>, tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) {
+    fn joined(
+        db: &Postgres,
+        replica: &str,
+    ) -> (Arc<dyn Store>, tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) {
         let store = db.open();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         store.join(replica, tx).unwrap();

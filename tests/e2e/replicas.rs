@@ -1,0 +1,140 @@
+//! Three `warmpool serve` replicas on one PostgreSQL (started by the test) and one data dir (the local runtime on
+//! one host): checkouts spread over all three never share a sandbox, any replica serves any sandbox, and the pools
+//! of a replica killed with `kill -9` mid-refill are taken over and converge with nothing leaked.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use warmpool_api::*;
+use warmpool_client::Client;
+use warmpool_testkit::postgres::Postgres;
+
+use crate::*;
+
+/// Starts `n` replicas on `database`, one after the other (the first creates the admin token they share).
+fn replicas(n: usize, data: &Path, database: &str, extra: &[&str]) -> Vec<ServerProcess> {
+    let mut args = vec!["--database", database];
+    args.extend_from_slice(extra);
+    (0..n).map(|_| ServerProcess::start(data, &args)).collect()
+}
+
+/// The pools a replica reconciles, as its `/readyz` says.
+async fn reconciled_by(c: &Client) -> BTreeSet<String> {
+    let ready = c.readyz().await.unwrap();
+    serde_json::from_value(ready["replica"]["pools"].clone()).unwrap()
+}
+
+/// 200 concurrent `require` checkouts, spread round-robin over three replicas, against 40 ready sandboxes (and no
+/// capacity to refill): exactly 40 distinct hits, every replica hands some out, the rest are clean
+/// `warm_pool_unavailable`s. Each hit then runs a command through another replica, and is deleted through a third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_hand_each_ready_sandbox_out_once() {
+    let pg = Postgres::start();
+    let database = pg.database();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let _cleanup = KillOnDrop(data.clone());
+    let servers = replicas(3, &data, &database, &["--max-sandboxes", "40"]);
+    let clients: Vec<Client> = servers.iter().map(|s| s.client.clone()).collect();
+    build(&clients[0], &template("burst", 0.0)).await;
+    let pool = clients[1].create_pool(&pool_spec("burst", "burst:stable", 40, 40)).await.unwrap();
+    wait_status(&clients[2], &pool.id, "40 ready", |s| s.ready == 40).await;
+
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let (c, id) = (clients[i % 3].clone(), pool.id.clone());
+            tokio::spawn(async move { (i % 3, c.create_sandbox(&require(&id, 0)).await) })
+        })
+        .collect();
+    let (mut hits, mut per_replica, mut unavailable) = (Vec::new(), [0; 3], 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            (replica, Ok(s)) => {
+                per_replica[replica] += 1;
+                hits.push((replica, s.id));
+            }
+            (_, Err(e)) => {
+                assert_eq!(e.code(), Some("warm_pool_unavailable"), "{e}");
+                unavailable += 1;
+            }
+        }
+    }
+    let distinct: HashSet<&String> = hits.iter().map(|(_, id)| id).collect();
+    assert_eq!((hits.len(), distinct.len(), unavailable), (40, 40, 160), "hits per replica: {per_replica:?}");
+    assert!(per_replica.iter().all(|n| *n > 0), "every replica hands out sandboxes: {per_replica:?}");
+
+    for (replica, id) in &hits {
+        let r = sh(&clients[(replica + 1) % 3], id, "hostname").await;
+        assert_eq!((r.exit_code, r.stdout.trim()), (0, id.as_str()));
+        clients[(replica + 2) % 3].delete_sandbox(id).await.unwrap();
+    }
+    clients[0].delete_pool(&pool.id).await.unwrap();
+    wait_no_procd(&data);
+}
+
+/// Three pools spread over three replicas; every pool is raised from 2 to 6 and the replica reconciling the most
+/// pools is killed with `kill -9` while they refill. The survivors take its pools (undoing the starts it left
+/// half-done, adopting its ready sandboxes) and every pool converges: 18 ready sandboxes, 18 containers, none
+/// warming or leaked. Prints how long convergence took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replicas_pools_converge_and_nothing_leaks() {
+    let pg = Postgres::start();
+    let database = pg.database();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let _cleanup = KillOnDrop(data.clone());
+    let mut servers = replicas(3, &data, &database, &[]);
+    let clients: Vec<Client> = servers.iter().map(|s| s.client.clone()).collect();
+    build(&clients[0], &template("spread", 0.5)).await;
+    let mut pools = Vec::new();
+    for i in 0..3 {
+        let spec = pool_spec(&format!("spread-{i}"), "spread:stable", 2, 8);
+        pools.push(clients[i].create_pool(&spec).await.unwrap().id);
+    }
+    for pool in &pools {
+        wait_status(&clients[0], pool, "2 ready", |s| s.ready == 2).await;
+    }
+    let mut owned = Vec::new();
+    for c in &clients {
+        owned.push(reconciled_by(c).await);
+    }
+    let all: Vec<&String> = owned.iter().flatten().collect();
+    assert_eq!(all.len(), 3, "each pool has exactly one replica: {owned:?}");
+    let victim = (0..3).max_by_key(|i| owned[*i].len()).unwrap();
+    let survivor = clients[(victim + 1) % 3].clone();
+
+    for pool in &pools {
+        let patch = WarmPoolPatch { min_ready: Some(6), ..Default::default() };
+        survivor.update_pool(pool, &patch).await.unwrap();
+    }
+    // Kill it while its pools are warming.
+    let victims_pool = owned[victim].iter().next().unwrap().clone();
+    wait_status(&survivor, &victims_pool, "a refill under way", |s| s.warming > 0).await;
+    servers[victim].kill9();
+    let killed = Instant::now();
+    for pool in &pools {
+        wait_status(&survivor, pool, "6 ready again", |s| s.ready == 6 && s.warming == 0 && s.draining == 0)
+            .await;
+    }
+    eprintln!(
+        "pools converged {:?} after kill -9 of the replica reconciling {:?}",
+        killed.elapsed(),
+        owned[victim]
+    );
+
+    let mut taken = BTreeSet::new();
+    for (i, c) in clients.iter().enumerate().filter(|(i, _)| *i != victim) {
+        let now = reconciled_by(c).await;
+        assert!(now.is_superset(&owned[i]), "a survivor keeps its pools");
+        taken.extend(now);
+    }
+    assert_eq!(taken, pools.iter().cloned().collect(), "the survivors reconcile every pool");
+    wait_until("exactly the 18 ready sandboxes to run", Duration::from_secs(30), || {
+        running_sandboxes(&data).len() == 18
+    });
+    for pool in &pools {
+        survivor.delete_pool(pool).await.unwrap();
+    }
+    wait_no_procd(&data);
+}
