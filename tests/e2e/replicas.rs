@@ -88,9 +88,9 @@ async fn a_killed_replicas_pools_converge_and_nothing_leaks() {
     let clients: Vec<Client> = servers.iter().map(|s| s.client.clone()).collect();
     build(&clients[0], &template("spread", 0.5)).await;
     let mut pools = Vec::new();
-    for i in 0..3 {
+    for (i, c) in clients.iter().enumerate() {
         let spec = pool_spec(&format!("spread-{i}"), "spread:stable", 2, 8);
-        pools.push(clients[i].create_pool(&spec).await.unwrap().id);
+        pools.push(c.create_pool(&spec).await.unwrap().id);
     }
     for pool in &pools {
         wait_status(&clients[0], pool, "2 ready", |s| s.ready == 2).await;

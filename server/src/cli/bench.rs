@@ -1,6 +1,6 @@
 //! Benchmarks against a running server, printing their numbers as JSON:
 //! - `warmpool bench checkout` measures warm checkouts (claims from a filled pool by concurrent clients) against
-//!   cold creates of the same template;
+//!   cold creates of the same template (`--endpoints` spreads the checkouts over several replicas);
 //! - `warmpool bench pools --count N` creates N idle pools and measures the server's CPU use at rest (from its
 //!   `process_cpu_seconds_total` metric), then the checkout latency with all of them present;
 //! - `warmpool bench artifact` compares cold create and pool fill for a tiny and a big artifact.
@@ -32,6 +32,10 @@ pub struct CheckoutArgs {
     /// How long filling the pool may take (`5m`).
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Replicas to spread the warm checkouts over, round-robin (`http://a:7070,http://b:7070`; default: only
+    /// `--endpoint`). The pool is made through `--endpoint`.
+    #[arg(long, value_delimiter = ',')]
+    pub endpoints: Vec<String>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -68,6 +72,21 @@ fn checkout_buckets(metrics: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The warm checkout buckets of every replica, added up.
+async fn all_checkout_buckets(clients: &[Arc<warmpool_client::Client>]) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut total: Vec<(f64, f64)> = Vec::new();
+    for c in clients {
+        for (le, n) in checkout_buckets(&c.metrics().await?) {
+            match total.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, sum)) => *sum += n,
+                None => total.push((le, n)),
+            }
+        }
+    }
+    total.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(total)
+}
+
 /// p50/p99 upper bounds of the checkouts observed between two scrapes.
 fn server_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> serde_json::Value {
     let diff: Vec<(f64, f64)> = after
@@ -102,12 +121,19 @@ pub async fn checkout(global: &Global, args: CheckoutArgs) -> anyhow::Result<i32
     // A disabled pool keeps handing out its inventory but does not refill, so the measured checkouts are claims
     // of existing inventory, not competing with sandbox starts for the CPU.
     c.pool_action(&pool.id, "disable").await?;
-    let buckets_before = checkout_buckets(&c.metrics().await?);
+    let replicas: Vec<Arc<warmpool_client::Client>> = if args.endpoints.is_empty() {
+        vec![c.clone()]
+    } else {
+        let at = |endpoint: &String| Global { endpoint: endpoint.clone(), ..global.clone() };
+        args.endpoints.iter().map(|e| client(&at(e)).map(Arc::new)).collect::<anyhow::Result<_>>()?
+    };
+    let buckets_before = all_checkout_buckets(&replicas).await?;
     let remaining = Arc::new(std::sync::atomic::AtomicI64::new(args.warm as i64));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..args.clients.max(1) {
-        let (c, remaining, pool_id) = (c.clone(), remaining.clone(), pool.id.clone());
+    for i in 0..args.clients.max(1) as usize {
+        let (c, remaining, pool_id) =
+            (replicas[i % replicas.len()].clone(), remaining.clone(), pool.id.clone());
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             while remaining.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
@@ -142,7 +168,7 @@ pub async fn checkout(global: &Global, args: CheckoutArgs) -> anyhow::Result<i32
         }
     }
     let warm_elapsed = started.elapsed().as_secs_f64();
-    let server_side = server_quantiles(&buckets_before, &checkout_buckets(&c.metrics().await?));
+    let server_side = server_quantiles(&buckets_before, &all_checkout_buckets(&replicas).await?);
     let throughput = warm_ms.len() as f64 / warm_elapsed;
     let _ = c.delete_pool(&pool.id).await;
     for id in ids {
@@ -167,6 +193,7 @@ pub async fn checkout(global: &Global, args: CheckoutArgs) -> anyhow::Result<i32
     let report = serde_json::json!({
         "template": args.template,
         "clients": args.clients,
+        "replicas": replicas.len(),
         "pool_fill_ms": fill_ms,
         "warm": warm,
         "warm_misses": misses,

@@ -21,7 +21,7 @@ pub trait Backend {
 pub struct Sqlite(tempfile::TempDir);
 
 impl Sqlite {
-    pub fn new() -> Sqlite {
+    pub fn temp() -> Sqlite {
         Sqlite(tempfile::tempdir().unwrap())
     }
 }
@@ -38,7 +38,7 @@ pub struct Postgres {
 }
 
 impl Postgres {
-    pub fn new() -> Postgres {
+    pub fn start() -> Postgres {
         let server = warmpool_testkit::postgres::Postgres::start();
         let url = server.database();
         Postgres { _server: server, url }
@@ -55,10 +55,10 @@ impl Backend for Postgres {
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
-            $( #[test] fn $name() { super::$name(&super::Sqlite::new()) } )*
+            $( #[test] fn $name() { super::$name(&super::Sqlite::temp()) } )*
         }
         mod postgres {
-            $( #[test] fn $name() { super::$name(&super::Postgres::new()) } )*
+            $( #[test] fn $name() { super::$name(&super::Postgres::start()) } )*
         }
     };
 }

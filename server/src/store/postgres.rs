@@ -831,7 +831,7 @@ mod tests {
     /// tag reaches every pool.
     #[test]
     fn changes_reach_other_replicas() {
-        let db = Postgres::new();
+        let db = Postgres::start();
         let (a, _a_events) = joined(&db, "rep_a");
         let (_b, mut b_events) = joined(&db, "rep_b");
         let mut row = sandbox("sbx_1", "twp_1");
@@ -848,7 +848,7 @@ mod tests {
     /// session and another replica takes the pool.
     #[test]
     fn a_pool_has_one_replica_and_a_dead_replica_lets_go() {
-        let db = Postgres::new();
+        let db = Postgres::start();
         let (a, _a_events) = joined(&db, "rep_a");
         let (b, _b_events) = joined(&db, "rep_b");
         a.insert_pool(&crate::store::contract::pool("twp_1", "api")).unwrap();
