@@ -101,20 +101,22 @@ impl App {
         }
     }
 
-    /// Takes over a pool's inventory: ready sandboxes are adopted (watched for exit and readiness) or failed when
-    /// procd is gone; sandboxes a dead replica was starting are undone; removals left half-done are finished.
-    /// Sandboxes a live replica is starting stay its own: its start finishes or undoes them.
+    /// Takes over the inventory a replica that is gone left in a pool: ready sandboxes are adopted (watched for exit
+    /// and readiness) or failed when procd is gone; sandboxes it was starting are undone; removals left half-done
+    /// are finished. Sandboxes of a live replica (one that lost the pool with its database session) stay its own:
+    /// it finishes what it started, and the conditional writes make whatever both do happen once. A sandbox that
+    /// cannot be taken over now is left for the pool's next pass.
     async fn adopt_pool(self: &Arc<Self>, pool_id: &str) -> AppResult<()> {
         let mut alive = HashMap::new();
         for row in self.store.list_pool_sandboxes(pool_id)? {
-            if row.pool_id.as_deref() != Some(pool_id) || row.owner.as_deref() == Some(self.replica.as_str())
-            {
+            if row.pool_id.as_deref() != Some(pool_id) || self.owner_alive(&row, &mut alive)? {
                 continue;
             }
-            if row.lifecycle == Warming && self.owner_alive(&row, &mut alive)? {
-                continue;
+            let id = row.sandbox.id.clone();
+            if let Err(e) = self.take_over(row).await {
+                let e = &e as &dyn std::error::Error;
+                tracing::warn!(pool = %pool_id, sandbox = %id, error = e, "Cannot take over a sandbox");
             }
-            self.take_over(row).await?;
         }
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! The PostgreSQL store, for several `warmpool serve` replicas sharing one state.
 //!
 //! - Every operation is one statement (no client-side transactions), so a small set of pipelined connections
-//!   serves all callers. The claim is one `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED)`: two replicas
+//!   serves all callers; each statement is prepared once per connection. The claim is one `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED)`: two replicas
 //!   never take the same sandbox and never wait on each other's candidate.
 //! - Each replica holds one **session** connection for its whole life: it `LISTEN`s for what other replicas change
 //!   and holds the advisory locks that say which replica is alive and which pools it reconciles. A replica that
@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
 use warmpool_api::{Account, Tag};
 
 use super::*;
@@ -119,6 +119,19 @@ fn text(v: &(dyn ToSql + Sync)) -> Param<'_> {
     (v, Type::TEXT)
 }
 
+/// A statement connection and the statements prepared on it (each statement is parsed once per connection, not
+/// at every call).
+struct Connection {
+    client: Client,
+    prepared: Mutex<std::collections::HashMap<String, Statement>>,
+}
+
+impl Connection {
+    fn new(client: Client) -> Arc<Connection> {
+        Arc::new(Connection { client, prepared: Mutex::default() })
+    }
+}
+
 /// What the session task and the store share.
 struct Session {
     config: Config,
@@ -132,7 +145,7 @@ pub struct PgStore {
     runtime: Option<tokio::runtime::Runtime>,
     config: Config,
     describe: String,
-    connections: Vec<Mutex<Arc<Client>>>,
+    connections: Vec<Mutex<Arc<Connection>>>,
     next: AtomicUsize,
     session: Mutex<Option<Arc<Session>>>,
 }
@@ -196,7 +209,7 @@ impl PgStore {
         store.migrate()?;
         for _ in 0..CONNECTIONS {
             let client = store.spawn(connect(store.config.clone()))??;
-            store.connections.push(Mutex::new(Arc::new(client)));
+            store.connections.push(Mutex::new(Connection::new(client)));
         }
         Ok(store)
     }
@@ -234,18 +247,29 @@ impl PgStore {
     }
 
     /// A statement connection (round-robin), reconnected if it was closed.
-    fn client(&self) -> StoreResult<Arc<Client>> {
+    fn connection(&self) -> StoreResult<Arc<Connection>> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
         let mut slot = self.connections[i].lock().expect("connection slot");
-        if slot.is_closed() {
-            *slot = Arc::new(self.spawn(connect(self.config.clone()))??);
+        if slot.client.is_closed() {
+            *slot = Connection::new(self.spawn(connect(self.config.clone()))??);
         }
         Ok(slot.clone())
     }
 
+    /// Runs a statement, prepared once per connection (the SQL texts are the store's own, a few dozen).
     fn query(&self, sql: &str, params: &[Param]) -> StoreResult<Vec<Row>> {
-        let client = self.client()?;
-        Ok(futures::executor::block_on(client.query_typed(sql, params))?)
+        let conn = self.connection()?;
+        let cached = conn.prepared.lock().expect("prepared").get(sql).cloned();
+        let statement = match cached {
+            Some(statement) => statement,
+            None => {
+                let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+                let statement = futures::executor::block_on(conn.client.prepare_typed(sql, &types))?;
+                conn.prepared.lock().expect("prepared").entry(sql.to_string()).or_insert(statement).clone()
+            }
+        };
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        Ok(futures::executor::block_on(conn.client.query(&statement, &values))?)
     }
 
     /// Rows changed by a statement that returns one row per change.
