@@ -3,7 +3,6 @@
 //! of a replica killed with `kill -9` mid-refill are taken over and converge with nothing leaked.
 
 use std::collections::{BTreeSet, HashSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use warmpool_api::*;
@@ -12,11 +11,28 @@ use warmpool_testkit::postgres::Postgres;
 
 use crate::*;
 
-/// Starts `n` replicas on `database`, one after the other (the first creates the admin token they share).
-fn replicas(n: usize, data: &Path, database: &str, extra: &[&str]) -> Vec<ServerProcess> {
-    let mut args = vec!["--database", database];
+/// Three replicas on a new PostgreSQL and one temporary data dir, started one after the other (the first creates
+/// the admin token they share). Fields drop in reverse order: servers, then their containers, then the database.
+struct Replicas {
+    _pg: Postgres,
+    _tmp: tempfile::TempDir,
+    data: std::path::PathBuf,
+    _cleanup: KillOnDrop,
+    servers: Vec<ServerProcess>,
+    clients: Vec<Client>,
+}
+
+fn replicas(extra: &[&str]) -> Replicas {
+    let pg = Postgres::start();
+    let database = pg.database();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let cleanup = KillOnDrop(data.clone());
+    let mut args = vec!["--database", database.as_str()];
     args.extend_from_slice(extra);
-    (0..n).map(|_| ServerProcess::start(data, &args)).collect()
+    let servers: Vec<ServerProcess> = (0..3).map(|_| ServerProcess::start(&data, &args)).collect();
+    let clients = servers.iter().map(|s| s.client.clone()).collect();
+    Replicas { servers, clients, _cleanup: cleanup, data, _tmp: tmp, _pg: pg }
 }
 
 /// The pools a replica reconciles, as its `/readyz` says.
@@ -30,13 +46,8 @@ async fn reconciled_by(c: &Client) -> BTreeSet<String> {
 /// `warm_pool_unavailable`s. Each hit then runs a command through another replica, and is deleted through a third.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_hand_each_ready_sandbox_out_once() {
-    let pg = Postgres::start();
-    let database = pg.database();
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let _cleanup = KillOnDrop(data.clone());
-    let servers = replicas(3, &data, &database, &["--max-sandboxes", "40"]);
-    let clients: Vec<Client> = servers.iter().map(|s| s.client.clone()).collect();
+    let cluster = replicas(&["--max-sandboxes", "40"]);
+    let (clients, data) = (&cluster.clients, &cluster.data);
     build(&clients[0], &template("burst", 0.0)).await;
     let pool = clients[1].create_pool(&pool_spec("burst", "burst:stable", 40, 40)).await.unwrap();
     wait_status(&clients[2], &pool.id, "40 ready", |s| s.ready == 40).await;
@@ -70,7 +81,7 @@ async fn three_replicas_hand_each_ready_sandbox_out_once() {
         clients[(replica + 2) % 3].delete_sandbox(id).await.unwrap();
     }
     clients[0].delete_pool(&pool.id).await.unwrap();
-    wait_no_procd(&data);
+    wait_no_procd(data.as_path());
 }
 
 /// Three pools spread over three replicas; every pool is raised from 2 to 6 and the replica reconciling the most
@@ -79,13 +90,8 @@ async fn three_replicas_hand_each_ready_sandbox_out_once() {
 /// warming or leaked. Prints how long convergence took.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replicas_pools_converge_and_nothing_leaks() {
-    let pg = Postgres::start();
-    let database = pg.database();
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let _cleanup = KillOnDrop(data.clone());
-    let mut servers = replicas(3, &data, &database, &[]);
-    let clients: Vec<Client> = servers.iter().map(|s| s.client.clone()).collect();
+    let mut cluster = replicas(&[]);
+    let (clients, data) = (cluster.clients.clone(), cluster.data.clone());
     build(&clients[0], &template("spread", 0.5)).await;
     let mut pools = Vec::new();
     for (i, c) in clients.iter().enumerate() {
@@ -111,7 +117,7 @@ async fn a_killed_replicas_pools_converge_and_nothing_leaks() {
     // Kill it while its pools are warming.
     let victims_pool = owned[victim].iter().next().unwrap().clone();
     wait_status(&survivor, &victims_pool, "a refill under way", |s| s.warming > 0).await;
-    servers[victim].kill9();
+    cluster.servers[victim].kill9();
     let killed = Instant::now();
     for pool in &pools {
         wait_status(&survivor, pool, "6 ready again", |s| s.ready == 6 && s.warming == 0 && s.draining == 0)
@@ -136,5 +142,5 @@ async fn a_killed_replicas_pools_converge_and_nothing_leaks() {
     for pool in &pools {
         survivor.delete_pool(pool).await.unwrap();
     }
-    wait_no_procd(&data);
+    wait_no_procd(data.as_path());
 }

@@ -82,6 +82,19 @@ impl From<serde_json::Error> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Timestamps as stored: RFC 3339 in UTC with microseconds, so text order is time order.
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Names a unique violation after what the user knows it as (`template "api"`).
+fn conflict_as(what: String) -> impl FnOnce(StoreError) -> StoreError {
+    move |e| match e {
+        StoreError::Conflict(_) => StoreError::Conflict(what),
+        e => e,
+    }
+}
+
 /// An API token: only its SHA-256 is stored. Admin tokens have no account.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenRow {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
@@ -72,10 +72,6 @@ fn held_locks(ns: i32) -> String {
 
 /// The second key of an id's advisory lock (non-negative, so it compares equal to `pg_locks.objid`).
 const LOCK_KEY: &str = "(hashtext($1) & 2147483647)";
-
-fn ts(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
 
 fn from_json<T: DeserializeOwned>(text: &str) -> StoreResult<T> {
     Ok(serde_json::from_str(text)?)
@@ -386,14 +382,6 @@ fn sandbox_columns(row: &SandboxRow) -> StoreResult<SandboxColumns> {
         row.sandbox.state.as_str(),
         row.ready_at.as_ref().map(ts),
     ))
-}
-
-/// Renames a unique violation to what the user knows it as.
-fn conflict_as(what: String) -> impl FnOnce(StoreError) -> StoreError {
-    move |e| match e {
-        StoreError::Conflict(_) => StoreError::Conflict(what),
-        e => e,
-    }
 }
 
 impl Store for PgStore {

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Params};
 use serde::de::DeserializeOwned;
 use warmpool_api::{Account, Tag};
@@ -66,10 +66,6 @@ fn cannot_open(e: std::io::Error) -> StoreError {
 
 fn lifecycles(expected: &[Lifecycle]) -> String {
     expected.iter().map(|l| format!("'{}'", l.as_str())).collect::<Vec<_>>().join(", ")
-}
-
-fn ts(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 fn from_json<T: DeserializeOwned>(text: String) -> StoreResult<T> {
@@ -204,10 +200,7 @@ impl Store for SqliteStore {
             "INSERT INTO templates (id, account_id, name, json) VALUES (?1, ?2, ?3, ?4)",
             params![t.id, row.account_id, t.name, serde_json::to_string(row)?],
         )
-        .map_err(|e| match e {
-            StoreError::Conflict(_) => StoreError::Conflict(format!("template {:?}", t.name)),
-            e => e,
-        })?;
+        .map_err(conflict_as(format!("template {:?}", t.name)))?;
         Ok(())
     }
     fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>> {
@@ -225,10 +218,7 @@ impl Store for SqliteStore {
             "UPDATE templates SET name = ?2, json = ?3 WHERE id = ?1",
             params![t.id, t.name, serde_json::to_string(row)?],
         )
-        .map_err(|e| match e {
-            StoreError::Conflict(_) => StoreError::Conflict(format!("template {:?}", t.name)),
-            e => e,
-        })?;
+        .map_err(conflict_as(format!("template {:?}", t.name)))?;
         Ok(())
     }
     fn delete_template(&self, id: &str) -> StoreResult<()> {
@@ -313,10 +303,7 @@ impl Store for SqliteStore {
             "INSERT INTO pools (id, account_id, name, json) VALUES (?1, ?2, ?3, ?4)",
             params![p.id, row.account_id, p.name, serde_json::to_string(row)?],
         )
-        .map_err(|e| match e {
-            StoreError::Conflict(_) => StoreError::Conflict(format!("warm pool {:?}", p.name)),
-            e => e,
-        })?;
+        .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(())
     }
     fn get_pool(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>> {
@@ -342,10 +329,7 @@ impl Store for SqliteStore {
                 "UPDATE pools SET name = ?2, json = ?3 WHERE id = ?1 AND COALESCE(json_extract(json, '$.rev'), 0) = ?4",
                 params![p.id, p.name, serde_json::to_string(&next)?, row.rev as i64],
             )
-            .map_err(|e| match e {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("warm pool {:?}", p.name)),
-                e => e,
-            })?;
+            .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(changed == 1)
     }
     fn list_pool_ids(&self) -> StoreResult<Vec<String>> {
