@@ -266,6 +266,34 @@ impl Procd for ProcdService {
         self.sup.set_paused(req.get_ref().paused);
         Ok(Response::new(PauseResponse {}))
     }
+
+    type ArchiveStream = BoxStream<ArchiveChunk>;
+
+    #[tracing::instrument(skip_all, level = "debug")]
+    async fn archive(&self, req: Request<ArchiveRequest>) -> Result<Response<Self::ArchiveStream>, Status> {
+        self.authorize(&req)?;
+        let path = std::path::PathBuf::from(req.into_inner().path);
+        if !path.is_dir() {
+            return Err(Status::invalid_argument(format!("{} is not a directory", path.display())));
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let pack = tokio::task::spawn_blocking(move || {
+            crate::archive::pack(&path, crate::archive::ChunkWriter::new(tx))
+                .map_err(|e| Status::internal(format!("packing {}: {e}", path.display())))
+        });
+        let stream = async_stream::stream! {
+            while let Some(data) = rx.recv().await {
+                yield Ok(ArchiveChunk { data });
+            }
+            // The writer is gone: the pack finished, or failed (then the stream ends with its error).
+            match pack.await {
+                Ok(Ok(())) => {}
+                Ok(Err(status)) => yield Err(status),
+                Err(e) => yield Err(Status::internal(e.to_string())),
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
 
 fn probe_kind(req: &ProbeRequest) -> Result<ProbeKind, Status> {

@@ -5,6 +5,7 @@
 //! Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when a warm process exited, 2 for an invalid
 //! configuration (before anything starts), 3 when a liveness probe failed.
 
+pub mod archive;
 pub mod config;
 pub mod convert;
 pub mod grpc;

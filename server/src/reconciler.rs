@@ -386,6 +386,8 @@ impl App {
                 self.store.insert_sandbox(&sandbox_row)?;
                 let start = StartSpec {
                     sandbox_id: sandbox_row.sandbox.id.clone(),
+                    account_id: row.account_id.clone(),
+                    pool_id: Some(pool.id.clone()),
                     build_id: Some(build.build.id.clone()),
                     spec,
                     envs: Default::default(),

@@ -43,14 +43,42 @@ impl Secrets {
         Secrets { key: key.to_vec() }
     }
 
-    /// The token procd of sandbox (or build) `id` accepts.
-    pub fn procd_token(&self, id: &str) -> String {
+    fn mac(&self, purpose: &[u8], text: &str) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        mac.update(b"procd-token:");
-        mac.update(id.as_bytes());
+        mac.update(purpose);
+        mac.update(text.as_bytes());
         hex::encode(mac.finalize().into_bytes())
     }
+
+    /// The token procd of sandbox (or build) `id` accepts.
+    pub fn procd_token(&self, id: &str) -> String {
+        self.mac(b"procd-token:", id)
+    }
+
+    /// A token that downloads build `build_id`'s artifact, and nothing else, until `expires` (Unix seconds):
+    /// `wpa_<build>.<expires>.<mac>`. Handed to the init container that unpacks the artifact into a new pod.
+    pub fn artifact_token(&self, build_id: &str, expires: i64) -> String {
+        let claim = format!("{build_id}.{expires}");
+        format!("{ARTIFACT_TOKEN_PREFIX}{claim}.{}", self.mac(b"artifact-token:", &claim))
+    }
+
+    /// Whether `token` is an unexpired artifact token of `build_id`.
+    pub fn check_artifact_token(&self, token: &str, build_id: &str, now: i64) -> bool {
+        let Some((claim, mac)) = token.strip_prefix(ARTIFACT_TOKEN_PREFIX).and_then(|t| t.rsplit_once('.'))
+        else {
+            return false;
+        };
+        let Some((build, expires)) = claim.rsplit_once('.') else { return false };
+        let expected = self.mac(b"artifact-token:", claim);
+        build == build_id
+            && expires.parse::<i64>().is_ok_and(|e| e >= now)
+            && expected.len() == mac.len()
+            && expected.bytes().zip(mac.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
 }
+
+/// How artifact tokens start (so the API tells them from account tokens).
+pub const ARTIFACT_TOKEN_PREFIX: &str = "wpa_";
 
 #[cfg(test)]
 mod tests {
@@ -66,5 +94,16 @@ mod tests {
         assert_ne!(a.procd_token("sbx_1"), a.procd_token("sbx_2"));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn artifact_tokens_name_one_build_and_expire() {
+        let s = Secrets::from_key(b"k");
+        let t = s.artifact_token("bld_1", 100);
+        assert!(s.check_artifact_token(&t, "bld_1", 100));
+        assert!(!s.check_artifact_token(&t, "bld_1", 101), "expired");
+        assert!(!s.check_artifact_token(&t, "bld_2", 50), "another build");
+        assert!(!s.check_artifact_token(&t.replace(".100.", ".999."), "bld_1", 50), "extended by hand");
+        assert!(!Secrets::from_key(b"other").check_artifact_token(&t, "bld_1", 50), "another server's key");
     }
 }

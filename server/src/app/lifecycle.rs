@@ -116,8 +116,11 @@ impl App {
 
     /// A start that failed: a real failure unless the sandbox was being stopped anyway. Either way nothing is left.
     async fn start_failed(&self, row: &mut SandboxRow, e: RuntimeError) -> StartError {
-        let logs =
-            if row.handle.dir.is_empty() { String::new() } else { self.runtime.log_tail(&row.handle, 4000) };
+        let logs = if row.handle.dir.is_empty() {
+            String::new()
+        } else {
+            self.runtime.log_tail(&row.handle, 4000).await
+        };
         let id = row.sandbox.id.clone();
         let logs = logs.trim();
         let message = if logs.is_empty() {
@@ -301,7 +304,7 @@ impl App {
             if !matches!(from, Ready | Claimed) || self.runtime.is_alive(&row.handle) {
                 continue;
             }
-            let tail = self.runtime.log_tail(&row.handle, 2000);
+            let tail = self.runtime.log_tail(&row.handle, 2000).await;
             if let Err(e) = self.fail_sandbox(row, &[from], format!("procd exited: {}", tail.trim())).await {
                 tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot record a failed sandbox");
             }

@@ -20,6 +20,7 @@ use warmpool_api::FieldError;
 use crate::metrics::Metrics;
 use crate::reconciler::{PassRecord, Pokes};
 use crate::runtime::Runtime;
+use crate::secrets::Secrets;
 use crate::store::{Lifecycle, PoolRow, Store, StoreError};
 
 /// Errors of the domain, each mapped to one API error code by the HTTP layer.
@@ -97,6 +98,7 @@ pub struct App {
     pub replica: String,
     pub store: Arc<dyn Store>,
     pub runtime: Arc<dyn Runtime>,
+    pub secrets: Arc<Secrets>,
     pub metrics: Metrics,
     pub config: AppConfig,
     /// Pools the reconciler should look at (see [`Pokes`]).
@@ -118,11 +120,17 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(store: Arc<dyn Store>, runtime: Arc<dyn Runtime>, config: AppConfig) -> Arc<App> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        runtime: Arc<dyn Runtime>,
+        secrets: Arc<Secrets>,
+        config: AppConfig,
+    ) -> Arc<App> {
         Arc::new(App {
             replica: new_id("rep_"),
             store,
             runtime,
+            secrets,
             metrics: Metrics::default(),
             start_slots: Arc::new(Semaphore::new(config.max_parallel_starts.max(1))),
             build_slots: Arc::new(Semaphore::new(config.max_parallel_builds.max(1))),

@@ -293,6 +293,8 @@ impl App {
             .collect();
         let spec = StartSpec {
             sandbox_id: row.sandbox.id.clone(),
+            account_id: caller.account_id.clone(),
+            pool_id: None,
             build_id: Some(plan.build.build.id.clone()),
             spec: plan.build.spec.clone(),
             envs: req.envs.clone().unwrap_or_default(),
@@ -422,8 +424,8 @@ impl App {
             .map_err(|e| AppError::Conflict(format!("sandbox {id} is not answering probes: {e}")))
     }
 
-    pub fn logs(&self, caller: &Caller, id: &str) -> AppResult<Vec<LogLine>> {
+    pub async fn logs(&self, caller: &Caller, id: &str) -> AppResult<Vec<LogLine>> {
         let row = self.owned(caller, id)?;
-        Ok(self.runtime.logs(&row.handle))
+        Ok(self.runtime.logs(&row.handle).await)
     }
 }

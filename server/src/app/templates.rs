@@ -120,7 +120,7 @@ impl App {
         }
         let log = self.build_log_path(&id);
         let _ = std::fs::create_dir_all(log.parent().expect("log dir"));
-        let result = self.build_artifact(&id, &row.spec, &log).await;
+        let result = self.build_artifact(&id, &row.account_id, &row.spec, &log).await;
         // The template may have been deleted meanwhile.
         if self.store.get_build(&id).ok().flatten().is_none() {
             self.runtime.remove_artifact(&id).await;
@@ -150,6 +150,7 @@ impl App {
     async fn build_artifact(
         &self,
         id: &str,
+        account_id: &str,
         spec: &TemplateSpec,
         log: &std::path::Path,
     ) -> Result<(), String> {
@@ -158,6 +159,8 @@ impl App {
             append(log, "==> checking the start contract (start_cmd until readiness passes)\n");
             let start = StartSpec {
                 sandbox_id: id.to_string(),
+                account_id: account_id.to_string(),
+                pool_id: None,
                 build_id: None,
                 spec: spec.clone(),
                 envs: Default::default(),
@@ -167,7 +170,7 @@ impl App {
             };
             let handle = self.runtime.start_build(start).await.map_err(|e| e.to_string())?;
             let ready = self.runtime.wait_ready(&handle, start_timeout(spec)).await;
-            let output = self.runtime.log_tail(&handle, 64 * 1024);
+            let output = self.runtime.log_tail(&handle, 64 * 1024).await;
             self.runtime.stop_build(&handle).await;
             append(log, &output);
             ready.map_err(|e| format!("start contract failed: {e}"))?;
@@ -187,6 +190,22 @@ impl App {
             .get_build(id)?
             .filter(|b| b.account_id == caller.account_id)
             .ok_or_else(|| not_found("build", id))
+    }
+
+    /// A build's artifact file, for a caller of the build's account or the holder of the build's artifact token.
+    pub fn build_artifact_file(&self, token: Option<&str>, id: &str) -> AppResult<std::path::PathBuf> {
+        let token = token.ok_or(AppError::Unauthorized)?;
+        if token.starts_with(crate::secrets::ARTIFACT_TOKEN_PREFIX) {
+            if !self.secrets.check_artifact_token(token, id, Utc::now().timestamp()) {
+                return Err(AppError::Unauthorized);
+            }
+        } else {
+            self.get_build(&self.authenticate(Some(token))?, id)?;
+        }
+        self.runtime.artifact_file(id).ok_or_else(|| AppError::NotFound {
+            kind: "artifact",
+            id: format!("{id} (only the kubernetes runtime packs artifacts)"),
+        })
     }
 
     pub fn build_logs(&self, caller: &Caller, id: &str) -> AppResult<String> {

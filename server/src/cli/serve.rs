@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::app::{App, AppConfig};
+use crate::runtime::kubernetes::{self, KubernetesRuntime};
 use crate::runtime::local::LocalRuntime;
+use crate::runtime::Runtime;
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -23,9 +25,22 @@ pub struct ServeArgs {
     /// sharing one state (on one host they share the data dir too).
     #[arg(long, env = "WARMPOOL_DATABASE")]
     pub database: Option<String>,
-    /// Where sandboxes run: `local` runs each as an OCI container (runc) on this host.
-    #[arg(long, default_value = "local", value_parser = ["local"])]
+    /// Where sandboxes run: `local` runs each as an OCI container (runc) on this host, `kubernetes` as a pod.
+    #[arg(long, default_value = "local", value_parser = ["local", "kubernetes"])]
     pub runtime: String,
+    /// kubernetes: the namespace sandbox pods run in (default: the kubeconfig context's, or this pod's own).
+    #[arg(long, env = "WARMPOOL_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// kubernetes: a kubeconfig file (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// kubernetes: the `warmpool` image, whose init containers put procd into every pod (and the image of
+    /// templates without one).
+    #[arg(long, env = "WARMPOOL_IMAGE", default_value = "ghcr.io/warmpool/warmpool:latest")]
+    pub image: String,
+    /// kubernetes: this server's URL as sandbox pods reach it, to download build artifacts (default: http://LISTEN).
+    #[arg(long, env = "WARMPOOL_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// `off` runs no reconciler (pools report `controller_disabled`).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub reconciler: String,
@@ -76,20 +91,37 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
         )
     })?;
     let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
-    let runtime = LocalRuntime::new(
-        data_dir.clone(),
-        find_procd(args.procd.clone())?,
-        args.max_sandboxes,
-        exits_tx,
-        secrets,
-    )?;
+    let runtime: Arc<dyn Runtime> = match args.runtime.as_str() {
+        "kubernetes" => {
+            let options = kubernetes::Options {
+                namespace: args.namespace.clone(),
+                kubeconfig: args.kubeconfig.clone(),
+                image: args.image.clone(),
+                advertise_url: args
+                    .advertise_url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{}", args.listen)),
+                data_dir: data_dir.clone(),
+                max_sandboxes: args.max_sandboxes,
+            };
+            let (client, namespace) = kubernetes::connect(&options).await?;
+            KubernetesRuntime::new(client, namespace, &options, exits_tx, secrets.clone()).await?
+        }
+        _ => LocalRuntime::new(
+            data_dir.clone(),
+            find_procd(args.procd.clone())?,
+            args.max_sandboxes,
+            exits_tx,
+            secrets.clone(),
+        )?,
+    };
     let config = AppConfig {
         data_dir,
         reconciler_enabled: args.reconciler == "on",
         max_parallel_starts: args.max_parallel_starts,
         max_parallel_builds: 2,
     };
-    let app = App::new(store, runtime, config);
+    let app = App::new(store, runtime, secrets, config);
     let token_path = app.bootstrap_admin()?;
     tracing::info!(path = %token_path.display(), "Admin token");
     app.join_cluster()?;

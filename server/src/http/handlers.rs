@@ -11,7 +11,7 @@ use serde::Deserialize;
 use warmpool_api::*;
 
 use super::{ApiResult, Auth, Body, OptionalBody};
-use crate::app::App;
+use crate::app::{App, AppError};
 
 type S = State<Arc<App>>;
 
@@ -32,6 +32,7 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/v1/templates/:id/tags/:tag", put(put_tag).get(get_tag).delete(delete_tag))
         .route("/v1/builds/:id", get(get_build))
         .route("/v1/builds/:id/logs", get(build_logs))
+        .route("/v1/builds/:id/artifact", get(build_artifact))
         .route("/v1/template-warm-pools", post(create_pool).get(list_pools))
         .route("/v1/template-warm-pools/:id", get(get_pool).patch(update_pool).delete(delete_pool))
         .route("/v1/template-warm-pools/:id/status", get(pool_status))
@@ -139,6 +140,19 @@ async fn get_build(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiR
 }
 async fn build_logs(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     Ok(([("content-type", "text/plain; charset=utf-8")], app.build_logs(&c, &id)?))
+}
+/// Streams the artifact (`application/zstd`, a tar); answers an artifact token as well as an account token.
+async fn build_artifact(
+    State(app): S,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let path = app.build_artifact_file(super::bearer(&headers), &id)?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| AppError::Internal(format!("opening {}: {e}", path.display())))?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok(([("content-type", "application/zstd")], body))
 }
 async fn list_tags(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Tag>>> {
     Ok(list(app.list_tags(&c, &id)?))
@@ -272,5 +286,5 @@ async fn probe(
     Ok(Json(app.probe(&c, &id, kind).await?))
 }
 async fn logs(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<LogLine>>> {
-    Ok(list(app.logs(&c, &id)?))
+    Ok(list(app.logs(&c, &id).await?))
 }

@@ -104,6 +104,14 @@ const ROUTES: &[Route] = &[
     ("delete", "/v1/templates/{id}/tags/{tag}", None, 204, None, "Delete a tag"),
     ("get", "/v1/builds/{id}", None, 200, Some("Build"), "Get a build"),
     ("get", "/v1/builds/{id}/logs", None, 200, Some("text"), "A build's log"),
+    (
+        "get",
+        "/v1/builds/{id}/artifact",
+        None,
+        200,
+        Some("zstd"),
+        "A build's artifact (a zstd tar; kubernetes runtime)",
+    ),
     ("post", "/v1/template-warm-pools", Some("WarmPoolSpec"), 201, Some("WarmPool"), "Create a warm pool"),
     ("get", "/v1/template-warm-pools", None, 200, None, "List warm pools"),
     ("get", "/v1/template-warm-pools/{id}", None, 200, Some("WarmPool"), "Get a warm pool by id or name"),
@@ -193,6 +201,9 @@ pub fn document() -> Doc {
             Some("text") => {
                 ResponseBuilder::new().description("OK").content("text/plain", ContentBuilder::new().build())
             }
+            Some("zstd") => ResponseBuilder::new()
+                .description("OK")
+                .content("application/zstd", ContentBuilder::new().build()),
             Some(schema) => {
                 ResponseBuilder::new().description("OK").content("application/json", json(schema))
             }

@@ -1,13 +1,19 @@
-//! Runtimes run sandboxes: the `local` runtime (an OCI container per sandbox, run by runc, with procd as its PID 1).
-//! The domain talks to a runtime only through [`Runtime`].
+//! Runtimes run sandboxes, each with procd as its PID 1: `local` (an OCI container per sandbox, run by runc on this
+//! host) and `kubernetes` (a pod per sandbox). The domain talks to a runtime only through [`Runtime`]; both talk to
+//! procd through [`procd::Procd`].
 
+pub mod kubernetes;
 pub mod local;
+pub mod procd;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use warmpool_api::{ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec};
+use warmpool_api::{
+    ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus, ProcessType,
+    TemplateSpec, WarmProcessSpec, START_PROCESS,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +59,9 @@ impl RuntimeError {
 #[derive(Debug, Clone)]
 pub struct StartSpec {
     pub sandbox_id: String,
+    /// Whose sandbox (or build) it is, and the pool it is inventory of: labels on runtimes that keep any.
+    pub account_id: String,
+    pub pool_id: Option<String>,
     /// The build whose artifact the sandbox starts from (None: a build's own start-contract check).
     pub build_id: Option<String>,
     pub spec: TemplateSpec,
@@ -136,8 +145,10 @@ pub trait Runtime: Send + Sync {
         handle: &RuntimeHandle,
     ) -> Result<BoxStream<'static, ProbeStatus>, RuntimeError>;
     async fn pause(&self, handle: &RuntimeHandle, paused: bool) -> Result<(), RuntimeError>;
-    fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine>;
-    fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String;
+    /// procd's mirrored output lines (JSON), as far as the runtime still has them.
+    async fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine>;
+    /// The last `bytes` of procd's own output (its mirror and its messages), starting at a whole line.
+    async fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String;
     fn is_alive(&self, handle: &RuntimeHandle) -> bool;
     /// Watches a procd started by an earlier server process; false if it is gone.
     fn adopt(&self, id: &str, handle: &RuntimeHandle) -> bool;
@@ -145,4 +156,67 @@ pub trait Runtime: Send + Sync {
     fn list_sandboxes(&self) -> Vec<String>;
     /// How many more sandboxes this host takes.
     fn free_capacity(&self, running: usize) -> usize;
+    /// A build's artifact as a zstd tar, on runtimes that keep it as one (served to the pods that unpack it).
+    fn artifact_file(&self, _build_id: &str) -> Option<std::path::PathBuf> {
+        None
+    }
+}
+
+/// The workspace, the default `cwd` inside every sandbox.
+pub const WORKSPACE: &str = "/workspace";
+
+/// The working directory of a sandbox: the request's `cwd`, else the template's, else the workspace.
+pub fn working_dir(spec: &StartSpec) -> String {
+    spec.cwd.clone().or(spec.spec.cwd.clone()).unwrap_or_else(|| WORKSPACE.into())
+}
+
+/// procd's warm processes for a sandbox: `start_cmd` (with the template's readiness) and the warm processes, with
+/// the sandbox's environment and working directory filled in.
+pub fn warm_processes(spec: &StartSpec) -> Vec<WarmProcessSpec> {
+    let t = &spec.spec;
+    let base_cwd = working_dir(spec);
+    let mut env: BTreeMap<String, String> = t.env.clone();
+    env.extend(spec.envs.clone());
+    env.insert("WARMPOOL_SANDBOX_ID".into(), spec.sandbox_id.clone());
+    let mut processes = Vec::new();
+    if let Some(cmd) = &t.start_cmd {
+        let readiness = t.readiness.clone().map(|r| ProbeSpec {
+            // In a template, readiness.timeout_ms bounds the whole start; each check gets at most 1 s of it.
+            timeout_ms: Some(r.timeout_ms.unwrap_or(1000).min(1000)),
+            ..r
+        });
+        processes.push(WarmProcessSpec {
+            name: Some(START_PROCESS.into()),
+            process_type: ProcessType::Cmd,
+            command: Some(vec!["/bin/sh".into(), "-c".into(), cmd.clone()]),
+            cwd: Some(base_cwd.clone()),
+            env: env.clone(),
+            probes: readiness.map(|r| warmpool_api::ProbeSet { readiness: Some(r), ..Default::default() }),
+            ..Default::default()
+        });
+    }
+    for p in &t.warm_processes {
+        let mut p = p.clone();
+        p.cwd = Some(p.cwd.unwrap_or_else(|| base_cwd.clone()));
+        let mut penv = env.clone();
+        penv.extend(p.env.clone());
+        p.env = penv;
+        processes.push(p);
+    }
+    processes
+}
+
+/// The last `bytes` of `text`, starting at a whole line.
+pub fn tail(data: &[u8], bytes: usize) -> String {
+    let start = data.len().saturating_sub(bytes);
+    let text = String::from_utf8_lossy(&data[start..]).into_owned();
+    match (start > 0, text.find('\n')) {
+        (true, Some(i)) => text[i + 1..].to_string(),
+        _ => text,
+    }
+}
+
+/// procd's JSON log lines among its output (its own messages are skipped).
+pub fn log_lines(text: &str) -> Vec<LogLine> {
+    text.lines().filter_map(|l| serde_json::from_str::<LogLine>(l).ok()).collect()
 }

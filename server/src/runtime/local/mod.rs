@@ -17,25 +17,20 @@ mod net;
 pub mod oci;
 mod runc;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use futures::StreamExt;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use warmpool_api::{
-    ExecRequest, ExecResult, LogLine, NetworkMode, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus,
-    ProcessType, TemplateSpec, WarmProcessSpec, EXEC_OUTPUT_LIMIT, START_PROCESS,
+    ExecRequest, ExecResult, LogLine, NetworkMode, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec,
 };
 use warmpool_procd::config::Listen;
-use warmpool_procd::convert;
-use warmpool_procd::proto::procd_client::ProcdClient;
-use warmpool_procd::proto::{self, exec_event};
 
-use super::{Runtime, RuntimeError, RuntimeHandle, StartSpec};
+use super::procd::Procd;
+use super::{warm_processes, working_dir, Runtime, RuntimeError, RuntimeHandle, StartSpec};
 use crate::secrets::Secrets;
 use layers::Overlay;
 use net::Cni;
@@ -44,18 +39,13 @@ use runc::Runc;
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const CGROUP_CONTROLLERS: [&str; 5] = ["memory", "cpu", "freezer", "pids", "cpuacct"];
-/// The workspace, the default `cwd` inside every container.
-pub const WORKSPACE: &str = "/workspace";
-/// How long a build step may run.
-const BUILD_STEP_TIMEOUT_MS: u64 = 60 * 60 * 1000;
 
 pub struct LocalRuntime {
     data_dir: PathBuf,
     procd_bin: PathBuf,
     max_sandboxes: usize,
     exits: mpsc::UnboundedSender<String>,
-    clients: Mutex<HashMap<String, ProcdClient<Channel>>>,
-    secrets: Arc<Secrets>,
+    procd: Procd,
     runc: Runc,
     cni: Cni,
     /// The base layer without an image, and the host directories bound read-only over it.
@@ -101,18 +91,12 @@ impl LocalRuntime {
             procd_bin,
             max_sandboxes,
             exits,
-            clients: Default::default(),
-            secrets,
+            procd: Procd::new(secrets),
             base,
             host_dirs,
             base_mounts,
             images: tokio::sync::Mutex::new(()),
         }))
-    }
-
-    /// A call to procd with the sandbox's token.
-    fn authorized<T>(&self, handle: &RuntimeHandle, message: T) -> tonic::Request<T> {
-        warmpool_procd::authorized(message, Some(&self.secrets.procd_token(&handle.id)))
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {
@@ -128,52 +112,9 @@ impl LocalRuntime {
         self.data_dir.join("artifacts").join(build_id)
     }
 
-    fn client(&self, handle: &RuntimeHandle) -> Result<ProcdClient<Channel>, RuntimeError> {
-        let mut clients = self.clients.lock().expect("clients");
-        if let Some(c) = clients.get(&handle.socket) {
-            return Ok(c.clone());
-        }
-        let client = warmpool_procd::connect(&Listen::Unix(handle.socket.clone().into()))
-            .map_err(|e| RuntimeError::Unreachable(e.to_string()))?;
-        clients.insert(handle.socket.clone(), client.clone());
-        Ok(client)
-    }
-
-    /// procd's warm processes for a sandbox: `start_cmd` (with the template's readiness) and the warm processes,
-    /// all with real paths inside the container.
-    fn procd_config(&self, id: &str, spec: &StartSpec) -> Vec<WarmProcessSpec> {
-        let t = &spec.spec;
-        let base_cwd = working_dir(spec);
-        let mut env: BTreeMap<String, String> = t.env.clone();
-        env.extend(spec.envs.clone());
-        env.insert("WARMPOOL_SANDBOX_ID".into(), id.into());
-        let mut processes = Vec::new();
-        if let Some(cmd) = &t.start_cmd {
-            let readiness = t.readiness.clone().map(|r| ProbeSpec {
-                // In a template, readiness.timeout_ms bounds the whole start; each check gets at most 1 s of it.
-                timeout_ms: Some(r.timeout_ms.unwrap_or(1000).min(1000)),
-                ..r
-            });
-            processes.push(WarmProcessSpec {
-                name: Some(START_PROCESS.into()),
-                process_type: ProcessType::Cmd,
-                command: Some(vec!["/bin/sh".into(), "-c".into(), cmd.clone()]),
-                cwd: Some(base_cwd.clone()),
-                env: env.clone(),
-                probes: readiness
-                    .map(|r| warmpool_api::ProbeSet { readiness: Some(r), ..Default::default() }),
-                ..Default::default()
-            });
-        }
-        for p in &t.warm_processes {
-            let mut p = p.clone();
-            p.cwd = Some(p.cwd.unwrap_or_else(|| base_cwd.clone()));
-            let mut penv = env.clone();
-            penv.extend(p.env.clone());
-            p.env = penv;
-            processes.push(p);
-        }
-        processes
+    /// procd's socket.
+    fn at(handle: &RuntimeHandle) -> Listen {
+        Listen::Unix(handle.socket.clone().into())
     }
 
     /// The lower layers below a container's own: the build's artifact (if any), then the template's image or, without
@@ -207,7 +148,7 @@ impl LocalRuntime {
             .mount()?;
         let t = &spec.spec;
         let cwd = working_dir(spec);
-        let warm = if processes { self.procd_config(id, spec) } else { Vec::new() };
+        let warm = if processes { warm_processes(spec) } else { Vec::new() };
         for dir in std::iter::once(&cwd).chain(warm.iter().filter_map(|p| p.cwd.as_ref())) {
             std::fs::create_dir_all(rootfs.join(dir.trim_start_matches('/')))
                 .map_err(io("creating the working directory"))?;
@@ -216,7 +157,7 @@ impl LocalRuntime {
         std::fs::create_dir_all(&config_dir).map_err(io("creating the config directory"))?;
         let run_dir = run_dir(bundle, id);
         std::fs::create_dir_all(&run_dir).map_err(io("creating the run directory"))?;
-        write_private(&config_dir.join("token"), &self.secrets.procd_token(id))?;
+        write_private(&config_dir.join("token"), &self.procd.token(id))?;
         let procd_config = serde_json::json!({
             "listen": format!("unix://{}/procd.sock", oci::RUN_DIR),
             "token_file": format!("{}/token", oci::CONFIG_DIR),
@@ -284,7 +225,7 @@ impl LocalRuntime {
     /// it after 6 s, then its cgroups, root filesystem mount and network. Idempotent; needs no handle.
     async fn teardown(&self, id: &str, bundle: &Path, handle: Option<&RuntimeHandle>) {
         if let Some(h) = handle {
-            self.clients.lock().expect("clients").remove(&h.socket);
+            self.procd.forget(&Self::at(h));
         }
         if let Some(state) = self.runc.state(id).await {
             if state.status == "running" || state.status == "paused" {
@@ -303,11 +244,6 @@ impl LocalRuntime {
         self.cni.remove(id).await;
         let _ = std::fs::remove_dir_all(run_dir(bundle, id));
     }
-}
-
-/// The working directory of a container: the request's `cwd`, else the template's, else the workspace.
-fn working_dir(spec: &StartSpec) -> String {
-    spec.cwd.clone().or(spec.spec.cwd.clone()).unwrap_or_else(|| WORKSPACE.into())
 }
 
 /// Runs a host tool to completion; a failure is an error carrying what the tool printed on stderr.
@@ -427,10 +363,6 @@ async fn remove_cgroups(dirs: &[String]) {
     }
 }
 
-fn unreachable(status: tonic::Status) -> RuntimeError {
-    RuntimeError::Unreachable(status.message().to_string())
-}
-
 #[async_trait::async_trait]
 impl Runtime for LocalRuntime {
     fn name(&self) -> &'static str {
@@ -453,18 +385,14 @@ impl Runtime for LocalRuntime {
         spec: &TemplateSpec,
         log: &Path,
     ) -> Result<(), RuntimeError> {
-        use std::io::Write;
         let dir = self.build_dir(build_id);
         self.teardown(build_id, &dir, None).await;
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the build directory"))?;
-        let mut log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(RuntimeError::io("opening the build log"))?;
         let start = StartSpec {
             sandbox_id: build_id.to_string(),
+            account_id: String::new(),
+            pool_id: None,
             build_id: None,
             spec: spec.clone(),
             envs: Default::default(),
@@ -473,30 +401,9 @@ impl Runtime for LocalRuntime {
             network: NetworkMode::Isolated,
         };
         let handle = self.launch(build_id, &dir, &start, false).await?;
-        let mut env = spec.build.env.clone();
-        env.insert("WARMPOOL_BUILD_ID".into(), build_id.into());
-        env.insert("WARMPOOL_SANDBOX_ID".into(), build_id.into());
         let result = async {
             self.wait_ready(&handle, Duration::from_secs(30)).await?;
-            for (i, step) in spec.build.steps.iter().enumerate() {
-                let _ = writeln!(log_file, "==> step {} of {}: {step}", i + 1, spec.build.steps.len());
-                let req = ExecRequest {
-                    command: vec!["/bin/sh".into(), "-c".into(), step.clone()],
-                    timeout_ms: Some(BUILD_STEP_TIMEOUT_MS),
-                    ..Default::default()
-                };
-                let r = self.exec(&handle, req, spec.cwd.as_deref(), env.clone()).await?;
-                let _ = log_file.write_all(r.stdout.as_bytes());
-                let _ = log_file.write_all(r.stderr.as_bytes());
-                if r.exit_code != 0 {
-                    return Err(RuntimeError::Failed(format!(
-                        "build step {} ({step:?}) exited with code {}",
-                        i + 1,
-                        r.exit_code
-                    )));
-                }
-            }
-            Ok(())
+            self.procd.run_steps(build_id, &Self::at(&handle), spec, log).await
         }
         .await;
         self.teardown(build_id, &dir, Some(&handle)).await;
@@ -538,16 +445,15 @@ impl Runtime for LocalRuntime {
         let mut last = String::from("procd has not answered yet");
         loop {
             if !self.is_alive(handle) {
-                let tail = self.log_tail(handle, 2000);
+                let tail = self.log_tail(handle, 2000).await;
                 let tail = if tail.trim().is_empty() { "(procd printed nothing)".to_string() } else { tail };
                 return Err(RuntimeError::Exited(tail));
             }
             if Path::new(&handle.socket).exists() {
-                match self.probe(handle, ProbeKind::Readiness).await {
-                    Ok(r) if r.status == ProbeStatus::Passed => return Ok(()),
-                    Ok(_) if !handle.has_warm_processes => return Ok(()),
-                    Ok(r) => last = r.message,
-                    Err(e) => last = e.to_string(),
+                match self.procd.ready(&Self::at(handle), handle).await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
+                    Err(message) => last = message,
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -581,94 +487,30 @@ impl Runtime for LocalRuntime {
         base_cwd: Option<&str>,
         env: BTreeMap<String, String>,
     ) -> Result<ExecResult, RuntimeError> {
-        let base = Path::new(base_cwd.unwrap_or(WORKSPACE));
-        let cwd = match req.cwd.as_deref() {
-            Some(c) => base.join(c),
-            None => base.to_path_buf(),
-        };
-        let mut full_env = env;
-        full_env.extend(req.env.unwrap_or_default());
-        let msg = proto::ExecRequest {
-            command: req.command,
-            cwd: cwd.display().to_string(),
-            env: full_env.into_iter().collect(),
-            timeout_ms: req.timeout_ms.unwrap_or(60_000),
-            stdin: req.stdin.unwrap_or_default().into_bytes(),
-        };
-        let mut client = self.client(handle)?;
-        let mut events = client.exec(self.authorized(handle, msg)).await.map_err(exec_error)?.into_inner();
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        let mut exit = None;
-        while let Some(event) = events.message().await.map_err(unreachable)? {
-            match event.event {
-                Some(exec_event::Event::Output(o)) => {
-                    let buf = match convert::stream_from_proto(o.stream) {
-                        Some(warmpool_procd::output::StreamName::Stderr) => &mut stderr,
-                        _ => &mut stdout,
-                    };
-                    // procd already cuts each stream; this only guards the server's memory.
-                    let room = EXEC_OUTPUT_LIMIT.saturating_sub(buf.len());
-                    buf.extend_from_slice(&o.data[..o.data.len().min(room)]);
-                }
-                Some(exec_event::Event::Exit(e)) => exit = Some(e),
-                None => {}
-            }
-        }
-        let exit =
-            exit.ok_or_else(|| RuntimeError::Unreachable("procd ended the exec without an exit".into()))?;
-        Ok(ExecResult {
-            exit_code: exit.exit_code,
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
-            stdout_truncated: exit.stdout_truncated,
-            stderr_truncated: exit.stderr_truncated,
-            duration_ms: exit.duration_ms,
-            timed_out: exit.timed_out,
-        })
+        self.procd.exec(&handle.id, &Self::at(handle), req, base_cwd, env).await
     }
 
     async fn probe(&self, handle: &RuntimeHandle, kind: ProbeKind) -> Result<ProbeResult, RuntimeError> {
-        let mut client = self.client(handle)?;
-        let msg = proto::ProbeRequest { kind: convert::kind_to_proto(kind).into() };
-        let r = client.probe(msg).await.map_err(unreachable)?;
-        Ok(convert::probe_result_from_proto(r.into_inner()))
+        self.procd.probe(&Self::at(handle), kind).await
     }
 
     async fn watch_readiness(
         &self,
         handle: &RuntimeHandle,
     ) -> Result<BoxStream<'static, ProbeStatus>, RuntimeError> {
-        let mut client = self.client(handle)?;
-        let msg = proto::ProbeRequest { kind: convert::kind_to_proto(ProbeKind::Readiness).into() };
-        let stream = client.watch_probe(msg).await.map_err(unreachable)?.into_inner();
-        Ok(stream
-            .take_while(|r| std::future::ready(r.is_ok()))
-            .filter_map(|r| std::future::ready(r.ok().map(|r| convert::probe_result_from_proto(r).status)))
-            .boxed())
+        self.procd.watch_readiness(&Self::at(handle)).await
     }
 
     async fn pause(&self, handle: &RuntimeHandle, paused: bool) -> Result<(), RuntimeError> {
-        let mut client = self.client(handle)?;
-        client.pause(self.authorized(handle, proto::PauseRequest { paused })).await.map_err(unreachable)?;
-        Ok(())
+        self.procd.pause(&handle.id, &Self::at(handle), paused).await
     }
 
-    fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine> {
-        self.log_tail(handle, 1 << 20)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<LogLine>(l).ok())
-            .collect()
+    async fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine> {
+        super::log_lines(&self.log_tail(handle, 1 << 20).await)
     }
 
-    fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String {
-        let data = std::fs::read(Path::new(&handle.dir).join("procd.log")).unwrap_or_default();
-        let start = data.len().saturating_sub(bytes);
-        let text = String::from_utf8_lossy(&data[start..]).into_owned();
-        // Start at a whole line.
-        match (start > 0, text.find('\n')) {
-            (true, Some(i)) => text[i + 1..].to_string(),
-            _ => text,
-        }
+    async fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String {
+        super::tail(&std::fs::read(Path::new(&handle.dir).join("procd.log")).unwrap_or_default(), bytes)
     }
 
     fn is_alive(&self, handle: &RuntimeHandle) -> bool {
@@ -698,19 +540,5 @@ impl Runtime for LocalRuntime {
 
     fn free_capacity(&self, running: usize) -> usize {
         self.max_sandboxes.saturating_sub(running)
-    }
-}
-
-/// A command that cannot start is the caller's mistake, named by the field procd reports.
-fn exec_error(status: tonic::Status) -> RuntimeError {
-    let field = status.metadata().get(convert::FIELD_METADATA).and_then(|v| v.to_str().ok());
-    match (status.code(), field) {
-        (tonic::Code::InvalidArgument, Some("cwd")) => {
-            RuntimeError::Invalid { field: "cwd", message: status.message().to_string() }
-        }
-        (tonic::Code::InvalidArgument, Some(_)) => {
-            RuntimeError::Invalid { field: "command", message: status.message().to_string() }
-        }
-        _ => unreachable(status),
     }
 }
