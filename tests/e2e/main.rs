@@ -5,6 +5,7 @@
 mod chaos;
 mod images;
 mod isolation;
+mod kubernetes;
 mod replicas;
 
 use std::path::Path;

@@ -135,11 +135,13 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
     Ok(app)
 }
 
-pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let app = build_app(&args).await?;
+pub async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    // Pods download artifacts from the address actually bound (port 0 picks one) unless told otherwise.
+    args.advertise_url.get_or_insert_with(|| format!("http://{}", listener.local_addr().expect("bound")));
+    let app = build_app(&args).await?;
     eprintln!(
         "warmpool serving on http://{} (data dir {}, admin token in {})",
         listener.local_addr()?,
