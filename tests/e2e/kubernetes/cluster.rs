@@ -40,6 +40,8 @@ struct Inner {
     /// The running container process of each pod (`unshare`'s pid).
     processes: HashMap<String, u32>,
     next_ip: u32,
+    /// (resource, verb) of every call the API answered, as RBAC names them.
+    verbs: std::collections::BTreeSet<(String, String)>,
     root: PathBuf,
     bin_dir: PathBuf,
 }
@@ -99,6 +101,11 @@ impl Cluster {
 
     pub fn pod(&self, name: &str) -> Option<Value> {
         self.state.lock().unwrap().pods.get(name).cloned()
+    }
+
+    /// Every (resource, verb) the server used, as RBAC names them (`pods`/`create`, `pods/log`/`get`, …).
+    pub fn verbs_used(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.state.lock().unwrap().verbs.clone()
     }
 
     /// Container processes still running (after a test, none may be left).
@@ -167,7 +174,9 @@ fn emit(inner: &mut Inner, kind: &str, mut pod: Value) -> Value {
 async fn list_or_watch(State(state): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
     let sel = selector(&q);
     let mut inner = state.lock().unwrap();
-    if q.get("watch").map(String::as_str) != Some("true") {
+    let watch = q.get("watch").map(String::as_str) == Some("true");
+    inner.verbs.insert(("pods".into(), if watch { "watch" } else { "list" }.into()));
+    if !watch {
         let items: Vec<&Value> = inner.pods.values().filter(|p| matches(p, &sel)).collect();
         let list = json!({"apiVersion": "v1", "kind": "PodList",
                           "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items});
@@ -186,6 +195,7 @@ async fn list_or_watch(State(state): State<Shared>, Query(q): Query<HashMap<Stri
 }
 
 async fn create(State(state): State<Shared>, Json(pod): Json<Value>) -> Response {
+    state.lock().unwrap().verbs.insert(("pods".into(), "create".into()));
     match create_pod(&state, pod) {
         Ok(pod) => (StatusCode::CREATED, Json(pod)).into_response(),
         Err(r) => *r,
@@ -212,7 +222,9 @@ fn create_pod(state: &Shared, mut pod: Value) -> Result<Value, Box<Response>> {
 }
 
 async fn get_pod(State(state): State<Shared>, UrlPath((_, name)): UrlPath<(String, String)>) -> Response {
-    match state.lock().unwrap().pods.get(&name) {
+    let mut inner = state.lock().unwrap();
+    inner.verbs.insert(("pods".into(), "get".into()));
+    match inner.pods.get(&name) {
         Some(p) => Json(p.clone()).into_response(),
         None => status(404, "NotFound", format!("pods \"{name}\" not found")),
     }
@@ -220,6 +232,7 @@ async fn get_pod(State(state): State<Shared>, UrlPath((_, name)): UrlPath<(Strin
 
 async fn delete(State(state): State<Shared>, UrlPath((_, name)): UrlPath<(String, String)>) -> Response {
     let mut inner = state.lock().unwrap();
+    inner.verbs.insert(("pods".into(), "delete".into()));
     let Some(pod) = inner.pods.remove(&name) else {
         return status(404, "NotFound", format!("pods \"{name}\" not found"));
     };
@@ -235,7 +248,8 @@ async fn log(
     UrlPath((_, name)): UrlPath<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let inner = state.lock().unwrap();
+    let mut inner = state.lock().unwrap();
+    inner.verbs.insert(("pods/log".into(), "get".into()));
     if !inner.pods.contains_key(&name) {
         return status(404, "NotFound", format!("pods \"{name}\" not found"));
     }

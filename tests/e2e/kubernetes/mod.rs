@@ -141,6 +141,11 @@ async fn builds_pools_checkouts_rollouts_and_pod_deaths_run_as_pods() {
         cluster.pods().values().all(|phase| phase == "Failed")
     });
     assert!(cluster.pod(&sbx.id.replace('_', "-")).is_none());
+    // The Role shipped in deploy/kubernetes/ grants every call the server made.
+    let granted = role_rules();
+    for used in cluster.verbs_used() {
+        assert!(granted.contains(&used), "deploy/kubernetes/role.yaml lacks {used:?} (grants {granted:?})");
+    }
     drop(srv);
     wait_until("no container processes", Duration::from_secs(10), || {
         cluster.pods().values().all(|phase| phase == "Failed") && cluster.processes() == 0
@@ -178,6 +183,29 @@ async fn a_restarted_server_readopts_its_pods_and_deletes_unknown_ones() {
     c.delete_sandbox(&sbx.id).await.unwrap();
     c.pool_action(&pool.id, "drain").await.unwrap();
     wait_until("no pods left", Duration::from_secs(30), || cluster.pods().is_empty());
+}
+
+/// (resource, verb) pairs of `deploy/kubernetes/role.yaml`'s rules (`resources: [..]` then `verbs: [..]`).
+fn role_rules() -> std::collections::BTreeSet<(String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/role.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let list = |line: &str| -> Vec<String> {
+        let inner = line.split_once('[').unwrap().1.trim_end().trim_end_matches(']');
+        inner.split(',').map(|s| s.trim().to_string()).collect()
+    };
+    let mut rules = std::collections::BTreeSet::new();
+    let mut resources = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("resources:") {
+            resources = list(rest);
+        } else if let Some(rest) = line.strip_prefix("verbs:") {
+            assert!(!rest.contains('*'), "no wildcard verbs");
+            for r in &resources {
+                rules.extend(list(rest).into_iter().map(|v| (r.clone(), v)));
+            }
+        }
+    }
+    rules
 }
 
 async fn c_setup(c: &Client) {

@@ -213,13 +213,35 @@ impl KubernetesRuntime {
         })
     }
 
-    /// Deletes a pod; one that is already gone is fine.
-    async fn delete(&self, name: &str) -> Result<(), RuntimeError> {
+    /// Deletes a pod; one that is already gone is fine. Returns whether there was one.
+    async fn delete(&self, name: &str) -> Result<bool, RuntimeError> {
         match self.pods.delete(name, &DeleteParams::default()).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
             Err(e) => Err(RuntimeError::Failed(format!("deleting pod {name}: {e}"))),
         }
+    }
+
+    /// Deletes a pod left by an earlier attempt and waits until its name is free again (a deleted pod stays while
+    /// its containers get their grace period), so that a pod of the same name can be created.
+    async fn replace(&self, name: &str) -> Result<(), RuntimeError> {
+        if !self.delete(name).await? {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while self
+            .pods
+            .get_opt(name)
+            .await
+            .map_err(|e| RuntimeError::Failed(format!("reading pod {name}: {e}")))?
+            .is_some()
+        {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::Failed(format!("pod {name} was still terminating after 60 s")));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
     }
 }
 
@@ -327,7 +349,7 @@ impl Runtime for KubernetesRuntime {
             network: NetworkMode::Isolated,
         };
         let name = format!("{}-steps", pod::pod_name(build_id));
-        self.delete(&name).await?;
+        self.replace(&name).await?;
         let handle = self.create(&self.plan(name.clone(), &start, None, false), false, build_id).await?;
         let result = async {
             self.wait_ready(&handle, BUILD_POD_START).await?;
@@ -346,7 +368,7 @@ impl Runtime for KubernetesRuntime {
     async fn start_build(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
         let id = spec.sandbox_id.clone();
         let plan = self.plan(pod::pod_name(&id), &spec, Some(&id), true);
-        self.delete(&plan.name).await?;
+        self.replace(&plan.name).await?;
         self.create(&plan, !warm_processes(&spec).is_empty(), &id).await
     }
 
@@ -428,7 +450,7 @@ impl Runtime for KubernetesRuntime {
         if let Some(at) = handle.and_then(|h| self.at(h).ok()) {
             self.procd.forget(&at);
         }
-        self.delete(&pod::pod_name(id)).await
+        self.delete(&pod::pod_name(id)).await.map(|_| ())
     }
 
     async fn exec(

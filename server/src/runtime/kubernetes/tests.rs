@@ -371,3 +371,28 @@ async fn an_unreachable_cluster_is_one_error_naming_the_kubeconfig() {
     let e = connect(&missing).await.err().unwrap();
     assert!(e.to_string().contains("nope"), "{e}");
 }
+
+#[tokio::test]
+async fn a_build_retried_waits_for_its_old_pod_to_go_before_creating_it_again() {
+    let path = format!("/api/v1/namespaces/{NS}/pods/bld-3");
+    let terminating = pod_json("bld-3", "bld_3", "Running", Some("10.0.0.3"));
+    let mut create = call(
+        "POST",
+        &format!("/api/v1/namespaces/{NS}/pods"),
+        201,
+        pod_json("bld-3", "bld_3", "Pending", None),
+    );
+    create.check = Box::new(|body| assert_eq!(body["metadata"]["labels"][pod::COMPONENT], "build"));
+    let calls = vec![
+        call("DELETE", &path, 200, terminating.clone()),
+        call("GET", &path, 200, terminating),
+        call("GET", &path, 404, not_found("bld-3")),
+        create,
+    ];
+    let h = harness(vec![], vec![], calls).await;
+    let mut spec = start_spec("bld_3");
+    spec.build_id = None;
+    let handle = h.runtime.start_build(spec).await.unwrap();
+    assert_eq!(handle.dir, "bld-3");
+    h.verified().await;
+}
