@@ -65,6 +65,10 @@ impl Client {
         self.base.as_str()
     }
 
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     fn url(&self, segments: &[&str]) -> reqwest::Url {
         let mut url = self.base.clone();
         {

@@ -52,6 +52,8 @@ impl ServerProcess {
             .arg(sibling_bin("procd"))
             .args(extra_args)
             .env("WARMPOOL_LOG", "warn")
+            // The server saves a CLI configuration where there is none: keep it out of the user's home.
+            .env("WARMPOOL_CONFIG", data_dir.join("cli-config.json"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -124,7 +124,7 @@ pub async fn checkout(global: &Global, args: CheckoutArgs) -> anyhow::Result<i32
     let replicas: Vec<Arc<warmpool_client::Client>> = if args.endpoints.is_empty() {
         vec![c.clone()]
     } else {
-        let at = |endpoint: &String| Global { endpoint: endpoint.clone(), ..global.clone() };
+        let at = |endpoint: &String| Global { endpoint: Some(endpoint.clone()), ..global.clone() };
         args.endpoints.iter().map(|e| client(&at(e)).map(Arc::new)).collect::<anyhow::Result<_>>()?
     };
     let buckets_before = all_checkout_buckets(&replicas).await?;

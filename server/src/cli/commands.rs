@@ -9,19 +9,24 @@ use warmpool_client::Client;
 
 use super::{Command, Global, PoolCmd, SandboxCmd, TemplateCmd};
 
-/// The client for the global flags; on a local endpoint without a token, the admin token file.
+/// The client for the global flags; without a token, the one saved for this endpoint, else (on a local endpoint)
+/// the admin token file.
 pub fn client(global: &Global) -> anyhow::Result<Client> {
-    let token = match &global.token {
-        Some(t) => Some(t.clone()),
-        None if is_local(&global.endpoint) => {
+    let endpoint = global.endpoint();
+    let saved =
+        super::config::load().filter(|c| c.endpoint.trim_end_matches('/') == endpoint.trim_end_matches('/'));
+    let token = match (&global.token, saved) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(saved)) => Some(saved.token),
+        (None, None) if is_local(&endpoint) => {
             let dir = std::env::var("WARMPOOL_DATA_DIR").unwrap_or_else(|_| ".warmpool".into());
             std::fs::read_to_string(std::path::Path::new(&dir).join("admin.token"))
                 .ok()
                 .map(|t| t.trim().to_string())
         }
-        None => None,
+        (None, None) => None,
     };
-    Ok(Client::new(&global.endpoint, token)?)
+    Ok(Client::new(&endpoint, token)?)
 }
 
 fn is_local(endpoint: &str) -> bool {
@@ -87,8 +92,21 @@ pub async fn run_client_command(global: &Global, command: Command) -> anyhow::Re
         Command::Template(cmd) => template(global, &c, cmd).await,
         Command::Pool(cmd) => pool(global, &c, cmd).await,
         Command::Sandbox(cmd) => sandbox(global, &c, cmd).await,
+        Command::Login => login(global, &c).await,
         Command::Serve(_) | Command::Bench(_) => unreachable!("handled by cli::run"),
     }
+}
+
+/// Checks the token against the endpoint, then saves both.
+async fn login(global: &Global, c: &Client) -> anyhow::Result<i32> {
+    let token = c.token().context("no token: pass --token or set WARMPOOL_TOKEN")?.to_string();
+    c.list_templates().await.context("the endpoint refused the token")?;
+    let config = super::config::UserConfig { endpoint: global.endpoint(), token };
+    let path = super::config::save(&config).context("saving the CLI configuration")?;
+    print(global, &serde_json::json!({"endpoint": config.endpoint, "config": path}), |_| {
+        format!("Logged in to {}; saved in {} (mode 0600)", config.endpoint, path.display())
+    });
+    Ok(0)
 }
 
 async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Result<i32> {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+pub mod config;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -20,12 +21,23 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Global {
+    /// The endpoint in use: the flag or `WARMPOOL_ENDPOINT`, else the saved one, else the local default.
+    pub fn endpoint(&self) -> String {
+        self.endpoint
+            .clone()
+            .or_else(|| config::load().map(|c| c.endpoint))
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into())
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct Global {
-    /// Control plane URL.
-    #[arg(long, global = true, env = "WARMPOOL_ENDPOINT", default_value = "http://127.0.0.1:7070")]
-    pub endpoint: String,
-    /// API token (default: <data-dir>/admin.token when the endpoint is local).
+    /// Control plane URL (default: the one `warmpool login` saved, else http://127.0.0.1:7070).
+    #[arg(long, global = true, env = "WARMPOOL_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// API token (default: the one `warmpool login` saved for this endpoint, else <data-dir>/admin.token when the
+    /// endpoint is local).
     #[arg(long, global = true, env = "WARMPOOL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Machine-readable output on stdout.
@@ -37,6 +49,8 @@ pub struct Global {
 pub enum Command {
     /// Run the control plane.
     Serve(serve::ServeArgs),
+    /// Check an endpoint and token and save them for every later command (in the user's config directory).
+    Login,
     /// Templates and builds.
     #[command(subcommand)]
     Template(TemplateCmd),

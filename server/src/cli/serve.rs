@@ -148,6 +148,7 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         app.config.data_dir.display(),
         app.config.data_dir.join("admin.token").display()
     );
+    configure_cli(&app, listener.local_addr()?);
     tracing::info!(runtime = %app.runtime.details(), store = %app.store.describe(), "Serving");
     axum::serve(listener, crate::http::router(app))
         .with_graceful_shutdown(async {
@@ -161,4 +162,24 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         })
         .await?;
     Ok(())
+}
+
+/// On a machine whose CLI has no configuration yet, saves this server's endpoint and admin token for it, so the
+/// CLI works from any directory (`warmpool login` replaces it).
+fn configure_cli(app: &App, addr: SocketAddr) {
+    if super::config::load().is_some() {
+        return;
+    }
+    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+    let endpoint = format!("http://{host}:{}", addr.port());
+    let Ok(token) = std::fs::read_to_string(app.config.data_dir.join("admin.token")) else { return };
+    let config = super::config::UserConfig { endpoint, token: token.trim().to_string() };
+    match super::config::save(&config) {
+        Ok(path) => eprintln!(
+            "the CLI now uses {} with the admin token (saved in {})",
+            config.endpoint,
+            path.display()
+        ),
+        Err(e) => tracing::warn!(error = %e, "Cannot save the CLI configuration"),
+    }
 }
