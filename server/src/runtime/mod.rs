@@ -94,9 +94,9 @@ pub struct RuntimeHandle {
     pub procd_pid: Option<u32>,
     #[serde(default)]
     pub procd_started: Option<u64>,
-    /// The runtime's directory for the sandbox.
+    /// Where the runtime keeps the sandbox: its directory (local), its pod's name (kubernetes).
     pub dir: String,
-    /// procd's Unix socket.
+    /// procd's Unix socket (local; on Kubernetes procd is at the pod's IP, looked up when called).
     pub socket: String,
     /// Whether procd runs warm processes (false for a template with no start_cmd and no warm processes).
     #[serde(default)]
