@@ -206,7 +206,7 @@ pub fn warm_processes(spec: &StartSpec) -> Vec<WarmProcessSpec> {
     processes
 }
 
-/// The last `bytes` of `text`, starting at a whole line.
+/// The last `bytes` of `data` as text, starting at a whole line.
 pub fn tail(data: &[u8], bytes: usize) -> String {
     let start = data.len().saturating_sub(bytes);
     let text = String::from_utf8_lossy(&data[start..]).into_owned();
