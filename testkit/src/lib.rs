@@ -263,3 +263,13 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A kubeconfig for one cluster at `server` (a bearer token user; `namespace` as the context's default).
+pub fn kubeconfig(server: &str, namespace: Option<&str>) -> String {
+    let namespace = namespace.map(|n| format!(", namespace: {n}")).unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: '{server}'}}\n\
+         contexts:\n- name: test\n  context: {{cluster: test, user: test{namespace}}}\n\
+         current-context: test\nusers:\n- name: test\n  user: {{token: test}}\n"
+    )
+}

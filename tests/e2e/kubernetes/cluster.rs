@@ -69,15 +69,7 @@ impl Cluster {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let kubeconfig = root.path().join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: '{url}'}}\n\
-                 contexts:\n- name: test\n  context: {{cluster: test, user: test, namespace: sandboxes}}\n\
-                 current-context: test\nusers:\n- name: test\n  user: {{token: test}}\n"
-            ),
-        )
-        .unwrap();
+        std::fs::write(&kubeconfig, warmpool_testkit::kubeconfig(&url, Some("sandboxes"))).unwrap();
         Cluster { kubeconfig, state, root, server }
     }
 
@@ -129,13 +121,24 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.server.abort();
         let pids: Vec<u32> = self.state.lock().unwrap().processes.drain().map(|(_, p)| p).collect();
-        for pid in pids {
-            kill(pid);
+        for pid in &pids {
+            kill(*pid);
         }
         // The mounts live in the containers' own namespaces: gone with them. Wait for that before removing.
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        warmpool_testkit::wait_until(
+            "the pods' processes to end",
+            std::time::Duration::from_secs(10),
+            || pids.iter().all(|pid| !running(*pid)),
+        );
         let _ = std::fs::remove_dir_all(self.root.path());
     }
+}
+
+/// Whether `pid` still runs (a zombie waits only for its reaper, and holds no mount).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 fn kill(pid: u32) {

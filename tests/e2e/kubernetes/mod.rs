@@ -217,12 +217,7 @@ async fn c_setup(c: &Client) {
 fn serve_without_a_reachable_cluster_exits_with_one_clear_line() {
     let tmp = tempfile::tempdir().unwrap();
     let kubeconfig = tmp.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'http://127.0.0.1:1'}\n\
-         contexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
-    )
-    .unwrap();
+    std::fs::write(&kubeconfig, warmpool_testkit::kubeconfig("http://127.0.0.1:1", None)).unwrap();
     let out = std::process::Command::new(warmpool_testkit::sibling_bin("warmpool"))
         .args(["serve", "--listen", "127.0.0.1:0", "--runtime", "kubernetes", "--data-dir"])
         .arg(tmp.path().join("data"))

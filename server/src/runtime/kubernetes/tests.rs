@@ -350,12 +350,7 @@ async fn removing_a_build_deletes_both_of_its_pods_and_its_artifact() {
 async fn an_unreachable_cluster_is_one_error_naming_the_kubeconfig() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kubeconfig");
-    std::fs::write(
-        &path,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'http://127.0.0.1:1'}\n\
-         contexts:\n- name: c\n  context: {cluster: c, user: u}\ncurrent-context: c\nusers:\n- name: u\n  user: {}\n",
-    )
-    .unwrap();
+    std::fs::write(&path, warmpool_testkit::kubeconfig("http://127.0.0.1:1", None)).unwrap();
     let options = Options {
         namespace: None,
         kubeconfig: Some(path.clone()),
