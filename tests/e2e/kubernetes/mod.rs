@@ -113,9 +113,14 @@ async fn builds_pools_checkouts_rollouts_and_pod_deaths_run_as_pods() {
     let patch = TemplatePatch { build: template("api", "v2").build.into(), ..Default::default() };
     c.update_template("api", &patch).await.unwrap();
     let v2 = build_tagged(c, "api").await;
-    wait_status(c, &pool.id, "rolled out", |s| s.ready == 2 && s.draining == 0 && s.warming == 0).await;
-    let after = c.get_pool(&pool.id).await.unwrap();
-    assert_eq!(after.resolved_build_id.as_deref(), Some(v2.id.as_str()));
+    // The tag moves when the build is ready; the reconciler may not have seen it yet, so wait for the new build.
+    wait_status(c, &pool.id, "rolled out", |s| {
+        s.resolved_build_id.as_deref() == Some(v2.id.as_str())
+            && s.ready == 2
+            && s.draining == 0
+            && s.warming == 0
+    })
+    .await;
     let fresh = c.create_sandbox(&require(&pool.id, 5000)).await.unwrap();
     assert_eq!(sh(c, &fresh.id, "cat built.txt").await.stdout, "v2\n");
     assert_eq!(sh(c, &sbx.id, "cat built.txt").await.stdout, "v1\n", "claimed sandboxes are never touched");
