@@ -56,10 +56,14 @@ impl std::str::FromStr for PoolState {
     }
 }
 
+/// The most sandboxes one pool keeps (`min_ready`, `max_ready`), and the most one lease adds.
+pub const POOL_SIZE_MAX: u32 = 10_000;
+
 /// `POST /v1/template-warm-pools`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WarmPoolSpec {
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
     /// A template ref: `name`, `name:tag` or `name@bld_…`.
     pub template: String,
@@ -69,7 +73,9 @@ pub struct WarmPoolSpec {
     /// The tag a `track_tag` pool follows; defaults to the ref's tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track_tag: Option<String>,
+    #[schema(maximum = 10000)]
     pub min_ready: u32,
+    #[schema(maximum = 10000)]
     pub max_ready: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
@@ -88,6 +94,11 @@ impl WarmPoolSpec {
     pub fn validate(&self) -> Result<(), FieldError> {
         validate_name("name", &self.name)?;
         let template = TemplateRef::parse("template", &self.template)?;
+        for (field, value) in [("min_ready", self.min_ready), ("max_ready", self.max_ready)] {
+            if value > POOL_SIZE_MAX {
+                return Err(FieldError::new(field, format!("must be at most {POOL_SIZE_MAX} (got {value})")));
+            }
+        }
         if self.max_ready < self.min_ready {
             return Err(FieldError::new(
                 "max_ready",
@@ -151,8 +162,10 @@ pub struct WarmPoolPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track_tag: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 10000)]
     pub min_ready: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 10000)]
     pub max_ready: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
@@ -247,7 +260,9 @@ pub struct PoolStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseSpec {
+    #[schema(maximum = 10000)]
     pub count: u32,
+    #[schema(minimum = 1, maximum = 604800)]
     pub ttl_seconds: u64,
 }
 

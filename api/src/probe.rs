@@ -47,6 +47,7 @@ pub struct ExecCheck {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpGetCheck {
+    #[schema(minimum = 1, maximum = 65535)]
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -63,6 +64,7 @@ pub struct HttpGetCheck {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TcpSocketCheck {
+    #[schema(minimum = 1, maximum = 65535)]
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,

@@ -55,6 +55,7 @@ impl Resources {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
+    #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
     /// OCI image the sandboxes run on: a local OCI layout path (`/path/layout:tag`) or a registry reference.
     #[serde(default, skip_serializing_if = "Option::is_none")]

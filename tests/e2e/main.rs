@@ -6,6 +6,7 @@ mod chaos;
 mod images;
 mod isolation;
 mod kubernetes;
+mod openapi;
 mod replicas;
 
 use std::path::Path;

@@ -69,6 +69,7 @@ impl App {
     pub fn create_account(&self, caller: &Caller, req: AccountCreate) -> AppResult<Account> {
         Self::require_admin(caller)?;
         validate_name("name", &req.name)?;
+        req.quotas.validate()?;
         let account = Account {
             id: new_id(id_prefix::ACCOUNT),
             name: req.name,
@@ -92,6 +93,7 @@ impl App {
             account.name = name;
         }
         if let Some(q) = patch.quotas {
+            q.validate()?;
             account.quotas = q;
         }
         self.store.update_account(&account)?;

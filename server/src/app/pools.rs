@@ -266,6 +266,11 @@ impl App {
         if spec.ttl_seconds == 0 || spec.ttl_seconds > 7 * 24 * 3600 {
             return Err(FieldError::new("ttl_seconds", "must be between 1 and 604800").into());
         }
+        if spec.count > warmpool_api::POOL_SIZE_MAX {
+            return Err(
+                FieldError::new("count", format!("must be at most {}", warmpool_api::POOL_SIZE_MAX)).into()
+            );
+        }
         let now = Utc::now();
         let lease = Lease {
             key: key.to_string(),

@@ -5,9 +5,12 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
+use utoipa::openapi::OpenApi as Doc;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use warmpool_api::*;
 
 use super::{ApiResult, Auth, Body, OptionalBody};
@@ -15,42 +18,62 @@ use crate::app::{App, AppError};
 
 type S = State<Arc<App>>;
 
-pub fn routes() -> Router<Arc<App>> {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/openapi.json", get(|| async { Json(super::openapi::document()) }))
-        .route("/v1/accounts", post(create_account).get(list_accounts))
-        .route("/v1/accounts/:id", axum::routing::patch(update_account))
-        .route("/v1/tokens", post(create_token))
-        .route("/v1/tokens/:id", axum::routing::delete(delete_token))
-        .route("/v1/templates", post(create_template).get(list_templates))
-        .route("/v1/templates/:id", get(get_template).patch(update_template).delete(delete_template))
-        .route("/v1/templates/:id/builds", post(create_build).get(list_builds))
-        .route("/v1/templates/:id/tags", get(list_tags))
-        .route("/v1/templates/:id/tags/:tag", put(put_tag).get(get_tag).delete(delete_tag))
-        .route("/v1/builds/:id", get(get_build))
-        .route("/v1/builds/:id/logs", get(build_logs))
-        .route("/v1/builds/:id/artifact", get(build_artifact))
-        .route("/v1/template-warm-pools", post(create_pool).get(list_pools))
-        .route("/v1/template-warm-pools/:id", get(get_pool).patch(update_pool).delete(delete_pool))
-        .route("/v1/template-warm-pools/:id/status", get(pool_status))
-        .route("/v1/template-warm-pools/:id/leases", get(list_leases))
-        .route("/v1/template-warm-pools/:id/leases/*key", put(put_lease).delete(release_lease))
-        .route("/v1/template-warm-pools/:id/:action", post(pool_action))
-        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
-        .route("/v1/sandboxes/:id", get(get_sandbox).delete(delete_sandbox))
-        .route("/v1/sandboxes/:id/exec", post(exec))
-        .route("/v1/sandboxes/:id/probes/:kind", get(probe))
-        .route("/v1/sandboxes/:id/logs", get(logs))
+/// Every route with its OpenAPI entry: the `#[utoipa::path]` on a handler is both its route and its documentation,
+/// so the served document cannot drift from the router.
+pub fn routes() -> (Router<Arc<App>>, Doc) {
+    let (router, mut doc) = OpenApiRouter::with_openapi(super::openapi::base())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi))
+        .routes(routes!(create_account, list_accounts))
+        .routes(routes!(update_account))
+        .routes(routes!(create_token))
+        .routes(routes!(delete_token))
+        .routes(routes!(create_template, list_templates))
+        .routes(routes!(get_template, update_template, delete_template))
+        .routes(routes!(create_build, list_builds))
+        .routes(routes!(list_tags))
+        .routes(routes!(put_tag, get_tag, delete_tag))
+        .routes(routes!(get_build))
+        .routes(routes!(build_logs))
+        .routes(routes!(build_artifact))
+        .routes(routes!(create_pool, list_pools))
+        .routes(routes!(get_pool, update_pool, delete_pool))
+        .routes(routes!(pool_status))
+        .routes(routes!(enable_pool))
+        .routes(routes!(disable_pool))
+        .routes(routes!(drain_pool))
+        .routes(routes!(reconcile_pool))
+        .routes(routes!(list_leases))
+        .routes(routes!(create_sandbox, list_sandboxes))
+        .routes(routes!(get_sandbox, delete_sandbox))
+        .routes(routes!(exec))
+        .routes(routes!(probe))
+        .routes(routes!(logs))
+        .split_for_parts();
+    // A lease key may hold slashes (`owner/repo/run/attempt/job`), so its route is a catch-all: `*key` to axum,
+    // `{key}` to OpenAPI (utoipa-axum would make that a one-segment `:key`).
+    let (schemas, paths, methods) = routes!(put_lease, release_lease);
+    doc.paths.paths.extend(paths.paths);
+    doc.components.get_or_insert_with(Default::default).schemas.extend(schemas);
+    (router.route("/v1/template-warm-pools/:id/leases/*key", methods), doc)
 }
 
 fn list<T>(items: Vec<T>) -> Json<List<T>> {
     Json(List { items })
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "server", security(()),
+    responses((status = 200, description = "The server is up", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
 /// Ready while the store takes writes: a real (tiny) write, so a full disk or a read-only database shows here.
+#[utoipa::path(get, path = "/readyz", tag = "server", security(()), responses(
+    (status = 200, description = "Ready: store, runtime, reconciler and replica details", body = Object),
+    (status = 503, description = "The store cannot take writes now", body = Object)))]
 async fn readyz(State(app): S) -> impl IntoResponse {
     let write = app.store.check_writable();
     let store_ok = write.is_ok();
@@ -65,10 +88,20 @@ async fn readyz(State(app): S) -> impl IntoResponse {
     (if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "server", security(()), responses(
+    (status = 200, description = "Prometheus metrics", body = String, content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(app): S) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], app.metrics.render())
 }
 
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "server", security(()),
+    responses((status = 200, description = "This document", body = Object)))]
+async fn openapi() -> Json<Doc> {
+    Json(super::openapi::document().clone())
+}
+
+#[utoipa::path(post, path = "/v1/accounts", tag = "accounts", summary = "Create an account (admin)",
+    request_body = AccountCreate, responses((status = 201, body = Account)))]
 async fn create_account(
     State(app): S,
     Auth(c): Auth,
@@ -76,9 +109,14 @@ async fn create_account(
 ) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::CREATED, Json(app.create_account(&c, req)?)))
 }
+#[utoipa::path(get, path = "/v1/accounts", tag = "accounts", summary = "List accounts (admin)",
+    responses((status = 200, body = List<Account>)))]
 async fn list_accounts(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<Account>>> {
     Ok(list(app.list_accounts(&c)?))
 }
+#[utoipa::path(patch, path = "/v1/accounts/{id}", tag = "accounts", summary = "Update an account (admin)",
+    params(("id" = String, Path, description = "Account id (`acc_…`)")),
+    request_body = AccountPatch, responses((status = 200, body = Account)))]
 async fn update_account(
     State(app): S,
     Auth(c): Auth,
@@ -87,6 +125,8 @@ async fn update_account(
 ) -> ApiResult<Json<Account>> {
     Ok(Json(app.update_account(&c, &id, req)?))
 }
+#[utoipa::path(post, path = "/v1/tokens", tag = "accounts", summary = "Create a token for an account (admin); the secret is shown once",
+    request_body = TokenCreate, responses((status = 201, body = TokenCreated)))]
 async fn create_token(
     State(app): S,
     Auth(c): Auth,
@@ -94,11 +134,16 @@ async fn create_token(
 ) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::CREATED, Json(app.create_token(&c, req)?)))
 }
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "accounts", summary = "Revoke a token (admin)",
+    params(("id" = String, Path, description = "Token id (`tok_…`)")),
+    responses((status = 204, description = "Revoked")))]
 async fn delete_token(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<StatusCode> {
     app.delete_token(&c, &id)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/templates", tag = "templates", summary = "Create a template",
+    request_body = TemplateSpec, responses((status = 201, body = Template)))]
 async fn create_template(
     State(app): S,
     Auth(c): Auth,
@@ -106,12 +151,20 @@ async fn create_template(
 ) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::CREATED, Json(app.create_template(&c, req)?)))
 }
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", summary = "List templates",
+    responses((status = 200, body = List<Template>)))]
 async fn list_templates(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<Template>>> {
     Ok(list(app.list_templates(&c)?))
 }
+#[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates", summary = "Get a template by id or name",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
+    responses((status = 200, body = Template)))]
 async fn get_template(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<Template>> {
     Ok(Json(app.get_template(&c, &id)?.template))
 }
+#[utoipa::path(patch, path = "/v1/templates/{id}", tag = "templates", summary = "Update a template; present fields replace",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
+    request_body = TemplatePatch, responses((status = 200, body = Template)))]
 async fn update_template(
     State(app): S,
     Auth(c): Auth,
@@ -120,10 +173,17 @@ async fn update_template(
 ) -> ApiResult<Json<Template>> {
     Ok(Json(app.update_template(&c, &id, req)?))
 }
+#[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates", summary = "Delete a template with its builds and tags",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
+    responses((status = 204, description = "Deleted")))]
 async fn delete_template(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<StatusCode> {
     app.delete_template(&c, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+#[utoipa::path(post, path = "/v1/templates/{id}/builds", tag = "builds", summary = "Start a build; its tags move when it is ready",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
+    request_body(content = Option<BuildCreate>, description = "May be left out"),
+    responses((status = 202, body = Build)))]
 async fn create_build(
     State(app): S,
     Auth(c): Auth,
@@ -132,16 +192,29 @@ async fn create_build(
 ) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::ACCEPTED, Json(app.create_build(&c, &id, req)?)))
 }
+#[utoipa::path(get, path = "/v1/templates/{id}/builds", tag = "builds", summary = "List a template's builds, newest first",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
+    responses((status = 200, body = List<Build>)))]
 async fn list_builds(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Build>>> {
     Ok(list(app.list_builds(&c, &id)?))
 }
+#[utoipa::path(get, path = "/v1/builds/{id}", tag = "builds", summary = "Get a build",
+    params(("id" = String, Path, description = "Build id (`bld_…`)")),
+    responses((status = 200, body = Build)))]
 async fn get_build(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<Build>> {
     Ok(Json(app.get_build(&c, &id)?.build))
 }
+#[utoipa::path(get, path = "/v1/builds/{id}/logs", tag = "builds", summary = "A build's log",
+    params(("id" = String, Path, description = "Build id (`bld_…`)")),
+    responses((status = 200, body = String, content_type = "text/plain; charset=utf-8")))]
 async fn build_logs(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     Ok(([("content-type", "text/plain; charset=utf-8")], app.build_logs(&c, &id)?))
 }
 /// Streams the artifact (`application/zstd`, a tar); answers an artifact token as well as an account token.
+#[utoipa::path(get, path = "/v1/builds/{id}/artifact", tag = "builds",
+    summary = "A ready build's artifact, a zstd tar (the kubernetes runtime's init containers fetch it)",
+    params(("id" = String, Path, description = "Build id (`bld_…`)")),
+    responses((status = 200, body = Vec<u8>, content_type = "application/zstd")))]
 async fn build_artifact(
     State(app): S,
     headers: axum::http::HeaderMap,
@@ -154,9 +227,15 @@ async fn build_artifact(
     let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
     Ok(([("content-type", "application/zstd")], body))
 }
+#[utoipa::path(get, path = "/v1/templates/{id}/tags", tag = "builds", summary = "List a template's tags",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
+    responses((status = 200, body = List<Tag>)))]
 async fn list_tags(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Tag>>> {
     Ok(list(app.list_tags(&c, &id)?))
 }
+#[utoipa::path(put, path = "/v1/templates/{id}/tags/{tag}", tag = "builds", summary = "Point a tag at a ready build",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path, description = "Tag name")),
+    request_body = TagPut, responses((status = 200, body = Tag)))]
 async fn put_tag(
     State(app): S,
     Auth(c): Auth,
@@ -165,6 +244,9 @@ async fn put_tag(
 ) -> ApiResult<Json<Tag>> {
     Ok(Json(app.put_tag(&c, &id, &tag, &req.build_id)?))
 }
+#[utoipa::path(get, path = "/v1/templates/{id}/tags/{tag}", tag = "builds", summary = "Get a tag",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path, description = "Tag name")),
+    responses((status = 200, body = Tag)))]
 async fn get_tag(
     State(app): S,
     Auth(c): Auth,
@@ -172,6 +254,9 @@ async fn get_tag(
 ) -> ApiResult<Json<Tag>> {
     Ok(Json(app.get_tag(&c, &id, &tag)?))
 }
+#[utoipa::path(delete, path = "/v1/templates/{id}/tags/{tag}", tag = "builds", summary = "Delete a tag",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path, description = "Tag name")),
+    responses((status = 204, description = "Deleted")))]
 async fn delete_tag(
     State(app): S,
     Auth(c): Auth,
@@ -181,6 +266,8 @@ async fn delete_tag(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/template-warm-pools", tag = "pools", summary = "Create a warm pool",
+    request_body = WarmPoolSpec, responses((status = 201, body = WarmPool)))]
 async fn create_pool(
     State(app): S,
     Auth(c): Auth,
@@ -188,12 +275,20 @@ async fn create_pool(
 ) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::CREATED, Json(app.create_pool(&c, req)?)))
 }
+#[utoipa::path(get, path = "/v1/template-warm-pools", tag = "pools", summary = "List warm pools",
+    responses((status = 200, body = List<WarmPool>)))]
 async fn list_pools(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<WarmPool>>> {
     Ok(list(app.list_pools(&c)?))
 }
+#[utoipa::path(get, path = "/v1/template-warm-pools/{id}", tag = "pools", summary = "Get a warm pool by id or name",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
+    responses((status = 200, body = WarmPool)))]
 async fn get_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
     Ok(Json(app.get_pool(&c, &id)?.pool))
 }
+#[utoipa::path(patch, path = "/v1/template-warm-pools/{id}", tag = "pools", summary = "Update a warm pool; present fields replace",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
+    request_body = WarmPoolPatch, responses((status = 200, body = WarmPool)))]
 async fn update_pool(
     State(app): S,
     Auth(c): Auth,
@@ -202,32 +297,54 @@ async fn update_pool(
 ) -> ApiResult<Json<WarmPool>> {
     Ok(Json(app.update_pool_spec(&c, &id, req)?))
 }
+#[utoipa::path(delete, path = "/v1/template-warm-pools/{id}", tag = "pools", summary = "Drain, then delete a warm pool",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
+    responses((status = 204, description = "Deleted")))]
 async fn delete_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<StatusCode> {
     app.delete_pool(&c, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+#[utoipa::path(get, path = "/v1/template-warm-pools/{id}/status", tag = "pools", summary = "A pool's live status",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
+    responses((status = 200, body = PoolStatus)))]
 async fn pool_status(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<PoolStatus>> {
     Ok(Json(app.pool_status(&c, &id)?))
 }
-async fn pool_action(
-    State(app): S,
-    Auth(c): Auth,
-    Path((id, action)): Path<(String, String)>,
-) -> ApiResult<Json<WarmPool>> {
-    let pool = match action.as_str() {
-        "enable" => app.set_pool_state(&c, &id, PoolState::Enabled)?,
-        "disable" => app.set_pool_state(&c, &id, PoolState::Disabled)?,
-        "drain" => app.set_pool_state(&c, &id, PoolState::Draining)?,
-        "reconcile" => app.reconcile_now(&c, &id).await?,
-        other => {
-            return Err(crate::app::not_found("route", &format!("template-warm-pools/{id}/{other}")).into())
-        }
-    };
-    Ok(Json(pool))
+#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/enable", tag = "pools", summary = "Resume filling",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
+    responses((status = 200, body = WarmPool)))]
+async fn enable_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
+    Ok(Json(app.set_pool_state(&c, &id, PoolState::Enabled)?))
 }
+#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/disable", tag = "pools", summary = "Stop filling, keep the inventory",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
+    responses((status = 200, body = WarmPool)))]
+async fn disable_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
+    Ok(Json(app.set_pool_state(&c, &id, PoolState::Disabled)?))
+}
+#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/drain", tag = "pools", summary = "Stop filling, remove the inventory",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
+    responses((status = 200, body = WarmPool)))]
+async fn drain_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
+    Ok(Json(app.set_pool_state(&c, &id, PoolState::Draining)?))
+}
+#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/reconcile", tag = "pools", summary = "Run a reconcile pass now",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
+    responses((status = 200, body = WarmPool)))]
+async fn reconcile_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
+    Ok(Json(app.reconcile_now(&c, &id).await?))
+}
+#[utoipa::path(get, path = "/v1/template-warm-pools/{id}/leases", tag = "pools", summary = "A pool's active leases",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
+    responses((status = 200, body = List<Lease>)))]
 async fn list_leases(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Lease>>> {
     Ok(list(app.list_leases(&c, &id)?))
 }
+#[utoipa::path(put, path = "/v1/template-warm-pools/{id}/leases/{key}", tag = "pools",
+    summary = "Raise the pool's target for a while; the same key updates its lease",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name"),
+        ("key" = String, Path, description = "Lease key; may hold slashes")),
+    request_body = LeaseSpec, responses((status = 200, body = Lease)))]
 async fn put_lease(
     State(app): S,
     Auth(c): Auth,
@@ -237,12 +354,18 @@ async fn put_lease(
     Ok(Json(app.put_lease(&c, &id, key.trim_start_matches('/'), req)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ReleaseQuery {
+    /// Drain the pool when no other lease remains.
     #[serde(default)]
     drain_if_last: bool,
 }
 
+#[utoipa::path(delete, path = "/v1/template-warm-pools/{id}/leases/{key}", tag = "pools", summary = "Release a lease",
+    params(("id" = String, Path, description = "Pool id (`twp_…`) or name"),
+        ("key" = String, Path, description = "Lease key; may hold slashes"), ReleaseQuery),
+    responses((status = 200, body = LeaseRelease)))]
 async fn release_lease(
     State(app): S,
     Auth(c): Auth,
@@ -252,6 +375,9 @@ async fn release_lease(
     Ok(Json(app.release_lease(&c, &id, key.trim_start_matches('/'), q.drain_if_last)?))
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
+    summary = "Create a sandbox, from a warm pool when one fits; it is running (readiness passed) when this answers",
+    request_body = SandboxCreate, responses((status = 201, body = Sandbox)))]
 async fn create_sandbox(
     State(app): S,
     Auth(c): Auth,
@@ -259,16 +385,27 @@ async fn create_sandbox(
 ) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::CREATED, Json(app.create_sandbox(&c, req).await?)))
 }
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", summary = "List sandboxes",
+    responses((status = 200, body = List<Sandbox>)))]
 async fn list_sandboxes(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<Sandbox>>> {
     Ok(list(app.list_sandboxes(&c)?))
 }
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", summary = "Get a sandbox",
+    params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),
+    responses((status = 200, body = Sandbox)))]
 async fn get_sandbox(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<Sandbox>> {
     Ok(Json(app.get_sandbox(&c, &id)?))
 }
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", summary = "Delete a sandbox",
+    params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),
+    responses((status = 204, description = "Deleted")))]
 async fn delete_sandbox(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<StatusCode> {
     app.delete_sandbox(&c, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sandboxes", summary = "Run a command and wait for it",
+    params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),
+    request_body = ExecRequest, responses((status = 200, body = ExecResult)))]
 async fn exec(
     State(app): S,
     Auth(c): Auth,
@@ -277,6 +414,9 @@ async fn exec(
 ) -> ApiResult<Json<ExecResult>> {
     Ok(Json(app.exec(&c, &id, req).await?))
 }
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/probes/{kind}", tag = "sandboxes", summary = "The latest result of a probe",
+    params(("id" = String, Path, description = "Sandbox id (`sbx_…`)"), ("kind" = ProbeKind, Path, description = "Which probe")),
+    responses((status = 200, body = ProbeResult)))]
 async fn probe(
     State(app): S,
     Auth(c): Auth,
@@ -285,6 +425,9 @@ async fn probe(
     let kind: ProbeKind = kind.parse().map_err(|m: String| FieldError::new("kind", m))?;
     Ok(Json(app.probe(&c, &id, kind).await?))
 }
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", summary = "The sandbox processes' mirrored output",
+    params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),
+    responses((status = 200, body = List<LogLine>)))]
 async fn logs(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<LogLine>>> {
     Ok(list(app.logs(&c, &id).await?))
 }

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
+use utoipa::ToSchema;
 use warmpool_api::{ErrorBody, ErrorCode, ErrorDetail, FieldError};
 
 use crate::app::{App, AppError, Caller};
@@ -100,7 +101,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 pub struct Body<T>(pub T);
 
 #[axum::async_trait]
-impl<T: DeserializeOwned> FromRequest<Arc<App>> for Body<T> {
+impl<T: DeserializeOwned + ToSchema> FromRequest<Arc<App>> for Body<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &Arc<App>) -> Result<Self, ApiError> {
         parse_body(&body_bytes(req, state).await?).map(Body)
@@ -111,11 +112,12 @@ impl<T: DeserializeOwned> FromRequest<Arc<App>> for Body<T> {
 pub struct OptionalBody<T>(pub T);
 
 #[axum::async_trait]
-impl<T: DeserializeOwned + Default> FromRequest<Arc<App>> for OptionalBody<T> {
+impl<T: DeserializeOwned + ToSchema + Default> FromRequest<Arc<App>> for OptionalBody<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &Arc<App>) -> Result<Self, ApiError> {
         let bytes = body_bytes(req, state).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        let text = bytes.trim_ascii();
+        if text.is_empty() || text == b"null" {
             return Ok(OptionalBody(T::default()));
         }
         parse_body(&bytes).map(OptionalBody)
@@ -132,10 +134,21 @@ async fn body_bytes(req: Request, state: &Arc<App>) -> ApiResult<axum::body::Byt
     })
 }
 
-/// Parses JSON, naming the failing field (`warm_processes[1].cwd`, or the unknown field itself).
-pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+/// Parses JSON, naming the failing field (`warm_processes[1].cwd`, or the unknown field itself). A number with a
+/// zero fraction (`15.0`) is an integer, as JSON Schema has it; integers stop at int64, as the schema documents;
+/// an array is never an object (which serde would take field by field).
+pub fn parse_body<T: DeserializeOwned + ToSchema>(bytes: &[u8]) -> ApiResult<T> {
+    let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        let message = e.to_string();
+        FieldError::new("body", message.split(" at line ").next().unwrap_or(&message))
+    })?;
+    if !value.is_object() {
+        return Err(FieldError::new("body", "must be a JSON object").into());
+    }
+    normalize_numbers(&mut value, "")?;
+    let schemas = &openapi::json()["components"]["schemas"];
+    objects_are_objects(&value, &schemas[T::name().as_ref()], schemas, "")?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.inner().to_string();
         let message = inner.split(" at line ").next().unwrap_or(&inner).to_string();
@@ -155,8 +168,80 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     })
 }
 
+/// Makes `15.0` the integer 15 and refuses integers beyond int64, the largest the schema documents.
+fn normalize_numbers(value: &mut serde_json::Value, path: &str) -> Result<(), FieldError> {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 && f.abs() < 2f64.powi(63) {
+                *value = (f as i64).into();
+            }
+        }
+        Value::Number(n) if n.as_i64().is_none() => {
+            return Err(FieldError::new(
+                if path.is_empty() { "body" } else { path },
+                format!("must be at most {}", i64::MAX),
+            ));
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                normalize_numbers(item, &format!("{path}[{i}]"))?;
+            }
+        }
+        Value::Object(fields) => {
+            for (key, v) in fields.iter_mut() {
+                normalize_numbers(v, &if path.is_empty() { key.clone() } else { format!("{path}.{key}") })?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Checks that every value its schema declares an object is one, naming the first that is not.
+fn objects_are_objects(
+    value: &serde_json::Value,
+    schema: &serde_json::Value,
+    schemas: &serde_json::Value,
+    path: &str,
+) -> Result<(), FieldError> {
+    use serde_json::Value;
+    if let Some(name) = schema["$ref"].as_str().and_then(|r| r.rsplit('/').next()) {
+        return objects_are_objects(value, &schemas[name], schemas, path);
+    }
+    // `Option<T>` is `oneOf: [null, T]`; other unions are serde's to check.
+    if let Some(Value::Array(variants)) = schema.get("oneOf") {
+        let typed: Vec<&Value> = variants.iter().filter(|v| v["type"] != "null").collect();
+        return match (value, typed.as_slice()) {
+            (Value::Null, _) => Ok(()),
+            (_, [only]) => objects_are_objects(value, only, schemas, path),
+            _ => Ok(()),
+        };
+    }
+    let is = |kind: &str| {
+        schema["type"] == kind || schema["type"].as_array().is_some_and(|t| t.iter().any(|t| t == kind))
+    };
+    let field = |key: &str| if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+    match value {
+        Value::Array(_) if is("object") && !is("array") => Err(FieldError::new(
+            if path.is_empty() { "body" } else { path },
+            "invalid type: array, expected an object",
+        )),
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(i, item)| {
+            objects_are_objects(item, &schema["items"], schemas, &format!("{path}[{i}]"))
+        }),
+        Value::Object(fields) => fields.iter().try_for_each(|(key, v)| match schema["properties"].get(key) {
+            Some(property) => objects_are_objects(v, property, schemas, &field(key)),
+            None => objects_are_objects(v, &schema["additionalProperties"], schemas, &field(key)),
+        }),
+        _ => Ok(()),
+    }
+}
+
 pub fn router(app: Arc<App>) -> axum::Router {
     handlers::routes()
+        .0
         .fallback(unknown_route)
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
@@ -225,5 +310,36 @@ mod tests {
         .unwrap_err();
         let ApiError::App(AppError::Invalid(f)) = err else { panic!() };
         assert_eq!(f.field, "min_ready");
+    }
+
+    #[test]
+    fn integers_may_carry_a_zero_fraction_and_arrays_are_not_objects() {
+        let spec: warmpool_api::WarmPoolSpec =
+            parse_body(br#"{"name":"a","template":"t","min_ready":2.0,"max_ready":3}"#).unwrap();
+        assert_eq!((spec.min_ready, spec.max_ready), (2, 3));
+        let err = parse_body::<warmpool_api::WarmPoolSpec>(
+            br#"{"name":"a","template":"t","min_ready":2.5,"max_ready":3}"#,
+        )
+        .unwrap_err();
+        let ApiError::App(AppError::Invalid(f)) = err else { panic!() };
+        assert_eq!(f.field, "min_ready");
+        let err = parse_body::<warmpool_api::AccountCreate>(br#"{"name":"a","quotas":[1, 2]}"#).unwrap_err();
+        let ApiError::App(AppError::Invalid(f)) = err else { panic!() };
+        assert_eq!(f.field, "quotas");
+        let err = parse_body::<warmpool_api::WarmPoolSpec>(
+            br#"{"name":"a","template":"t","min_ready":0,"max_ready":1,"idle_timeout_seconds":9223372036854775808}"#,
+        )
+        .unwrap_err();
+        let ApiError::App(AppError::Invalid(f)) = err else { panic!() };
+        assert_eq!(f.field, "idle_timeout_seconds");
+        let err = parse_body::<warmpool_api::TemplateSpec>(
+            br#"{"name":"a","warm_processes":[{"type":"cmd","command":["x"],"probes":[]}]}"#,
+        )
+        .unwrap_err();
+        let ApiError::App(AppError::Invalid(f)) = err else { panic!() };
+        assert_eq!(f.field, "warm_processes[0].probes");
+        let err = parse_body::<warmpool_api::WarmPoolSpec>(b"{\"name\":").unwrap_err();
+        let ApiError::App(AppError::Invalid(f)) = err else { panic!() };
+        assert_eq!(f.field, "body");
     }
 }

@@ -1,9 +1,12 @@
-//! The OpenAPI document (`/v1/openapi.json`): schemas derived from the `warmpool-api` types with utoipa, paths
-//! from the route table below. A golden-file test keeps it from changing by accident.
+//! The OpenAPI document (`/v1/openapi.json`): schemas derived from the `warmpool-api` types, paths from the
+//! handlers' `#[utoipa::path]` attributes (the same ones that register the routes). A golden-file test keeps it
+//! from changing by accident.
 
-use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn};
-use utoipa::openapi::request_body::RequestBodyBuilder;
-use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, Required, ResponseBuilder};
+use std::sync::LazyLock;
+
+use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, OpenApi as Doc, Ref, RefOr, ResponseBuilder};
 use utoipa::OpenApi;
 use warmpool_api::*;
 
@@ -72,154 +75,60 @@ use warmpool_api::*;
 )]
 struct Schemas;
 
-/// (method, path, request schema, success status, response schema or "text", summary).
-type Route = (&'static str, &'static str, Option<&'static str>, u16, Option<&'static str>, &'static str);
-
-const ROUTES: &[Route] = &[
-    ("get", "/healthz", None, 200, Some("text"), "Liveness of the server"),
-    ("get", "/readyz", None, 200, None, "Readiness, store and runtime details"),
-    ("get", "/metrics", None, 200, Some("text"), "Prometheus metrics"),
-    ("post", "/v1/accounts", Some("AccountCreate"), 201, Some("Account"), "Create an account (admin)"),
-    ("get", "/v1/accounts", None, 200, None, "List accounts (admin)"),
-    ("patch", "/v1/accounts/{id}", Some("AccountPatch"), 200, Some("Account"), "Update an account (admin)"),
-    ("post", "/v1/tokens", Some("TokenCreate"), 201, Some("TokenCreated"), "Create a token (admin)"),
-    ("delete", "/v1/tokens/{id}", None, 204, None, "Revoke a token (admin)"),
-    ("post", "/v1/templates", Some("TemplateSpec"), 201, Some("Template"), "Create a template"),
-    ("get", "/v1/templates", None, 200, None, "List templates"),
-    ("get", "/v1/templates/{id}", None, 200, Some("Template"), "Get a template by id or name"),
-    ("patch", "/v1/templates/{id}", Some("TemplatePatch"), 200, Some("Template"), "Update a template"),
-    ("delete", "/v1/templates/{id}", None, 204, None, "Delete a template with its builds and tags"),
-    ("post", "/v1/templates/{id}/builds", Some("BuildCreate"), 202, Some("Build"), "Start a build"),
-    ("get", "/v1/templates/{id}/builds", None, 200, None, "List a template's builds"),
-    ("get", "/v1/templates/{id}/tags", None, 200, None, "List a template's tags"),
-    (
-        "put",
-        "/v1/templates/{id}/tags/{tag}",
-        Some("TagPut"),
-        200,
-        Some("Tag"),
-        "Point a tag at a ready build",
-    ),
-    ("get", "/v1/templates/{id}/tags/{tag}", None, 200, Some("Tag"), "Get a tag"),
-    ("delete", "/v1/templates/{id}/tags/{tag}", None, 204, None, "Delete a tag"),
-    ("get", "/v1/builds/{id}", None, 200, Some("Build"), "Get a build"),
-    ("get", "/v1/builds/{id}/logs", None, 200, Some("text"), "A build's log"),
-    (
-        "get",
-        "/v1/builds/{id}/artifact",
-        None,
-        200,
-        Some("zstd"),
-        "A build's artifact (a zstd tar; kubernetes runtime)",
-    ),
-    ("post", "/v1/template-warm-pools", Some("WarmPoolSpec"), 201, Some("WarmPool"), "Create a warm pool"),
-    ("get", "/v1/template-warm-pools", None, 200, None, "List warm pools"),
-    ("get", "/v1/template-warm-pools/{id}", None, 200, Some("WarmPool"), "Get a warm pool by id or name"),
-    (
-        "patch",
-        "/v1/template-warm-pools/{id}",
-        Some("WarmPoolPatch"),
-        200,
-        Some("WarmPool"),
-        "Update a warm pool",
-    ),
-    ("delete", "/v1/template-warm-pools/{id}", None, 204, None, "Drain, then delete a warm pool"),
-    ("get", "/v1/template-warm-pools/{id}/status", None, 200, Some("PoolStatus"), "A pool's live status"),
-    ("post", "/v1/template-warm-pools/{id}/enable", None, 200, Some("WarmPool"), "Resume filling"),
-    (
-        "post",
-        "/v1/template-warm-pools/{id}/disable",
-        None,
-        200,
-        Some("WarmPool"),
-        "Stop filling, keep inventory",
-    ),
-    (
-        "post",
-        "/v1/template-warm-pools/{id}/drain",
-        None,
-        200,
-        Some("WarmPool"),
-        "Stop filling, remove inventory",
-    ),
-    ("post", "/v1/template-warm-pools/{id}/reconcile", None, 200, Some("WarmPool"), "Run a pass now"),
-    ("get", "/v1/template-warm-pools/{id}/leases", None, 200, None, "Active leases"),
-    (
-        "put",
-        "/v1/template-warm-pools/{id}/leases/{key}",
-        Some("LeaseSpec"),
-        200,
-        Some("Lease"),
-        "Put a lease",
-    ),
-    (
-        "delete",
-        "/v1/template-warm-pools/{id}/leases/{key}",
-        None,
-        200,
-        Some("LeaseRelease"),
-        "Release a lease",
-    ),
-    ("post", "/v1/sandboxes", Some("SandboxCreate"), 201, Some("Sandbox"), "Create or check out a sandbox"),
-    ("get", "/v1/sandboxes", None, 200, None, "List sandboxes"),
-    ("get", "/v1/sandboxes/{id}", None, 200, Some("Sandbox"), "Get a sandbox"),
-    ("delete", "/v1/sandboxes/{id}", None, 204, None, "Delete a sandbox"),
-    ("post", "/v1/sandboxes/{id}/exec", Some("ExecRequest"), 200, Some("ExecResult"), "Run a command"),
-    ("get", "/v1/sandboxes/{id}/probes/{kind}", None, 200, Some("ProbeResult"), "Latest probe result"),
-    ("get", "/v1/sandboxes/{id}/logs", None, 200, None, "Mirrored process output"),
-];
-
-fn json(schema: &str) -> utoipa::openapi::Content {
-    ContentBuilder::new().schema(Some(Ref::from_schema_name(schema))).build()
+/// The document's frame: info, schemas, bearer auth. The handlers add the paths (`handlers::routes`).
+pub fn base() -> Doc {
+    let mut doc = Schemas::openapi();
+    doc.components.get_or_insert_with(Default::default).add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+    );
+    doc.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
+    doc
 }
 
-pub fn document() -> Doc {
-    let mut doc = Schemas::openapi();
-    for (method, path, body, status, response, summary) in ROUTES {
-        let method = match *method {
-            "get" => HttpMethod::Get,
-            "post" => HttpMethod::Post,
-            "put" => HttpMethod::Put,
-            "patch" => HttpMethod::Patch,
-            _ => HttpMethod::Delete,
-        };
-        let mut op = OperationBuilder::new().summary(Some(*summary));
-        for param in path.split('/').filter_map(|s| s.strip_prefix('{')?.strip_suffix('}')) {
-            op = op.parameter(
-                ParameterBuilder::new().name(param).parameter_in(ParameterIn::Path).required(Required::True),
-            );
-        }
-        if let Some(body) = body {
-            op = op.request_body(Some(
-                RequestBodyBuilder::new()
-                    .required(Some(Required::True))
-                    .content("application/json", json(body))
-                    .build(),
-            ));
-        }
-        let ok = match response {
-            Some("text") => {
-                ResponseBuilder::new().description("OK").content("text/plain", ContentBuilder::new().build())
+/// The served document (`/v1/openapi.json`), built once.
+pub fn document() -> &'static Doc {
+    static DOC: LazyLock<Doc> = LazyLock::new(|| {
+        let mut doc = super::handlers::routes().1;
+        // Every authenticated operation can fail, always with the error envelope.
+        let error = ResponseBuilder::new()
+            .description("An error: `{\"error\": {\"code\", \"message\", \"details\"}}`")
+            .content(
+                "application/json",
+                ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build(),
+            )
+            .build();
+        for item in doc.paths.paths.values_mut() {
+            for op in operations(item) {
+                for (status, response) in op.responses.responses.iter_mut() {
+                    if let RefOr::T(r) = response {
+                        if r.description.is_empty() {
+                            r.description =
+                                if status.starts_with('2') { "Success" } else { "Failure" }.into();
+                        }
+                    }
+                }
+                let public = op
+                    .security
+                    .as_ref()
+                    .is_some_and(|s| s.iter().all(|r| *r == SecurityRequirement::default()));
+                if !public {
+                    op.responses.responses.insert("default".into(), error.clone().into());
+                }
             }
-            Some("zstd") => ResponseBuilder::new()
-                .description("OK")
-                .content("application/zstd", ContentBuilder::new().build()),
-            Some(schema) => {
-                ResponseBuilder::new().description("OK").content("application/json", json(schema))
-            }
-            None => ResponseBuilder::new().description("OK"),
-        };
-        op = op.response(status.to_string(), ok.build());
-        if !path.starts_with("/healthz") && !path.starts_with("/readyz") && !path.starts_with("/metrics") {
-            op = op.response(
-                "default",
-                ResponseBuilder::new()
-                    .description("Error")
-                    .content("application/json", json("ErrorBody"))
-                    .build(),
-            );
         }
-        doc.paths.add_path_operation(*path, vec![method], op.build());
-    }
-    doc
+        doc
+    });
+    &DOC
+}
+
+/// The served document as JSON (request bodies are checked against its schemas).
+pub fn json() -> &'static serde_json::Value {
+    static JSON: LazyLock<serde_json::Value> =
+        LazyLock::new(|| serde_json::to_value(document()).expect("the OpenAPI document is JSON"));
+    &JSON
+}
+
+fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
+    [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
 }
