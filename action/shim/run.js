@@ -6,6 +6,8 @@
 //   3. the tool cache of an earlier step;
 //   4. a download of the release asset, whose SHA-256 must match the published .sha256 file;
 //   5. `cargo install --path` of the action's own checkout, when cargo is available.
+// `main` and `checkout` also put the `warmpool` CLI on the job's PATH (GITHUB_PATH) for the steps after them,
+// found the same way ($WARMPOOL_CLI_BIN, bin/warmpool-<os>-<arch>, ..., `cargo install --path server`).
 const { spawnSync } = require('node:child_process');
 const crypto = require('node:crypto');
 const fs = require('node:fs');
@@ -27,9 +29,14 @@ function exe(name) {
   return process.platform === 'win32' ? `${name}.exe` : name;
 }
 
-function cacheDir() {
+const TOOLS = {
+  action: { name: 'warmpool-action', env: 'WARMPOOL_ACTION_BIN', crate: ACTION_ROOT },
+  cli: { name: 'warmpool', env: 'WARMPOOL_CLI_BIN', crate: path.join(ACTION_ROOT, '..', 'server') },
+};
+
+function cacheDir(tool) {
   const base = process.env.RUNNER_TOOL_CACHE || path.join(os.tmpdir(), 'warmpool-action-cache');
-  return path.join(base, 'warmpool-action', VERSION, platform());
+  return path.join(base, tool.name, VERSION, platform());
 }
 
 async function fetchBytes(url) {
@@ -38,8 +45,8 @@ async function fetchBytes(url) {
   return Buffer.from(await res.arrayBuffer());
 }
 
-async function download(target) {
-  const asset = `${RELEASES}/v${VERSION}/${exe(`warmpool-action-${platform()}`)}`;
+async function download(tool, target) {
+  const asset = `${RELEASES}/v${VERSION}/${exe(`${tool.name}-${platform()}`)}`;
   const [binary, sumFile] = await Promise.all([fetchBytes(asset), fetchBytes(`${asset}.sha256`)]);
   const expected = sumFile.toString('utf8').trim().split(/\s+/)[0].toLowerCase();
   const actual = crypto.createHash('sha256').update(binary).digest('hex');
@@ -49,27 +56,46 @@ async function download(target) {
   return target;
 }
 
-function cargoInstall(root) {
-  const r = spawnSync('cargo', ['install', '--locked', '--path', ACTION_ROOT, '--root', root], { stdio: ['ignore', 2, 2] });
+function cargoInstall(tool, root) {
+  const args = ['install', '--locked', '--path', tool.crate, '--root', root, '--bin', tool.name];
+  const r = spawnSync('cargo', args, { stdio: ['ignore', 2, 2] });
   if (r.status !== 0) throw new Error('cargo install failed');
-  return path.join(root, 'bin', exe('warmpool-action'));
+  return path.join(root, 'bin', exe(tool.name));
 }
 
-async function locate() {
-  if (process.env.WARMPOOL_ACTION_BIN) return process.env.WARMPOOL_ACTION_BIN;
-  const vendored = path.join(ACTION_ROOT, 'bin', exe(`warmpool-action-${platform()}`));
+async function locate(tool = TOOLS.action) {
+  if (process.env[tool.env]) return process.env[tool.env];
+  const vendored = path.join(ACTION_ROOT, 'bin', exe(`${tool.name}-${platform()}`));
   if (fs.existsSync(vendored)) return vendored;
-  const cached = path.join(cacheDir(), exe('warmpool-action'));
+  const cached = path.join(cacheDir(tool), exe(tool.name));
   if (fs.existsSync(cached)) return cached;
   try {
-    return await download(cached);
+    return await download(tool, cached);
   } catch (err) {
-    console.log(`::warning::cannot download warmpool-action (${err.message}); building it with cargo`);
-    return cargoInstall(cacheDir());
+    console.log(`::warning::cannot download ${tool.name} (${err.message}); building it with cargo`);
+    return cargoInstall(tool, cacheDir(tool));
+  }
+}
+
+// Puts a directory holding `warmpool` on the PATH of the job's later steps. A missing CLI is a warning: the
+// action itself does not need it.
+async function exposeCli() {
+  if (!process.env.GITHUB_PATH) return;
+  try {
+    const bin = await locate(TOOLS.cli);
+    const dir = path.join(cacheDir(TOOLS.cli), 'path');
+    fs.mkdirSync(dir, { recursive: true });
+    const target = path.join(dir, exe('warmpool'));
+    if (path.resolve(bin) !== target) fs.copyFileSync(bin, target);
+    fs.chmodSync(target, 0o755);
+    fs.appendFileSync(process.env.GITHUB_PATH, `${dir}${os.EOL}`);
+  } catch (err) {
+    console.log(`::warning title=warmpool-action::the warmpool CLI is not on PATH (${err.message})`);
   }
 }
 
 async function run(command) {
+  if (command === 'main' || command === 'checkout') await exposeCli();
   let bin;
   try {
     bin = await locate();

@@ -387,6 +387,26 @@ async fn node_shim_runs_and_verifies_downloads() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "exit codes pass through");
 
+    // `main` puts the `warmpool` CLI on the PATH of the job's later steps.
+    let runner = tempfile::tempdir().unwrap();
+    let github_path = runner.path().join("github_path");
+    let out = Command::new("node")
+        .arg(root.join("shim/main.js"))
+        .env("WARMPOOL_ACTION_BIN", bin)
+        .env("WARMPOOL_CLI_BIN", bin) // any executable stands in for the CLI
+        .env("GITHUB_PATH", &github_path)
+        .env("RUNNER_TOOL_CACHE", runner.path())
+        .output()
+        .unwrap();
+    let added = std::fs::read_to_string(&github_path).unwrap_or_default();
+    let cli = Path::new(added.trim()).join("warmpool");
+    assert_eq!(
+        std::fs::read(&cli).ok(),
+        std::fs::read(bin).ok(),
+        "{added:?}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     let releases = MockServer::start().await;
     let bytes = std::fs::read(bin).unwrap();
     let platform = String::from_utf8(
