@@ -5,6 +5,7 @@ mod harness;
 
 mod api;
 mod cli;
+mod docs;
 mod pools;
 mod restart;
 mod sandboxes;
