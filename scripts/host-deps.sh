@@ -3,7 +3,7 @@
 # runc (runs every sandbox and build as an OCI container), the standard CNI plugins (sandbox networking),
 # iproute2 (network namespaces), umoci and skopeo (template images), busybox-static (the tests' tiny image) and
 # protoc (the Terraform provider's build), the PostgreSQL server binaries (the tests start their own PostgreSQL),
-# and schemathesis from PyPI in a virtualenv (the API's conformance test). Safe to run again.
+# and, with --tests, schemathesis from PyPI in a virtualenv (the API's conformance test). Safe to run again.
 set -euo pipefail
 
 missing=()
@@ -29,7 +29,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-# schemathesis, pinned, where tests/e2e/openapi.rs looks for it.
+# With --tests: schemathesis, pinned, where tests/e2e/openapi.rs looks for it.
+[ "${1:-}" = --tests ] || exit 0
 SCHEMATHESIS_VERSION=4.32.5
 venv="${XDG_CACHE_HOME:-$HOME/.cache}/warmpool/schemathesis"
 if [ "$("$venv/bin/schemathesis" --version 2>/dev/null)" != "schemathesis, version $SCHEMATHESIS_VERSION" ]; then

@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/host-deps.sh
+echo "building warmpool and procd (release; the first build takes several minutes on a small machine)" >&2
 cargo build --release -p warmpool-server -p warmpool-procd --bins
 exec target/release/warmpool serve "$@"

@@ -280,7 +280,10 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
             print(global, &p, show);
         }
         PoolCmd::Delete { id } => {
-            c.delete_pool(&id).await?;
+            let bar = spinner(global, format!("draining pool {id} (its sandboxes stop), then deleting it"));
+            let deleted = c.delete_pool(&id).await;
+            bar.finish_and_clear();
+            deleted?;
             print(global, &serde_json::json!({"deleted": id}), |_| format!("drained and deleted pool {id}"));
         }
         PoolCmd::Enable { id } => print(global, &c.pool_action(&id, "enable").await?, show),
