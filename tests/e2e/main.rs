@@ -1,13 +1,16 @@
-//! End-to-end suites across the real binaries: a `warmpool serve` process, the procd processes it starts, and a
-//! client talking HTTP to it. Each test owns a temporary data dir and kills every procd under it when it ends,
+//! End-to-end suites across the real binaries: a `warmpool serve` process, the procd processes it starts, and
+//! what talks to it: the client, the real `terraform` with the provider, the action's binary and node shim,
+//! schemathesis. Each test owns a temporary data dir and kills every procd under it when it ends,
 //! pass or fail.
 
+mod action;
 mod chaos;
 mod images;
 mod isolation;
 mod kubernetes;
 mod openapi;
 mod replicas;
+mod terraform;
 
 use std::path::Path;
 use std::time::Duration;

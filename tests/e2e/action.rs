@@ -1,0 +1,426 @@
+//! The real `warmpool-action` binary against a real `warmpool serve` process, in a temp dir that plays the
+//! runner: `INPUT_*` and context variables in, `GITHUB_OUTPUT` / `GITHUB_STATE` / `GITHUB_STEP_SUMMARY` files out,
+//! `STATE_*` passed from main to post as the runner does. GitHub's API is a wiremock server.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use warmpool_action::runner::parse_key_values;
+use warmpool_api::*;
+use warmpool_client::Client;
+use warmpool_testkit::{sibling_bin, KillOnDrop, ServerProcess};
+
+/// A real `warmpool serve` on a temp data dir.
+struct Server {
+    process: ServerProcess,
+    url: String,
+    client: Client,
+    // Dropped in this order: the procds are killed while their directory still names their cgroups.
+    _cleanup: KillOnDrop,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let cleanup = KillOnDrop(dir.path().to_path_buf());
+        let process = ServerProcess::start(&dir.path().join("data"), args);
+        Server {
+            url: process.url.clone(),
+            client: process.client.clone(),
+            process,
+            _dir: dir,
+            _cleanup: cleanup,
+        }
+    }
+
+    fn token(&self) -> String {
+        self.process.token()
+    }
+
+    /// A built template and a pool of it (`min_ready` 0, so only leases raise it).
+    async fn pool(&self, name: &str, start_cmd: &str) -> WarmPool {
+        let spec: TemplateSpec = serde_json::from_value(serde_json::json!({
+            "name": name,
+            "start_cmd": start_cmd,
+            // The flag is named after the sandbox: the artifact keeps the build's own, which must not count.
+            "readiness": {"exec": {"command": ["sh", "-c", "test -f ready.$WARMPOOL_SANDBOX_ID"]}, "timeout_ms": 20000}
+        }))
+        .unwrap();
+        self.client.create_template(&spec).await.unwrap();
+        let b = self.client.create_build(name, &["stable".into()]).await.unwrap();
+        let b = self.client.wait_build(&b.id, Duration::from_secs(60), |_| {}).await.unwrap();
+        assert_eq!(b.status, BuildStatus::Ready, "{:?}", b.error);
+        let spec = WarmPoolSpec {
+            name: name.into(),
+            template: format!("{name}:stable"),
+            min_ready: 0,
+            max_ready: 4,
+            ..Default::default()
+        };
+        self.client.create_pool(&spec).await.unwrap()
+    }
+}
+
+const QUICK: &str = "touch ready.$WARMPOOL_SANDBOX_ID; exec sleep infinity";
+
+/// A directory playing one job of a workflow run on a runner.
+struct Job {
+    dir: tempfile::TempDir,
+    env: HashMap<String, String>,
+}
+
+struct StepResult {
+    code: i32,
+    stdout: String,
+    outputs: HashMap<String, String>,
+    state: HashMap<String, String>,
+    summary: String,
+}
+
+impl Job {
+    fn new(server: &Server, run_id: &str, job: &str) -> Job {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = HashMap::new();
+        for (k, v) in [
+            ("GITHUB_REPOSITORY", "octo/app"),
+            ("GITHUB_RUN_ID", run_id),
+            ("GITHUB_RUN_ATTEMPT", "1"),
+            ("GITHUB_JOB", job),
+            ("INPUT_ENDPOINT", server.url.as_str()),
+            ("INPUT_WAIT-TIMEOUT", "60s"),
+        ] {
+            env.insert(k.to_string(), v.to_string());
+        }
+        env.insert("INPUT_TOKEN".into(), server.token());
+        Job { dir, env }
+    }
+
+    fn input(mut self, name: &str, value: &str) -> Job {
+        self.env.insert(format!("INPUT_{}", name.to_uppercase()), value.to_string());
+        self
+    }
+
+    /// Runs one step with fresh output/state/summary files, as the runner does for each step.
+    fn step(&self, command: &str, extra: &HashMap<String, String>) -> StepResult {
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        let file = |kind: &str| self.dir.path().join(format!("{n}-{command}-{kind}"));
+        let (out, state, summary) = (file("output"), file("state"), file("summary"));
+        let mut cmd = Command::new(sibling_bin("warmpool-action"));
+        cmd.arg(command).env_clear().env("PATH", std::env::var("PATH").unwrap());
+        cmd.envs(&self.env).envs(extra);
+        cmd.env("GITHUB_OUTPUT", &out).env("GITHUB_STATE", &state).env("GITHUB_STEP_SUMMARY", &summary);
+        let result = cmd.output().unwrap();
+        let read = |p: &Path| {
+            parse_key_values(&std::fs::read_to_string(p).unwrap_or_default()).into_iter().collect()
+        };
+        StepResult {
+            code: result.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&result.stdout).into_owned(),
+            outputs: read(&out),
+            state: read(&state),
+            summary: std::fs::read_to_string(&summary).unwrap_or_default(),
+        }
+    }
+
+    /// `post`, with the main step's state as `STATE_*` and none of the inputs (post reads nothing else).
+    fn post(&self, main: &StepResult) -> StepResult {
+        let mut bare = Job { dir: tempfile::tempdir().unwrap(), env: HashMap::new() };
+        bare.env.insert("GITHUB_REPOSITORY".into(), "octo/app".into());
+        let state = main.state.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())).collect();
+        let r = bare.step("post", &state);
+        // Keep the dir alive for the caller's inspection only as long as needed.
+        drop(bare.dir);
+        r
+    }
+}
+
+fn ids(step: &StepResult) -> Vec<String> {
+    serde_json::from_str(&step.outputs["sandboxes"]).unwrap()
+}
+
+#[tokio::test]
+async fn main_raises_waits_checks_out_and_post_cleans_up() {
+    let server = Server::start();
+    let pool = server.pool("api", QUICK).await;
+    let job =
+        Job::new(&server, "100", "test").input("pools", "api\n").input("ready", "2").input("checkout", "2");
+    let main = job.step("main", &HashMap::new());
+    assert_eq!(main.code, 0, "{}", main.stdout);
+    assert!(
+        main.stdout.starts_with(&format!("::add-mask::{}\n", server.token())),
+        "the token is masked first"
+    );
+    assert!(main.stdout.contains("::group::Waiting for 2 ready sandboxes"));
+    let sandboxes = ids(&main);
+    assert_eq!(sandboxes.len(), 2);
+    assert_eq!(main.outputs["sandbox-ids"], sandboxes.join(" "));
+    let report: serde_json::Value = serde_json::from_str(&main.outputs["report"]).unwrap();
+    assert_eq!(
+        (report[0]["pool"].as_str(), report[0]["hits"].as_u64(), report[0]["misses"].as_u64()),
+        (Some("api"), Some(2), Some(0))
+    );
+    assert_eq!(report[0]["target"], 2);
+    assert!(main.summary.contains("| api | 2 |"), "{}", main.summary);
+    for id in &sandboxes {
+        let s = server.client.get_sandbox(id).await.unwrap();
+        assert_eq!(s.warm_pool_checkout.unwrap().mode, CheckoutMode::Require);
+    }
+    let leases = server.client.list_leases(&pool.id).await.unwrap();
+    assert_eq!((leases[0].key.as_str(), leases[0].count), ("octo/app/100/1/test", 2));
+
+    let post = job.post(&main);
+    assert_eq!(post.code, 0, "{}", post.stdout);
+    for id in &sandboxes {
+        assert_eq!(server.client.get_sandbox(id).await.unwrap_err().code(), Some("not_found"));
+    }
+    assert!(server.client.list_leases(&pool.id).await.unwrap().is_empty());
+    assert_eq!(server.client.get_pool(&pool.id).await.unwrap().state, PoolState::Draining);
+    assert!(post.summary.contains(&format!("| {} | released | yes |", pool.id)), "{}", post.summary);
+    // post is idempotent.
+    let again = job.post(&main);
+    assert_eq!(again.code, 0, "{}", again.stdout);
+}
+
+#[tokio::test]
+async fn a_second_workflow_keeps_its_capacity_when_the_first_drains() {
+    let server = Server::start();
+    let pool = server.pool("shared", QUICK).await;
+    let first = Job::new(&server, "1", "a").input("pools", "shared").input("ready", "1");
+    let second = Job::new(&server, "2", "b").input("pools", "shared").input("ready", "2");
+    let (m1, m2) = (first.step("main", &HashMap::new()), second.step("main", &HashMap::new()));
+    assert_eq!((m1.code, m2.code), (0, 0), "{}\n{}", m1.stdout, m2.stdout);
+    assert_eq!(server.client.pool_status(&pool.id).await.unwrap().target, 3);
+    let p1 = first.post(&m1);
+    assert_eq!(p1.code, 0);
+    let status = server.client.pool_status(&pool.id).await.unwrap();
+    assert_eq!((status.state, status.target), (PoolState::Enabled, 2), "the other lease keeps the pool up");
+    assert!(p1.summary.contains(&format!("| {} | released | no |", pool.id)), "{}", p1.summary);
+    let p2 = second.post(&m2);
+    assert_eq!(p2.code, 0);
+    assert_eq!(server.client.pool_status(&pool.id).await.unwrap().state, PoolState::Draining);
+}
+
+#[tokio::test]
+async fn a_timeout_fails_with_an_annotation_and_post_still_cleans_up() {
+    let server = Server::start();
+    // Starts at once in the build (whose id is bld_…), takes 30 s in every sandbox.
+    let slow = "case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) sleep 30;; esac; touch ready.$WARMPOOL_SANDBOX_ID; exec sleep infinity";
+    let pool = server.pool("slow", slow).await;
+    let job =
+        Job::new(&server, "7", "t").input("pools", "slow").input("ready", "1").input("wait-timeout", "1s");
+    let main = job.step("main", &HashMap::new());
+    assert_eq!(main.code, 1, "{}", main.stdout);
+    let line = main
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("::error title=Warm pool slow not ready::"))
+        .unwrap_or_else(|| panic!("{}", main.stdout));
+    assert!(line.contains("warm pool slow: 0 of 1 ready after 1s") && line.contains("warming 1"), "{line}");
+    assert_eq!(ids(&main), Vec::<String>::new());
+    let post = job.post(&main);
+    assert_eq!(post.code, 0);
+    assert!(server.client.list_leases(&pool.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn require_mode_miss_fails_the_step_with_the_reason() {
+    // Room for one sandbox: once it is checked out the pool cannot refill, so the second checkout misses.
+    let server = Server::start_with(&["--max-sandboxes", "1"]);
+    server.pool("tiny", QUICK).await;
+    let job = Job::new(&server, "8", "t").input("pools", "tiny").input("ready", "1").input("checkout", "2");
+    let main = job.step("main", &HashMap::new());
+    assert_eq!(main.code, 1, "{}", main.stdout);
+    assert!(
+        main.stdout
+            .contains("::error title=Warm pool tiny unavailable::warm_pool_unavailable (no_ready_inventory)"),
+        "{}",
+        main.stdout
+    );
+    assert_eq!(ids(&main).len(), 1);
+    assert_eq!(job.post(&main).code, 0);
+}
+
+#[tokio::test]
+async fn ready_auto_counts_the_runs_waiting_jobs_across_pages() {
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let github = MockServer::start().await;
+    let route = "/repos/octo/app/actions/runs/55/attempts/1/jobs";
+    let page1: Vec<serde_json::Value> = (0..100)
+        .map(|i| serde_json::json!({"id": i, "status": if i < 2 { "in_progress" } else if i < 50 { "completed" } else { "queued" }}))
+        .collect();
+    let page2 = vec![
+        serde_json::json!({"id": 100, "status": "queued"}),
+        serde_json::json!({"id": 101, "status": "some_future_status"}),
+    ];
+    Mock::given(method("GET"))
+        .and(path(route))
+        .and(query_param("page", "1"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"total_count": 102, "jobs": page1})),
+        )
+        .expect(1)
+        .mount(&github)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(route))
+        .and(query_param("page", "2"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(serde_json::json!({"total_count": 102, "jobs": page2})),
+        )
+        .expect(1)
+        .mount(&github)
+        .await;
+    let server = Server::start();
+    let pool = server.pool("auto", QUICK).await;
+    server
+        .client
+        .update_pool("auto", &WarmPoolPatch { max_ready: Some(100), ..Default::default() })
+        .await
+        .unwrap();
+    let job = Job::new(&server, "55", "plan")
+        .input("pools", "auto")
+        .input("ready", "auto")
+        .input("github-token", "ghs_secret")
+        .input("wait-timeout", "1ms");
+    let mut extra = HashMap::new();
+    extra.insert("GITHUB_API_URL".to_string(), github.uri());
+    let main = job.step("main", &extra);
+    assert!(main.stdout.contains("::add-mask::ghs_secret"));
+    assert!(main.stdout.contains("ready: auto → 53 queued or running jobs"), "{}", main.stdout);
+    let lease = &server.client.list_leases(&pool.id).await.unwrap()[0];
+    assert_eq!(lease.count, 53, "2 in progress + 50 queued + 1 queued on page 2");
+    assert_eq!(job.post(&main).code, 0);
+}
+
+#[tokio::test]
+async fn cross_job_sub_actions_share_one_lease() {
+    let server = Server::start();
+    let pool = server.pool("burst", QUICK).await;
+    let key = "octo/app/9/1";
+    let setup = Job::new(&server, "9", "setup").input("pools", "burst").input("ready", "2");
+    let up = setup.step("scale-up", &HashMap::new());
+    assert_eq!(up.code, 0, "{}", up.stdout);
+    assert!(up.state.is_empty(), "scale-up leaves nothing for a post step");
+    assert_eq!(server.client.list_leases(&pool.id).await.unwrap()[0].key, key);
+    let worker = Job::new(&server, "9", "worker").input("pools", "burst").input("checkout", "1");
+    let got = worker.step("checkout", &HashMap::new());
+    assert_eq!(got.code, 0, "{}", got.stdout);
+    let sandbox = ids(&got).remove(0);
+    let last = Job::new(&server, "9", "cleanup").input("pools", "burst").input("sandboxes", &sandbox);
+    let drained = last.step("drain", &HashMap::new());
+    assert_eq!(drained.code, 0, "{}", drained.stdout);
+    assert_eq!(server.client.get_sandbox(&sandbox).await.unwrap_err().code(), Some("not_found"));
+    assert_eq!(server.client.get_pool(&pool.id).await.unwrap().state, PoolState::Draining);
+}
+
+/// The node shim finds the binary, passes stdio and the exit code through, and verifies a downloaded binary's
+/// checksum.
+#[tokio::test]
+async fn node_shim_runs_and_verifies_downloads() {
+    use wiremock::matchers::path;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let node = Command::new("node").arg("--version").output();
+    assert!(
+        node.is_ok_and(|o| o.status.success()),
+        "node is required for the shim test (apt-get install nodejs)"
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../action");
+    let bin = sibling_bin("warmpool-action");
+    let bin = bin.as_path();
+    let out =
+        Command::new("node").arg(root.join("shim/post.js")).env("WARMPOOL_ACTION_BIN", bin).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Nothing to clean up"));
+    let out = Command::new("node")
+        .arg(root.join("shim/drain.js"))
+        .env("WARMPOOL_ACTION_BIN", bin)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "exit codes pass through");
+
+    // `main` puts the `warmpool` CLI on the PATH of the job's later steps.
+    let runner = tempfile::tempdir().unwrap();
+    let github_path = runner.path().join("github_path");
+    let out = Command::new("node")
+        .arg(root.join("shim/main.js"))
+        .env("WARMPOOL_ACTION_BIN", bin)
+        .env("WARMPOOL_CLI_BIN", bin) // any executable stands in for the CLI
+        .env("GITHUB_PATH", &github_path)
+        .env("RUNNER_TOOL_CACHE", runner.path())
+        .output()
+        .unwrap();
+    let added = std::fs::read_to_string(&github_path).unwrap_or_default();
+    let cli = Path::new(added.trim()).join("warmpool");
+    assert_eq!(
+        std::fs::read(&cli).ok(),
+        std::fs::read(bin).ok(),
+        "{added:?}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let releases = MockServer::start().await;
+    let bytes = std::fs::read(bin).unwrap();
+    let platform = String::from_utf8(
+        Command::new("node")
+            .args(["-e", "console.log(require(process.argv[1]).platform())"])
+            .arg(root.join("shim/run.js"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let asset = format!("/v0.1.0/warmpool-action-{}", platform.trim());
+    let good = {
+        use std::fmt::Write;
+        let digest = Command::new("sha256sum").arg(bin).output().unwrap();
+        let mut s = String::new();
+        write!(s, "{}", String::from_utf8_lossy(&digest.stdout).split_whitespace().next().unwrap()).unwrap();
+        s
+    };
+    Mock::given(path(asset.clone()))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(bytes))
+        .mount(&releases)
+        .await;
+    Mock::given(path(format!("{asset}.sha256")))
+        .respond_with(ResponseTemplate::new(200).set_body_string(format!("{good}  warmpool-action\n")))
+        .mount(&releases)
+        .await;
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new("node")
+        .arg(root.join("shim/post.js"))
+        .env("WARMPOOL_ACTION_RELEASES", releases.uri())
+        .env("RUNNER_TOOL_CACHE", cache.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Nothing to clean up"));
+
+    let bad = MockServer::start().await;
+    Mock::given(path(asset.clone()))
+        .respond_with(ResponseTemplate::new(200).set_body_bytes(b"not the binary".to_vec()))
+        .mount(&bad)
+        .await;
+    Mock::given(path(format!("{asset}.sha256")))
+        .respond_with(ResponseTemplate::new(200).set_body_string(format!("{good}\n")))
+        .mount(&bad)
+        .await;
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new("node")
+        .arg(root.join("shim/post.js"))
+        .env("WARMPOOL_ACTION_RELEASES", bad.uri())
+        .env("RUNNER_TOOL_CACHE", cache.path())
+        .env("PATH", "/usr/bin:/bin") // no cargo: the fallback fails too
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("checksum mismatch"), "{stdout}");
+    assert_ne!(out.status.code(), Some(0));
+}

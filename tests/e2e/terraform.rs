@@ -1,0 +1,291 @@
+//! The real `terraform` binary (offline, through `dev_overrides`, no `terraform init`) driving the real provider
+//! against a real `warmpool serve` process.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use warmpool_api::*;
+use warmpool_client::Client;
+use warmpool_testkit::{procd_pids, sibling_bin, KillOnDrop, ServerProcess};
+
+fn require_terraform() {
+    let ok = Command::new("terraform").arg("version").output().is_ok_and(|o| o.status.success());
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    assert!(
+        ok,
+        "the terraform binary is not on PATH on machine {}: these tests need Terraform >= 1.0",
+        host.trim()
+    );
+}
+
+/// A real `warmpool serve` and a Terraform CLI configuration that loads the freshly built provider.
+struct Server {
+    process: ServerProcess,
+    url: String,
+    client: Client,
+    // Dropped in this order: the procds are killed while their directory still names their cgroups.
+    _cleanup: KillOnDrop,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let cleanup = KillOnDrop(dir.path().to_path_buf());
+        let process = ServerProcess::start(&dir.path().join("data"), &[]);
+        let provider_dir = sibling_bin("terraform-provider-warmpool").parent().unwrap().to_path_buf();
+        std::fs::write(
+            dir.path().join("terraform.rc"),
+            format!(
+                "provider_installation {{\n  dev_overrides {{ \"warmpool/warmpool\" = \"{}\" }}\n  direct {{}}\n}}\n",
+                provider_dir.display()
+            ),
+        )
+        .unwrap();
+        Server { url: process.url.clone(), client: process.client.clone(), process, dir, _cleanup: cleanup }
+    }
+
+    fn token(&self) -> String {
+        self.process.token()
+    }
+
+    /// A working directory holding a copy of `example` (or nothing).
+    fn workdir(&self, name: &str, example: Option<&str>) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some(example) = example {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/terraform").join(example);
+            for entry in std::fs::read_dir(src).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+            }
+        }
+        dir
+    }
+
+    /// Runs terraform in `dir`; returns (exit code, stdout, stderr).
+    fn tf(&self, dir: &Path, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new("terraform")
+            .args(args)
+            .arg("-no-color")
+            .current_dir(dir)
+            .env("TF_CLI_CONFIG_FILE", self.dir.path().join("terraform.rc"))
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("RUST_LIB_BACKTRACE", "0")
+            .env("RUST_BACKTRACE", "0")
+            .env("TF_IN_AUTOMATION", "1")
+            .env("WARMPOOL_ENDPOINT", &self.url)
+            .env("WARMPOOL_TOKEN", self.token())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    fn ok(&self, dir: &Path, args: &[&str]) -> String {
+        let (code, out, err) = self.tf(dir, args);
+        assert_eq!(code, 0, "terraform {args:?} failed:\n{out}\n{err}");
+        out
+    }
+
+    fn procd_count(&self) -> usize {
+        procd_pids(self.dir.path()).len()
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "{what} did not happen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn quickstart_lifecycle_drift_import_and_destroy() {
+    require_terraform();
+    let server = Server::start();
+    let dir = server.workdir("quickstart", Some("quickstart"));
+    let out = server.ok(&dir, &["apply", "-auto-approve"]);
+    assert!(out.contains("ready = 2"), "{out}");
+    let pool = server.client.get_pool("api").await.unwrap();
+    let status = server.client.pool_status(&pool.id).await.unwrap();
+    assert!(status.ready >= 2, "{status:?}");
+    let first_build = pool.resolved_build_id.clone().unwrap();
+    assert_eq!(server.tf(&dir, &["plan", "-detailed-exitcode"]).0, 0, "a second plan shows no changes");
+
+    // A spec change: a new build, the tag moves, the pool rolls to a new generation.
+    server.ok(
+        &dir,
+        &["apply", "-auto-approve", "-var", "start_cmd=echo v2 > v; touch /tmp/started; exec sleep infinity"],
+    );
+    let tags = server.client.list_tags("api").await.unwrap();
+    assert_ne!(tags[0].build_id, first_build, "the tag moved to the new build");
+    wait_for("the rollout", async || {
+        server.client.pool_status(&pool.id).await.unwrap().rollout_generation >= 2
+    })
+    .await;
+    let v2 = ["-var", "start_cmd=echo v2 > v; touch /tmp/started; exec sleep infinity"];
+
+    // enabled = false disables the pool.
+    let mut args = vec!["apply", "-auto-approve", "-var", "pool_enabled=false"];
+    args.extend(v2);
+    server.ok(&dir, &args);
+    assert_eq!(server.client.get_pool(&pool.id).await.unwrap().state, PoolState::Disabled);
+
+    // Drift: a change made outside Terraform shows up, and apply corrects it.
+    server
+        .client
+        .update_pool(&pool.id, &WarmPoolPatch { min_ready: Some(1), ..Default::default() })
+        .await
+        .unwrap();
+    let mut plan = vec!["plan", "-detailed-exitcode", "-var", "pool_enabled=false"];
+    plan.extend(v2);
+    let (code, out, _) = server.tf(&dir, &plan);
+    assert_eq!(code, 2, "drift is detected: {out}");
+    assert!(out.contains("min_ready") && out.contains("1 -> 2"), "{out}");
+    server.ok(&dir, &args);
+    assert_eq!(server.client.get_pool(&pool.id).await.unwrap().min_ready, 2);
+    assert_eq!(server.tf(&dir, &plan).0, 0);
+
+    // Import by id with generated configuration plans clean.
+    let template = server.client.get_template("api").await.unwrap();
+    let imp = server.workdir("import", None);
+    std::fs::write(
+        imp.join("main.tf"),
+        format!(
+            "terraform {{\n  required_providers {{\n    warmpool = {{ source = \"warmpool/warmpool\" }}\n  }}\n}}\n\
+             import {{\n  to = warmpool_template.api\n  id = \"{}\"\n}}\nimport {{\n  to = warmpool_warm_pool.api\n  id = \"{}\"\n}}\n",
+            template.id, pool.id
+        ),
+    )
+    .unwrap();
+    server.ok(&imp, &["plan", "-generate-config-out=generated.tf"]);
+    let generated = std::fs::read_to_string(imp.join("generated.tf")).unwrap();
+    assert!(
+        generated.contains("resource \"warmpool_warm_pool\" \"api\"") && generated.contains("min_ready"),
+        "{generated}"
+    );
+    server.ok(&imp, &["apply", "-auto-approve"]);
+    let (code, out, err) = server.tf(&imp, &["plan", "-detailed-exitcode"]);
+    assert_eq!(code, 0, "imported resources plan clean:\n{out}\n{err}");
+    // The command-line form, into a configuration written by hand.
+    let cli = server.workdir("import-cli", None);
+    std::fs::write(
+        cli.join("main.tf"),
+        "terraform {\n  required_providers {\n    warmpool = { source = \"warmpool/warmpool\" }\n  }\n}\n\
+         resource \"warmpool_warm_pool\" \"api\" {\n  name = \"api\"\n  template = \"api:stable\"\n  min_ready = 2\n  max_ready = 10\n  enabled = false\n}\n",
+    )
+    .unwrap();
+    server.ok(&cli, &["import", "-input=false", "warmpool_warm_pool.api", &pool.id]);
+    let (code, out, err) = server.tf(&cli, &["plan", "-detailed-exitcode"]);
+    assert_eq!(code, 0, "imported pool plans clean:\n{out}\n{err}");
+
+    // A pool deleted outside Terraform is re-created by the next apply.
+    server.client.delete_pool(&pool.id).await.unwrap();
+    let (code, out, _) = server.tf(&dir, &plan);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("warmpool_warm_pool.api will be created"), "{out}");
+    server.ok(&dir, &args);
+    assert_eq!(server.client.get_pool("api").await.unwrap().min_ready, 2);
+
+    // Destroy drains and deletes: no pools, no sandboxes.
+    server.ok(&dir, &{
+        let mut d = vec!["destroy", "-auto-approve", "-var", "pool_enabled=false"];
+        d.extend(v2);
+        d
+    });
+    assert!(server.client.list_pools().await.unwrap().is_empty());
+    assert!(server.client.list_templates().await.unwrap().is_empty());
+    wait_for("sandboxes to stop", async || server.procd_count() == 0).await;
+}
+
+#[tokio::test]
+async fn bad_config_fails_at_plan_naming_the_attribute() {
+    require_terraform();
+    let server = Server::start();
+    let dir = server.workdir("bad", None);
+    let write = |body: &str| {
+        std::fs::write(
+            dir.join("main.tf"),
+            format!("terraform {{\n  required_providers {{\n    warmpool = {{ source = \"warmpool/warmpool\" }}\n  }}\n}}\n{body}"),
+        )
+        .unwrap()
+    };
+    write("resource \"warmpool_warm_pool\" \"p\" {\n  name = \"p\"\n  template = \"api:stable\"\n  min_ready = 5\n  max_ready = 1\n}\n");
+    let (code, _, err) = server.tf(&dir, &["plan"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("Invalid max_ready") && err.contains("main.tf line 10"), "{err}");
+    assert!(!err.contains("stack backtrace"), "no backtraces in user-facing errors: {err}");
+
+    write("resource \"warmpool_warm_pool\" \"p\" {\n  name = \"p\"\n  template = \"api:stable\"\n  min_ready = 1\n  max_ready = 1\n  checkout_policy = \"sometimes\"\n}\n");
+    let (code, _, err) = server.tf(&dir, &["plan"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("checkout_policy") && err.contains("main.tf line 11"), "{err}");
+
+    write(concat!(
+        "resource \"warmpool_template\" \"t\" {\n  name = \"t\"\n  start_cmd = \"sleep 1\"\n",
+        "  warm_process {\n    name = \"a\"\n    type = \"repl\"\n    language = \"python\"\n    command = [\"python3\"]\n  }\n",
+        "  warm_process {\n    name = \"b\"\n    command = [\"true\"]\n    cwd = \"relative\"\n  }\n}\n"
+    ));
+    let (code, _, err) = server.tf(&dir, &["plan"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("warm_processes[0].command") && err.contains("main.tf line 13"), "{err}");
+
+    // A refused token or an unreachable server fails plan, naming the attribute.
+    let pool = "resource \"warmpool_warm_pool\" \"p\" {\n  name = \"p\"\n  template = \"api:stable\"\n  min_ready = 1\n  max_ready = 1\n}\n";
+    write(&format!("provider \"warmpool\" {{\n  token = \"wrong\"\n}}\n{pool}"));
+    let (code, _, err) = server.tf(&dir, &["plan"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("refused the token") && err.contains("token"), "{err}");
+    write(&format!("provider \"warmpool\" {{\n  endpoint = \"http://127.0.0.1:1\"\n}}\n{pool}"));
+    let (code, _, err) = server.tf(&dir, &["plan"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("Cannot reach the Warmpool server") && err.contains("127.0.0.1:1"), "{err}");
+
+    // Values from other resources are unknown at plan time: no false errors.
+    write(concat!(
+        "resource \"warmpool_template\" \"t\" {\n  name = \"t\"\n  start_cmd = \"sleep 1\"\n}\n",
+        "resource \"warmpool_warm_pool\" \"p\" {\n  name = \"p\"\n  template = \"${warmpool_template.t.id}:stable\"\n  min_ready = 1\n  max_ready = 1\n}\n"
+    ));
+    let (code, out, err) = server.tf(&dir, &["plan"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[tokio::test]
+async fn a_failed_build_is_an_apply_error_with_the_log_tail() {
+    require_terraform();
+    let server = Server::start();
+    let dir = server.workdir("failing", None);
+    std::fs::write(
+        dir.join("main.tf"),
+        concat!(
+            "terraform {\n  required_providers {\n    warmpool = { source = \"warmpool/warmpool\" }\n  }\n}\n",
+            "resource \"warmpool_template\" \"broken\" {\n  name = \"broken\"\n",
+            "  build_steps = [\"echo preparing the broken template\"]\n",
+            "  start_cmd = \"exec sleep infinity\"\n",
+            "  readiness {\n    exec { command = [\"test\", \"-f\", \"never.flag\"] }\n    timeout_ms = 1000\n  }\n}\n"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = server.tf(&dir, &["apply", "-auto-approve"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("failed") && err.contains("readiness did not pass"), "{err}");
+    assert!(err.contains("preparing the broken template"), "the log tail is shown: {err}");
+    assert!(!err.contains("stack backtrace"), "{err}");
+    assert!(server.client.list_templates().await.unwrap().is_empty(), "nothing is left half-created");
+}
+
+#[tokio::test]
+async fn terraform_test_file_passes() {
+    require_terraform();
+    let server = Server::start();
+    let dir = server.workdir("tftest", Some("quickstart"));
+    let out = server.ok(&dir, &["test"]);
+    assert!(out.contains("1 passed, 0 failed"), "{out}");
+    assert!(server.client.list_pools().await.unwrap().is_empty(), "terraform test destroys what it applied");
+}
