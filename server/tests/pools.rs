@@ -311,6 +311,20 @@ async fn a_template_that_cannot_start_trips_artifact_prewarm_failed() {
     assert!(started.elapsed() < Duration::from_secs(5), "{err}");
     let text = err.to_string();
     assert!(text.contains("artifact_prewarm_failed") && text.contains("cannot start here"), "{text}");
+    // `warmpool pool status` shows the output too.
+    let token = std::fs::read_to_string(cp.dir.path().join("admin.token")).unwrap();
+    let args = ["pool", "status", &pool.id, "--endpoint", &cp.url, "--token", token.trim()].map(String::from);
+    // Off the test's runtime, which serves the API the CLI calls.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_warmpool")).args(args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("degraded=[artifact_prewarm_failed") && text.contains("\n  cannot start here"),
+        "{text}"
+    );
     // Filling stops: the failure count stays put.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let later = cp.client.pool_status(&pool.id).await.unwrap();

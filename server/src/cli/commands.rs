@@ -77,6 +77,21 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out.join("\n")
 }
 
+/// The status line, then the last error and the last failed start's output when the pool has them.
+fn status_text(s: &PoolStatus) -> String {
+    let mut text = status_line(s);
+    if let Some(e) = &s.last_error {
+        text.push_str(&format!("\nlast error: {e}"));
+    }
+    if let Some(logs) = &s.last_failure_logs {
+        text.push_str("\nlast failed start's output:");
+        for line in logs.trim_end().lines() {
+            text.push_str(&format!("\n  {line}"));
+        }
+    }
+    text
+}
+
 fn status_line(s: &PoolStatus) -> String {
     format!(
         "state={} target={} ready={} warming={} claimed={} draining={} failed={} expired={} unavailable={} generation={} build={} degraded=[{}]",
@@ -274,7 +289,7 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
             });
         }
         PoolCmd::Get { id } => print(global, &c.get_pool(&id).await?, show),
-        PoolCmd::Status { id } => print(global, &c.pool_status(&id).await?, status_line),
+        PoolCmd::Status { id } => print(global, &c.pool_status(&id).await?, status_text),
         PoolCmd::Update { id, min_ready, max_ready } => {
             let p = c.update_pool(&id, &WarmPoolPatch { min_ready, max_ready, ..Default::default() }).await?;
             print(global, &p, show);
@@ -312,7 +327,7 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
                 Ok(s) => print(global, &s, status_line),
                 Err(warmpool_client::Error::Timeout(..)) => {
                     let s = c.pool_status(&id).await?;
-                    print(global, &s, status_line);
+                    print(global, &s, status_text);
                     eprintln!(
                         "error: timed out after {}: pool {id} has {} of {ready} ready",
                         humantime::format_duration(timeout),
