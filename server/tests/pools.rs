@@ -321,10 +321,9 @@ async fn a_template_that_cannot_start_trips_artifact_prewarm_failed() {
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("degraded=[artifact_prewarm_failed") && text.contains("\n  cannot start here"),
-        "{text}"
-    );
+    let (status, output) = text.split_once('\n').expect("the output follows the status line");
+    assert!(status.contains("degraded=[artifact_prewarm_failed"), "{text}");
+    assert!(output.contains("\n  {") && output.contains("cannot start here"), "{text}");
     // Filling stops: the failure count stays put.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let later = cp.client.pool_status(&pool.id).await.unwrap();

@@ -77,15 +77,17 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out.join("\n")
 }
 
-/// The status line, then the last error and the last failed start's output when the pool has them.
+/// The status line, then the last failed start's output (or the last error) when the pool has one.
 fn status_text(s: &PoolStatus) -> String {
     let mut text = status_line(s);
-    if let Some(e) = &s.last_error {
-        text.push_str(&format!("\nlast error: {e}"));
-    }
-    if let Some(logs) = &s.last_failure_logs {
-        text.push_str("\nlast failed start's output:");
-        for line in logs.trim_end().lines() {
+    let last = match (&s.last_failure_logs, &s.last_error) {
+        (Some(logs), _) => Some(("last failed start's output", logs)),
+        (None, Some(error)) => Some(("last error", error)),
+        (None, None) => None,
+    };
+    if let Some((what, body)) = last {
+        text.push_str(&format!("\n{what}:"));
+        for line in body.trim_end().lines() {
             text.push_str(&format!("\n  {line}"));
         }
     }
