@@ -64,14 +64,16 @@ fn list<T>(items: Vec<T>) -> Json<List<T>> {
     Json(List { items })
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "server", security(()),
+#[utoipa::path(get, path = "/healthz", tag = "server", security(()), summary = "Liveness: answers while the process serves",
     responses((status = 200, description = "The server is up", body = String, content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
 /// Ready while the store takes writes: a real (tiny) write, so a full disk or a read-only database shows here.
-#[utoipa::path(get, path = "/readyz", tag = "server", security(()), responses(
+#[utoipa::path(get, path = "/readyz", tag = "server", security(()),
+    summary = "Readiness: 503 while the store cannot take writes; reports the store, runtime, reconciler and replica",
+    responses(
     (status = 200, description = "Ready: store, runtime, reconciler and replica details", body = Object),
     (status = 503, description = "The store cannot take writes now", body = Object)))]
 async fn readyz(State(app): S) -> impl IntoResponse {
@@ -88,13 +90,13 @@ async fn readyz(State(app): S) -> impl IntoResponse {
     (if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "server", security(()), responses(
+#[utoipa::path(get, path = "/metrics", tag = "server", security(()), summary = "Prometheus metrics", responses(
     (status = 200, description = "Prometheus metrics", body = String, content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(app): S) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], app.metrics.render())
 }
 
-#[utoipa::path(get, path = "/v1/openapi.json", tag = "server", security(()),
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "server", security(()), summary = "This OpenAPI 3.1 document",
     responses((status = 200, description = "This document", body = Object)))]
 async fn openapi() -> Json<Doc> {
     Json(super::openapi::document().clone())
