@@ -123,3 +123,42 @@ async fn rust_client_example_runs() {
     assert!(stdout.contains("hello from a warm sandbox") && stdout.contains("hit: true"), "{stdout}");
     assert!(cp.client.list_templates().await.unwrap().is_empty(), "the example cleans up");
 }
+
+#[tokio::test]
+async fn accounts_and_tokens_through_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(tmp.path(), &[]);
+    let cli = Cli { url: &server.url, data_dir: tmp.path() };
+    let account = cli.json(&["account", "create", "ci", "--max-sandboxes", "2"]);
+    let id = account["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (account["quotas"]["max_sandboxes"].as_u64(), account["quotas"].get("max_warm_sandboxes")),
+        (Some(2), None)
+    );
+    let (code, out, _) = cli.run(&["account", "list"]);
+    assert!(
+        code == 0 && out.lines().any(|l| l.starts_with(&id) && l.contains(" ci ") && l.contains(" 2 ")),
+        "{out}"
+    );
+    let updated = cli.json(&["account", "quotas", &id, "--max-warm-sandboxes", "5"]);
+    assert_eq!(
+        (updated["quotas"].get("max_sandboxes"), updated["quotas"]["max_warm_sandboxes"].as_u64()),
+        (None, Some(5))
+    );
+
+    // The token works for its account only, and stops working when revoked.
+    let (code, secret, _) = cli.run(&["token", "create", "--account", &id, "--name", "github"]);
+    assert_eq!(code, 0);
+    let client = warmpool_client::Client::new(&server.url, Some(secret.trim().to_string())).unwrap();
+    assert!(client.list_templates().await.unwrap().is_empty());
+    assert!(client.list_accounts().await.is_err(), "an account token is not an admin token");
+    let created = cli.json(&["token", "create", "--account", &id]);
+    let (code, out, _) = cli.run(&["token", "delete", created["id"].as_str().unwrap()]);
+    assert!(code == 0 && out.contains("revoked"), "{out}");
+    let revoked =
+        warmpool_client::Client::new(&server.url, Some(created["token"].as_str().unwrap().into())).unwrap();
+    assert_eq!(revoked.list_templates().await.unwrap_err().code(), Some("unauthorized"));
+
+    let (code, _, err) = cli.run(&["account", "create", "Not A Name"]);
+    assert!(code != 0 && err.contains("name"), "{err}");
+}

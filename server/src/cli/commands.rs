@@ -7,7 +7,7 @@ use serde::Serialize;
 use warmpool_api::*;
 use warmpool_client::Client;
 
-use super::{Command, Global, PoolCmd, SandboxCmd, TemplateCmd};
+use super::{AccountCmd, Command, Global, PoolCmd, SandboxCmd, TemplateCmd, TokenCmd};
 
 /// The client for the global flags; without a token, the one saved for this endpoint, else (on a local endpoint)
 /// the admin token file.
@@ -110,6 +110,8 @@ pub async fn run_client_command(global: &Global, command: Command) -> anyhow::Re
         Command::Pool(cmd) => pool(global, &c, cmd).await,
         Command::Sandbox(cmd) => sandbox(global, &c, cmd).await,
         Command::Login => login(global, &c).await,
+        Command::Account(cmd) => account(global, &c, cmd).await,
+        Command::Token(cmd) => token(global, &c, cmd).await,
         Command::Serve(_) | Command::Bench(_) => unreachable!("handled by cli::run"),
     }
 }
@@ -354,6 +356,48 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
                     r.released, r.remaining_leases, r.drained
                 )
             });
+        }
+    }
+    Ok(0)
+}
+
+async fn account(global: &Global, c: &Client, cmd: AccountCmd) -> anyhow::Result<i32> {
+    let quota = |q: Option<u64>| q.map_or("-".to_string(), |q| q.to_string());
+    let row = move |a: &Account| {
+        vec![a.id.clone(), a.name.clone(), quota(a.quotas.max_sandboxes), quota(a.quotas.max_warm_sandboxes)]
+    };
+    let header = ["ID", "NAME", "MAX_SANDBOXES", "MAX_WARM_SANDBOXES"];
+    let one = |a: &Account| table(&header, vec![row(a)]);
+    match cmd {
+        AccountCmd::Create { name, max_sandboxes, max_warm_sandboxes } => {
+            let quotas = Quotas { max_sandboxes, max_warm_sandboxes };
+            print(global, &c.create_account(&AccountCreate { name, quotas }).await?, one);
+        }
+        AccountCmd::List => {
+            let items = c.list_accounts().await?;
+            print(global, &List { items }, |l| table(&header, l.items.iter().map(row).collect()));
+        }
+        AccountCmd::Quotas { id, max_sandboxes, max_warm_sandboxes } => {
+            let quotas = Quotas { max_sandboxes, max_warm_sandboxes };
+            print(
+                global,
+                &c.update_account(&id, &AccountPatch { quotas: Some(quotas), ..Default::default() }).await?,
+                one,
+            );
+        }
+    }
+    Ok(0)
+}
+
+async fn token(global: &Global, c: &Client, cmd: TokenCmd) -> anyhow::Result<i32> {
+    match cmd {
+        TokenCmd::Create { account, name } => {
+            let created = c.create_token(&TokenCreate { account_id: account, name }).await?;
+            print(global, &created, |t| t.token.clone());
+        }
+        TokenCmd::Delete { id } => {
+            c.delete_token(&id).await?;
+            print(global, &serde_json::json!({"deleted": id}), |_| format!("revoked token {id}"));
         }
     }
     Ok(0)

@@ -60,6 +60,12 @@ pub enum Command {
     /// Sandboxes.
     #[command(subcommand)]
     Sandbox(SandboxCmd),
+    /// Accounts and their quotas (admin token).
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// API tokens of accounts (admin token).
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Benchmarks that print their numbers as JSON.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -232,6 +238,52 @@ pub enum PoolCmd {
         /// Drain the pool when no other lease remains.
         #[arg(long)]
         drain_if_last: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AccountCmd {
+    /// Create an account; everything its tokens create belongs to it.
+    Create {
+        /// The account's name.
+        name: String,
+        /// Sandboxes the account may own at once (checked-out and cold; not warm inventory).
+        #[arg(long)]
+        max_sandboxes: Option<u64>,
+        /// Warm (unclaimed) sandboxes across the account's pools.
+        #[arg(long)]
+        max_warm_sandboxes: Option<u64>,
+    },
+    /// List accounts.
+    List,
+    /// Replace an account's quotas (a quota left out is unlimited).
+    Quotas {
+        /// The account's id (`acc_…`).
+        id: String,
+        /// Sandboxes the account may own at once.
+        #[arg(long)]
+        max_sandboxes: Option<u64>,
+        /// Warm sandboxes across the account's pools.
+        #[arg(long)]
+        max_warm_sandboxes: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a token for an account and print its secret (shown this once).
+    Create {
+        /// The account's id (`acc_…`).
+        #[arg(long)]
+        account: String,
+        /// A name to recognise the token by.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke a token.
+    Delete {
+        /// The token's id (`tok_…`).
+        id: String,
     },
 }
 
