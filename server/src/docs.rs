@@ -1,5 +1,5 @@
-//! The generated references in `docs/`: the CLI from its clap definition, the HTTP API from the served OpenAPI
-//! document. A test (`server/tests/docs.rs`) keeps the files equal to what these render.
+//! The generated references in `docs/`: the CLI from its clap definition, the HTTP API from the served
+//! OpenAPI document. A test (`server/tests/docs.rs`) keeps the files equal to what these render.
 
 use std::fmt::Write;
 
@@ -8,9 +8,10 @@ use clap::CommandFactory;
 /// `docs/cli.md`: every command with its description, usage and flags.
 pub fn cli_reference() -> String {
     let mut out = String::from(
-        "# CLI reference\n\nGenerated from the CLI's own definition (`warmpool help` prints the same). Every command \
-         takes `--endpoint` (`WARMPOOL_ENDPOINT`), `--token` (`WARMPOOL_TOKEN`) and `--json`; durations are written \
-         `500ms`, `30s`, `10m`, `2h`.\n",
+        "# CLI reference\n\n\
+         Generated from the CLI's own definition (`warmpool help` prints the same). Every command takes \
+         `--endpoint` (`WARMPOOL_ENDPOINT`), `--token` (`WARMPOOL_TOKEN`) and `--json`; durations are \
+         written `500ms`, `30s`, `10m`, `2h`.\n",
     );
     let mut root = crate::cli::Cli::command();
     root.build();
@@ -75,12 +76,14 @@ fn command(out: &mut String, cmd: &clap::Command, parent: &str) {
 pub fn api_reference() -> String {
     let doc = crate::http::openapi::json();
     let mut out = String::from(
-        "# HTTP API reference\n\nGenerated from the OpenAPI document the server serves at `GET /v1/openapi.json` \
-         (feed that to a client generator). Every call but the first four takes `Authorization: Bearer <token>`. \
-         Errors answer `{\"error\": {\"code\", \"message\", \"details\"}}`: `invalid_request` 400 (`details.field` \
-         names the field), `unauthorized` 401, `not_found` 404 (also for another account's resources), `conflict` \
-         409, `payload_too_large` 413, `quota_exceeded` 429, `warm_pool_unavailable` 503, `service_unavailable` 503, \
-         `internal` 500. Unknown JSON fields are rejected; bodies over 1 MiB too.\n",
+        "# HTTP API reference\n\n\
+         Generated from the OpenAPI document the server serves at `GET /v1/openapi.json` (feed that to a \
+         client generator). Every call but the first four takes `Authorization: Bearer <token>`. Errors \
+         answer `{\"error\": {\"code\", \"message\", \"details\"}}`: `invalid_request` 400 \
+         (`details.field` names the field), `unauthorized` 401, `not_found` 404 (also for another \
+         account's resources), `conflict` 409, `payload_too_large` 413, `quota_exceeded` 429, \
+         `warm_pool_unavailable` 503, `service_unavailable` 503, `internal` 500. Unknown JSON fields are \
+         rejected; bodies over 1 MiB too.\n",
     );
     let mut by_tag: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let order = ["server", "templates", "builds", "pools", "sandboxes", "accounts"];

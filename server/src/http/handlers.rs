@@ -18,8 +18,8 @@ use crate::app::{App, AppError};
 
 type S = State<Arc<App>>;
 
-/// Every route with its OpenAPI entry: the `#[utoipa::path]` on a handler is both its route and its documentation,
-/// so the served document cannot drift from the router.
+/// Every route with its OpenAPI entry: the `#[utoipa::path]` on a handler is both its route and its
+/// documentation, so the served document cannot drift from the router.
 pub fn routes() -> (Router<Arc<App>>, Doc) {
     let (router, mut doc) = OpenApiRouter::with_openapi(super::openapi::base())
         .routes(routes!(healthz))
@@ -52,8 +52,8 @@ pub fn routes() -> (Router<Arc<App>>, Doc) {
         .routes(routes!(probe))
         .routes(routes!(logs))
         .split_for_parts();
-    // A lease key may hold slashes (`owner/repo/run/attempt/job`), so its route is a catch-all: `*key` to axum,
-    // `{key}` to OpenAPI (utoipa-axum would make that a one-segment `:key`).
+    // A lease key may hold slashes (`owner/repo/run/attempt/job`), so its route is a catch-all: `*key` to
+    // axum, `{key}` to OpenAPI (utoipa-axum would make that a one-segment `:key`).
     let (schemas, paths, methods) = routes!(put_lease, release_lease);
     doc.paths.paths.extend(paths.paths);
     doc.components.get_or_insert_with(Default::default).schemas.extend(schemas);
@@ -64,15 +64,16 @@ fn list<T>(items: Vec<T>) -> Json<List<T>> {
     Json(List { items })
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "server", security(()), summary = "Liveness: answers while the process serves",
+#[utoipa::path(get, path = "/healthz", tag = "server", security(()),
+    summary = "Liveness: answers while the process serves",
     responses((status = 200, description = "The server is up", body = String, content_type = "text/plain")))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready while the store takes writes: a real (tiny) write, so a full disk or a read-only database shows here.
+/// Ready while the store takes writes: a real (tiny) write, so a full disk or a read-only database shows.
 #[utoipa::path(get, path = "/readyz", tag = "server", security(()),
-    summary = "Readiness: 503 while the store cannot take writes; reports the store, runtime, reconciler and replica",
+    summary = "Readiness: 503 while the store cannot take writes; store, runtime, reconciler, replica",
     responses(
     (status = 200, description = "Ready: store, runtime, reconciler and replica details", body = Object),
     (status = 503, description = "The store cannot take writes now", body = Object)))]
@@ -90,13 +91,16 @@ async fn readyz(State(app): S) -> impl IntoResponse {
     (if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "server", security(()), summary = "Prometheus metrics", responses(
-    (status = 200, description = "Prometheus metrics", body = String, content_type = "text/plain; version=0.0.4")))]
+#[utoipa::path(get, path = "/metrics", tag = "server", security(()), summary = "Prometheus metrics",
+    responses(
+    (status = 200, description = "Prometheus metrics", body = String,
+    content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(app): S) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], app.metrics.render())
 }
 
-#[utoipa::path(get, path = "/v1/openapi.json", tag = "server", security(()), summary = "This OpenAPI 3.1 document",
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "server", security(()),
+    summary = "This OpenAPI 3.1 document",
     responses((status = 200, description = "This document", body = Object)))]
 async fn openapi() -> Json<Doc> {
     Json(super::openapi::document().clone())
@@ -127,7 +131,8 @@ async fn update_account(
 ) -> ApiResult<Json<Account>> {
     Ok(Json(app.update_account(&c, &id, req)?))
 }
-#[utoipa::path(post, path = "/v1/tokens", tag = "accounts", summary = "Create a token for an account (admin); the secret is shown once",
+#[utoipa::path(post, path = "/v1/tokens", tag = "accounts",
+    summary = "Create a token for an account (admin); the secret is shown once",
     request_body = TokenCreate, responses((status = 201, body = TokenCreated)))]
 async fn create_token(
     State(app): S,
@@ -164,7 +169,8 @@ async fn list_templates(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<Tem
 async fn get_template(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<Template>> {
     Ok(Json(app.get_template(&c, &id)?.template))
 }
-#[utoipa::path(patch, path = "/v1/templates/{id}", tag = "templates", summary = "Update a template; present fields replace",
+#[utoipa::path(patch, path = "/v1/templates/{id}", tag = "templates",
+    summary = "Update a template; present fields replace",
     params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
     request_body = TemplatePatch, responses((status = 200, body = Template)))]
 async fn update_template(
@@ -175,14 +181,16 @@ async fn update_template(
 ) -> ApiResult<Json<Template>> {
     Ok(Json(app.update_template(&c, &id, req)?))
 }
-#[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates", summary = "Delete a template with its builds and tags",
+#[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates",
+    summary = "Delete a template with its builds and tags",
     params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
     responses((status = 204, description = "Deleted")))]
 async fn delete_template(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<StatusCode> {
     app.delete_template(&c, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
-#[utoipa::path(post, path = "/v1/templates/{id}/builds", tag = "builds", summary = "Start a build; its tags move when it is ready",
+#[utoipa::path(post, path = "/v1/templates/{id}/builds", tag = "builds",
+    summary = "Start a build; its tags move when it is ready",
     params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
     request_body(content = Option<BuildCreate>, description = "May be left out"),
     responses((status = 202, body = Build)))]
@@ -194,7 +202,8 @@ async fn create_build(
 ) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::ACCEPTED, Json(app.create_build(&c, &id, req)?)))
 }
-#[utoipa::path(get, path = "/v1/templates/{id}/builds", tag = "builds", summary = "List a template's builds, newest first",
+#[utoipa::path(get, path = "/v1/templates/{id}/builds", tag = "builds",
+    summary = "List a template's builds, newest first",
     params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
     responses((status = 200, body = List<Build>)))]
 async fn list_builds(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Build>>> {
@@ -235,8 +244,10 @@ async fn build_artifact(
 async fn list_tags(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Tag>>> {
     Ok(list(app.list_tags(&c, &id)?))
 }
-#[utoipa::path(put, path = "/v1/templates/{id}/tags/{tag}", tag = "builds", summary = "Point a tag at a ready build",
-    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path, description = "Tag name")),
+#[utoipa::path(put, path = "/v1/templates/{id}/tags/{tag}", tag = "builds",
+    summary = "Point a tag at a ready build",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path,
+    description = "Tag name")),
     request_body = TagPut, responses((status = 200, body = Tag)))]
 async fn put_tag(
     State(app): S,
@@ -247,7 +258,8 @@ async fn put_tag(
     Ok(Json(app.put_tag(&c, &id, &tag, &req.build_id)?))
 }
 #[utoipa::path(get, path = "/v1/templates/{id}/tags/{tag}", tag = "builds", summary = "Get a tag",
-    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path, description = "Tag name")),
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path,
+    description = "Tag name")),
     responses((status = 200, body = Tag)))]
 async fn get_tag(
     State(app): S,
@@ -257,7 +269,8 @@ async fn get_tag(
     Ok(Json(app.get_tag(&c, &id, &tag)?))
 }
 #[utoipa::path(delete, path = "/v1/templates/{id}/tags/{tag}", tag = "builds", summary = "Delete a tag",
-    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path, description = "Tag name")),
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path,
+    description = "Tag name")),
     responses((status = 204, description = "Deleted")))]
 async fn delete_tag(
     State(app): S,
@@ -282,13 +295,15 @@ async fn create_pool(
 async fn list_pools(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<WarmPool>>> {
     Ok(list(app.list_pools(&c)?))
 }
-#[utoipa::path(get, path = "/v1/template-warm-pools/{id}", tag = "pools", summary = "Get a warm pool by id or name",
+#[utoipa::path(get, path = "/v1/template-warm-pools/{id}", tag = "pools",
+    summary = "Get a warm pool by id or name",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = WarmPool)))]
 async fn get_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
     Ok(Json(app.get_pool(&c, &id)?.pool))
 }
-#[utoipa::path(patch, path = "/v1/template-warm-pools/{id}", tag = "pools", summary = "Update a warm pool; present fields replace",
+#[utoipa::path(patch, path = "/v1/template-warm-pools/{id}", tag = "pools",
+    summary = "Update a warm pool; present fields replace",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     request_body = WarmPoolPatch, responses((status = 200, body = WarmPool)))]
 async fn update_pool(
@@ -299,14 +314,16 @@ async fn update_pool(
 ) -> ApiResult<Json<WarmPool>> {
     Ok(Json(app.update_pool_spec(&c, &id, req)?))
 }
-#[utoipa::path(delete, path = "/v1/template-warm-pools/{id}", tag = "pools", summary = "Drain, then delete a warm pool",
+#[utoipa::path(delete, path = "/v1/template-warm-pools/{id}", tag = "pools",
+    summary = "Drain, then delete a warm pool",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 204, description = "Deleted")))]
 async fn delete_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<StatusCode> {
     app.delete_pool(&c, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
-#[utoipa::path(get, path = "/v1/template-warm-pools/{id}/status", tag = "pools", summary = "A pool's live status",
+#[utoipa::path(get, path = "/v1/template-warm-pools/{id}/status", tag = "pools",
+    summary = "A pool's live status",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = PoolStatus)))]
 async fn pool_status(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<PoolStatus>> {
@@ -318,25 +335,29 @@ async fn pool_status(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> Ap
 async fn enable_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
     Ok(Json(app.set_pool_state(&c, &id, PoolState::Enabled)?))
 }
-#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/disable", tag = "pools", summary = "Stop filling, keep the inventory",
+#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/disable", tag = "pools",
+    summary = "Stop filling, keep the inventory",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = WarmPool)))]
 async fn disable_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
     Ok(Json(app.set_pool_state(&c, &id, PoolState::Disabled)?))
 }
-#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/drain", tag = "pools", summary = "Stop filling, remove the inventory",
+#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/drain", tag = "pools",
+    summary = "Stop filling, remove the inventory",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = WarmPool)))]
 async fn drain_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
     Ok(Json(app.set_pool_state(&c, &id, PoolState::Draining)?))
 }
-#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/reconcile", tag = "pools", summary = "Run a reconcile pass now",
+#[utoipa::path(post, path = "/v1/template-warm-pools/{id}/reconcile", tag = "pools",
+    summary = "Run a reconcile pass now",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = WarmPool)))]
 async fn reconcile_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
     Ok(Json(app.reconcile_now(&c, &id).await?))
 }
-#[utoipa::path(get, path = "/v1/template-warm-pools/{id}/leases", tag = "pools", summary = "A pool's active leases",
+#[utoipa::path(get, path = "/v1/template-warm-pools/{id}/leases", tag = "pools",
+    summary = "A pool's active leases",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = List<Lease>)))]
 async fn list_leases(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Lease>>> {
@@ -364,7 +385,8 @@ struct ReleaseQuery {
     drain_if_last: bool,
 }
 
-#[utoipa::path(delete, path = "/v1/template-warm-pools/{id}/leases/{key}", tag = "pools", summary = "Release a lease",
+#[utoipa::path(delete, path = "/v1/template-warm-pools/{id}/leases/{key}", tag = "pools",
+    summary = "Release a lease",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name"),
         ("key" = String, Path, description = "Lease key; may hold slashes"), ReleaseQuery),
     responses((status = 200, body = LeaseRelease)))]
@@ -378,7 +400,7 @@ async fn release_lease(
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
-    summary = "Create a sandbox, from a warm pool when one fits; it is running (readiness passed) when this answers",
+    summary = "Create a sandbox, from a warm pool when one fits; it answers once readiness passed",
     request_body = SandboxCreate, responses((status = 201, body = Sandbox)))]
 async fn create_sandbox(
     State(app): S,
@@ -405,7 +427,8 @@ async fn delete_sandbox(State(app): S, Auth(c): Auth, Path(id): Path<String>) ->
     app.delete_sandbox(&c, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
-#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sandboxes", summary = "Run a command and wait for it",
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sandboxes",
+    summary = "Run a command and wait for it",
     params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),
     request_body = ExecRequest, responses((status = 200, body = ExecResult)))]
 async fn exec(
@@ -416,8 +439,10 @@ async fn exec(
 ) -> ApiResult<Json<ExecResult>> {
     Ok(Json(app.exec(&c, &id, req).await?))
 }
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/probes/{kind}", tag = "sandboxes", summary = "The latest result of a probe",
-    params(("id" = String, Path, description = "Sandbox id (`sbx_…`)"), ("kind" = ProbeKind, Path, description = "Which probe")),
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/probes/{kind}", tag = "sandboxes",
+    summary = "The latest result of a probe",
+    params(("id" = String, Path, description = "Sandbox id (`sbx_…`)"), ("kind" = ProbeKind, Path,
+    description = "Which probe")),
     responses((status = 200, body = ProbeResult)))]
 async fn probe(
     State(app): S,
@@ -427,7 +452,8 @@ async fn probe(
     let kind: ProbeKind = kind.parse().map_err(|m: String| FieldError::new("kind", m))?;
     Ok(Json(app.probe(&c, &id, kind).await?))
 }
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", summary = "The sandbox processes' mirrored output",
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes",
+    summary = "The sandbox processes' mirrored output",
     params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),
     responses((status = 200, body = List<LogLine>)))]
 async fn logs(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<LogLine>>> {

@@ -134,9 +134,9 @@ async fn body_bytes(req: Request, state: &Arc<App>) -> ApiResult<axum::body::Byt
     })
 }
 
-/// Parses JSON, naming the failing field (`warm_processes[1].cwd`, or the unknown field itself). A number with a
-/// zero fraction (`15.0`) is an integer, as JSON Schema has it; integers stop at int64, as the schema documents;
-/// an array is never an object (which serde would take field by field).
+/// Parses JSON, naming the failing field (`warm_processes[1].cwd`, or the unknown field itself). A number
+/// with a zero fraction (`15.0`) is an integer, as JSON Schema has it; integers stop at int64, as the schema
+/// documents; an array is never an object (which serde would take field by field).
 pub fn parse_body<T: DeserializeOwned + ToSchema>(bytes: &[u8]) -> ApiResult<T> {
     let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
         let message = e.to_string();
@@ -252,8 +252,8 @@ async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiE
     ApiError::App(AppError::NotFound { kind: "route", id: format!("{method} {}", uri.path()) })
 }
 
-/// Every error leaves in the JSON envelope, also the ones axum answers by itself (a method a route does not take,
-/// a path segment that does not decode, a missing content type).
+/// Every error leaves in the JSON envelope, also the ones axum answers by itself (a method a route does not
+/// take, a path segment that does not decode, a missing content type).
 async fn json_errors(response: Response) -> Response {
     let status = response.status();
     let is_json = response

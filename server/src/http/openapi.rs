@@ -1,6 +1,6 @@
 //! The OpenAPI document (`/v1/openapi.json`): schemas derived from the `warmpool-api` types, paths from the
-//! handlers' `#[utoipa::path]` attributes (the same ones that register the routes). A golden-file test keeps it
-//! from changing by accident.
+//! handlers' `#[utoipa::path]` attributes (the same ones that register the routes). A golden-file test keeps
+//! it from changing by accident.
 
 use std::sync::LazyLock;
 
