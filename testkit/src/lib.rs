@@ -144,8 +144,26 @@ pub fn procd_pids(dir: &Path) -> Vec<u32> {
     running_containers(dir).into_iter().filter_map(|c| c.pid).collect()
 }
 
+/// Removes the NAT rules (and their chains) the CNI bridge plugin added for these sandboxes and builds: only the
+/// plugin's DEL, which needs the namespace, removes them, and a killed server never calls it.
+fn remove_nat_rules(ids: &[String]) {
+    let iptables = |args: &[&str]| Command::new("iptables").args(["-w", "-t", "nat"]).args(args).output();
+    let Ok(listing) = iptables(&["-S", "POSTROUTING"]) else { return };
+    // `-A POSTROUTING -s 10.88.0.4/32 -m comment --comment "name: \"warmpool\" id: \"sbx_…\"" -j CNI-…`
+    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        let Some(id) = ids.iter().find(|id| line.contains(&format!("id: \\\"{id}\\\""))) else { continue };
+        let after = |flag: &str| line.split(flag).nth(1)?.split_whitespace().next().map(str::to_string);
+        let (Some(source), Some(chain)) = (after(" -s "), after(" -j ")) else { continue };
+        let comment = format!("name: \"warmpool\" id: \"{id}\"");
+        let rule = ["-s", &source, "-m", "comment", "--comment", &comment, "-j", &chain];
+        let _ = iptables(&[&["-D", "POSTROUTING"][..], &rule].concat());
+        let _ = iptables(&["-F", &chain]);
+        let _ = iptables(&["-X", &chain]);
+    }
+}
+
 /// Removes everything the server's runtime made under `dir` that outlives a killed server: containers (runc kills
-/// what runs in them), overlay mounts, network namespaces and cgroups. A cgroup cannot be removed before its last
+/// what runs in them), overlay mounts, NAT rules, network namespaces and cgroups. A cgroup cannot be removed before its last
 /// member is reaped, which takes a moment after SIGKILL.
 pub fn kill_all_under(dir: &Path) {
     let mut ids = Vec::new();
@@ -174,6 +192,7 @@ pub fn kill_all_under(dir: &Path) {
     for target in targets {
         let _ = Command::new("umount").arg("-l").arg(target).status();
     }
+    remove_nat_rules(&ids);
     for id in &ids {
         let netns = format!("wp-{}", id.trim_start_matches("sbx_").trim_start_matches("bld_"));
         if Path::new("/var/run/netns").join(&netns).exists() {
