@@ -97,6 +97,31 @@ impl Drop for ServerProcess {
     }
 }
 
+/// A `warmpool serve` on a temporary directory of its own (data in `dir/data`); dropping it kills the server and
+/// removes everything it started, pass or fail. Derefs to the [`ServerProcess`].
+pub struct TempServer {
+    pub process: ServerProcess,
+    // Dropped in this order: the procds are killed while their directory still names their cgroups.
+    _cleanup: KillOnDrop,
+    pub dir: tempfile::TempDir,
+}
+
+impl TempServer {
+    pub fn start(extra_args: &[&str]) -> TempServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cleanup = KillOnDrop(dir.path().to_path_buf());
+        let process = ServerProcess::start(&dir.path().join("data"), extra_args);
+        TempServer { process, _cleanup: cleanup, dir }
+    }
+}
+
+impl std::ops::Deref for TempServer {
+    type Target = ServerProcess;
+    fn deref(&self) -> &ServerProcess {
+        &self.process
+    }
+}
+
 /// runc state roots of the data dir `dir` (or of `dir/data`).
 fn runc_roots(dir: &Path) -> Vec<PathBuf> {
     [dir.join("runc"), dir.join("data/runc")].into_iter().filter(|r| r.is_dir()).collect()

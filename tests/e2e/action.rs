@@ -9,17 +9,16 @@ use std::time::Duration;
 
 use warmpool_action::runner::parse_key_values;
 use warmpool_api::*;
-use warmpool_client::Client;
-use warmpool_testkit::{sibling_bin, KillOnDrop, ServerProcess};
+use warmpool_testkit::{sibling_bin, TempServer};
 
 /// A real `warmpool serve` on a temp data dir.
-struct Server {
-    process: ServerProcess,
-    url: String,
-    client: Client,
-    // Dropped in this order: the procds are killed while their directory still names their cgroups.
-    _cleanup: KillOnDrop,
-    _dir: tempfile::TempDir,
+struct Server(TempServer);
+
+impl std::ops::Deref for Server {
+    type Target = TempServer;
+    fn deref(&self) -> &TempServer {
+        &self.0
+    }
 }
 
 impl Server {
@@ -28,20 +27,7 @@ impl Server {
     }
 
     fn start_with(args: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let cleanup = KillOnDrop(dir.path().to_path_buf());
-        let process = ServerProcess::start(&dir.path().join("data"), args);
-        Server {
-            url: process.url.clone(),
-            client: process.client.clone(),
-            process,
-            _dir: dir,
-            _cleanup: cleanup,
-        }
-    }
-
-    fn token(&self) -> String {
-        self.process.token()
+        Server(TempServer::start(args))
     }
 
     /// A built template and a pool of it (`min_ready` 0, so only leases raise it).

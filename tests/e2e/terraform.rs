@@ -6,8 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use warmpool_api::*;
-use warmpool_client::Client;
-use warmpool_testkit::{procd_pids, sibling_bin, KillOnDrop, ServerProcess};
+use warmpool_testkit::{procd_pids, sibling_bin, TempServer};
 
 fn require_terraform() {
     let ok = Command::new("terraform").arg("version").output().is_ok_and(|o| o.status.success());
@@ -20,34 +19,28 @@ fn require_terraform() {
 }
 
 /// A real `warmpool serve` and a Terraform CLI configuration that loads the freshly built provider.
-struct Server {
-    process: ServerProcess,
-    url: String,
-    client: Client,
-    // Dropped in this order: the procds are killed while their directory still names their cgroups.
-    _cleanup: KillOnDrop,
-    dir: tempfile::TempDir,
+struct Server(TempServer);
+
+impl std::ops::Deref for Server {
+    type Target = TempServer;
+    fn deref(&self) -> &TempServer {
+        &self.0
+    }
 }
 
 impl Server {
     fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let cleanup = KillOnDrop(dir.path().to_path_buf());
-        let process = ServerProcess::start(&dir.path().join("data"), &[]);
+        let server = TempServer::start(&[]);
         let provider_dir = sibling_bin("terraform-provider-warmpool").parent().unwrap().to_path_buf();
         std::fs::write(
-            dir.path().join("terraform.rc"),
+            server.dir.path().join("terraform.rc"),
             format!(
                 "provider_installation {{\n  dev_overrides {{ \"warmpool/warmpool\" = \"{}\" }}\n  direct {{}}\n}}\n",
                 provider_dir.display()
             ),
         )
         .unwrap();
-        Server { url: process.url.clone(), client: process.client.clone(), process, dir, _cleanup: cleanup }
-    }
-
-    fn token(&self) -> String {
-        self.process.token()
+        Server(server)
     }
 
     /// A working directory holding a copy of `example` (or nothing).

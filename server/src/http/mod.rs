@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
-use warmpool_api::{ErrorBody, ErrorCode, ErrorDetail, FieldError};
+use warmpool_api::{join_path, ErrorBody, ErrorCode, ErrorDetail, FieldError};
 
 use crate::app::{App, AppError, Caller};
 
@@ -191,7 +191,7 @@ fn normalize_numbers(value: &mut serde_json::Value, path: &str) -> Result<(), Fi
         }
         Value::Object(fields) => {
             for (key, v) in fields.iter_mut() {
-                normalize_numbers(v, &if path.is_empty() { key.clone() } else { format!("{path}.{key}") })?;
+                normalize_numbers(v, &join_path(path, key))?;
             }
         }
         _ => {}
@@ -222,7 +222,6 @@ fn objects_are_objects(
     let is = |kind: &str| {
         schema["type"] == kind || schema["type"].as_array().is_some_and(|t| t.iter().any(|t| t == kind))
     };
-    let field = |key: &str| if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
     match value {
         Value::Array(_) if is("object") && !is("array") => Err(FieldError::new(
             if path.is_empty() { "body" } else { path },
@@ -232,8 +231,8 @@ fn objects_are_objects(
             objects_are_objects(item, &schema["items"], schemas, &format!("{path}[{i}]"))
         }),
         Value::Object(fields) => fields.iter().try_for_each(|(key, v)| match schema["properties"].get(key) {
-            Some(property) => objects_are_objects(v, property, schemas, &field(key)),
-            None => objects_are_objects(v, &schema["additionalProperties"], schemas, &field(key)),
+            Some(property) => objects_are_objects(v, property, schemas, &join_path(path, key)),
+            None => objects_are_objects(v, &schema["additionalProperties"], schemas, &join_path(path, key)),
         }),
         _ => Ok(()),
     }
