@@ -11,47 +11,27 @@ use warmpool_action::runner::parse_key_values;
 use warmpool_api::*;
 use warmpool_testkit::{sibling_bin, TempServer};
 
-/// A real `warmpool serve` on a temp data dir.
-struct Server(TempServer);
-
-impl std::ops::Deref for Server {
-    type Target = TempServer;
-    fn deref(&self) -> &TempServer {
-        &self.0
-    }
-}
-
-impl Server {
-    fn start() -> Server {
-        Self::start_with(&[])
-    }
-
-    fn start_with(args: &[&str]) -> Server {
-        Server(TempServer::start(args))
-    }
-
-    /// A built template and a pool of it (`min_ready` 0, so only leases raise it).
-    async fn pool(&self, name: &str, start_cmd: &str) -> WarmPool {
-        let spec: TemplateSpec = serde_json::from_value(serde_json::json!({
+/// A built template and a pool of it on `server` (`min_ready` 0, so only leases raise it).
+async fn pool(server: &TempServer, name: &str, start_cmd: &str) -> WarmPool {
+    let spec: TemplateSpec = serde_json::from_value(serde_json::json!({
             "name": name,
             "start_cmd": start_cmd,
             // The flag is named after the sandbox: the artifact keeps the build's own, which must not count.
             "readiness": {"exec": {"command": ["sh", "-c", "test -f ready.$WARMPOOL_SANDBOX_ID"]}, "timeout_ms": 20000}
         }))
         .unwrap();
-        self.client.create_template(&spec).await.unwrap();
-        let b = self.client.create_build(name, &["stable".into()]).await.unwrap();
-        let b = self.client.wait_build(&b.id, Duration::from_secs(60), |_| {}).await.unwrap();
-        assert_eq!(b.status, BuildStatus::Ready, "{:?}", b.error);
-        let spec = WarmPoolSpec {
-            name: name.into(),
-            template: format!("{name}:stable"),
-            min_ready: 0,
-            max_ready: 4,
-            ..Default::default()
-        };
-        self.client.create_pool(&spec).await.unwrap()
-    }
+    server.client.create_template(&spec).await.unwrap();
+    let b = server.client.create_build(name, &["stable".into()]).await.unwrap();
+    let b = server.client.wait_build(&b.id, Duration::from_secs(60), |_| {}).await.unwrap();
+    assert_eq!(b.status, BuildStatus::Ready, "{:?}", b.error);
+    let spec = WarmPoolSpec {
+        name: name.into(),
+        template: format!("{name}:stable"),
+        min_ready: 0,
+        max_ready: 4,
+        ..Default::default()
+    };
+    server.client.create_pool(&spec).await.unwrap()
 }
 
 const QUICK: &str = "touch ready.$WARMPOOL_SANDBOX_ID; exec sleep infinity";
@@ -71,7 +51,7 @@ struct StepResult {
 }
 
 impl Job {
-    fn new(server: &Server, run_id: &str, job: &str) -> Job {
+    fn new(server: &TempServer, run_id: &str, job: &str) -> Job {
         let dir = tempfile::tempdir().unwrap();
         let mut env = HashMap::new();
         for (k, v) in [
@@ -133,8 +113,8 @@ fn ids(step: &StepResult) -> Vec<String> {
 
 #[tokio::test]
 async fn main_raises_waits_checks_out_and_post_cleans_up() {
-    let server = Server::start();
-    let pool = server.pool("api", QUICK).await;
+    let server = TempServer::start(&[]);
+    let pool = pool(&server, "api", QUICK).await;
     let job =
         Job::new(&server, "100", "test").input("pools", "api\n").input("ready", "2").input("checkout", "2");
     let main = job.step("main", &HashMap::new());
@@ -176,8 +156,8 @@ async fn main_raises_waits_checks_out_and_post_cleans_up() {
 
 #[tokio::test]
 async fn a_second_workflow_keeps_its_capacity_when_the_first_drains() {
-    let server = Server::start();
-    let pool = server.pool("shared", QUICK).await;
+    let server = TempServer::start(&[]);
+    let pool = pool(&server, "shared", QUICK).await;
     let first = Job::new(&server, "1", "a").input("pools", "shared").input("ready", "1");
     let second = Job::new(&server, "2", "b").input("pools", "shared").input("ready", "2");
     let (m1, m2) = (first.step("main", &HashMap::new()), second.step("main", &HashMap::new()));
@@ -195,10 +175,10 @@ async fn a_second_workflow_keeps_its_capacity_when_the_first_drains() {
 
 #[tokio::test]
 async fn a_timeout_fails_with_an_annotation_and_post_still_cleans_up() {
-    let server = Server::start();
+    let server = TempServer::start(&[]);
     // Starts at once in the build (whose id is bld_…), takes 30 s in every sandbox.
     let slow = "case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) sleep 30;; esac; touch ready.$WARMPOOL_SANDBOX_ID; exec sleep infinity";
-    let pool = server.pool("slow", slow).await;
+    let pool = pool(&server, "slow", slow).await;
     let job =
         Job::new(&server, "7", "t").input("pools", "slow").input("ready", "1").input("wait-timeout", "1s");
     let main = job.step("main", &HashMap::new());
@@ -218,8 +198,8 @@ async fn a_timeout_fails_with_an_annotation_and_post_still_cleans_up() {
 #[tokio::test]
 async fn require_mode_miss_fails_the_step_with_the_reason() {
     // Room for one sandbox: once it is checked out the pool cannot refill, so the second checkout misses.
-    let server = Server::start_with(&["--max-sandboxes", "1"]);
-    server.pool("tiny", QUICK).await;
+    let server = TempServer::start(&["--max-sandboxes", "1"]);
+    pool(&server, "tiny", QUICK).await;
     let job = Job::new(&server, "8", "t").input("pools", "tiny").input("ready", "1").input("checkout", "2");
     let main = job.step("main", &HashMap::new());
     assert_eq!(main.code, 1, "{}", main.stdout);
@@ -264,8 +244,8 @@ async fn ready_auto_counts_the_runs_waiting_jobs_across_pages() {
         .expect(1)
         .mount(&github)
         .await;
-    let server = Server::start();
-    let pool = server.pool("auto", QUICK).await;
+    let server = TempServer::start(&[]);
+    let pool = pool(&server, "auto", QUICK).await;
     server
         .client
         .update_pool("auto", &WarmPoolPatch { max_ready: Some(100), ..Default::default() })
@@ -288,8 +268,8 @@ async fn ready_auto_counts_the_runs_waiting_jobs_across_pages() {
 
 #[tokio::test]
 async fn cross_job_sub_actions_share_one_lease() {
-    let server = Server::start();
-    let pool = server.pool("burst", QUICK).await;
+    let server = TempServer::start(&[]);
+    let pool = pool(&server, "burst", QUICK).await;
     let key = "octo/app/9/1";
     let setup = Job::new(&server, "9", "setup").input("pools", "burst").input("ready", "2");
     let up = setup.step("scale-up", &HashMap::new());
