@@ -258,6 +258,14 @@ impl Supervisor {
         if self.processes().iter().any(|p| p.name == req.name && p.running()) {
             return Err(SupervisorError::Exists(req.name));
         }
+        // A warm process's working directory is made here, inside the sandbox, where a symlink cannot lead
+        // outside its root (the server never creates paths in a sandbox's filesystem).
+        if let Some(dir) = req.cwd.as_ref().filter(|_| req.warm) {
+            std::fs::create_dir_all(dir).map_err(|source| SupervisorError::Spawn {
+                command: format!("mkdir -p {}", dir.display()),
+                source,
+            })?;
+        }
         let Started { pid, stdin, stdout: stdout_pipe, stderr: stderr_pipe, exited } =
             self.start(&req.argv, req.cwd.as_ref(), &req.env, req.stdin)?;
         let (exit_tx, exit_rx) = watch::channel(None);

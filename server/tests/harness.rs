@@ -22,21 +22,19 @@ pub fn procd_bin() -> PathBuf {
     warmpool_testkit::sibling_bin("procd")
 }
 
+/// `warmpool serve` arguments for a test server on `dir`: the flags' defaults (parsed by clap, so a new flag needs
+/// no change here) but an ephemeral port and fewer parallel starts.
 pub fn serve_args(dir: &Path) -> ServeArgs {
-    ServeArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_path_buf(),
-        database: None,
-        runtime: "local".into(),
-        namespace: None,
-        kubeconfig: None,
-        image: String::new(),
-        advertise_url: None,
-        reconciler: "on".into(),
-        procd: Some(procd_bin()),
-        max_sandboxes: 256,
-        max_parallel_starts: 16,
+    #[derive(clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
     }
+    let mut args = <Serve as clap::Parser>::parse_from(["serve", "--listen", "127.0.0.1:0"]).args;
+    args.data_dir = dir.to_path_buf();
+    args.procd = Some(procd_bin());
+    args.max_parallel_starts = 16;
+    args
 }
 
 impl TestControlPlane {

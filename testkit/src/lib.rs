@@ -169,27 +169,20 @@ pub fn procd_pids(dir: &Path) -> Vec<u32> {
     running_containers(dir).into_iter().filter_map(|c| c.pid).collect()
 }
 
-/// Removes the NAT rules (and their chains) the CNI bridge plugin added for these sandboxes and builds: only the
-/// plugin's DEL, which needs the namespace, removes them, and a killed server never calls it.
-fn remove_nat_rules(ids: &[String]) {
-    let iptables = |args: &[&str]| Command::new("iptables").args(["-w", "-t", "nat"]).args(args).output();
-    let Ok(listing) = iptables(&["-S", "POSTROUTING"]) else { return };
-    // `-A POSTROUTING -s 10.88.0.4/32 -m comment --comment "name: \"warmpool\" id: \"sbx_…\"" -j CNI-…`
-    for line in String::from_utf8_lossy(&listing.stdout).lines() {
-        let Some(id) = ids.iter().find(|id| line.contains(&format!("id: \\\"{id}\\\""))) else { continue };
-        let after = |flag: &str| line.split(flag).nth(1)?.split_whitespace().next().map(str::to_string);
-        let (Some(source), Some(chain)) = (after(" -s "), after(" -j ")) else { continue };
-        let comment = format!("name: \"warmpool\" id: \"{id}\"");
-        let rule = ["-s", &source, "-m", "comment", "--comment", &comment, "-j", &chain];
-        let _ = iptables(&[&["-D", "POSTROUTING"][..], &rule].concat());
-        let _ = iptables(&["-F", &chain]);
-        let _ = iptables(&["-X", &chain]);
+/// Releases the host-wide addresses (CNI `host-local` files, each holding its owner's id) of these sandboxes and
+/// builds: a killed server never releases them.
+fn release_addresses(ids: &[String]) {
+    for e in std::fs::read_dir("/run/warmpool/ipam/warmpool").into_iter().flatten().flatten() {
+        let owner = std::fs::read_to_string(e.path()).unwrap_or_default();
+        if owner.lines().next().is_some_and(|o| ids.iter().any(|id| id == o.trim())) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
-/// Removes everything the server's runtime made under `dir` that outlives a killed server: containers (runc kills
-/// what runs in them), overlay mounts, NAT rules, network namespaces and cgroups. A cgroup cannot be removed before its last
-/// member is reaped, which takes a moment after SIGKILL.
+/// Removes everything the server's runtime made for `dir` that outlives a killed server: containers (runc kills
+/// what runs in them), overlay mounts (under `dir` and at `/run/warmpool/rootfs/<id>`), addresses and cgroups. A
+/// cgroup cannot be removed before its last member is reaped, which takes a moment after SIGKILL.
 pub fn kill_all_under(dir: &Path) {
     let mut ids = Vec::new();
     for Container { root, id, .. } in containers_under(dir) {
@@ -210,20 +203,21 @@ pub fn kill_all_under(dir: &Path) {
     ids.sort();
     ids.dedup();
     let prefix = dir.display().to_string();
+    let roots: Vec<String> = ids.iter().map(|id| format!("/run/warmpool/rootfs/{id}")).collect();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut targets: Vec<&str> =
-        mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).collect();
+    let mut targets: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix) || roots.iter().any(|r| m == r))
+        .collect();
     targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
     for target in targets {
         let _ = Command::new("umount").arg("-l").arg(target).status();
     }
-    remove_nat_rules(&ids);
-    for id in &ids {
-        let netns = format!("wp-{}", id.trim_start_matches("sbx_").trim_start_matches("bld_"));
-        if Path::new("/var/run/netns").join(&netns).exists() {
-            let _ = Command::new("ip").args(["netns", "delete", &netns]).status();
-        }
+    for root in &roots {
+        let _ = std::fs::remove_dir(root);
     }
+    release_addresses(&ids);
     let mut cgroups: Vec<PathBuf> = ids
         .iter()
         .flat_map(|id| {

@@ -5,6 +5,7 @@
 
 mod action;
 mod chaos;
+mod hostile;
 mod images;
 mod isolation;
 mod kubernetes;
@@ -20,7 +21,7 @@ use warmpool_client::Client;
 
 pub use warmpool_testkit::{
     kill_all_under, pool_spec, procd_pids, running_containers, wait_no_procd, wait_status, wait_until,
-    KillOnDrop, ServerProcess,
+    KillOnDrop, ServerProcess, TempServer,
 };
 
 /// The host's address on the sandboxes' bridge network (`network.mode: isolated`).

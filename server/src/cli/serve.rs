@@ -10,7 +10,7 @@ use clap::Args;
 
 use crate::app::{App, AppConfig};
 use crate::runtime::kubernetes::{self, KubernetesRuntime};
-use crate::runtime::local::LocalRuntime;
+use crate::runtime::local::{self, oci::IdRange, LocalRuntime};
 use crate::runtime::Runtime;
 
 #[derive(Args, Clone, Debug)]
@@ -53,6 +53,14 @@ pub struct ServeArgs {
     /// Sandboxes started at once by the reconciler (most of a start is waiting for readiness).
     #[arg(long, default_value_t = 100)]
     pub max_parallel_starts: usize,
+    /// local: host uids and gids that ids 0.. inside every sandbox map to (`START:SIZE`); root inside a sandbox is
+    /// START outside, which owns nothing of the host's.
+    #[arg(long, default_value = "100000:65536", value_parser = IdRange::parse)]
+    pub userns_range: IdRange,
+    /// local: a private range (`a.b.c.d/n`) that `isolated` sandboxes may reach; repeatable. Without it they
+    /// reach the internet only: no host address, no other sandbox, no link-local or private range.
+    #[arg(long = "sandbox-allow-cidr", value_parser = local::parse_cidr)]
+    pub sandbox_allow_cidrs: Vec<String>,
 }
 
 fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -107,13 +115,16 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
             let (client, namespace) = kubernetes::connect(&options).await?;
             KubernetesRuntime::new(client, namespace, &options, exits_tx, secrets.clone()).await?
         }
-        _ => LocalRuntime::new(
-            data_dir.clone(),
-            find_procd(args.procd.clone())?,
-            args.max_sandboxes,
-            exits_tx,
-            secrets.clone(),
-        )?,
+        _ => {
+            let options = local::Options {
+                data_dir: data_dir.clone(),
+                procd_bin: find_procd(args.procd.clone())?,
+                max_sandboxes: args.max_sandboxes,
+                ids: args.userns_range,
+                allow_cidrs: args.sandbox_allow_cidrs.clone(),
+            };
+            LocalRuntime::new(options, exits_tx, secrets.clone()).await?
+        }
     };
     let config = AppConfig {
         data_dir,

@@ -1,31 +1,42 @@
 //! Root filesystems as overlays: the lower layers (the build's artifact, then the base) are shared read-only, the
 //! upper layer is the container's own, so starting a sandbox costs the same for a 1 KB and a 1 GB artifact and a
 //! sandbox's disk use is what it writes.
+//!
+//! Containers run in a user namespace, so what the container's root must write (its upper layer, the workspace
+//! and home mount points of the base, an image's files) is owned by the mapped root on the host (`give`); the
+//! host's own system directories stay owned by the host's root and read-only.
 
 use std::path::{Path, PathBuf};
 
 use super::super::RuntimeError;
-use super::oci::{CONFIG_DIR, HOST_SYSTEM_DIRS, PROCD_BIN, RUN_DIR};
+use super::oci::{IdRange, CONFIG_DIR, HOST_SYSTEM_DIRS, PROCD_BIN, RUN_DIR};
 use super::run_tool;
 
+/// Makes `path` (not what is below it) owned by the containers' root.
+pub fn give(path: &Path, ids: IdRange) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(ids.root()), Some(ids.root()))
+}
+
 /// Empty mount points for procd's files and the workspace (the layer laid over an image).
-pub fn mount_points(dir: &Path) -> Result<(), RuntimeError> {
+pub fn mount_points(dir: &Path, ids: IdRange) -> Result<(), RuntimeError> {
     let io = |what: &str| RuntimeError::io(format!("preparing the base layer ({what})"));
     let procd_dir = PROCD_BIN.rsplit_once('/').map(|(d, _)| d).unwrap_or("/procd");
     for d in ["/workspace", procd_dir, CONFIG_DIR, RUN_DIR] {
         std::fs::create_dir_all(dir.join(d.trim_start_matches('/'))).map_err(io(d))?;
     }
+    give(&dir.join("workspace"), ids).map_err(io("/workspace"))?;
     std::fs::write(dir.join(PROCD_BIN.trim_start_matches('/')), b"").map_err(io("procd mount point"))
 }
 
 /// The base layer used without an image: the mount points, empty directories for the host's system directories
 /// and the host's merged-`/usr` symlinks (`/bin -> usr/bin`). Returns the host directories to bind read-only.
-pub fn host_base(dir: &Path) -> Result<Vec<String>, RuntimeError> {
+pub fn host_base(dir: &Path, ids: IdRange) -> Result<Vec<String>, RuntimeError> {
     let io = |what: &str| RuntimeError::io(format!("preparing the base layer ({what})"));
-    mount_points(dir)?;
+    mount_points(dir, ids)?;
     for d in ["proc", "dev", "sys", "tmp", "root"] {
         std::fs::create_dir_all(dir.join(d)).map_err(io(d))?;
     }
+    give(&dir.join("root"), ids).map_err(io("/root"))?;
     let mut binds = Vec::new();
     for host in HOST_SYSTEM_DIRS {
         let inside = dir.join(host.trim_start_matches('/'));
@@ -55,10 +66,12 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    pub fn mount(&self) -> Result<(), RuntimeError> {
+    /// Mounts it; the upper layer's top directory (the container's `/`) belongs to the containers' root.
+    pub fn mount(&self, ids: IdRange) -> Result<(), RuntimeError> {
         for d in [&self.upper, &self.work, &self.target] {
             std::fs::create_dir_all(d).map_err(RuntimeError::io(format!("creating {}", d.display())))?;
         }
+        give(&self.upper, ids).map_err(RuntimeError::io("handing over the upper layer"))?;
         let lower = self.lower.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");
         let options =
             format!("lowerdir={lower},upperdir={},workdir={}", self.upper.display(), self.work.display());
@@ -97,11 +110,13 @@ pub fn unmount(target: &Path) {
 
 /// Where an image is unpacked: a local OCI image layout (`/path/to/layout` or `/path/to/layout:tag`, default tag
 /// `latest`), or a registry reference (`python:3.12-slim`, `ghcr.io/org/img:tag`) copied once with `skopeo`. Both
-/// are unpacked with `umoci` into `<cache>/<sha256 of the reference>/rootfs` and reused by every later build and
-/// sandbox. Returns the unpacked root filesystem.
-pub async fn image_rootfs(cache: &Path, image: &str) -> Result<PathBuf, RuntimeError> {
+/// are unpacked with `umoci`, its files owned by the mapped ids (uid 0 in the image is `ids.start` here), into
+/// `<cache>/<sha256 of the reference and the mapping>/rootfs` and reused by every later build and sandbox.
+/// Returns the unpacked root filesystem.
+pub async fn image_rootfs(cache: &Path, image: &str, ids: IdRange) -> Result<PathBuf, RuntimeError> {
     use sha2::Digest;
-    let key = hex::encode(sha2::Sha256::digest(image.as_bytes()));
+    let map = format!("0:{}:{}", ids.start, ids.size);
+    let key = hex::encode(sha2::Sha256::digest(format!("{image}\n{map}").as_bytes()));
     let dir = cache.join(&key);
     let rootfs = dir.join("rootfs");
     if rootfs.is_dir() {
@@ -126,7 +141,11 @@ pub async fn image_rootfs(cache: &Path, image: &str) -> Result<PathBuf, RuntimeE
         format!("{}:image", copied.display())
     };
     let bundle = staging.join("bundle");
-    run_tool("umoci", &["unpack", "--image", &layout, &bundle.display().to_string()]).await?;
+    run_tool(
+        "umoci",
+        &["unpack", "--uid-map", &map, "--gid-map", &map, "--image", &layout, &bundle.display().to_string()],
+    )
+    .await?;
     std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the image cache"))?;
     std::fs::rename(bundle.join("rootfs"), &rootfs).map_err(RuntimeError::io("caching the image"))?;
     let _ = std::fs::remove_dir_all(&staging);

@@ -3,13 +3,19 @@
 //! A container's root filesystem is an overlay: the build's artifact layer and the base as lower layers, its own
 //! upper layer on top (see `layers`). Without a template `image` the base is the host's `/usr /bin /sbin /lib* /etc`,
 //! bound read-only. Inside, the workspace is `/workspace`, absolute paths mean what they say, procd is at
-//! `/procd/bin/procd` and its config under `/config`. A container has its own pid, mount, uts, ipc and network
-//! namespaces, runc's default capability set, a seccomp denylist, a `pids` limit and the template's resources as
-//! cgroup limits (see `oci`); `network.mode` is `isolated` (CNI bridge, see `net`), `none` or `host`.
+//! `/procd/bin/procd` and its config under `/config`. A container has its own user namespace (root inside is the
+//! unprivileged `--userns-range` start outside), pid, mount, uts, ipc and network namespaces, runc's default
+//! capability set, a seccomp allowlist, a `pids` limit and the template's resources as cgroup limits (see `oci`);
+//! `network.mode` is `isolated` (CNI bridge behind the runtime's firewall, see `net`), `none` or `host`.
 //!
-//! On the host, `<data-dir>/sandboxes/<id>/` is the container's bundle: `config.json`, `rootfs/` (the overlay
-//! mount point), `upper/` and `work/`, `config/` (procd's config and token), `run/` (procd's socket) and `procd.log`
-//! (procd's stdout and stderr). runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live
+//! Nothing here opens a path inside a container's root filesystem on its behalf: the working directories are
+//! made by runc and procd inside the container, after its root is pivoted, so a symlink in an artifact or one the
+//! sandbox wrote can never lead the server outside it.
+//!
+//! On the host, `<data-dir>/sandboxes/<id>/` is the container's bundle: `config.json`, `upper/` and `work/`, `config/` (procd's config and token), `run/` (procd's socket) and `procd.log`
+//! (procd's stdout and stderr). The overlay is mounted at `/run/warmpool/rootfs/<id>`: runc mounts a root onto
+//! itself from inside the container's user namespace, whose root must be able to walk the path to it (the data
+//! dir is the host root's alone), and sandbox ids are unique on a host. runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live
 //! containers again and the directory listing names the ones to remove.
 
 mod layers;
@@ -33,15 +39,32 @@ use super::procd::Procd;
 use super::{warm_processes, working_dir, Runtime, RuntimeError, RuntimeHandle, StartSpec};
 use crate::secrets::Secrets;
 use layers::Overlay;
-use net::Cni;
-use oci::{ContainerSpec, Network};
+use net::{Cni, Wiring};
+use oci::{ContainerSpec, IdRange, Network};
 use runc::Runc;
+
+/// Parses a `--sandbox-allow-cidr` value.
+pub fn parse_cidr(s: &str) -> Result<String, String> {
+    Cni::parse_cidr(s)
+}
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const CGROUP_CONTROLLERS: [&str; 5] = ["memory", "cpu", "freezer", "pids", "cpuacct"];
 
+/// What `warmpool serve` tells the local runtime.
+pub struct Options {
+    pub data_dir: PathBuf,
+    pub procd_bin: PathBuf,
+    pub max_sandboxes: usize,
+    /// Host ids every container's ids map to.
+    pub ids: IdRange,
+    /// Ranges isolated sandboxes may reach besides the internet (`--sandbox-allow-cidr`).
+    pub allow_cidrs: Vec<String>,
+}
+
 pub struct LocalRuntime {
     data_dir: PathBuf,
+    ids: IdRange,
     procd_bin: PathBuf,
     max_sandboxes: usize,
     exits: mpsc::UnboundedSender<String>,
@@ -55,18 +78,20 @@ pub struct LocalRuntime {
     base_mounts: PathBuf,
     /// Serializes image unpacking (each image is unpacked once).
     images: tokio::sync::Mutex<()>,
+    /// One lock per container being launched or torn down, so a stop that arrives mid-start waits for the start
+    /// to finish wiring and then undoes all of it (nothing half-made is left behind).
+    busy: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl LocalRuntime {
     /// Checks that this host runs OCI containers (root, runc) and prepares the base layer. `exits` hears the id of
     /// every sandbox whose procd exits.
-    pub fn new(
-        data_dir: PathBuf,
-        procd_bin: PathBuf,
-        max_sandboxes: usize,
+    pub async fn new(
+        options: Options,
         exits: mpsc::UnboundedSender<String>,
         secrets: Arc<Secrets>,
     ) -> Result<Arc<LocalRuntime>, RuntimeError> {
+        let Options { data_dir, procd_bin, max_sandboxes, ids, allow_cidrs } = options;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(RuntimeError::Failed(
@@ -80,14 +105,20 @@ impl LocalRuntime {
             ));
         }
         let base = data_dir.join("base").join("host");
-        let host_dirs = layers::host_base(&base)?;
+        let host_dirs = layers::host_base(&base, ids)?;
         let base_mounts = data_dir.join("base").join("mounts");
-        layers::mount_points(&base_mounts)?;
+        layers::mount_points(&base_mounts, ids)?;
         sweep_stale_cgroups();
+        let cni = Cni { allow: allow_cidrs };
+        if Cni::available() {
+            cni.apply_firewall().await?;
+            cni.release_orphans(|id| !cgroup_dirs(id).is_empty()).await;
+        }
         Ok(Arc::new(LocalRuntime {
             runc: Runc { root: data_dir.join("runc") },
-            cni: Cni { state_dir: data_dir.join("cni") },
+            cni,
             data_dir,
+            ids,
             procd_bin,
             max_sandboxes,
             exits,
@@ -96,7 +127,23 @@ impl LocalRuntime {
             host_dirs,
             base_mounts,
             images: tokio::sync::Mutex::new(()),
+            busy: Default::default(),
         }))
+    }
+
+    /// The launch/teardown lock of container `id`.
+    async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.busy.lock().expect("busy").entry(id.to_string()).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    /// Forgets the lock of a container that is gone (unless someone waits on it).
+    fn unlock(&self, id: &str, guard: tokio::sync::OwnedMutexGuard<()>) {
+        drop(guard);
+        let mut busy = self.busy.lock().expect("busy");
+        if busy.get(id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            busy.remove(id);
+        }
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {
@@ -124,7 +171,7 @@ impl LocalRuntime {
         Ok(match &spec.spec.image {
             Some(image) => {
                 let _unpacking = self.images.lock().await;
-                let rootfs = layers::image_rootfs(&self.data_dir.join("images"), image).await?;
+                let rootfs = layers::image_rootfs(&self.data_dir.join("images"), image, self.ids).await?;
                 (artifact.chain([self.base_mounts.clone(), rootfs]).collect(), Vec::new())
             }
             None => (artifact.chain([self.base.clone()]).collect(), self.host_dirs.clone()),
@@ -132,9 +179,22 @@ impl LocalRuntime {
     }
 
     /// Mounts the container's root filesystem (its layers under `bundle/upper`), writes procd's config and the OCI
-    /// spec, wires the network, and starts the container. `processes` false starts procd with no warm process (a
-    /// build's steps run through exec).
+    /// spec, creates the container, wires its network, and starts it. `processes` false starts procd with no warm
+    /// process (a build's steps run through exec).
     async fn launch(
+        &self,
+        id: &str,
+        bundle: &Path,
+        spec: &StartSpec,
+        processes: bool,
+    ) -> Result<RuntimeHandle, RuntimeError> {
+        let guard = self.lock(id).await;
+        let launched = self.launch_locked(id, bundle, spec, processes).await;
+        self.unlock(id, guard);
+        launched
+    }
+
+    async fn launch_locked(
         &self,
         id: &str,
         bundle: &Path,
@@ -143,20 +203,18 @@ impl LocalRuntime {
     ) -> Result<RuntimeHandle, RuntimeError> {
         let io = |what: &str| RuntimeError::io(format!("{what} for {id}"));
         let (lower, host_dirs) = self.layers(spec).await?;
-        let rootfs = bundle.join("rootfs");
+        let rootfs = rootfs_dir(id)?;
         Overlay { lower, upper: bundle.join("upper"), work: bundle.join("work"), target: rootfs.clone() }
-            .mount()?;
+            .mount(self.ids)?;
         let t = &spec.spec;
+        // runc makes the working directory inside the container (and procd those of warm processes).
         let cwd = working_dir(spec);
         let warm = if processes { warm_processes(spec) } else { Vec::new() };
-        for dir in std::iter::once(&cwd).chain(warm.iter().filter_map(|p| p.cwd.as_ref())) {
-            std::fs::create_dir_all(rootfs.join(dir.trim_start_matches('/')))
-                .map_err(io("creating the working directory"))?;
-        }
         let config_dir = bundle.join("config");
         std::fs::create_dir_all(&config_dir).map_err(io("creating the config directory"))?;
         let run_dir = run_dir(bundle, id);
         std::fs::create_dir_all(&run_dir).map_err(io("creating the run directory"))?;
+        layers::give(&run_dir, self.ids).map_err(io("handing over the run directory"))?;
         write_private(&config_dir.join("token"), &self.procd.token(id))?;
         let procd_config = serde_json::json!({
             "listen": format!("unix://{}/procd.sock", oci::RUN_DIR),
@@ -164,6 +222,9 @@ impl LocalRuntime {
             "warm_processes": warm,
         });
         write_private(&config_dir.join("procd.json"), &procd_config.to_string())?;
+        for f in ["", "token", "procd.json"] {
+            layers::give(&config_dir.join(f), self.ids).map_err(io("handing over procd's config"))?;
+        }
         let volumes: Vec<(PathBuf, String)> = spec
             .volumes
             .iter()
@@ -171,18 +232,17 @@ impl LocalRuntime {
             .collect();
         for (host, _) in &volumes {
             std::fs::create_dir_all(host).map_err(io("creating a volume"))?;
+            layers::give(host, self.ids).map_err(io("handing over a volume"))?;
         }
-        let network = match spec.network {
-            NetworkMode::Host => Network::Host,
-            NetworkMode::None => Network::Loopback,
-            NetworkMode::Isolated if Cni::available() => Network::Namespace(self.cni.add(id).await?),
-            NetworkMode::Isolated => {
-                return Err(RuntimeError::Failed(
-                    "network mode isolated needs the CNI plugins (Debian: apt-get install \
-                     containernetworking-plugins)"
-                        .into(),
-                ))
-            }
+        if !Cni::available() {
+            return Err(RuntimeError::Failed(
+                "sandboxes need the CNI plugins (Debian: apt-get install containernetworking-plugins)".into(),
+            ));
+        }
+        let (network, wiring) = match spec.network {
+            NetworkMode::Host => (Network::Host, None),
+            NetworkMode::None => (Network::Own, Some(Wiring::Loopback)),
+            NetworkMode::Isolated => (Network::Own, Some(Wiring::Bridge)),
         };
         let config = oci::config(&ContainerSpec {
             id,
@@ -193,11 +253,16 @@ impl LocalRuntime {
             host_dirs,
             volumes: &volumes,
             network,
+            ids: self.ids,
             resources: &t.resources,
             cwd: &cwd,
         });
         std::fs::write(bundle.join("config.json"), config.to_string()).map_err(io("writing config.json"))?;
-        let pid = self.runc.run(id, bundle, &bundle.join("procd.log")).await?;
+        let pid = self.runc.create(id, bundle, &bundle.join("procd.log")).await?;
+        if let Some(wiring) = wiring {
+            self.cni.add(id, pid, wiring).await?;
+        }
+        self.runc.start(id).await?;
         let handle = RuntimeHandle {
             id: id.to_string(),
             procd_pid: Some(pid),
@@ -224,6 +289,12 @@ impl LocalRuntime {
     /// Stops a container for good: SIGTERM to procd (its warm processes get its grace period), SIGKILL to all of
     /// it after 6 s, then its cgroups, root filesystem mount and network. Idempotent; needs no handle.
     async fn teardown(&self, id: &str, bundle: &Path, handle: Option<&RuntimeHandle>) {
+        let guard = self.lock(id).await;
+        self.teardown_locked(id, bundle, handle).await;
+        self.unlock(id, guard);
+    }
+
+    async fn teardown_locked(&self, id: &str, bundle: &Path, handle: Option<&RuntimeHandle>) {
         if let Some(h) = handle {
             self.procd.forget(&Self::at(h));
         }
@@ -240,7 +311,9 @@ impl LocalRuntime {
         let cgroups = cgroup_dirs(id);
         kill_cgroup(&cgroups);
         remove_cgroups(&cgroups).await;
-        layers::unmount(&bundle.join("rootfs"));
+        let rootfs = Path::new(ROOTFS_DIR).join(id);
+        layers::unmount(&rootfs);
+        let _ = std::fs::remove_dir(rootfs);
         self.cni.remove(id).await;
         let _ = std::fs::remove_dir_all(run_dir(bundle, id));
     }
@@ -262,6 +335,27 @@ async fn run_tool(program: &str, args: &[&str]) -> Result<(), RuntimeError> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         Err(RuntimeError::Failed(format!("{program} {} failed: {}", args.join(" "), stderr.trim())))
     }
+}
+
+/// Where container root filesystems are mounted (see the module doc).
+const ROOTFS_DIR: &str = "/run/warmpool/rootfs";
+
+/// The root filesystem mount point of container `id`, with a path every container's root can walk (0711).
+fn rootfs_dir(id: &str) -> Result<PathBuf, RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = || RuntimeError::io("creating the root filesystem mount point");
+    let mut path = PathBuf::from("/");
+    for part in ["run", "warmpool", "rootfs"] {
+        path.push(part);
+        match std::fs::create_dir(&path) {
+            Ok(()) => std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o711)).map_err(io())?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io()(e)),
+        }
+    }
+    path.push(id);
+    std::fs::create_dir_all(&path).map_err(io())?;
+    Ok(path)
 }
 
 /// procd's socket directory: `<bundle>/run`, or a short path under the temp dir where the bundle's path is too

@@ -1,31 +1,68 @@
-//! `network.mode: isolated`: a network namespace per sandbox wired to a host bridge by the standard CNI plugins
-//! (Debian's `containernetworking-plugins`: `bridge` with `host-local` addresses, plus `loopback`). The sandbox can
-//! reach out through the bridge (NAT), and nothing bound to the host's loopback is reachable from it.
+//! Sandbox networking on the local runtime, and the one place that decides what a sandbox may reach.
+//!
+//! Every container but a `host`-mode one gets a network namespace of its own, created by runc inside the
+//! container's user namespace (so the container's root can bind low ports and mount its own sysfs, and nothing
+//! named is left behind when it dies). Between `runc create` and `runc start` the runtime wires it with the
+//! standard CNI plugins (Debian's `containernetworking-plugins`): `loopback` always, and for `isolated` the
+//! `bridge` plugin with `host-local` addresses on the host bridge `warmpool0`. Addresses are allocated in one
+//! host-wide directory (`/run/warmpool/ipam`), so two servers on one host never hand out the same one.
+//!
+//! No sandbox reaches another, of any account: every sandbox's port on the bridge is an *isolated* bridge port
+//! (the kernel forwards nothing between two isolated ports), set when it is wired. The rest is one nftables
+//! ruleset the runtime owns (table `inet warmpool`, replaced whole and atomically at every start, so applying it
+//! is idempotent and never adds a rule per sandbox):
+//! - nothing from the bridge reaches the host itself (its gateway address, its other addresses, its loopback),
+//!   but DNS (port 53) to the resolvers in the host's `/etc/resolv.conf`;
+//! - forwarded traffic from the bridge to link-local (the cloud metadata address), private, shared, loopback,
+//!   multicast and reserved ranges is dropped unless `--sandbox-allow-cidr` lists the range; the rest of the
+//!   internet is reached through one masquerade rule for the whole subnet;
+//! - nothing from outside starts a connection into a sandbox (nor from another sandbox, where `br_netfilter`
+//!   passes bridged traffic through these chains too).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
 use super::super::RuntimeError;
-use super::run_tool;
 
 const CNI_BIN: &str = "/usr/lib/cni";
 const BRIDGE: &str = "warmpool0";
-const SUBNET: &str = "10.88.0.0/16";
+pub const SUBNET: &str = "10.88.0.0/16";
+/// The host-wide address allocations (`host-local` keeps one file per address, named by it, holding the owner).
+const IPAM_DIR: &str = "/run/warmpool/ipam";
+const NETWORK_NAME: &str = "warmpool";
+
+/// Ranges a sandbox never reaches unless the operator allows them: RFC 1918, shared address space, link-local
+/// (169.254.169.254 is every cloud's metadata service), loopback, "this network", multicast and reserved.
+const BLOCKED: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
 
 pub struct Cni {
-    /// `host-local` address allocations.
-    pub state_dir: PathBuf,
+    /// Ranges listed with `--sandbox-allow-cidr`.
+    pub allow: Vec<String>,
 }
 
-/// The named network namespace of a sandbox (`/var/run/netns/<name>`).
-pub fn netns_name(id: &str) -> String {
-    format!("wp-{}", id.trim_start_matches("sbx_").trim_start_matches("bld_"))
-}
-
-pub fn netns_path(id: &str) -> String {
-    format!("/var/run/netns/{}", netns_name(id))
+/// How a sandbox's own namespace is wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wiring {
+    /// `lo` only (`network.mode: none`).
+    Loopback,
+    /// `lo`, and `eth0` on the bridge (`isolated`).
+    Bridge,
 }
 
 impl Cni {
@@ -33,23 +70,41 @@ impl Cni {
         Path::new(CNI_BIN).join("bridge").exists()
     }
 
-    fn config(&self, plugin: &str) -> serde_json::Value {
+    /// Checks and normalizes `--sandbox-allow-cidr` values (`a.b.c.d/n`).
+    pub fn parse_cidr(s: &str) -> Result<String, String> {
+        let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+        let len: u8 =
+            len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| format!("bad prefix length in {s:?}"))?;
+        Ok(format!("{addr}/{len}"))
+    }
+
+    fn config(plugin: &str) -> serde_json::Value {
         match plugin {
+            // ipMasq is off: the ruleset's one masquerade rule serves every sandbox, so starting or stopping a
+            // sandbox never adds or removes a rule.
             "bridge" => serde_json::json!({
-                "cniVersion": "1.0.0", "name": "warmpool", "type": "bridge", "bridge": BRIDGE,
-                "isGateway": true, "ipMasq": true, "hairpinMode": false,
-                "ipam": {"type": "host-local", "dataDir": self.state_dir, "ranges": [[{"subnet": SUBNET}]],
+                "cniVersion": "1.0.0", "name": NETWORK_NAME, "type": "bridge", "bridge": BRIDGE,
+                "isGateway": true, "ipMasq": false, "hairpinMode": false,
+                "ipam": {"type": "host-local", "dataDir": IPAM_DIR, "ranges": [[{"subnet": SUBNET}]],
                     "routes": [{"dst": "0.0.0.0/0"}]}
             }),
             _ => serde_json::json!({"cniVersion": "1.0.0", "name": "warmpool-lo", "type": "loopback"}),
         }
     }
 
-    async fn plugin(&self, plugin: &str, command: &str, id: &str, ifname: &str) -> Result<(), RuntimeError> {
+    /// Runs a plugin; returns what it printed (its result, for ADD).
+    async fn plugin(
+        plugin: &str,
+        command: &str,
+        id: &str,
+        netns: &str,
+        ifname: &str,
+    ) -> Result<Vec<u8>, RuntimeError> {
         let mut child = tokio::process::Command::new(Path::new(CNI_BIN).join(plugin))
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", id)
-            .env("CNI_NETNS", netns_path(id))
+            .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", ifname)
             .env("CNI_PATH", CNI_BIN)
             .stdin(Stdio::piped())
@@ -57,13 +112,13 @@ impl Cni {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(RuntimeError::io(format!("running the CNI {plugin} plugin")))?;
-        let config = self.config(plugin).to_string();
+        let config = Self::config(plugin).to_string();
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(config.as_bytes()).await;
         }
         let out = child.wait_with_output().await.map_err(RuntimeError::io("CNI plugin"))?;
         if out.status.success() {
-            Ok(())
+            Ok(out.stdout)
         } else {
             Err(RuntimeError::Failed(format!(
                 "CNI {plugin} {command} failed: {}{}",
@@ -73,20 +128,182 @@ impl Cni {
         }
     }
 
-    /// Creates the sandbox's namespace and wires it (loopback up, `eth0` on the bridge).
-    pub async fn add(&self, id: &str) -> Result<String, RuntimeError> {
-        let _ = std::fs::create_dir_all(&self.state_dir);
-        run_tool("ip", &["netns", "add", &netns_name(id)]).await?;
-        self.plugin("loopback", "ADD", id, "lo").await?;
-        self.plugin("bridge", "ADD", id, "eth0").await?;
-        Ok(netns_path(id))
+    /// Wires the namespace of the created container whose init process is `pid`.
+    pub async fn add(&self, id: &str, pid: u32, wiring: Wiring) -> Result<(), RuntimeError> {
+        let netns = format!("/proc/{pid}/ns/net");
+        Self::plugin("loopback", "ADD", id, &netns, "lo").await?;
+        if wiring == Wiring::Bridge {
+            std::fs::create_dir_all(IPAM_DIR).map_err(RuntimeError::io("creating the address directory"))?;
+            let result = Self::plugin("bridge", "ADD", id, &netns, "eth0").await?;
+            let port = host_port(&result).ok_or_else(|| {
+                RuntimeError::Failed(format!("the CNI bridge plugin named no host interface for {id}"))
+            })?;
+            super::run_tool("ip", &["link", "set", "dev", &port, "type", "bridge_slave", "isolated", "on"])
+                .await?;
+        }
+        Ok(())
     }
 
-    /// Releases the address and removes the namespace (idempotent).
+    /// Releases the sandbox's address (idempotent). The namespace, and with it the veth pair, died with the
+    /// container; nothing else was created for it.
     pub async fn remove(&self, id: &str) {
-        if Path::new(&netns_path(id)).exists() {
-            let _ = self.plugin("bridge", "DEL", id, "eth0").await;
-            let _ = run_tool("ip", &["netns", "delete", &netns_name(id)]).await;
+        if self.owns_address(id) {
+            let _ = Self::plugin("bridge", "DEL", id, "", "eth0").await;
+        }
+    }
+
+    fn allocations() -> Vec<(PathBuf, String)> {
+        std::fs::read_dir(Path::new(IPAM_DIR).join(NETWORK_NAME))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
+            .filter_map(|e| {
+                let owner = std::fs::read_to_string(e.path()).ok()?;
+                Some((e.path(), owner.lines().next()?.trim().to_string()))
+            })
+            .collect()
+    }
+
+    fn owns_address(&self, id: &str) -> bool {
+        Self::allocations().iter().any(|(_, owner)| owner == id)
+    }
+
+    /// Releases addresses whose sandbox no longer runs on this host (a server killed before it could release
+    /// them). `running` says whether a container id still has processes; allocations younger than a minute are
+    /// spared (a start on another server of this host may be between allocation and its first process).
+    pub async fn release_orphans(&self, running: impl Fn(&str) -> bool) {
+        for (path, owner) in Self::allocations() {
+            let young = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < Duration::from_secs(60)));
+            if !young && !running(&owner) {
+                tracing::info!(sandbox = %owner, "Releasing the address of a sandbox that no longer runs");
+                let _ = Self::plugin("bridge", "DEL", &owner, "", "eth0").await;
+            }
+        }
+    }
+
+    /// Applies the ruleset (see the module doc) in one atomic `nft` transaction.
+    pub async fn apply_firewall(&self) -> Result<(), RuntimeError> {
+        let script = ruleset(&self.allow, &host_resolvers());
+        let mut child = tokio::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(RuntimeError::io("running nft (Debian: apt-get install nftables)"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(script.as_bytes()).await;
+        }
+        let out = child.wait_with_output().await.map_err(RuntimeError::io("nft"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(RuntimeError::Failed(format!(
+                "applying the sandbox network rules failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+}
+
+/// The host end of the sandbox's veth pair in a CNI ADD result: the interface that is neither in the sandbox nor
+/// the bridge.
+fn host_port(result: &[u8]) -> Option<String> {
+    let result: serde_json::Value = serde_json::from_slice(result).ok()?;
+    result["interfaces"]
+        .as_array()?
+        .iter()
+        .filter(|i| i.get("sandbox").is_none())
+        .filter_map(|i| i["name"].as_str())
+        .find(|name| *name != BRIDGE)
+        .map(str::to_string)
+}
+
+/// The IPv4 resolvers of the host's `/etc/resolv.conf` (sandboxes without an image read the same file).
+fn host_resolvers() -> Vec<Ipv4Addr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .filter(|a| !a.is_loopback())
+        .collect()
+}
+
+/// The nftables script: the table is declared, deleted and declared again in one transaction, so the result is
+/// the same whatever was there before.
+fn ruleset(allow: &[String], resolvers: &[Ipv4Addr]) -> String {
+    let set = |items: Vec<String>| items.join(", ");
+    let dns = if resolvers.is_empty() {
+        String::new()
+    } else {
+        let ips = set(resolvers.iter().map(|r| r.to_string()).collect());
+        format!(
+            "        iifname \"{BRIDGE}\" ip daddr {{ {ips} }} udp dport 53 accept\n        iifname \"{BRIDGE}\" ip \
+             daddr {{ {ips} }} tcp dport 53 accept\n"
+        )
+    };
+    let allowed = if allow.is_empty() {
+        String::new()
+    } else {
+        format!("        iifname \"{BRIDGE}\" ip daddr {{ {} }} accept\n", set(allow.to_vec()))
+    };
+    let blocked = set(BLOCKED.iter().map(|s| s.to_string()).collect());
+    format!(
+        "table inet warmpool {{}}
+delete table inet warmpool
+table inet warmpool {{
+    chain input {{
+        type filter hook input priority -10; policy accept;
+        iifname \"{BRIDGE}\" ct state established,related accept
+        iifname \"{BRIDGE}\" drop
+    }}
+    chain forward {{
+        type filter hook forward priority -10; policy accept;
+        oifname \"{BRIDGE}\" ct state established,related accept
+        oifname \"{BRIDGE}\" drop
+{dns}{allowed}        iifname \"{BRIDGE}\" ip daddr {{ {blocked} }} drop
+        iifname \"{BRIDGE}\" meta nfproto ipv6 drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority 100; policy accept;
+        ip saddr {SUBNET} oifname != \"{BRIDGE}\" masquerade
+    }}
+}}
+"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_ranges_come_before_the_blocked_ones() {
+        let script = ruleset(&["10.1.0.0/16".into()], &["10.255.255.53".parse().unwrap()]);
+        let allow = script.find("ip daddr { 10.1.0.0/16 } accept").unwrap();
+        let dns = script.find("udp dport 53 accept").unwrap();
+        let block = script.find("169.254.0.0/16").unwrap();
+        assert!(dns < block && allow < block, "{script}");
+        assert!(script.starts_with("table inet warmpool {}\ndelete table inet warmpool"));
+    }
+
+    #[test]
+    fn the_host_port_is_found_in_a_cni_result() {
+        let result = br#"{"interfaces": [{"name": "warmpool0"}, {"name": "veth1a2b"},
+            {"name": "eth0", "sandbox": "/proc/1/ns/net"}]}"#;
+        assert_eq!(host_port(result).as_deref(), Some("veth1a2b"));
+        assert_eq!(host_port(b"{}"), None);
+    }
+
+    #[test]
+    fn cidrs_are_checked() {
+        assert_eq!(Cni::parse_cidr("10.1.2.3/8").unwrap(), "10.1.2.3/8");
+        for bad in ["10.1.2.3", "10.1.2/8", "10.1.2.3/33", "fe80::/10"] {
+            assert!(Cni::parse_cidr(bad).is_err(), "{bad}");
         }
     }
 }

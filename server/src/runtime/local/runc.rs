@@ -31,9 +31,9 @@ impl Runc {
         std::process::Command::new("runc").arg("--version").output().is_ok_and(|o| o.status.success())
     }
 
-    /// Creates and starts the container of `bundle` (its `config.json`); the container's stdout and stderr go to
-    /// `log`. Returns procd's pid as the host sees it.
-    pub async fn run(&self, id: &str, bundle: &Path, log: &Path) -> Result<u32, RuntimeError> {
+    /// Creates the container of `bundle` (its `config.json`) without starting procd, so its namespaces can be
+    /// wired first; the container's stdout and stderr go to `log`. Returns procd's pid as the host sees it.
+    pub async fn create(&self, id: &str, bundle: &Path, log: &Path) -> Result<u32, RuntimeError> {
         let open = || {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -67,8 +67,12 @@ impl Runc {
             .ok()
             .and_then(|p| p.trim().parse().ok())
             .ok_or_else(|| RuntimeError::Exited(format!("runc wrote no pid for container {id}")))?;
-        self.simple(&["start", id]).await?;
         Ok(pid)
+    }
+
+    /// Starts procd in a created container.
+    pub async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.simple(&["start", id]).await
     }
 
     async fn simple(&self, args: &[&str]) -> Result<(), RuntimeError> {

@@ -1,0 +1,48 @@
+//! Hostile-tenant suite: every attack a tenant could try, asserted refused. Each test runs the attack from inside
+//! a sandbox (or through the API with an ordinary account's token) against a real server and real containers, and
+//! checks both that the attack fails and, where a refusal could be a false positive, that the same thing done
+//! legitimately works.
+
+mod kernel;
+mod network;
+
+use warmpool_api::*;
+use warmpool_client::Client;
+
+use crate::*;
+
+/// An ordinary account (not the admin's) with a built template `box`.
+pub async fn tenant(server: &ServerProcess, name: &str) -> Client {
+    let acc = server
+        .client
+        .create_account(&AccountCreate { name: name.into(), quotas: Default::default() })
+        .await
+        .unwrap();
+    let tok = server.client.create_token(&TokenCreate { account_id: acc.id, name: None }).await.unwrap();
+    let c = Client::new(&server.url, Some(tok.token)).unwrap();
+    build(&c, &template("box", 0.0)).await;
+    c
+}
+
+/// A cold create of the tenant's `box` with a network mode.
+pub fn boxed(network: NetworkMode) -> SandboxCreate {
+    SandboxCreate {
+        template: Some("box:stable".into()),
+        network: Some(NetworkPolicy { mode: network }),
+        ..Default::default()
+    }
+}
+
+/// Host addresses held by the sandboxes (and builds) `ids` in the host-wide address directory.
+pub fn addresses_of(ids: &[String]) -> Vec<String> {
+    std::fs::read_dir("/run/warmpool/ipam/warmpool")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let owner = std::fs::read_to_string(e.path()).unwrap_or_default();
+            owner.lines().next().is_some_and(|o| ids.iter().any(|id| id == o.trim()))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
