@@ -132,7 +132,8 @@ impl SandboxCreate {
         if self.desktop == Some(true) {
             return Some("desktop");
         }
-        if self.network.is_some() {
+        // Spelling out the default network is poolable: pool inventory runs in it.
+        if self.network.as_ref().is_some_and(|n| n.mode != NetworkMode::Isolated) {
             return Some("network");
         }
         if self.timeout_policy.as_ref().is_some_and(|t| t.action != TimeoutAction::Destroy) {

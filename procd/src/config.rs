@@ -17,7 +17,19 @@ pub struct ConfigFile {
     pub token_file: Option<PathBuf>,
     #[serde(default)]
     pub warm_processes: Vec<WarmProcessSpec>,
+    /// The template's settings for procd itself (the log-mirror variables, [`LOG_VARIABLES`]): the template is where
+    /// users set them, and they win over procd's own environment.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
+
+/// The variables that shape the log mirror, in both spellings.
+pub const LOG_VARIABLES: [&str; 4] = [
+    "WARMPOOL_PROCESS_LOGS",
+    "WARMPOOL_PROCESS_LOG_MAX_BYTES",
+    "SANDBOX0_PROCESS_LOGS",
+    "SANDBOX0_PROCESS_LOG_MAX_BYTES",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -134,7 +146,9 @@ pub struct Inputs {
     pub token_env: Option<String>,
 }
 
-pub fn load(inputs: Inputs, logs: LogSettings) -> Result<Settings, ConfigError> {
+/// Reads the configuration; `env` is procd's environment (the log-mirror settings are read from it and from the
+/// config file's `env`).
+pub fn load(inputs: Inputs, env: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
     let mut file = match &inputs.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -164,6 +178,18 @@ pub fn load(inputs: Inputs, logs: LogSettings) -> Result<Settings, ConfigError> 
         .into());
     }
     validate_warm_processes("warm_processes", &file.warm_processes)?;
+    // A setting the template gives (in either spelling) wins over procd's environment.
+    let in_file = |suffix: &str| {
+        ["WARMPOOL_", "SANDBOX0_"].iter().any(|p| file.env.contains_key(&format!("{p}{suffix}")))
+    };
+    let logs = LogSettings::from_env(|k| {
+        let suffix = k.split_once('_').map_or(k, |(_, s)| s);
+        if in_file(suffix) {
+            file.env.get(k).cloned()
+        } else {
+            env(k)
+        }
+    });
     Ok(Settings { listen, token, warm_processes: file.warm_processes, logs })
 }
 
@@ -194,6 +220,19 @@ mod tests {
     }
 
     #[test]
+    fn the_config_files_env_sets_the_log_mirror_over_procds_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("procd.json");
+        let config = r#"{"listen": "unix:///tmp/p.sock", "env": {"SANDBOX0_PROCESS_LOGS": "false",
+            "SANDBOX0_PROCESS_LOG_MAX_BYTES": "10"}}"#;
+        std::fs::write(&path, config).unwrap();
+        let inputs = Inputs { config: Some(path), ..Default::default() };
+        let settings = load(inputs, env(&[("WARMPOOL_PROCESS_LOG_MAX_BYTES", "99")])).unwrap();
+        assert!(!settings.logs.enabled);
+        assert_eq!(settings.logs.max_bytes, 10);
+    }
+
+    #[test]
     fn log_settings() {
         assert_eq!(LogSettings::from_env(env(&[])).max_bytes, 4096);
         assert!(!LogSettings::from_env(env(&[("WARMPOOL_PROCESS_LOGS", "false")])).enabled);
@@ -217,7 +256,7 @@ mod tests {
     #[test]
     fn tcp_without_token_is_rejected() {
         let inputs = Inputs { listen: Some("tcp://127.0.0.1:0".into()), ..Default::default() };
-        let err = load(inputs, LogSettings::from_env(env(&[]))).unwrap_err();
+        let err = load(inputs, env(&[])).unwrap_err();
         assert!(err.to_string().starts_with("listen "), "{err}");
     }
 
@@ -231,7 +270,7 @@ mod tests {
             ),
             ..Default::default()
         };
-        let err = load(inputs, LogSettings::from_env(env(&[]))).unwrap_err();
+        let err = load(inputs, env(&[])).unwrap_err();
         assert_eq!(err.to_string(), "warm_processes[1].cwd uses reserved path \"/config\"");
     }
 
@@ -246,7 +285,7 @@ mod tests {
                 warm_processes_env: Some(json),
                 ..Default::default()
             };
-            match load(inputs, LogSettings::from_env(|_| None)) {
+            match load(inputs, |_| None) {
                 Ok(s) => {
                     prop_assert!(warmpool_api::validate_cwd("cwd", &cwd).is_ok());
                     prop_assert_eq!(s.warm_processes.len(), 1);

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use warmpool_procd::config::{self, Inputs, LogSettings};
+use warmpool_procd::config::{self, Inputs};
 
 /// procd: PID 1 of a Warmpool sandbox.
 #[derive(Parser)]
@@ -71,7 +71,7 @@ fn main() -> anyhow::Result<()> {
                 warm_processes_env: std::env::var("WARMPOOL_WARM_PROCESSES").ok(),
                 token_env: std::env::var("WARMPOOL_PROCD_TOKEN").ok(),
             };
-            let settings = match config::load(inputs, LogSettings::from_env(|k| std::env::var(k).ok())) {
+            let settings = match config::load(inputs, |k| std::env::var(k).ok()) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("procd: invalid configuration: {e}");

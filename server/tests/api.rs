@@ -132,6 +132,8 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         ),
         ("/v1/sandboxes", r#"{"template":"x","cwd":"relative"}"#, "cwd"),
         ("/v1/sandboxes", r#"{}"#, "template"),
+        ("/v1/sandboxes", r#"{"template":"x","warm_pool_mode":"require"}"#, "warm_pool_mode"),
+        ("/v1/sandboxes", r#"{"template":"x","warm_pool_wait_ms":100}"#, "warm_pool_wait_ms"),
     ];
     for (path, body, field) in cases {
         let (status, err) = post(path, body).await;

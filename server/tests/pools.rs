@@ -111,6 +111,23 @@ async fn fill_checkout_modes_and_fallbacks() {
     assert_eq!(s.warm_pool_checkout.unwrap().fallback_reason, Some(FallbackReason::UnpoolableShape));
     let r = run(&cp.client, &s.id, &["sh", "-c", "echo $X"]).await;
     assert_eq!(r.stdout, "1\n", "envs reach the cold sandbox");
+    // A desktop is unpoolable like the rest, whatever the runtime could do cold; prefer tries cold, and the
+    // local runtime says it cannot.
+    let mut req = checkout(&pool.id, CheckoutMode::Require, 0);
+    req.desktop = Some(true);
+    let err = cp.client.create_sandbox(&req).await.unwrap_err();
+    let warmpool_client::Error::Api { code, details, .. } = err else { panic!() };
+    assert_eq!((code.as_str(), details["field"].as_str()), ("warm_pool_unavailable", Some("desktop")));
+    req.warm_pool_mode = Some(CheckoutMode::Prefer);
+    let err = cp.client.create_sandbox(&req).await.unwrap_err();
+    let warmpool_client::Error::Api { code, details, .. } = err else { panic!() };
+    assert_eq!((code.as_str(), details["field"].as_str()), ("invalid_request", Some("desktop")));
+    // Spelling out the default network keeps a request poolable.
+    cp.wait_status(&pool.id, "a ready sandbox", |s| s.ready >= 1).await;
+    let mut req = checkout(&pool.id, CheckoutMode::Require, 20_000);
+    req.network = Some(NetworkPolicy { mode: NetworkMode::Isolated });
+    let s = cp.client.create_sandbox(&req).await.unwrap();
+    assert!(s.warm_pool_checkout.unwrap().hit);
 
     // The pool's default mode applies when the request names none.
     cp.client
@@ -133,9 +150,9 @@ async fn fill_checkout_modes_and_fallbacks() {
             format!("warmpool_checkouts_total{{mode=\"{mode}\",pool=\"{}\",source=\"{source}\"}} ", pool.id);
         metrics.lines().find_map(|l| l.strip_prefix(&needle)).map(|v| v.parse::<u64>().unwrap()).unwrap_or(0)
     };
-    assert_eq!(count("require", "warm_pool"), 4);
+    assert_eq!(count("require", "warm_pool"), 5);
     assert_eq!(count("prefer", "warm_pool"), 0, "a cold start is never counted as a hit");
-    assert_eq!(count("prefer", "cold"), 2);
+    assert_eq!(count("prefer", "cold"), 3, "the envs and desktop fallbacks");
     assert_eq!(count("bypass", "cold"), 2);
     assert!(
         metrics.contains("warmpool_pool_sandboxes{pool=")

@@ -128,6 +128,38 @@ async fn warm_processes_logs_and_probes_reach_the_api() {
     cp.client.delete_sandbox(&s.id).await.unwrap();
 }
 
+/// The log mirror is set where users set things, in the template's env: off, or lines cut shorter.
+#[tokio::test]
+async fn the_templates_env_sets_the_log_mirror() {
+    let cp = TestControlPlane::start().await;
+    for (name, env) in
+        [("quiet", ("SANDBOX0_PROCESS_LOGS", "false")), ("short", ("SANDBOX0_PROCESS_LOG_MAX_BYTES", "5"))]
+    {
+        let spec: TemplateSpec = serde_json::from_value(serde_json::json!({
+            "name": name,
+            "start_cmd": "echo 0123456789; touch /tmp/said; exec sleep infinity",
+            "readiness": {"exec": {"command": ["test", "-f", "/tmp/said"]}},
+            "env": {env.0: env.1},
+        }))
+        .unwrap();
+        cp.client.create_template(&spec).await.unwrap();
+        assert_eq!(cp.build(name, &[]).await.status, BuildStatus::Ready);
+    }
+    let short = cp.client.create_sandbox(&cold("short")).await.unwrap();
+    let quiet = cp.client.create_sandbox(&cold("quiet")).await.unwrap();
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = cp.client.logs(&short.id).await.unwrap();
+        if !lines.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.iter().map(|l| l.data.as_str()).collect::<Vec<_>>(), ["01234"], "{lines:?}");
+    // By now the quiet one has said its line too (its readiness needed it), but nothing was mirrored.
+    assert_eq!(cp.client.logs(&quiet.id).await.unwrap(), Vec::new());
+}
+
 #[tokio::test]
 async fn timeout_policy_destroys_the_sandbox() {
     let cp = TestControlPlane::start().await;

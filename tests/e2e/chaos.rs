@@ -4,6 +4,7 @@
 //! without its row).
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -170,14 +171,16 @@ async fn readiness_lost_while_ready_is_never_handed_out() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let _cleanup = KillOnDrop(data.clone());
-    let gate = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    let port = gate.local_addr().unwrap().port();
+    // Readiness is a file the test controls: sandboxes without an image see the host's /etc, read-only (they
+    // reach no host port, so a listener on the host cannot be the gate).
+    let gate = Gate(Path::new("/etc").join(format!("warmpool-gate-{}", std::process::id())));
+    std::fs::write(&gate.0, b"open").unwrap();
     let server = ServerProcess::start(&data, &[]);
     let c = server.client.clone();
     let mut spec = template("flaky", 0.0);
     spec.readiness = Some(
         serde_json::from_value(serde_json::json!({
-            "tcp_socket": {"host": GATEWAY, "port": port}, "timeout_ms": 30000, "period_ms": 100
+            "exec": {"command": ["test", "-f", gate.0]}, "timeout_ms": 30000, "period_ms": 100
         }))
         .unwrap(),
     );
@@ -185,20 +188,29 @@ async fn readiness_lost_while_ready_is_never_handed_out() {
     let pool = c.create_pool(&pool_spec("flaky", "flaky:stable", 3, 3)).await.unwrap();
     wait_status(&c, &pool.id, "3 ready", |s| s.ready == 3).await;
 
-    drop(gate);
+    std::fs::remove_file(&gate.0).unwrap();
     let status = wait_status(&c, &pool.id, "no ready sandbox", |s| s.ready == 0).await;
     assert!(status.failed >= 3, "{status:?}");
     for _ in 0..6 {
         let err = c.create_sandbox(&require(&pool.id, 0)).await.unwrap_err();
         assert_eq!(err.code(), Some("warm_pool_unavailable"), "an unready sandbox was handed out: {err}");
     }
-    let _gate = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
+    std::fs::write(&gate.0, b"open").unwrap();
     c.pool_action(&pool.id, "reconcile").await.unwrap();
     wait_status(&c, &pool.id, "3 ready again", |s| s.ready == 3).await;
     let s = c.create_sandbox(&require(&pool.id, 0)).await.unwrap();
     let r = c.probe(&s.id, ProbeKind::Readiness).await.unwrap();
     assert_eq!(r.status, ProbeStatus::Passed, "{r:?}");
     nothing_leaked(&c, &data).await;
+}
+
+/// A file that is removed when the test ends, pass or fail.
+struct Gate(std::path::PathBuf);
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Scale-down during warm-up, drain and delete are deliberate: `failed` stays 0 and the breaker never trips.

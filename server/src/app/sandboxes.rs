@@ -27,6 +27,15 @@ fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
     if let Some(t) = &req.template {
         warmpool_api::TemplateRef::parse("template", t)?;
     }
+    if req.warm_pool.is_none() {
+        // Checkouts name their pool; a mode or a wait without one would be silently ignored.
+        if req.warm_pool_mode.is_some() {
+            return Err(FieldError::new("warm_pool_mode", "needs warm_pool (the pool to check out from)"));
+        }
+        if req.warm_pool_wait_ms.is_some() {
+            return Err(FieldError::new("warm_pool_wait_ms", "needs warm_pool (the pool to check out from)"));
+        }
+    }
     if req.warm_pool_wait_ms.is_some_and(|w| w > MAX_WAIT_MS) {
         return Err(FieldError::new("warm_pool_wait_ms", format!("must be at most {MAX_WAIT_MS}")));
     }
@@ -39,9 +48,6 @@ fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
     }
     if let Some(cwd) = &req.cwd {
         validate_cwd("cwd", cwd)?;
-    }
-    if req.desktop == Some(true) {
-        return Err(FieldError::new("desktop", "is not supported by the local runtime"));
     }
     if let Some(t) = &req.timeout_policy {
         if t.timeout_seconds == 0 {
@@ -250,6 +256,14 @@ impl App {
         plan: ColdPlan,
         checkout: Option<WarmPoolCheckout>,
     ) -> AppResult<Sandbox> {
+        // Only a cold create gets this far with a desktop (a checkout refuses it as unpoolable first).
+        if req.desktop == Some(true) {
+            return Err(FieldError::new(
+                "desktop",
+                format!("is not supported by the {} runtime", self.runtime.name()),
+            )
+            .into());
+        }
         self.check_owned_quota(&caller.account_id)?;
         let started = Instant::now();
         let now = Utc::now();

@@ -170,6 +170,16 @@ pub fn working_dir(spec: &StartSpec) -> String {
     spec.cwd.clone().or(spec.spec.cwd.clone()).unwrap_or_else(|| WORKSPACE.into())
 }
 
+/// The template's settings for procd itself (the log-mirror variables), for procd's config `env`.
+pub fn procd_env(spec: &TemplateSpec) -> BTreeMap<String, String> {
+    let names = warmpool_procd::config::LOG_VARIABLES;
+    spec.env
+        .iter()
+        .filter(|(k, _)| names.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// procd's warm processes for a sandbox: `start_cmd` (with the template's readiness) and the warm processes, with
 /// the sandbox's environment and working directory filled in.
 pub fn warm_processes(spec: &StartSpec) -> Vec<WarmProcessSpec> {

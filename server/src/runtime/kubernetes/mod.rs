@@ -181,7 +181,7 @@ impl KubernetesRuntime {
             labels,
             image: spec.spec.image.clone().unwrap_or_else(|| self.image.clone()),
             warmpool_image: self.image.clone(),
-            procd_config: serde_json::json!({"token_file": "/config/token", "warm_processes": warm}),
+            procd_config: serde_json::json!({"token_file": "/config/token", "warm_processes": warm, "env": super::procd_env(&spec.spec)}),
             procd_token: self.procd.token(&spec.sandbox_id),
             artifact: artifact.map(|b| {
                 (

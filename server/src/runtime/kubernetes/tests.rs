@@ -136,6 +136,7 @@ fn start_spec(id: &str) -> StartSpec {
         "start_cmd": "python -m http.server 8080",
         "readiness": {"tcp_socket": {"port": 8080}},
         "resources": {"cpu": 0.5, "memory_mb": 256, "disk_mb": 1024},
+        "env": {"MODE": "warm", "SANDBOX0_PROCESS_LOGS": "false"},
     }))
     .unwrap();
     StartSpec {
@@ -178,6 +179,8 @@ async fn a_sandbox_pod_runs_procd_from_the_init_container_in_the_template_image(
     let config: Value = serde_json::from_str(init[0]["env"][0]["value"].as_str().unwrap()).unwrap();
     assert_eq!(config["warm_processes"][0]["command"][2], "python -m http.server 8080");
     assert_eq!(config["warm_processes"][0]["cwd"], "/workspace");
+    // The template's log-mirror settings reach procd itself; its other variables only its processes.
+    assert_eq!(config["env"], json!({"SANDBOX0_PROCESS_LOGS": "false"}));
     assert_eq!(init[0]["env"][1]["value"], h.runtime.procd.token("sbx_1"));
     // The artifact comes from the server with a token for this build only.
     assert_eq!(init[1]["command"][3], "http://warmpool.sandboxes.svc:7070/v1/builds/bld_1/artifact");

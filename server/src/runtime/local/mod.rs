@@ -36,7 +36,7 @@ use warmpool_api::{
 use warmpool_procd::config::Listen;
 
 use super::procd::Procd;
-use super::{warm_processes, working_dir, Runtime, RuntimeError, RuntimeHandle, StartSpec};
+use super::{procd_env, warm_processes, working_dir, Runtime, RuntimeError, RuntimeHandle, StartSpec};
 use crate::secrets::Secrets;
 use layers::Overlay;
 use net::{Cni, Wiring};
@@ -220,6 +220,7 @@ impl LocalRuntime {
             "listen": format!("unix://{}/procd.sock", oci::RUN_DIR),
             "token_file": format!("{}/token", oci::CONFIG_DIR),
             "warm_processes": warm,
+            "env": procd_env(&spec.spec),
         });
         write_private(&config_dir.join("procd.json"), &procd_config.to_string())?;
         for f in ["", "token", "procd.json"] {
