@@ -36,6 +36,7 @@ pub fn serve_args(dir: &Path) -> ServeArgs {
         procd: Some(procd_bin()),
         max_sandboxes: 256,
         max_parallel_starts: 16,
+        allow_unlimited_disk: false,
     }
 }
 

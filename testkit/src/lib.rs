@@ -187,8 +187,23 @@ fn remove_nat_rules(ids: &[String]) {
     }
 }
 
+/// Detaches the loop devices whose backing file is under `dir` (the layers image): a loop device left behind
+/// keeps its image's space and slows every later loop mount on this host. After the lazy unmount a device
+/// already frees itself once its filesystem is released (`mount -o loop` sets autoclear); this makes sure.
+fn detach_loop_devices(dir: &Path) {
+    let prefix = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+        if name.starts_with("loop") && Path::new(backing.trim()).starts_with(&prefix) {
+            let _ =
+                Command::new("losetup").arg("-d").arg(format!("/dev/{name}")).stderr(Stdio::null()).status();
+        }
+    }
+}
+
 /// Removes everything the server's runtime made under `dir` that outlives a killed server: containers (runc kills
-/// what runs in them), overlay mounts, NAT rules, network namespaces and cgroups. A cgroup cannot be removed before its last
+/// what runs in them), overlay mounts, the layers image's mount and loop device, NAT rules, network namespaces and cgroups. A cgroup cannot be removed before its last
 /// member is reaped, which takes a moment after SIGKILL.
 pub fn kill_all_under(dir: &Path) {
     let mut ids = Vec::new();
@@ -217,6 +232,7 @@ pub fn kill_all_under(dir: &Path) {
     for target in targets {
         let _ = Command::new("umount").arg("-l").arg(target).status();
     }
+    detach_loop_devices(dir);
     remove_nat_rules(&ids);
     for id in &ids {
         let netns = format!("wp-{}", id.trim_start_matches("sbx_").trim_start_matches("bld_"));

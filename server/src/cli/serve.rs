@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// Sandboxes started at once by the reconciler (most of a start is waiting for readiness).
     #[arg(long, default_value_t = 100)]
     pub max_parallel_starts: usize,
+    /// local: start sandboxes even where `disk_mb` cannot be enforced (no btrfs-progs, no loop devices, too little
+    /// free space). Without it such a host refuses to start sandboxes rather than let one fill the data dir.
+    #[arg(long)]
+    pub allow_unlimited_disk: bool,
 }
 
 fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -113,6 +117,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
             args.max_sandboxes,
             exits_tx,
             secrets.clone(),
+            args.allow_unlimited_disk,
         )?,
     };
     let config = AppConfig {

@@ -8,10 +8,11 @@
 //! cgroup limits (see `oci`); `network.mode` is `isolated` (CNI bridge, see `net`), `none` or `host`.
 //!
 //! On the host, `<data-dir>/sandboxes/<id>/` is the container's bundle: `config.json`, `rootfs/` (the overlay
-//! mount point), `upper/` and `work/`, `config/` (procd's config and token), `run/` (procd's socket) and `procd.log`
-//! (procd's stdout and stderr). runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live
+//! mount point), `config/` (procd's config and token), `run/` (procd's socket) and `procd.log` (procd's stdout and
+//! stderr). Its writable layer (`upper/`, `work/`) is on the disk-limited layers filesystem (see `disk`). runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live
 //! containers again and the directory listing names the ones to remove.
 
+mod disk;
 mod layers;
 mod net;
 pub mod oci;
@@ -48,6 +49,8 @@ pub struct LocalRuntime {
     procd: Procd,
     runc: Runc,
     cni: Cni,
+    /// Writable layers and artifacts, bounded by `disk_mb`.
+    disk: disk::Disk,
     /// The base layer without an image, and the host directories bound read-only over it.
     base: PathBuf,
     host_dirs: Vec<String>,
@@ -58,14 +61,16 @@ pub struct LocalRuntime {
 }
 
 impl LocalRuntime {
-    /// Checks that this host runs OCI containers (root, runc) and prepares the base layer. `exits` hears the id of
-    /// every sandbox whose procd exits.
+    /// Checks that this host runs OCI containers (root, runc) and prepares the base layer and the disk-limited
+    /// layers filesystem (without it sandboxes are refused, unless `allow_unlimited_disk`). `exits` hears the id
+    /// of every sandbox whose procd exits.
     pub fn new(
         data_dir: PathBuf,
         procd_bin: PathBuf,
         max_sandboxes: usize,
         exits: mpsc::UnboundedSender<String>,
         secrets: Arc<Secrets>,
+        allow_unlimited_disk: bool,
     ) -> Result<Arc<LocalRuntime>, RuntimeError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -84,7 +89,9 @@ impl LocalRuntime {
         let base_mounts = data_dir.join("base").join("mounts");
         layers::mount_points(&base_mounts)?;
         sweep_stale_cgroups();
+        let disk = disk::Disk::open(&data_dir, allow_unlimited_disk);
         Ok(Arc::new(LocalRuntime {
+            disk,
             runc: Runc { root: data_dir.join("runc") },
             cni: Cni { state_dir: data_dir.join("cni") },
             data_dir,
@@ -109,7 +116,7 @@ impl LocalRuntime {
 
     /// A build's artifact: the upper layer of its build container.
     fn artifact(&self, build_id: &str) -> PathBuf {
-        self.data_dir.join("artifacts").join(build_id)
+        self.disk.artifact(build_id)
     }
 
     /// procd's socket.
@@ -144,9 +151,9 @@ impl LocalRuntime {
         let io = |what: &str| RuntimeError::io(format!("{what} for {id}"));
         let (lower, host_dirs) = self.layers(spec).await?;
         let rootfs = bundle.join("rootfs");
-        Overlay { lower, upper: bundle.join("upper"), work: bundle.join("work"), target: rootfs.clone() }
-            .mount()?;
         let t = &spec.spec;
+        let layer = self.disk.create(id, t.resources.disk_mb_or_default()).await?;
+        Overlay { lower, upper: layer.upper, work: layer.work, target: rootfs.clone() }.mount()?;
         let cwd = working_dir(spec);
         let warm = if processes { warm_processes(spec) } else { Vec::new() };
         for dir in std::iter::once(&cwd).chain(warm.iter().filter_map(|p| p.cwd.as_ref())) {
@@ -375,6 +382,7 @@ impl Runtime for LocalRuntime {
             "isolation": "oci",
             "oci_runtime": "runc",
             "network": if Cni::available() { "cni-bridge" } else { "none-only" },
+            "disk_limits": self.disk.describe(),
             "procd": self.procd_bin,
         })
     }
@@ -417,11 +425,7 @@ impl Runtime for LocalRuntime {
 
     async fn seal_artifact(&self, build_id: &str) -> Result<(), RuntimeError> {
         let dir = self.build_dir(build_id);
-        let artifact = self.artifact(build_id);
-        std::fs::create_dir_all(artifact.parent().expect("artifacts dir"))
-            .map_err(RuntimeError::io("artifacts dir"))?;
-        let _ = std::fs::remove_dir_all(&artifact);
-        std::fs::rename(dir.join("upper"), &artifact).map_err(RuntimeError::io("sealing the artifact"))?;
+        self.disk.seal(build_id).await?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -429,7 +433,8 @@ impl Runtime for LocalRuntime {
     async fn remove_artifact(&self, build_id: &str) {
         let dir = self.build_dir(build_id);
         self.teardown(build_id, &dir, None).await;
-        let _ = std::fs::remove_dir_all(self.artifact(build_id));
+        self.disk.remove(build_id).await;
+        self.disk.remove_artifact(build_id).await;
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -472,6 +477,7 @@ impl Runtime for LocalRuntime {
     async fn destroy(&self, id: &str, handle: Option<&RuntimeHandle>) -> Result<(), RuntimeError> {
         let dir = self.sandbox_dir(id);
         self.teardown(id, &dir, handle).await;
+        self.disk.remove(id).await;
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(RuntimeError::Io { context: format!("removing {}", dir.display()), source: e })
@@ -529,8 +535,10 @@ impl Runtime for LocalRuntime {
         let mut ids: Vec<String> = std::fs::read_dir(self.data_dir.join("sandboxes"))
             .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
-        // A container can outlive its directory (a crash mid-removal); runc's state root is this data dir's own.
-        for id in self.runc.list().into_iter().filter(|id| id.starts_with("sbx_")) {
+        // A container or a layer can outlive its directory (a crash mid-removal); runc's state root is this data
+        // dir's own.
+        let containers = self.runc.list().into_iter().filter(|id| id.starts_with("sbx_"));
+        for id in containers.chain(self.disk.sandbox_ids()) {
             if !ids.contains(&id) {
                 ids.push(id);
             }

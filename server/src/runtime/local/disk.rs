@@ -1,0 +1,275 @@
+//! Disk limits: every container's writable layer (its overlay `upper/` and `work/`) lives on a filesystem of its
+//! own, so a sandbox that writes without end fails with a quota error while other sandboxes, the database and the
+//! API keep writing to the data dir.
+//!
+//! That filesystem is `<data-dir>/layers.img`, a sparse btrfs image created once (sized to the data dir's free space
+//! minus a reserve of a tenth of its filesystem, at least 1 GiB), loop-mounted at `<data-dir>/layers` (mounted
+//! again after a restart) with quotas on. Every sandbox's and build's layer is a btrfs subvolume,
+//! `layers/{sandboxes,builds}/<id>` holding `upper/` and `work/`, whose qgroup is limited to the template's
+//! `disk_mb` (default 10240): the sandbox's writes then fail with `EDQUOT` ("Disk quota exceeded"); the image as a
+//! whole can never take the data dir's reserve. A build's subvolume is renamed to `layers/artifacts/<id>` when it is
+//! sealed (a subvolume moves within its filesystem; an artifact is a lower layer and must share the filesystem of
+//! the build that wrote it). Creating a subvolume and setting its limit cost a few milliseconds and no copying,
+//! whatever the artifact's size; removing one drops it and its data (its qgroup id is never reused).
+//!
+//! Why btrfs and not XFS project quotas (Docker's overlay2 `size=`): they need `CONFIG_XFS_QUOTA`, and ext4's
+//! project quotas `CONFIG_QFMT_V2`; kernels built without them (ours, a Firecracker guest kernel) refuse to mount
+//! with quotas, while btrfs qgroups are part of btrfs itself. The one visible difference is the error: `EDQUOT`
+//! where XFS answers `ENOSPC`.
+//!
+//! A host that cannot do this (no `mkfs.btrfs`, no loop devices, too little free space) refuses to start sandboxes
+//! and builds, saying why and how to fix it, unless the server runs with `--allow-unlimited-disk`: then layers are
+//! plain directories under `<data-dir>/layers` and `disk_mb` is not enforced.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use warmpool_api::id_prefix;
+
+use super::super::RuntimeError;
+use super::run_tool;
+
+/// What is left of the data dir's filesystem for the database and the API whatever sandboxes write: a tenth of
+/// it, at least this much.
+const MIN_RESERVE: u64 = 1 << 30;
+/// An image smaller than this is not worth making.
+const MIN_IMAGE: u64 = 1 << 30;
+
+/// Where writable layers live and how they are bounded.
+pub struct Disk {
+    root: PathBuf,
+    limits: Limits,
+}
+
+enum Limits {
+    /// `root` is the mounted btrfs image, quotas on.
+    Enforced,
+    /// `--allow-unlimited-disk` on a host that cannot enforce: plain directories.
+    Off(String),
+    /// Layers are refused, with this reason (and its fix).
+    Unavailable(String),
+}
+
+/// A container's writable layer.
+pub struct Layer {
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+impl Disk {
+    /// Mounts (creating it the first time) the layers filesystem of `data_dir`. Never fails: a host that cannot
+    /// enforce limits gets a `Disk` that refuses layers (or, with `allow_unlimited`, does not bound them).
+    pub fn open(data_dir: &Path, allow_unlimited: bool) -> Disk {
+        let root = data_dir.join("layers");
+        let limits = match mount_image(data_dir, &root) {
+            Ok(()) => {
+                tracing::info!(layers = %root.display(), "Disk limits on (btrfs qgroups)");
+                Limits::Enforced
+            }
+            Err(reason) if allow_unlimited => {
+                tracing::warn!(%reason, "Disk limits off (--allow-unlimited-disk): disk_mb is not enforced");
+                Limits::Off(reason)
+            }
+            Err(reason) => {
+                tracing::error!(
+                    %reason,
+                    "Disk limits unavailable: sandboxes and builds will be refused (pass --allow-unlimited-disk \
+                     to run them without)"
+                );
+                Limits::Unavailable(reason)
+            }
+        };
+        Disk { root, limits }
+    }
+
+    /// For `details()`: `btrfs-qgroups`, `off` or `unavailable: <why>`.
+    pub fn describe(&self) -> String {
+        match &self.limits {
+            Limits::Enforced => "btrfs-qgroups".into(),
+            Limits::Off(why) => format!("off: {why}"),
+            Limits::Unavailable(why) => format!("unavailable: {why}"),
+        }
+    }
+
+    /// The layer directory of a sandbox or build (by its id's prefix).
+    fn dir(&self, id: &str) -> PathBuf {
+        let kind = if id.starts_with(id_prefix::BUILD) { "builds" } else { "sandboxes" };
+        self.root.join(kind).join(id)
+    }
+
+    /// A build's artifact: the upper layer its build container wrote, a lower layer of its sandboxes.
+    pub fn artifact(&self, build_id: &str) -> PathBuf {
+        self.root.join("artifacts").join(build_id).join("upper")
+    }
+
+    /// The ids of sandboxes that have a layer (one may outlive its bundle after a crash mid-removal).
+    pub fn sandbox_ids(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.join("sandboxes"))
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Creates the writable layer of `id`, bounded to `disk_mb`; an earlier one of the same id is removed first.
+    pub async fn create(&self, id: &str, disk_mb: u64) -> Result<Layer, RuntimeError> {
+        let dir = self.dir(id);
+        self.remove(id).await;
+        let parent = dir.parent().expect("a layer has a parent");
+        std::fs::create_dir_all(parent)
+            .map_err(RuntimeError::io(format!("creating {}", parent.display())))?;
+        match &self.limits {
+            Limits::Unavailable(why) => {
+                return Err(RuntimeError::Failed(format!(
+                    "refusing to start {id} without a disk limit: {why} (install btrfs-progs, see \
+                     scripts/host-deps.sh, or run the server with --allow-unlimited-disk)"
+                )))
+            }
+            Limits::Off(_) => {
+                std::fs::create_dir(&dir).map_err(RuntimeError::io(format!("creating {}", dir.display())))?
+            }
+            Limits::Enforced => {
+                let path = dir.display().to_string();
+                run_tool("btrfs", &["-q", "subvolume", "create", &path]).await?;
+                let bytes = (disk_mb * 1024 * 1024).to_string();
+                run_tool("btrfs", &["qgroup", "limit", &bytes, &path]).await?;
+            }
+        }
+        let layer = Layer { upper: dir.join("upper"), work: dir.join("work") };
+        for d in [&layer.upper, &layer.work] {
+            std::fs::create_dir(d).map_err(RuntimeError::io(format!("creating {}", d.display())))?;
+        }
+        Ok(layer)
+    }
+
+    /// Removes the writable layer of `id` and everything in it (after its overlay is unmounted). Idempotent.
+    pub async fn remove(&self, id: &str) {
+        remove_layer(&self.dir(id)).await;
+    }
+
+    /// Makes the upper layer of build `build_id` its artifact (a rename: no copying).
+    pub async fn seal(&self, build_id: &str) -> Result<(), RuntimeError> {
+        let layer = self.dir(build_id);
+        let artifact = self.root.join("artifacts").join(build_id);
+        std::fs::create_dir_all(self.root.join("artifacts")).map_err(RuntimeError::io("artifacts dir"))?;
+        remove_layer(&artifact).await;
+        std::fs::rename(&layer, &artifact).map_err(RuntimeError::io("sealing the artifact"))?;
+        let _ = std::fs::remove_dir_all(artifact.join("work"));
+        Ok(())
+    }
+
+    /// Removes build `build_id`'s artifact. Idempotent.
+    pub async fn remove_artifact(&self, build_id: &str) {
+        remove_layer(&self.root.join("artifacts").join(build_id)).await;
+    }
+}
+
+/// Deletes a layer: a subvolume with `btrfs subvolume delete` (its data goes with it), a plain directory (limits
+/// off, or a half-made layer) recursively.
+async fn remove_layer(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(dir) else { return };
+    // The root directory of a btrfs subvolume is always inode 256.
+    if meta.ino() == 256 {
+        let path = dir.display().to_string();
+        match run_tool("btrfs", &["-q", "subvolume", "delete", &path]).await {
+            Ok(()) => return,
+            Err(err) => tracing::warn!(error = &err as &dyn std::error::Error, "Deleting a layer subvolume"),
+        }
+    }
+    if let Err(err) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(layer = %dir.display(), error = &err as &dyn std::error::Error, "Removing a layer");
+    }
+}
+
+/// Mounts `<data_dir>/layers.img` at `root` with quotas on, creating the image the first time. Serialized across
+/// servers sharing the data dir by a lock file.
+fn mount_image(data_dir: &Path, root: &Path) -> Result<(), String> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(data_dir.join("layers.lock"))
+        .map_err(|e| format!("opening the layers lock: {e}"))?;
+    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(format!("locking the layers lock: {}", std::io::Error::last_os_error()));
+    }
+    std::fs::create_dir_all(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+    if !is_mount_point(root) {
+        let image = data_dir.join("layers.img");
+        if !image.exists() {
+            make_image(data_dir, &image)?;
+        }
+        let image_path = image.display().to_string();
+        let root_path = root.display().to_string();
+        let options = "loop,noatime,nosuid,nodev,discard=async";
+        tool("mount", &["-t", "btrfs", "-o", options, &image_path, &root_path])?;
+    }
+    tool("btrfs", &["quota", "enable", &root.display().to_string()])
+}
+
+/// A sparse btrfs image as large as the data dir's free space minus the reserve.
+fn make_image(data_dir: &Path, image: &Path) -> Result<(), String> {
+    let (free, total) = free_space(data_dir).map_err(|e| format!("reading the free space: {e}"))?;
+    let reserve = (total / 10).max(MIN_RESERVE);
+    let size = free.saturating_sub(reserve) & !((1 << 20) - 1);
+    if size < MIN_IMAGE {
+        return Err(format!(
+            "{} has {} MiB free, too little for sandbox layers beside a reserve of {} MiB",
+            data_dir.display(),
+            free >> 20,
+            reserve >> 20
+        ));
+    }
+    let staging = image.with_extension("img.new");
+    let made = (|| {
+        let file =
+            std::fs::File::create(&staging).map_err(|e| format!("creating {}: {e}", staging.display()))?;
+        file.set_len(size).map_err(|e| format!("sizing {}: {e}", staging.display()))?;
+        tool("mkfs.btrfs", &["-q", "-f", &staging.display().to_string()])?;
+        std::fs::rename(&staging, image).map_err(|e| format!("renaming {}: {e}", staging.display()))
+    })();
+    match &made {
+        Ok(()) => {
+            tracing::info!(image = %image.display(), size_mb = size >> 20, "Created the sandbox layers image")
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(&staging);
+        }
+    }
+    made
+}
+
+/// `(available, total)` bytes of the filesystem holding `dir`.
+fn free_space(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    // SAFETY: statvfs writes into a zeroed struct we own; `path` is NUL-terminated and outlives the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let unit = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * unit, st.f_blocks as u64 * unit))
+}
+
+/// Something is mounted at `path` (as `/proc/self/mountinfo` spells it: octal escapes for spaces).
+fn is_mount_point(path: &Path) -> bool {
+    let wanted = path.display().to_string().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+/// Runs a setup tool (before the async runtime's work starts); an error names the tool and its stderr.
+fn tool(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {program}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+}
