@@ -23,6 +23,8 @@ async fn a_sandbox_that_fills_its_disk_stops_at_its_limit_and_nobody_else_notice
     build(c, &with_disk("roomy", None)).await;
     let hog = c.create_sandbox(&cold("small:stable")).await.unwrap();
     let other = c.create_sandbox(&cold("roomy:stable")).await.unwrap();
+    // The build's artifact is the sandbox's lower layer, on the same filesystem as its limited upper layer.
+    assert_eq!(sh(c, &hog.id, "cat /workspace/built.txt").await.stdout.trim(), "built");
 
     let r = sh(c, &hog.id, "dd if=/dev/zero of=/workspace/fill bs=1M count=200 conv=fsync 2>&1").await;
     assert_ne!(r.exit_code, 0, "200 MB fit in a 64 MB sandbox: {}", r.stdout);

@@ -109,9 +109,14 @@ impl Disk {
             .unwrap_or_default()
     }
 
-    /// Creates the writable layer of `id`, bounded to `disk_mb`; an earlier one of the same id is removed first.
+    /// The writable layer of `id`, bounded to `disk_mb`: created, or the one it already has (a build's steps and
+    /// then its start contract run in one layer, one container after the other).
     pub async fn create(&self, id: &str, disk_mb: u64) -> Result<Layer, RuntimeError> {
         let dir = self.dir(id);
+        let layer = Layer { upper: dir.join("upper"), work: dir.join("work") };
+        if layer.upper.is_dir() && layer.work.is_dir() {
+            return Ok(layer);
+        }
         self.remove(id).await;
         let parent = dir.parent().expect("a layer has a parent");
         std::fs::create_dir_all(parent)
@@ -133,7 +138,6 @@ impl Disk {
                 run_tool("btrfs", &["qgroup", "limit", &bytes, &path]).await?;
             }
         }
-        let layer = Layer { upper: dir.join("upper"), work: dir.join("work") };
         for d in [&layer.upper, &layer.work] {
             std::fs::create_dir(d).map_err(RuntimeError::io(format!("creating {}", d.display())))?;
         }
@@ -204,7 +208,13 @@ fn mount_image(data_dir: &Path, root: &Path) -> Result<(), String> {
         let options = "loop,noatime,nosuid,nodev,discard=async";
         tool("mount", &["-t", "btrfs", "-o", options, &image_path, &root_path])?;
     }
-    tool("btrfs", &["quota", "enable", &root.display().to_string()])
+    let root = root.display().to_string();
+    tool("btrfs", &["quota", "enable", &root])?;
+    // A deleted subvolume leaves its qgroup behind, empty and limiting nothing (ids are never reused): tidy up.
+    if let Err(reason) = tool("btrfs", &["qgroup", "clear-stale", &root]) {
+        tracing::warn!(%reason, "Clearing stale qgroups");
+    }
+    Ok(())
 }
 
 /// A sparse btrfs image as large as the data dir's free space minus the reserve.

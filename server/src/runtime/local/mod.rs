@@ -396,6 +396,7 @@ impl Runtime for LocalRuntime {
         let dir = self.build_dir(build_id);
         self.teardown(build_id, &dir, None).await;
         let _ = std::fs::remove_dir_all(&dir);
+        self.disk.remove(build_id).await;
         std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the build directory"))?;
         let start = StartSpec {
             sandbox_id: build_id.to_string(),
