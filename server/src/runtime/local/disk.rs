@@ -45,7 +45,7 @@ enum Limits {
     /// `root` is the mounted btrfs image, quotas on.
     Enforced,
     /// `--allow-unlimited-disk` on a host that cannot enforce: plain directories.
-    Off(String),
+    Off,
     /// Layers are refused, with this reason (and its fix).
     Unavailable(String),
 }
@@ -68,7 +68,7 @@ impl Disk {
             }
             Err(reason) if allow_unlimited => {
                 tracing::warn!(%reason, "Disk limits off (--allow-unlimited-disk): disk_mb is not enforced");
-                Limits::Off(reason)
+                Limits::Off
             }
             Err(reason) => {
                 tracing::error!(
@@ -82,12 +82,13 @@ impl Disk {
         Disk { root, limits }
     }
 
-    /// For `details()`: `btrfs-qgroups`, `off` or `unavailable: <why>`.
-    pub fn describe(&self) -> String {
+    /// For `details()` (served without authentication, so without the reason, which the log has):
+    /// `btrfs-qgroups`, `off` or `unavailable`.
+    pub fn describe(&self) -> &'static str {
         match &self.limits {
-            Limits::Enforced => "btrfs-qgroups".into(),
-            Limits::Off(why) => format!("off: {why}"),
-            Limits::Unavailable(why) => format!("unavailable: {why}"),
+            Limits::Enforced => "btrfs-qgroups",
+            Limits::Off => "off",
+            Limits::Unavailable(_) => "unavailable",
         }
     }
 
@@ -123,12 +124,16 @@ impl Disk {
             .map_err(RuntimeError::io(format!("creating {}", parent.display())))?;
         match &self.limits {
             Limits::Unavailable(why) => {
-                return Err(RuntimeError::Failed(format!(
-                    "refusing to start {id} without a disk limit: {why} (install btrfs-progs, see \
-                     scripts/host-deps.sh, or run the server with --allow-unlimited-disk)"
-                )))
+                tracing::error!(%id, reason = %why, "Refusing to start without a disk limit");
+                // The reason names host paths and tools' output: the log has it, not the message.
+                return Err(RuntimeError::Failed(
+                    "refusing to start without a disk limit: this host cannot enforce disk_mb (the server log \
+                     says why; install btrfs-progs, see scripts/host-deps.sh, or run the server with \
+                     --allow-unlimited-disk)"
+                        .into(),
+                ));
             }
-            Limits::Off(_) => {
+            Limits::Off => {
                 std::fs::create_dir(&dir).map_err(RuntimeError::io(format!("creating {}", dir.display())))?
             }
             Limits::Enforced => {
