@@ -13,9 +13,9 @@
 //! artifact's size; removing one drops it and its data (its qgroup id is never reused).
 //!
 //! Why btrfs and not XFS project quotas (Docker's overlay2 `size=`): they need `CONFIG_XFS_QUOTA`, and ext4's
-//! project quotas `CONFIG_QFMT_V2`; kernels built without them (the development hosts', a Firecracker guest build) refuse to mount
-//! with quotas, while btrfs qgroups are part of btrfs itself. The one visible difference is the error: `EDQUOT`
-//! where XFS answers `ENOSPC`.
+//! project quotas `CONFIG_QFMT_V2`; kernels built without them (the development hosts', a Firecracker guest
+//! build) refuse to mount with quotas, while btrfs qgroups are part of btrfs itself. The one visible difference
+//! is the error: `EDQUOT` where XFS answers `ENOSPC`.
 //!
 //! A host that cannot do this (no `mkfs.btrfs`, no loop devices, too little free space) refuses to start sandboxes
 //! and builds, saying why and how to fix it, unless the server runs with `--allow-unlimited-disk`: then layers are
