@@ -9,8 +9,9 @@
 //!
 //! On the host, `<data-dir>/sandboxes/<id>/` is the container's bundle: `config.json`, `rootfs/` (the overlay
 //! mount point), `config/` (procd's config and token), `run/` (procd's socket) and `procd.log` (procd's stdout and
-//! stderr). Its writable layer (`upper/`, `work/`) is on the disk-limited layers filesystem (see `disk`). runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live
-//! containers again and the directory listing names the ones to remove.
+//! stderr). Its writable layer (`upper/`, `work/`) is on the disk-limited layers filesystem (see `disk`). runc's
+//! state lives in `<data-dir>/runc`, so after a restart `runc state` finds live containers again and the directory
+//! listing names the ones to remove.
 
 mod disk;
 mod layers;
