@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the local runtime and the builds need on a fresh Debian machine, when it is missing:
 # runc (runs every sandbox and build as an OCI container), the standard CNI plugins (sandbox networking),
-# iproute2 (network namespaces), umoci and skopeo (template images), busybox-static (the tests' tiny image) and
-# protoc (the Terraform provider's build), the PostgreSQL server binaries (the tests start their own PostgreSQL),
-# and, with --tests, schemathesis from PyPI in a virtualenv (the API's conformance test). Safe to run again.
+# iproute2 (network namespaces), btrfs-progs (the disk-limited layers image: mkfs.btrfs, subvolumes, qgroups),
+# umoci and skopeo (template images), busybox-static (the tests' tiny image) and protoc (the Terraform provider's
+# build), the PostgreSQL server binaries (the tests start their own PostgreSQL) and, with --tests, schemathesis
+# from PyPI in a virtualenv (the API's conformance test). Safe to run again.
 set -euo pipefail
 
 missing=()
@@ -12,6 +13,7 @@ command -v runc >/dev/null || missing+=(runc)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v nft >/dev/null || missing+=(nftables)
+command -v mkfs.btrfs >/dev/null || missing+=(btrfs-progs)
 command -v umoci >/dev/null || missing+=(umoci)
 command -v skopeo >/dev/null || missing+=(skopeo)
 command -v busybox >/dev/null || missing+=(busybox-static)

@@ -32,6 +32,19 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Memory a sandbox may use when its template names none.
+    pub const DEFAULT_MEMORY_MB: u64 = 1024;
+    /// Disk a sandbox may write (its own layer) when its template names none.
+    pub const DEFAULT_DISK_MB: u64 = 10240;
+
+    pub fn memory_mb_or_default(&self) -> u64 {
+        self.memory_mb.unwrap_or(Self::DEFAULT_MEMORY_MB)
+    }
+
+    pub fn disk_mb_or_default(&self) -> u64 {
+        self.disk_mb.unwrap_or(Self::DEFAULT_DISK_MB)
+    }
+
     pub fn validate(&self, path: &str) -> Result<(), FieldError> {
         if let Some(cpu) = self.cpu {
             if !(cpu > 0.0 && cpu <= 1024.0) {

@@ -55,7 +55,7 @@ async fn build_runs_steps_and_start_contract_then_sandbox_exec_and_delete() {
 
     let dir = cp.dir.path().join("sandboxes").join(&s.id);
     assert!(
-        dir.join("upper/workspace/ready.flag").exists(),
+        cp.dir.path().join("layers/sandboxes").join(&s.id).join("upper/workspace/ready.flag").exists(),
         "what a sandbox writes lands in its own upper layer"
     );
     assert!(cp.procd_count() >= 1);

@@ -180,6 +180,21 @@ fn release_addresses(ids: &[String]) {
     }
 }
 
+/// Detaches the loop devices whose backing file is under `dir` (the layers image): a loop device left behind
+/// keeps its image's space and slows every later loop mount on this host. After the lazy unmount a device
+/// already frees itself once its filesystem is released (`mount -o loop` sets autoclear); this makes sure.
+fn detach_loop_devices(dir: &Path) {
+    let prefix = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+        if name.starts_with("loop") && Path::new(backing.trim()).starts_with(&prefix) {
+            let _ =
+                Command::new("losetup").arg("-d").arg(format!("/dev/{name}")).stderr(Stdio::null()).status();
+        }
+    }
+}
+
 /// Removes everything the server's runtime made for `dir` that outlives a killed server: containers (runc kills
 /// what runs in them), overlay mounts (under `dir` and at `/run/warmpool/rootfs/<id>`), addresses and cgroups. A
 /// cgroup cannot be removed before its last member is reaped, which takes a moment after SIGKILL.
@@ -214,6 +229,7 @@ pub fn kill_all_under(dir: &Path) {
     for target in targets {
         let _ = Command::new("umount").arg("-l").arg(target).status();
     }
+    detach_loop_devices(dir);
     for root in &roots {
         let _ = std::fs::remove_dir(root);
     }

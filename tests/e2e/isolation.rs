@@ -51,7 +51,7 @@ async fn a_hostile_tenant_sees_nothing_of_the_host() {
         data_dir.join("admin.token"),
         data_dir.join("warmpool.db"),
         data_dir.join("secret.key"),
-        data_dir.join("sandboxes").join(&mine.id).join("upper/workspace/admin-only"),
+        data_dir.join("layers/sandboxes").join(&mine.id).join("upper/workspace/admin-only"),
     ] {
         let r = sh(&c, &s.id, &format!("cat {}", path.display())).await;
         assert_ne!(r.exit_code, 0, "{} is readable from a sandbox: {}", path.display(), r.stdout);

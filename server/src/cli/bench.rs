@@ -406,7 +406,10 @@ pub async fn artifact(global: &Global, args: ArtifactArgs) -> anyhow::Result<i32
             cold_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             c.delete_sandbox(&s.id).await?;
         }
-        let before = args.data_dir.as_ref().map(|d| disk_usage(&d.join("sandboxes")));
+        // Bundles and their writable layers (on the layers filesystem).
+        let usage =
+            |d: &std::path::Path| disk_usage(&d.join("sandboxes")) + disk_usage(&d.join("layers/sandboxes"));
+        let before = args.data_dir.as_ref().map(|d| usage(d));
         let t = Instant::now();
         let spec = WarmPoolSpec {
             name: name.clone(),
@@ -418,9 +421,11 @@ pub async fn artifact(global: &Global, args: ArtifactArgs) -> anyhow::Result<i32
         let pool = c.create_pool(&spec).await?;
         c.wait_pool_ready(&pool.id, args.pool, Duration::from_secs(600), |_| {}).await?;
         let fill_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let added_mb = args.data_dir.as_ref().zip(before).map(|(d, before)| {
-            disk_usage(&d.join("sandboxes")).saturating_sub(before) as f64 / (1024.0 * 1024.0)
-        });
+        let added_mb = args
+            .data_dir
+            .as_ref()
+            .zip(before)
+            .map(|(d, before)| usage(d).saturating_sub(before) as f64 / (1024.0 * 1024.0));
         c.delete_pool(&pool.id).await?;
         c.delete_template(&name).await?;
         report.insert(

@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// reach the internet only: no host address, no other sandbox, no link-local or private range.
     #[arg(long = "sandbox-allow-cidr", value_parser = local::parse_cidr)]
     pub sandbox_allow_cidrs: Vec<String>,
+    /// local: start sandboxes even where `disk_mb` cannot be enforced (no btrfs-progs, no loop devices, too little
+    /// free space). Without it such a host refuses to start sandboxes rather than let one fill the data dir.
+    #[arg(long)]
+    pub allow_unlimited_disk: bool,
 }
 
 fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -122,6 +126,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
                 max_sandboxes: args.max_sandboxes,
                 ids: args.userns_range,
                 allow_cidrs: args.sandbox_allow_cidrs.clone(),
+                allow_unlimited_disk: args.allow_unlimited_disk,
             };
             LocalRuntime::new(options, exits_tx, secrets.clone()).await?
         }

@@ -42,7 +42,7 @@ async fn root_inside_is_nobody_outside_and_the_kernel_surface_is_closed() {
     }
     // What the sandbox writes is owned by the mapped uid on the host.
     sh(&c, &s.id, "echo x > /workspace/mine").await;
-    let upper = server.data_dir.join("sandboxes").join(&s.id).join("upper/workspace/mine");
+    let upper = server.data_dir.join("layers/sandboxes").join(&s.id).join("upper/workspace/mine");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&upper).unwrap().uid(), 100_000);
 

@@ -3,6 +3,7 @@
 //! checks both that the attack fails and, where a refusal could be a false positive, that the same thing done
 //! legitimately works.
 
+mod disk;
 mod kernel;
 mod network;
 

@@ -12,12 +12,15 @@
 //! made by runc and procd inside the container, after its root is pivoted, so a symlink in an artifact or one the
 //! sandbox wrote can never lead the server outside it.
 //!
-//! On the host, `<data-dir>/sandboxes/<id>/` is the container's bundle: `config.json`, `upper/` and `work/`, `config/` (procd's config and token), `run/` (procd's socket) and `procd.log`
-//! (procd's stdout and stderr). The overlay is mounted at `/run/warmpool/rootfs/<id>`: runc mounts a root onto
-//! itself from inside the container's user namespace, whose root must be able to walk the path to it (the data
-//! dir is the host root's alone), and sandbox ids are unique on a host. runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live
-//! containers again and the directory listing names the ones to remove.
+//! On the host, `<data-dir>/sandboxes/<id>/` is the container's bundle: `config.json`, `config/` (procd's config
+//! and token), `run/` (procd's socket) and `procd.log` (procd's stdout and stderr). Its writable layer (`upper/`,
+//! `work/`) is on the disk-limited layers filesystem (see `disk`). The overlay is mounted at
+//! `/run/warmpool/rootfs/<id>`: runc mounts a root onto itself from inside the container's user namespace, whose
+//! root must be able to walk the path to it (the data dir is the host root's alone), and sandbox ids are unique on
+//! a host. runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live containers again and
+//! the directory listing names the ones to remove.
 
+mod disk;
 mod layers;
 mod net;
 pub mod oci;
@@ -60,6 +63,8 @@ pub struct Options {
     pub ids: IdRange,
     /// Ranges isolated sandboxes may reach besides the internet (`--sandbox-allow-cidr`).
     pub allow_cidrs: Vec<String>,
+    /// Start sandboxes even where `disk_mb` cannot be enforced.
+    pub allow_unlimited_disk: bool,
 }
 
 pub struct LocalRuntime {
@@ -71,6 +76,8 @@ pub struct LocalRuntime {
     procd: Procd,
     runc: Runc,
     cni: Cni,
+    /// Writable layers and artifacts, bounded by `disk_mb`.
+    disk: disk::Disk,
     /// The base layer without an image, and the host directories bound read-only over it.
     base: PathBuf,
     host_dirs: Vec<String>,
@@ -84,14 +91,15 @@ pub struct LocalRuntime {
 }
 
 impl LocalRuntime {
-    /// Checks that this host runs OCI containers (root, runc) and prepares the base layer. `exits` hears the id of
-    /// every sandbox whose procd exits.
+    /// Checks that this host runs OCI containers (root, runc), prepares the base layer, the disk-limited layers
+    /// filesystem (without it sandboxes are refused, unless `allow_unlimited_disk`) and the network rules. `exits`
+    /// hears the id of every sandbox whose procd exits.
     pub async fn new(
         options: Options,
         exits: mpsc::UnboundedSender<String>,
         secrets: Arc<Secrets>,
     ) -> Result<Arc<LocalRuntime>, RuntimeError> {
-        let Options { data_dir, procd_bin, max_sandboxes, ids, allow_cidrs } = options;
+        let Options { data_dir, procd_bin, max_sandboxes, ids, allow_cidrs, allow_unlimited_disk } = options;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(RuntimeError::Failed(
@@ -114,7 +122,9 @@ impl LocalRuntime {
             cni.apply_firewall().await?;
             cni.release_orphans(|id| !cgroup_dirs(id).is_empty()).await;
         }
+        let disk = disk::Disk::open(&data_dir, allow_unlimited_disk);
         Ok(Arc::new(LocalRuntime {
+            disk,
             runc: Runc { root: data_dir.join("runc") },
             cni,
             data_dir,
@@ -156,7 +166,7 @@ impl LocalRuntime {
 
     /// A build's artifact: the upper layer of its build container.
     fn artifact(&self, build_id: &str) -> PathBuf {
-        self.data_dir.join("artifacts").join(build_id)
+        self.disk.artifact(build_id)
     }
 
     /// procd's socket.
@@ -204,9 +214,9 @@ impl LocalRuntime {
         let io = |what: &str| RuntimeError::io(format!("{what} for {id}"));
         let (lower, host_dirs) = self.layers(spec).await?;
         let rootfs = rootfs_dir(id)?;
-        Overlay { lower, upper: bundle.join("upper"), work: bundle.join("work"), target: rootfs.clone() }
-            .mount(self.ids)?;
         let t = &spec.spec;
+        let layer = self.disk.create(id, t.resources.disk_mb_or_default()).await?;
+        Overlay { lower, upper: layer.upper, work: layer.work, target: rootfs.clone() }.mount(self.ids)?;
         // runc makes the working directory inside the container (and procd those of warm processes).
         let cwd = working_dir(spec);
         let warm = if processes { warm_processes(spec) } else { Vec::new() };
@@ -470,6 +480,7 @@ impl Runtime for LocalRuntime {
             "isolation": "oci",
             "oci_runtime": "runc",
             "network": if Cni::available() { "cni-bridge" } else { "none-only" },
+            "disk_limits": self.disk.describe(),
             "procd": self.procd_bin,
         })
     }
@@ -483,6 +494,7 @@ impl Runtime for LocalRuntime {
         let dir = self.build_dir(build_id);
         self.teardown(build_id, &dir, None).await;
         let _ = std::fs::remove_dir_all(&dir);
+        self.disk.remove(build_id).await;
         std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the build directory"))?;
         let start = StartSpec {
             sandbox_id: build_id.to_string(),
@@ -512,11 +524,7 @@ impl Runtime for LocalRuntime {
 
     async fn seal_artifact(&self, build_id: &str) -> Result<(), RuntimeError> {
         let dir = self.build_dir(build_id);
-        let artifact = self.artifact(build_id);
-        std::fs::create_dir_all(artifact.parent().expect("artifacts dir"))
-            .map_err(RuntimeError::io("artifacts dir"))?;
-        let _ = std::fs::remove_dir_all(&artifact);
-        std::fs::rename(dir.join("upper"), &artifact).map_err(RuntimeError::io("sealing the artifact"))?;
+        self.disk.seal(build_id).await?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -524,7 +532,8 @@ impl Runtime for LocalRuntime {
     async fn remove_artifact(&self, build_id: &str) {
         let dir = self.build_dir(build_id);
         self.teardown(build_id, &dir, None).await;
-        let _ = std::fs::remove_dir_all(self.artifact(build_id));
+        self.disk.remove(build_id).await;
+        self.disk.remove_artifact(build_id).await;
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -567,6 +576,7 @@ impl Runtime for LocalRuntime {
     async fn destroy(&self, id: &str, handle: Option<&RuntimeHandle>) -> Result<(), RuntimeError> {
         let dir = self.sandbox_dir(id);
         self.teardown(id, &dir, handle).await;
+        self.disk.remove(id).await;
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(RuntimeError::Io { context: format!("removing {}", dir.display()), source: e })
@@ -624,8 +634,10 @@ impl Runtime for LocalRuntime {
         let mut ids: Vec<String> = std::fs::read_dir(self.data_dir.join("sandboxes"))
             .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
-        // A container can outlive its directory (a crash mid-removal); runc's state root is this data dir's own.
-        for id in self.runc.list().into_iter().filter(|id| id.starts_with("sbx_")) {
+        // A container or a layer can outlive its directory (a crash mid-removal); runc's state root is this data
+        // dir's own.
+        let containers = self.runc.list().into_iter().filter(|id| id.starts_with("sbx_"));
+        for id in containers.chain(self.disk.sandbox_ids()) {
             if !ids.contains(&id) {
                 ids.push(id);
             }

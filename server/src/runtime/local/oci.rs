@@ -118,9 +118,7 @@ pub fn config(s: &ContainerSpec) -> Value {
     }
     let mut resources =
         json!({"devices": [{"allow": false, "access": "rwm"}], "pids": {"limit": PIDS_LIMIT}});
-    if let Some(mb) = s.resources.memory_mb {
-        resources["memory"] = json!({"limit": mb * 1024 * 1024});
-    }
+    resources["memory"] = json!({"limit": s.resources.memory_mb_or_default() * 1024 * 1024});
     if let Some(cpu) = s.resources.cpu {
         resources["cpu"] = json!({"quota": ((cpu * 100_000.0) as i64).max(1000), "period": 100_000});
     }
