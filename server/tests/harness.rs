@@ -35,6 +35,10 @@ pub fn serve_args(dir: &Path) -> ServeArgs {
         reconciler: "on".into(),
         procd: Some(procd_bin()),
         max_sandboxes: 256,
+        default_quotas: Default::default(),
+        allowed_registries: Vec::new(),
+        image_dir: None,
+        pod_user_namespaces: false,
         max_parallel_starts: 16,
     }
 }

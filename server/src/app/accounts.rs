@@ -31,7 +31,10 @@ impl App {
             let account = Account {
                 id: DEFAULT_ACCOUNT.into(),
                 name: "default".into(),
+                // The admin's own account: no quotas, and no host networking until an admin sets it
+                // (`PATCH /v1/accounts/acc_default {"allow_host_network": true}`).
                 quotas: Default::default(),
+                allow_host_network: false,
                 created_at: Utc::now(),
             };
             self.store.insert_account(&account)?;
@@ -62,7 +65,7 @@ impl App {
         if caller.admin {
             Ok(())
         } else {
-            Err(AppError::Forbidden)
+            Err(AppError::Forbidden { field: None, message: "this call needs an admin token".into() })
         }
     }
 
@@ -70,10 +73,17 @@ impl App {
         Self::require_admin(caller)?;
         validate_name("name", &req.name)?;
         req.quotas.validate()?;
+        // A quota left out takes the server's default, so a new account never runs unbounded by accident.
+        let defaults = &self.config.default_quotas;
+        let quotas = warmpool_api::Quotas {
+            max_sandboxes: req.quotas.max_sandboxes.or(defaults.max_sandboxes),
+            max_warm_sandboxes: req.quotas.max_warm_sandboxes.or(defaults.max_warm_sandboxes),
+        };
         let account = Account {
             id: new_id(id_prefix::ACCOUNT),
             name: req.name,
-            quotas: req.quotas,
+            quotas,
+            allow_host_network: req.allow_host_network,
             created_at: Utc::now(),
         };
         self.store.insert_account(&account)?;
@@ -95,6 +105,9 @@ impl App {
         if let Some(q) = patch.quotas {
             q.validate()?;
             account.quotas = q;
+        }
+        if let Some(allow) = patch.allow_host_network {
+            account.allow_host_network = allow;
         }
         self.store.update_account(&account)?;
         Ok(account)
@@ -125,6 +138,19 @@ impl App {
         } else {
             Err(not_found("token", id))
         }
+    }
+
+    /// Refuses `network.mode: host` to an account an admin did not allow it (`forbidden`), before anything
+    /// starts: the host's network namespace reaches every service on the host's loopback.
+    pub fn check_host_network(&self, account_id: &str) -> AppResult<()> {
+        let allowed = self.store.get_account(account_id)?.is_some_and(|a| a.allow_host_network);
+        if allowed {
+            return Ok(());
+        }
+        Err(AppError::Forbidden {
+            field: Some("network.mode".into()),
+            message: "network.mode \"host\" needs an account whose allow_host_network an admin set".into(),
+        })
     }
 
     /// The account's quotas (none for unknown accounts).

@@ -30,8 +30,9 @@ pub enum AppError {
     Invalid(#[from] FieldError),
     #[error("missing or invalid token")]
     Unauthorized,
-    #[error("this call needs an admin token")]
-    Forbidden,
+    /// The caller may not do this, whatever the input (`forbidden`); `field` names what it asked for, if a field.
+    #[error("{message}")]
+    Forbidden { field: Option<String>, message: String },
     #[error("{kind} {id:?} not found")]
     NotFound { kind: &'static str, id: String },
     #[error("{0}")]
@@ -91,6 +92,8 @@ pub struct AppConfig {
     pub max_parallel_starts: usize,
     /// Builds run at once.
     pub max_parallel_builds: usize,
+    /// Quotas of accounts created without them (`--default-quotas`).
+    pub default_quotas: warmpool_api::Quotas,
 }
 
 pub struct App {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use warmpool_api::{
     id_prefix, validate_cwd, validate_env_key, validate_name, CheckoutMode, CheckoutSource, ExecRequest,
-    ExecResult, FallbackReason, FieldError, LogLine, PoolState, ProbeKind, ProbeResult, Sandbox,
+    ExecResult, FallbackReason, FieldError, LogLine, NetworkMode, PoolState, ProbeKind, ProbeResult, Sandbox,
     SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
 };
 
@@ -65,6 +65,9 @@ struct ColdPlan {
 impl App {
     pub async fn create_sandbox(self: &Arc<Self>, caller: &Caller, req: SandboxCreate) -> AppResult<Sandbox> {
         validate_create(&req)?;
+        if req.network.as_ref().is_some_and(|n| n.mode == NetworkMode::Host) {
+            self.check_host_network(&caller.account_id)?;
+        }
         let started = Instant::now();
         let Some(pool_ref) = req.warm_pool.clone() else {
             let cold = self.cold_plan(caller, req.template.as_deref().expect("validated"))?;

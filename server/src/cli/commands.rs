@@ -364,14 +364,25 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
 async fn account(global: &Global, c: &Client, cmd: AccountCmd) -> anyhow::Result<i32> {
     let quota = |q: Option<u64>| q.map_or("-".to_string(), |q| q.to_string());
     let row = move |a: &Account| {
-        vec![a.id.clone(), a.name.clone(), quota(a.quotas.max_sandboxes), quota(a.quotas.max_warm_sandboxes)]
+        vec![
+            a.id.clone(),
+            a.name.clone(),
+            quota(a.quotas.max_sandboxes),
+            quota(a.quotas.max_warm_sandboxes),
+            a.allow_host_network.to_string(),
+        ]
     };
-    let header = ["ID", "NAME", "MAX_SANDBOXES", "MAX_WARM_SANDBOXES"];
+    let header = ["ID", "NAME", "MAX_SANDBOXES", "MAX_WARM_SANDBOXES", "ALLOW_HOST_NETWORK"];
     let one = |a: &Account| table(&header, vec![row(a)]);
     match cmd {
-        AccountCmd::Create { name, max_sandboxes, max_warm_sandboxes } => {
+        AccountCmd::Create { name, max_sandboxes, max_warm_sandboxes, allow_host_network } => {
             let quotas = Quotas { max_sandboxes, max_warm_sandboxes };
-            print(global, &c.create_account(&AccountCreate { name, quotas }).await?, one);
+            let req = AccountCreate { name, quotas, allow_host_network };
+            print(global, &c.create_account(&req).await?, one);
+        }
+        AccountCmd::Update { id, allow_host_network } => {
+            let patch = AccountPatch { allow_host_network, ..Default::default() };
+            print(global, &c.update_account(&id, &patch).await?, one);
         }
         AccountCmd::List => {
             let items = c.list_accounts().await?;

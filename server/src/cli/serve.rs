@@ -47,12 +47,51 @@ pub struct ServeArgs {
     /// The procd binary (default: next to this binary, then PATH).
     #[arg(long, env = "WARMPOOL_PROCD")]
     pub procd: Option<PathBuf>,
-    /// Sandboxes this host runs at once (beyond it pools report `no_eligible_hosts`).
+    /// Sandboxes this host runs at once, pool inventory and cold creates alike (beyond it pools report
+    /// `no_eligible_hosts` and a cold create answers 503 `service_unavailable`).
     #[arg(long, default_value_t = 256)]
     pub max_sandboxes: usize,
+    /// Quotas of every account created without them, as `max_sandboxes=N,max_warm_sandboxes=N` (a quota left
+    /// out here is unlimited; `none` sets no default).
+    #[arg(long, default_value = "max_sandboxes=50,max_warm_sandboxes=50", value_parser = parse_quotas)]
+    pub default_quotas: warmpool_api::Quotas,
+    /// Registries templates may pull `image` from, as comma-separated hosts (`ghcr.io,docker.io`,
+    /// `registry.internal:5000`). Default none: only local OCI layouts under `--image-dir`. Loopback, link-local
+    /// and private addresses are refused unless listed exactly.
+    #[arg(long, env = "WARMPOOL_ALLOWED_REGISTRIES", value_delimiter = ',')]
+    pub allowed_registries: Vec<String>,
+    /// The directory local OCI image layouts must be under, after symlinks are resolved (default
+    /// `<data-dir>/layouts`).
+    #[arg(long, env = "WARMPOOL_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// kubernetes: run sandbox pods in a user namespace of their own (`hostUsers: false`; needs a cluster
+    /// with user namespaces).
+    #[arg(long)]
+    pub pod_user_namespaces: bool,
     /// Sandboxes started at once by the reconciler (most of a start is waiting for readiness).
     #[arg(long, default_value_t = 100)]
     pub max_parallel_starts: usize,
+}
+
+/// `max_sandboxes=N,max_warm_sandboxes=N` (either may be left out), or `none`.
+fn parse_quotas(text: &str) -> Result<warmpool_api::Quotas, String> {
+    let mut quotas = warmpool_api::Quotas::default();
+    if text.trim() == "none" || text.trim().is_empty() {
+        return Ok(quotas);
+    }
+    for item in text.split(',') {
+        let (key, value) = item.split_once('=').ok_or_else(|| format!("{item:?}: expected KEY=N"))?;
+        let value: u64 = value.trim().parse().map_err(|e| format!("{item:?}: {e}"))?;
+        match key.trim() {
+            "max_sandboxes" => quotas.max_sandboxes = Some(value),
+            "max_warm_sandboxes" => quotas.max_warm_sandboxes = Some(value),
+            other => {
+                return Err(format!("unknown quota {other:?}: expected max_sandboxes or max_warm_sandboxes"))
+            }
+        }
+    }
+    quotas.validate().map_err(|e| e.to_string())?;
+    Ok(quotas)
 }
 
 fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -120,6 +159,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
         reconciler_enabled: args.reconciler == "on",
         max_parallel_starts: args.max_parallel_starts,
         max_parallel_builds: 2,
+        default_quotas: args.default_quotas.clone(),
     };
     let app = App::new(store, runtime, secrets, config);
     let token_path = app.bootstrap_admin()?;

@@ -51,8 +51,13 @@ impl IntoResponse for ApiError {
                 AppError::Invalid(f) => {
                     (ErrorCode::InvalidRequest, f.to_string(), serde_json::json!({"field": f.field}))
                 }
-                AppError::Unauthorized | AppError::Forbidden => {
-                    (ErrorCode::Unauthorized, e.to_string(), serde_json::json!({}))
+                AppError::Unauthorized => (ErrorCode::Unauthorized, e.to_string(), serde_json::json!({})),
+                AppError::Forbidden { field, message } => {
+                    let details = match field {
+                        Some(f) => serde_json::json!({"field": f}),
+                        None => serde_json::json!({}),
+                    };
+                    (ErrorCode::Forbidden, message, details)
                 }
                 AppError::NotFound { .. } => (ErrorCode::NotFound, e.to_string(), serde_json::json!({})),
                 AppError::Conflict(m) => (ErrorCode::Conflict, m, serde_json::json!({})),

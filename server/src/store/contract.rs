@@ -266,10 +266,16 @@ fn every_resource_round_trips(db: &dyn Backend) {
     let account = warmpool_api::Account {
         id: "acc_1".into(),
         name: "team".into(),
-        quotas: Default::default(),
+        quotas: warmpool_api::Quotas { max_sandboxes: Some(50), max_warm_sandboxes: Some(50) },
+        allow_host_network: true,
         created_at: now,
     };
     store.insert_account(&account).unwrap();
+    assert_eq!(store.get_account("acc_1").unwrap(), Some(account.clone()));
+    assert_eq!(store.list_accounts().unwrap(), vec![account.clone()]);
+    // An admin takes host networking away again: the store keeps what was written, not a default.
+    let account = warmpool_api::Account { allow_host_network: false, ..account };
+    store.update_account(&account).unwrap();
     assert_eq!(store.get_account("acc_1").unwrap(), Some(account.clone()));
     assert_eq!(store.list_accounts().unwrap(), vec![account]);
 

@@ -1,0 +1,3 @@
+//! Hostile-tenant suite: every attack a tenant could try, asserted refused.
+
+mod tenancy;
