@@ -306,6 +306,17 @@ impl App {
             network: req.network.as_ref().map(|n| n.mode).unwrap_or_default(),
         };
         self.store.insert_sandbox(&row)?;
+        // `--max-sandboxes` bounds cold creates as it bounds pools. Counted with this row in, so two creates
+        // racing for the last slot cannot both have it (both may lose it; a retry settles that).
+        let others = (self.store.count_live_sandboxes()? as usize).saturating_sub(1);
+        if self.runtime.free_capacity(others) == 0 {
+            self.store.delete_sandbox_if(&row.sandbox.id, &[Lifecycle::Warming])?;
+            return Err(AppError::ServiceUnavailable(
+                "this host runs as many sandboxes as it may (the server's --max-sandboxes); nothing was \
+                 started: retry later, or check out from a warm pool"
+                    .into(),
+            ));
+        }
         match self.start_sandbox(&mut row, spec, Lifecycle::Claimed).await {
             Ok(()) => {}
             Err(StartError::Failed(e)) => return Err(e),

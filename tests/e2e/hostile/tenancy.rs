@@ -85,3 +85,50 @@ async fn host_networking_needs_an_account_an_admin_allowed() {
     refused(c.create_sandbox(&attempts[0]).await, 403, "forbidden", "network.mode");
     nothing_started(&server);
 }
+
+/// A tenant that creates sandboxes cold as fast as it can neither exceeds its own quota (new accounts get the
+/// server's `--default-quotas`) nor runs the host past `--max-sandboxes`: cold creates count against it as pool
+/// inventory does, and a full host answers 503 `service_unavailable` before anything starts.
+#[tokio::test]
+async fn cold_creates_are_bounded_by_quotas_and_the_host() {
+    let server = TempServer::start(&[
+        "--max-sandboxes",
+        "2",
+        "--default-quotas",
+        "max_sandboxes=1,max_warm_sandboxes=1",
+    ]);
+    let (a, ca) = tenant(&server, "greedy").await;
+    assert_eq!(a.quotas, Quotas { max_sandboxes: Some(1), max_warm_sandboxes: Some(1) }, "default quotas");
+    let b = server
+        .client
+        .create_account(&AccountCreate {
+            name: "big".into(),
+            quotas: Quotas { max_sandboxes: Some(10), max_warm_sandboxes: None },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Quotas given are kept; one left out takes the default.
+    assert_eq!(b.quotas, Quotas { max_sandboxes: Some(10), max_warm_sandboxes: Some(1) });
+    let tok = server.client.create_token(&TokenCreate { account_id: b.id, name: None }).await.unwrap();
+    let cb = Client::new(&server.url, Some(tok.token)).unwrap();
+    build(&ca, &template("box", 0.0)).await;
+    build(&cb, &template("box", 0.0)).await;
+
+    let first = ca.create_sandbox(&cold("box")).await.unwrap();
+    let err = ca.create_sandbox(&cold("box")).await.unwrap_err();
+    assert!(matches!(&err, Error::Api { status: 429, code, .. } if code == "quota_exceeded"), "{err}");
+    let second = cb.create_sandbox(&cold("box")).await.unwrap();
+    // The host is full (2 of 2): the next cold create is refused and starts nothing.
+    let err = cb.create_sandbox(&cold("box")).await.unwrap_err();
+    assert!(matches!(&err, Error::Api { status: 503, code, .. } if code == "service_unavailable"), "{err}");
+    assert_eq!(running_sandboxes(&server.data_dir).len(), 2);
+    assert_eq!(cb.list_sandboxes().await.unwrap().len(), 1, "the refused create left no row");
+    // Room again once one goes.
+    ca.delete_sandbox(&first.id).await.unwrap();
+    let third = cb.create_sandbox(&cold("box")).await.unwrap();
+    for s in [second, third] {
+        cb.delete_sandbox(&s.id).await.unwrap();
+    }
+    wait_no_procd(&server.data_dir);
+}
