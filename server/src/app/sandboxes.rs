@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use warmpool_api::{
-    id_prefix, validate_cwd, validate_env_key, validate_name, CheckoutMode, CheckoutSource, ExecRequest,
-    ExecResult, FallbackReason, FieldError, LogLine, NetworkMode, PoolState, ProbeKind, ProbeResult, Sandbox,
-    SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
+    id_prefix, validate_cwd, validate_env_key, validate_mount_path, validate_name, CheckoutMode,
+    CheckoutSource, ExecRequest, ExecResult, FallbackReason, FieldError, LogLine, NetworkMode, PoolState,
+    ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
 };
 
 use super::lifecycle::{runtime_error, StartError, StopCause};
@@ -35,7 +35,7 @@ fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
     }
     for (i, v) in req.volumes.iter().flatten().enumerate() {
         validate_name(&format!("volumes[{i}].name"), &v.name)?;
-        validate_cwd(&format!("volumes[{i}].mount_path"), &v.mount_path)?;
+        validate_mount_path(&format!("volumes[{i}].mount_path"), &v.mount_path)?;
     }
     if let Some(cwd) = &req.cwd {
         validate_cwd("cwd", cwd)?;

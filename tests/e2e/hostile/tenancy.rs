@@ -132,3 +132,148 @@ async fn cold_creates_are_bounded_by_quotas_and_the_host() {
     }
     wait_no_procd(&server.data_dir);
 }
+
+/// Sends `body` (JSON text) with `method` to `path` as `token`; returns the status and the error's field.
+async fn send(
+    server: &ServerProcess,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = reqwest::Client::new().request(method, format!("{}{path}", server.url)).bearer_auth(token);
+    if let Some(body) = body {
+        req = req.header("content-type", "application/json").body(body.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    (status, body["error"]["details"]["field"].as_str().unwrap_or_default().to_string())
+}
+
+/// A NUL character anywhere a tenant can put a string (body values and keys, path parameters, query values) is a
+/// 400 naming the field, on PostgreSQL too (which cannot store one and used to answer 500).
+#[tokio::test]
+async fn nul_characters_are_refused_naming_the_field() {
+    let pg = warmpool_testkit::postgres::Postgres::start();
+    let server = TempServer::start(&["--database", &pg.database()]);
+    let (_, c) = tenant(&server, "tenant").await;
+    let token = c.token().unwrap().to_string();
+    c.create_template(&template("box", 0.0)).await.unwrap();
+    let pool = c.create_pool(&pool_spec("p", "box", 0, 1)).await.unwrap();
+    let leases = format!("/v1/template-warm-pools/{}/leases", pool.id);
+    let attacks: Vec<(&str, String, Option<String>, &str)> = vec![
+        ("POST", "/v1/templates".into(), Some(r#"{"name":"a\u0000b"}"#.into()), "name"),
+        (
+            "POST",
+            "/v1/templates".into(),
+            Some(r#"{"name":"t","start_cmd":"sleep 1\u0000"}"#.into()),
+            "start_cmd",
+        ),
+        ("POST", "/v1/templates".into(), Some(r#"{"name":"t","env":{"A\u0000":"1"}}"#.into()), "env.A\u{0}"),
+        (
+            "PATCH",
+            "/v1/templates/box".into(),
+            Some(r#"{"build":{"steps":["x\u0000"]}}"#.into()),
+            "build.steps[0]",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes".into(),
+            Some(r#"{"template":"box","labels":{"k":"v\u0000"}}"#.into()),
+            "labels.k",
+        ),
+        (
+            "POST",
+            "/v1/template-warm-pools".into(),
+            Some(
+                r#"{"name":"p2","template":"box","min_ready":0,"max_ready":1,"labels":{"a":"\u0000"}}"#
+                    .into(),
+            ),
+            "labels.a",
+        ),
+        ("PUT", format!("{leases}/run%00key"), Some(r#"{"count":1,"ttl_seconds":60}"#.into()), "key"),
+        ("PUT", format!("{leases}/owner/repo/run%00"), Some(r#"{"count":1,"ttl_seconds":60}"#.into()), "key"),
+        ("GET", "/v1/templates/box%00".into(), None, "id"),
+        ("GET", "/v1/sandboxes/sbx_%00".into(), None, "id"),
+        ("PUT", "/v1/templates/box/tags/st%00able".into(), Some(r#"{"build_id":"bld_1"}"#.into()), "tag"),
+        ("DELETE", format!("{leases}/k?drain_if_last=%00"), None, "drain_if_last"),
+    ];
+    for (method, path, body, field) in &attacks {
+        let (status, got) = send(&server, &token, method, path, body.as_deref()).await;
+        assert_eq!((status, got.as_str()), (400, *field), "{method} {path} {body:?}");
+    }
+    // Nothing was written.
+    assert_eq!(c.list_templates().await.unwrap().len(), 1);
+    assert_eq!(c.list_pools().await.unwrap().len(), 1);
+    assert!(c.list_leases(&pool.id).await.unwrap().is_empty());
+    nothing_started(&server);
+}
+
+/// Resources a runtime would overflow on, and volumes mounted over the kernel's interfaces or procd's files, are
+/// 400 naming the field before anything starts (they used to reach runc: an overflow, or a 409 after a start).
+#[tokio::test]
+async fn resources_and_mount_paths_are_checked_before_anything_starts() {
+    let server = TempServer::start(&[]);
+    let (_, c) = tenant(&server, "tenant").await;
+    let token = c.token().unwrap().to_string();
+    for (resources, field) in [
+        (r#"{"memory_mb":9223372036854775807}"#, "resources.memory_mb"),
+        (r#"{"memory_mb":1048577}"#, "resources.memory_mb"),
+        (r#"{"memory_mb":0}"#, "resources.memory_mb"),
+        (r#"{"disk_mb":9223372036854775807}"#, "resources.disk_mb"),
+        (r#"{"cpu":1e300}"#, "resources.cpu"),
+        (r#"{"cpu":0}"#, "resources.cpu"),
+    ] {
+        let body = format!(r#"{{"name":"big","resources":{resources}}}"#);
+        let (status, got) = send(&server, &token, "POST", "/v1/templates", Some(&body)).await;
+        assert_eq!((status, got.as_str()), (400, field), "{body}");
+        let body = format!(
+            r#"{{"name":"big","template":"box","min_ready":0,"max_ready":1,"resources":{resources}}}"#
+        );
+        let (status, got) = send(&server, &token, "POST", "/v1/template-warm-pools", Some(&body)).await;
+        assert_eq!((status, got.as_str()), (400, field), "{body}");
+    }
+    // The bounds are in the schema, for clients and fuzzers to see.
+    let doc: serde_json::Value =
+        reqwest::get(format!("{}/v1/openapi.json", server.url)).await.unwrap().json().await.unwrap();
+    let memory = &doc["components"]["schemas"]["Resources"]["properties"]["memory_mb"];
+    assert_eq!(memory["maximum"], 1048576, "{memory}");
+
+    build(&c, &template("box", 0.0)).await;
+    for (i, path) in [
+        "/proc",
+        "/proc/sys",
+        "/dev",
+        "/dev/shm",
+        "/sys",
+        "/sys/fs/cgroup",
+        "/run/warmpool",
+        "/run/warmpool/x",
+        "/",
+        "/config",
+        "/config/procd.json",
+        "/procd/bin",
+        "/procd/bin/procd",
+        "data",
+        "/data/../proc",
+        "/data/",
+        "//proc",
+        "/./proc",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let volumes = (0..=i.min(1))
+            .map(|j| VolumeMount {
+                name: format!("v{j}"),
+                mount_path: if j == i.min(1) { path.into() } else { "/data".into() },
+            })
+            .collect();
+        let req = SandboxCreate { volumes: Some(volumes), ..cold("box") };
+        let field = format!("volumes[{}].mount_path", i.min(1));
+        refused(c.create_sandbox(&req).await, 400, "invalid_request", &field);
+    }
+    nothing_started(&server);
+}
