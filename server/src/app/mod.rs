@@ -94,6 +94,8 @@ pub struct AppConfig {
     pub max_parallel_builds: usize,
     /// Quotas of accounts created without them (`--default-quotas`).
     pub default_quotas: warmpool_api::Quotas,
+    /// Where template images may come from (`--allowed-registries`, `--image-dir`).
+    pub images: crate::images::ImagePolicy,
 }
 
 pub struct App {

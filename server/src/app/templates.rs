@@ -30,6 +30,7 @@ pub fn start_timeout(spec: &TemplateSpec) -> Duration {
 impl App {
     pub fn create_template(&self, caller: &Caller, spec: TemplateSpec) -> AppResult<Template> {
         spec.validate()?;
+        self.check_image(&spec)?;
         let now = Utc::now();
         let template = Template::from_spec(new_id(id_prefix::TEMPLATE), spec, now, now);
         self.store.insert_template(&TemplateRow {
@@ -37,6 +38,14 @@ impl App {
             template: template.clone(),
         })?;
         Ok(template)
+    }
+
+    /// Refuses an `image` the server's image policy does not allow (see [`crate::images`]), on every runtime.
+    fn check_image(&self, spec: &TemplateSpec) -> AppResult<()> {
+        if let Some(image) = &spec.image {
+            self.config.images.check("image", image)?;
+        }
+        Ok(())
     }
 
     pub fn list_templates(&self, caller: &Caller) -> AppResult<Vec<Template>> {
@@ -58,6 +67,7 @@ impl App {
         let mut row = self.get_template(caller, id_or_name)?;
         let spec = patch.apply(row.template.spec());
         spec.validate()?;
+        self.check_image(&spec)?;
         row.template =
             Template::from_spec(row.template.id.clone(), spec, row.template.created_at, Utc::now());
         self.store.update_template(&row)?;

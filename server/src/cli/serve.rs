@@ -154,12 +154,24 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
             secrets.clone(),
         )?,
     };
+    let images = crate::images::ImagePolicy {
+        allowed_registries: args
+            .allowed_registries
+            .iter()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect(),
+        image_dir: args.image_dir.clone().unwrap_or_else(|| data_dir.join("layouts")),
+    };
+    // The runtime checks again right before it pulls.
+    crate::images::install(images.clone());
     let config = AppConfig {
         data_dir,
         reconciler_enabled: args.reconciler == "on",
         max_parallel_starts: args.max_parallel_starts,
         max_parallel_builds: 2,
         default_quotas: args.default_quotas.clone(),
+        images,
     };
     let app = App::new(store, runtime, secrets, config);
     let token_path = app.bootstrap_admin()?;

@@ -277,3 +277,61 @@ async fn resources_and_mount_paths_are_checked_before_anything_starts() {
     }
     nothing_started(&server);
 }
+
+/// A template's `image` is fetched by the server itself: a registry on the host's loopback (or any registry the
+/// operator did not list) would make it connect there, and a path would make it read anything on the host. Both
+/// are refused naming `image` when the template is written, and again right before the runtime fetches (a layout
+/// that became a symlink out of `--image-dir` since).
+#[tokio::test]
+async fn images_come_only_from_listed_registries_and_the_image_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(images.join("ok")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("outside")).unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("outside"), images.join("escape")).unwrap();
+    let server =
+        TempServer::start(&["--image-dir", images.to_str().unwrap(), "--allowed-registries", "ghcr.io"]);
+    let (_, c) = tenant(&server, "tenant").await;
+    // A "registry" on the host's loopback, which must never see a connection.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let port = trap.local_addr().unwrap().port();
+    let data = server.data_dir.canonicalize().unwrap();
+    let spec = |image: &str| TemplateSpec { image: Some(image.into()), ..template("img", 0.0) };
+    let attacks = [
+        format!("127.0.0.1:{port}/x"),
+        format!("localhost:{port}/x:latest"),
+        format!("[::1]:{port}/x"),
+        "169.254.169.254/latest/meta-data".to_string(),
+        "10.0.0.1:5000/x".to_string(),
+        "python:3.12-slim".to_string(),
+        "quay.io/org/x".to_string(),
+        "/".to_string(),
+        "/etc".to_string(),
+        data.display().to_string(),
+        format!("{}:tag", data.join("sandboxes").display()),
+        format!("{}/../outside", images.display()),
+        images.join("escape").display().to_string(),
+        images.display().to_string(),
+    ];
+    for image in &attacks {
+        refused(c.create_template(&spec(image)).await, 400, "invalid_request", "image");
+    }
+    // A listed registry and a layout under the image dir are fine; patching to an attack is refused.
+    c.create_template(&spec("ghcr.io/org/x:1")).await.unwrap();
+    for image in &attacks {
+        let patch = TemplatePatch { image: Some(image.clone()), ..Default::default() };
+        refused(c.update_template("img", &patch).await, 400, "invalid_request", "image");
+    }
+    let ok = format!("{}:v1", images.join("ok").display());
+    c.update_template("img", &TemplatePatch { image: Some(ok), ..Default::default() }).await.unwrap();
+    // The layout is swapped for a symlink out of the image dir after the check: the build refuses to read it.
+    std::fs::remove_dir(images.join("ok")).unwrap();
+    std::os::unix::fs::symlink("/etc", images.join("ok")).unwrap();
+    let b = c.create_build("img", &[]).await.unwrap();
+    let b = c.wait_build(&b.id, std::time::Duration::from_secs(60), |_| {}).await.unwrap();
+    assert_eq!(b.status, BuildStatus::Failed);
+    assert!(b.error.as_deref().unwrap_or("").contains("--image-dir"), "{:?}", b.error);
+    assert!(trap.accept().is_err(), "the server connected to the loopback registry");
+    nothing_started(&server);
+}

@@ -100,6 +100,7 @@ pub fn unmount(target: &Path) {
 /// are unpacked with `umoci` into `<cache>/<sha256 of the reference>/rootfs` and reused by every later build and
 /// sandbox. Returns the unpacked root filesystem.
 pub async fn image_rootfs(cache: &Path, image: &str) -> Result<PathBuf, RuntimeError> {
+    let image = &crate::images::before_pull(image)?;
     use sha2::Digest;
     let key = hex::encode(sha2::Sha256::digest(image.as_bytes()));
     let dir = cache.join(&key);
