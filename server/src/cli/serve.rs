@@ -142,6 +142,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
                     .unwrap_or_else(|| format!("http://{}", args.listen)),
                 data_dir: data_dir.clone(),
                 max_sandboxes: args.max_sandboxes,
+                user_namespaces: args.pod_user_namespaces,
             };
             let (client, namespace) = kubernetes::connect(&options).await?;
             KubernetesRuntime::new(client, namespace, &options, exits_tx, secrets.clone()).await?
