@@ -4,11 +4,12 @@
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use warmpool_api::{
-    id_prefix, validate_name, Account, AccountCreate, AccountPatch, FieldError, TokenCreate, TokenCreated,
+    id_prefix, validate_name, Account, AccountCreate, AccountPatch, FieldError, List, TokenCreate,
+    TokenCreated,
 };
 
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
-use crate::store::TokenRow;
+use crate::store::{Page, TokenRow};
 
 pub const DEFAULT_ACCOUNT: &str = "acc_default";
 
@@ -90,9 +91,9 @@ impl App {
         Ok(account)
     }
 
-    pub fn list_accounts(&self, caller: &Caller) -> AppResult<Vec<Account>> {
+    pub fn list_accounts(&self, caller: &Caller, page: &Page) -> AppResult<List<Account>> {
         Self::require_admin(caller)?;
-        Ok(self.store.list_accounts()?)
+        super::paged(page, |p| self.store.list_accounts(p), |a: &Account| &a.id, |a| a)
     }
 
     pub fn update_account(&self, caller: &Caller, id: &str, patch: AccountPatch) -> AppResult<Account> {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use warmpool_api::{
     id_prefix, validate_cwd, validate_env_key, validate_mount_path, validate_name, CheckoutMode,
-    CheckoutSource, ExecRequest, ExecResult, FallbackReason, FieldError, LogLine, NetworkMode, PoolState,
-    ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
+    CheckoutSource, ExecRequest, ExecResult, FallbackReason, FieldError, List, LogLine, NetworkMode,
+    PoolState, ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
 };
 
 use super::lifecycle::{runtime_error, StartError, StopCause};
@@ -348,8 +348,9 @@ impl App {
         Ok(self.owned(caller, id)?.sandbox)
     }
 
-    pub fn list_sandboxes(&self, caller: &Caller) -> AppResult<Vec<Sandbox>> {
-        Ok(self.store.list_sandboxes(&caller.account_id)?.into_iter().map(|r| r.sandbox).collect())
+    pub fn list_sandboxes(&self, caller: &Caller, page: &crate::store::Page) -> AppResult<List<Sandbox>> {
+        let fetch = |p: &crate::store::Page| self.store.list_sandboxes(&caller.account_id, p);
+        super::paged(page, fetch, |s: &Sandbox| &s.id, |r| r.sandbox)
     }
 
     /// Deletes a caller's sandbox: `draining` is committed first, so a failure of the store leaves procd running

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use warmpool_api::{
-    id_prefix, validate_name, Build, BuildCreate, BuildStatus, FieldError, Tag, Template, TemplatePatch,
-    TemplateRef, TemplateSpec,
+    id_prefix, validate_name, Build, BuildCreate, BuildStatus, FieldError, List, Tag, Template,
+    TemplatePatch, TemplateRef, TemplateSpec,
 };
 
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
@@ -48,8 +48,9 @@ impl App {
         Ok(())
     }
 
-    pub fn list_templates(&self, caller: &Caller) -> AppResult<Vec<Template>> {
-        Ok(self.store.list_templates(&caller.account_id)?.into_iter().map(|r| r.template).collect())
+    pub fn list_templates(&self, caller: &Caller, page: &crate::store::Page) -> AppResult<List<Template>> {
+        let fetch = |p: &crate::store::Page| self.store.list_templates(&caller.account_id, p);
+        super::paged(page, fetch, |t: &Template| &t.id, |r| r.template)
     }
 
     pub fn get_template(&self, caller: &Caller, id_or_name: &str) -> AppResult<TemplateRow> {

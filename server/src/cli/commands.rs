@@ -140,7 +140,7 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
         }
         TemplateCmd::List => {
             let items = c.list_templates().await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 table(
                     &["ID", "NAME", "START_CMD"],
                     l.items
@@ -201,7 +201,7 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
         TemplateCmd::Logs { build_id } => print!("{}", c.build_logs(&build_id).await?),
         TemplateCmd::Builds { name } => {
             let items = c.list_builds(&name).await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 table(
                     &["ID", "STATUS", "TAGS", "CREATED", "ERROR"],
                     l.items
@@ -272,7 +272,7 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
         }
         PoolCmd::List => {
             let items = c.list_pools().await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 table(
                     &["ID", "NAME", "STATE", "TEMPLATE", "MIN", "MAX", "GEN"],
                     l.items
@@ -386,7 +386,7 @@ async fn account(global: &Global, c: &Client, cmd: AccountCmd) -> anyhow::Result
         }
         AccountCmd::List => {
             let items = c.list_accounts().await?;
-            print(global, &List { items }, |l| table(&header, l.items.iter().map(row).collect()));
+            print(global, &List::all(items), |l| table(&header, l.items.iter().map(row).collect()));
         }
         AccountCmd::Quotas { id, max_sandboxes, max_warm_sandboxes } => {
             let quotas = Quotas { max_sandboxes, max_warm_sandboxes };
@@ -458,7 +458,7 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
         }
         SandboxCmd::List => {
             let items = c.list_sandboxes().await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 table(
                     &["ID", "STATE", "TEMPLATE", "BUILD"],
                     l.items
@@ -482,7 +482,7 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
         }
         SandboxCmd::Logs { id } => {
             let items = c.logs(&id).await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 l.items
                     .iter()
                     .map(|line| format!("{} {} [{}] {}", line.ts, line.process, line.stream, line.data))

@@ -335,3 +335,37 @@ async fn images_come_only_from_listed_registries_and_the_image_dir() {
     assert!(trap.accept().is_err(), "the server connected to the loopback registry");
     nothing_started(&server);
 }
+
+/// A list is a page (default 100, at most 1000 items) with a cursor to the next, so thousands of resources never
+/// make one answer; a bigger `limit` is a 400 naming it. The client follows cursors, so its callers see everything.
+#[tokio::test]
+async fn lists_are_pages_and_the_client_follows_them() {
+    let server = TempServer::start(&[]);
+    let (_, c) = tenant(&server, "tenant").await;
+    let token = c.token().unwrap().to_string();
+    for name in ["a", "b", "c"] {
+        c.create_template(&template(name, 0.0)).await.unwrap();
+    }
+    for route in ["/v1/templates", "/v1/template-warm-pools", "/v1/sandboxes"] {
+        for limit in ["1001", "0", "-1", "x"] {
+            let (status, field) = send(&server, &token, "GET", &format!("{route}?limit={limit}"), None).await;
+            assert_eq!((status, field.as_str()), (400, "limit"), "{route}?limit={limit}");
+        }
+    }
+    let get = |path: String| {
+        let token = token.clone();
+        async move {
+            let resp = reqwest::Client::new().get(path).bearer_auth(token).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let first = get(format!("{}/v1/templates?limit=2", server.url)).await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 2);
+    let cursor = first["next_cursor"].as_str().expect("a next page").to_string();
+    let second = get(format!("{}/v1/templates?limit=2&cursor={cursor}", server.url)).await;
+    assert_eq!(second["items"].as_array().unwrap().len(), 1);
+    assert!(second.get("next_cursor").is_none(), "{second}");
+    let names: Vec<String> = c.list_templates().await.unwrap().into_iter().map(|t| t.name).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+}
