@@ -1,5 +1,7 @@
 //! The action's steps. Everything reads the runner through [`Runner`] and the control plane through
-//! `warmpool-client`; `post` reads nothing but `STATE_*`.
+//! `warmpool-client`; `post` reads `STATE_*` and, for the API token, the `token` input (the runner hands a post
+//! step the same inputs as its main step). The token is never written to `GITHUB_STATE`: the state file is plain
+//! text on the runner's disk that any later step of the job can read.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -269,10 +271,8 @@ async fn scale_up_and_checkout<W: Write>(
     if keep_state {
         // Saved before anything changes, so post can clean up whatever happens next.
         let ids: Vec<&str> = pools.iter().map(|(p, _)| p.id.as_str()).collect();
+        // Not the token: post reads it from its own `token` input (OIDC will exchange again).
         r.save_state("endpoint", c.endpoint())?;
-        if let Some(token) = r.env.input("token") {
-            r.save_state("token", &token)?;
-        }
         r.save_state("pools", &serde_json::to_string(&ids).expect("json"))?;
         r.save_state("lease-key", &key)?;
         r.save_state("on-finish", on_finish.as_str())?;
@@ -502,13 +502,13 @@ async fn checkout_only<W: Write>(r: &mut Runner<W>) -> Result<()> {
     result
 }
 
-/// Cleans up after `main`, from `STATE_*` only. Safe to run twice.
+/// Cleans up after `main`, from `STATE_*` and the `token` input. Safe to run twice.
 async fn post<W: Write>(r: &mut Runner<W>) -> Result<()> {
     let Some(endpoint) = r.env.state("endpoint") else {
         r.info("Nothing to clean up: main saved no state.");
         return Ok(());
     };
-    let token = r.env.state("token");
+    let token = r.env.input("token");
     if let Some(t) = &token {
         r.add_mask(t);
     }

@@ -33,13 +33,18 @@ impl Quotas {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccountCreate {
     #[schema(pattern = "^[a-z0-9][a-z0-9._-]{0,62}$")]
     pub name: String,
+    /// Quotas left out take the server's `--default-quotas`.
     #[serde(default)]
     pub quotas: Quotas,
+    /// Whether the account's sandboxes may use `network: {"mode": "host"}` (the host's network namespace,
+    /// loopback services included). Default false.
+    #[serde(default)]
+    pub allow_host_network: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -50,6 +55,8 @@ pub struct AccountPatch {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quotas: Option<Quotas>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_host_network: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -57,6 +64,9 @@ pub struct Account {
     pub id: String,
     pub name: String,
     pub quotas: Quotas,
+    /// Sandboxes of this account may use the host's network (`network.mode: host`); set by an admin.
+    #[serde(default)]
+    pub allow_host_network: bool,
     pub created_at: DateTime<Utc>,
 }
 

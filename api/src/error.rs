@@ -25,6 +25,9 @@ pub struct ErrorDetail {
 pub enum ErrorCode {
     InvalidRequest,
     Unauthorized,
+    /// The caller may not do this, whatever the input (an admin-only route, host networking without the
+    /// account's `allow_host_network`).
+    Forbidden,
     NotFound,
     Conflict,
     PayloadTooLarge,
@@ -40,6 +43,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
@@ -53,6 +57,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::Conflict => "conflict",
             ErrorCode::PayloadTooLarge => "payload_too_large",

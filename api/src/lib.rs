@@ -21,11 +21,24 @@ pub use template::*;
 
 use serde::{Deserialize, Serialize};
 
-/// Every list endpoint returns `{"items": [...]}`.
+/// Every list endpoint returns `{"items": [...]}`; a paginated one adds `next_cursor` while more items follow
+/// (pass it as `?cursor=` for the next page).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct List<T> {
     pub items: Vec<T>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
+
+impl<T> List<T> {
+    pub fn all(items: Vec<T>) -> Self {
+        List { items, next_cursor: None }
+    }
+}
+
+/// `?limit=` of a paginated list: the default and the largest.
+pub const LIST_LIMIT_DEFAULT: u32 = 100;
+pub const LIST_LIMIT_MAX: u32 = 1000;
 
 /// Id prefixes, one per kind of resource.
 pub mod id_prefix {

@@ -299,6 +299,22 @@ pub fn validate_cwd(field: &str, cwd: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Paths a volume may not be mounted at, besides `/` and [`RESERVED_PATHS`]: the kernel's interfaces and the
+/// directory of procd's socket. Mounting over them would hide what the sandbox's isolation relies on.
+pub const RESERVED_MOUNT_PATHS: [&str; 4] = ["/proc", "/dev", "/sys", "/run/warmpool"];
+
+/// A volume's `mount_path`: the `cwd` rules (absolute, normalized, not `/`, not `/config` or `/procd/bin`) and not
+/// [`RESERVED_MOUNT_PATHS`] or below them.
+pub fn validate_mount_path(field: &str, path: &str) -> Result<(), FieldError> {
+    validate_cwd(field, path)?;
+    for reserved in RESERVED_MOUNT_PATHS {
+        if path == reserved || path.strip_prefix(reserved).is_some_and(|rest| rest.starts_with('/')) {
+            return Err(FieldError::new(field, format!("uses reserved path {reserved:?}")));
+        }
+    }
+    Ok(())
+}
+
 /// Validates a list of warm processes as `<path>[i]…`: names unique, `command` only and always for `cmd`,
 /// `language` only and always for `repl`, `cwd` rules, probes.
 pub fn validate_warm_processes(path: &str, processes: &[WarmProcessSpec]) -> Result<(), FieldError> {

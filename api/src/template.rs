@@ -22,12 +22,17 @@ pub struct BuildRecipe {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
-    /// CPUs (fractions allowed: 0.5).
+    /// CPUs (fractions allowed: 0.5), more than 0 and at most 1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0, maximum = 1024)]
     pub cpu: Option<f64>,
+    /// Memory limit in MiB, 1 to 1048576 (1 TiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1048576)]
     pub memory_mb: Option<u64>,
+    /// Disk limit in MiB, 1 to 16777216 (16 TiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 16777216)]
     pub disk_mb: Option<u64>,
 }
 
@@ -45,20 +50,31 @@ impl Resources {
         self.disk_mb.unwrap_or(Self::DEFAULT_DISK_MB)
     }
 
+    /// Largest `cpu`.
+    pub const MAX_CPU: f64 = 1024.0;
+    /// Largest `memory_mb` (1 TiB): beyond it byte counts overflow what the runtimes hand the kernel.
+    pub const MAX_MEMORY_MB: u64 = 1 << 20;
+    /// Largest `disk_mb` (16 TiB).
+    pub const MAX_DISK_MB: u64 = 1 << 24;
+
     pub fn validate(&self, path: &str) -> Result<(), FieldError> {
         if let Some(cpu) = self.cpu {
-            if !(cpu > 0.0 && cpu <= 1024.0) {
+            if !(cpu > 0.0 && cpu <= Self::MAX_CPU) {
                 return Err(FieldError::new(
                     format!("{path}.cpu"),
                     "must be greater than 0 and at most 1024",
                 ));
             }
         }
-        if self.memory_mb == Some(0) {
-            return Err(FieldError::new(format!("{path}.memory_mb"), "must be greater than 0"));
-        }
-        if self.disk_mb == Some(0) {
-            return Err(FieldError::new(format!("{path}.disk_mb"), "must be greater than 0"));
+        for (field, value, max) in
+            [("memory_mb", self.memory_mb, Self::MAX_MEMORY_MB), ("disk_mb", self.disk_mb, Self::MAX_DISK_MB)]
+        {
+            if value.is_some_and(|v| v == 0 || v > max) {
+                return Err(FieldError::new(
+                    format!("{path}.{field}"),
+                    format!("must be between 1 and {max}"),
+                ));
+            }
         }
         Ok(())
     }

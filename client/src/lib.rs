@@ -137,8 +137,28 @@ impl Client {
         serde_json::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))
     }
 
+    /// Every item of a list, following `next_cursor` page by page (routes that do not page answer one page).
     async fn list<T: DeserializeOwned>(&self, segments: &[&str]) -> Result<Vec<T>> {
-        Ok(self.call::<List<T>>(Method::GET, segments, None).await?.items)
+        let limit = LIST_LIMIT_MAX.to_string();
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![("limit", limit.as_str())];
+            if let Some(c) = &cursor {
+                query.push(("cursor", c.as_str()));
+            }
+            let resp = self.raw(Method::GET, segments, &query, None).await?;
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|source| Error::Transport { endpoint: self.base.to_string(), source })?;
+            let page: List<T> = serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))?;
+            items.extend(page.items);
+            match page.next_cursor {
+                Some(next) if Some(&next) != cursor.as_ref() => cursor = Some(next),
+                _ => return Ok(items),
+            }
+        }
     }
 
     async fn text(&self, segments: &[&str]) -> Result<String> {

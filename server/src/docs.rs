@@ -80,7 +80,8 @@ pub fn api_reference() -> String {
          Generated from the OpenAPI document the server serves at `GET /v1/openapi.json` (feed that to a \
          client generator). Every call but the first four takes `Authorization: Bearer <token>`. Errors \
          answer `{\"error\": {\"code\", \"message\", \"details\"}}`: `invalid_request` 400 \
-         (`details.field` names the field), `unauthorized` 401, `not_found` 404 (also for another \
+         (`details.field` names the field), `unauthorized` 401, `forbidden` 403 (the caller may not do this, \
+         whatever the input; `details.field` names the field when one is to blame), `not_found` 404 (also for another \
          account's resources), `conflict` 409, `payload_too_large` 413, `quota_exceeded` 429, \
          `warm_pool_unavailable` 503, `service_unavailable` 503, `internal` 500. Unknown JSON fields are \
          rejected; bodies over 1 MiB too.\n",

@@ -1,10 +1,12 @@
 //! The Warmpool control plane: HTTP API (`http`), domain (`app`), durable state (`store`), sandbox runtimes
-//! (`runtime`), the pool reconciler (`reconciler`), metrics, and the `warmpool` CLI (`cli`).
+//! (`runtime`), the pool reconciler (`reconciler`), where images may come from (`images`), metrics, and the
+//! `warmpool` CLI (`cli`).
 
 pub mod app;
 pub mod cli;
 pub mod docs;
 pub mod http;
+pub mod images;
 pub mod metrics;
 pub mod reconciler;
 pub mod runtime;

@@ -159,6 +159,7 @@ async fn accounts_are_isolated_and_quotas_apply() {
         .create_account(&AccountCreate {
             name: "tenant".into(),
             quotas: Quotas { max_sandboxes: Some(1), max_warm_sandboxes: None },
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -176,11 +177,10 @@ async fn accounts_are_isolated_and_quotas_apply() {
     assert_eq!(tenant.get_sandbox(&admin_sandbox.id).await.unwrap_err().code(), Some("not_found"));
     assert_eq!(tenant.delete_sandbox(&admin_sandbox.id).await.unwrap_err().code(), Some("not_found"));
     // Tenants cannot administer accounts.
-    let err = tenant
-        .create_account(&AccountCreate { name: "x".into(), quotas: Default::default() })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Some("unauthorized"));
+    let err =
+        tenant.create_account(&AccountCreate { name: "x".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Some("forbidden"));
+    assert!(matches!(err, warmpool_client::Error::Api { status: 403, .. }));
 
     tenant.create_template(&quick_template("shared-name")).await.unwrap();
     let b = tenant.create_build("shared-name", &["stable".into()]).await.unwrap();

@@ -131,10 +131,12 @@ async fn accounts_and_tokens_through_the_cli() {
     let cli = Cli { url: &server.url, data_dir: tmp.path() };
     let account = cli.json(&["account", "create", "ci", "--max-sandboxes", "2"]);
     let id = account["id"].as_str().unwrap().to_string();
+    // The quota left out takes the server's --default-quotas.
     assert_eq!(
-        (account["quotas"]["max_sandboxes"].as_u64(), account["quotas"].get("max_warm_sandboxes")),
-        (Some(2), None)
+        (account["quotas"]["max_sandboxes"].as_u64(), account["quotas"]["max_warm_sandboxes"].as_u64()),
+        (Some(2), Some(50))
     );
+    assert_eq!(account["allow_host_network"], false);
     let (code, out, _) = cli.run(&["account", "list"]);
     assert!(
         code == 0 && out.lines().any(|l| l.starts_with(&id) && l.contains(" ci ") && l.contains(" 2 ")),

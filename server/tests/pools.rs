@@ -375,6 +375,7 @@ async fn degraded_reasons_follow_real_conditions() {
         .create_account(&AccountCreate {
             name: "small".into(),
             quotas: Quotas { max_sandboxes: None, max_warm_sandboxes: Some(1) },
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -83,6 +83,15 @@ impl Job {
         cmd.envs(&self.env).envs(extra);
         cmd.env("GITHUB_OUTPUT", &out).env("GITHUB_STATE", &state).env("GITHUB_STEP_SUMMARY", &summary);
         let result = cmd.output().unwrap();
+        // The token never reaches the state file: any later step of the job can read it.
+        let saved = std::fs::read_to_string(&state).unwrap_or_default();
+        let secrets = ["INPUT_TOKEN", "INPUT_GITHUB-TOKEN"].map(|k| [self.env.get(k), extra.get(k)]);
+        for secret in secrets.into_iter().flatten().flatten() {
+            assert!(
+                !secret.is_empty() && !saved.contains(secret.as_str()),
+                "{command} saved the token in GITHUB_STATE"
+            );
+        }
         let read = |p: &Path| {
             parse_key_values(&std::fs::read_to_string(p).unwrap_or_default()).into_iter().collect()
         };
@@ -95,10 +104,12 @@ impl Job {
         }
     }
 
-    /// `post`, with the main step's state as `STATE_*` and none of the inputs (post reads nothing else).
+    /// `post`, with the main step's state as `STATE_*` and, as the runner does, the step's `token` input (the
+    /// only input post reads).
     fn post(&self, main: &StepResult) -> StepResult {
         let mut bare = Job { dir: tempfile::tempdir().unwrap(), env: HashMap::new() };
         bare.env.insert("GITHUB_REPOSITORY".into(), "octo/app".into());
+        bare.env.insert("INPUT_TOKEN".into(), self.env["INPUT_TOKEN"].clone());
         let state = main.state.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())).collect();
         let r = bare.step("post", &state);
         // Keep the dir alive for the caller's inspection only as long as needed.
@@ -123,6 +134,7 @@ async fn main_raises_waits_checks_out_and_post_cleans_up() {
         main.stdout.starts_with(&format!("::add-mask::{}\n", server.token())),
         "the token is masked first"
     );
+    assert!(!main.state.contains_key("token"), "post takes the token from its input, not GITHUB_STATE");
     assert!(main.stdout.contains("::group::Waiting for 2 ready sandboxes"));
     let sandboxes = ids(&main);
     assert_eq!(sandboxes.len(), 2);

@@ -49,8 +49,10 @@ async fn a_template_image_is_the_sandbox_base() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let _cleanup = KillOnDrop(data.clone());
-    let layout = tiny_image(tmp.path());
-    let server = ServerProcess::start(&data, &[]);
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let layout = tiny_image(&images);
+    let server = ServerProcess::start(&data, &["--image-dir", images.to_str().unwrap()]);
     let c = server.client.clone();
     let mut spec = template("imaged", 0.0);
     spec.image = Some(format!("{}:tiny", layout.display()));

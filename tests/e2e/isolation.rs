@@ -10,11 +10,15 @@ use warmpool_client::Client;
 
 use crate::*;
 
-/// A tenant (second account) with a built template.
+/// A tenant (second account) with a built template; an admin allowed it host networking (`network_modes`).
 async fn tenant(server: &ServerProcess) -> Client {
     let acc = server
         .client
-        .create_account(&AccountCreate { name: "tenant".into(), quotas: Default::default() })
+        .create_account(&AccountCreate {
+            name: "tenant".into(),
+            allow_host_network: true,
+            ..Default::default()
+        })
         .await
         .unwrap();
     let tok = server.client.create_token(&TokenCreate { account_id: acc.id, name: None }).await.unwrap();

@@ -60,7 +60,11 @@ async fn every_operation_conforms_to_the_served_openapi_document() {
     // Everything but the admin routes runs as an account whose quotas keep the sandboxes schemathesis creates (it
     // finds the seeded template) to a handful: quota_exceeded (429) instead of hundreds of containers.
     let quotas = Quotas { max_sandboxes: Some(4), max_warm_sandboxes: Some(2) };
-    let account = srv.client.create_account(&AccountCreate { name: "fuzz".into(), quotas }).await.unwrap();
+    let account = srv
+        .client
+        .create_account(&AccountCreate { name: "fuzz".into(), quotas, ..Default::default() })
+        .await
+        .unwrap();
     let token =
         srv.client.create_token(&TokenCreate { account_id: account.id, name: None }).await.unwrap().token;
     let c = &Client::new(&srv.url, Some(token.clone())).unwrap();

@@ -4,11 +4,12 @@
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use warmpool_api::{
-    id_prefix, validate_name, Account, AccountCreate, AccountPatch, FieldError, TokenCreate, TokenCreated,
+    id_prefix, validate_name, Account, AccountCreate, AccountPatch, FieldError, List, TokenCreate,
+    TokenCreated,
 };
 
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
-use crate::store::TokenRow;
+use crate::store::{Page, TokenRow};
 
 pub const DEFAULT_ACCOUNT: &str = "acc_default";
 
@@ -31,7 +32,10 @@ impl App {
             let account = Account {
                 id: DEFAULT_ACCOUNT.into(),
                 name: "default".into(),
+                // The admin's own account: no quotas, and no host networking until an admin sets it
+                // (`PATCH /v1/accounts/acc_default {"allow_host_network": true}`).
                 quotas: Default::default(),
+                allow_host_network: false,
                 created_at: Utc::now(),
             };
             self.store.insert_account(&account)?;
@@ -62,7 +66,7 @@ impl App {
         if caller.admin {
             Ok(())
         } else {
-            Err(AppError::Forbidden)
+            Err(AppError::Forbidden { field: None, message: "this call needs an admin token".into() })
         }
     }
 
@@ -70,19 +74,26 @@ impl App {
         Self::require_admin(caller)?;
         validate_name("name", &req.name)?;
         req.quotas.validate()?;
+        // A quota left out takes the server's default, so a new account never runs unbounded by accident.
+        let defaults = &self.config.default_quotas;
+        let quotas = warmpool_api::Quotas {
+            max_sandboxes: req.quotas.max_sandboxes.or(defaults.max_sandboxes),
+            max_warm_sandboxes: req.quotas.max_warm_sandboxes.or(defaults.max_warm_sandboxes),
+        };
         let account = Account {
             id: new_id(id_prefix::ACCOUNT),
             name: req.name,
-            quotas: req.quotas,
+            quotas,
+            allow_host_network: req.allow_host_network,
             created_at: Utc::now(),
         };
         self.store.insert_account(&account)?;
         Ok(account)
     }
 
-    pub fn list_accounts(&self, caller: &Caller) -> AppResult<Vec<Account>> {
+    pub fn list_accounts(&self, caller: &Caller, page: &Page) -> AppResult<List<Account>> {
         Self::require_admin(caller)?;
-        Ok(self.store.list_accounts()?)
+        super::paged(page, |p| self.store.list_accounts(p), |a: &Account| &a.id, |a| a)
     }
 
     pub fn update_account(&self, caller: &Caller, id: &str, patch: AccountPatch) -> AppResult<Account> {
@@ -95,6 +106,9 @@ impl App {
         if let Some(q) = patch.quotas {
             q.validate()?;
             account.quotas = q;
+        }
+        if let Some(allow) = patch.allow_host_network {
+            account.allow_host_network = allow;
         }
         self.store.update_account(&account)?;
         Ok(account)
@@ -125,6 +139,19 @@ impl App {
         } else {
             Err(not_found("token", id))
         }
+    }
+
+    /// Refuses `network.mode: host` to an account an admin did not allow it (`forbidden`), before anything
+    /// starts: the host's network namespace reaches every service on the host's loopback.
+    pub fn check_host_network(&self, account_id: &str) -> AppResult<()> {
+        let allowed = self.store.get_account(account_id)?.is_some_and(|a| a.allow_host_network);
+        if allowed {
+            return Ok(());
+        }
+        Err(AppError::Forbidden {
+            field: Some("network.mode".into()),
+            message: "network.mode \"host\" needs an account whose allow_host_network an admin set".into(),
+        })
     }
 
     /// The account's quotas (none for unknown accounts).

@@ -30,8 +30,9 @@ pub enum AppError {
     Invalid(#[from] FieldError),
     #[error("missing or invalid token")]
     Unauthorized,
-    #[error("this call needs an admin token")]
-    Forbidden,
+    /// The caller may not do this, whatever the input (`forbidden`); `field` names what it asked for, if a field.
+    #[error("{message}")]
+    Forbidden { field: Option<String>, message: String },
     #[error("{kind} {id:?} not found")]
     NotFound { kind: &'static str, id: String },
     #[error("{0}")]
@@ -76,6 +77,22 @@ pub struct Caller {
     pub admin: bool,
 }
 
+/// One page of a list as the API answers it: `limit + 1` rows asked of the store tell whether more follow, and
+/// the last id shown is the cursor of the next page.
+pub fn paged<R, T>(
+    page: &crate::store::Page,
+    fetch: impl FnOnce(&crate::store::Page) -> Result<Vec<R>, StoreError>,
+    id: impl Fn(&T) -> &str,
+    map: impl FnMut(R) -> T,
+) -> AppResult<warmpool_api::List<T>> {
+    let ask = crate::store::Page { after: page.after.clone(), limit: page.limit.saturating_add(1) };
+    let mut items: Vec<T> = fetch(&ask)?.into_iter().map(map).collect();
+    let more = items.len() > page.limit as usize;
+    items.truncate(page.limit as usize);
+    let next_cursor = if more { items.last().map(|t| id(t).to_string()) } else { None };
+    Ok(warmpool_api::List { items, next_cursor })
+}
+
 pub fn new_id(prefix: &str) -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 8];
@@ -91,6 +108,10 @@ pub struct AppConfig {
     pub max_parallel_starts: usize,
     /// Builds run at once.
     pub max_parallel_builds: usize,
+    /// Quotas of accounts created without them (`--default-quotas`).
+    pub default_quotas: warmpool_api::Quotas,
+    /// Where template images may come from (`--allowed-registries`, `--image-dir`).
+    pub images: crate::images::ImagePolicy,
 }
 
 pub struct App {

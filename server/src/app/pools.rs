@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use warmpool_api::{
-    id_prefix, BuildStatus, DegradedReason, FieldError, Lease, LeaseRelease, LeaseSpec, PoolState,
+    id_prefix, BuildStatus, DegradedReason, FieldError, Lease, LeaseRelease, LeaseSpec, List, PoolState,
     PoolStatus, VersionPolicy, WarmPool, WarmPoolPatch, WarmPoolSpec,
 };
 
@@ -119,8 +119,9 @@ impl App {
         Ok(pool)
     }
 
-    pub fn list_pools(&self, caller: &Caller) -> AppResult<Vec<WarmPool>> {
-        Ok(self.store.list_pools(Some(&caller.account_id))?.into_iter().map(|r| r.pool).collect())
+    pub fn list_pools(&self, caller: &Caller, page: &crate::store::Page) -> AppResult<List<WarmPool>> {
+        let fetch = |p: &crate::store::Page| self.store.page_pools(&caller.account_id, p);
+        super::paged(page, fetch, |w: &WarmPool| &w.id, |r| r.pool)
     }
 
     pub fn get_pool(&self, caller: &Caller, id_or_name: &str) -> AppResult<PoolRow> {

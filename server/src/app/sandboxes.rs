@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use warmpool_api::{
-    id_prefix, validate_cwd, validate_env_key, validate_name, CheckoutMode, CheckoutSource, ExecRequest,
-    ExecResult, FallbackReason, FieldError, LogLine, PoolState, ProbeKind, ProbeResult, Sandbox,
-    SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
+    id_prefix, validate_cwd, validate_env_key, validate_mount_path, validate_name, CheckoutMode,
+    CheckoutSource, ExecRequest, ExecResult, FallbackReason, FieldError, List, LogLine, NetworkMode,
+    PoolState, ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
 };
 
 use super::lifecycle::{runtime_error, StartError, StopCause};
@@ -44,7 +44,7 @@ fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
     }
     for (i, v) in req.volumes.iter().flatten().enumerate() {
         validate_name(&format!("volumes[{i}].name"), &v.name)?;
-        validate_cwd(&format!("volumes[{i}].mount_path"), &v.mount_path)?;
+        validate_mount_path(&format!("volumes[{i}].mount_path"), &v.mount_path)?;
     }
     if let Some(cwd) = &req.cwd {
         validate_cwd("cwd", cwd)?;
@@ -71,6 +71,9 @@ struct ColdPlan {
 impl App {
     pub async fn create_sandbox(self: &Arc<Self>, caller: &Caller, req: SandboxCreate) -> AppResult<Sandbox> {
         validate_create(&req)?;
+        if req.network.as_ref().is_some_and(|n| n.mode == NetworkMode::Host) {
+            self.check_host_network(&caller.account_id)?;
+        }
         let started = Instant::now();
         let Some(pool_ref) = req.warm_pool.clone() else {
             let cold = self.cold_plan(caller, req.template.as_deref().expect("validated"))?;
@@ -317,6 +320,17 @@ impl App {
             network: req.network.as_ref().map(|n| n.mode).unwrap_or_default(),
         };
         self.store.insert_sandbox(&row)?;
+        // `--max-sandboxes` bounds cold creates as it bounds pools. Counted with this row in, so two creates
+        // racing for the last slot cannot both have it (both may lose it; a retry settles that).
+        let others = (self.store.count_live_sandboxes()? as usize).saturating_sub(1);
+        if self.runtime.free_capacity(others) == 0 {
+            self.store.delete_sandbox_if(&row.sandbox.id, &[Lifecycle::Warming])?;
+            return Err(AppError::ServiceUnavailable(
+                "this host runs as many sandboxes as it may (the server's --max-sandboxes); nothing was \
+                 started: retry later, or check out from a warm pool"
+                    .into(),
+            ));
+        }
         match self.start_sandbox(&mut row, spec, Lifecycle::Claimed).await {
             Ok(()) => {}
             Err(StartError::Failed(e)) => return Err(e),
@@ -348,8 +362,9 @@ impl App {
         Ok(self.owned(caller, id)?.sandbox)
     }
 
-    pub fn list_sandboxes(&self, caller: &Caller) -> AppResult<Vec<Sandbox>> {
-        Ok(self.store.list_sandboxes(&caller.account_id)?.into_iter().map(|r| r.sandbox).collect())
+    pub fn list_sandboxes(&self, caller: &Caller, page: &crate::store::Page) -> AppResult<List<Sandbox>> {
+        let fetch = |p: &crate::store::Page| self.store.list_sandboxes(&caller.account_id, p);
+        super::paged(page, fetch, |s: &Sandbox| &s.id, |r| r.sandbox)
     }
 
     /// Deletes a caller's sandbox: `draining` is committed first, so a failure of the store leaves procd running

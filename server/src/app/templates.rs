@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use warmpool_api::{
-    id_prefix, validate_name, Build, BuildCreate, BuildStatus, FieldError, Tag, Template, TemplatePatch,
-    TemplateRef, TemplateSpec,
+    id_prefix, validate_name, Build, BuildCreate, BuildStatus, FieldError, List, Tag, Template,
+    TemplatePatch, TemplateRef, TemplateSpec,
 };
 
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
@@ -30,6 +30,7 @@ pub fn start_timeout(spec: &TemplateSpec) -> Duration {
 impl App {
     pub fn create_template(&self, caller: &Caller, spec: TemplateSpec) -> AppResult<Template> {
         spec.validate()?;
+        self.check_image(&spec)?;
         let now = Utc::now();
         let template = Template::from_spec(new_id(id_prefix::TEMPLATE), spec, now, now);
         self.store.insert_template(&TemplateRow {
@@ -39,8 +40,17 @@ impl App {
         Ok(template)
     }
 
-    pub fn list_templates(&self, caller: &Caller) -> AppResult<Vec<Template>> {
-        Ok(self.store.list_templates(&caller.account_id)?.into_iter().map(|r| r.template).collect())
+    /// Refuses an `image` the server's image policy does not allow (see [`crate::images`]), on every runtime.
+    fn check_image(&self, spec: &TemplateSpec) -> AppResult<()> {
+        if let Some(image) = &spec.image {
+            self.config.images.check("image", image)?;
+        }
+        Ok(())
+    }
+
+    pub fn list_templates(&self, caller: &Caller, page: &crate::store::Page) -> AppResult<List<Template>> {
+        let fetch = |p: &crate::store::Page| self.store.list_templates(&caller.account_id, p);
+        super::paged(page, fetch, |t: &Template| &t.id, |r| r.template)
     }
 
     pub fn get_template(&self, caller: &Caller, id_or_name: &str) -> AppResult<TemplateRow> {
@@ -58,6 +68,7 @@ impl App {
         let mut row = self.get_template(caller, id_or_name)?;
         let spec = patch.apply(row.template.spec());
         spec.validate()?;
+        self.check_image(&spec)?;
         row.template =
             Template::from_spec(row.template.id.clone(), spec, row.template.created_at, Utc::now());
         self.store.update_template(&row)?;

@@ -140,7 +140,7 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
         }
         TemplateCmd::List => {
             let items = c.list_templates().await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 table(
                     &["ID", "NAME", "START_CMD"],
                     l.items
@@ -201,7 +201,7 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
         TemplateCmd::Logs { build_id } => print!("{}", c.build_logs(&build_id).await?),
         TemplateCmd::Builds { name } => {
             let items = c.list_builds(&name).await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 table(
                     &["ID", "STATUS", "TAGS", "CREATED", "ERROR"],
                     l.items
@@ -272,7 +272,7 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
         }
         PoolCmd::List => {
             let items = c.list_pools().await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 table(
                     &["ID", "NAME", "STATE", "TEMPLATE", "MIN", "MAX", "GEN"],
                     l.items
@@ -364,18 +364,29 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
 async fn account(global: &Global, c: &Client, cmd: AccountCmd) -> anyhow::Result<i32> {
     let quota = |q: Option<u64>| q.map_or("-".to_string(), |q| q.to_string());
     let row = move |a: &Account| {
-        vec![a.id.clone(), a.name.clone(), quota(a.quotas.max_sandboxes), quota(a.quotas.max_warm_sandboxes)]
+        vec![
+            a.id.clone(),
+            a.name.clone(),
+            quota(a.quotas.max_sandboxes),
+            quota(a.quotas.max_warm_sandboxes),
+            a.allow_host_network.to_string(),
+        ]
     };
-    let header = ["ID", "NAME", "MAX_SANDBOXES", "MAX_WARM_SANDBOXES"];
+    let header = ["ID", "NAME", "MAX_SANDBOXES", "MAX_WARM_SANDBOXES", "ALLOW_HOST_NETWORK"];
     let one = |a: &Account| table(&header, vec![row(a)]);
     match cmd {
-        AccountCmd::Create { name, max_sandboxes, max_warm_sandboxes } => {
+        AccountCmd::Create { name, max_sandboxes, max_warm_sandboxes, allow_host_network } => {
             let quotas = Quotas { max_sandboxes, max_warm_sandboxes };
-            print(global, &c.create_account(&AccountCreate { name, quotas }).await?, one);
+            let req = AccountCreate { name, quotas, allow_host_network };
+            print(global, &c.create_account(&req).await?, one);
+        }
+        AccountCmd::Update { id, allow_host_network } => {
+            let patch = AccountPatch { allow_host_network, ..Default::default() };
+            print(global, &c.update_account(&id, &patch).await?, one);
         }
         AccountCmd::List => {
             let items = c.list_accounts().await?;
-            print(global, &List { items }, |l| table(&header, l.items.iter().map(row).collect()));
+            print(global, &List::all(items), |l| table(&header, l.items.iter().map(row).collect()));
         }
         AccountCmd::Quotas { id, max_sandboxes, max_warm_sandboxes } => {
             let quotas = Quotas { max_sandboxes, max_warm_sandboxes };
@@ -447,7 +458,7 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
         }
         SandboxCmd::List => {
             let items = c.list_sandboxes().await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 table(
                     &["ID", "STATE", "TEMPLATE", "BUILD"],
                     l.items
@@ -471,7 +482,7 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
         }
         SandboxCmd::Logs { id } => {
             let items = c.logs(&id).await?;
-            print(global, &List { items }, |l| {
+            print(global, &List::all(items), |l| {
                 l.items
                     .iter()
                     .map(|line| format!("{} {} [{}] {}", line.ts, line.process, line.stream, line.data))

@@ -48,7 +48,7 @@ pub struct Global {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the control plane.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Check an endpoint and token and save them for every later command (in the user's config directory).
     Login,
     /// Templates and builds.
@@ -253,9 +253,21 @@ pub enum AccountCmd {
         /// Warm (unclaimed) sandboxes across the account's pools.
         #[arg(long)]
         max_warm_sandboxes: Option<u64>,
+        /// Let the account's sandboxes use `--network host` (the host's network namespace, loopback services
+        /// included). Off by default.
+        #[arg(long)]
+        allow_host_network: bool,
     },
     /// List accounts.
     List,
+    /// Change an account's settings.
+    Update {
+        /// The account's id (`acc_…`).
+        id: String,
+        /// Allow (`true`, or the bare flag) or refuse (`false`) host networking to the account's sandboxes.
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        allow_host_network: Option<bool>,
+    },
     /// Replace an account's quotas (a quota left out is unlimited).
     Quotas {
         /// The account's id (`acc_…`).
@@ -351,7 +363,7 @@ pub enum BenchCmd {
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Serve(args) => serve::serve(args).await.map(|_| 0),
+        Command::Serve(args) => serve::serve(*args).await.map(|_| 0),
         Command::Bench(BenchCmd::Checkout(args)) => bench::checkout(&cli.global, args).await,
         Command::Bench(BenchCmd::Pools(args)) => bench::pools(&cli.global, args).await,
         Command::Bench(BenchCmd::Artifact(args)) => bench::artifact(&cli.global, args).await,

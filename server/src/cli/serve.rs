@@ -47,9 +47,27 @@ pub struct ServeArgs {
     /// The procd binary (default: next to this binary, then PATH).
     #[arg(long, env = "WARMPOOL_PROCD")]
     pub procd: Option<PathBuf>,
-    /// Sandboxes this host runs at once (beyond it pools report `no_eligible_hosts`).
+    /// Sandboxes this host runs at once, pool inventory and cold creates alike (beyond it pools report
+    /// `no_eligible_hosts` and a cold create answers 503 `service_unavailable`).
     #[arg(long, default_value_t = 256)]
     pub max_sandboxes: usize,
+    /// Quotas of every account created without them, as `max_sandboxes=N,max_warm_sandboxes=N` (a quota left
+    /// out here is unlimited; `none` sets no default).
+    #[arg(long, default_value = "max_sandboxes=50,max_warm_sandboxes=50", value_parser = parse_quotas)]
+    pub default_quotas: warmpool_api::Quotas,
+    /// Registries templates may pull `image` from, as comma-separated hosts (`ghcr.io,docker.io`,
+    /// `registry.internal:5000`). Default none: only local OCI layouts under `--image-dir`. Loopback, link-local
+    /// and private addresses are refused unless listed exactly.
+    #[arg(long, env = "WARMPOOL_ALLOWED_REGISTRIES", value_delimiter = ',')]
+    pub allowed_registries: Vec<String>,
+    /// The directory local OCI image layouts must be under, after symlinks are resolved (default
+    /// `<data-dir>/layouts`).
+    #[arg(long, env = "WARMPOOL_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// kubernetes: run sandbox pods in a user namespace of their own (`hostUsers: false`; needs a cluster
+    /// with user namespaces).
+    #[arg(long)]
+    pub pod_user_namespaces: bool,
     /// Sandboxes started at once by the reconciler (most of a start is waiting for readiness).
     #[arg(long, default_value_t = 100)]
     pub max_parallel_starts: usize,
@@ -65,6 +83,27 @@ pub struct ServeArgs {
     /// free space). Without it such a host refuses to start sandboxes rather than let one fill the data dir.
     #[arg(long)]
     pub allow_unlimited_disk: bool,
+}
+
+/// `max_sandboxes=N,max_warm_sandboxes=N` (either may be left out), or `none`.
+fn parse_quotas(text: &str) -> Result<warmpool_api::Quotas, String> {
+    let mut quotas = warmpool_api::Quotas::default();
+    if text.trim() == "none" || text.trim().is_empty() {
+        return Ok(quotas);
+    }
+    for item in text.split(',') {
+        let (key, value) = item.split_once('=').ok_or_else(|| format!("{item:?}: expected KEY=N"))?;
+        let value: u64 = value.trim().parse().map_err(|e| format!("{item:?}: {e}"))?;
+        match key.trim() {
+            "max_sandboxes" => quotas.max_sandboxes = Some(value),
+            "max_warm_sandboxes" => quotas.max_warm_sandboxes = Some(value),
+            other => {
+                return Err(format!("unknown quota {other:?}: expected max_sandboxes or max_warm_sandboxes"))
+            }
+        }
+    }
+    quotas.validate().map_err(|e| e.to_string())?;
+    Ok(quotas)
 }
 
 fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -115,6 +154,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
                     .unwrap_or_else(|| format!("http://{}", args.listen)),
                 data_dir: data_dir.clone(),
                 max_sandboxes: args.max_sandboxes,
+                user_namespaces: args.pod_user_namespaces,
             };
             let (client, namespace) = kubernetes::connect(&options).await?;
             KubernetesRuntime::new(client, namespace, &options, exits_tx, secrets.clone()).await?
@@ -131,11 +171,24 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
             LocalRuntime::new(options, exits_tx, secrets.clone()).await?
         }
     };
+    let images = crate::images::ImagePolicy {
+        allowed_registries: args
+            .allowed_registries
+            .iter()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect(),
+        image_dir: args.image_dir.clone().unwrap_or_else(|| data_dir.join("layouts")),
+    };
+    // The runtime checks again right before it pulls.
+    crate::images::install(images.clone());
     let config = AppConfig {
         data_dir,
         reconciler_enabled: args.reconciler == "on",
         max_parallel_starts: args.max_parallel_starts,
         max_parallel_builds: 2,
+        default_quotas: args.default_quotas.clone(),
+        images,
     };
     let app = App::new(store, runtime, secrets, config);
     let token_path = app.bootstrap_admin()?;

@@ -61,7 +61,32 @@ pub fn routes() -> (Router<Arc<App>>, Doc) {
 }
 
 fn list<T>(items: Vec<T>) -> Json<List<T>> {
-    Json(List { items })
+    Json(List::all(items))
+}
+
+/// `?limit=N&cursor=C` of a paginated list.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ListQuery {
+    /// Items per page (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+impl ListQuery {
+    fn page(self) -> Result<crate::store::Page, FieldError> {
+        let limit = match self.limit.as_deref() {
+            None => LIST_LIMIT_DEFAULT,
+            Some(text) => {
+                text.parse::<u32>().ok().filter(|n| (1..=LIST_LIMIT_MAX).contains(n)).ok_or_else(|| {
+                    FieldError::new("limit", format!("must be a whole number from 1 to {LIST_LIMIT_MAX}"))
+                })?
+            }
+        };
+        Ok(crate::store::Page { after: self.cursor.filter(|c| !c.is_empty()), limit })
+    }
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "server", security(()),
@@ -116,9 +141,13 @@ async fn create_account(
     Ok((StatusCode::CREATED, Json(app.create_account(&c, req)?)))
 }
 #[utoipa::path(get, path = "/v1/accounts", tag = "accounts", summary = "List accounts (admin)",
-    responses((status = 200, body = List<Account>)))]
-async fn list_accounts(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<Account>>> {
-    Ok(list(app.list_accounts(&c)?))
+    params(ListQuery), responses((status = 200, body = List<Account>)))]
+async fn list_accounts(
+    State(app): S,
+    Auth(c): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<List<Account>>> {
+    Ok(Json(app.list_accounts(&c, &q.page()?)?))
 }
 #[utoipa::path(patch, path = "/v1/accounts/{id}", tag = "accounts", summary = "Update an account (admin)",
     params(("id" = String, Path, description = "Account id (`acc_…`)")),
@@ -159,9 +188,13 @@ async fn create_template(
     Ok((StatusCode::CREATED, Json(app.create_template(&c, req)?)))
 }
 #[utoipa::path(get, path = "/v1/templates", tag = "templates", summary = "List templates",
-    responses((status = 200, body = List<Template>)))]
-async fn list_templates(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<Template>>> {
-    Ok(list(app.list_templates(&c)?))
+    params(ListQuery), responses((status = 200, body = List<Template>)))]
+async fn list_templates(
+    State(app): S,
+    Auth(c): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<List<Template>>> {
+    Ok(Json(app.list_templates(&c, &q.page()?)?))
 }
 #[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates", summary = "Get a template by id or name",
     params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
@@ -291,9 +324,13 @@ async fn create_pool(
     Ok((StatusCode::CREATED, Json(app.create_pool(&c, req)?)))
 }
 #[utoipa::path(get, path = "/v1/template-warm-pools", tag = "pools", summary = "List warm pools",
-    responses((status = 200, body = List<WarmPool>)))]
-async fn list_pools(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<WarmPool>>> {
-    Ok(list(app.list_pools(&c)?))
+    params(ListQuery), responses((status = 200, body = List<WarmPool>)))]
+async fn list_pools(
+    State(app): S,
+    Auth(c): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<List<WarmPool>>> {
+    Ok(Json(app.list_pools(&c, &q.page()?)?))
 }
 #[utoipa::path(get, path = "/v1/template-warm-pools/{id}", tag = "pools",
     summary = "Get a warm pool by id or name",
@@ -410,9 +447,13 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(app.create_sandbox(&c, req).await?)))
 }
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", summary = "List sandboxes",
-    responses((status = 200, body = List<Sandbox>)))]
-async fn list_sandboxes(State(app): S, Auth(c): Auth) -> ApiResult<Json<List<Sandbox>>> {
-    Ok(list(app.list_sandboxes(&c)?))
+    params(ListQuery), responses((status = 200, body = List<Sandbox>)))]
+async fn list_sandboxes(
+    State(app): S,
+    Auth(c): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<List<Sandbox>>> {
+    Ok(Json(app.list_sandboxes(&c, &q.page()?)?))
 }
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", summary = "Get a sandbox",
     params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),

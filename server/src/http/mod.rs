@@ -51,8 +51,13 @@ impl IntoResponse for ApiError {
                 AppError::Invalid(f) => {
                     (ErrorCode::InvalidRequest, f.to_string(), serde_json::json!({"field": f.field}))
                 }
-                AppError::Unauthorized | AppError::Forbidden => {
-                    (ErrorCode::Unauthorized, e.to_string(), serde_json::json!({}))
+                AppError::Unauthorized => (ErrorCode::Unauthorized, e.to_string(), serde_json::json!({})),
+                AppError::Forbidden { field, message } => {
+                    let details = match field {
+                        Some(f) => serde_json::json!({"field": f}),
+                        None => serde_json::json!({}),
+                    };
+                    (ErrorCode::Forbidden, message, details)
                 }
                 AppError::NotFound { .. } => (ErrorCode::NotFound, e.to_string(), serde_json::json!({})),
                 AppError::Conflict(m) => (ErrorCode::Conflict, m, serde_json::json!({})),
@@ -146,6 +151,7 @@ pub fn parse_body<T: DeserializeOwned + ToSchema>(bytes: &[u8]) -> ApiResult<T> 
         return Err(FieldError::new("body", "must be a JSON object").into());
     }
     normalize_numbers(&mut value, "")?;
+    no_nul(&value, "")?;
     let schemas = &openapi::json()["components"]["schemas"];
     objects_are_objects(&value, &schemas[T::name().as_ref()], schemas, "")?;
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -199,6 +205,67 @@ fn normalize_numbers(value: &mut serde_json::Value, path: &str) -> Result<(), Fi
     Ok(())
 }
 
+/// Refuses a NUL character in any string or key of a body, naming where: no name, key, label or command of the
+/// API may hold one (PostgreSQL cannot store it, a C string ends at it, and it hides what follows from logs).
+fn no_nul(value: &serde_json::Value, path: &str) -> Result<(), FieldError> {
+    use serde_json::Value;
+    let at =
+        |path: &str| FieldError::new(if path.is_empty() { "body" } else { path }, "must not contain NUL");
+    match value {
+        Value::String(text) if text.contains('\0') => Err(at(path)),
+        Value::Array(items) => {
+            items.iter().enumerate().try_for_each(|(i, item)| no_nul(item, &format!("{path}[{i}]")))
+        }
+        Value::Object(fields) => fields.iter().try_for_each(|(key, v)| {
+            let field = join_path(path, key);
+            if key.contains('\0') {
+                return Err(at(&field));
+            }
+            no_nul(v, &field)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a NUL character (`%00`; a raw one never makes it through HTTP parsing) in a path parameter or a query
+/// value, naming the parameter, before any handler runs.
+async fn no_nul_in_uri(req: Request, next: axum::middleware::Next) -> Response {
+    let uri = req.uri();
+    let is_nul = |text: &str| text.to_ascii_lowercase().contains("%00");
+    let field = if is_nul(uri.path()) {
+        Some(path_parameter(uri.path(), is_nul))
+    } else if let Some(query) = uri.query().filter(|q| is_nul(q)) {
+        let key = query.split('&').find(|pair| is_nul(pair)).and_then(|p| p.split('=').next()).unwrap_or("");
+        Some(if key.is_empty() || is_nul(key) { "query".to_string() } else { key.to_string() })
+    } else {
+        None
+    };
+    match field {
+        Some(field) => ApiError::from(FieldError::new(field, "must not contain NUL")).into_response(),
+        None => next.run(req).await,
+    }
+}
+
+/// The name of the documented path parameter (`{key}`) holding the first segment `bad` finds, else `path`.
+fn path_parameter(path: &str, bad: impl Fn(&str) -> bool) -> String {
+    let segments: Vec<&str> = path.split('/').collect();
+    let Some(at) = segments.iter().position(|s| bad(s)) else { return "path".into() };
+    for template in openapi::json()["paths"].as_object().into_iter().flatten().map(|(t, _)| t) {
+        let parts: Vec<&str> = template.split('/').collect();
+        // The lease key is the one parameter that takes the rest of the path (it may hold slashes).
+        let rest = parts.last().is_some_and(|p| *p == "{key}") && template.contains("/leases/");
+        let fits = parts.len() == segments.len() || (rest && segments.len() > parts.len());
+        let literal_ok = parts.iter().zip(&segments).all(|(p, s)| p.starts_with('{') || p == s);
+        if fits && literal_ok {
+            let part = parts.get(at).copied().unwrap_or_else(|| parts.last().copied().unwrap_or(""));
+            if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                return name.to_string();
+            }
+        }
+    }
+    "path".into()
+}
+
 /// Checks that every value its schema declares an object is one, naming the first that is not.
 fn objects_are_objects(
     value: &serde_json::Value,
@@ -241,6 +308,7 @@ fn objects_are_objects(
 pub fn router(app: Arc<App>) -> axum::Router {
     handlers::routes()
         .0
+        .route_layer(axum::middleware::from_fn(no_nul_in_uri))
         .fallback(unknown_route)
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))

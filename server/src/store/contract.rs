@@ -70,6 +70,7 @@ contract!(
     duplicate_names_are_conflicts,
     pool_writes_never_lose_a_change,
     every_resource_round_trips,
+    lists_page_in_id_order,
 );
 
 pub fn sandbox(id: &str, pool: &str) -> SandboxRow {
@@ -220,7 +221,7 @@ fn a_claim_writes_the_whole_row(db: &dyn Backend) {
     expected.timeout_policy = update.timeout_policy.clone();
     assert_eq!(claimed, expected);
     assert_eq!(store.get_sandbox("sbx_1").unwrap().unwrap(), expected);
-    assert_eq!(store.list_sandboxes("acc_2").unwrap(), vec![expected]);
+    assert_eq!(store.list_sandboxes("acc_2", &Page::ALL).unwrap(), vec![expected]);
     assert_eq!(store.count_sandboxes("acc_2").unwrap(), (1, 0));
     assert_eq!(store.list_pool_sandboxes("twp_1").unwrap().len(), 2, "claimed_from keeps it the pool's");
 }
@@ -234,7 +235,7 @@ fn duplicate_names_are_conflicts(db: &dyn Backend) {
     };
     store.insert_template(&row("tpl_1")).unwrap();
     assert!(matches!(store.insert_template(&row("tpl_2")), Err(StoreError::Conflict(_))));
-    assert_eq!(store.list_templates("acc_1").unwrap().len(), 1);
+    assert_eq!(store.list_templates("acc_1", &Page::ALL).unwrap().len(), 1);
     store.insert_pool(&pool("twp_1", "api")).unwrap();
     assert!(matches!(store.insert_pool(&pool("twp_2", "api")), Err(StoreError::Conflict(_))));
 }
@@ -266,12 +267,18 @@ fn every_resource_round_trips(db: &dyn Backend) {
     let account = warmpool_api::Account {
         id: "acc_1".into(),
         name: "team".into(),
-        quotas: Default::default(),
+        quotas: warmpool_api::Quotas { max_sandboxes: Some(50), max_warm_sandboxes: Some(50) },
+        allow_host_network: true,
         created_at: now,
     };
     store.insert_account(&account).unwrap();
     assert_eq!(store.get_account("acc_1").unwrap(), Some(account.clone()));
-    assert_eq!(store.list_accounts().unwrap(), vec![account]);
+    assert_eq!(store.list_accounts(&Page::ALL).unwrap(), vec![account.clone()]);
+    // An admin takes host networking away again: the store keeps what was written, not a default.
+    let account = warmpool_api::Account { allow_host_network: false, ..account };
+    store.update_account(&account).unwrap();
+    assert_eq!(store.get_account("acc_1").unwrap(), Some(account.clone()));
+    assert_eq!(store.list_accounts(&Page::ALL).unwrap(), vec![account]);
 
     let token = TokenRow {
         id: "tok_1".into(),
@@ -346,4 +353,41 @@ fn every_resource_round_trips(db: &dyn Backend) {
     assert!(store.delete_sandbox_if("sbx_1", &[Lifecycle::Warming]).unwrap());
     assert!(store.list_all_sandboxes().unwrap().is_empty());
     store.check_writable().unwrap();
+}
+
+/// Lists are pages keyset on id: a page holds at most `limit` rows above `after`, in id order, so a client that
+/// passes the last id of a page gets the next one, whatever was inserted meanwhile.
+fn lists_page_in_id_order(db: &dyn Backend) {
+    let store = db.open();
+    for (id, name) in [("acc_c", "a"), ("acc_a", "c"), ("acc_b", "b")] {
+        let account = warmpool_api::Account {
+            id: id.into(),
+            name: name.into(),
+            quotas: Default::default(),
+            allow_host_network: false,
+            created_at: Utc::now(),
+        };
+        store.insert_account(&account).unwrap();
+    }
+    let ids = |page: &Page| -> Vec<String> {
+        store.list_accounts(page).unwrap().into_iter().map(|a| a.id).collect()
+    };
+    assert_eq!(ids(&Page::ALL), ["acc_a", "acc_b", "acc_c"]);
+    assert_eq!(ids(&Page { after: None, limit: 2 }), ["acc_a", "acc_b"]);
+    assert_eq!(ids(&Page { after: Some("acc_b".into()), limit: 2 }), ["acc_c"]);
+    assert!(ids(&Page { after: Some("acc_c".into()), limit: 2 }).is_empty());
+    for (id, name) in [("twp_2", "a"), ("twp_1", "b"), ("twp_3", "c")] {
+        store.insert_pool(&pool(id, name)).unwrap();
+    }
+    let pools = |page: &Page| -> Vec<String> {
+        store.page_pools("acc_1", page).unwrap().into_iter().map(|p| p.pool.id).collect()
+    };
+    assert_eq!(pools(&Page { after: None, limit: 2 }), ["twp_1", "twp_2"]);
+    assert_eq!(pools(&Page { after: Some("twp_2".into()), limit: 2 }), ["twp_3"]);
+    assert!(store.page_pools("acc_2", &Page::ALL).unwrap().is_empty(), "another account's pools");
+    for id in ["sbx_b", "sbx_a"] {
+        store.insert_sandbox(&SandboxRow { pool_id: None, ..sandbox(id, "twp_1") }).unwrap();
+    }
+    let page = store.list_sandboxes("acc_1", &Page { after: Some("sbx_a".into()), limit: 5 }).unwrap();
+    assert_eq!(page.into_iter().map(|s| s.sandbox.id).collect::<Vec<_>>(), ["sbx_b"]);
 }

@@ -95,6 +95,22 @@ fn conflict_as(what: String) -> impl FnOnce(StoreError) -> StoreError {
     }
 }
 
+/// One page of a list, keyset on id: the rows whose id is above `after`, in id order, at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+impl Page {
+    /// Every row.
+    pub const ALL: Page = Page { after: None, limit: u32::MAX };
+
+    fn after(&self) -> &str {
+        self.after.as_deref().unwrap_or("")
+    }
+}
+
 /// An API token: only its SHA-256 is stored. Admin tokens have no account.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenRow {
@@ -271,7 +287,7 @@ pub trait Store: Send + Sync {
 
     fn insert_account(&self, account: &Account) -> StoreResult<()>;
     fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
-    fn list_accounts(&self) -> StoreResult<Vec<Account>>;
+    fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>>;
     fn update_account(&self, account: &Account) -> StoreResult<()>;
 
     fn insert_token(&self, token: &TokenRow) -> StoreResult<()>;
@@ -282,7 +298,7 @@ pub trait Store: Send + Sync {
     fn insert_template(&self, row: &TemplateRow) -> StoreResult<()>;
     /// By id or name, within the account.
     fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>>;
-    fn list_templates(&self, account_id: &str) -> StoreResult<Vec<TemplateRow>>;
+    fn list_templates(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>>;
     fn update_template(&self, row: &TemplateRow) -> StoreResult<()>;
     /// Deletes the template with its builds and tags.
     fn delete_template(&self, id: &str) -> StoreResult<()>;
@@ -304,6 +320,8 @@ pub trait Store: Send + Sync {
     fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>>;
     /// All pools, or one account's.
     fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>>;
+    /// One page of an account's pools.
+    fn page_pools(&self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>>;
     /// Writes the pool if its stored revision is still `row.rev` (and bumps it); false when another write came
     /// first or the pool is gone.
     fn update_pool(&self, row: &PoolRow) -> StoreResult<bool>;
@@ -317,7 +335,7 @@ pub trait Store: Send + Sync {
     fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()>;
     fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>>;
     /// One account's sandboxes that are not pool inventory.
-    fn list_sandboxes(&self, account_id: &str) -> StoreResult<Vec<SandboxRow>>;
+    fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>>;
     /// Every sandbox the store knows (inventory too).
     fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>>;
     fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>>;

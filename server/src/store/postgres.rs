@@ -409,8 +409,12 @@ impl Store for PgStore {
     fn get_account(&self, id: &str) -> StoreResult<Option<Account>> {
         self.one("SELECT json::text FROM accounts WHERE id = $1", &[text(&id)])
     }
-    fn list_accounts(&self) -> StoreResult<Vec<Account>> {
-        self.many("SELECT json::text FROM accounts ORDER BY name", &[])
+    fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>> {
+        let (after, limit) = (page.after(), i64::from(page.limit));
+        self.many(
+            "SELECT json::text FROM accounts WHERE id > $1 ORDER BY id LIMIT $2",
+            &[text(&after), (&limit, Type::INT8)],
+        )
     }
     fn update_account(&self, a: &Account) -> StoreResult<()> {
         let json = serde_json::to_string(a)?;
@@ -455,10 +459,11 @@ impl Store for PgStore {
             &[text(&account_id), text(&id_or_name)],
         )
     }
-    fn list_templates(&self, account_id: &str) -> StoreResult<Vec<TemplateRow>> {
+    fn list_templates(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>> {
+        let (after, limit) = (page.after(), i64::from(page.limit));
         self.many(
-            "SELECT json::text FROM templates WHERE account_id = $1 ORDER BY name",
-            &[text(&account_id)],
+            "SELECT json::text FROM templates WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            &[text(&account_id), text(&after), (&limit, Type::INT8)],
         )
     }
     fn update_template(&self, row: &TemplateRow) -> StoreResult<()> {
@@ -589,6 +594,13 @@ impl Store for PgStore {
             None => self.many("SELECT json::text FROM pools ORDER BY id", &[]),
         }
     }
+    fn page_pools(&self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>> {
+        let (after, limit) = (page.after(), i64::from(page.limit));
+        self.many(
+            "SELECT json::text FROM pools WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            &[text(&account_id), text(&after), (&limit, Type::INT8)],
+        )
+    }
     fn update_pool(&self, row: &PoolRow) -> StoreResult<bool> {
         let p = &row.pool;
         let next = PoolRow { rev: row.rev + 1, ..row.clone() };
@@ -658,10 +670,12 @@ impl Store for PgStore {
     fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
         self.one("SELECT json::text FROM sandboxes WHERE id = $1", &[text(&id)])
     }
-    fn list_sandboxes(&self, account_id: &str) -> StoreResult<Vec<SandboxRow>> {
+    fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>> {
+        let (after, limit) = (page.after(), i64::from(page.limit));
         self.many(
-            "SELECT json::text FROM sandboxes WHERE account_id = $1 AND pool_id IS NULL ORDER BY id",
-            &[text(&account_id)],
+            "SELECT json::text FROM sandboxes WHERE account_id = $1 AND pool_id IS NULL AND id > $2 ORDER BY id \
+             LIMIT $3",
+            &[text(&account_id), text(&after), (&limit, Type::INT8)],
         )
     }
     fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {

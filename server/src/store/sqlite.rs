@@ -165,8 +165,11 @@ impl Store for SqliteStore {
     fn get_account(&self, id: &str) -> StoreResult<Option<Account>> {
         self.one("SELECT json FROM accounts WHERE id = ?1", [id])
     }
-    fn list_accounts(&self) -> StoreResult<Vec<Account>> {
-        self.many("SELECT json FROM accounts ORDER BY name", [])
+    fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>> {
+        self.many(
+            "SELECT json FROM accounts WHERE id > ?1 ORDER BY id LIMIT ?2",
+            params![page.after(), page.limit],
+        )
     }
     fn update_account(&self, a: &Account) -> StoreResult<()> {
         self.exec(
@@ -209,8 +212,11 @@ impl Store for SqliteStore {
             [account_id, id_or_name],
         )
     }
-    fn list_templates(&self, account_id: &str) -> StoreResult<Vec<TemplateRow>> {
-        self.many("SELECT json FROM templates WHERE account_id = ?1 ORDER BY name", [account_id])
+    fn list_templates(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>> {
+        self.many(
+            "SELECT json FROM templates WHERE account_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            params![account_id, page.after(), page.limit],
+        )
     }
     fn update_template(&self, row: &TemplateRow) -> StoreResult<()> {
         let t = &row.template;
@@ -321,6 +327,12 @@ impl Store for SqliteStore {
             None => self.many("SELECT json FROM pools ORDER BY id", []),
         }
     }
+    fn page_pools(&self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>> {
+        self.many(
+            "SELECT json FROM pools WHERE account_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            params![account_id, page.after(), page.limit],
+        )
+    }
     fn update_pool(&self, row: &PoolRow) -> StoreResult<bool> {
         let p = &row.pool;
         let next = PoolRow { rev: row.rev + 1, ..row.clone() };
@@ -374,10 +386,10 @@ impl Store for SqliteStore {
     fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
         self.one("SELECT json FROM sandboxes WHERE id = ?1", [id])
     }
-    fn list_sandboxes(&self, account_id: &str) -> StoreResult<Vec<SandboxRow>> {
+    fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>> {
         self.many(
-            "SELECT json FROM sandboxes WHERE account_id = ?1 AND pool_id IS NULL ORDER BY id",
-            [account_id],
+            "SELECT json FROM sandboxes WHERE account_id = ?1 AND pool_id IS NULL AND id > ?2 ORDER BY id LIMIT ?3",
+            params![account_id, page.after(), page.limit],
         )
     }
     fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {

@@ -6,6 +6,7 @@
 mod disk;
 mod kernel;
 mod network;
+mod tenancy;
 
 use warmpool_api::*;
 use warmpool_client::Client;
@@ -16,7 +17,7 @@ use crate::*;
 pub async fn tenant(server: &ServerProcess, name: &str) -> Client {
     let acc = server
         .client
-        .create_account(&AccountCreate { name: name.into(), quotas: Default::default() })
+        .create_account(&AccountCreate { name: name.into(), ..Default::default() })
         .await
         .unwrap();
     let tok = server.client.create_token(&TokenCreate { account_id: acc.id, name: None }).await.unwrap();

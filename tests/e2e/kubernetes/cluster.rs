@@ -76,9 +76,20 @@ impl Cluster {
     /// `warmpool serve` flags for this cluster.
     pub fn serve_args(&self) -> Vec<String> {
         let kubeconfig = self.kubeconfig.display().to_string();
-        ["--runtime", "kubernetes", "--kubeconfig", &kubeconfig, "--image", WARMPOOL_IMAGE]
-            .map(String::from)
-            .to_vec()
+        // The templates run `debian:12-slim` from Docker Hub.
+        let flags = ["--allowed-registries", "docker.io"];
+        [
+            "--runtime",
+            "kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--image",
+            WARMPOOL_IMAGE,
+            flags[0],
+            flags[1],
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     /// Pod names, with their phase.

@@ -52,6 +52,8 @@ pub struct Options {
     pub advertise_url: String,
     pub data_dir: PathBuf,
     pub max_sandboxes: usize,
+    /// Pods get a user namespace of their own (`hostUsers: false`).
+    pub user_namespaces: bool,
 }
 
 pub struct KubernetesRuntime {
@@ -61,6 +63,7 @@ pub struct KubernetesRuntime {
     advertise_url: String,
     artifacts: PathBuf,
     max_sandboxes: usize,
+    user_namespaces: bool,
     secrets: Arc<Secrets>,
     procd: Procd,
     cache: reflector::Store<Pod>,
@@ -137,6 +140,7 @@ impl KubernetesRuntime {
             advertise_url: options.advertise_url.trim_end_matches('/').to_string(),
             artifacts,
             max_sandboxes: options.max_sandboxes,
+            user_namespaces: options.user_namespaces,
             procd: Procd::new(secrets.clone()),
             secrets,
             cache,
@@ -192,6 +196,7 @@ impl KubernetesRuntime {
             workdir: working_dir(spec),
             resources: spec.spec.resources.clone(),
             network: spec.network,
+            user_namespaces: self.user_namespaces,
         }
     }
 

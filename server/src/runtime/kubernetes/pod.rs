@@ -5,6 +5,10 @@
 //! in-memory `emptyDir` at `/config`; the `artifact` init container (when the pod starts from a build) downloads the
 //! build's artifact with a build-scoped token and unpacks it into the workspace, an `emptyDir` mounted at the
 //! sandbox's working directory. procd listens on the pod IP (downward API), where the server reaches it.
+//!
+//! Every pod is locked down as the local runtime's containers are: no service account token, the container
+//! runtime's default seccomp profile, no privilege escalation, runc's default capabilities only, and (with
+//! `--pod-user-namespaces`) a user namespace of its own (`hostUsers: false`).
 
 use std::collections::BTreeMap;
 
@@ -44,6 +48,22 @@ pub struct PodPlan {
     pub workdir: String,
     pub resources: Resources,
     pub network: NetworkMode,
+    /// Run the pod in a user namespace of its own (`hostUsers: false`; the cluster must support it).
+    pub user_namespaces: bool,
+}
+
+/// The capabilities a container keeps: runc's default set (`runc spec`), as the local runtime gives its
+/// containers. Everything else is dropped.
+pub const CAPABILITIES: [&str; 3] = ["AUDIT_WRITE", "KILL", "NET_BIND_SERVICE"];
+
+/// Every container's security context: the runtime's default seccomp profile, no privilege escalation (setuid
+/// binaries and file capabilities gain nothing), and runc's default capabilities only.
+fn container_security() -> serde_json::Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "capabilities": {"drop": ["ALL"], "add": CAPABILITIES},
+    })
 }
 
 /// The pod name of a sandbox or build id (`sbx_…` → `sbx-…`: pod names are DNS labels).
@@ -76,6 +96,7 @@ pub fn manifest(plan: &PodPlan) -> Pod {
             {"name": "config", "mountPath": "/config"},
         ],
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": container_security(),
     })];
     if let Some((url, token)) = &plan.artifact {
         init.push(json!({
@@ -85,6 +106,7 @@ pub fn manifest(plan: &PodPlan) -> Pod {
             "env": [{"name": "WARMPOOL_ARTIFACT_TOKEN", "value": token}],
             "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}],
             "terminationMessagePolicy": "FallbackToLogsOnError",
+            "securityContext": container_security(),
         }));
     }
     let quantities = quantities(&plan.resources);
@@ -92,7 +114,7 @@ pub fn manifest(plan: &PodPlan) -> Pod {
         Some(mb) => json!({"sizeLimit": format!("{mb}Mi")}),
         None => json!({}),
     };
-    let pod = json!({
+    let mut pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": plan.name, "labels": labels},
@@ -100,6 +122,7 @@ pub fn manifest(plan: &PodPlan) -> Pod {
             "restartPolicy": "Never",
             "automountServiceAccountToken": false,
             "enableServiceLinks": false,
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
             "terminationGracePeriodSeconds": 10,
             "initContainers": init,
             "containers": [{
@@ -121,6 +144,7 @@ pub fn manifest(plan: &PodPlan) -> Pod {
                     {"name": "workspace", "mountPath": plan.workdir},
                 ],
                 "terminationMessagePolicy": "FallbackToLogsOnError",
+                "securityContext": container_security(),
             }],
             "volumes": [
                 {"name": "procd", "emptyDir": {}},
@@ -129,6 +153,9 @@ pub fn manifest(plan: &PodPlan) -> Pod {
             ],
         },
     });
+    if plan.user_namespaces {
+        pod["spec"]["hostUsers"] = false.into();
+    }
     serde_json::from_value(pod).expect("the pod manifest matches the Pod schema")
 }
 

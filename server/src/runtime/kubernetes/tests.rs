@@ -111,6 +111,7 @@ async fn harness(pods: Vec<Value>, events: Vec<Value>, calls: Vec<Call>) -> Harn
         advertise_url: "http://warmpool.sandboxes.svc:7070/".into(),
         data_dir: data.path().to_path_buf(),
         max_sandboxes: 10,
+        user_namespaces: false,
     };
     let (tx, exits) = mpsc::unbounded_channel();
     let client = kube::Client::new(service, NS);
@@ -199,6 +200,44 @@ async fn a_sandbox_pod_runs_procd_from_the_init_container_in_the_template_image(
         main["volumeMounts"].as_array().unwrap().iter().map(|m| m["mountPath"].as_str().unwrap()).collect();
     assert_eq!(mounts, ["/procd/bin", "/config", "/workspace"]);
     assert_eq!(spec["volumes"][2]["emptyDir"]["sizeLimit"], "1024Mi");
+    h.verified().await;
+}
+
+/// A tenant's code runs in the sandbox container: it gets no service account token to call the cluster's API
+/// with, the runtime's seccomp profile, no way to gain privileges, and runc's default capabilities only; every
+/// init container likewise. `--pod-user-namespaces` adds a user namespace of its own.
+#[tokio::test]
+async fn every_pod_is_locked_down() {
+    let h = harness(vec![], vec![], vec![]).await;
+    let mut plan = h.runtime.plan("sbx-1".into(), &start_spec("sbx_1"), Some("bld_1"), true);
+    let pod = serde_json::to_value(pod::manifest(&plan)).unwrap();
+    let spec = &pod["spec"];
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    assert_eq!(spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(spec.get("hostUsers").is_none(), "left to the cluster without --pod-user-namespaces");
+    let containers: Vec<&Value> = spec["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(spec["containers"].as_array().unwrap())
+        .collect();
+    assert_eq!(containers.len(), 3);
+    for c in containers {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", c["name"]);
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{}", c["name"]);
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{}", c["name"]);
+        assert_eq!(
+            sc["capabilities"]["add"],
+            json!(["AUDIT_WRITE", "KILL", "NET_BIND_SERVICE"]),
+            "{}",
+            c["name"]
+        );
+        assert!(sc.get("privileged").is_none_or(|p| p == false));
+    }
+    plan.user_namespaces = true;
+    let pod = serde_json::to_value(pod::manifest(&plan)).unwrap();
+    assert_eq!(pod["spec"]["hostUsers"], false);
     h.verified().await;
 }
 
@@ -361,6 +400,7 @@ async fn an_unreachable_cluster_is_one_error_naming_the_kubeconfig() {
         advertise_url: "http://x".into(),
         data_dir: dir.path().into(),
         max_sandboxes: 1,
+        user_namespaces: false,
     };
     let e = connect(&options).await.err().expect("no cluster there");
     let text = e.to_string();

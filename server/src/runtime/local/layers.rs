@@ -114,6 +114,7 @@ pub fn unmount(target: &Path) {
 /// `<cache>/<sha256 of the reference and the mapping>/rootfs` and reused by every later build and sandbox.
 /// Returns the unpacked root filesystem.
 pub async fn image_rootfs(cache: &Path, image: &str, ids: IdRange) -> Result<PathBuf, RuntimeError> {
+    let image = &crate::images::before_pull(image)?;
     use sha2::Digest;
     let map = format!("0:{}:{}", ids.start, ids.size);
     let key = hex::encode(sha2::Sha256::digest(format!("{image}\n{map}").as_bytes()));
