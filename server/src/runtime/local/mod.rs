@@ -11,6 +11,10 @@
 //! mount point), `upper/` and `work/`, `config/` (procd's config and token), `run/` (procd's socket) and `procd.log`
 //! (procd's stdout and stderr). runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live
 //! containers again and the directory listing names the ones to remove.
+//!
+//! The server reaches procd over a Unix socket it binds itself in `run/`, which is not mounted into the container,
+//! and hands to procd as an inherited descriptor (fd 3): nothing a sandbox can write is on the server's path to
+//! its procd, so a sandbox cannot replace or redirect it (see `procd_listener`).
 
 mod layers;
 mod net;
@@ -155,11 +159,12 @@ impl LocalRuntime {
         }
         let config_dir = bundle.join("config");
         std::fs::create_dir_all(&config_dir).map_err(io("creating the config directory"))?;
-        let run_dir = run_dir(bundle, id);
-        std::fs::create_dir_all(&run_dir).map_err(io("creating the run directory"))?;
+        let socket = run_dir(bundle, id).join("procd.sock");
+        let listener = procd_listener(&socket)?;
         write_private(&config_dir.join("token"), &self.procd.token(id))?;
         let procd_config = serde_json::json!({
-            "listen": format!("unix://{}/procd.sock", oci::RUN_DIR),
+            // The listener this server made, inherited as fd 3 (see `procd_listener`).
+            "listen": "fd://3",
             "token_file": format!("{}/token", oci::CONFIG_DIR),
             "warm_processes": warm,
         });
@@ -189,7 +194,6 @@ impl LocalRuntime {
             rootfs: &rootfs,
             procd_bin: &self.procd_bin,
             config_dir: &config_dir,
-            run_dir: &run_dir,
             host_dirs,
             volumes: &volumes,
             network,
@@ -197,13 +201,13 @@ impl LocalRuntime {
             cwd: &cwd,
         });
         std::fs::write(bundle.join("config.json"), config.to_string()).map_err(io("writing config.json"))?;
-        let pid = self.runc.run(id, bundle, &bundle.join("procd.log")).await?;
+        let pid = self.runc.run(id, bundle, &bundle.join("procd.log"), listener.into()).await?;
         let handle = RuntimeHandle {
             id: id.to_string(),
             procd_pid: Some(pid),
             procd_started: start_ticks(pid),
             dir: bundle.display().to_string(),
-            socket: run_dir.join("procd.sock").display().to_string(),
+            socket: socket.display().to_string(),
             has_warm_processes: !warm.is_empty(),
         };
         self.watch_exit(handle.clone());
@@ -265,7 +269,7 @@ async fn run_tool(program: &str, args: &[&str]) -> Result<(), RuntimeError> {
 }
 
 /// procd's socket directory: `<bundle>/run`, or a short path under the temp dir where the bundle's path is too
-/// long for a Unix socket (107 bytes).
+/// long for a Unix socket (107 bytes). Neither is mounted into the container: only this server writes there.
 fn run_dir(bundle: &Path, id: &str) -> PathBuf {
     let dir = bundle.join("run");
     if dir.as_os_str().len() < 90 {
@@ -273,6 +277,35 @@ fn run_dir(bundle: &Path, id: &str) -> PathBuf {
     } else {
         std::env::temp_dir().join("warmpool-run").join(id)
     }
+}
+
+/// Binds procd's listening socket at `socket`, in a directory only this server can write (mode 0700, not a
+/// symlink), for procd to inherit as fd 3 (`runc create --preserve-fds 1`). The server made the socket and
+/// nothing inside the sandbox can reach its path, so after a restart the server still connects to this
+/// sandbox's procd and no other.
+fn procd_listener(socket: &Path) -> Result<std::os::unix::net::UnixListener, RuntimeError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = socket.parent().expect("a socket path has a directory");
+    let io = |what: &str| RuntimeError::io(format!("{what} {}", dir.display()));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("creating"))?;
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        let meta = std::fs::symlink_metadata(d).map_err(io("checking"))?;
+        // SAFETY: geteuid has no preconditions.
+        if !meta.is_dir() || meta.uid() != unsafe { libc::geteuid() } {
+            return Err(RuntimeError::Failed(format!(
+                "{} is not a directory of this server's user; refusing to put procd's socket there",
+                d.display()
+            )));
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io("restricting"))?;
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("clearing")(e)),
+        _ => {}
+    }
+    let listener = std::os::unix::net::UnixListener::bind(socket).map_err(io("binding procd's socket in"))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(io("restricting"))?;
+    Ok(listener)
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), RuntimeError> {
