@@ -36,6 +36,7 @@ pub fn serve_args(dir: &Path) -> ServeArgs {
         procd: Some(procd_bin()),
         max_sandboxes: 256,
         max_parallel_starts: 16,
+        sandbox_log_bytes: warmpool_server::runtime::local::logs::DEFAULT_LOG_BYTES,
     }
 }
 

@@ -53,6 +53,11 @@ pub struct ServeArgs {
     /// Sandboxes started at once by the reconciler (most of a start is waiting for readiness).
     #[arg(long, default_value_t = 100)]
     pub max_parallel_starts: usize,
+    /// local: the bound of each sandbox's log file and its rotation together, in bytes (procd's mirrored output;
+    /// at least 64 KiB).
+    #[arg(long, default_value_t = crate::runtime::local::logs::DEFAULT_LOG_BYTES,
+        value_parser = clap::value_parser!(u64).range(64 * 1024..))]
+    pub sandbox_log_bytes: u64,
 }
 
 fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -111,6 +116,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
             data_dir.clone(),
             find_procd(args.procd.clone())?,
             args.max_sandboxes,
+            args.sandbox_log_bytes,
             exits_tx,
             secrets.clone(),
         )?,

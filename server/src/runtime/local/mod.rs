@@ -9,14 +9,16 @@
 //!
 //! On the host, `<data-dir>/sandboxes/<id>/` is the container's bundle: `config.json`, `rootfs/` (the overlay
 //! mount point), `upper/` and `work/`, `config/` (procd's config and token), `run/` (procd's socket) and `procd.log`
-//! (procd's stdout and stderr). runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live
-//! containers again and the directory listing names the ones to remove.
+//! (procd's stdout and stderr, kept under `--sandbox-log-bytes`: see `logs`). runc's state lives in
+//! `<data-dir>/runc`, so after a restart `runc state` finds live containers again and the directory listing names
+//! the ones to remove.
 //!
 //! The server reaches procd over a Unix socket it binds itself in `run/`, which is not mounted into the container,
 //! and hands to procd as an inherited descriptor (fd 3): nothing a sandbox can write is on the server's path to
 //! its procd, so a sandbox cannot replace or redirect it (see `procd_listener`).
 
 mod layers;
+pub mod logs;
 mod net;
 pub mod oci;
 mod runc;
@@ -48,6 +50,8 @@ pub struct LocalRuntime {
     data_dir: PathBuf,
     procd_bin: PathBuf,
     max_sandboxes: usize,
+    /// The bound of each sandbox's `procd.log` and its rotation together (see `logs`).
+    log_bytes: u64,
     exits: mpsc::UnboundedSender<String>,
     procd: Procd,
     runc: Runc,
@@ -68,6 +72,7 @@ impl LocalRuntime {
         data_dir: PathBuf,
         procd_bin: PathBuf,
         max_sandboxes: usize,
+        log_bytes: u64,
         exits: mpsc::UnboundedSender<String>,
         secrets: Arc<Secrets>,
     ) -> Result<Arc<LocalRuntime>, RuntimeError> {
@@ -94,6 +99,7 @@ impl LocalRuntime {
             data_dir,
             procd_bin,
             max_sandboxes,
+            log_bytes,
             exits,
             procd: Procd::new(secrets),
             base,
@@ -201,7 +207,7 @@ impl LocalRuntime {
             cwd: &cwd,
         });
         std::fs::write(bundle.join("config.json"), config.to_string()).map_err(io("writing config.json"))?;
-        let pid = self.runc.run(id, bundle, &bundle.join("procd.log"), listener.into()).await?;
+        let pid = self.runc.run(id, bundle, &bundle.join(logs::LOG), listener.into()).await?;
         let handle = RuntimeHandle {
             id: id.to_string(),
             procd_pid: Some(pid),
@@ -214,12 +220,16 @@ impl LocalRuntime {
         Ok(handle)
     }
 
-    /// Reports the container's exit on `exits` (procd is not our child: runc started it).
+    /// Reports the container's exit on `exits` (procd is not our child: runc started it), and keeps its log
+    /// under the bound meanwhile (looking again soon after a rotation: that log is filling fast).
     fn watch_exit(&self, handle: RuntimeHandle) {
         let exits = self.exits.clone();
+        let log_bytes = self.log_bytes;
         tokio::spawn(async move {
+            let dir = PathBuf::from(&handle.dir);
             while handle_alive(&handle) {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                let rotated = bound_log(&dir, log_bytes).await;
+                tokio::time::sleep(Duration::from_millis(if rotated { 25 } else { 250 })).await;
             }
             let _ = exits.send(handle.id);
         });
@@ -247,6 +257,22 @@ impl LocalRuntime {
         layers::unmount(&bundle.join("rootfs"));
         self.cni.remove(id).await;
         let _ = std::fs::remove_dir_all(run_dir(bundle, id));
+    }
+}
+
+/// Rotates `dir/procd.log` when it passed half of `bound` (a `stat` first; the copy on a blocking thread).
+async fn bound_log(dir: &Path, bound: u64) -> bool {
+    if std::fs::metadata(dir.join(logs::LOG)).map_or(true, |m| m.len() <= bound / 2) {
+        return false;
+    }
+    let owned = dir.to_path_buf();
+    match tokio::task::spawn_blocking(move || logs::rotate(&owned, bound)).await {
+        Ok(Ok(rotated)) => rotated,
+        Ok(Err(e)) => {
+            tracing::warn!(dir = %dir.display(), error = &e as &dyn std::error::Error, "Cannot rotate procd's log");
+            false
+        }
+        Err(_) => false,
     }
 }
 
@@ -538,12 +564,13 @@ impl Runtime for LocalRuntime {
         self.procd.pause(&handle.id, &Self::at(handle), paused).await
     }
 
-    async fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine> {
-        super::log_lines(&self.log_tail(handle, 1 << 20).await)
+    async fn logs(&self, handle: &RuntimeHandle, lines: usize) -> BoxStream<'static, LogLine> {
+        logs::tail(PathBuf::from(&handle.dir), lines)
     }
 
     async fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String {
-        super::tail(&std::fs::read(Path::new(&handle.dir).join("procd.log")).unwrap_or_default(), bytes)
+        let dir = PathBuf::from(&handle.dir);
+        tokio::task::spawn_blocking(move || logs::tail_text(&dir, bytes)).await.unwrap_or_default()
     }
 
     fn is_alive(&self, handle: &RuntimeHandle) -> bool {
