@@ -2,10 +2,11 @@
 //! outlives a server restart), and a sandbox decides how fast it grows: the runtime keeps it bounded by
 //! copy-truncate, and readers take lines from its end, never the whole file.
 //!
-//! When `procd.log` passes half the bound, its last half-bound bytes (from a line start) become `procd.log.1` and
-//! `procd.log` is truncated; procd writes it with `O_APPEND`, so it carries on at the new end. Lines written
-//! between the copy and the truncation are lost, as with logrotate's `copytruncate`: the ring buffers in procd stay
-//! the source of truth for process output.
+//! When `procd.log` passes a quarter of the bound, its last quarter-bound bytes (from a line start) are copied
+//! over `procd.log.1` and `procd.log` is truncated; procd writes it with `O_APPEND`, so it carries on at the new
+//! end. The two files hold at most half the bound, plus what a flood writes before a rotation is done: the rest of
+//! the bound is that slack (on a busy disk a 2 MiB copy can take a few hundred milliseconds). Lines written between the copy and the truncation are lost, as with
+//! logrotate's `copytruncate`: the ring buffers in procd stay the source of truth for process output.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -21,33 +22,41 @@ pub const ROTATED: &str = "procd.log.1";
 /// The default bound of a sandbox's log files together (`--sandbox-log-bytes`).
 pub const DEFAULT_LOG_BYTES: u64 = 8 << 20;
 
+/// Growth between two looks (250 ms apart) that makes the runtime look every 25 ms: 256 KiB/s is a flood for a
+/// log of process output.
+pub const HOT_GROWTH: u64 = 64 * 1024;
+
 /// Longest log line read; procd's mirror cuts its lines far below this, so a longer one is not procd's and is
 /// skipped.
 const MAX_LINE: u64 = 64 * 1024;
 
 const CHUNK: usize = 64 * 1024;
 
-/// Rotates `dir/procd.log` when it holds more than half of `bound` bytes; returns whether it did. Blocking.
+/// Rotates `dir/procd.log` when it holds more than [`threshold`] bytes; returns whether it did. Blocking.
+/// `procd.log.1` is rewritten in place (no temporary copy on disk at the worst moment).
 pub fn rotate(dir: &Path, bound: u64) -> std::io::Result<bool> {
-    let half = bound / 2;
+    let keep = bound / 4;
     let mut log = match OpenOptions::new().read(true).write(true).open(dir.join(LOG)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
     let len = log.metadata()?.len();
-    if len <= half {
+    if len <= threshold(bound) {
         return Ok(false);
     }
-    let start = next_line_start(&mut log, len - half, len)?;
-    let part = dir.join(format!("{ROTATED}.part"));
-    let mut out = File::create(&part)?;
+    let start = next_line_start(&mut log, len - keep, len)?;
+    let mut out = File::create(dir.join(ROTATED))?;
     log.seek(SeekFrom::Start(start))?;
     std::io::copy(&mut (&mut log).take(len - start), &mut out)?;
     out.flush()?;
-    std::fs::rename(&part, dir.join(ROTATED))?;
     log.set_len(0)?;
     Ok(true)
+}
+
+/// The size of `procd.log` past which it is rotated.
+pub fn threshold(bound: u64) -> u64 {
+    bound / 4
 }
 
 /// The first line start at or after `from` (within a line's length of it), else `from`.
@@ -186,8 +195,9 @@ mod tests {
         assert_eq!(collect(dir.path(), 1000).await.len(), 100);
         assert!(collect(dir.path(), 0).await.is_empty());
 
-        // Rotated at a bound of 4 KiB: procd.log.1 keeps the last 2 KiB, procd.log starts empty.
-        assert!(rotate(dir.path(), 4096).unwrap());
+        // Rotated at a bound of 8 KiB: procd.log.1 keeps the last 2 KiB, procd.log starts empty.
+        assert!(rotate(dir.path(), 8192).unwrap());
+        assert!(!rotate(dir.path(), 8192).unwrap(), "an empty log stays");
         assert_eq!(std::fs::metadata(dir.path().join(LOG)).unwrap().len(), 0);
         let kept = std::fs::read_to_string(dir.path().join(ROTATED)).unwrap();
         assert!(kept.len() <= 2048 && kept.starts_with('{') && kept.ends_with("}\n"), "{kept}");
@@ -198,7 +208,7 @@ mod tests {
         // procd's own message counts as a line of the log, and is not a mirrored line.
         assert_eq!(collect(dir.path(), 3).await, ["line 99", "line 100"]);
         assert_eq!(collect(dir.path(), 4).await, ["line 98", "line 99", "line 100"]);
-        assert!(!rotate(dir.path(), 4096).unwrap(), "under the bound");
+        assert!(!rotate(dir.path(), 8192).unwrap(), "under the threshold");
     }
 
     #[tokio::test]

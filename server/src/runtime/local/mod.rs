@@ -221,15 +221,19 @@ impl LocalRuntime {
     }
 
     /// Reports the container's exit on `exits` (procd is not our child: runc started it), and keeps its log
-    /// under the bound meanwhile (looking again soon after a rotation: that log is filling fast).
+    /// under the bound meanwhile, looking ten times as often while the log grows fast.
     fn watch_exit(&self, handle: RuntimeHandle) {
         let exits = self.exits.clone();
         let log_bytes = self.log_bytes;
         tokio::spawn(async move {
             let dir = PathBuf::from(&handle.dir);
+            // The log's length after the last look (0 after a rotation).
+            let mut after = 0;
             while handle_alive(&handle) {
-                let rotated = bound_log(&dir, log_bytes).await;
-                tokio::time::sleep(Duration::from_millis(if rotated { 25 } else { 250 })).await;
+                let (seen, rotated) = bound_log(&dir, log_bytes).await;
+                let hot = seen > after + logs::HOT_GROWTH;
+                after = if rotated { 0 } else { seen };
+                tokio::time::sleep(Duration::from_millis(if hot { 25 } else { 250 })).await;
             }
             let _ = exits.send(handle.id);
         });
@@ -260,19 +264,21 @@ impl LocalRuntime {
     }
 }
 
-/// Rotates `dir/procd.log` when it passed half of `bound` (a `stat` first; the copy on a blocking thread).
-async fn bound_log(dir: &Path, bound: u64) -> bool {
-    if std::fs::metadata(dir.join(logs::LOG)).map_or(true, |m| m.len() <= bound / 2) {
-        return false;
+/// Rotates `dir/procd.log` when it passed its threshold (a `stat` first; the copy on a blocking thread).
+/// Returns the log's length as seen, and whether it was rotated.
+async fn bound_log(dir: &Path, bound: u64) -> (u64, bool) {
+    let len = std::fs::metadata(dir.join(logs::LOG)).map_or(0, |m| m.len());
+    if len <= logs::threshold(bound) {
+        return (len, false);
     }
     let owned = dir.to_path_buf();
     match tokio::task::spawn_blocking(move || logs::rotate(&owned, bound)).await {
-        Ok(Ok(rotated)) => rotated,
+        Ok(Ok(rotated)) => (len, rotated),
         Ok(Err(e)) => {
             tracing::warn!(dir = %dir.display(), error = &e as &dyn std::error::Error, "Cannot rotate procd's log");
-            false
+            (len, false)
         }
-        Err(_) => false,
+        Err(_) => (len, false),
     }
 }
 
