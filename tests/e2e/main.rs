@@ -5,6 +5,7 @@
 
 mod action;
 mod chaos;
+mod hostile;
 mod images;
 mod isolation;
 mod kubernetes;
