@@ -106,14 +106,35 @@ fn tail_start(file: &mut File, len: u64, lines: usize) -> std::io::Result<(u64, 
 pub fn tail(dir: PathBuf, lines: usize) -> BoxStream<'static, LogLine> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = send_tail(&dir, lines, &tx) {
-            tracing::debug!(dir = %dir.display(), error = &e as &dyn std::error::Error, "Reading a sandbox log");
+        // A rotation between planning and reading can truncate what was planned (a flooding log rotates every
+        // few dozen milliseconds; a read past the new end fails): when that left nothing sent, plan again.
+        let mut sent = 0;
+        for _ in 0..5 {
+            match send_tail(&dir, lines, &tx, &mut sent) {
+                Ok(()) if sent > 0 || lines == 0 => return,
+                Ok(()) => {}
+                Err(e) if sent > 0 => {
+                    let error = &e as &dyn std::error::Error;
+                    tracing::debug!(dir = %dir.display(), error, "A sandbox log changed while read");
+                    return;
+                }
+                Err(_) => {}
+            }
+            if tx.is_closed() {
+                return;
+            }
         }
     });
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|line| (line, rx)) }).boxed()
 }
 
-fn send_tail(dir: &Path, lines: usize, tx: &tokio::sync::mpsc::Sender<LogLine>) -> std::io::Result<()> {
+/// Sends the tail, counting the lines sent in `sent`.
+fn send_tail(
+    dir: &Path,
+    lines: usize,
+    tx: &tokio::sync::mpsc::Sender<LogLine>,
+    sent: &mut usize,
+) -> std::io::Result<()> {
     // Newest first: the current file, then what the last rotation kept.
     let mut plan = Vec::new();
     let mut wanted = lines;
@@ -146,6 +167,7 @@ fn send_tail(dir: &Path, lines: usize, tx: &tokio::sync::mpsc::Sender<LogLine>) 
                 if tx.blocking_send(parsed).is_err() {
                     return Ok(());
                 }
+                *sent += 1;
             }
         }
     }
