@@ -4,9 +4,10 @@
 //!
 //! When `procd.log` passes a quarter of the bound, its last quarter-bound bytes (from a line start) are copied
 //! over `procd.log.1` and `procd.log` is truncated; procd writes it with `O_APPEND`, so it carries on at the new
-//! end. The two files hold at most half the bound, plus what a flood writes before a rotation is done: the rest of
-//! the bound is that slack (on a busy disk a 2 MiB copy can take a few hundred milliseconds). Lines written between the copy and the truncation are lost, as with
-//! logrotate's `copytruncate`: the ring buffers in procd stay the source of truth for process output.
+//! end. The two files hold at most half the bound, plus what a flood writes between two looks (25 ms apart while
+//! the log grows fast, more on a busy host): the rest of the bound is that slack. Lines written between the copy
+//! and the truncation are lost, as with logrotate's `copytruncate`: the ring buffers in procd stay the source of
+//! truth for process output.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -101,8 +102,8 @@ fn tail_start(file: &mut File, len: u64, lines: usize) -> std::io::Result<(u64, 
 }
 
 /// procd's mirrored output lines among the last `lines` lines of a sandbox's log (`procd.log.1`, then
-/// `procd.log`; procd's own messages count as lines but are left out), read on a blocking thread into a small channel as the receiver takes
-/// them: memory stays a few chunks whatever the files' size.
+/// `procd.log`; procd's own messages count as lines but are left out), read on a blocking thread into a small
+/// channel as the receiver takes them: memory stays a few chunks whatever the files' size.
 pub fn tail(dir: PathBuf, lines: usize) -> BoxStream<'static, LogLine> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::task::spawn_blocking(move || {
