@@ -249,12 +249,16 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
-    /// Default 60000.
+    /// Default 60000; at most 86400000 (24 h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 86400000)]
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
 }
+
+/// The longest `timeout_ms` an exec may ask for (24 h): a command never outlives its caller by more.
+pub const EXEC_TIMEOUT_MAX_MS: u64 = 24 * 60 * 60 * 1000;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ExecResult {
@@ -275,6 +279,10 @@ pub struct ExecResult {
 
 /// Bytes of each exec output stream returned; the rest is dropped and the stream's `_truncated` flag set.
 pub const EXEC_OUTPUT_LIMIT: usize = 8 << 20;
+
+/// Lines `GET /v1/sandboxes/{id}/logs` answers without `?tail`, and the most `?tail` may ask for.
+pub const LOG_TAIL_DEFAULT: u32 = 1000;
+pub const LOG_TAIL_MAX: u32 = 100_000;
 
 /// One mirrored output line of `GET /v1/sandboxes/{id}/logs` (procd's JSON log line).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]

@@ -342,8 +342,17 @@ impl Client {
     pub async fn probe(&self, id: &str, kind: ProbeKind) -> Result<ProbeResult> {
         self.call(Method::GET, &["v1", "sandboxes", id, "probes", kind.as_str()], None).await
     }
+    /// The last lines of a sandbox's mirrored output (the server's default count).
     pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>> {
         self.list::<LogLine>(&["v1", "sandboxes", id, "logs"]).await
+    }
+    /// The last `tail` lines of a sandbox's mirrored output.
+    pub async fn logs_tail(&self, id: &str, tail: u32) -> Result<Vec<LogLine>> {
+        let q = [("tail", tail.to_string())];
+        let q: Vec<(&str, &str)> = q.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let resp = self.raw(Method::GET, &["v1", "sandboxes", id, "logs"], &q, None).await?;
+        let list: List<LogLine> = resp.json().await.map_err(|e| Error::Decode(e.to_string()))?;
+        Ok(list.items)
     }
 }
 

@@ -35,6 +35,9 @@ pub const LOG_VARIABLES: [&str; 4] = [
 pub enum Listen {
     Unix(PathBuf),
     Tcp(SocketAddr),
+    /// A listening Unix socket inherited as this descriptor (`fd://3`): the local runtime creates the socket in a
+    /// directory the sandbox cannot see, so nothing inside can replace or redirect it.
+    Fd(i32),
 }
 
 impl std::fmt::Display for Listen {
@@ -42,12 +45,20 @@ impl std::fmt::Display for Listen {
         match self {
             Listen::Unix(p) => write!(f, "unix://{}", p.display()),
             Listen::Tcp(a) => write!(f, "tcp://{a}"),
+            Listen::Fd(fd) => write!(f, "fd://{fd}"),
         }
     }
 }
 
-/// Parses `unix:///path/procd.sock` or `tcp://host:port`.
+/// Parses `unix:///path/procd.sock`, `tcp://host:port` or `fd://N` (an inherited listening socket, N ≥ 3: 0 to 2
+/// are stdin, stdout and stderr).
 pub fn parse_listen(field: &str, value: &str) -> Result<Listen, FieldError> {
+    if let Some(fd) = value.strip_prefix("fd://") {
+        return match fd.parse::<i32>() {
+            Ok(n) if n >= 3 => Ok(Listen::Fd(n)),
+            _ => Err(FieldError::new(field, format!("{fd:?} is not a descriptor number of 3 or more"))),
+        };
+    }
     if let Some(path) = value.strip_prefix("unix://") {
         if !path.starts_with('/') {
             return Err(FieldError::new(field, format!("unix socket path must be absolute (got {value:?})")));
@@ -60,7 +71,7 @@ pub fn parse_listen(field: &str, value: &str) -> Result<Listen, FieldError> {
             .map(Listen::Tcp)
             .map_err(|_| FieldError::new(field, format!("{addr:?} is not a host:port address")));
     }
-    Err(FieldError::new(field, format!("must start with unix:// or tcp:// (got {value:?})")))
+    Err(FieldError::new(field, format!("must start with unix://, tcp:// or fd:// (got {value:?})")))
 }
 
 /// Whether and how output is mirrored as JSON lines.
@@ -251,6 +262,11 @@ mod tests {
         assert!(matches!(parse_listen("listen", "tcp://127.0.0.1:7071").unwrap(), Listen::Tcp(_)));
         assert!(parse_listen("listen", "unix://rel.sock").is_err());
         assert!(parse_listen("listen", "http://x").is_err());
+        assert_eq!(parse_listen("listen", "fd://3").unwrap(), Listen::Fd(3));
+        assert_eq!(Listen::Fd(3).to_string(), "fd://3");
+        for stdio_or_junk in ["fd://0", "fd://2", "fd://-1", "fd://x", "fd://"] {
+            assert!(parse_listen("listen", stdio_or_junk).is_err(), "{stdio_or_junk}");
+        }
     }
 
     #[test]

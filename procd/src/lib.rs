@@ -149,6 +149,15 @@ async fn serve(
                 }
             })
         }
+        Listen::Fd(fd) => {
+            let listener = inherited_listener(*fd).map_err(err)?;
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            tokio::spawn(async move {
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
+                    tracing::error!(error = &e as &dyn std::error::Error, "gRPC server failed");
+                }
+            })
+        }
         Listen::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -159,6 +168,43 @@ async fn serve(
             })
         }
     })
+}
+
+/// Takes over the listening Unix socket inherited as `fd`. It is marked close-on-exec first: a process procd
+/// starts must never hold procd's listener (it could accept the server's calls, token included). Anything but an
+/// open, listening Unix socket is refused.
+fn inherited_listener(fd: i32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::fd::FromRawFd;
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("fd {fd} {what}"));
+    // SAFETY: fcntl on a descriptor number reads or sets its flags only; an unused number fails with EBADF.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the out pointers describe `listening` and `len`, which outlive the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(invalid("is not a socket"));
+    }
+    if listening == 0 {
+        return Err(invalid("is not a listening socket"));
+    }
+    // SAFETY: the descriptor is open and nothing else in procd owns it (it was inherited for this purpose).
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    // A listening TCP socket passes the checks above; only a Unix one has a Unix address.
+    listener.local_addr().map_err(|_| invalid("is not a Unix socket"))?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
 }
 
 /// Sets the hostname (procd does this as PID 1 of a new uts namespace, from `WARMPOOL_HOSTNAME`).
@@ -172,21 +218,47 @@ pub fn set_hostname(name: &str) -> std::io::Result<()> {
     }
 }
 
-/// A gRPC client for the procd at `listen` (lazy: connects on first use).
-pub fn connect(
-    listen: &Listen,
-) -> Result<proto::procd_client::ProcdClient<Channel>, tonic::transport::Error> {
+/// How often a client pings procd over HTTP/2, and how long it waits for the answer. A procd that stops answering
+/// (stopped, frozen, wedged) fails every call on the connection, streams included, within about the sum of the
+/// two, instead of leaving them hanging: the server's readiness watch notices and the sandbox leaves `ready`.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid procd address {listen}")]
+    Address {
+        listen: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("{0} is a descriptor procd listens on; a client connects to the socket's path")]
+    Descriptor(Listen),
+}
+
+/// A gRPC client for the procd at `listen` (lazy: connects on first use), with HTTP/2 keepalive.
+pub fn connect(listen: &Listen) -> Result<proto::procd_client::ProcdClient<Channel>, ConnectError> {
+    let endpoint = |uri: String| {
+        Endpoint::from_shared(uri)
+            .map(|e| {
+                e.http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
+            })
+            .map_err(|source| ConnectError::Address { listen: listen.to_string(), source })
+    };
     let channel = match listen {
-        Listen::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy(),
+        Listen::Tcp(addr) => endpoint(format!("http://{addr}"))?.connect_lazy(),
         Listen::Unix(path) => {
             let path = path.clone();
-            Endpoint::from_static("http://procd.invalid").connect_with_connector_lazy(tower::service_fn(
+            endpoint("http://procd.invalid".into())?.connect_with_connector_lazy(tower::service_fn(
                 move |_: tonic::transport::Uri| {
                     let path = path.clone();
                     async move { UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
                 },
             ))
         }
+        Listen::Fd(_) => return Err(ConnectError::Descriptor(listen.clone())),
     };
     Ok(proto::procd_client::ProcdClient::new(channel))
 }

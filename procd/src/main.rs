@@ -11,7 +11,7 @@ struct Cli {
     /// JSON config: {"listen", "token_file"?, "warm_processes": [...]}.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// unix:///path/procd.sock or tcp://host:port.
+    /// unix:///path/procd.sock, tcp://host:port, or fd://N (a listening Unix socket inherited as descriptor N).
     #[arg(long, global = true)]
     listen: Option<String>,
     /// File holding the sandbox token.

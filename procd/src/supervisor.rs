@@ -310,7 +310,8 @@ impl Supervisor {
 
     /// Runs a command to completion (or `timeout`, when its whole process group is killed), sending its output to
     /// `events` as it is read (at most [`EXEC_OUTPUT_LIMIT`] bytes per stream; the rest is read and dropped) and
-    /// then its exit. Fails before anything is sent when the command cannot start.
+    /// then its exit. Fails before anything is sent when the command cannot start. When the receiver of `events`
+    /// is dropped the command's process group is killed and no exit is sent.
     pub async fn exec(
         &self,
         argv: &[String],
@@ -336,11 +337,20 @@ impl Supervisor {
         }
         let out = tokio::spawn(forward(started_process.stdout, StreamName::Stdout, events.clone()));
         let err = tokio::spawn(forward(started_process.stderr, StreamName::Stderr, events.clone()));
-        let (exit_code, timed_out) = match tokio::time::timeout(timeout, started_process.exited).await {
-            Ok(code) => (code.unwrap_or(-1), false),
-            Err(_) => {
+        let (exit_code, timed_out) = tokio::select! {
+            waited = tokio::time::timeout(timeout, started_process.exited) => match waited {
+                Ok(code) => (code.unwrap_or(-1), false),
+                Err(_) => {
+                    kill_group(pid, libc::SIGKILL);
+                    (-1, true)
+                }
+            },
+            // The caller went away (its HTTP client disconnected, so the server dropped the call): nobody will read
+            // the result, and a command left running would hold the sandbox's resources until its timeout.
+            () = events.closed() => {
                 kill_group(pid, libc::SIGKILL);
-                (-1, true)
+                tracing::info!(pid, "The caller of an exec went away; its process group was killed");
+                return Ok(());
             }
         };
         // A grandchild holding a pipe open must not keep the exit from being reported.

@@ -22,9 +22,30 @@ impl Procd {
     fn start(warm_processes: serde_json::Value, env: &[(&str, &str)]) -> Procd {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("procd.sock");
+        let listen = format!("unix://{}", socket.display());
+        let p = Procd::spawn(dir, &listen, warm_processes, env, None);
+        wait_for(Duration::from_secs(10), || p.socket.exists());
+        p
+    }
+
+    /// procd serving a listening socket this test binds and hands over as fd 3, as the local runtime does.
+    fn start_inherited(warm_processes: serde_json::Value) -> Procd {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("procd.sock")).unwrap();
+        Procd::spawn(dir, "fd://3", warm_processes, &[], Some(std::os::fd::OwnedFd::from(listener)))
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        listen: &str,
+        warm_processes: serde_json::Value,
+        env: &[(&str, &str)],
+        inherit: Option<std::os::fd::OwnedFd>,
+    ) -> Procd {
+        let socket = dir.path().join("procd.sock");
         std::fs::write(dir.path().join("token"), TOKEN).unwrap();
         let config = serde_json::json!({
-            "listen": format!("unix://{}", socket.display()),
+            "listen": listen,
             "token_file": dir.path().join("token"),
             "warm_processes": warm_processes,
         });
@@ -36,10 +57,11 @@ impl Procd {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        if let Some(fd) = &inherit {
+            inherit_as_fd3(&mut cmd, fd);
+        }
         let child = cmd.spawn().unwrap();
-        let p = Procd { child, dir, socket };
-        wait_for(Duration::from_secs(10), || p.socket.exists());
-        p
+        Procd { child, dir, socket }
     }
 
     fn client(&self) -> ProcdClient<tonic::transport::Channel> {
@@ -76,6 +98,24 @@ impl Drop for Procd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Makes `fd` the child's descriptor 3 (dup2 clears close-on-exec; a descriptor that already is 3 has it cleared
+/// by hand).
+fn inherit_as_fd3(cmd: &mut Command, fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = fd.as_raw_fd();
+    // SAFETY: dup2 and fcntl are async-signal-safe and touch only descriptors.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
@@ -535,4 +575,72 @@ async fn watch_probe_reports_readiness_changes_as_they_happen() {
     assert_eq!(next(&mut watch).await, warmpool_api::ProbeStatus::Passed);
     std::fs::remove_file(&flag).unwrap();
     assert_eq!(next(&mut watch).await, warmpool_api::ProbeStatus::Failed);
+}
+
+#[tokio::test]
+async fn serves_an_inherited_listener_that_its_processes_never_hold() {
+    let p = Procd::start_inherited(
+        serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]),
+    );
+    let r = wait_probe(&p, "readiness", "passed", Duration::from_secs(10)).await;
+    assert_eq!(r.status.as_str(), "passed");
+    // procd's listener is close-on-exec: a command it runs holds no socket (it could accept the server's calls).
+    let r = exec(
+        &mut p.client(),
+        ExecRequest {
+            command: vec!["sh".into(), "-c".into(), "ls -l /proc/$$/fd".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let listing = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(r.exit.exit_code, 0, "{listing}");
+    assert!(!listing.contains("socket:"), "an exec inherited a socket:\n{listing}");
+}
+
+#[test]
+fn an_inherited_descriptor_that_is_not_a_listening_unix_socket_is_refused() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = std::fs::File::create(dir.path().join("plain")).unwrap();
+    for (fd, what) in [
+        (std::os::fd::OwnedFd::from(file), "is not a socket"),
+        (std::os::fd::OwnedFd::from(tcp), "is not a Unix socket"),
+    ] {
+        let mut p =
+            Procd::spawn(tempfile::tempdir().unwrap(), "fd://3", serde_json::json!([]), &[], Some(fd));
+        assert_ne!(p.wait_exit(Duration::from_secs(10)), 0);
+        let stderr = std::fs::read_to_string(p.path("stderr")).unwrap();
+        assert!(stderr.contains(what), "{stderr}");
+    }
+    // Nothing inherited at all.
+    let mut p = Procd::spawn(tempfile::tempdir().unwrap(), "fd://7", serde_json::json!([]), &[], None);
+    assert_ne!(p.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[tokio::test]
+async fn an_exec_whose_caller_goes_away_is_killed() {
+    let p = Procd::start(serde_json::json!([{"name": "a", "type": "cmd", "command": ["sleep", "100"]}]), &[]);
+    let mut client = p.client();
+    let req = ExecRequest {
+        command: vec!["sh".into(), "-c".into(), "echo $$; exec sleep 1000".into()],
+        timeout_ms: 600_000,
+        ..Default::default()
+    };
+    let mut events = client.exec(warmpool_procd::authorized(req, Some(TOKEN))).await.unwrap().into_inner();
+    let first = events.message().await.unwrap().unwrap();
+    let Some(exec_event::Event::Output(o)) = first.event else { panic!("{first:?}") };
+    let pid: i32 = String::from_utf8_lossy(&o.data).trim().parse().unwrap();
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "sleep runs");
+    drop(events);
+    drop(client);
+    // Polled on this runtime, which also runs the client's connection (it sends the reset when the call drops).
+    let gone = || std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone() {
+        assert!(Instant::now() < deadline, "sleep {pid} outlived its caller");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -230,32 +230,32 @@ impl App {
     }
 
     /// Watches a ready inventory sandbox's readiness (procd evaluates it; a stream, no polling): the moment it
-    /// stops passing, the sandbox leaves `ready` (so no checkout can take it) and the pool replaces it.
+    /// stops passing, or procd stops answering while it still runs (a frozen procd: the channel's keepalive ends
+    /// the stream within seconds), the sandbox leaves `ready` (so no checkout can take it) and the pool replaces it.
     pub fn watch_readiness(self: &Arc<Self>, row: &SandboxRow) {
         let app = self.clone();
         let id = row.sandbox.id.clone();
         let handle = row.handle.clone();
         let task = tokio::spawn(async move {
-            let mut statuses = match app.runtime.watch_readiness(&handle).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot watch readiness");
-                    return;
-                }
-            };
-            // The stream ends when procd goes; the exit watcher handles that.
-            while let Some(status) = statuses.next().await {
-                if status == ProbeStatus::Passed {
-                    continue;
-                }
-                app.watchers.lock().expect("watchers").remove(&id);
-                if let Ok(Some(row)) = app.store.get_sandbox(&id) {
-                    let message = format!("readiness stopped passing ({})", status.as_str());
-                    if let Err(e) = app.fail_sandbox(row, &[Ready], message).await {
-                        tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot retire an unready sandbox");
+            let message = match app.runtime.watch_readiness(&handle).await {
+                Ok(mut statuses) => loop {
+                    match statuses.next().await {
+                        Some(ProbeStatus::Passed) => continue,
+                        Some(status) => break format!("readiness stopped passing ({})", status.as_str()),
+                        None => break "procd stopped answering (its readiness watch ended)".to_string(),
                     }
-                }
+                },
+                Err(e) => format!("procd stopped answering: {e}"),
+            };
+            app.watchers.lock().expect("watchers").remove(&id);
+            // A procd that exited is the exit watcher's to report (with its log).
+            if !app.runtime.is_alive(&handle) {
                 return;
+            }
+            if let Ok(Some(row)) = app.store.get_sandbox(&id) {
+                if let Err(e) = app.fail_sandbox(row, &[Ready], message).await {
+                    tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot retire an unready sandbox");
+                }
             }
         });
         self.watchers.lock().expect("watchers").insert(row.sandbox.id.clone(), task.abort_handle());

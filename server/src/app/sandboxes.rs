@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::stream::BoxStream;
 use warmpool_api::{
     id_prefix, validate_cwd, validate_env_key, validate_mount_path, validate_name, CheckoutMode,
     CheckoutSource, ExecRequest, ExecResult, FallbackReason, FieldError, List, LogLine, NetworkMode,
     PoolState, ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
+    EXEC_TIMEOUT_MAX_MS, LOG_TAIL_DEFAULT, LOG_TAIL_MAX,
 };
 
 use super::lifecycle::{runtime_error, StartError, StopCause};
@@ -418,6 +420,13 @@ impl App {
         for key in req.env.iter().flatten().map(|(k, _)| k) {
             validate_env_key(&format!("env.{key}"), key)?;
         }
+        if req.timeout_ms.is_some_and(|t| t > EXEC_TIMEOUT_MAX_MS) {
+            return Err(FieldError::new(
+                "timeout_ms",
+                format!("must be at most {EXEC_TIMEOUT_MAX_MS} (24 h)"),
+            )
+            .into());
+        }
         if row.lifecycle != Lifecycle::Claimed || row.sandbox.state != SandboxState::Running {
             return Err(AppError::Conflict(format!("sandbox {id} is {}", row.sandbox.state.as_str())));
         }
@@ -453,8 +462,18 @@ impl App {
             .map_err(|e| AppError::Conflict(format!("sandbox {id} is not answering probes: {e}")))
     }
 
-    pub async fn logs(&self, caller: &Caller, id: &str) -> AppResult<Vec<LogLine>> {
+    /// The last `tail` lines of the sandbox's mirrored output (default [`LOG_TAIL_DEFAULT`]), streamed.
+    pub async fn logs(
+        &self,
+        caller: &Caller,
+        id: &str,
+        tail: Option<u32>,
+    ) -> AppResult<BoxStream<'static, LogLine>> {
         let row = self.owned(caller, id)?;
-        Ok(self.runtime.logs(&row.handle).await)
+        let tail = tail.unwrap_or(LOG_TAIL_DEFAULT);
+        if tail > LOG_TAIL_MAX {
+            return Err(FieldError::new("tail", format!("must be at most {LOG_TAIL_MAX}")).into());
+        }
+        Ok(self.runtime.logs(&row.handle, tail as usize).await)
     }
 }

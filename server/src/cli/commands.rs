@@ -480,8 +480,11 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
             c.delete_sandbox(&id).await?;
             print(global, &serde_json::json!({"deleted": id}), |_| format!("deleted sandbox {id}"));
         }
-        SandboxCmd::Logs { id } => {
-            let items = c.logs(&id).await?;
+        SandboxCmd::Logs { id, tail } => {
+            let items = match tail {
+                Some(n) => c.logs_tail(&id, n).await?,
+                None => c.logs(&id).await?,
+            };
             print(global, &List::all(items), |l| {
                 l.items
                     .iter()

@@ -343,10 +343,13 @@ pub enum SandboxCmd {
         /// Sandbox id.
         id: String,
     },
-    /// Print a sandbox's mirrored process output.
+    /// Print the last lines of a sandbox's mirrored process output.
     Logs {
         /// Sandbox id.
         id: String,
+        /// How many lines, from the end (the server's default is 1000).
+        #[arg(long)]
+        tail: Option<u32>,
     },
 }
 

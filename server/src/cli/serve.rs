@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// free space). Without it such a host refuses to start sandboxes rather than let one fill the data dir.
     #[arg(long)]
     pub allow_unlimited_disk: bool,
+    /// local: the bound of each sandbox's log file and its rotation together, in bytes (procd's mirrored output;
+    /// at least 64 KiB).
+    #[arg(long, default_value_t = crate::runtime::local::logs::DEFAULT_LOG_BYTES,
+        value_parser = clap::value_parser!(u64).range(64 * 1024..))]
+    pub sandbox_log_bytes: u64,
 }
 
 /// `max_sandboxes=N,max_warm_sandboxes=N` (either may be left out), or `none`.
@@ -167,6 +172,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
                 ids: args.userns_range,
                 allow_cidrs: args.sandbox_allow_cidrs.clone(),
                 allow_unlimited_disk: args.allow_unlimited_disk,
+                log_bytes: args.sandbox_log_bytes,
             };
             LocalRuntime::new(options, exits_tx, secrets.clone()).await?
         }

@@ -493,10 +493,38 @@ async fn probe(
     let kind: ProbeKind = kind.parse().map_err(|m: String| FieldError::new("kind", m))?;
     Ok(Json(app.probe(&c, &id, kind).await?))
 }
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LogsQuery {
+    /// The last N lines (default 1000, at most 100000).
+    #[param(value_type = Option<u32>, maximum = 100000)]
+    tail: Option<String>,
+}
+
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes",
-    summary = "The sandbox processes' mirrored output",
-    params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),
+    summary = "The last lines of the sandbox processes' mirrored output",
+    params(("id" = String, Path, description = "Sandbox id (`sbx_…`)"), LogsQuery),
     responses((status = 200, body = List<LogLine>)))]
-async fn logs(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<LogLine>>> {
-    Ok(list(app.logs(&c, &id).await?))
+async fn logs(
+    State(app): S,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let tail = q
+        .tail
+        .map(|t| t.parse::<u32>().map_err(|_| FieldError::new("tail", format!("{t:?} is not a line count"))))
+        .transpose()?;
+    let lines = app.logs(&c, &id, tail).await?;
+    // `{"items": [...]}`, written as the lines are read: the log is never held whole.
+    use futures::StreamExt;
+    let items = lines.enumerate().map(|(i, line)| {
+        let mut chunk = if i == 0 { Vec::new() } else { b",".to_vec() };
+        chunk.extend(serde_json::to_vec(&line).unwrap_or_default());
+        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(chunk))
+    });
+    let body = futures::stream::once(async { Ok(axum::body::Bytes::from_static(b"{\"items\":[")) })
+        .chain(items)
+        .chain(futures::stream::once(async { Ok(axum::body::Bytes::from_static(b"]}")) }));
+    Ok(([("content-type", "application/json")], axum::body::Body::from_stream(body)))
 }

@@ -145,8 +145,9 @@ pub trait Runtime: Send + Sync {
         handle: &RuntimeHandle,
     ) -> Result<BoxStream<'static, ProbeStatus>, RuntimeError>;
     async fn pause(&self, handle: &RuntimeHandle, paused: bool) -> Result<(), RuntimeError>;
-    /// procd's mirrored output lines (JSON), as far as the runtime still has them.
-    async fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine>;
+    /// The last `lines` lines of procd's mirrored output (its JSON lines), as far as the runtime still has them,
+    /// streamed: the log is never loaded whole.
+    async fn logs(&self, handle: &RuntimeHandle, lines: usize) -> BoxStream<'static, LogLine>;
     /// The last `bytes` of procd's own output (its mirror and its messages), starting at a whole line.
     async fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String;
     fn is_alive(&self, handle: &RuntimeHandle) -> bool;

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -21,6 +22,11 @@ use crate::secrets::Secrets;
 
 /// How long a build step may run.
 const BUILD_STEP_TIMEOUT_MS: u64 = 60 * 60 * 1000;
+/// An exec's timeout when the request names none.
+const DEFAULT_EXEC_TIMEOUT_MS: u64 = 60_000;
+/// How long past its timeout an exec may take to answer (procd kills the command at the timeout, then drains its
+/// pipes and sends up to 8 MiB per stream).
+const EXEC_GRACE: Duration = Duration::from_secs(5);
 
 pub struct Procd {
     secrets: Arc<Secrets>,
@@ -72,13 +78,36 @@ impl Procd {
         };
         let mut full_env = env;
         full_env.extend(req.env.unwrap_or_default());
+        let timeout_ms = req.timeout_ms.unwrap_or(DEFAULT_EXEC_TIMEOUT_MS);
         let msg = proto::ExecRequest {
             command: req.command,
             cwd: cwd.display().to_string(),
             env: full_env.into_iter().collect(),
-            timeout_ms: req.timeout_ms.unwrap_or(60_000),
+            timeout_ms,
             stdin: req.stdin.unwrap_or_default().into_bytes(),
         };
+        // procd ends the command at its timeout; a procd that does not answer by then (frozen, wedged) must not
+        // keep the caller waiting forever.
+        let bound = Duration::from_millis(timeout_ms) + EXEC_GRACE;
+        match tokio::time::timeout(bound, self.exec_call(id, at, msg)).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(sandbox = %id, timeout_ms, "procd did not answer an exec in time");
+                Err(RuntimeError::Unreachable(format!(
+                    "procd did not answer within {} ms (the command's timeout plus {} s)",
+                    bound.as_millis(),
+                    EXEC_GRACE.as_secs()
+                )))
+            }
+        }
+    }
+
+    async fn exec_call(
+        &self,
+        id: &str,
+        at: &Listen,
+        msg: proto::ExecRequest,
+    ) -> Result<ExecResult, RuntimeError> {
         let mut client = self.client(at)?;
         let mut events = client.exec(self.authorized(id, msg)).await.map_err(exec_error)?.into_inner();
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());

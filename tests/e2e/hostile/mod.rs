@@ -6,6 +6,7 @@
 mod disk;
 mod kernel;
 mod network;
+mod procd;
 mod tenancy;
 
 use warmpool_api::*;
@@ -13,15 +14,21 @@ use warmpool_client::Client;
 
 use crate::*;
 
-/// An ordinary account (not the admin's) with a built template `box`.
-pub async fn tenant(server: &ServerProcess, name: &str) -> Client {
+/// An ordinary account (nothing an admin allowed beyond the defaults) and a token of it.
+pub async fn account(server: &ServerProcess, name: &str) -> (Account, String) {
     let acc = server
         .client
         .create_account(&AccountCreate { name: name.into(), ..Default::default() })
         .await
         .unwrap();
-    let tok = server.client.create_token(&TokenCreate { account_id: acc.id, name: None }).await.unwrap();
-    let c = Client::new(&server.url, Some(tok.token)).unwrap();
+    let tok =
+        server.client.create_token(&TokenCreate { account_id: acc.id.clone(), name: None }).await.unwrap();
+    (acc, tok.token)
+}
+
+/// An ordinary account's client, with a built template `box`.
+pub async fn tenant(server: &ServerProcess, name: &str) -> Client {
+    let c = Client::new(&server.url, Some(account(server, name).await.1)).unwrap();
     build(&c, &template("box", 0.0)).await;
     c
 }

@@ -9,16 +9,10 @@ use warmpool_testkit::TempServer;
 
 use crate::*;
 
-/// An ordinary account (nothing an admin allowed beyond the defaults) and a client with its token.
+/// An ordinary account and a client with its token.
 async fn tenant(server: &ServerProcess, name: &str) -> (Account, Client) {
-    let acc = server
-        .client
-        .create_account(&AccountCreate { name: name.into(), ..Default::default() })
-        .await
-        .unwrap();
-    let tok =
-        server.client.create_token(&TokenCreate { account_id: acc.id.clone(), name: None }).await.unwrap();
-    (acc, Client::new(&server.url, Some(tok.token)).unwrap())
+    let (acc, token) = super::account(server, name).await;
+    (acc, Client::new(&server.url, Some(token)).unwrap())
 }
 
 /// Asserts `result` is the API error `code` with `details.field == field`.

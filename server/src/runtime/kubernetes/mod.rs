@@ -35,6 +35,8 @@ use crate::secrets::Secrets;
 use pod::{PodPlan, BUILD_LABEL, MANAGED, PROCD_PORT, SANDBOX_CONTAINER, SANDBOX_LABEL};
 
 /// How long a pod started from a build may take to fetch its artifact.
+/// The most of a pod's log one `logs` call reads (the pod log API returns it as one body).
+const LOG_LIMIT_BYTES: i64 = 16 << 20;
 const ARTIFACT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// How long a build's steps pod may take to be scheduled, pull its image and start procd.
 const BUILD_POD_START: Duration = Duration::from_secs(600);
@@ -483,8 +485,17 @@ impl Runtime for KubernetesRuntime {
         self.procd.pause(&handle.id, &self.at(handle)?, paused).await
     }
 
-    async fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine> {
-        super::log_lines(&self.log_tail(handle, 1 << 20).await)
+    /// The last `lines` lines of the `sandbox` container's log, from the pod log API (`tailLines`; the kubelet
+    /// rotates and bounds the file).
+    async fn logs(&self, handle: &RuntimeHandle, lines: usize) -> BoxStream<'static, LogLine> {
+        let params = LogParams {
+            container: Some(SANDBOX_CONTAINER.into()),
+            tail_lines: Some(lines as i64),
+            limit_bytes: Some(LOG_LIMIT_BYTES),
+            ..Default::default()
+        };
+        let text = self.pods.logs(&handle.dir, &params).await.unwrap_or_default();
+        futures::stream::iter(super::log_lines(&text)).boxed()
     }
 
     /// The `sandbox` container's log (procd's mirror); once the pod is gone, what its termination message kept.

@@ -366,7 +366,7 @@ async fn logs_are_the_sandbox_containers_log() {
     let calls =
         vec![call("GET", &format!("/api/v1/namespaces/{NS}/pods/sbx-10/log"), 200, Value::String(text))];
     let h = harness(vec![], vec![], calls).await;
-    let lines = h.runtime.logs(&handle("sbx_10")).await;
+    let lines: Vec<_> = h.runtime.logs(&handle("sbx_10"), 10).await.collect().await;
     assert_eq!(lines.len(), 1);
     assert_eq!((lines[0].process.as_str(), lines[0].data.as_str()), ("start", "hi"));
     h.verified().await;

@@ -13,15 +13,20 @@
 //! sandbox wrote can never lead the server outside it.
 //!
 //! On the host, `<data-dir>/sandboxes/<id>/` is the container's bundle: `config.json`, `config/` (procd's config
-//! and token), `run/` (procd's socket) and `procd.log` (procd's stdout and stderr). Its writable layer (`upper/`,
-//! `work/`) is on the disk-limited layers filesystem (see `disk`). The overlay is mounted at
-//! `/run/warmpool/rootfs/<id>`: runc mounts a root onto itself from inside the container's user namespace, whose
-//! root must be able to walk the path to it (the data dir is the host root's alone), and sandbox ids are unique on
-//! a host. runc's state lives in `<data-dir>/runc`, so after a restart `runc state` finds live containers again and
-//! the directory listing names the ones to remove.
+//! and token), `run/` (procd's socket) and `procd.log` (procd's stdout and stderr, kept under
+//! `--sandbox-log-bytes`: see `logs`). Its writable layer (`upper/`, `work/`) is on the disk-limited layers
+//! filesystem (see `disk`). The overlay is mounted at `/run/warmpool/rootfs/<id>`: runc mounts a root onto itself
+//! from inside the container's user namespace, whose root must be able to walk the path to it (the data dir is the
+//! host root's alone), and sandbox ids are unique on a host. runc's state lives in `<data-dir>/runc`, so after a
+//! restart `runc state` finds live containers again and the directory listing names the ones to remove.
+//!
+//! The server reaches procd over a Unix socket it binds itself in `run/`, which is not mounted into the container,
+//! and hands to procd as an inherited descriptor (fd 3): nothing a sandbox can write is on the server's path to
+//! its procd, so a sandbox cannot replace or redirect it (see `procd_listener`).
 
 mod disk;
 mod layers;
+pub mod logs;
 mod net;
 pub mod oci;
 mod runc;
@@ -65,6 +70,8 @@ pub struct Options {
     pub allow_cidrs: Vec<String>,
     /// Start sandboxes even where `disk_mb` cannot be enforced.
     pub allow_unlimited_disk: bool,
+    /// The bound of each sandbox's log file and its rotation together (`--sandbox-log-bytes`).
+    pub log_bytes: u64,
 }
 
 pub struct LocalRuntime {
@@ -72,6 +79,8 @@ pub struct LocalRuntime {
     ids: IdRange,
     procd_bin: PathBuf,
     max_sandboxes: usize,
+    /// The bound of each sandbox's `procd.log` and its rotation together (see `logs`).
+    log_bytes: u64,
     exits: mpsc::UnboundedSender<String>,
     procd: Procd,
     runc: Runc,
@@ -99,7 +108,8 @@ impl LocalRuntime {
         exits: mpsc::UnboundedSender<String>,
         secrets: Arc<Secrets>,
     ) -> Result<Arc<LocalRuntime>, RuntimeError> {
-        let Options { data_dir, procd_bin, max_sandboxes, ids, allow_cidrs, allow_unlimited_disk } = options;
+        let Options { data_dir, procd_bin, max_sandboxes, ids, allow_cidrs, allow_unlimited_disk, log_bytes } =
+            options;
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err(RuntimeError::Failed(
@@ -131,6 +141,7 @@ impl LocalRuntime {
             ids,
             procd_bin,
             max_sandboxes,
+            log_bytes,
             exits,
             procd: Procd::new(secrets),
             base,
@@ -222,12 +233,12 @@ impl LocalRuntime {
         let warm = if processes { warm_processes(spec) } else { Vec::new() };
         let config_dir = bundle.join("config");
         std::fs::create_dir_all(&config_dir).map_err(io("creating the config directory"))?;
-        let run_dir = run_dir(bundle, id);
-        std::fs::create_dir_all(&run_dir).map_err(io("creating the run directory"))?;
-        layers::give(&run_dir, self.ids).map_err(io("handing over the run directory"))?;
+        let socket = run_dir(bundle, id).join("procd.sock");
+        let listener = procd_listener(&socket)?;
         write_private(&config_dir.join("token"), &self.procd.token(id))?;
         let procd_config = serde_json::json!({
-            "listen": format!("unix://{}/procd.sock", oci::RUN_DIR),
+            // The listener this server made, inherited as fd 3 (see `procd_listener`).
+            "listen": "fd://3",
             "token_file": format!("{}/token", oci::CONFIG_DIR),
             "warm_processes": warm,
             "env": procd_env(&spec.spec),
@@ -260,7 +271,6 @@ impl LocalRuntime {
             rootfs: &rootfs,
             procd_bin: &self.procd_bin,
             config_dir: &config_dir,
-            run_dir: &run_dir,
             host_dirs,
             volumes: &volumes,
             network,
@@ -269,7 +279,7 @@ impl LocalRuntime {
             cwd: &cwd,
         });
         std::fs::write(bundle.join("config.json"), config.to_string()).map_err(io("writing config.json"))?;
-        let pid = self.runc.create(id, bundle, &bundle.join("procd.log")).await?;
+        let pid = self.runc.create(id, bundle, &bundle.join(logs::LOG), listener.into()).await?;
         if let Some(wiring) = wiring {
             self.cni.add(id, pid, wiring).await?;
         }
@@ -279,19 +289,27 @@ impl LocalRuntime {
             procd_pid: Some(pid),
             procd_started: start_ticks(pid),
             dir: bundle.display().to_string(),
-            socket: run_dir.join("procd.sock").display().to_string(),
+            socket: socket.display().to_string(),
             has_warm_processes: !warm.is_empty(),
         };
         self.watch_exit(handle.clone());
         Ok(handle)
     }
 
-    /// Reports the container's exit on `exits` (procd is not our child: runc started it).
+    /// Reports the container's exit on `exits` (procd is not our child: runc started it), and keeps its log
+    /// under the bound meanwhile, looking ten times as often while the log grows fast.
     fn watch_exit(&self, handle: RuntimeHandle) {
         let exits = self.exits.clone();
+        let log_bytes = self.log_bytes;
         tokio::spawn(async move {
+            let dir = PathBuf::from(&handle.dir);
+            // The log's length after the last look (0 after a rotation).
+            let mut after = 0;
             while handle_alive(&handle) {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                let (seen, rotated) = bound_log(&dir, log_bytes).await;
+                let hot = seen > after + logs::HOT_GROWTH;
+                after = if rotated { 0 } else { seen };
+                tokio::time::sleep(Duration::from_millis(if hot { 25 } else { 250 })).await;
             }
             let _ = exits.send(handle.id);
         });
@@ -327,6 +345,24 @@ impl LocalRuntime {
         let _ = std::fs::remove_dir(rootfs);
         self.cni.remove(id).await;
         let _ = std::fs::remove_dir_all(run_dir(bundle, id));
+    }
+}
+
+/// Rotates `dir/procd.log` when it passed its threshold (a `stat` first; the copy on a blocking thread).
+/// Returns the log's length as seen, and whether it was rotated.
+async fn bound_log(dir: &Path, bound: u64) -> (u64, bool) {
+    let len = std::fs::metadata(dir.join(logs::LOG)).map_or(0, |m| m.len());
+    if len <= logs::threshold(bound) {
+        return (len, false);
+    }
+    let owned = dir.to_path_buf();
+    match tokio::task::spawn_blocking(move || logs::rotate(&owned, bound)).await {
+        Ok(Ok(rotated)) => (len, rotated),
+        Ok(Err(e)) => {
+            tracing::warn!(dir = %dir.display(), error = &e as &dyn std::error::Error, "Cannot rotate procd's log");
+            (len, false)
+        }
+        Err(_) => (len, false),
     }
 }
 
@@ -370,7 +406,7 @@ fn rootfs_dir(id: &str) -> Result<PathBuf, RuntimeError> {
 }
 
 /// procd's socket directory: `<bundle>/run`, or a short path under the temp dir where the bundle's path is too
-/// long for a Unix socket (107 bytes).
+/// long for a Unix socket (107 bytes). Neither is mounted into the container: only this server writes there.
 fn run_dir(bundle: &Path, id: &str) -> PathBuf {
     let dir = bundle.join("run");
     if dir.as_os_str().len() < 90 {
@@ -378,6 +414,35 @@ fn run_dir(bundle: &Path, id: &str) -> PathBuf {
     } else {
         std::env::temp_dir().join("warmpool-run").join(id)
     }
+}
+
+/// Binds procd's listening socket at `socket`, in a directory only this server can write (mode 0700, not a
+/// symlink), for procd to inherit as fd 3 (`runc create --preserve-fds 1`). The server made the socket and
+/// nothing inside the sandbox can reach its path, so after a restart the server still connects to this
+/// sandbox's procd and no other.
+fn procd_listener(socket: &Path) -> Result<std::os::unix::net::UnixListener, RuntimeError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = socket.parent().expect("a socket path has a directory");
+    let io = |what: &str| RuntimeError::io(format!("{what} {}", dir.display()));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("creating"))?;
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        let meta = std::fs::symlink_metadata(d).map_err(io("checking"))?;
+        // SAFETY: geteuid has no preconditions.
+        if !meta.is_dir() || meta.uid() != unsafe { libc::geteuid() } {
+            return Err(RuntimeError::Failed(format!(
+                "{} is not a directory of this server's user; refusing to put procd's socket there",
+                d.display()
+            )));
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io("restricting"))?;
+    match std::fs::remove_file(socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("clearing")(e)),
+        _ => {}
+    }
+    let listener = std::os::unix::net::UnixListener::bind(socket).map_err(io("binding procd's socket in"))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(io("restricting"))?;
+    Ok(listener)
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), RuntimeError> {
@@ -610,12 +675,13 @@ impl Runtime for LocalRuntime {
         self.procd.pause(&handle.id, &Self::at(handle), paused).await
     }
 
-    async fn logs(&self, handle: &RuntimeHandle) -> Vec<LogLine> {
-        super::log_lines(&self.log_tail(handle, 1 << 20).await)
+    async fn logs(&self, handle: &RuntimeHandle, lines: usize) -> BoxStream<'static, LogLine> {
+        logs::tail(PathBuf::from(&handle.dir), lines)
     }
 
     async fn log_tail(&self, handle: &RuntimeHandle, bytes: usize) -> String {
-        super::tail(&std::fs::read(Path::new(&handle.dir).join("procd.log")).unwrap_or_default(), bytes)
+        let dir = PathBuf::from(&handle.dir);
+        tokio::task::spawn_blocking(move || logs::tail_text(&dir, bytes)).await.unwrap_or_default()
     }
 
     fn is_alive(&self, handle: &RuntimeHandle) -> bool {

@@ -1,5 +1,5 @@
 //! The OCI runtime spec (`config.json`) of a sandbox or build container: procd as PID 1 at `/procd/bin/procd`,
-//! its config under `/config`, its socket under `/run/warmpool`; its own user namespace (root inside is an
+//! its config under `/config`, its socket inherited, not mounted; its own user namespace (root inside is an
 //! unprivileged uid outside), pid, mount, uts, ipc and (but in `host` mode) network namespaces; runc's default
 //! capability set, a seccomp allowlist, a `pids` limit and the template's resources. This file is the one place
 //! that decides what a container may do to the kernel.
@@ -12,6 +12,8 @@ use warmpool_api::Resources;
 /// Where procd and its files appear inside every container (reserved paths of the template spec).
 pub const PROCD_BIN: &str = "/procd/bin/procd";
 pub const CONFIG_DIR: &str = "/config";
+/// Reserved for the control plane's files inside a sandbox. Nothing is mounted there: procd's socket is
+/// inherited (fd 3) from a directory the sandbox cannot see.
 pub const RUN_DIR: &str = "/run/warmpool";
 /// Processes a sandbox may run at once.
 pub const PIDS_LIMIT: i64 = 4096;
@@ -68,7 +70,6 @@ pub struct ContainerSpec<'a> {
     pub rootfs: &'a Path,
     pub procd_bin: &'a Path,
     pub config_dir: &'a Path,
-    pub run_dir: &'a Path,
     /// Read-only host system directories to bind (none when the template has an image).
     pub host_dirs: Vec<String>,
     /// `(host dir, path inside)` read-write binds (named volumes).
@@ -107,7 +108,6 @@ pub fn config(s: &ContainerSpec) -> Value {
     }
     mounts.push(bind(s.procd_bin, PROCD_BIN, "ro"));
     mounts.push(bind(s.config_dir, CONFIG_DIR, "ro"));
-    mounts.push(bind(s.run_dir, RUN_DIR, "rw"));
     for (host, inside) in s.volumes {
         mounts.push(bind(host, inside, "rw"));
     }

@@ -1,6 +1,7 @@
 //! `runc`, the reference OCI runtime (Debian's `runc` package), driven through its command line with its state
 //! kept under the data dir (`--root`), so `runc list` names exactly this server's containers.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -32,8 +33,15 @@ impl Runc {
     }
 
     /// Creates the container of `bundle` (its `config.json`) without starting procd, so its namespaces can be
-    /// wired first; the container's stdout and stderr go to `log`. Returns procd's pid as the host sees it.
-    pub async fn create(&self, id: &str, bundle: &Path, log: &Path) -> Result<u32, RuntimeError> {
+    /// wired first; the container's stdout and stderr go to `log`, and `listener` becomes procd's fd 3
+    /// (`--preserve-fds 1`). Returns procd's pid as the host sees it.
+    pub async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        log: &Path,
+        listener: OwnedFd,
+    ) -> Result<u32, RuntimeError> {
         let open = || {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -45,16 +53,22 @@ impl Runc {
         // the container runs). runc's own error, if any, is the log's last line.
         let before = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0);
         let pid_file = bundle.join("procd.pid");
-        let status = self
-            .command()
+        let mut create = self.command();
+        create
             .arg("create")
             .arg("--bundle")
             .arg(bundle)
             .arg("--pid-file")
             .arg(&pid_file)
+            .arg("--preserve-fds")
+            .arg("1")
             .arg(id)
+            // runc would also pass systemd's socket-activation descriptors and shift procd's fd 3.
+            .env_remove("LISTEN_FDS")
             .stdout(open()?)
-            .stderr(open()?)
+            .stderr(open()?);
+        inherit_as_fd3(&mut create, &listener);
+        let status = create
             .status()
             .await
             .map_err(RuntimeError::io("running runc create (is the runc package installed?)"))?;
@@ -67,6 +81,8 @@ impl Runc {
             .ok()
             .and_then(|p| p.trim().parse().ok())
             .ok_or_else(|| RuntimeError::Exited(format!("runc wrote no pid for container {id}")))?;
+        // The container's init holds the listener now; the server connects through the socket's path.
+        drop(listener);
         Ok(pid)
     }
 
@@ -99,5 +115,23 @@ impl Runc {
         std::fs::read_dir(&self.root)
             .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default()
+    }
+}
+
+/// Makes `fd` the child's descriptor 3. `dup2` clears close-on-exec on the copy; a descriptor that already is 3
+/// has the flag cleared by hand. Every other descriptor of the server is close-on-exec, so fd 3 is the only one
+/// the container inherits.
+fn inherit_as_fd3(cmd: &mut tokio::process::Command, fd: &OwnedFd) {
+    let fd = fd.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and calls only async-signal-safe functions
+    // (dup2, fcntl) on descriptors.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
