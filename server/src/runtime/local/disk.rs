@@ -3,7 +3,7 @@
 //! API keep writing to the data dir.
 //!
 //! That filesystem is `<data-dir>/layers.img`, a sparse btrfs image created once (sized to the data dir's free space
-//! minus a reserve of a tenth of its filesystem, at least 1 GiB), loop-mounted at `<data-dir>/layers` (mounted
+//! minus a reserve of a twentieth of its filesystem, between 1 and 4 GiB), loop-mounted at `<data-dir>/layers` (mounted
 //! again after a restart) with quotas on. Every sandbox's and build's layer is a btrfs subvolume,
 //! `layers/{sandboxes,builds}/<id>` holding `upper/` and `work/`, whose qgroup is limited to the template's
 //! `disk_mb` (default 10240): the sandbox's writes then fail with `EDQUOT` ("Disk quota exceeded"); the image as a
@@ -28,9 +28,11 @@ use warmpool_api::id_prefix;
 
 use super::super::RuntimeError;
 
-/// What is left of the data dir's filesystem for the database and the API whatever sandboxes write: a tenth of
-/// it, at least this much.
+/// What is left of the data dir's filesystem for the database and the API whatever sandboxes write: a twentieth
+/// of it, between these bounds (a big disk's tenth would be more than a database needs and would leave no room for
+/// layers on a disk that is mostly full of something else).
 const MIN_RESERVE: u64 = 1 << 30;
+const MAX_RESERVE: u64 = 4 << 30;
 /// An image smaller than this is not worth making.
 const MIN_IMAGE: u64 = 1 << 30;
 
@@ -317,7 +319,7 @@ fn mount_image(data_dir: &Path, root: &Path) -> Result<(), String> {
 /// A sparse btrfs image as large as the data dir's free space minus the reserve.
 fn make_image(data_dir: &Path, image: &Path) -> Result<(), String> {
     let (free, total) = free_space(data_dir).map_err(|e| format!("reading the free space: {e}"))?;
-    let reserve = (total / 10).max(MIN_RESERVE);
+    let reserve = (total / 20).clamp(MIN_RESERVE, MAX_RESERVE);
     let size = free.saturating_sub(reserve) & !((1 << 20) - 1);
     if size < MIN_IMAGE {
         return Err(format!(
