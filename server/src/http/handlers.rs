@@ -71,7 +71,8 @@ struct ListQuery {
     /// Items per page (default 100).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (an id).
+    #[param(pattern = "^[A-Za-z0-9_]*$")]
     cursor: Option<String>,
 }
 
@@ -85,6 +86,10 @@ impl ListQuery {
                 })?
             }
         };
+        if self.cursor.as_deref().is_some_and(|c| !c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        {
+            return Err(FieldError::new("cursor", "is not a cursor this server handed out"));
+        }
         Ok(crate::store::Page { after: self.cursor.filter(|c| !c.is_empty()), limit })
     }
 }

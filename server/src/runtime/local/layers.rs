@@ -24,7 +24,11 @@ pub fn mount_points(dir: &Path, ids: IdRange) -> Result<(), RuntimeError> {
     for d in ["/workspace", procd_dir, CONFIG_DIR, RUN_DIR] {
         std::fs::create_dir_all(dir.join(d.trim_start_matches('/'))).map_err(io(d))?;
     }
-    give(&dir.join("workspace"), ids).map_err(io("/workspace"))?;
+    // The sandbox's root owns what an image's root would: the workspace, and /run (a warm process may keep its
+    // pid files and sockets there; procd's channel is not there).
+    for d in ["workspace", "run", RUN_DIR.trim_start_matches('/')] {
+        give(&dir.join(d), ids).map_err(io(d))?;
+    }
     std::fs::write(dir.join(PROCD_BIN.trim_start_matches('/')), b"").map_err(io("procd mount point"))
 }
 
