@@ -207,6 +207,27 @@ fn inherited_listener(fd: i32) -> std::io::Result<tokio::net::UnixListener> {
     tokio::net::UnixListener::from_std(listener)
 }
 
+/// The `pre_exec` hook that makes `fd` the child's descriptor 3, where `listen: "fd://3"` finds it (how a parent
+/// hands procd a listener it bound). `dup2` clears close-on-exec on the copy; a descriptor that already is 3 has
+/// the flag cleared by hand.
+pub fn as_fd3(fd: std::os::fd::RawFd) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    move || {
+        // SAFETY: runs in the child between fork and exec; dup2 and fcntl are async-signal-safe and touch only
+        // descriptors.
+        let rc = unsafe {
+            if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            }
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// Sets the hostname (procd does this as PID 1 of a new uts namespace, from `WARMPOOL_HOSTNAME`).
 pub fn set_hostname(name: &str) -> std::io::Result<()> {
     // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.

@@ -58,7 +58,10 @@ impl Procd {
             cmd.env(k, v);
         }
         if let Some(fd) = &inherit {
-            inherit_as_fd3(&mut cmd, fd);
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the hook only duplicates a descriptor (see `as_fd3`).
+            unsafe { cmd.pre_exec(warmpool_procd::as_fd3(fd.as_raw_fd())) };
         }
         let child = cmd.spawn().unwrap();
         Procd { child, dir, socket }
@@ -98,24 +101,6 @@ impl Drop for Procd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Makes `fd` the child's descriptor 3 (dup2 clears close-on-exec; a descriptor that already is 3 has it cleared
-/// by hand).
-fn inherit_as_fd3(cmd: &mut Command, fd: &std::os::fd::OwnedFd) {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let fd = fd.as_raw_fd();
-    // SAFETY: dup2 and fcntl are async-signal-safe and touch only descriptors.
-    unsafe {
-        cmd.pre_exec(move || {
-            let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 

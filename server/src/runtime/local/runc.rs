@@ -67,7 +67,9 @@ impl Runc {
             .env_remove("LISTEN_FDS")
             .stdout(open()?)
             .stderr(open()?);
-        inherit_as_fd3(&mut create, &listener);
+        // Every other descriptor of the server is close-on-exec, so fd 3 is the only one the container inherits.
+        // SAFETY: the hook only duplicates a descriptor (see `as_fd3`).
+        unsafe { create.pre_exec(warmpool_procd::as_fd3(listener.as_raw_fd())) };
         let status = create
             .status()
             .await
@@ -115,23 +117,5 @@ impl Runc {
         std::fs::read_dir(&self.root)
             .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default()
-    }
-}
-
-/// Makes `fd` the child's descriptor 3. `dup2` clears close-on-exec on the copy; a descriptor that already is 3
-/// has the flag cleared by hand. Every other descriptor of the server is close-on-exec, so fd 3 is the only one
-/// the container inherits.
-fn inherit_as_fd3(cmd: &mut tokio::process::Command, fd: &OwnedFd) {
-    let fd = fd.as_raw_fd();
-    // SAFETY: the closure runs in the child between fork and exec and calls only async-signal-safe functions
-    // (dup2, fcntl) on descriptors.
-    unsafe {
-        cmd.pre_exec(move || {
-            let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
