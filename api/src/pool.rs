@@ -314,11 +314,14 @@ impl DegradedReason {
 }
 
 impl PoolStatus {
-    /// The first reason this pool cannot fill by waiting, with what it last reported: a wait should stop at once
-    /// and say so.
-    pub fn stuck(&self) -> Option<(DegradedReason, String)> {
+    /// The first reason this pool cannot fill by waiting (`disabled`, or a degraded reason), with what it last
+    /// reported or what would clear it: a wait should stop at once and say so.
+    pub fn stuck(&self) -> Option<(&'static str, String)> {
+        if self.state == PoolState::Disabled {
+            return Some(("disabled", "a disabled pool does not fill until it is enabled again".into()));
+        }
         let reason = self.degraded_reasons.iter().copied().find(|r| !r.clears_by_waiting())?;
         let detail = self.last_failure_logs.clone().or_else(|| self.last_error.clone()).unwrap_or_default();
-        Some((reason, detail))
+        Some((reason.as_str(), detail))
     }
 }
