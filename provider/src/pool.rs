@@ -449,3 +449,36 @@ impl Resource for PoolResource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> PoolState {
+        PoolState {
+            id: s("twp_1"),
+            name: s("api"),
+            template: s("api:stable"),
+            min_ready: Value::Value(1),
+            max_ready: Value::Value(2),
+            enabled: Value::Value(true),
+            wait_for_ready: Value::Value(true),
+            rollout_generation: Value::Value(3),
+            resolved_build_id: s("bld_1"),
+            ..Default::default()
+        }
+    }
+
+    /// Only a plan that changes something Terraform sets counts as an update (and so marks the rollout fields
+    /// unknown); a refresh that saw a rollout does not.
+    #[test]
+    fn updating_compares_the_settable_attributes_only() {
+        let prior = state();
+        let refreshed =
+            PoolState { rollout_generation: Value::Value(4), resolved_build_id: s("bld_2"), ..state() };
+        assert!(!updating(&prior, &refreshed));
+        assert!(updating(&prior, &PoolState { min_ready: Value::Value(2), ..state() }));
+        assert!(updating(&prior, &PoolState { enabled: Value::Value(false), ..state() }));
+        assert!(updating(&prior, &PoolState { template: Value::Unknown, ..state() }));
+    }
+}
