@@ -352,12 +352,14 @@ async fn wait_ready<W: Write>(
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     r.end_group();
+    let waited = started.elapsed();
     match outcome {
         Ok(()) => Ok(()),
         Err(missing) => {
+            let mut stuck = Vec::new();
             for (name, want, s) in &missing {
                 if let Some((reason, detail)) = s.stuck() {
-                    let reason = reason.as_str();
+                    stuck.push(format!("{name} ({reason})"));
                     r.error(
                         &format!("Warm pool {name} stopped filling"),
                         &format!(
@@ -373,7 +375,7 @@ async fn wait_ready<W: Write>(
                     &format!(
                         "warm pool {name}: {} of {want} ready after {} (target {}, warming {}, claimed {}, failed {}, degraded: {})",
                         s.ready,
-                        humantime::format_duration(timeout),
+                        format_waited(waited),
                         s.target,
                         s.warming,
                         s.claimed,
@@ -383,14 +385,35 @@ async fn wait_ready<W: Write>(
                 );
             }
             for (_, report) in pools.iter_mut() {
-                report.waited_ms = started.elapsed().as_millis() as u64;
+                report.waited_ms = waited.as_millis() as u64;
             }
-            Err(ActionError::Failed(format!(
-                "{} pool(s) not ready within {}",
-                missing.len(),
-                humantime::format_duration(timeout)
-            )))
+            // Say why the wait ended: pools that stopped filling end it early, not the timeout.
+            let message = if stuck.is_empty() {
+                format!(
+                    "{} pool(s) not ready after {} (wait-timeout {})",
+                    missing.len(),
+                    format_waited(waited),
+                    humantime::format_duration(timeout)
+                )
+            } else {
+                format!(
+                    "{} pool(s) not ready after {}: stopped filling: {}",
+                    missing.len(),
+                    format_waited(waited),
+                    stuck.join(", ")
+                )
+            };
+            Err(ActionError::Failed(message))
         }
+    }
+}
+
+/// A waited time as people read it: `1.7s`, `1m 0s` (tenths of a second, no nanoseconds).
+fn format_waited(waited: Duration) -> String {
+    if waited < Duration::from_secs(60) {
+        format!("{:.1}s", waited.as_secs_f64())
+    } else {
+        humantime::format_duration(Duration::from_secs(waited.as_secs())).to_string()
     }
 }
 

@@ -235,21 +235,37 @@ pub enum DegradedReason {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct PoolStatus {
+    /// `enabled` fills; `disabled` keeps its ready inventory and stops filling; `draining` removes its inventory.
     pub state: PoolState,
+    /// Ready sandboxes the pool aims at: `min(max_ready, min_ready + active lease counts)`, 0 unless enabled.
     pub target: u32,
+    /// Started sandboxes whose readiness passes, waiting for a checkout.
     pub ready: u32,
+    /// Sandboxes starting (not ready yet).
     pub warming: u32,
+    /// Sandboxes checked out of this pool that still run.
     pub claimed: u32,
+    /// Inventory being stopped (drained, rolled out, expired).
     pub draining: u32,
+    /// Starts that failed and ready sandboxes that failed, since the pool was created.
     pub failed: u32,
+    /// Ready sandboxes replaced because they outlived `idle_timeout_seconds`, since the pool was created.
     pub expired: u32,
+    /// Ready sandboxes missing to reach the target now: `target - ready`, never below 0.
     pub unavailable: u32,
+    /// Why the pool is not filling as asked (empty when it is).
     pub degraded_reasons: Vec<DegradedReason>,
+    /// Incremented by every rollout to a new build.
     pub rollout_generation: u64,
+    /// The build the pool fills now.
     pub resolved_build_id: Option<String>,
+    /// The build of the rollout before, whose inventory is drained.
     pub previous_build_id: Option<String>,
+    /// When the reconciler last handled this pool.
     pub last_reconciled_at: Option<DateTime<Utc>>,
+    /// How long that pass took.
     pub last_reconcile_duration_ms: Option<u64>,
+    /// The error of the last reconcile pass or failed start; the next pass that succeeds clears it.
     pub last_error: Option<String>,
     /// Output of the last sandbox that failed to start, kept while `artifact_prewarm_failed` holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -314,11 +330,14 @@ impl DegradedReason {
 }
 
 impl PoolStatus {
-    /// The first reason this pool cannot fill by waiting, with what it last reported: a wait should stop at once
-    /// and say so.
-    pub fn stuck(&self) -> Option<(DegradedReason, String)> {
+    /// The first reason this pool cannot fill by waiting (`disabled`, or a degraded reason), with what it last
+    /// reported or what would clear it: a wait should stop at once and say so.
+    pub fn stuck(&self) -> Option<(&'static str, String)> {
+        if self.state == PoolState::Disabled {
+            return Some(("disabled", "a disabled pool does not fill until it is enabled again".into()));
+        }
         let reason = self.degraded_reasons.iter().copied().find(|r| !r.clears_by_waiting())?;
         let detail = self.last_failure_logs.clone().or_else(|| self.last_error.clone()).unwrap_or_default();
-        Some((reason, detail))
+        Some((reason.as_str(), detail))
     }
 }

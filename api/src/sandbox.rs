@@ -94,25 +94,42 @@ pub struct SandboxCreate {
     /// A pool id or name to check out from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_pool: Option<String>,
+    /// How to use `warm_pool`: `prefer` (a ready sandbox, else a cold start), `require` (a ready sandbox or
+    /// `503 warm_pool_unavailable`) or `bypass` (always cold). Default: the pool's `checkout_policy`, else `prefer`.
+    /// Only with `warm_pool`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_pool_mode: Option<CheckoutMode>,
+    /// How long a checkout may wait for a warming sandbox when none is ready (default 0). Only with `warm_pool`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_pool_wait_ms: Option<u64>,
     /// Environment for `start_cmd` and warm processes (makes the request unpoolable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envs: Option<BTreeMap<String, String>>,
+    /// Named volumes to mount (makes the request unpoolable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<Vec<VolumeMount>>,
+    /// Working directory of `start_cmd` and warm processes: an absolute path (a relative one is refused); makes the
+    /// request unpoolable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// A graphical desktop session. No runtime of this server provides one: a cold create with `true` answers 400
+    /// naming `desktop`; from a pool, `require` answers `503 warm_pool_unavailable` naming `desktop` and `prefer`
+    /// falls back to that cold create.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desktop: Option<bool>,
+    /// Network of the sandbox (default `{"mode": "isolated"}`); any other mode makes the request unpoolable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkPolicy>,
+    /// What happens `timeout_seconds` after create or checkout; an action other than `destroy` makes the request
+    /// unpoolable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_policy: Option<TimeoutPolicy>,
+    /// Resume a paused sandbox when it is used again. Accepted for compatibility; this server never resumes a
+    /// sandbox by itself (a `pause` timeout leaves it `paused`), so `true` only makes the request unpoolable: a cold
+    /// start under `prefer`, `503 warm_pool_unavailable` naming `auto_resume` under `require`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_resume: Option<bool>,
+    /// Labels of the sandbox, listed with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,
 }

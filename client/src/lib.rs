@@ -311,7 +311,7 @@ impl Client {
                 return Ok(status);
             }
             if let Some((reason, detail)) = status.stuck() {
-                return Err(Error::PoolStuck { pool: pool.into(), reason: reason.as_str().into(), detail });
+                return Err(Error::PoolStuck { pool: pool.into(), reason: reason.into(), detail });
             }
             if std::time::Instant::now() >= deadline {
                 return Err(Error::Timeout(

@@ -119,11 +119,17 @@ impl PoolState {
         self.enabled = Value::Value(p.state == api::PoolState::Enabled);
         self.rollout_generation = Value::Value(p.rollout_generation as i64);
         self.resolved_build_id = opt_s(p.resolved_build_id.clone());
+        // Not a server attribute: Read keeps what the configuration last said; only a state without it gets the
+        // default.
         if self.wait_for_ready.is_null() {
-            self.wait_for_ready = Value::Value(false);
+            self.wait_for_ready = Value::Value(WAIT_FOR_READY_DEFAULT);
         }
     }
 }
+
+/// `wait_for_ready` when the configuration leaves it out, and the value an import records (the server does not
+/// know it): the apply returns when the pool is filled, as the quickstart promises.
+const WAIT_FOR_READY_DEFAULT: bool = true;
 
 pub fn pool_schema() -> Schema {
     Schema {
@@ -159,13 +165,35 @@ pub fn pool_schema() -> Schema {
                         "false disables the pool (it keeps its inventory, stops filling).",
                     ),
                 ),
-                ("wait_for_ready", boolean(OptionalComputed, "Wait during apply until ready >= min_ready.")),
-                ("rollout_generation", number(Computed, "Incremented by every rollout.")),
-                ("resolved_build_id", string(Computed, "The build the pool fills.")),
+                (
+                    "wait_for_ready",
+                    boolean(OptionalComputed, "Wait during apply until ready >= min_ready (default true)."),
+                ),
+                (
+                    "rollout_generation",
+                    number(
+                        Computed,
+                        "Incremented by every rollout; unknown in a plan that updates the pool.",
+                    ),
+                ),
+                (
+                    "resolved_build_id",
+                    string(Computed, "The build the pool fills; unknown in a plan that updates the pool."),
+                ),
             ],
             vec![("timeouts", timeouts_block())],
         ),
     }
+}
+
+/// Whether the plan updates the pool: any attribute Terraform sets differs from the prior state.
+fn updating(prior: &PoolState, proposed: &PoolState) -> bool {
+    let settable = |s: &PoolState| PoolState {
+        rollout_generation: Value::Null,
+        resolved_build_id: Value::Null,
+        ..s.clone()
+    };
+    settable(prior) != settable(proposed)
 }
 
 pub struct PoolResource {
@@ -267,7 +295,7 @@ impl Resource for PoolResource {
             proposed.enabled = Value::Value(true);
         }
         if proposed.wait_for_ready.is_null() {
-            proposed.wait_for_ready = Value::Value(false);
+            proposed.wait_for_ready = Value::Value(WAIT_FOR_READY_DEFAULT);
         }
         Some((proposed, Value::Null))
     }
@@ -295,12 +323,18 @@ impl Resource for PoolResource {
                 proposed.track_tag = Value::Unknown;
             }
         }
-        if rolls {
-            proposed.rollout_generation = Value::Unknown;
-            proposed.resolved_build_id = Value::Unknown;
-        }
         if config.enabled.is_null() {
             proposed.enabled = Value::Value(true);
+        }
+        if rolls || updating(&prior, &proposed) {
+            // The apply can move them: a rollout this update starts, or one started since the refresh by a
+            // change elsewhere in the same apply (a template rebuilt earlier moving the tag this pool tracks) or
+            // outside Terraform. Planning the prior values would make Terraform reject the result.
+            proposed.rollout_generation = Value::Unknown;
+            proposed.resolved_build_id = Value::Unknown;
+        } else {
+            proposed.rollout_generation = prior.rollout_generation;
+            proposed.resolved_build_id = prior.resolved_build_id.clone();
         }
         Some((proposed, private, Vec::new()))
     }
@@ -404,6 +438,7 @@ impl Resource for PoolResource {
         match c.get_pool(&id).await {
             Ok(p) => {
                 let mut state = PoolState::default();
+                // `set_from` gives `wait_for_ready` its default: the imported value.
                 state.set_from(&p);
                 Some((state, Value::Null))
             }
@@ -412,5 +447,38 @@ impl Resource for PoolResource {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> PoolState {
+        PoolState {
+            id: s("twp_1"),
+            name: s("api"),
+            template: s("api:stable"),
+            min_ready: Value::Value(1),
+            max_ready: Value::Value(2),
+            enabled: Value::Value(true),
+            wait_for_ready: Value::Value(true),
+            rollout_generation: Value::Value(3),
+            resolved_build_id: s("bld_1"),
+            ..Default::default()
+        }
+    }
+
+    /// Only a plan that changes something Terraform sets counts as an update (and so marks the rollout fields
+    /// unknown); a refresh that saw a rollout does not.
+    #[test]
+    fn updating_compares_the_settable_attributes_only() {
+        let prior = state();
+        let refreshed =
+            PoolState { rollout_generation: Value::Value(4), resolved_build_id: s("bld_2"), ..state() };
+        assert!(!updating(&prior, &refreshed));
+        assert!(updating(&prior, &PoolState { min_ready: Value::Value(2), ..state() }));
+        assert!(updating(&prior, &PoolState { enabled: Value::Value(false), ..state() }));
+        assert!(updating(&prior, &PoolState { template: Value::Unknown, ..state() }));
     }
 }

@@ -11,7 +11,8 @@ pub fn cli_reference() -> String {
         "# CLI reference\n\n\
          Generated from the CLI's own definition (`warmpool help` prints the same). Every command takes \
          `--endpoint` (`WARMPOOL_ENDPOINT`), `--token` (`WARMPOOL_TOKEN`) and `--json`; durations are \
-         written `500ms`, `30s`, `10m`, `2h`.\n",
+         written `500ms`, `30s`, `10m`, `2h`. A command whose output is cut off (`warmpool pool list | head -1`) \
+         ends quietly, as Unix tools do: SIGPIPE ends it (exit status 141 in a shell), with nothing on stderr.\n",
     );
     let mut root = crate::cli::Cli::command();
     root.build();

@@ -2,6 +2,9 @@ use clap::Parser;
 
 fn main() {
     let cli = warmpool_server::cli::Cli::parse();
+    if !matches!(cli.command, warmpool_server::cli::Command::Serve(_)) {
+        warmpool_server::cli::die_quietly_on_closed_stdout();
+    }
     let default_level =
         if matches!(cli.command, warmpool_server::cli::Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()

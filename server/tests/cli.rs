@@ -164,3 +164,95 @@ async fn accounts_and_tokens_through_the_cli() {
     let (code, _, err) = cli.run(&["account", "create", "Not A Name"]);
     assert!(code != 0 && err.contains("name"), "{err}");
 }
+
+/// Runs the CLI with its stdout a pipe whose reading end is already closed, as `warmpool … | head -0` does.
+fn run_into_closed_pipe(url: &str, data_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Command::new(env!("CARGO_BIN_EXE_warmpool"))
+        .args(args)
+        .env("WARMPOOL_ENDPOINT", url)
+        .env("WARMPOOL_DATA_DIR", data_dir)
+        .env_remove("WARMPOOL_TOKEN")
+        .stdout(writer)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn pool_wait_and_status_say_why_a_pool_does_not_fill_and_a_closed_stdout_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let _cleanup = KillOnDrop(tmp.path().to_path_buf());
+    let server = ServerProcess::start(tmp.path(), &["--allow-unlimited-disk"]);
+    let cli = Cli { url: &server.url, data_dir: tmp.path() };
+    let spec = tmp.path().join("template.json");
+    // The build's prewarm (its id is bld_…) passes; every pool sandbox prints a line and exits.
+    let mut template = quick_template("doomed");
+    template.start_cmd = Some(
+        "case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) echo doomed-start-output; exit 3;; esac; \
+         touch ready.flag; exec sleep infinity"
+            .into(),
+    );
+    std::fs::write(&spec, serde_json::to_string(&template).unwrap()).unwrap();
+    cli.json(&["template", "create", "-f", spec.to_str().unwrap()]);
+    let b = cli.json(&["template", "build", "doomed", "--tag", "stable", "--wait"]);
+    assert_eq!(b["status"], "ready");
+    std::fs::write(&spec, serde_json::to_string(&quick_template("api")).unwrap()).unwrap();
+    cli.json(&["template", "create", "-f", spec.to_str().unwrap()]);
+    cli.json(&["template", "build", "api", "--tag", "stable", "--wait"]);
+    // "off" holds nothing ready when it is disabled, so a wait for one can only end by saying why.
+    for (name, template, min) in [("doomed", "doomed:stable", "1"), ("off", "api:stable", "0")] {
+        let args = [
+            "pool",
+            "create",
+            "--name",
+            name,
+            "--template",
+            template,
+            "--min-ready",
+            min,
+            "--max-ready",
+            "1",
+        ];
+        cli.json(&args);
+    }
+
+    // A pool that cannot fill: the wait stops at once, and the status shows the failed start's output once.
+    let (code, _, err) = cli.run(&["pool", "wait", "doomed", "--ready", "1", "--timeout", "2m"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("artifact_prewarm_failed"), "{err}");
+    let (code, out, _) = cli.run(&["pool", "status", "doomed"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("doomed-start-output").count(), 1, "the output is shown once:\n{out}");
+
+    // A disabled pool does not fill either: the wait says so at once instead of waiting out --timeout.
+    cli.json(&["pool", "disable", "off"]);
+    let started = std::time::Instant::now();
+    let (code, _, err) = cli.run(&["pool", "wait", "off", "--ready", "1", "--timeout", "2m"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("disabled") && err.contains("enable"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "it waited {:?}", started.elapsed());
+
+    // A reader that goes away (`| head -1`) ends every command quietly: no panic, no "Broken pipe" error; the
+    // exit is the conventional one of a Unix tool killed by SIGPIPE (141 in a shell).
+    for args in [
+        &["pool", "status", "doomed"][..],
+        &["pool", "list"],
+        &["pool", "get", "off", "--json"],
+        &["template", "builds", "api"],
+    ] {
+        let out = run_into_closed_pipe(&server.url, tmp.path(), args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.signal() == Some(libc::SIGPIPE) || out.status.success(),
+            "{args:?}: {:?}\n{stderr}",
+            out.status
+        );
+        assert!(stderr.is_empty(), "{args:?} wrote to stderr: {stderr}");
+    }
+    cli.run(&["pool", "delete", "doomed"]);
+    cli.run(&["pool", "delete", "off"]);
+    wait_no_procd(tmp.path());
+}

@@ -408,3 +408,52 @@ async fn idle_timeout_replaces_stale_ready_sandboxes() {
     assert!(later.target == 1);
     cp.wait_status(&pool.id, "a replacement", |s| s.ready == 1).await;
 }
+
+/// A checked-out sandbox whose start process exits has failed; the server's "Sandbox failed" warning names the
+/// reason procd gave (the process and its exit code) as a field, with the output tail in a field of its own.
+#[tokio::test]
+async fn a_failed_sandbox_is_logged_with_its_exit_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _cleanup = KillOnDrop(tmp.path().to_path_buf());
+    let data = tmp.path().join("data");
+    let server = ServerProcess::start(&data, &["--allow-unlimited-disk"]);
+    let mut spec = quick_template("quitter");
+    // Sandboxes print a line and exit 5 once /tmp/quit exists (the build's check, bld_…, just stays up).
+    spec.start_cmd = Some(
+        "touch ready.flag; case $WARMPOOL_SANDBOX_ID in bld_*) exec sleep infinity;; esac; \
+         while [ ! -f /tmp/quit ]; do sleep 0.1; done; echo quitter-last-words; exit 5"
+            .into(),
+    );
+    server.client.create_template(&spec).await.unwrap();
+    let b = server.client.create_build("quitter", &["stable".into()]).await.unwrap();
+    let b = server.client.wait_build(&b.id, Duration::from_secs(60), |_| {}).await.unwrap();
+    assert_eq!(b.status, BuildStatus::Ready, "{:?}", b.error);
+    let pool = server.client.create_pool(&pool_spec("quitter", "quitter:stable", 1, 1)).await.unwrap();
+    server.client.wait_pool_ready(&pool.id, 1, Duration::from_secs(60), |_| {}).await.unwrap();
+    let req = SandboxCreate {
+        warm_pool: Some(pool.id.clone()),
+        warm_pool_mode: Some(CheckoutMode::Require),
+        ..Default::default()
+    };
+    let sandbox = server.client.create_sandbox(&req).await.unwrap();
+    let quit = ExecRequest { command: vec!["touch".into(), "/tmp/quit".into()], ..Default::default() };
+    server.client.exec(&sandbox.id, &quit).await.unwrap();
+    let log = data.with_extension("server.log");
+    let failed = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.contains("Sandbox failed") && l.contains(&sandbox.id))
+            .map(String::from)
+    };
+    wait_until("the sandbox to fail", Duration::from_secs(60), || failed().is_some());
+    let line = failed().unwrap();
+    assert!(
+        line.contains("reason=procd exited: A warm process exited") && line.contains("process start, code 5"),
+        "{line}"
+    );
+    assert!(line.contains("output=") && line.contains("quitter-last-words"), "{line}");
+    server.client.delete_sandbox(&sandbox.id).await.unwrap();
+    server.client.delete_pool(&pool.id).await.unwrap();
+    wait_no_procd(tmp.path());
+}

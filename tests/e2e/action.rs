@@ -200,11 +200,38 @@ async fn a_timeout_fails_with_an_annotation_and_post_still_cleans_up() {
         .lines()
         .find(|l| l.starts_with("::error title=Warm pool slow not ready::"))
         .unwrap_or_else(|| panic!("{}", main.stdout));
-    assert!(line.contains("warm pool slow: 0 of 1 ready after 1s") && line.contains("warming 1"), "{line}");
+    // The time actually waited: the timeout, give or take a status poll.
+    assert!(line.contains("warm pool slow: 0 of 1 ready after 1.") && line.contains("warming 1"), "{line}");
+    assert!(main.stdout.contains("::error title=warmpool::1 pool(s) not ready after 1."), "{}", main.stdout);
     assert_eq!(ids(&main), Vec::<String>::new());
     let post = job.post(&main);
     assert_eq!(post.code, 0);
     assert!(server.client.list_leases(&pool.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_pool_that_stops_filling_fails_at_once_with_the_reason_and_the_time_waited() {
+    let server = TempServer::start(&[]);
+    // The build's prewarm (bld_…) passes; every pool sandbox exits, so the pool trips artifact_prewarm_failed.
+    let doomed = "case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) echo doomed; exit 3;; esac; touch ready.$WARMPOOL_SANDBOX_ID; exec sleep infinity";
+    pool(&server, "doomed", doomed).await;
+    let job =
+        Job::new(&server, "9", "t").input("pools", "doomed").input("ready", "1").input("wait-timeout", "5m");
+    let started = std::time::Instant::now();
+    let main = job.step("main", &HashMap::new());
+    assert_eq!(main.code, 1, "{}", main.stdout);
+    assert!(started.elapsed() < Duration::from_secs(120), "it waited out the timeout: {}", main.stdout);
+    let last = main
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("::error title=warmpool::"))
+        .unwrap_or_else(|| panic!("{}", main.stdout));
+    assert!(!last.contains("wait-timeout"), "not a timeout: {last}");
+    assert!(last.contains("stopped filling: doomed (artifact_prewarm_failed)"), "{last}");
+    let waited = last.split("after ").nth(1).and_then(|r| r.split('s').next()).unwrap_or_default();
+    let waited: f64 = waited.parse().unwrap_or_else(|_| panic!("the time waited in seconds: {last}"));
+    assert!(waited <= started.elapsed().as_secs_f64() + 0.05, "rounded to tenths: {last}");
+    assert_eq!(job.post(&main).code, 0);
 }
 
 #[tokio::test]

@@ -166,12 +166,13 @@ async fn quickstart_lifecycle_drift_import_and_destroy() {
     server.ok(&imp, &["apply", "-auto-approve"]);
     let (code, out, err) = server.tf(&imp, &["plan", "-detailed-exitcode"]);
     assert_eq!(code, 0, "imported resources plan clean:\n{out}\n{err}");
-    // The command-line form, into a configuration written by hand.
+    // The command-line form, into a configuration written by hand (as the quickstart's, with `wait_for_ready`,
+    // which the server does not know: import records its default, `true`).
     let cli = server.workdir("import-cli", None);
     std::fs::write(
         cli.join("main.tf"),
         "terraform {\n  required_providers {\n    warmpool = { source = \"warmpool/warmpool\" }\n  }\n}\n\
-         resource \"warmpool_warm_pool\" \"api\" {\n  name = \"api\"\n  template = \"api:stable\"\n  min_ready = 2\n  max_ready = 10\n  enabled = false\n}\n",
+         resource \"warmpool_warm_pool\" \"api\" {\n  name = \"api\"\n  template = \"api:stable\"\n  min_ready = 2\n  max_ready = 10\n  enabled = false\n  wait_for_ready = true\n}\n",
     )
     .unwrap();
     server.ok(&cli, &["import", "-input=false", "warmpool_warm_pool.api", &pool.id]);
@@ -281,4 +282,118 @@ async fn terraform_test_file_passes() {
     let out = server.ok(&dir, &["test"]);
     assert!(out.contains("1 passed, 0 failed"), "{out}");
     assert!(server.client.list_pools().await.unwrap().is_empty(), "terraform test destroys what it applied");
+}
+
+/// A template and a pool tracking its `stable` tag; `start_cmd` and `min_ready` come from variables.
+const ROLLOUT_CONFIG: &str = r#"terraform {
+  required_providers {
+    warmpool = { source = "warmpool/warmpool" }
+  }
+}
+variable "start_cmd" { type = string }
+variable "min_ready" { type = number }
+resource "warmpool_template" "t" {
+  name        = "t"
+  build_steps = ["echo built > built.txt"]
+  start_cmd   = var.start_cmd
+  readiness {
+    exec { command = ["test", "-f", "/tmp/started"] }
+    timeout_ms = 30000
+  }
+  tags = ["stable"]
+}
+resource "warmpool_warm_pool" "p" {
+  name           = "p"
+  template       = "${warmpool_template.t.name}:stable"
+  version_policy = "track_tag"
+  track_tag      = "stable"
+  min_ready      = var.min_ready
+  max_ready      = 3
+  depends_on     = [warmpool_template.t]
+}
+"#;
+
+/// What changes outside Terraform before an apply.
+#[derive(Debug, Clone, Copy)]
+enum Outside {
+    Nothing,
+    /// `warmpool pool drain` with the real CLI.
+    DrainWithCli,
+    /// A build made outside Terraform takes the `stable` tag (the pool rolls to it).
+    TagMoved,
+    /// The template's `start_cmd` edited through the API (Terraform sees drift and rebuilds).
+    TemplateEdited,
+}
+
+#[tokio::test]
+async fn one_apply_changing_template_pool_and_outside_state_succeeds_and_plans_clean() {
+    require_terraform();
+    let server = Server::start();
+    let dir = server.workdir("rollout", None);
+    std::fs::write(dir.join("main.tf"), ROLLOUT_CONFIG).unwrap();
+    let start_cmd = |v: usize| format!("echo v{v} > v; touch /tmp/started; exec sleep infinity");
+    let vars = |v: usize, min: u32| {
+        vec![
+            "-var".to_string(),
+            format!("start_cmd={}", start_cmd(v)),
+            "-var".into(),
+            format!("min_ready={min}"),
+        ]
+    };
+    let run = |cmd: &[&str], vars: &[String]| {
+        let mut args: Vec<&str> = cmd.to_vec();
+        args.extend(vars.iter().map(String::as_str));
+        server.tf(&dir, &args)
+    };
+    let (mut version, mut min) = (0, 1);
+    let (code, out, err) = run(&["apply", "-auto-approve"], &vars(version, min));
+    assert_eq!(code, 0, "first apply:\n{out}\n{err}");
+
+    let outsides = [Outside::Nothing, Outside::DrainWithCli, Outside::TagMoved, Outside::TemplateEdited];
+    for outside in outsides {
+        for template_change in [false, true] {
+            for pool_change in [false, true] {
+                let case =
+                    format!("template change {template_change}, pool change {pool_change}, {outside:?}");
+                match outside {
+                    Outside::Nothing => {}
+                    Outside::DrainWithCli => {
+                        let out = Command::new(sibling_bin("warmpool"))
+                            .args(["pool", "drain", "p"])
+                            .env("WARMPOOL_ENDPOINT", &server.url)
+                            .env("WARMPOOL_TOKEN", server.token())
+                            .output()
+                            .unwrap();
+                        assert!(out.status.success(), "{case}: drain: {out:?}");
+                    }
+                    Outside::TagMoved => {
+                        let b = server.client.create_build("t", &["stable".into()]).await.unwrap();
+                        let b =
+                            server.client.wait_build(&b.id, Duration::from_secs(120), |_| {}).await.unwrap();
+                        assert_eq!(b.status, BuildStatus::Ready, "{case}");
+                    }
+                    Outside::TemplateEdited => {
+                        let patch = TemplatePatch {
+                            start_cmd: Some("echo edited; touch /tmp/started; exec sleep infinity".into()),
+                            ..Default::default()
+                        };
+                        server.client.update_template("t", &patch).await.unwrap();
+                    }
+                }
+                if template_change {
+                    version += 1;
+                }
+                if pool_change {
+                    min = 3 - min;
+                }
+                let (code, out, err) = run(&["apply", "-auto-approve"], &vars(version, min));
+                assert_eq!(code, 0, "{case}: the apply fails:\n{out}\n{err}");
+                let (code, out, err) = run(&["plan", "-detailed-exitcode"], &vars(version, min));
+                assert_eq!(code, 0, "{case}: the plan after apply is not empty:\n{out}\n{err}");
+                let pool = server.client.get_pool("p").await.unwrap();
+                assert_eq!((pool.state, pool.min_ready), (PoolState::Enabled, min), "{case}");
+            }
+        }
+    }
+    run(&["destroy", "-auto-approve"], &vars(version, min));
 }

@@ -210,14 +210,20 @@ impl App {
 
     /// A real failure of a live sandbox (`from → failed`). Pool inventory is counted in the pool's `failed`,
     /// removed and replaced; a caller's sandbox keeps its row and logs until deleted.
+    /// `reason` says why; `output` is the tail of what the sandbox printed, if there is any to keep.
     pub async fn fail_sandbox(
         &self,
         mut row: SandboxRow,
         from: &[Lifecycle],
-        message: String,
+        reason: String,
+        output: Option<String>,
     ) -> AppResult<bool> {
-        tracing::warn!(sandbox = %row.sandbox.id, %message, "Sandbox failed");
-        row.error = Some(message);
+        let output = output.map(|o| o.trim().to_string()).filter(|o| !o.is_empty());
+        tracing::warn!(sandbox = %row.sandbox.id, %reason, output = output.as_deref().unwrap_or(""), "Sandbox failed");
+        row.error = Some(match output {
+            Some(output) => format!("{reason}\n{output}"),
+            None => reason,
+        });
         if !self.transition(&mut row, Failed, from)? {
             return Ok(false);
         }
@@ -253,7 +259,7 @@ impl App {
                 return;
             }
             if let Ok(Some(row)) = app.store.get_sandbox(&id) {
-                if let Err(e) = app.fail_sandbox(row, &[Ready], message).await {
+                if let Err(e) = app.fail_sandbox(row, &[Ready], message, None).await {
                     tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot retire an unready sandbox");
                 }
             }
@@ -305,7 +311,8 @@ impl App {
                 continue;
             }
             let tail = self.runtime.log_tail(&row.handle, 2000).await;
-            if let Err(e) = self.fail_sandbox(row, &[from], format!("procd exited: {}", tail.trim())).await {
+            let reason = format!("procd exited: {}", crate::runtime::exit_reason(&tail));
+            if let Err(e) = self.fail_sandbox(row, &[from], reason, Some(tail)).await {
                 tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot record a failed sandbox");
             }
         }

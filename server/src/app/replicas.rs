@@ -159,8 +159,13 @@ impl App {
             }
             Ready | Claimed => {
                 let from = row.lifecycle;
-                self.fail_sandbox(row, &[from], "procd was gone when another replica took it over".into())
-                    .await?;
+                self.fail_sandbox(
+                    row,
+                    &[from],
+                    "procd was gone when another replica took it over".into(),
+                    None,
+                )
+                .await?;
             }
         }
         Ok(())

@@ -12,6 +12,17 @@ use clap::{Args, Parser, Subcommand};
 
 pub use commands::run_client_command;
 
+/// A client command whose reader goes away (`warmpool pool status api | head -1`) ends as Unix tools do: killed
+/// quietly by SIGPIPE (a shell reports exit status 141), not with a "Broken pipe" panic from `println!`. Rust
+/// ignores SIGPIPE by default; this restores the default. Not for `serve`, which must outlive any peer or child
+/// that closes a pipe on it; the client commands write to no pipe but stdout and stderr.
+pub fn die_quietly_on_closed_stdout() {
+    // SAFETY: called at the start of `main`, before any other thread exists; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "warmpool", version, about = "Warm pools of ready sandboxes: control plane and CLI")]
 pub struct Cli {

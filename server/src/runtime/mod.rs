@@ -227,7 +227,65 @@ pub fn tail(data: &[u8], bytes: usize) -> String {
     }
 }
 
+/// Why procd exited, from the tail of its log: its last error with the fields it names (`A warm process exited;
+/// procd stops so the sandbox is replaced (process start, code 3)`), else the last line it printed that is not
+/// JSON (a startup error), never a line of a process's output: the reason, which the output tail goes with.
+pub fn exit_reason(log: &str) -> String {
+    let mut own_text = None;
+    for line in log.lines().rev().map(str::trim).filter(|l| !l.is_empty()) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            own_text.get_or_insert(line);
+            continue;
+        };
+        if v["level"] != "ERROR" {
+            continue;
+        }
+        let fields = &v["fields"];
+        let message = fields["message"].as_str().unwrap_or("procd failed");
+        let details: Vec<String> = ["process", "code", "error"]
+            .into_iter()
+            .filter_map(|k| match &fields[k] {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some(format!("{k} {s}")),
+                other => Some(format!("{k} {other}")),
+            })
+            .collect();
+        return if details.is_empty() {
+            message.to_string()
+        } else {
+            format!("{message} ({})", details.join(", "))
+        };
+    }
+    match own_text {
+        Some(line) => line.to_string(),
+        None if log.trim().is_empty() => "procd printed nothing".into(),
+        None => "procd exited without logging an error".into(),
+    }
+}
+
 /// procd's JSON log lines among its output (its own messages are skipped).
 pub fn log_lines(text: &str) -> Vec<LogLine> {
     text.lines().filter_map(|l| serde_json::from_str::<LogLine>(l).ok()).collect()
+}
+
+#[cfg(test)]
+mod exit_reason_tests {
+    use super::exit_reason;
+
+    #[test]
+    fn the_reason_is_procds_last_error_not_the_last_output_line() {
+        let log = concat!(
+            r#"{"level":"INFO","fields":{"message":"procd is serving"},"target":"warmpool_procd"}"#,
+            "\n",
+            r#"{"ts":"t","process":"start","pid":10,"stream":"stdout","data":"last words"}"#,
+            "\n",
+            r#"{"level":"ERROR","fields":{"message":"A warm process exited; procd stops","process":"start","code":3}}"#,
+            "\n",
+        );
+        assert_eq!(exit_reason(log), "A warm process exited; procd stops (process start, code 3)");
+        assert_eq!(exit_reason("Error: cannot bind the socket\n"), "Error: cannot bind the socket");
+        assert_eq!(exit_reason(""), "procd printed nothing");
+        let output_only = r#"{"ts":"t","process":"start","pid":10,"stream":"stdout","data":"last words"}"#;
+        assert_eq!(exit_reason(output_only), "procd exited without logging an error");
+    }
 }

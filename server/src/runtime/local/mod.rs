@@ -614,9 +614,8 @@ impl Runtime for LocalRuntime {
         let mut last = String::from("procd has not answered yet");
         loop {
             if !self.is_alive(handle) {
-                let tail = self.log_tail(handle, 2000).await;
-                let tail = if tail.trim().is_empty() { "(procd printed nothing)".to_string() } else { tail };
-                return Err(RuntimeError::Exited(tail));
+                // The reason only: callers show the output tail beside it (`log_tail`).
+                return Err(RuntimeError::Exited(super::exit_reason(&self.log_tail(handle, 4000).await)));
             }
             if Path::new(&handle.socket).exists() {
                 match self.procd.ready(&Self::at(handle), handle).await {
