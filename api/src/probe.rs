@@ -304,12 +304,19 @@ pub fn validate_cwd(field: &str, cwd: &str) -> Result<(), FieldError> {
 pub const RESERVED_MOUNT_PATHS: [&str; 4] = ["/proc", "/dev", "/sys", "/run/warmpool"];
 
 /// A volume's `mount_path`: the `cwd` rules (absolute, normalized, not `/`, not `/config` or `/procd/bin`) and not
-/// [`RESERVED_MOUNT_PATHS`] or below them.
+/// [`RESERVED_MOUNT_PATHS`] or below them, nor a parent of any reserved path.
 pub fn validate_mount_path(field: &str, path: &str) -> Result<(), FieldError> {
     validate_cwd(field, path)?;
+    let below = |a: &str, b: &str| a.strip_prefix(b).is_some_and(|rest| rest.starts_with('/'));
     for reserved in RESERVED_MOUNT_PATHS {
-        if path == reserved || path.strip_prefix(reserved).is_some_and(|rest| rest.starts_with('/')) {
+        if path == reserved || below(path, reserved) {
             return Err(FieldError::new(field, format!("uses reserved path {reserved:?}")));
+        }
+    }
+    // A volume over a parent of a reserved path (`/procd`, `/run`) would hide or replace what is there.
+    for reserved in RESERVED_MOUNT_PATHS.iter().chain(&RESERVED_PATHS) {
+        if below(reserved, path) {
+            return Err(FieldError::new(field, format!("would cover reserved path {reserved:?}")));
         }
     }
     Ok(())

@@ -64,6 +64,13 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(fetch_artifact(&url, &into)).map(|()| 0)?
         }
         None => {
+            // The sandbox's own processes run with procd's credentials: as a dumpable process, procd's memory and
+            // descriptors (its log, its listener) would be theirs through /proc/1. Its children become dumpable
+            // again when they exec.
+            // SAFETY: prctl(PR_SET_DUMPABLE) takes plain integers and changes only this process's flag.
+            if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "Cannot make procd non-dumpable");
+            }
             let inputs = Inputs {
                 config: cli.config,
                 listen: cli.listen,

@@ -317,8 +317,15 @@ async fn read_output_from_an_offset_returns_exactly_the_bytes_written() {
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let mut s =
-            client.read_output(warmpool_procd::authorized(read(10), Some(TOKEN))).await.unwrap().into_inner();
+        // procd serves before its warm processes have started: until then the process is not found.
+        let mut s = match client.read_output(warmpool_procd::authorized(read(10), Some(TOKEN))).await {
+            Ok(s) => s.into_inner(),
+            Err(e) if e.code() == tonic::Code::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
         let mut data = Vec::new();
         let mut first_offset = None;
         while let Some(chunk) = s.message().await.unwrap() {

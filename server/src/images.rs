@@ -45,6 +45,12 @@ impl ImagePolicy {
         {
             return Err(refuse(format!("{image:?} is neither an absolute path nor an image reference")));
         }
+        // An uppercase first component is a registry host to skopeo (`LOCALHOST/x`, `Metadata/x`), where a
+        // lowercase one without '.' or ':' is a Docker Hub namespace; repository names are lowercase anyway.
+        let name = image.split(['@', ':']).next().unwrap_or(image);
+        if name.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(refuse(format!("{image:?}: registry hosts and repository names are lowercase")));
+        }
         let registry = registry_of(image);
         let host = host_of(registry);
         let listed = |entry: &str| entry == registry || (!entry.contains(':') && entry == host);
@@ -193,6 +199,9 @@ mod tests {
             "registry.localhost/x",
             "[::1]:5000/x",
             "[fe80::1]/x",
+            "LOCALHOST/x",
+            "Metadata/latest",
+            "REGISTRY/x:tag",
             "[::ffff:127.0.0.1]/x",
             "169.254.169.254/latest",
             "192.168.1.1/x",

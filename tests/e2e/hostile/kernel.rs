@@ -64,6 +64,8 @@ async fn root_inside_is_nobody_outside_and_the_kernel_surface_is_closed() {
         ("init_module", 175, ", 0, 0, 0"),
         ("kexec_load", 246, ", 0, 0, 0, 0"),
         ("open_by_handle_at", 304, ", 0, 0, 0"),
+        // vsock is not namespaced: it would reach the hypervisor past every network rule.
+        ("socket_vsock", 41, ", 40, 1, 0"),
     ]);
     let r = c
         .exec(
@@ -82,7 +84,16 @@ async fn root_inside_is_nobody_outside_and_the_kernel_surface_is_closed() {
             assert_eq!(*result, "EPERM", "{call} was not refused: {}", r.stdout);
         }
     }
-    assert_eq!(results.len(), 14, "{}", r.stdout);
+    assert_eq!(results.len(), 15, "{}", r.stdout);
+    // The host sees the root filesystem without setuid files or devices (its mount point is walkable).
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = mounts.lines().find(|l| l.contains(&format!(" /run/warmpool/rootfs/{} ", s.id))).unwrap();
+    assert!(root.contains("nosuid") && root.contains("nodev"), "{root}");
+    // All sandboxes together leave the host processes and memory of its own.
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+    let all: u64 =
+        std::fs::read_to_string("/sys/fs/cgroup/pids/warmpool/pids.max").unwrap().trim().parse().unwrap();
+    assert!(all <= pid_max - 4096, "all sandboxes may take {all} of {pid_max} pids");
     // The tools a user would try.
     for script in ["unshare -Ur true", "unshare -n true", "mount -t tmpfs tmpfs /mnt", "chroot / true"] {
         assert_ne!(sh(&c, &s.id, script).await.exit_code, 0, "{script} worked in a sandbox");

@@ -250,6 +250,8 @@ async fn resources_and_mount_paths_are_checked_before_anything_starts() {
         "/config/procd.json",
         "/procd/bin",
         "/procd/bin/procd",
+        "/procd",
+        "/run",
         "data",
         "/data/../proc",
         "/data/",

@@ -91,8 +91,12 @@ fn mount_overlay(target: &Path, options: &str) -> std::io::Result<()> {
     let (source, fstype) = (c(b"overlay")?, c(b"overlay")?);
     let (target, data) = (c(target.as_os_str().as_bytes())?, c(options.as_bytes())?);
     // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-    let rc =
-        unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, data.as_ptr().cast()) };
+    // nosuid and nodev: the mount point is walkable by every host user, and the layers hold setuid files and
+    // device nodes owned by the sandboxes' ids (inside, runc's device rules and no_new_privs stop them anyway).
+    let flags = libc::MS_NOSUID | libc::MS_NODEV;
+    let rc = unsafe {
+        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast())
+    };
     if rc == 0 {
         Ok(())
     } else {

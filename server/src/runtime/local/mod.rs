@@ -127,6 +127,7 @@ impl LocalRuntime {
         let base_mounts = data_dir.join("base").join("mounts");
         layers::mount_points(&base_mounts, ids)?;
         sweep_stale_cgroups();
+        limit_all_sandboxes();
         let cni = Cni { allow: allow_cidrs };
         if Cni::available() {
             cni.apply_firewall().await?;
@@ -497,6 +498,40 @@ fn sweep_stale_cgroups() {
             if (name.starts_with("sbx_") || name.starts_with("bld_")) && stale(&entry.path()) {
                 let _ = std::fs::remove_dir(entry.path());
             }
+        }
+    }
+}
+
+/// Bounds what all sandboxes of this host together may take, whatever each one's own limits: the parent cgroup
+/// `/warmpool` gets a `pids.max` a quarter below the kernel's `pid_max` (at least 4096 below) and a memory limit
+/// a tenth below the host's memory (at least 1 GiB below), so a few fork bombs or memory hogs in sandboxes cannot
+/// leave the server, its database and runc without processes or memory. Best effort: a host without these
+/// controllers keeps the per-sandbox limits only.
+fn limit_all_sandboxes() {
+    let read_u64 = |path: &str| std::fs::read_to_string(path).ok()?.trim().parse::<u64>().ok();
+    let mem_total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let kib = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim();
+        kib.parse::<u64>().ok().map(|k| k * 1024)
+    });
+    let limits = [
+        (
+            "pids",
+            "pids.max",
+            read_u64("/proc/sys/kernel/pid_max").map(|max| max - (max / 4).max(4096).min(max / 2)),
+        ),
+        (
+            "memory",
+            "memory.limit_in_bytes",
+            mem_total.map(|total| total - (total / 10).max(1 << 30).min(total / 2)),
+        ),
+    ];
+    for (controller, file, limit) in limits {
+        let Some(limit) = limit else { continue };
+        let dir = Path::new(CGROUP_ROOT).join(controller).join("warmpool");
+        if let Err(e) =
+            std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join(file), limit.to_string()))
+        {
+            tracing::warn!(controller, error = %e, "Cannot bound all sandboxes together");
         }
     }
 }

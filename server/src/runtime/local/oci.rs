@@ -106,11 +106,12 @@ pub fn config(s: &ContainerSpec) -> Value {
     for dir in &s.host_dirs {
         mounts.push(bind(Path::new(dir), dir, "ro"));
     }
-    mounts.push(bind(s.procd_bin, PROCD_BIN, "ro"));
-    mounts.push(bind(s.config_dir, CONFIG_DIR, "ro"));
     for (host, inside) in s.volumes {
         mounts.push(bind(host, inside, "rw"));
     }
+    // procd and its config last: nothing a tenant mounts can cover them.
+    mounts.push(bind(s.procd_bin, PROCD_BIN, "ro"));
+    mounts.push(bind(s.config_dir, CONFIG_DIR, "ro"));
     let mut namespaces: Vec<Value> =
         ["user", "pid", "ipc", "uts", "mount"].iter().map(|t| json!({"type": t})).collect();
     if s.network == Network::Own {
@@ -175,6 +176,9 @@ pub fn seccomp() -> Value {
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
         "syscalls": [
             {"names": ALLOWED, "action": "SCMP_ACT_ALLOW"},
+            // vsock is not namespaced: it would reach the hypervisor and host listeners past every network rule.
+            {"names": ["socket"], "action": "SCMP_ACT_ALLOW",
+                "args": [{"index": 0, "value": libc::AF_VSOCK, "op": "SCMP_CMP_NE"}]},
             {"names": ["clone"], "action": "SCMP_ACT_ALLOW",
                 "args": [{"index": 0, "value": NAMESPACE_FLAGS, "valueTwo": 0, "op": "SCMP_CMP_MASKED_EQ"}]},
             {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS},
@@ -230,8 +234,7 @@ const ALLOWED: &[&str] = &[
     "setfsuid", "setfsuid32", "setgid", "setgid32", "setgroups", "setgroups32", "setitimer", "setpgid",
     "setpriority", "setregid", "setregid32", "setresgid", "setresgid32", "setresuid", "setresuid32", "setreuid",
     "setreuid32", "setrlimit", "setsid", "setsockopt", "setuid", "setuid32", "setxattr", "shmat", "shmctl",
-    "shmdt", "shmget", "shutdown", "sigaltstack", "signalfd", "signalfd4", "sigprocmask", "sigreturn", "socket",
-    "socketcall", "socketpair", "splice", "stat", "stat64", "statfs", "statfs64", "statx", "symlink",
+    "shmdt", "shmget", "shutdown", "sigaltstack", "signalfd", "signalfd4", "sigprocmask", "sigreturn", "socketpair", "splice", "stat", "stat64", "statfs", "statfs64", "statx", "symlink",
     "symlinkat", "sync", "sync_file_range", "syncfs", "sysinfo", "tee", "tgkill", "time", "timer_create",
     "timer_delete", "timer_getoverrun", "timer_gettime", "timer_gettime64", "timer_settime", "timer_settime64",
     "timerfd_create", "timerfd_gettime", "timerfd_gettime64", "timerfd_settime", "timerfd_settime64", "times",
