@@ -236,7 +236,10 @@ async fn delete_trust_policy(
 /// `no_matching_policy`.
 #[utoipa::path(post, path = "/v1/auth/oidc", tag = "accounts", security(()),
     summary = "Exchange an OIDC identity token (a CI job's) for a short-lived token of the account a trust policy names",
-    request_body = OidcExchange, responses((status = 201, body = OidcToken)))]
+    request_body = OidcExchange, responses((status = 201, body = OidcToken),
+    (status = 400, description = "The body is not `{token}`", body = ErrorBody),
+    (status = 401, description = "Refused: `details.reason` names the failed check", body = ErrorBody),
+    (status = 503, description = "The issuer's keys cannot be fetched now", body = ErrorBody)))]
 async fn exchange_oidc(State(app): S, Body(req): Body<OidcExchange>) -> ApiResult<impl IntoResponse> {
     Ok((StatusCode::CREATED, Json(app.exchange_oidc(&req.token).await?)))
 }
