@@ -2,6 +2,10 @@
 //! `warmpool-client`; `post` reads `STATE_*` and, for the API token, the `token` input (the runner hands a post
 //! step the same inputs as its main step). The token is never written to `GITHUB_STATE`: the state file is plain
 //! text on the runner's disk that any later step of the job can read.
+//!
+//! Without a `token`, a job granted `permissions: id-token: write` authenticates with OIDC: the job's ID token
+//! (audience `oidc-audience`) is exchanged at `POST /v1/auth/oidc` for a short-lived token, masked, and handed
+//! to later steps as `WARMPOOL_TOKEN` through `GITHUB_ENV`; `post` exchanges again.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -110,18 +114,103 @@ impl OnFinish {
     }
 }
 
-/// The control plane, with the token masked before anything is printed.
-fn client<W: Write>(r: &mut Runner<W>) -> Result<Client> {
-    let token = r.env.input("token");
-    if let Some(t) = &token {
-        r.add_mask(t);
-    }
+/// The control plane, with the token masked before anything is printed. Without a `token` input, an OIDC
+/// exchange gets one, exported to later steps as `WARMPOOL_TOKEN`.
+async fn client<W: Write>(r: &mut Runner<W>) -> Result<Client> {
     if let Some(t) = r.env.input("github-token") {
         r.add_mask(&t);
     }
     let endpoint = r.env.input("endpoint").or_else(|| r.env.var("WARMPOOL_ENDPOINT").map(String::from));
     let endpoint = endpoint.ok_or_else(|| input_error("endpoint", "is required"))?;
-    Client::new(&endpoint, token).map_err(api("connecting to the control plane"))
+    let audience = oidc_audience(&r.env, false);
+    let token = credentials(r, &endpoint, &audience).await?;
+    if let Some(Credentials::Exchanged(t)) = &token {
+        r.export_var("WARMPOOL_TOKEN", t)?;
+    }
+    Client::new(&endpoint, token.map(Credentials::into_secret))
+        .map_err(api("connecting to the control plane"))
+}
+
+/// The audience of the ID token: the `oidc-audience` input (main) or what main saved (post), default `warmpool`.
+fn oidc_audience(env: &ActionEnv, post: bool) -> String {
+    let saved = if post { env.state("oidc-audience") } else { None };
+    saved.or_else(|| env.input("oidc-audience")).unwrap_or_else(|| "warmpool".into())
+}
+
+enum Credentials {
+    /// The `token` input.
+    Given(String),
+    /// A short-lived token from the OIDC exchange.
+    Exchanged(String),
+}
+
+impl Credentials {
+    fn into_secret(self) -> String {
+        match self {
+            Credentials::Given(t) | Credentials::Exchanged(t) => t,
+        }
+    }
+}
+
+/// The `token` input, else (when the job may request an ID token) a token exchanged for the job's ID token.
+/// Every secret is masked before anything else is printed.
+async fn credentials<W: Write>(
+    r: &mut Runner<W>,
+    endpoint: &str,
+    audience: &str,
+) -> Result<Option<Credentials>> {
+    if let Some(t) = r.env.input("token") {
+        r.add_mask(&t);
+        return Ok(Some(Credentials::Given(t)));
+    }
+    let (Some(url), Some(bearer)) = (
+        r.env.var("ACTIONS_ID_TOKEN_REQUEST_URL").map(String::from),
+        r.env.var("ACTIONS_ID_TOKEN_REQUEST_TOKEN").map(String::from),
+    ) else {
+        return Err(input_error(
+            "token",
+            "is empty and the job cannot request an OIDC ID token: grant the job `permissions: id-token: write` \
+             (and give the account a trust policy), or pass a Warmpool token",
+        ));
+    };
+    r.add_mask(&bearer);
+    let id_token = request_id_token(&url, &bearer, audience).await?;
+    r.add_mask(&id_token);
+    let anonymous = Client::new(endpoint, None).map_err(api("connecting to the control plane"))?;
+    let exchanged =
+        anonymous.exchange_oidc(&id_token).await.map_err(api("exchanging the job's OIDC ID token"))?;
+    r.add_mask(&exchanged.token);
+    r.info(&format!(
+        "Authenticated with OIDC as account {} (trust policy {}, token valid until {})",
+        exchanged.account_id, exchanged.policy, exchanged.expires_at
+    ));
+    Ok(Some(Credentials::Exchanged(exchanged.token)))
+}
+
+/// GitHub's ID token for `audience`, as the toolkit's `getIDToken` asks for it.
+async fn request_id_token(url: &str, bearer: &str, audience: &str) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        value: String,
+    }
+    let failed = |why: String| ActionError::Failed(format!("requesting the job's OIDC ID token: {why}"));
+    let mut url =
+        reqwest::Url::parse(url).map_err(|e| failed(format!("ACTIONS_ID_TOKEN_REQUEST_URL: {e}")))?;
+    url.query_pairs_mut().append_pair("audience", audience);
+    let resp = reqwest::Client::new()
+        .get(url)
+        .header("authorization", format!("bearer {bearer}"))
+        .header("accept", "application/json")
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(failed(format!("the runner answered {status}")));
+    }
+    let answer: Answer = resp.json().await.map_err(|e| failed(format!("unexpected answer ({e})")))?;
+    Ok(answer.value)
 }
 
 fn duration(env: &ActionEnv, name: &str, default: &str) -> Result<Duration> {
@@ -254,7 +343,7 @@ async fn scale_up_and_checkout<W: Write>(
     with_checkout: bool,
     keep_state: bool,
 ) -> Result<()> {
-    let c = client(r)?;
+    let c = client(r).await?;
     let names = pools(&r.env)?;
     let key = lease_key(&r.env, keep_state)?;
     let ready = burst(r).await?;
@@ -271,8 +360,9 @@ async fn scale_up_and_checkout<W: Write>(
     if keep_state {
         // Saved before anything changes, so post can clean up whatever happens next.
         let ids: Vec<&str> = pools.iter().map(|(p, _)| p.id.as_str()).collect();
-        // Not the token: post reads it from its own `token` input (OIDC will exchange again).
+        // Not the token: post reads it from its own `token` input, or exchanges the job's ID token again.
         r.save_state("endpoint", c.endpoint())?;
+        r.save_state("oidc-audience", &oidc_audience(&r.env, false))?;
         r.save_state("pools", &serde_json::to_string(&ids).expect("json"))?;
         r.save_state("lease-key", &key)?;
         r.save_state("on-finish", on_finish.as_str())?;
@@ -514,7 +604,7 @@ fn finish<W: Write>(r: &mut Runner<W>, pools: &[(WarmPool, PoolReport)]) -> Resu
 }
 
 async fn checkout_only<W: Write>(r: &mut Runner<W>) -> Result<()> {
-    let c = client(r)?;
+    let c = client(r).await?;
     let names = pools(&r.env)?;
     let per_pool = count(&r.env, "checkout", 1)?;
     let mode = mode(&r.env)?;
@@ -531,11 +621,10 @@ async fn post<W: Write>(r: &mut Runner<W>) -> Result<()> {
         r.info("Nothing to clean up: main saved no state.");
         return Ok(());
     };
-    let token = r.env.input("token");
-    if let Some(t) = &token {
-        r.add_mask(t);
-    }
-    let c = Client::new(&endpoint, token).map_err(api("connecting to the control plane"))?;
+    let audience = oidc_audience(&r.env, true);
+    let token = credentials(r, &endpoint, &audience).await?;
+    let c = Client::new(&endpoint, token.map(Credentials::into_secret))
+        .map_err(api("connecting to the control plane"))?;
     let parse = |name: &str| -> Vec<String> {
         r.env.state(name).and_then(|v| serde_json::from_str(&v).ok()).unwrap_or_default()
     };
@@ -547,7 +636,7 @@ async fn post<W: Write>(r: &mut Runner<W>) -> Result<()> {
 
 /// The cross-job `drain` sub-action: inputs instead of state.
 async fn drain<W: Write>(r: &mut Runner<W>) -> Result<()> {
-    let c = client(r)?;
+    let c = client(r).await?;
     let names = pools(&r.env)?;
     let key = lease_key(&r.env, false)?;
     let on_finish = r.env.input("on-finish").unwrap_or_else(|| "drain".into());

@@ -151,6 +151,11 @@ impl<W: Write> Runner<W> {
         self.append("state", "GITHUB_STATE", &Self::key_value(name, value)?)
     }
 
+    /// Exports `name=value` to the environment of the job's later steps (`GITHUB_ENV`).
+    pub fn export_var(&self, name: &str, value: &str) -> Result<(), RunnerError> {
+        self.append("environment", "GITHUB_ENV", &Self::key_value(name, value)?)
+    }
+
     pub fn summary(&self, markdown: &str) -> Result<(), RunnerError> {
         self.append("step summary", "GITHUB_STEP_SUMMARY", markdown)
     }

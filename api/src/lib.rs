@@ -10,6 +10,7 @@ pub mod probe;
 pub mod refs;
 pub mod sandbox;
 pub mod template;
+pub mod trust;
 
 pub use account::*;
 pub use error::*;
@@ -18,6 +19,7 @@ pub use probe::*;
 pub use refs::*;
 pub use sandbox::*;
 pub use template::*;
+pub use trust::*;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,4 +50,5 @@ pub mod id_prefix {
     pub const WARM_POOL: &str = "twp_";
     pub const ACCOUNT: &str = "acc_";
     pub const TOKEN: &str = "tok_";
+    pub const TRUST_POLICY: &str = "trp_";
 }

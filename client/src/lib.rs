@@ -197,6 +197,25 @@ impl Client {
         self.delete(&["v1", "tokens", id]).await
     }
 
+    // Trust policies and the OIDC exchange.
+    pub async fn create_trust_policy(&self, account: &str, req: &TrustPolicyCreate) -> Result<TrustPolicy> {
+        self.call(Method::POST, &["v1", "accounts", account, "trust-policies"], Some(req)).await
+    }
+    pub async fn list_trust_policies(&self, account: &str) -> Result<Vec<TrustPolicy>> {
+        self.list::<TrustPolicy>(&["v1", "accounts", account, "trust-policies"]).await
+    }
+    pub async fn get_trust_policy(&self, account: &str, id: &str) -> Result<TrustPolicy> {
+        self.call(Method::GET, &["v1", "accounts", account, "trust-policies", id], None).await
+    }
+    pub async fn delete_trust_policy(&self, account: &str, id: &str) -> Result<()> {
+        self.delete(&["v1", "accounts", account, "trust-policies", id]).await
+    }
+    /// Exchanges an OIDC identity token for a short-lived token (needs no token of its own).
+    pub async fn exchange_oidc(&self, id_token: &str) -> Result<OidcToken> {
+        let req = OidcExchange { token: id_token.to_string() };
+        self.call(Method::POST, &["v1", "auth", "oidc"], Some(&req)).await
+    }
+
     // Templates, builds, tags.
     pub async fn create_template(&self, spec: &TemplateSpec) -> Result<Template> {
         self.call(Method::POST, &["v1", "templates"], Some(spec)).await

@@ -1,6 +1,6 @@
 //! The Warmpool control plane: HTTP API (`http`), domain (`app`), durable state (`store`), sandbox runtimes
-//! (`runtime`), the pool reconciler (`reconciler`), where images may come from (`images`), metrics, and the
-//! `warmpool` CLI (`cli`).
+//! (`runtime`), the pool reconciler (`reconciler`), where images may come from (`images`), OIDC identity tokens
+//! (`oidc`), metrics, and the `warmpool` CLI (`cli`).
 
 pub mod app;
 pub mod cli;
@@ -8,6 +8,7 @@ pub mod docs;
 pub mod http;
 pub mod images;
 pub mod metrics;
+pub mod oidc;
 pub mod reconciler;
 pub mod runtime;
 pub mod secrets;

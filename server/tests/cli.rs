@@ -256,3 +256,88 @@ async fn pool_wait_and_status_say_why_a_pool_does_not_fill_and_a_closed_stdout_e
     cli.run(&["pool", "delete", "off"]);
     wait_no_procd(tmp.path());
 }
+
+#[tokio::test]
+async fn trust_policies_through_the_cli() {
+    let issuer = warmpool_testkit::oidc::TestIssuer::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(tmp.path(), &["--oidc-issuer", &issuer.url]);
+    let cli = Cli { url: &server.url, data_dir: tmp.path() };
+    let account = cli.json(&["account", "create", "ci"]);
+    let acc = account["id"].as_str().unwrap().to_string();
+    let created = cli.json(&[
+        "trust-policy",
+        "create",
+        "--account",
+        &acc,
+        "--name",
+        "main",
+        "--issuer",
+        &issuer.url,
+        "--audience",
+        "warmpool",
+        "--claim",
+        "repository=octo-org/app",
+        "--claim",
+        "ref=refs/heads/main",
+        "--ttl",
+        "15m",
+    ]);
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("trp_"), "{created}");
+    assert_eq!(
+        created["claims"],
+        serde_json::json!({"repository": "octo-org/app", "ref": "refs/heads/main"})
+    );
+    assert_eq!(created["token_ttl_seconds"], 900);
+    let (code, out, _) = cli.run(&["trust-policy", "list", "--account", &acc]);
+    assert!(
+        code == 0 && out.lines().any(|l| l.starts_with(&id) && l.contains("repository=octo-org/app")),
+        "{out}"
+    );
+
+    // What it admits gets a token of the account.
+    let token = issuer.token(&issuer.claims("warmpool", "octo-org/app", "refs/heads/main"));
+    let anonymous = warmpool_client::Client::new(&server.url, None).unwrap();
+    assert_eq!(anonymous.exchange_oidc(&token).await.unwrap().account_id, acc);
+
+    // The server's refusal names the field; the CLI exits non-zero with it.
+    let (code, _, err) = cli.run(&[
+        "trust-policy",
+        "create",
+        "--account",
+        &acc,
+        "--name",
+        "bad",
+        "--issuer",
+        &issuer.url,
+        "--audience",
+        "warmpool",
+        "--claim",
+        "=x",
+    ]);
+    assert!(code != 0 && err.contains("claims"), "{err}");
+    let (code, _, err) = cli.run(&[
+        "trust-policy",
+        "create",
+        "--account",
+        &acc,
+        "--name",
+        "bad",
+        "--issuer",
+        &issuer.url,
+        "--audience",
+        "warmpool",
+        "--claim",
+        "ref=*",
+        "--ttl",
+        "7h",
+    ]);
+    assert!(code != 0 && err.contains("token_ttl_seconds"), "{err}");
+
+    let (code, out, _) = cli.run(&["trust-policy", "delete", "--account", &acc, &id]);
+    assert!(code == 0 && out.contains("deleted"), "{out}");
+    assert!(cli.json(&["trust-policy", "list", "--account", &acc])["items"].as_array().unwrap().is_empty());
+    let err = anonymous.exchange_oidc(&token).await.unwrap_err();
+    assert_eq!(err.code(), Some("unauthorized"));
+}

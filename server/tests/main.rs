@@ -6,6 +6,7 @@ mod harness;
 mod api;
 mod cli;
 mod docs;
+mod oidc;
 mod pools;
 mod restart;
 mod sandboxes;

@@ -1,8 +1,9 @@
 //! Test support for the end-to-end tests of the server, the GitHub Action, the Terraform provider and `tests/` (four
 //! hence a crate): start the real `warmpool serve` binary on an ephemeral port, hand back a typed client, and find
-//! or kill the containers of a data dir so no test leaks sandboxes, the pool helpers every suite uses, and a real
-//! PostgreSQL ([`postgres::Postgres`]).
+//! or kill the containers of a data dir so no test leaks sandboxes, the pool helpers every suite uses, a real
+//! PostgreSQL ([`postgres::Postgres`]) and a real OIDC issuer ([`oidc::TestIssuer`]).
 
+pub mod oidc;
 pub mod postgres;
 
 use std::io::{BufRead, BufReader};

@@ -429,3 +429,110 @@ async fn node_shim_runs_and_verifies_downloads() {
     assert!(stdout.contains("checksum mismatch"), "{stdout}");
     assert_ne!(out.status.code(), Some(0));
 }
+
+/// The runner's ID-token endpoint (`ACTIONS_ID_TOKEN_REQUEST_URL`): answers `{"value": <jwt>}` for the
+/// audience asked, to the request token only, signed by the test's issuer.
+async fn id_token_endpoint(
+    issuer: &warmpool_testkit::oidc::TestIssuer,
+    request_token: &'static str,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::extract::Query;
+    use axum::http::{HeaderMap, StatusCode};
+    let key = issuer.key("k1");
+    let claims = issuer.claims("", "octo/app", "refs/heads/main");
+    let audiences = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = audiences.clone();
+    let handler = move |headers: HeaderMap, Query(q): Query<HashMap<String, String>>| {
+        let (key, mut claims, seen) = (key.clone(), claims.clone(), seen.clone());
+        async move {
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            if auth != format!("bearer {request_token}")
+                || q.get("api-version").map(String::as_str) != Some("2.0")
+            {
+                return Err(StatusCode::UNAUTHORIZED);
+            }
+            let audience = q.get("audience").cloned().unwrap_or_default();
+            seen.lock().unwrap().push(audience.clone());
+            claims["aud"] = audience.into();
+            Ok(axum::Json(serde_json::json!({"value": key.sign(&claims)})))
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/idtoken?api-version=2.0", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().route("/idtoken", axum::routing::get(handler)))
+            .await
+            .unwrap();
+    });
+    (url, audiences)
+}
+
+// Multi-threaded: the issuer and the ID-token endpoint answer while a step blocks this thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_job_authenticates_with_oidc() {
+    let issuer = warmpool_testkit::oidc::TestIssuer::start().await;
+    let server = TempServer::start(&["--oidc-issuer", &issuer.url]);
+    let policy = TrustPolicyCreate {
+        name: "app-main".into(),
+        issuer: issuer.url.clone(),
+        audience: "warmpool-ci".into(),
+        claims: [("repository".to_string(), "octo/app".to_string()), ("ref".into(), "refs/heads/*".into())]
+            .into(),
+        token_ttl_seconds: None,
+    };
+    server.client.create_trust_policy("acc_default", &policy).await.unwrap();
+    let pool = pool(&server, "api", QUICK).await;
+    const REQUEST_TOKEN: &str = "runner-request-token";
+    let (id_url, audiences) = id_token_endpoint(&issuer, REQUEST_TOKEN).await;
+
+    let mut job = Job::new(&server, "300", "test").input("pools", "api").input("ready", "1");
+    job.env.remove("INPUT_TOKEN");
+    job.env.insert("INPUT_OIDC-AUDIENCE".into(), "warmpool-ci".into());
+    let oidc_env = HashMap::from([
+        ("ACTIONS_ID_TOKEN_REQUEST_URL".to_string(), id_url.clone()),
+        ("ACTIONS_ID_TOKEN_REQUEST_TOKEN".to_string(), REQUEST_TOKEN.to_string()),
+    ]);
+    let github_env = job.dir.path().join("github-env");
+    let mut extra = oidc_env.clone();
+    extra.insert("GITHUB_ENV".into(), github_env.display().to_string());
+    let main = job.step("main", &extra);
+    assert_eq!(main.code, 0, "{}", main.stdout);
+    assert_eq!(*audiences.lock().unwrap(), ["warmpool-ci"], "the ID token is asked for the input's audience");
+
+    // The exchanged token reaches later steps through GITHUB_ENV, masked first, and never the state file.
+    let exported = parse_key_values(&std::fs::read_to_string(&github_env).unwrap());
+    let [(name, token)] = exported.as_slice() else { panic!("{exported:?}") };
+    assert_eq!(name, "WARMPOOL_TOKEN");
+    assert!(token.starts_with("wpt_"), "{token}");
+    assert!(main.stdout.starts_with(&format!("::add-mask::{REQUEST_TOKEN}\n")), "{}", main.stdout);
+    let mask = format!("::add-mask::{token}\n");
+    let masked_at = main.stdout.find(&mask).expect("the exchanged token is masked");
+    assert_eq!(main.stdout.matches(token.as_str()).count(), 1, "printed only inside its mask command");
+    assert!(main.stdout[..masked_at].matches("::add-mask::").count() == 2, "request token, then ID token");
+    assert!(main.state.values().all(|v| !v.contains("wpt_") && !v.contains("eyJ")), "{:?}", main.state);
+    let later_step = warmpool_client::Client::new(&server.url, Some(token.clone())).unwrap();
+    assert_eq!(later_step.get_pool("api").await.unwrap().id, pool.id, "it acts as the policy's account");
+
+    // post has no token either: it exchanges a new ID token (the state names the audience, not a secret).
+    let mut bare = Job { dir: tempfile::tempdir().unwrap(), env: oidc_env.clone() };
+    bare.env.insert("GITHUB_REPOSITORY".into(), "octo/app".into());
+    let state: HashMap<String, String> =
+        main.state.iter().map(|(k, v)| (format!("STATE_{k}"), v.clone())).collect();
+    let post = bare.step("post", &state);
+    assert_eq!(post.code, 0, "{}", post.stdout);
+    assert_eq!(audiences.lock().unwrap().len(), 2, "post asked for its own ID token");
+    assert!(server.client.list_leases(&pool.id).await.unwrap().is_empty(), "post released the lease");
+
+    // A job with neither a token nor `id-token: write` is told what to grant.
+    let mut no_auth = Job::new(&server, "301", "test").input("pools", "api");
+    no_auth.env.remove("INPUT_TOKEN");
+    let failed = no_auth.step("main", &HashMap::new());
+    assert_eq!(failed.code, 1);
+    assert!(failed.stdout.contains("id-token: write"), "{}", failed.stdout);
+    // A policy's audience must match: another audience is refused by the server, naming the check.
+    let mut wrong = Job::new(&server, "302", "test").input("pools", "api");
+    wrong.env.remove("INPUT_TOKEN");
+    let failed = wrong.step("main", &oidc_env);
+    assert_eq!(failed.code, 1);
+    assert!(failed.stdout.contains("audience"), "{}", failed.stdout);
+}

@@ -9,6 +9,7 @@ mod hostile;
 mod images;
 mod isolation;
 mod kubernetes;
+mod oidc;
 mod openapi;
 mod replicas;
 mod terraform;

@@ -13,15 +13,20 @@ use crate::store::{Page, TokenRow};
 
 pub const DEFAULT_ACCOUNT: &str = "acc_default";
 
-fn hash(token: &str) -> String {
+pub(super) fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 fn new_secret() -> String {
+    secret_with_prefix("wp_")
+}
+
+/// 24 random bytes in hex behind `prefix` (`wp_` for tokens an admin makes, `wpt_` for exchanged ones).
+pub(super) fn secret_with_prefix(prefix: &str) -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 24];
     rand::thread_rng().fill_bytes(&mut bytes);
-    format!("wp_{}", hex::encode(bytes))
+    format!("{prefix}{}", hex::encode(bytes))
 }
 
 impl App {
@@ -51,6 +56,8 @@ impl App {
                 hash: hash(&secret),
                 admin: true,
                 created_at: Utc::now(),
+                expires_at: None,
+                trust_policy: None,
             })?;
         }
         Ok(path)
@@ -59,10 +66,14 @@ impl App {
     pub fn authenticate(&self, token: Option<&str>) -> AppResult<Caller> {
         let token = token.ok_or(AppError::Unauthorized)?;
         let row = self.store.token_by_hash(&hash(token))?.ok_or(AppError::Unauthorized)?;
+        // An exchanged token past its lifetime is refused exactly like a revoked one.
+        if row.expires_at.is_some_and(|at| at <= Utc::now()) {
+            return Err(AppError::Unauthorized);
+        }
         Ok(Caller { account_id: row.account_id.unwrap_or_else(|| DEFAULT_ACCOUNT.into()), admin: row.admin })
     }
 
-    fn require_admin(caller: &Caller) -> AppResult<()> {
+    pub(super) fn require_admin(caller: &Caller) -> AppResult<()> {
         if caller.admin {
             Ok(())
         } else {
@@ -127,6 +138,8 @@ impl App {
             hash: hash(&secret),
             admin: false,
             created_at: Utc::now(),
+            expires_at: None,
+            trust_policy: None,
         };
         self.store.insert_token(&row)?;
         Ok(TokenCreated { id: row.id, token: secret, account_id: req.account_id, name: req.name })

@@ -7,6 +7,7 @@ pub mod pools;
 pub mod replicas;
 pub mod sandboxes;
 pub mod templates;
+pub mod trust;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -30,6 +31,9 @@ pub enum AppError {
     Invalid(#[from] FieldError),
     #[error("missing or invalid token")]
     Unauthorized,
+    /// An identity token offered at `POST /v1/auth/oidc` failed `check` (`unauthorized`, naming the check).
+    #[error("{message}")]
+    OidcRefused { check: &'static str, message: String },
     /// The caller may not do this, whatever the input (`forbidden`); `field` names what it asked for, if a field.
     #[error("{message}")]
     Forbidden { field: Option<String>, message: String },
@@ -112,6 +116,8 @@ pub struct AppConfig {
     pub default_quotas: warmpool_api::Quotas,
     /// Where template images may come from (`--allowed-registries`, `--image-dir`).
     pub images: crate::images::ImagePolicy,
+    /// Issuers whose identity tokens trust policies may admit (`--oidc-issuer`).
+    pub oidc: crate::oidc::OidcConfig,
 }
 
 pub struct App {
@@ -122,6 +128,8 @@ pub struct App {
     pub secrets: Arc<Secrets>,
     pub metrics: Metrics,
     pub config: AppConfig,
+    /// Verifies identity tokens offered at `POST /v1/auth/oidc`.
+    pub oidc: crate::oidc::Verifier,
     /// Pools the reconciler should look at (see [`Pokes`]).
     pub pokes: Pokes,
     /// Per-pool wake-ups for checkouts waiting on inventory.
@@ -155,6 +163,7 @@ impl App {
             metrics: Metrics::default(),
             start_slots: Arc::new(Semaphore::new(config.max_parallel_starts.max(1))),
             build_slots: Arc::new(Semaphore::new(config.max_parallel_builds.max(1))),
+            oidc: crate::oidc::Verifier::new(config.oidc.clone()),
             config,
             pokes: Pokes::default(),
             inventory: Mutex::new(HashMap::new()),

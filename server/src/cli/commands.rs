@@ -7,7 +7,7 @@ use serde::Serialize;
 use warmpool_api::*;
 use warmpool_client::Client;
 
-use super::{AccountCmd, Command, Global, PoolCmd, SandboxCmd, TemplateCmd, TokenCmd};
+use super::{AccountCmd, Command, Global, PoolCmd, SandboxCmd, TemplateCmd, TokenCmd, TrustPolicyCmd};
 
 /// The client for the global flags; without a token, the one saved for this endpoint, else (on a local endpoint)
 /// the admin token file.
@@ -112,6 +112,7 @@ pub async fn run_client_command(global: &Global, command: Command) -> anyhow::Re
         Command::Login => login(global, &c).await,
         Command::Account(cmd) => account(global, &c, cmd).await,
         Command::Token(cmd) => token(global, &c, cmd).await,
+        Command::TrustPolicy(cmd) => trust_policy(global, &c, cmd).await,
         Command::Serve(_) | Command::Bench(_) => unreachable!("handled by cli::run"),
     }
 }
@@ -395,6 +396,43 @@ async fn account(global: &Global, c: &Client, cmd: AccountCmd) -> anyhow::Result
                 &c.update_account(&id, &AccountPatch { quotas: Some(quotas), ..Default::default() }).await?,
                 one,
             );
+        }
+    }
+    Ok(0)
+}
+
+async fn trust_policy(global: &Global, c: &Client, cmd: TrustPolicyCmd) -> anyhow::Result<i32> {
+    let row = |p: &TrustPolicy| {
+        let claims: Vec<String> = p.claims.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        vec![
+            p.id.clone(),
+            p.name.clone(),
+            p.issuer.clone(),
+            p.audience.clone(),
+            claims.join(","),
+            p.token_ttl_seconds.to_string(),
+        ]
+    };
+    let header = ["ID", "NAME", "ISSUER", "AUDIENCE", "CLAIMS", "TOKEN_TTL_SECONDS"];
+    match cmd {
+        TrustPolicyCmd::Create { account, name, issuer, audience, claims, ttl } => {
+            let req = TrustPolicyCreate {
+                name,
+                issuer,
+                audience,
+                claims: claims.into_iter().collect(),
+                token_ttl_seconds: ttl.map(|d| d.as_secs()),
+            };
+            let created = c.create_trust_policy(&account, &req).await?;
+            print(global, &created, |p| table(&header, vec![row(p)]));
+        }
+        TrustPolicyCmd::List { account } => {
+            let items = c.list_trust_policies(&account).await?;
+            print(global, &List::all(items), |l| table(&header, l.items.iter().map(row).collect()));
+        }
+        TrustPolicyCmd::Delete { account, id } => {
+            c.delete_trust_policy(&account, &id).await?;
+            print(global, &serde_json::json!({"deleted": id}), |_| format!("deleted trust policy {id}"));
         }
     }
     Ok(0)

@@ -77,6 +77,9 @@ pub enum Command {
     /// API tokens of accounts (admin token).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Trust policies: which CI identity tokens may act as an account (admin token).
+    #[command(subcommand, name = "trust-policy")]
+    TrustPolicy(TrustPolicyCmd),
     /// Benchmarks that print their numbers as JSON.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -308,6 +311,52 @@ pub enum TokenCmd {
         /// The token's id (`tok_…`).
         id: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum TrustPolicyCmd {
+    /// Let identity tokens of an issuer whose audience and claims match act as the account.
+    Create {
+        /// The account's id (`acc_…`).
+        #[arg(long)]
+        account: String,
+        /// The policy's name (unique in the account).
+        #[arg(long)]
+        name: String,
+        /// The token issuer, one of the server's `--oidc-issuer`s (`https://token.actions.githubusercontent.com`).
+        #[arg(long)]
+        issuer: String,
+        /// The audience (`aud`) the token must carry (the GitHub Action asks for `warmpool`).
+        #[arg(long)]
+        audience: String,
+        /// `CLAIM=GLOB` the token's claim must match (`repository=octo-org/app`, `ref=refs/heads/*`); repeatable,
+        /// at least one. `*` matches any run of characters, `?` one.
+        #[arg(long = "claim", value_parser = claim, required = true)]
+        claims: Vec<(String, String)>,
+        /// Lifetime of the tokens it gives out (`15m`, `1h`; default 1h, from 60s to 6h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// List an account's trust policies.
+    List {
+        /// The account's id (`acc_…`).
+        #[arg(long)]
+        account: String,
+    },
+    /// Delete a trust policy: no new exchanges; tokens it gave out live out their lifetime.
+    Delete {
+        /// The account's id (`acc_…`).
+        #[arg(long)]
+        account: String,
+        /// The policy's id (`trp_…`).
+        id: String,
+    },
+}
+
+/// `CLAIM=GLOB`.
+fn claim(text: &str) -> Result<(String, String), String> {
+    let (name, glob) = text.split_once('=').ok_or_else(|| format!("{text:?}: expected CLAIM=GLOB"))?;
+    Ok((name.to_string(), glob.to_string()))
 }
 
 #[derive(Subcommand)]

@@ -88,6 +88,20 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = crate::runtime::local::logs::DEFAULT_LOG_BYTES,
         value_parser = clap::value_parser!(u64).range(64 * 1024..))]
     pub sandbox_log_bytes: u64,
+    /// An OIDC issuer whose identity tokens trust policies may admit at `POST /v1/auth/oidc`
+    /// (`https://token.actions.githubusercontent.com` for GitHub Actions); repeatable. https only (http on
+    /// loopback, for tests). Its discovery document and keys are fetched when first needed.
+    #[arg(long = "oidc-issuer", env = "WARMPOOL_OIDC_ISSUERS", value_delimiter = ',',
+        value_parser = parse_issuer)]
+    pub oidc_issuers: Vec<String>,
+    /// The least time between two fetches of one issuer's keys (a token with an unknown `kid` triggers one).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub oidc_key_refresh_interval: std::time::Duration,
+}
+
+fn parse_issuer(text: &str) -> Result<String, String> {
+    warmpool_api::validate_issuer("--oidc-issuer", text.trim()).map_err(|e| e.to_string())?;
+    Ok(crate::oidc::normalize_issuer(text.trim()).to_string())
 }
 
 /// `max_sandboxes=N,max_warm_sandboxes=N` (either may be left out), or `none`.
@@ -195,6 +209,10 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
         max_parallel_builds: 2,
         default_quotas: args.default_quotas.clone(),
         images,
+        oidc: crate::oidc::OidcConfig {
+            issuers: args.oidc_issuers.clone(),
+            min_refresh: args.oidc_key_refresh_interval,
+        },
     };
     let app = App::new(store, runtime, secrets, config);
     let token_path = app.bootstrap_admin()?;

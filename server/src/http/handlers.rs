@@ -30,6 +30,9 @@ pub fn routes() -> (Router<Arc<App>>, Doc) {
         .routes(routes!(update_account))
         .routes(routes!(create_token))
         .routes(routes!(delete_token))
+        .routes(routes!(create_trust_policy, list_trust_policies))
+        .routes(routes!(get_trust_policy, delete_trust_policy))
+        .routes(routes!(exchange_oidc))
         .routes(routes!(create_template, list_templates))
         .routes(routes!(get_template, update_template, delete_template))
         .routes(routes!(create_build, list_builds))
@@ -181,6 +184,69 @@ async fn create_token(
 async fn delete_token(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<StatusCode> {
     app.delete_token(&c, &id)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/accounts/{id}/trust-policies", tag = "accounts",
+    summary = "Let identity tokens that match act as the account (admin)",
+    params(("id" = String, Path, description = "Account id (`acc_…`)")),
+    request_body = TrustPolicyCreate, responses((status = 201, body = TrustPolicy)))]
+async fn create_trust_policy(
+    State(app): S,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Body(req): Body<TrustPolicyCreate>,
+) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(app.create_trust_policy(&c, &id, req)?)))
+}
+#[utoipa::path(get, path = "/v1/accounts/{id}/trust-policies", tag = "accounts",
+    summary = "List an account's trust policies (admin)",
+    params(("id" = String, Path, description = "Account id (`acc_…`)"), ListQuery),
+    responses((status = 200, body = List<TrustPolicy>)))]
+async fn list_trust_policies(
+    State(app): S,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<List<TrustPolicy>>> {
+    Ok(Json(app.list_trust_policies(&c, &id, &q.page()?)?))
+}
+#[utoipa::path(get, path = "/v1/accounts/{id}/trust-policies/{pid}", tag = "accounts",
+    summary = "Show a trust policy (admin)",
+    params(("id" = String, Path, description = "Account id (`acc_…`)"),
+    ("pid" = String, Path, description = "Trust policy id (`trp_…`)")),
+    responses((status = 200, body = TrustPolicy)))]
+async fn get_trust_policy(
+    State(app): S,
+    Auth(c): Auth,
+    Path((id, pid)): Path<(String, String)>,
+) -> ApiResult<Json<TrustPolicy>> {
+    Ok(Json(app.get_trust_policy(&c, &id, &pid)?))
+}
+#[utoipa::path(delete, path = "/v1/accounts/{id}/trust-policies/{pid}", tag = "accounts",
+    summary = "Delete a trust policy (admin); tokens it gave out live out their lifetime",
+    params(("id" = String, Path, description = "Account id (`acc_…`)"),
+    ("pid" = String, Path, description = "Trust policy id (`trp_…`)")),
+    responses((status = 204, description = "Deleted")))]
+async fn delete_trust_policy(
+    State(app): S,
+    Auth(c): Auth,
+    Path((id, pid)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    app.delete_trust_policy(&c, &id, &pid)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// No `Authorization`: the identity token is the credential. A refusal is 401 `unauthorized` whose
+/// `details.reason` names the failed check: `signature`, `issuer`, `audience`, `expired` or
+/// `no_matching_policy`.
+#[utoipa::path(post, path = "/v1/auth/oidc", tag = "accounts", security(()),
+    summary = "Exchange an OIDC identity token (a CI job's) for a short-lived token of the account a trust policy names",
+    request_body = OidcExchange, responses((status = 201, body = OidcToken),
+    (status = 400, description = "The body is not `{token}`", body = ErrorBody),
+    (status = 401, description = "Refused: `details.reason` names the failed check", body = ErrorBody),
+    (status = 503, description = "The issuer's keys cannot be fetched now", body = ErrorBody)))]
+async fn exchange_oidc(State(app): S, Body(req): Body<OidcExchange>) -> ApiResult<impl IntoResponse> {
+    Ok((StatusCode::CREATED, Json(app.exchange_oidc(&req.token).await?)))
 }
 
 #[utoipa::path(post, path = "/v1/templates", tag = "templates", summary = "Create a template",

@@ -52,6 +52,9 @@ impl IntoResponse for ApiError {
                     (ErrorCode::InvalidRequest, f.to_string(), serde_json::json!({"field": f.field}))
                 }
                 AppError::Unauthorized => (ErrorCode::Unauthorized, e.to_string(), serde_json::json!({})),
+                AppError::OidcRefused { check, message } => {
+                    (ErrorCode::Unauthorized, message, serde_json::json!({"reason": check}))
+                }
                 AppError::Forbidden { field, message } => {
                     let details = match field {
                         Some(f) => serde_json::json!({"field": f}),

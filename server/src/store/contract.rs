@@ -287,13 +287,59 @@ fn every_resource_round_trips(db: &dyn Backend) {
         hash: "abc".into(),
         admin: true,
         created_at: now,
+        expires_at: None,
+        trust_policy: None,
     };
     assert!(!store.has_admin_token().unwrap());
     store.insert_token(&token).unwrap();
     assert!(store.has_admin_token().unwrap());
-    assert_eq!(store.token_by_hash("abc").unwrap(), Some(token));
+    assert_eq!(store.token_by_hash("abc").unwrap(), Some(token.clone()));
     assert!(store.delete_token("tok_1").unwrap());
     assert!(!store.delete_token("tok_1").unwrap());
+    // An exchanged token keeps its expiry and the policy it came from.
+    let exchanged = TokenRow {
+        id: "tok_2".into(),
+        hash: "def".into(),
+        admin: false,
+        expires_at: Some(now + chrono::Duration::seconds(60)),
+        trust_policy: Some("trp_1".into()),
+        ..token.clone()
+    };
+    store.insert_token(&exchanged).unwrap();
+    assert_eq!(store.token_by_hash("def").unwrap(), Some(exchanged));
+
+    let policy = |id: &str, account: &str, name: &str, issuer: &str| warmpool_api::TrustPolicy {
+        id: id.into(),
+        account_id: account.into(),
+        name: name.into(),
+        issuer: issuer.into(),
+        audience: "warmpool".into(),
+        claims: [("repository".to_string(), "octo/app".to_string())].into(),
+        token_ttl_seconds: 900,
+        created_at: now,
+    };
+    let gh = "https://token.actions.githubusercontent.com";
+    let p1 = policy("trp_1", "acc_1", "ci", gh);
+    let p2 = policy("trp_2", "acc_2", "ci", gh);
+    let p3 = policy("trp_3", "acc_1", "other", "https://issuer.example");
+    for p in [&p1, &p2, &p3] {
+        store.insert_trust_policy(p).unwrap();
+    }
+    assert!(matches!(
+        store.insert_trust_policy(&policy("trp_4", "acc_1", "ci", gh)),
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.get_trust_policy("acc_1", "trp_1").unwrap(), Some(p1.clone()));
+    assert_eq!(
+        store.get_trust_policy("acc_2", "trp_1").unwrap(),
+        None,
+        "another account's policy is not found"
+    );
+    assert_eq!(store.list_trust_policies("acc_1", &Page::ALL).unwrap(), vec![p1.clone(), p3.clone()]);
+    assert_eq!(store.trust_policies_for_issuer(gh).unwrap(), vec![p1.clone(), p2.clone()]);
+    assert!(!store.delete_trust_policy("acc_2", "trp_1").unwrap());
+    assert!(store.delete_trust_policy("acc_1", "trp_1").unwrap());
+    assert_eq!(store.trust_policies_for_issuer(gh).unwrap(), vec![p2]);
 
     let build = |id: &str, status: warmpool_api::BuildStatus, at| BuildRow {
         account_id: "acc_1".into(),

@@ -21,7 +21,8 @@ pub use crate::runtime::RuntimeHandle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 use warmpool_api::{
-    Account, Build, Lease, Sandbox, Template, TemplateSpec, TimeoutPolicy, WarmPool, WarmPoolCheckout,
+    Account, Build, Lease, Sandbox, Template, TemplateSpec, TimeoutPolicy, TrustPolicy, WarmPool,
+    WarmPoolCheckout,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -120,6 +121,12 @@ pub struct TokenRow {
     pub hash: String,
     pub admin: bool,
     pub created_at: DateTime<Utc>,
+    /// Refused like a revoked token from then on (tokens exchanged for an OIDC identity token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The trust policy that admitted the exchange this token came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_policy: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -294,6 +301,14 @@ pub trait Store: Send + Sync {
     fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>>;
     fn has_admin_token(&self) -> StoreResult<bool>;
     fn delete_token(&self, id: &str) -> StoreResult<bool>;
+
+    fn insert_trust_policy(&self, policy: &TrustPolicy) -> StoreResult<()>;
+    /// By id, within the account.
+    fn get_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>>;
+    fn list_trust_policies(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>>;
+    /// Every account's policies for one issuer, in id order (what an exchange matches against).
+    fn trust_policies_for_issuer(&self, issuer: &str) -> StoreResult<Vec<TrustPolicy>>;
+    fn delete_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<bool>;
 
     fn insert_template(&self, row: &TemplateRow) -> StoreResult<()>;
     /// By id or name, within the account.

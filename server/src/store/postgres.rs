@@ -24,12 +24,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
-use warmpool_api::{Account, Tag};
+use warmpool_api::{Account, Tag, TrustPolicy};
 
 use super::*;
 
 /// Schema versions, applied in order, each once, by whichever replica starts first.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, json JSONB NOT NULL);
 CREATE TABLE tokens (id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, admin BOOLEAN NOT NULL, json JSONB NOT NULL);
 CREATE TABLE templates (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name TEXT NOT NULL, json JSONB NOT NULL,
@@ -48,7 +49,13 @@ CREATE INDEX sandboxes_by_pool ON sandboxes (pool_id, lifecycle, ready_at);
 CREATE INDEX sandboxes_by_account ON sandboxes (account_id);
 CREATE INDEX sandboxes_claimed_from ON sandboxes (claimed_from);
 CREATE TABLE health (id INTEGER PRIMARY KEY, at TEXT NOT NULL);
-"#];
+"#,
+    r#"
+CREATE TABLE trust_policies (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name TEXT NOT NULL,
+    issuer TEXT NOT NULL, json JSONB NOT NULL, UNIQUE (account_id, name));
+CREATE INDEX trust_policies_by_issuer ON trust_policies (issuer, id);
+"#,
+];
 
 /// The `NOTIFY` channel: payload `pool:<id>` or `*`.
 const CHANNEL: &str = "warmpool";
@@ -441,6 +448,38 @@ impl Store for PgStore {
     }
     fn delete_token(&self, id: &str) -> StoreResult<bool> {
         Ok(self.changed("DELETE FROM tokens WHERE id = $1 RETURNING 1", &[text(&id)])? > 0)
+    }
+
+    fn insert_trust_policy(&self, p: &TrustPolicy) -> StoreResult<()> {
+        let json = serde_json::to_string(p)?;
+        self.query(
+            "INSERT INTO trust_policies (id, account_id, name, issuer, json) VALUES ($1, $2, $3, $4, $5::jsonb)",
+            &[text(&p.id), text(&p.account_id), text(&p.name), text(&p.issuer), text(&json)],
+        )
+        .map_err(conflict_as(format!("trust policy {:?}", p.name)))?;
+        Ok(())
+    }
+    fn get_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>> {
+        self.one(
+            "SELECT json::text FROM trust_policies WHERE account_id = $1 AND id = $2",
+            &[text(&account_id), text(&id)],
+        )
+    }
+    fn list_trust_policies(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>> {
+        let (after, limit) = (page.after(), i64::from(page.limit));
+        self.many(
+            "SELECT json::text FROM trust_policies WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            &[text(&account_id), text(&after), (&limit, Type::INT8)],
+        )
+    }
+    fn trust_policies_for_issuer(&self, issuer: &str) -> StoreResult<Vec<TrustPolicy>> {
+        self.many("SELECT json::text FROM trust_policies WHERE issuer = $1 ORDER BY id", &[text(&issuer)])
+    }
+    fn delete_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        Ok(self.changed(
+            "DELETE FROM trust_policies WHERE account_id = $1 AND id = $2 RETURNING 1",
+            &[text(&account_id), text(&id)],
+        )? > 0)
     }
 
     fn insert_template(&self, row: &TemplateRow) -> StoreResult<()> {

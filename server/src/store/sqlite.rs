@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Params};
 use serde::de::DeserializeOwned;
-use warmpool_api::{Account, Tag};
+use warmpool_api::{Account, Tag, TrustPolicy};
 
 use super::*;
 
@@ -43,6 +43,11 @@ UPDATE sandboxes SET json = json_remove(json_set(json, '$.lifecycle', lifecycle)
 DROP INDEX sandboxes_by_pool;
 CREATE INDEX sandboxes_by_pool ON sandboxes (pool_id, lifecycle, ready_at);
 CREATE TABLE health (id INTEGER PRIMARY KEY, at TEXT NOT NULL);
+"#,
+    r#"
+CREATE TABLE trust_policies (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name TEXT NOT NULL,
+    issuer TEXT NOT NULL, json TEXT NOT NULL, UNIQUE (account_id, name));
+CREATE INDEX trust_policies_by_issuer ON trust_policies (issuer, id);
 "#,
 ];
 
@@ -195,6 +200,30 @@ impl Store for SqliteStore {
     }
     fn delete_token(&self, id: &str) -> StoreResult<bool> {
         Ok(self.exec("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
+    }
+
+    fn insert_trust_policy(&self, p: &TrustPolicy) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO trust_policies (id, account_id, name, issuer, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![p.id, p.account_id, p.name, p.issuer, serde_json::to_string(p)?],
+        )
+        .map_err(conflict_as(format!("trust policy {:?}", p.name)))?;
+        Ok(())
+    }
+    fn get_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>> {
+        self.one("SELECT json FROM trust_policies WHERE account_id = ?1 AND id = ?2", [account_id, id])
+    }
+    fn list_trust_policies(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>> {
+        self.many(
+            "SELECT json FROM trust_policies WHERE account_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            params![account_id, page.after(), page.limit],
+        )
+    }
+    fn trust_policies_for_issuer(&self, issuer: &str) -> StoreResult<Vec<TrustPolicy>> {
+        self.many("SELECT json FROM trust_policies WHERE issuer = ?1 ORDER BY id", [issuer])
+    }
+    fn delete_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        Ok(self.exec("DELETE FROM trust_policies WHERE account_id = ?1 AND id = ?2", [account_id, id])? > 0)
     }
 
     fn insert_template(&self, row: &TemplateRow) -> StoreResult<()> {
