@@ -200,8 +200,8 @@ impl LocalRuntime {
         })
     }
 
-    /// Mounts the container's root filesystem (its layers under `bundle/upper`), writes procd's config and the OCI
-    /// spec, creates the container, wires its network, and starts it. `processes` false starts procd with no warm
+    /// Mounts the container's root filesystem (its lower layers under a disk-limited writable layer), writes procd's
+    /// config and the OCI spec, creates the container, wires its network, and starts it. `processes` false starts procd with no warm
     /// process (a build's steps run through exec).
     async fn launch(
         &self,
