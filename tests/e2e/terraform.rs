@@ -480,6 +480,19 @@ async fn oidc_trust_policy_replace_import_drift_and_destroy() {
     assert_eq!(exchange("octo-org/app").await.unwrap().account_id, team.id);
     assert_eq!(server.tf(&dir, &["plan", "-detailed-exitcode", "-var", &narrow]).0, 0);
 
+    // A trailing slash on the issuer names the same issuer (the server stores it without): an in-place update of
+    // the state alone, the policy is kept.
+    write_main_tf(&dir, &trust_policy_config(&team.id, &format!("{}/", issuer.url)));
+    let (code, out, _) = server.tf(&dir, &["plan", "-detailed-exitcode", "-var", &narrow]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("0 to add, 1 to change, 0 to destroy") && !out.contains("forces replacement"),
+        "{out}"
+    );
+    server.ok(&dir, &["apply", "-auto-approve", "-var", &narrow]);
+    assert_eq!(server.client.list_trust_policies(&team.id).await.unwrap(), std::slice::from_ref(&policy));
+    assert_eq!(server.tf(&dir, &["plan", "-detailed-exitcode", "-var", &narrow]).0, 0);
+
     // Import by acc_…/trp_… into a fresh state: the same configuration plans clean.
     let imp = server.workdir("trust-import", None);
     write_main_tf(&imp, &trust_policy_config(&team.id, &issuer.url));
