@@ -1,12 +1,13 @@
-//! `terraform-provider-warmpool`: Warmpool templates and warm pools as Terraform resources (protocol 6, crate
-//! `tf-provider`). All HTTP goes through `warmpool-client`, configured once in `configure` and shared with every
-//! resource and data source. Nothing but the plugin handshake is printed on stdout.
+//! `terraform-provider-warmpool`: Warmpool templates, warm pools and OIDC trust policies as Terraform resources
+//! (protocol 6, crate `tf-provider`). All HTTP goes through `warmpool-client`, configured once in `configure` and
+//! shared with every resource and data source. Nothing but the plugin handshake is printed on stdout.
 
 pub mod data;
 pub mod model;
 pub mod pool;
 pub mod schema;
 pub mod template;
+pub mod trust;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -152,6 +153,7 @@ impl Provider for WarmpoolProvider {
         Some(map! {
             "template" => template::TemplateResource { shared: self.shared.clone() },
             "warm_pool" => pool::PoolResource { shared: self.shared.clone() },
+            "oidc_trust_policy" => trust::TrustPolicyResource { shared: self.shared.clone() },
         })
     }
 

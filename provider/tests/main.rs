@@ -32,6 +32,7 @@ fn docs_cover_the_schema() {
     check("index.md", &terraform_provider_warmpool::provider_schema().block);
     check("resources/template.md", &terraform_provider_warmpool::template::template_schema().block);
     check("resources/warm_pool.md", &terraform_provider_warmpool::pool::pool_schema().block);
+    check("resources/oidc_trust_policy.md", &terraform_provider_warmpool::trust::trust_policy_schema().block);
     let mut diags = tf_provider::Diagnostics::default();
     let shared = terraform_provider_warmpool::Shared::default();
     use tf_provider::DataSource;

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use warmpool_api::*;
+use warmpool_testkit::oidc::TestIssuer;
 use warmpool_testkit::{procd_pids, sibling_bin, TempServer};
 
 fn require_terraform() {
@@ -30,7 +31,12 @@ impl std::ops::Deref for Server {
 
 impl Server {
     fn start() -> Server {
-        let server = TempServer::start(&[]);
+        Server::start_with(&[])
+    }
+
+    /// With extra `warmpool serve` arguments (`--oidc-issuer URL`).
+    fn start_with(args: &[&str]) -> Server {
+        let server = TempServer::start(args);
         let provider_dir = sibling_bin("terraform-provider-warmpool").parent().unwrap().to_path_buf();
         std::fs::write(
             server.dir.path().join("terraform.rc"),
@@ -396,4 +402,164 @@ async fn one_apply_changing_template_pool_and_outside_state_succeeds_and_plans_c
         }
     }
     run(&["destroy", "-auto-approve"], &vars(version, min));
+}
+
+/// `main.tf` of a trust policy test: the provider block's header, then `body`.
+fn write_main_tf(dir: &Path, body: &str) {
+    std::fs::write(
+        dir.join("main.tf"),
+        format!("terraform {{\n  required_providers {{\n    warmpool = {{ source = \"warmpool/warmpool\" }}\n  }}\n}}\n{body}"),
+    )
+    .unwrap();
+}
+
+/// A trust policy of `account` for `issuer`; the `repository` glob comes from a variable.
+fn trust_policy_config(account: &str, issuer: &str) -> String {
+    format!(
+        "variable \"repository\" {{ type = string }}\n\
+         resource \"warmpool_oidc_trust_policy\" \"ci\" {{\n  account_id = \"{account}\"\n  name = \"deploy\"\n  \
+         issuer = \"{issuer}\"\n  audience = \"warmpool\"\n  claims = {{\n    repository = var.repository\n    \
+         ref = \"refs/heads/main\"\n  }}\n}}\n"
+    )
+}
+
+#[tokio::test]
+async fn oidc_trust_policy_replace_import_drift_and_destroy() {
+    require_terraform();
+    let issuer = TestIssuer::start().await;
+    let server = Server::start_with(&["--oidc-issuer", &issuer.url]);
+    let team = server
+        .client
+        .create_account(&AccountCreate { name: "team".into(), ..Default::default() })
+        .await
+        .unwrap();
+    let dir = server.workdir("trust", None);
+    write_main_tf(&dir, &trust_policy_config(&team.id, &issuer.url));
+    let repo = |glob: &str| format!("repository={glob}");
+    let anonymous = warmpool_client::Client::new(&server.url, None).unwrap();
+    let exchange = async |repository: &str| {
+        let token = issuer.token(&issuer.claims("warmpool", repository, "refs/heads/main"));
+        anonymous.exchange_oidc(&token).await
+    };
+    // Why an exchange was refused (`no_matching_policy` when no policy admits the job).
+    let reason = |result: Result<OidcToken, warmpool_client::Error>| match result {
+        Err(warmpool_client::Error::Api { details, .. }) => {
+            details["reason"].as_str().unwrap_or_default().to_string()
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+
+    // Create: the default lifetime, and a CI job of the org gets a token of the account.
+    server.ok(&dir, &["apply", "-auto-approve", "-var", &repo("octo-org/*")]);
+    let policies = server.client.list_trust_policies(&team.id).await.unwrap();
+    assert_eq!(policies.len(), 1, "{policies:?}");
+    let first = &policies[0];
+    assert_eq!((first.name.as_str(), first.token_ttl_seconds), ("deploy", TOKEN_TTL_DEFAULT_SECONDS));
+    assert_eq!(first.claims["repository"], "octo-org/*");
+    assert_eq!(exchange("octo-org/app").await.unwrap().account_id, team.id);
+    let (code, out, err) = server.tf(&dir, &["plan", "-detailed-exitcode", "-var", &repo("octo-org/*")]);
+    assert_eq!(code, 0, "a second plan shows no changes:\n{out}\n{err}");
+
+    // A claims change replaces the policy (there is no update route): the plan says so, the apply does it.
+    let narrow = repo("octo-org/app");
+    let (code, out, _) = server.tf(&dir, &["plan", "-detailed-exitcode", "-var", &narrow]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("must be replaced") && out.contains("# forces replacement"), "{out}");
+    assert!(out.contains("1 to add, 0 to change, 1 to destroy"), "{out}");
+    server.ok(&dir, &["apply", "-auto-approve", "-var", &narrow]);
+    let policies = server.client.list_trust_policies(&team.id).await.unwrap();
+    assert_eq!(policies.len(), 1, "the old policy is gone: {policies:?}");
+    let policy = policies[0].clone();
+    assert_ne!(policy.id, first.id);
+    assert_eq!(policy.claims["repository"], "octo-org/app");
+    assert_eq!(
+        reason(exchange("octo-org/other").await),
+        "no_matching_policy",
+        "the narrowed policy refuses it"
+    );
+    assert_eq!(exchange("octo-org/app").await.unwrap().account_id, team.id);
+    assert_eq!(server.tf(&dir, &["plan", "-detailed-exitcode", "-var", &narrow]).0, 0);
+
+    // A trailing slash on the issuer names the same issuer (the server stores it without): an in-place update of
+    // the state alone, the policy is kept.
+    write_main_tf(&dir, &trust_policy_config(&team.id, &format!("{}/", issuer.url)));
+    let (code, out, _) = server.tf(&dir, &["plan", "-detailed-exitcode", "-var", &narrow]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("0 to add, 1 to change, 0 to destroy") && !out.contains("forces replacement"),
+        "{out}"
+    );
+    server.ok(&dir, &["apply", "-auto-approve", "-var", &narrow]);
+    assert_eq!(server.client.list_trust_policies(&team.id).await.unwrap(), std::slice::from_ref(&policy));
+    assert_eq!(server.tf(&dir, &["plan", "-detailed-exitcode", "-var", &narrow]).0, 0);
+
+    // Import by acc_…/trp_… into a fresh state: the same configuration plans clean.
+    let imp = server.workdir("trust-import", None);
+    write_main_tf(&imp, &trust_policy_config(&team.id, &issuer.url));
+    let import_id = format!("{}/{}", team.id, policy.id);
+    server
+        .ok(&imp, &["import", "-input=false", "-var", &narrow, "warmpool_oidc_trust_policy.ci", &import_id]);
+    let (code, out, err) = server.tf(&imp, &["plan", "-detailed-exitcode", "-var", &narrow]);
+    assert_eq!(code, 0, "the imported policy plans clean:\n{out}\n{err}");
+    let (code, _, err) = server
+        .tf(&imp, &["import", "-input=false", "-var", &narrow, "warmpool_oidc_trust_policy.ci", &policy.id]);
+    assert_ne!(code, 0);
+    assert!(err.contains("acc_…/trp_…"), "a bare policy id is refused, naming the form: {err}");
+
+    // Deleted outside Terraform: gone from state at refresh, the next plan creates it again.
+    server.client.delete_trust_policy(&team.id, &policy.id).await.unwrap();
+    let (code, out, _) = server.tf(&dir, &["plan", "-detailed-exitcode", "-var", &narrow]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("warmpool_oidc_trust_policy.ci will be created"), "{out}");
+    server.ok(&dir, &["apply", "-auto-approve", "-var", &narrow]);
+    assert_eq!(server.client.list_trust_policies(&team.id).await.unwrap().len(), 1);
+    assert_eq!(exchange("octo-org/app").await.unwrap().account_id, team.id);
+
+    // Destroy deletes it: the job's token is refused again.
+    server.ok(&dir, &["destroy", "-auto-approve", "-var", &narrow]);
+    assert!(server.client.list_trust_policies(&team.id).await.unwrap().is_empty());
+    assert_eq!(reason(exchange("octo-org/app").await), "no_matching_policy");
+}
+
+#[tokio::test]
+async fn bad_trust_policy_fails_at_plan_naming_the_attribute() {
+    require_terraform();
+    let server = Server::start();
+    let dir = server.workdir("bad-trust", None);
+    let policy = |issuer: &str, glob: &str, extra: &str| {
+        format!(
+            "resource \"warmpool_oidc_trust_policy\" \"p\" {{\n  account_id = \"acc_0123\"\n  name = \"p\"\n  \
+             issuer = \"{issuer}\"\n  audience = \"warmpool\"\n  claims = {{\n    repository = \"octo-org/app\"\n    \
+             ref = \"{glob}\"\n  }}\n{extra}}}\n"
+        )
+    };
+    let github = "https://token.actions.githubusercontent.com";
+    // Line 6 opens the resource: issuer is on line 9, the `ref` claim on line 13, extra lines from 15.
+    for (body, attribute, line) in [
+        (policy(github, "", ""), "claims.ref", 13),
+        (policy("http://example.com", "refs/heads/*", ""), "issuer", 9),
+        (policy(github, "refs/heads/*", "  token_ttl_seconds = 30\n"), "token_ttl_seconds", 15),
+        (policy(github, "refs/heads/*", "  token_ttl_seconds = 21601\n"), "token_ttl_seconds", 15),
+    ] {
+        write_main_tf(&dir, &body);
+        let (code, _, err) = server.tf(&dir, &["plan"]);
+        assert_eq!(code, 1, "{body}");
+        assert!(
+            err.contains(&format!("Invalid {attribute}")) && err.contains(&format!("main.tf line {line}")),
+            "{attribute} is named with its line:\n{err}"
+        );
+        assert!(!err.contains("stack backtrace"), "{err}");
+    }
+
+    // An issuer the server does not trust passes the plan and fails the apply, naming `issuer`.
+    let team = server
+        .client
+        .create_account(&AccountCreate { name: "team".into(), ..Default::default() })
+        .await
+        .unwrap();
+    write_main_tf(&dir, &policy(github, "refs/heads/*", "").replace("acc_0123", &team.id));
+    let (code, out, err) = server.tf(&dir, &["apply", "-auto-approve"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("--oidc-issuer") && err.contains("main.tf line 9"), "{err}");
+    assert!(server.client.list_trust_policies(&team.id).await.unwrap().is_empty());
 }
