@@ -127,6 +127,8 @@ async fn rust_client_example_runs() {
 #[tokio::test]
 async fn accounts_and_tokens_through_the_cli() {
     let tmp = tempfile::tempdir().unwrap();
+    // The server makes its layers filesystem even when no sandbox runs.
+    let _cleanup = KillOnDrop(tmp.path().to_path_buf());
     let server = ServerProcess::start(tmp.path(), &[]);
     let cli = Cli { url: &server.url, data_dir: tmp.path() };
     let account = cli.json(&["account", "create", "ci", "--max-sandboxes", "2"]);
@@ -261,6 +263,8 @@ async fn pool_wait_and_status_say_why_a_pool_does_not_fill_and_a_closed_stdout_e
 async fn trust_policies_through_the_cli() {
     let issuer = warmpool_testkit::oidc::TestIssuer::start().await;
     let tmp = tempfile::tempdir().unwrap();
+    // The server makes its layers filesystem even when no sandbox runs.
+    let _cleanup = KillOnDrop(tmp.path().to_path_buf());
     let server = ServerProcess::start(tmp.path(), &["--oidc-issuer", &issuer.url]);
     let cli = Cli { url: &server.url, data_dir: tmp.path() };
     let account = cli.json(&["account", "create", "ci"]);
