@@ -536,10 +536,13 @@ fn limit_all_sandboxes() {
     }
 }
 
-/// The cgroup directories of a sandbox or build that exist now.
+/// The cgroup directories of a sandbox or build that exist now: one per controller on a cgroup v1 host, the one
+/// unified directory on a v2 host (whatever the host, "has a cgroup" means "still has processes or is being
+/// made", which address release and teardown rely on).
 fn cgroup_dirs(id: &str) -> Vec<String> {
     CGROUP_CONTROLLERS
         .iter()
+        .chain([&""])
         .map(|c| Path::new(CGROUP_ROOT).join(c).join("warmpool").join(id).display().to_string())
         .filter(|d| Path::new(d).exists())
         .collect()
