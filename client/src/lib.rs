@@ -236,8 +236,11 @@ impl Client {
         let req = BuildCreate { tags: tags.to_vec() };
         self.call(Method::POST, &["v1", "templates", template, "builds"], Some(&req)).await
     }
+    /// A template's builds, oldest first (the API pages them by id).
     pub async fn list_builds(&self, template: &str) -> Result<Vec<Build>> {
-        self.list::<Build>(&["v1", "templates", template, "builds"]).await
+        let mut builds = self.list::<Build>(&["v1", "templates", template, "builds"]).await?;
+        builds.sort_by_key(|b| b.created_at);
+        Ok(builds)
     }
     pub async fn get_build(&self, id: &str) -> Result<Build> {
         self.call(Method::GET, &["v1", "builds", id], None).await

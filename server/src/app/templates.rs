@@ -191,9 +191,15 @@ impl App {
         Ok(())
     }
 
-    pub fn list_builds(&self, caller: &Caller, template: &str) -> AppResult<Vec<Build>> {
+    pub fn list_builds(
+        &self,
+        caller: &Caller,
+        template: &str,
+        page: &crate::store::Page,
+    ) -> AppResult<List<Build>> {
         let t = self.get_template(caller, template)?;
-        Ok(self.store.list_builds(&t.template.id)?.into_iter().map(|b| b.build).collect())
+        let fetch = |p: &crate::store::Page| self.store.page_builds(&t.template.id, p);
+        super::paged(page, fetch, |b: &Build| &b.id, |r| r.build)
     }
 
     pub fn get_build(&self, caller: &Caller, id: &str) -> AppResult<BuildRow> {

@@ -307,11 +307,16 @@ async fn create_build(
     Ok((StatusCode::ACCEPTED, Json(app.create_build(&c, &id, req)?)))
 }
 #[utoipa::path(get, path = "/v1/templates/{id}/builds", tag = "builds",
-    summary = "List a template's builds, newest first",
-    params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
+    summary = "List a template's builds (in id order, a page at a time)",
+    params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ListQuery),
     responses((status = 200, body = List<Build>)))]
-async fn list_builds(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Build>>> {
-    Ok(list(app.list_builds(&c, &id)?))
+async fn list_builds(
+    State(app): S,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<List<Build>>> {
+    Ok(Json(app.list_builds(&c, &id, &q.page()?)?))
 }
 #[utoipa::path(get, path = "/v1/builds/{id}", tag = "builds", summary = "Get a build",
     params(("id" = String, Path, description = "Build id (`bld_…`)")),

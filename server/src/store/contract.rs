@@ -363,6 +363,13 @@ fn every_resource_round_trips(db: &dyn Backend) {
     let building: Vec<String> =
         store.list_builds_in(&["queued", "building"]).unwrap().into_iter().map(|b| b.build.id).collect();
     assert_eq!(building, vec!["bld_2"]);
+    let page: Vec<String> = store
+        .page_builds("tpl_1", &Page { after: Some("bld_1".into()), limit: 1 })
+        .unwrap()
+        .into_iter()
+        .map(|b| b.build.id)
+        .collect();
+    assert_eq!(page, vec!["bld_2"], "builds page by id");
     store.update_build(&build("bld_2", Failed, now)).unwrap();
     assert_eq!(store.get_build("bld_2").unwrap().unwrap().build.status, Failed);
     assert_eq!(store.list_builds("tpl_1").unwrap().len(), 3);

@@ -321,6 +321,8 @@ pub trait Store: Send + Sync {
     fn insert_build(&self, row: &BuildRow) -> StoreResult<()>;
     fn get_build(&self, id: &str) -> StoreResult<Option<BuildRow>>;
     fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>>;
+    /// One page of a template's builds, by id (the API's list).
+    fn page_builds(&self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>>;
     fn list_builds_in(&self, statuses: &[&str]) -> StoreResult<Vec<BuildRow>>;
     fn update_build(&self, row: &BuildRow) -> StoreResult<()>;
     fn latest_ready_build(&self, template_id: &str) -> StoreResult<Option<BuildRow>>;

@@ -543,6 +543,13 @@ impl Store for PgStore {
             &[text(&template_id)],
         )
     }
+    fn page_builds(&self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>> {
+        let (after, limit) = (page.after(), i64::from(page.limit));
+        self.many(
+            "SELECT json::text FROM builds WHERE template_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            &[text(&template_id), text(&after), (&limit, Type::INT8)],
+        )
+    }
     fn list_builds_in(&self, statuses: &[&str]) -> StoreResult<Vec<BuildRow>> {
         self.many(
             "SELECT json::text FROM builds WHERE status = ANY($1) ORDER BY created_at",

@@ -280,6 +280,12 @@ impl Store for SqliteStore {
     fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
         self.many("SELECT json FROM builds WHERE template_id = ?1 ORDER BY created_at", [template_id])
     }
+    fn page_builds(&self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>> {
+        self.many(
+            "SELECT json FROM builds WHERE template_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            params![template_id, page.after(), page.limit],
+        )
+    }
     fn list_builds_in(&self, statuses: &[&str]) -> StoreResult<Vec<BuildRow>> {
         let all: Vec<BuildRow> = self.many("SELECT json FROM builds ORDER BY created_at", [])?;
         Ok(all.into_iter().filter(|b| statuses.contains(&b.build.status.as_str())).collect())
