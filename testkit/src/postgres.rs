@@ -92,6 +92,18 @@ impl Postgres {
         Postgres { dir, bin, port, databases: AtomicUsize::new(0) }
     }
 
+    /// Runs `sql` with `psql` in database `name` (the last part of a [`Postgres::database`] URL) and returns what it
+    /// printed, unaligned and without headers.
+    pub fn sql(&self, name: &str, sql: &str) -> String {
+        let port = self.port.to_string();
+        let out = run(
+            &self.bin,
+            "psql",
+            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", name, "-XAtc", sql],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Creates a new empty database and returns its URL.
     pub fn database(&self) -> String {
         let name = format!("warmpool{}", self.databases.fetch_add(1, Ordering::SeqCst));

@@ -1,6 +1,7 @@
 //! Three `warmpool serve` replicas on one PostgreSQL (started by the test) and one data dir (the local runtime on
 //! one host): checkouts spread over all three never share a sandbox, any replica serves any sandbox, and the pools
-//! of a replica killed with `kill -9` mid-refill are taken over and converge with nothing leaked.
+//! of a replica killed with `kill -9` mid-refill are taken over and converge with nothing leaked; a replica that
+//! loses its database session without dying counts no failure that did not happen.
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
@@ -14,7 +15,9 @@ use crate::*;
 /// Three replicas on a new PostgreSQL and one temporary data dir, started one after the other (the first creates
 /// the admin token they share). Fields drop in reverse order: servers, then their containers, then the database.
 struct Replicas {
-    _pg: Postgres,
+    pg: Postgres,
+    /// The database's name (`pg.sql` runs statements in it).
+    db: String,
     _tmp: tempfile::TempDir,
     data: std::path::PathBuf,
     _cleanup: KillOnDrop,
@@ -28,11 +31,18 @@ fn replicas(extra: &[&str]) -> Replicas {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let cleanup = KillOnDrop(data.clone());
-    let mut args = vec!["--database", database.as_str()];
-    args.extend_from_slice(extra);
-    let servers: Vec<ServerProcess> = (0..3).map(|_| ServerProcess::start(&data, &args)).collect();
+    let db = database.rsplit('/').next().unwrap().to_string();
+    // Each replica names its connections (`warmpool-r<i>`), so a test can find one replica's sessions.
+    let servers: Vec<ServerProcess> = (0..3)
+        .map(|i| {
+            let url = format!("{database}?application_name=warmpool-r{i}");
+            let mut args = vec!["--database", url.as_str()];
+            args.extend_from_slice(extra);
+            ServerProcess::start(&data, &args)
+        })
+        .collect();
     let clients = servers.iter().map(|s| s.client.clone()).collect();
-    Replicas { servers, clients, _cleanup: cleanup, data, _tmp: tmp, _pg: pg }
+    Replicas { servers, clients, _cleanup: cleanup, data, _tmp: tmp, db, pg }
 }
 
 /// The pools a replica reconciles, as its `/readyz` says.
@@ -142,5 +152,90 @@ async fn a_killed_replicas_pools_converge_and_nothing_leaks() {
     for pool in &pools {
         survivor.delete_pool(pool).await.unwrap();
     }
+    wait_no_procd(data.as_path());
+}
+
+/// A pool of 10 refilling after two checkouts; the replica reconciling it loses every database connection
+/// (`pg_terminate_backend`) while it keeps running. Another replica takes the pool, the first reconnects, and the
+/// pool converges to 10 ready with `failed` at 0 throughout: nothing failed, so nothing may be counted. Every ready
+/// and claimed sandbox is still served (by every replica), and exactly those run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_losing_its_database_session_counts_no_false_failures() {
+    let cluster = replicas(&["--max-sandboxes", "16"]);
+    let (clients, data) = (cluster.clients.clone(), cluster.data.clone());
+    build(&clients[0], &template("session", 0.5)).await;
+    let pool = clients[0].create_pool(&pool_spec("session", "session:stable", 10, 10)).await.unwrap().id;
+    wait_status(&clients[0], &pool, "10 ready", |s| s.ready == 10).await;
+    let mut claimed = Vec::new();
+    for c in &clients[..2] {
+        claimed.push(c.create_sandbox(&require(&pool, 0)).await.unwrap().id);
+    }
+    let mut victim = None;
+    for (i, c) in clients.iter().enumerate() {
+        if reconciled_by(c).await.contains(&pool) {
+            victim = Some(i);
+        }
+    }
+    let victim = victim.expect("a replica reconciles the pool");
+    wait_status(&clients[0], &pool, "a refill under way", |s| s.warming > 0).await;
+
+    let killed = cluster.pg.sql(
+        &cluster.db,
+        &format!(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'warmpool-r{victim}'"
+        ),
+    );
+    assert!(
+        killed.trim().parse::<u32>().unwrap() >= 2,
+        "the victim's session and statement connections: {killed}"
+    );
+
+    // Convergence: the pool is reconciled again (by someone), full, and the victim is back in the cluster.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = clients[(victim + 1) % 3].pool_status(&pool).await.unwrap();
+        assert_eq!(s.failed, 0, "no sandbox failed: {s:?}");
+        let mut owners = 0;
+        for c in &clients {
+            owners += usize::from(reconciled_by(c).await.contains(&pool));
+        }
+        let back = cluster.pg.sql(
+            &cluster.db,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'warmpool-r{victim}'"),
+        );
+        if owners == 1 && s.ready == 10 && s.warming == 0 && s.draining == 0 && back.trim() != "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never converged: {s:?}, {owners} owners");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Whatever the lost session left running (watchers, starts) has had its chance to miscount: watch a while.
+    let watch_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < watch_until {
+        for c in &clients {
+            let s = c.pool_status(&pool).await.unwrap();
+            assert_eq!((s.failed, s.ready, s.claimed), (0, 10, 2), "{s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    for c in &clients {
+        claimed.push(c.create_sandbox(&require(&pool, 0)).await.unwrap().id);
+    }
+    for (i, id) in claimed.iter().enumerate() {
+        for c in &clients {
+            let r = sh(c, id, "hostname").await;
+            assert_eq!((r.exit_code, r.stdout.trim()), (0, id.as_str()), "sandbox {i} served");
+        }
+    }
+    let s = wait_status(&clients[victim], &pool, "refilled", |s| s.ready == 10 && s.warming == 0).await;
+    assert_eq!((s.failed, s.claimed), (0, 5), "{s:?}");
+    wait_until("exactly the ready and claimed sandboxes to run", Duration::from_secs(30), || {
+        running_sandboxes(&data).len() == 15
+    });
+    for id in &claimed {
+        clients[0].delete_sandbox(id).await.unwrap();
+    }
+    clients[0].delete_pool(&pool).await.unwrap();
     wait_no_procd(data.as_path());
 }

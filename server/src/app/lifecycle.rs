@@ -35,6 +35,9 @@ pub enum StopCause {
     Deleted,
     /// Its timeout policy destroyed it.
     Timeout,
+    /// A start whose replica lost it (died, or lost its database session) before it was ready, undone by the
+    /// replica taking over: nobody was handed it, and nothing about it failed.
+    TakenOver,
 }
 
 /// Why a start did not produce a ready sandbox.

@@ -20,7 +20,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::lifecycle::runtime_error;
+use super::lifecycle::StopCause;
 use super::{App, AppResult};
 use crate::store::{Lifecycle, SandboxRow, StoreEvent};
 
@@ -140,12 +140,13 @@ impl App {
     async fn take_over(self: &Arc<Self>, mut row: SandboxRow) -> AppResult<()> {
         let id = row.sandbox.id.clone();
         match row.lifecycle {
+            // Committed before the runtime acts, like every move: the start's owner may still be alive (a lost
+            // session looks like a death until it reconnects), and its start task, seeing procd stop, must lose
+            // its `warming → failed` to this stop rather than count a failure that never happened.
             Warming => {
-                self.runtime
-                    .destroy(&id, Some(&row.handle))
-                    .await
-                    .map_err(|e| runtime_error("recovery", e))?;
-                self.store.delete_sandbox_if(&id, &[Warming])?;
+                if let Some(row) = self.begin_stop(row, &[Warming], StopCause::TakenOver)? {
+                    self.finish_stop(&row).await?;
+                }
             }
             Draining => self.finish_stop(&row).await?,
             Failed if row.pool_id.is_some() => self.finish_stop(&row).await?,

@@ -180,7 +180,11 @@ impl PgStore {
             reason: "the PostgreSQL URL does not parse",
             source: Box::new(e),
         })?;
-        config.connect_timeout(CONNECT_TIMEOUT).application_name("warmpool");
+        config.connect_timeout(CONNECT_TIMEOUT);
+        // An operator (or a test) may name a replica's connections in the URL (`?application_name=…`).
+        if config.get_application_name().is_none() {
+            config.application_name("warmpool");
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("warmpool-pg")
