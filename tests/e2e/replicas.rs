@@ -14,15 +14,17 @@ use crate::*;
 
 /// Three replicas on a new PostgreSQL and one temporary data dir, started one after the other (the first creates
 /// the admin token they share). Fields drop in reverse order: servers, then their containers, then the database.
+/// Fields drop in this order: the servers first (so nothing starts behind the cleanup), then what they ran, then
+/// their directory, then the database.
 struct Replicas {
+    servers: Vec<ServerProcess>,
+    clients: Vec<Client>,
+    _cleanup: KillOnDrop,
+    _tmp: tempfile::TempDir,
+    data: std::path::PathBuf,
     pg: Postgres,
     /// The database's name (`pg.sql` runs statements in it).
     db: String,
-    _tmp: tempfile::TempDir,
-    data: std::path::PathBuf,
-    _cleanup: KillOnDrop,
-    servers: Vec<ServerProcess>,
-    clients: Vec<Client>,
 }
 
 fn replicas(extra: &[&str]) -> Replicas {
