@@ -306,37 +306,24 @@ async fn trust_policies_through_the_cli() {
     assert_eq!(anonymous.exchange_oidc(&token).await.unwrap().account_id, acc);
 
     // The server's refusal names the field; the CLI exits non-zero with it.
-    let (code, _, err) = cli.run(&[
-        "trust-policy",
-        "create",
-        "--account",
-        &acc,
-        "--name",
-        "bad",
-        "--issuer",
-        &issuer.url,
-        "--audience",
-        "warmpool",
-        "--claim",
-        "=x",
-    ]);
+    let create_bad = |extra: &[&str]| {
+        let base = [
+            "trust-policy",
+            "create",
+            "--account",
+            &acc,
+            "--name",
+            "bad",
+            "--issuer",
+            &issuer.url,
+            "--audience",
+            "warmpool",
+        ];
+        cli.run(&[&base[..], extra].concat())
+    };
+    let (code, _, err) = create_bad(&["--claim", "=x"]);
     assert!(code != 0 && err.contains("claims"), "{err}");
-    let (code, _, err) = cli.run(&[
-        "trust-policy",
-        "create",
-        "--account",
-        &acc,
-        "--name",
-        "bad",
-        "--issuer",
-        &issuer.url,
-        "--audience",
-        "warmpool",
-        "--claim",
-        "ref=*",
-        "--ttl",
-        "7h",
-    ]);
+    let (code, _, err) = create_bad(&["--claim", "ref=*", "--ttl", "7h"]);
     assert!(code != 0 && err.contains("token_ttl_seconds"), "{err}");
 
     let (code, out, _) = cli.run(&["trust-policy", "delete", "--account", &acc, &id]);

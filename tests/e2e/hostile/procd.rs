@@ -109,10 +109,8 @@ async fn a_sandbox_cannot_replace_or_redirect_its_procd_channel() {
 #[tokio::test]
 async fn a_log_flood_stays_bounded_and_reading_it_keeps_the_server_small() {
     const BOUND: u64 = 8 << 20;
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let _cleanup = KillOnDrop(data.clone());
-    let server = ServerProcess::start(&data, &["--sandbox-log-bytes", &BOUND.to_string()]);
+    let server = TempServer::start(&["--sandbox-log-bytes", &BOUND.to_string()]);
+    let data = server.data_dir.clone();
     let c = server.client.clone();
     let mut spec = template("flood", 0.0);
     spec.start_cmd = Some(format!("touch ready-$WARMPOOL_SANDBOX_ID; exec yes {}", "x".repeat(200)));
@@ -130,7 +128,7 @@ async fn a_log_flood_stays_bounded_and_reading_it_keeps_the_server_small() {
         if stamp != last_rotated {
             (rotations, last_rotated) = (rotations + 1, stamp);
         }
-        std::thread::sleep(Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     eprintln!("log flood: largest procd.log + procd.log.1 = {largest} bytes, {rotations} rotations in 8 s");
     assert!(rotations >= 2, "the flood never filled the log ({rotations} rotations, largest {largest})");
@@ -158,10 +156,8 @@ async fn a_log_flood_stays_bounded_and_reading_it_keeps_the_server_small() {
 /// A ready pool sandbox whose procd is stopped (SIGSTOP) leaves `ready` within seconds and no checkout gets it.
 #[tokio::test]
 async fn a_frozen_procd_leaves_ready_and_is_never_handed_out() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let _cleanup = KillOnDrop(data.clone());
-    let server = ServerProcess::start(&data, &[]);
+    let server = TempServer::start(&[]);
+    let data = server.data_dir.clone();
     let c = server.client.clone();
     build(&c, &template("frozen", 0.0)).await;
     let pool = c.create_pool(&pool_spec("frozen", "frozen:stable", 2, 2)).await.unwrap();
@@ -188,10 +184,8 @@ async fn a_frozen_procd_leaves_ready_and_is_never_handed_out() {
 /// the channel works again once procd does.
 #[tokio::test]
 async fn an_exec_on_a_frozen_procd_answers_within_its_bound() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let _cleanup = KillOnDrop(data.clone());
-    let server = ServerProcess::start(&data, &[]);
+    let server = TempServer::start(&[]);
+    let data = server.data_dir.clone();
     let c = server.client.clone();
     build(&c, &template("stuck", 0.0)).await;
     let s = c.create_sandbox(&cold("stuck:stable")).await.unwrap();
@@ -218,10 +212,8 @@ async fn an_exec_on_a_frozen_procd_answers_within_its_bound() {
 /// A command ends when its caller goes away: dropping the HTTP request kills it in the sandbox.
 #[tokio::test]
 async fn an_exec_is_killed_when_its_client_disconnects() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let _cleanup = KillOnDrop(data.clone());
-    let server = ServerProcess::start(&data, &[]);
+    let server = TempServer::start(&[]);
+    let data = server.data_dir.clone();
     let c = server.client.clone();
     build(&c, &template("hangup", 0.0)).await;
     let s = c.create_sandbox(&cold("hangup:stable")).await.unwrap();
@@ -253,10 +245,8 @@ async fn an_exec_is_killed_when_its_client_disconnects() {
 /// `timeout_ms` over 24 h and a `tail` that is not a line count, or too many, are refused naming the field.
 #[tokio::test]
 async fn exec_and_log_bounds_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    let _cleanup = KillOnDrop(data.clone());
-    let server = ServerProcess::start(&data, &[]);
+    let server = TempServer::start(&[]);
+    let data = server.data_dir.clone();
     let c = server.client.clone();
     build(&c, &template("bounds", 0.0)).await;
     let s = c.create_sandbox(&cold("bounds:stable")).await.unwrap();
