@@ -11,6 +11,7 @@
 #[cfg(test)]
 pub mod contract;
 pub mod postgres;
+pub mod schema;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -262,6 +263,63 @@ pub struct ClaimUpdate {
     pub timeout_policy: Option<TimeoutPolicy>,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+}
+
+impl ClaimUpdate {
+    /// What a claim changes, as two JSON objects whose keys replace those of the stored row and of its `sandbox`
+    /// (PostgreSQL applies them with `||` inside the claim's one statement, SQLite with [`ClaimUpdate::apply`]):
+    /// the one description of a claim's write.
+    pub fn patches(&self, pool_id: &str) -> (serde_json::Value, serde_json::Value) {
+        let row = serde_json::json!({
+            "account_id": self.account_id,
+            "pool_id": null,
+            "lifecycle": Lifecycle::Claimed,
+            "claimed_from": pool_id,
+            "timeout_policy": self.timeout_policy,
+        });
+        let sandbox = serde_json::json!({
+            "labels": self.labels,
+            "warm_pool_checkout": self.checkout,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+        });
+        (row, sandbox)
+    }
+
+    /// The claimed row: `row` (a ready sandbox of `pool_id`) with [`ClaimUpdate::patches`] applied.
+    pub fn apply(&self, pool_id: &str, row: &SandboxRow) -> StoreResult<SandboxRow> {
+        let (row_patch, sandbox_patch) = self.patches(pool_id);
+        let mut value = serde_json::to_value(row)?;
+        let merge = |target: &mut serde_json::Value, patch: serde_json::Value| {
+            if let (Some(target), serde_json::Value::Object(patch)) = (target.as_object_mut(), patch) {
+                target.extend(patch);
+            }
+        };
+        merge(&mut value, row_patch);
+        merge(&mut value["sandbox"], sandbox_patch);
+        Ok(serde_json::from_value(value)?)
+    }
+}
+
+/// The columns of a sandbox row besides its ids, as both stores write them.
+struct SandboxColumns {
+    json: String,
+    pool_id: Option<String>,
+    lifecycle: &'static str,
+    state: &'static str,
+    ready_at: Option<String>,
+}
+
+impl SandboxColumns {
+    fn of(row: &SandboxRow) -> StoreResult<SandboxColumns> {
+        Ok(SandboxColumns {
+            json: serde_json::to_string(row)?,
+            pool_id: row.pool_id.clone(),
+            lifecycle: row.lifecycle.as_str(),
+            state: row.sandbox.state.as_str(),
+            ready_at: row.ready_at.as_ref().map(ts),
+        })
+    }
 }
 
 /// What one replica's change means for the others (PostgreSQL's `LISTEN/NOTIFY`).

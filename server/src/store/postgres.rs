@@ -25,9 +25,11 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
 use warmpool_api::{Account, Tag, TrustPolicy};
 
+use super::schema::{self, Dialect, Shape, TableShape};
 use super::*;
 
-/// Schema versions, applied in order, each once, by whichever replica starts first.
+/// How databases made by earlier versions reach the described schema ([`super::schema`]): applied in order, each
+/// once, by whichever replica starts first. A new database is created from the description at the latest version.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, json JSONB NOT NULL);
@@ -253,6 +255,71 @@ impl PgStore {
     }
 }
 
+/// A database as the first released version made it (what the upgrade test starts from).
+#[cfg(test)]
+pub async fn create_first_version(url: &str) {
+    let client = connect(&url.parse().unwrap()).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);
+             INSERT INTO schema_migrations VALUES (1, 'then');",
+        )
+        .await
+        .unwrap();
+    client.batch_execute(MIGRATIONS[0]).await.unwrap();
+}
+
+impl PgStore {
+    /// The live schema, to compare with the description.
+    pub async fn shape(&self) -> StoreResult<Shape> {
+        let mut shape = Shape::default();
+        let columns = self
+            .query(
+                "SELECT table_name::text, column_name::text, data_type::text, is_nullable = 'YES'
+                 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name <> 'schema_migrations'",
+                &[],
+            )
+            .await?;
+        for row in &columns {
+            let (table, column): (String, String) = (row.get(0), row.get(1));
+            let kind = Shape::kind_of(&table, &column, row.get(2));
+            let t: &mut TableShape = shape.0.entry(table).or_default();
+            t.columns.insert(column, (kind, row.get(3)));
+        }
+        let indexes = self
+            .query(
+                "SELECT t.relname::text, i.relname::text, ix.indisprimary, ix.indisunique,
+                        array_agg(a.attname::text ORDER BY k.n)
+                 FROM pg_index ix
+                 JOIN pg_class t ON t.oid = ix.indrelid
+                 JOIN pg_class i ON i.oid = ix.indexrelid
+                 JOIN pg_namespace ns ON ns.oid = t.relnamespace
+                 CROSS JOIN LATERAL unnest(ix.indkey) WITH ORDINALITY AS k(attnum, n)
+                 JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum
+                 WHERE ns.nspname = current_schema() AND t.relname <> 'schema_migrations'
+                 GROUP BY 1, 2, 3, 4",
+                &[],
+            )
+            .await?;
+        for row in &indexes {
+            let table: String = row.get(0);
+            let columns: Vec<String> = row.get(4);
+            let t = shape.0.entry(table).or_default();
+            match (row.get::<_, bool>(2), row.get::<_, bool>(3)) {
+                (true, _) => t.primary_key = columns,
+                (false, true) => {
+                    t.unique.insert(columns);
+                }
+                (false, false) => {
+                    t.indexes.insert(row.get(1), columns);
+                }
+            }
+        }
+        Ok(shape)
+    }
+}
+
 async fn migrate(config: &Config) -> StoreResult<()> {
     let mut client = connect(config).await?;
     let tx = client.transaction().await?;
@@ -262,8 +329,13 @@ async fn migrate(config: &Config) -> StoreResult<()> {
     )
     .await?;
     let applied: i64 = tx.query_one("SELECT COUNT(*) FROM schema_migrations", &[]).await?.get(0);
+    if applied == 0 {
+        tx.batch_execute(&schema::create(Dialect::Postgres)).await?;
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
-        tx.batch_execute(sql).await?;
+        if applied > 0 {
+            tx.batch_execute(sql).await?;
+        }
         let version = i as i32 + 1;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
@@ -351,19 +423,6 @@ async fn keep_session(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// Sandbox columns besides its id: (json, pool_id, lifecycle, state, ready_at).
-type SandboxColumns = (String, Option<String>, &'static str, &'static str, Option<String>);
-
-fn sandbox_columns(row: &SandboxRow) -> StoreResult<SandboxColumns> {
-    Ok((
-        serde_json::to_string(row)?,
-        row.pool_id.clone(),
-        row.lifecycle.as_str(),
-        row.sandbox.state.as_str(),
-        row.ready_at.as_ref().map(ts),
-    ))
 }
 
 #[async_trait::async_trait]
@@ -709,7 +768,7 @@ impl Store for PgStore {
     }
 
     async fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
-        let (json, pool_id, lifecycle, state, ready_at) = sandbox_columns(row)?;
+        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
         self.query(
             "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
@@ -749,7 +808,7 @@ impl Store for PgStore {
         .await
     }
     async fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool> {
-        let (json, pool_id, lifecycle, state, ready_at) = sandbox_columns(row)?;
+        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
         let expected = lifecycles(expected);
         // The pool hears it: a sandbox that became ready wakes waiting checkouts; one that went, its reconciler.
         let changed = self.changed(
@@ -808,23 +867,8 @@ impl Store for PgStore {
         prefer_build: Option<&str>,
         claim: &ClaimUpdate,
     ) -> StoreResult<Option<SandboxRow>> {
-        // The claim's changes as JSON patches of the row and of its sandbox (the same fields the embedded store
-        // sets).
-        let row_patch = serde_json::json!({
-            "account_id": claim.account_id,
-            "pool_id": null,
-            "lifecycle": Lifecycle::Claimed.as_str(),
-            "claimed_from": pool_id,
-            "timeout_policy": claim.timeout_policy,
-        })
-        .to_string();
-        let sandbox_patch = serde_json::json!({
-            "labels": claim.labels,
-            "warm_pool_checkout": claim.checkout,
-            "created_at": claim.created_at,
-            "expires_at": claim.expires_at,
-        })
-        .to_string();
+        let (row_patch, sandbox_patch) = claim.patches(pool_id);
+        let (row_patch, sandbox_patch) = (row_patch.to_string(), sandbox_patch.to_string());
         let prefer = prefer_build.unwrap_or("");
         // One statement: the candidate is locked as it is picked, and a candidate another claim (or a stop) has
         // locked is skipped, not waited for.

@@ -15,9 +15,11 @@ use rusqlite::{params, Connection, OptionalExtension, Params};
 use serde::de::DeserializeOwned;
 use warmpool_api::{Account, Tag, TrustPolicy};
 
+use super::schema::{self, Dialect, Shape, TableShape};
 use super::*;
 
-/// Schema versions, applied in order; each runs once.
+/// How databases made by earlier versions reach the described schema ([`super::schema`]): applied in order, each
+/// once. A new database is created from the description at the latest version.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, json TEXT NOT NULL);
@@ -54,6 +56,12 @@ CREATE TABLE health (id INTEGER PRIMARY KEY, at TEXT NOT NULL);
 CREATE TABLE trust_policies (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name TEXT NOT NULL,
     issuer TEXT NOT NULL, json TEXT NOT NULL, UNIQUE (account_id, name));
 CREATE INDEX trust_policies_by_issuer ON trust_policies (issuer, id);
+"#,
+    r#"
+ALTER TABLE pools ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+UPDATE pools SET rev = COALESCE(json_extract(json, '$.rev'), 0);
+ALTER TABLE sandboxes DROP COLUMN pool_slot;
+CREATE INDEX sandboxes_claimed_from ON sandboxes (claimed_from);
 "#,
 ];
 
@@ -169,14 +177,89 @@ impl SqliteStore {
 }
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", i + 1)?;
+    if version == 0 {
+        tx.execute_batch(&schema::create(Dialect::Sqlite))?;
+    } else {
+        for sql in &MIGRATIONS[version.min(MIGRATIONS.len())..] {
+            tx.execute_batch(sql)?;
+        }
     }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
     tx.commit()?;
     Ok(())
+}
+
+/// A database as the first released version made it (what the upgrade test starts from).
+#[cfg(test)]
+pub fn create_first_version(path: &Path) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(MIGRATIONS[0]).unwrap();
+    conn.pragma_update(None, "user_version", 1).unwrap();
+}
+
+impl SqliteStore {
+    /// The live schema, to compare with the description.
+    pub async fn shape(&self) -> StoreResult<Shape> {
+        self.readers
+            .run(|db| {
+                let conn = &*db.0;
+                let mut shape = Shape::default();
+                let tables: Vec<String> = conn
+                    .prepare(
+                        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+                    )?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for table in tables {
+                    let mut t = TableShape::default();
+                    let mut pk: Vec<(i64, String)> = Vec::new();
+                    let mut stmt =
+                        conn.prepare("SELECT name, type, \"notnull\", pk FROM pragma_table_info(?1)")?;
+                    let columns = stmt.query_map([&table], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, bool>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    })?;
+                    for column in columns {
+                        let (name, sql_type, not_null, pk_pos) = column?;
+                        if pk_pos > 0 {
+                            pk.push((pk_pos, name.clone()));
+                        }
+                        let kind = Shape::kind_of(&table, &name, &sql_type);
+                        t.columns.insert(name, (kind, !not_null && pk_pos == 0));
+                    }
+                    pk.sort();
+                    t.primary_key = pk.into_iter().map(|(_, n)| n).collect();
+                    let mut stmt = conn.prepare("SELECT name, origin FROM pragma_index_list(?1)")?;
+                    let indexes: Vec<(String, String)> = stmt
+                        .query_map([&table], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?;
+                    for (index, origin) in indexes {
+                        let columns: Vec<String> = conn
+                            .prepare("SELECT name FROM pragma_index_info(?1) ORDER BY seqno")?
+                            .query_map([&index], |r| r.get(0))?
+                            .collect::<Result<_, _>>()?;
+                        match origin.as_str() {
+                            "u" => {
+                                t.unique.insert(columns);
+                            }
+                            "c" => {
+                                t.indexes.insert(index, columns);
+                            }
+                            _ => {}
+                        }
+                    }
+                    shape.0.insert(table, t);
+                }
+                Ok(shape)
+            })
+            .await
+    }
 }
 
 /// One connection, on its store thread: the statements themselves.
@@ -201,19 +284,6 @@ impl Db<'_> {
         }
         Ok(out)
     }
-}
-
-/// The columns of a sandbox row besides its ids: (json, pool_id, lifecycle, state, ready_at).
-type SandboxColumns = (String, Option<String>, &'static str, String, Option<String>);
-
-fn sandbox_params(row: &SandboxRow) -> StoreResult<SandboxColumns> {
-    Ok((
-        serde_json::to_string(row)?,
-        row.pool_id.clone(),
-        row.lifecycle.as_str(),
-        row.sandbox.state.as_str().to_string(),
-        row.ready_at.as_ref().map(ts),
-    ))
 }
 
 /// Each [`Store`] method sends the statement of the same name to the writer or to a reader. Arguments are copied
@@ -504,8 +574,8 @@ impl Db<'_> {
     fn insert_pool(&mut self, row: &PoolRow) -> StoreResult<()> {
         let p = &row.pool;
         self.exec(
-            "INSERT INTO pools (id, account_id, name, json) VALUES (?1, ?2, ?3, ?4)",
-            params![p.id, row.account_id, p.name, serde_json::to_string(row)?],
+            "INSERT INTO pools (id, account_id, name, rev, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![p.id, row.account_id, p.name, row.rev as i64, serde_json::to_string(row)?],
         )
         .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(())
@@ -536,7 +606,7 @@ impl Db<'_> {
         let next = PoolRow { rev: row.rev + 1, ..row.clone() };
         let changed = self
             .exec(
-                "UPDATE pools SET name = ?2, json = ?3 WHERE id = ?1 AND COALESCE(json_extract(json, '$.rev'), 0) = ?4",
+                "UPDATE pools SET name = ?2, rev = ?4 + 1, json = ?3 WHERE id = ?1 AND rev = ?4",
                 params![p.id, p.name, serde_json::to_string(&next)?, row.rev as i64],
             )
             .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
@@ -573,7 +643,7 @@ impl Db<'_> {
     }
 
     fn insert_sandbox(&mut self, row: &SandboxRow) -> StoreResult<()> {
-        let (json, pool_id, lifecycle, state, ready_at) = sandbox_params(row)?;
+        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
         self.exec(
             "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -597,7 +667,7 @@ impl Db<'_> {
         self.many("SELECT json FROM sandboxes WHERE pool_id = ?1 OR claimed_from = ?1 ORDER BY id", [pool_id])
     }
     fn update_sandbox_if(&mut self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool> {
-        let (json, pool_id, lifecycle, state, ready_at) = sandbox_params(row)?;
+        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
         let changed = self.exec(
             &format!(
                 "UPDATE sandboxes SET account_id = ?2, pool_id = ?3, lifecycle = ?4, claimed_from = ?5, state = ?6,
@@ -650,17 +720,8 @@ impl Db<'_> {
             )
             .optional()?;
         let Some(text) = picked else { return Ok(None) };
-        let mut row: SandboxRow = from_json(text)?;
-        row.account_id = claim.account_id.clone();
-        row.pool_id = None;
-        row.lifecycle = Lifecycle::Claimed;
-        row.claimed_from = Some(pool_id.to_string());
-        row.sandbox.labels = claim.labels.clone();
-        row.sandbox.warm_pool_checkout = Some(claim.checkout.clone());
-        row.sandbox.created_at = claim.created_at;
-        row.sandbox.expires_at = claim.expires_at;
-        row.timeout_policy = claim.timeout_policy.clone();
-        let (json, _, _, _, _) = sandbox_params(&row)?;
+        let row = claim.apply(pool_id, &from_json(text)?)?;
+        let json = serde_json::to_string(&row)?;
         let changed = tx.execute(
             "UPDATE sandboxes SET account_id = ?2, pool_id = NULL, lifecycle = 'claimed', claimed_from = ?3,
              json = ?4 WHERE id = ?1 AND lifecycle = 'ready'",
