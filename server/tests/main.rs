@@ -11,3 +11,4 @@ mod oidc;
 mod pools;
 mod restart;
 mod sandboxes;
+mod stall;
