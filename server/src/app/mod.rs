@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod lifecycle;
 pub mod pools;
+pub mod reconciler;
 pub mod replicas;
 pub mod sandboxes;
 pub mod templates;
@@ -19,10 +20,10 @@ use tokio::task::AbortHandle;
 use warmpool_api::FieldError;
 
 use crate::metrics::Metrics;
-use crate::reconciler::{PassRecord, Pokes};
 use crate::runtime::Runtime;
 use crate::secrets::Secrets;
 use crate::store::{Lifecycle, PoolRow, Store, StoreError};
+use reconciler::{PassRecord, Pokes};
 
 /// Errors of the domain, each mapped to one API error code by the HTTP layer.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,14 @@ pub enum AppError {
     ServiceUnavailable(String),
     #[error("store failure")]
     Store(#[source] StoreError),
+    /// The runtime could not do it: `message` is what the client is told (`conflict`, or `service_unavailable`
+    /// when the host is out of space); `source` is the whole error, for the log.
+    #[error("{message}")]
+    Runtime {
+        message: String,
+        #[source]
+        source: crate::runtime::RuntimeError,
+    },
     #[error("{0}")]
     Internal(String),
 }
