@@ -246,7 +246,7 @@ impl App {
         let Seen { row, build, template, sandboxes, .. } = seen;
         let pool = &row.pool;
         let members = seen.members();
-        let counts = Counts::of(&pool.id, &sandboxes);
+        let counts = Counts::of(&pool.id, sandboxes);
         for (state, n) in
             [("ready", counts.ready), ("warming", counts.warming), ("draining", counts.draining)]
         {
