@@ -2,6 +2,7 @@
 //! and knows nothing of HTTP; handlers translate requests into these calls.
 
 pub mod accounts;
+pub mod checkout;
 pub mod lifecycle;
 pub mod pools;
 pub mod reconciler;
