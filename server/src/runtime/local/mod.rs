@@ -29,6 +29,7 @@ mod layers;
 pub mod logs;
 mod net;
 pub mod oci;
+pub mod plain;
 mod runc;
 
 use std::collections::BTreeMap;
