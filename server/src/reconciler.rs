@@ -431,7 +431,11 @@ impl App {
         if still_wanted {
             match self.start_sandbox(&mut row, spec, Lifecycle::Ready).await {
                 Ok(()) => {
-                    let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0);
+                    // A write only where the breaker counted something (not once per start of a fill).
+                    let counted = self.store.get_pool_by_id(&pool_id).ok().flatten();
+                    if counted.is_some_and(|r| r.ctl.prewarm_failures > 0) {
+                        let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0);
+                    }
                     self.watch_readiness(&row);
                     self.inventory_signal(&pool_id).notify_waiters();
                 }
