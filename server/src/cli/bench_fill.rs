@@ -4,7 +4,8 @@
 //!
 //! Each round starts the plain containers first (then removes them), then creates a pool of N of a template that
 //! is ready `--ready-after-ms` after it starts, times it until all N are ready, reads the per-phase start times the
-//! server observed meanwhile (`warmpool_sandbox_start_seconds{phase}`), and deletes the pool. Everything the bench
+//! server observed meanwhile (`warmpool_sandbox_start_seconds{phase}`), and deletes the pool; each measurement
+//! begins `--settle` after the last removal, so neither pays for the other's teardown. Everything the bench
 //! makes (template, pools, containers, their bundles and cgroups) is removed when it ends, failed or not.
 
 use std::collections::BTreeMap;
@@ -37,6 +38,10 @@ pub struct FillArgs {
     /// Rounds (each: plain containers, then a pool), to see how noisy the host is.
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
+    /// How long to let the host settle after removing containers, before the next measurement (the kernel
+    /// frees network namespaces in the background, holding locks every start needs).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub settle: Duration,
     /// How long one pool fill may take.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -57,9 +62,12 @@ impl Plain {
         self.dir.join("runc")
     }
 
-    fn runc(&self) -> tokio::process::Command {
+    /// runc, its own errors going to `log`. A detached container inherits runc's stdio, so nothing of it may be
+    /// a pipe the bench waits on.
+    fn runc(&self, log: &Path) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("runc");
-        c.arg("--root").arg(self.root()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        c.arg("--root").arg(self.root()).arg("--log").arg(log);
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         c
     }
 
@@ -79,20 +87,22 @@ impl Plain {
         let started = Instant::now();
         let results: Vec<anyhow::Result<()>> = futures::stream::iter(ids.iter())
             .map(|id| async move {
-                let out = self
-                    .runc()
+                let bundle = self.dir.join("bundles").join(id);
+                let log = bundle.join("runc.log");
+                let status = self
+                    .runc(&log)
                     .arg("run")
                     .arg("--detach")
                     .arg("--bundle")
-                    .arg(self.dir.join("bundles").join(id))
+                    .arg(&bundle)
                     .arg(id)
-                    .output()
+                    .status()
                     .await
                     .context("running runc")?;
                 anyhow::ensure!(
-                    out.status.success(),
+                    status.success(),
                     "runc run {id} failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
+                    std::fs::read_to_string(&log).unwrap_or_default().trim()
                 );
                 Ok(())
             })
@@ -111,7 +121,8 @@ impl Plain {
             .unwrap_or_default();
         futures::stream::iter(ids)
             .for_each_concurrent(parallel.max(1), |id| async move {
-                let _ = self.runc().args(["delete", "--force", &id]).status().await;
+                let _ =
+                    self.runc(&self.dir.join("delete.log")).args(["delete", "--force", &id]).status().await;
             })
             .await;
         let _ = std::fs::remove_dir_all(self.dir.join("bundles"));
@@ -231,8 +242,10 @@ async fn rounds(
     }
     let mut rounds = Vec::new();
     for round in 0..args.rounds.max(1) {
+        tokio::time::sleep(args.settle).await;
         let runc = plain.run(round, args.count, parallel).await.context("starting the plain containers")?;
         plain.remove_containers(parallel).await;
+        tokio::time::sleep(args.settle).await;
 
         let before = start_seconds(&c.metrics().await?);
         let started = Instant::now();
