@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod lifecycle;
 pub mod pools;
+pub mod reconciler;
 pub mod replicas;
 pub mod sandboxes;
 pub mod templates;
@@ -19,10 +20,10 @@ use tokio::task::AbortHandle;
 use warmpool_api::FieldError;
 
 use crate::metrics::Metrics;
-use crate::reconciler::{PassRecord, Pokes};
 use crate::runtime::Runtime;
 use crate::secrets::Secrets;
 use crate::store::{Lifecycle, PoolRow, Store, StoreError};
+use reconciler::{PassRecord, Pokes};
 
 /// Errors of the domain, each mapped to one API error code by the HTTP layer.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,14 @@ pub enum AppError {
     ServiceUnavailable(String),
     #[error("store failure")]
     Store(#[source] StoreError),
+    /// The runtime could not do it: `message` is what the client is told (`conflict`, or `service_unavailable`
+    /// when the host is out of space); `source` is the whole error, for the log.
+    #[error("{message}")]
+    Runtime {
+        message: String,
+        #[source]
+        source: crate::runtime::RuntimeError,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -83,14 +92,14 @@ pub struct Caller {
 
 /// One page of a list as the API answers it: `limit + 1` rows asked of the store tell whether more follow, and
 /// the last id shown is the cursor of the next page.
-pub fn paged<R, T>(
+pub async fn paged<R, T>(
     page: &crate::store::Page,
-    fetch: impl FnOnce(&crate::store::Page) -> Result<Vec<R>, StoreError>,
+    fetch: impl AsyncFnOnce(&crate::store::Page) -> Result<Vec<R>, StoreError>,
     id: impl Fn(&T) -> &str,
     map: impl FnMut(R) -> T,
 ) -> AppResult<warmpool_api::List<T>> {
     let ask = crate::store::Page { after: page.after.clone(), limit: page.limit.saturating_add(1) };
-    let mut items: Vec<T> = fetch(&ask)?.into_iter().map(map).collect();
+    let mut items: Vec<T> = fetch(&ask).await?.into_iter().map(map).collect();
     let more = items.len() > page.limit as usize;
     items.truncate(page.limit as usize);
     let next_cursor = if more { items.last().map(|t| id(t).to_string()) } else { None };
@@ -118,6 +127,17 @@ pub struct AppConfig {
     pub images: crate::images::ImagePolicy,
     /// Issuers whose identity tokens trust policies may admit (`--oidc-issuer`).
     pub oidc: crate::oidc::OidcConfig,
+}
+
+/// The app's background loops, stopped when this is dropped (at shutdown; when a test's control plane goes).
+pub struct Background(Vec<AbortHandle>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 pub struct App {
@@ -175,23 +195,43 @@ impl App {
         })
     }
 
+    /// Brings the app up over its store and runtime: joins the replicas, recovers what an earlier run left, and
+    /// starts the background loops (the reconciler, procd exits, timeout policies, the pools' spread over
+    /// replicas). They run until the returned [`Background`] is dropped.
+    pub async fn start(
+        self: &Arc<Self>,
+        exits: tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) -> AppResult<Background> {
+        self.join_cluster().await?;
+        self.recover().await?;
+        let mut tasks = vec![
+            tokio::spawn(self.clone().balance()).abort_handle(),
+            tokio::spawn(self.clone().watch_exits(exits)).abort_handle(),
+            tokio::spawn(self.clone().enforce_timeouts()).abort_handle(),
+        ];
+        if self.config.reconciler_enabled {
+            tasks.push(tokio::spawn(self.clone().run_reconciler()).abort_handle());
+        }
+        Ok(Background(tasks))
+    }
+
     pub fn inventory_signal(&self, pool_id: &str) -> Arc<Notify> {
         self.inventory.lock().expect("inventory").entry(pool_id.to_string()).or_default().clone()
     }
 
     /// Read-modify-write of one pool row: `f` runs on the stored row and its result is written only if no other
     /// write (of any replica) came in between; otherwise it runs again on the newer row.
-    pub fn update_pool<T>(
+    pub async fn update_pool<T>(
         &self,
         pool_id: &str,
         mut f: impl FnMut(&mut PoolRow) -> T,
     ) -> AppResult<Option<T>> {
         loop {
-            let Some(mut row) = self.store.get_pool_by_id(pool_id)? else {
+            let Some(mut row) = self.store.get_pool_by_id(pool_id).await? else {
                 return Ok(None);
             };
             let out = f(&mut row);
-            if self.store.update_pool(&row)? {
+            if self.store.update_pool(&row).await? {
                 return Ok(Some(out));
             }
         }
@@ -207,7 +247,7 @@ impl App {
                 continue;
             }
             let now = Utc::now();
-            let Ok(rows) = self.store.list_all_sandboxes() else {
+            let Ok(rows) = self.store.list_all_sandboxes().await else {
                 continue;
             };
             for row in rows {
