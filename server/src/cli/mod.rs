@@ -2,6 +2,7 @@
 //! (through `warmpool-client`). `--json` prints machine output on stdout and nothing else there.
 
 mod bench;
+mod bench_fill;
 mod commands;
 pub mod config;
 pub mod serve;
@@ -421,6 +422,8 @@ pub enum BenchCmd {
     Pools(bench::PoolsArgs),
     /// Cold create and pool fill for a tiny and a big (300 MB, 20,000 files) artifact, side by side, as JSON.
     Artifact(bench::ArtifactArgs),
+    /// A pool of N filling beside plain `runc run` of N containers at the same parallelism, as JSON.
+    Fill(bench_fill::FillArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -430,6 +433,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCmd::Checkout(args)) => bench::checkout(&cli.global, args).await,
         Command::Bench(BenchCmd::Pools(args)) => bench::pools(&cli.global, args).await,
         Command::Bench(BenchCmd::Artifact(args)) => bench::artifact(&cli.global, args).await,
+        Command::Bench(BenchCmd::Fill(args)) => bench_fill::fill(&cli.global, args).await,
         command => run_client_command(&cli.global, command).await,
     }
 }
