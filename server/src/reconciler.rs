@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use warmpool_api::{BuildStatus, DegradedReason, PoolState, Sandbox, SandboxState};
 
 use crate::app::lifecycle::{StartError, StopCause};
-use crate::app::pools::{start_rollout, target, Counts, PREWARM_FAILURE_LIMIT};
+use crate::app::pools::{start_rollout, PREWARM_FAILURE_LIMIT};
 use crate::app::{new_id, App, AppError};
 use crate::runtime::StartSpec;
 use crate::store::{Lifecycle, RuntimeHandle, SandboxRow};
@@ -256,6 +256,7 @@ impl App {
                 row.ctl.last_error = last_error.clone();
             });
         }
+        self.publish_pool_metrics(pool_id);
         Some(next)
     }
 
@@ -303,9 +304,14 @@ impl App {
             None => None,
         };
         let live_total = self.store.count_live_sandboxes()? as usize;
+        let (target, _, scale) = self.pool_target(&row, &leases, now)?;
+        if scale != row.ctl.autoscale {
+            self.update_pool(pool_id, |r| r.ctl.autoscale = scale.clone())?;
+        }
+        self.prune_demand(&row)?;
         let observed = Observed {
             state: pool.state,
-            target: target(pool, &leases, now),
+            target,
             generation: pool.rollout_generation,
             build_ready: build.is_some() && template.is_some(),
             fill_stopped: row.ctl.prewarm_failures >= PREWARM_FAILURE_LIMIT,
@@ -322,13 +328,10 @@ impl App {
             quota_headroom,
             capacity: self.runtime.free_capacity(live_total) as u32,
         };
-        let plan = plan(&observed);
-        let counts = Counts::of(&pool.id, &sandboxes);
-        for (state, n) in
-            [("ready", counts.ready), ("warming", counts.warming), ("draining", counts.draining)]
-        {
-            self.metrics.pool_sandboxes.with_label_values(&[&pool.id, state]).set(n as i64);
-        }
+        let mut plan = plan(&observed);
+        // `max_starts_per_second`: the rest start when the pool's bucket allows (a pass is due then).
+        let (granted, bucket_wait) = self.start_budget(&row, plan.start);
+        plan.start = granted;
 
         // Removals a crash or a runtime error left half-done are finished here.
         for member in
@@ -416,6 +419,13 @@ impl App {
         if !plan.blocked.is_empty() {
             next = next.min(BLOCKED_RETRY);
         }
+        if let Some(wait) = bucket_wait {
+            next = next.min(wait.max(Duration::from_millis(10)));
+        }
+        // An autoscaled pool's demand changes with time alone (claims leave the window, the pool goes idle).
+        if pool.autoscale.enabled {
+            next = next.min(crate::app::demand::AUTOSCALE_TICK);
+        }
         Ok(Some(Pass { blocked: plan.blocked, next }))
     }
 
@@ -429,8 +439,10 @@ impl App {
             Ok(Some(current)) if current.lifecycle == Lifecycle::Warming
         );
         if still_wanted {
+            let started = Instant::now();
             match self.start_sandbox(&mut row, spec, Lifecycle::Ready).await {
                 Ok(()) => {
+                    self.record_warmup(&pool_id, started.elapsed());
                     let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0);
                     self.watch_readiness(&row);
                     self.inventory_signal(&pool_id).notify_waiters();

@@ -6,6 +6,7 @@ mod harness;
 mod api;
 mod cli;
 mod docs;
+mod observability;
 mod oidc;
 mod pools;
 mod restart;

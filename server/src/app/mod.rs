@@ -2,7 +2,9 @@
 //! and knows nothing of HTTP; handlers translate requests into these calls.
 
 pub mod accounts;
+pub mod demand;
 pub mod lifecycle;
+pub mod observe;
 pub mod pools;
 pub mod replicas;
 pub mod sandboxes;
@@ -146,6 +148,8 @@ pub struct App {
     owned: Mutex<HashSet<String>>,
     /// Whether this replica runs the once-per-cluster work (taking over what dead replicas left).
     leader: std::sync::atomic::AtomicBool,
+    /// Claims not yet written, start buckets (see [`demand`]).
+    pub demand: demand::DemandState,
 }
 
 impl App {
@@ -172,6 +176,7 @@ impl App {
             passes: Mutex::new(HashMap::new()),
             owned: Mutex::new(HashSet::new()),
             leader: Default::default(),
+            demand: Default::default(),
         })
     }
 

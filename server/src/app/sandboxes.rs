@@ -64,6 +64,15 @@ fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// How a checkout that named a pool was served, as `warmpool_checkouts_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    WarmPool,
+    Cold,
+    /// A `require` miss, refused with `warm_pool_unavailable`.
+    Unavailable,
+}
+
 /// What a pool-less or missed checkout starts.
 struct ColdPlan {
     template: TemplateRow,
@@ -107,6 +116,7 @@ impl App {
         };
         let miss = |reason: FallbackReason, field: Option<&str>, message: String| -> AppResult<()> {
             if mode == CheckoutMode::Require {
+                self.record_checkout(&pool, mode, Source::Unavailable, Some(reason), started);
                 return Err(AppError::WarmPoolUnavailable {
                     reason: reason.as_str().into(),
                     field: field.map(Into::into),
@@ -135,7 +145,7 @@ impl App {
             None
         };
         if let Some(reason) = early {
-            self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
+            self.record_checkout(&pool, mode, Source::Cold, Some(reason), started);
             let cold = self.cold_plan_for_pool(caller, &req, &pool)?;
             return self
                 .create_cold(caller, &req, cold, Some(checkout(CheckoutSource::Cold, 0, Some(reason))))
@@ -166,7 +176,7 @@ impl App {
             {
                 self.unwatch(&row.sandbox.id);
                 self.pokes.pool(&pool.pool.id);
-                self.record_checkout(&pool, mode, CheckoutSource::WarmPool, started);
+                self.record_checkout(&pool, mode, Source::WarmPool, None, started);
                 tracing::debug!(pool = %pool.pool.id, sandbox = %row.sandbox.id, waited_ms, "Checked out");
                 return Ok(row.sandbox);
             }
@@ -191,19 +201,31 @@ impl App {
             )
         };
         miss(reason, None, message)?;
-        self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
+        self.record_checkout(&pool, mode, Source::Cold, Some(reason), started);
         let cold = self.cold_plan_for_pool(caller, &req, &pool)?;
         let co = checkout(CheckoutSource::Cold, waited_ms, Some(reason));
         self.create_cold(caller, &req, cold, Some(co)).await
     }
 
-    fn record_checkout(&self, pool: &PoolRow, mode: CheckoutMode, source: CheckoutSource, started: Instant) {
+    /// Counts a checkout that named a pool: a claim of its demand, and `warmpool_checkouts_total`.
+    fn record_checkout(
+        &self,
+        pool: &PoolRow,
+        mode: CheckoutMode,
+        source: Source,
+        fallback: Option<FallbackReason>,
+        started: Instant,
+    ) {
+        let hit = source == Source::WarmPool;
+        self.record_claim(&pool.pool.id, hit);
         let source = match source {
-            CheckoutSource::WarmPool => "warm_pool",
-            CheckoutSource::Cold => "cold",
+            Source::WarmPool => "warm_pool",
+            Source::Cold => "cold",
+            Source::Unavailable => "unavailable",
         };
-        self.metrics.checkouts_total.with_label_values(&[&pool.pool.id, mode.as_str(), source]).inc();
-        if source == "warm_pool" {
+        let reason = fallback.map(FallbackReason::as_str).unwrap_or("");
+        self.metrics.checkout(&pool.pool.id, &pool.pool.name, mode.as_str(), source, reason);
+        if hit {
             self.metrics
                 .checkout_seconds
                 .with_label_values(&[source])

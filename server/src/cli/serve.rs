@@ -222,6 +222,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
     tokio::spawn(app.clone().balance());
     tokio::spawn(app.clone().watch_exits(exits_rx));
     tokio::spawn(app.clone().enforce_timeouts());
+    tokio::spawn(app.clone().run_claim_writer());
     if app.config.reconciler_enabled {
         tokio::spawn(app.clone().run_reconciler());
     }

@@ -49,6 +49,12 @@ CREATE TABLE trust_policies (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name
     issuer TEXT NOT NULL, json TEXT NOT NULL, UNIQUE (account_id, name));
 CREATE INDEX trust_policies_by_issuer ON trust_policies (issuer, id);
 "#,
+    r#"
+CREATE TABLE pool_claims (pool_id TEXT NOT NULL, at_ms INTEGER NOT NULL, hit INTEGER NOT NULL);
+CREATE INDEX pool_claims_by_pool ON pool_claims (pool_id, at_ms);
+CREATE TABLE pool_warmups (pool_id TEXT NOT NULL, at_ms INTEGER NOT NULL, seconds REAL NOT NULL);
+CREATE INDEX pool_warmups_by_pool ON pool_warmups (pool_id, at_ms);
+"#,
 ];
 
 pub struct SqliteStore {
@@ -389,6 +395,8 @@ impl Store for SqliteStore {
         let mut conn = self.conn.lock().expect("store lock");
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM leases WHERE pool_id = ?1", [id])?;
+        tx.execute("DELETE FROM pool_claims WHERE pool_id = ?1", [id])?;
+        tx.execute("DELETE FROM pool_warmups WHERE pool_id = ?1", [id])?;
         tx.execute("DELETE FROM pools WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(())
@@ -407,6 +415,73 @@ impl Store for SqliteStore {
     }
     fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
         self.many("SELECT json FROM leases WHERE pool_id = ?1 ORDER BY key", [pool_id])
+    }
+
+    fn record_claims(&self, claims: &[ClaimEvent]) -> StoreResult<()> {
+        let mut conn = self.conn.lock().expect("store lock");
+        let tx = conn.transaction()?;
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT INTO pool_claims (pool_id, at_ms, hit) VALUES (?1, ?2, ?3)")?;
+            for c in claims {
+                insert.execute(params![c.pool_id, c.at.timestamp_millis(), c.hit])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+    fn record_warmup(&self, pool_id: &str, at: DateTime<Utc>, seconds: f64) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO pool_warmups (pool_id, at_ms, seconds) VALUES (?1, ?2, ?3)",
+            params![pool_id, at.timestamp_millis(), seconds],
+        )?;
+        Ok(())
+    }
+    fn demand_sample(
+        &self,
+        pool_id: &str,
+        since: DateTime<Utc>,
+        recent: DateTime<Utc>,
+        warmups: u32,
+    ) -> StoreResult<DemandSample> {
+        let conn = self.conn.lock().expect("store lock");
+        let (claims, hits, recent_claims, last): (u64, u64, u64, Option<i64>) = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FILTER (WHERE at_ms >= ?2), COUNT(*) FILTER (WHERE at_ms >= ?2 AND hit),
+                        COUNT(*) FILTER (WHERE at_ms >= ?3), MAX(at_ms)
+                 FROM pool_claims WHERE pool_id = ?1",
+            )?
+            .query_row(params![pool_id, since.timestamp_millis(), recent.timestamp_millis()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+        let warm_seconds = conn
+            .prepare_cached(
+                "SELECT seconds FROM pool_warmups WHERE pool_id = ?1 ORDER BY at_ms DESC LIMIT ?2",
+            )?
+            .query_map(params![pool_id, warmups], |r| r.get(0))?
+            .collect::<Result<Vec<f64>, _>>()?;
+        Ok(DemandSample {
+            claims,
+            hits,
+            recent_claims,
+            last_claim_at: last.and_then(DateTime::from_timestamp_millis),
+            warm_seconds,
+        })
+    }
+    fn prune_demand(&self, pool_id: &str, before: DateTime<Utc>, keep_warmups: u32) -> StoreResult<()> {
+        let mut conn = self.conn.lock().expect("store lock");
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM pool_claims WHERE pool_id = ?1 AND at_ms < ?2",
+            params![pool_id, before.timestamp_millis()],
+        )?;
+        tx.execute(
+            "DELETE FROM pool_warmups WHERE pool_id = ?1 AND at_ms < (SELECT at_ms FROM pool_warmups
+                 WHERE pool_id = ?1 ORDER BY at_ms DESC LIMIT 1 OFFSET ?2)",
+            params![pool_id, keep_warmups.saturating_sub(1)],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
