@@ -179,17 +179,18 @@ impl App {
     pub fn record_claim(&self, pool_id: &str, hit: bool) {
         let mut pending = self.demand.pending.lock().expect("pending claims");
         if pending.len() < PENDING_MAX {
-            pending.push(ClaimEvent { pool_id: pool_id.to_string(), at: Utc::now(), hit });
+            let id = super::new_id("clm_");
+            pending.push(ClaimEvent { id, pool_id: pool_id.to_string(), at: Utc::now(), hit });
         }
     }
 
     /// Writes the claims recorded so far.
-    pub fn flush_claims(&self) {
+    pub async fn flush_claims(&self) {
         let claims = std::mem::take(&mut *self.demand.pending.lock().expect("pending claims"));
         if claims.is_empty() {
             return;
         }
-        if let Err(e) = self.store.record_claims(&claims) {
+        if let Err(e) = self.store.record_claims(&claims).await {
             tracing::warn!(
                 error = &e as &dyn std::error::Error,
                 claims = claims.len(),
@@ -206,29 +207,30 @@ impl App {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tick.tick().await;
-            self.flush_claims();
+            self.flush_claims().await;
         }
     }
 
     /// Records how long one of the pool's sandboxes took from start to ready.
-    pub fn record_warmup(&self, pool_id: &str, took: Duration) {
-        if let Err(e) = self.store.record_warmup(pool_id, Utc::now(), took.as_secs_f64()) {
+    pub async fn record_warmup(&self, pool_id: &str, sandbox_id: &str, took: Duration) {
+        let seconds = took.as_secs_f64();
+        if let Err(e) = self.store.record_warmup(pool_id, sandbox_id, Utc::now(), seconds).await {
             tracing::warn!(pool = %pool_id, error = &e as &dyn std::error::Error, "Cannot record a warm-up time");
         }
     }
 
     /// The pool's demand now.
-    pub fn pool_demand(&self, row: &PoolRow, now: DateTime<Utc>) -> AppResult<PoolDemand> {
-        self.flush_claims();
+    pub async fn pool_demand(&self, row: &PoolRow, now: DateTime<Utc>) -> AppResult<PoolDemand> {
+        self.flush_claims().await;
         let a = &row.pool.autoscale;
         let window = chrono::Duration::seconds(a.effective_window_seconds() as i64);
         let recent = chrono::Duration::seconds(RECENT.as_secs() as i64);
-        let sample = self.store.demand_sample(&row.pool.id, now - window, now - recent, WARMUPS)?;
+        let sample = self.store.demand_sample(&row.pool.id, now - window, now - recent, WARMUPS).await?;
         Ok(demand(&sample, a, now))
     }
 
     /// The pool's target now, its demand and the autoscale state that goes with them.
-    pub fn pool_target(
+    pub async fn pool_target(
         &self,
         row: &PoolRow,
         leases: &[LeaseRow],
@@ -236,7 +238,7 @@ impl App {
     ) -> AppResult<(u32, PoolDemand, ScaleState)> {
         let pool = &row.pool;
         let floor = super::pools::target(pool, leases, now);
-        let demand = self.pool_demand(row, now)?;
+        let demand = self.pool_demand(row, now).await?;
         if !pool.autoscale.enabled || pool.state != PoolState::Enabled {
             return Ok((floor, demand, ScaleState::default()));
         }
@@ -259,7 +261,7 @@ impl App {
     }
 
     /// Deletes the pool's claims that no window needs any more (at most once a minute per pool).
-    pub fn prune_demand(&self, row: &PoolRow) -> AppResult<()> {
+    pub async fn prune_demand(&self, row: &PoolRow) -> AppResult<()> {
         let now = Instant::now();
         {
             let mut pruned = self.demand.pruned.lock().expect("pruned");
@@ -270,11 +272,8 @@ impl App {
         }
         let a = &row.pool.autoscale;
         let keep = a.effective_window_seconds().max(a.scale_to_zero_after_seconds.unwrap_or(0));
-        self.store.prune_demand(
-            &row.pool.id,
-            Utc::now() - chrono::Duration::seconds(keep as i64),
-            WARMUPS,
-        )?;
+        let before = Utc::now() - chrono::Duration::seconds(keep as i64);
+        self.store.prune_demand(&row.pool.id, before, WARMUPS).await?;
         Ok(())
     }
 

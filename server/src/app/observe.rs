@@ -8,9 +8,9 @@ use super::App;
 
 impl App {
     /// Publishes the pool's gauges from its status now.
-    pub fn publish_pool_metrics(&self, pool_id: &str) {
-        let Ok(Some(row)) = self.store.get_pool_by_id(pool_id) else { return };
-        let status = match self.status_of(&row) {
+    pub async fn publish_pool_metrics(&self, pool_id: &str) {
+        let Ok(Some(row)) = self.store.get_pool_by_id(pool_id).await else { return };
+        let status = match self.status_of(&row).await {
             Ok(status) => status,
             Err(e) => {
                 tracing::debug!(pool = %pool_id, error = &e as &dyn std::error::Error, "No status to publish");
@@ -21,16 +21,19 @@ impl App {
         let leases = self
             .store
             .list_leases(pool_id)
+            .await
             .map(|l| l.iter().filter(|l| l.lease.expires_at > now).count())
             .unwrap_or_default();
         self.metrics.publish_pool(pool_id, &row.pool.name, &status, leases);
     }
 
     /// The `/metrics` text.
-    pub fn render_metrics(&self) -> String {
+    pub async fn render_metrics(&self) -> String {
         if !self.config.reconciler_enabled {
-            if let Ok(ids) = self.store.list_pool_ids() {
-                ids.iter().for_each(|id| self.publish_pool_metrics(id));
+            if let Ok(ids) = self.store.list_pool_ids().await {
+                for id in ids {
+                    self.publish_pool_metrics(&id).await;
+                }
             }
         }
         self.metrics.render()
