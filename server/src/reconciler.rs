@@ -429,9 +429,13 @@ impl App {
         if let Some(wait) = bucket_wait {
             next = next.min(wait.max(Duration::from_millis(10)));
         }
-        // An autoscaled pool's demand changes with time alone (claims leave the window, the pool goes idle).
+        // An autoscaled pool's demand changes with time alone (claims leave the window, the pool goes idle); one
+        // scaled up above its floor is looked at every second, so it comes down soon after demand does.
         if pool.autoscale.enabled {
-            next = next.min(crate::app::demand::AUTOSCALE_TICK);
+            let floor = crate::app::pools::target(pool, &leases, now);
+            let tick =
+                if target > floor { Duration::from_secs(1) } else { crate::app::demand::AUTOSCALE_TICK };
+            next = next.min(tick);
         }
         Ok(Some(Pass { blocked: plan.blocked, next }))
     }

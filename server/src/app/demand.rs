@@ -12,8 +12,8 @@
 //! Two choices keep it useful and calm:
 //! - The rate is the larger of the window's average and the last minute's: a burst raises the target within a
 //!   minute, and the window's average lets it down gently as the burst leaves the window.
-//! - Up at once, down only after the lower recommendation has held for [`SCALE_DOWN_DELAY`]: a rate hovering at a
-//!   rounding edge does not stop and restart sandboxes.
+//! - Up at once, down only after the lower recommendation has held for [`scale_down_delay`] (a tenth of the window,
+//!   at most 30 s): a rate hovering at a rounding edge does not stop and restart sandboxes.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,8 +26,14 @@ use warmpool_api::{Autoscale, PoolDemand, PoolState};
 use super::{App, AppResult};
 use crate::store::{ClaimEvent, DemandSample, LeaseRow, PoolRow};
 
-/// How long a lower recommendation must hold before autoscale lowers the target.
+/// The longest a lower recommendation must hold before autoscale lowers the target.
 pub const SCALE_DOWN_DELAY: Duration = Duration::from_secs(30);
+
+/// How long a lower recommendation must hold before autoscale lowers the target: a tenth of the window, at most
+/// [`SCALE_DOWN_DELAY`] (a pool measured over a short window is meant to follow quickly).
+pub fn scale_down_delay(window_seconds: u64) -> Duration {
+    Duration::from_secs(window_seconds / 10).min(SCALE_DOWN_DELAY)
+}
 /// The "recent" rate's window.
 pub const RECENT: Duration = Duration::from_secs(60);
 /// Warm-up times the p90 is taken over (the pool's latest sandboxes).
@@ -96,20 +102,21 @@ pub struct ScaleState {
     pub lower_since: Option<DateTime<Utc>>,
 }
 
-/// The autoscale decision: the recommendation in effect (up at once, down after [`SCALE_DOWN_DELAY`]) and the
-/// target it gives, `min(max_ready, max(floor, in effect))`, where `floor` is `min_ready + leases` (capped).
+/// The autoscale decision: the recommendation in effect (up at once, down once a lower one has held for `delay`)
+/// and the target it gives, `min(max_ready, max(floor, in effect))`, where `floor` is `min_ready + leases` (capped).
 pub fn decide(
     floor: u32,
     max_ready: u32,
     recommended: u32,
     state: &ScaleState,
     now: DateTime<Utc>,
+    delay: Duration,
 ) -> (u32, ScaleState) {
     let next = if recommended >= state.ready {
         ScaleState { ready: recommended, lower_since: None }
     } else {
         match state.lower_since {
-            Some(since) if (now - since).to_std().unwrap_or_default() >= SCALE_DOWN_DELAY => {
+            Some(since) if (now - since).to_std().unwrap_or_default() >= delay => {
                 ScaleState { ready: recommended, lower_since: None }
             }
             Some(since) => ScaleState { ready: state.ready, lower_since: Some(since) },
@@ -242,8 +249,9 @@ impl App {
         if !pool.autoscale.enabled || pool.state != PoolState::Enabled {
             return Ok((floor, demand, ScaleState::default()));
         }
+        let delay = scale_down_delay(demand.window_seconds);
         let (target, state) =
-            decide(floor, pool.max_ready, demand.recommended_ready, &row.ctl.autoscale, now);
+            decide(floor, pool.max_ready, demand.recommended_ready, &row.ctl.autoscale, now, delay);
         Ok((target, demand, state))
     }
 
@@ -435,8 +443,15 @@ mod tests {
             ("a new high cancels the wait", (2, 10, 6, s(6, Some(10))), (6, s(6, None))),
         ];
         for (name, (floor, max, rec, state), (target, next)) in cases {
-            assert_eq!(decide(floor, max, rec, &state, t0()), (target, next), "{name}");
+            assert_eq!(decide(floor, max, rec, &state, t0(), SCALE_DOWN_DELAY), (target, next), "{name}");
         }
+    }
+
+    #[test]
+    fn scale_down_waits_a_tenth_of_the_window_at_most_30_s() {
+        assert_eq!(scale_down_delay(600), SCALE_DOWN_DELAY);
+        assert_eq!(scale_down_delay(120), Duration::from_secs(12));
+        assert_eq!(scale_down_delay(10), Duration::from_secs(1));
     }
 
     #[test]
@@ -501,7 +516,9 @@ mod tests {
                 let at = t0() + chrono::Duration::seconds(now);
                 let d = demand(&self.sample(now), &self.autoscale, at);
                 let floor = (self.min_ready + self.leases).min(self.max_ready);
-                let (target, state) = decide(floor, self.max_ready, d.recommended_ready, &self.state, at);
+                let delay = scale_down_delay(d.window_seconds);
+                let (target, state) =
+                    decide(floor, self.max_ready, d.recommended_ready, &self.state, at, delay);
                 self.state = state;
                 let alive = self.ready + self.warming.len() as u32;
                 if alive < target {
@@ -570,7 +587,7 @@ mod tests {
                 // moving and stays within bounds.
                 let settle = window as i64
                     + stz.unwrap_or(0) as i64
-                    + 2 * SCALE_DOWN_DELAY.as_secs() as i64
+                    + 2 * scale_down_delay(window).as_secs() as i64
                     + WARMUPS as i64
                     + 10;
                 let mut last = None;

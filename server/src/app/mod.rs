@@ -122,6 +122,17 @@ pub struct AppConfig {
     pub oidc: crate::oidc::OidcConfig,
 }
 
+/// The app's background loops, stopped when this is dropped (at shutdown; when a test's control plane goes).
+pub struct Background(Vec<AbortHandle>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 pub struct App {
     /// This process among the replicas sharing the store (`rep_…`, new at every start).
     pub replica: String,
@@ -178,6 +189,27 @@ impl App {
             leader: Default::default(),
             demand: Default::default(),
         })
+    }
+
+    /// Brings the app up over its store and runtime: joins the replicas, recovers what an earlier run left, and
+    /// starts the background loops (the reconciler, procd exits, timeout policies, the pools' spread over
+    /// replicas). They run until the returned [`Background`] is dropped.
+    pub async fn start(
+        self: &Arc<Self>,
+        exits: tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) -> AppResult<Background> {
+        self.join_cluster().await?;
+        self.recover().await?;
+        let mut tasks = vec![
+            tokio::spawn(self.clone().balance()).abort_handle(),
+            tokio::spawn(self.clone().watch_exits(exits)).abort_handle(),
+            tokio::spawn(self.clone().enforce_timeouts()).abort_handle(),
+            tokio::spawn(self.clone().run_claim_writer()).abort_handle(),
+        ];
+        if self.config.reconciler_enabled {
+            tasks.push(tokio::spawn(self.clone().run_reconciler()).abort_handle());
+        }
+        Ok(Background(tasks))
     }
 
     pub fn inventory_signal(&self, pool_id: &str) -> Arc<Notify> {

@@ -5,6 +5,7 @@
 pub mod kubernetes;
 pub mod local;
 pub mod procd;
+pub mod sim;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
