@@ -1,7 +1,8 @@
 //! Prometheus metrics, registered once per server on their own registry. The names and labels are a contract
 //! (the shipped dashboard and alerting rules under `deploy/` use them, and so do operators' own): `pool` is a
 //! pool's id and `pool_name` its name wherever `pool` appears. Per-pool gauges are published by the replica that
-//! reconciles the pool, at the end of each pass ([`Metrics::publish_pool`]), and removed when it lets the pool go.
+//! reconciles the pool, within a second of each pass ([`Metrics::publish_pool`]), and removed when it lets the pool
+//! go.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

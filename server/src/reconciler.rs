@@ -259,7 +259,8 @@ impl App {
                 })
                 .await;
         }
-        self.publish_pool_metrics(pool_id).await;
+        // Published by the demand loop within a second (a busy pool's passes do not each pay for it).
+        self.publish_soon(pool_id);
         Some(next)
     }
 

@@ -82,14 +82,20 @@ async fn every_metric_the_dashboard_and_rules_use_is_served() {
     assert!(!miss.warm_pool_checkout.as_ref().unwrap().hit);
     cp.wait_status("obs", "refilled", |s| s.ready == 1).await;
     let pool = cp.client.get_pool("obs").await.unwrap();
-    let exposition = cp.client.metrics().await.unwrap();
-    let served = served_names(&exposition);
-
     let mut used = metric_names(&std::fs::read_to_string(rules_path()).unwrap());
     used.extend(metric_names(&std::fs::read_to_string(dashboard_path()).unwrap()));
     assert!(used.len() >= 15, "the parser found too few names: {used:?}");
-    let missing: Vec<_> = used.difference(&served).collect();
-    assert!(missing.is_empty(), "used by deploy/ but not served: {missing:?}\n{exposition}");
+    // Pool gauges are published within a second of a pass.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exposition = loop {
+        let exposition = cp.client.metrics().await.unwrap();
+        let missing: Vec<_> = used.difference(&served_names(&exposition)).cloned().collect();
+        if missing.is_empty() && exposition.contains(r#"state="ready"} 1"#) {
+            break exposition;
+        }
+        assert!(Instant::now() < deadline, "used by deploy/ but not served: {missing:?}\n{exposition}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
 
     // The labels the contract names (in the exposition's order), and pool names beside ids.
     for needle in [

@@ -169,10 +169,12 @@ impl TokenBucket {
     }
 }
 
-/// This replica's demand bookkeeping: claims not yet written, the pools' start buckets, when each was pruned.
+/// This replica's demand bookkeeping: claims not yet written, the pools' start buckets, when each was pruned, and
+/// the pools whose metrics are to be published again.
 #[derive(Default)]
 pub struct DemandState {
     pending: Mutex<Vec<ClaimEvent>>,
+    pub(super) unpublished: Mutex<std::collections::HashSet<String>>,
     buckets: Mutex<HashMap<String, TokenBucket>>,
     pruned: Mutex<HashMap<String, Instant>>,
 }
@@ -209,12 +211,19 @@ impl App {
         }
     }
 
-    /// Flushes claims until the process ends.
-    pub async fn run_claim_writer(self: std::sync::Arc<Self>) {
+    /// Until the process ends: writes the claims recorded so far every 200 ms, and publishes the metrics of the
+    /// pools reconciled since the last time every second (at most once a second per pool, however busy it is).
+    pub async fn run_demand_loop(self: std::sync::Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
+        for round in 0u64.. {
             tick.tick().await;
             self.flush_claims().await;
+            if round % 5 == 0 {
+                let pools = std::mem::take(&mut *self.demand.unpublished.lock().expect("unpublished"));
+                for pool in pools {
+                    self.publish_pool_metrics(&pool).await;
+                }
+            }
         }
     }
 
@@ -236,23 +245,24 @@ impl App {
         Ok(demand(&sample, a, now))
     }
 
-    /// The pool's target now, its demand and the autoscale state that goes with them.
+    /// The pool's target now, with the autoscale state that goes with it and the demand it was decided on (None:
+    /// autoscale is off, and the target does not depend on demand, which is then not read).
     pub async fn pool_target(
         &self,
         row: &PoolRow,
         leases: &[LeaseRow],
         now: DateTime<Utc>,
-    ) -> AppResult<(u32, PoolDemand, ScaleState)> {
+    ) -> AppResult<(u32, Option<PoolDemand>, ScaleState)> {
         let pool = &row.pool;
         let floor = super::pools::target(pool, leases, now);
-        let demand = self.pool_demand(row, now).await?;
         if !pool.autoscale.enabled || pool.state != PoolState::Enabled {
-            return Ok((floor, demand, ScaleState::default()));
+            return Ok((floor, None, ScaleState::default()));
         }
+        let demand = self.pool_demand(row, now).await?;
         let delay = scale_down_delay(demand.window_seconds);
         let (target, state) =
             decide(floor, pool.max_ready, demand.recommended_ready, &row.ctl.autoscale, now, delay);
-        Ok((target, demand, state))
+        Ok((target, Some(demand), state))
     }
 
     /// How many of `want` starts the pool's `max_starts_per_second` lets go now, and when more may.
@@ -289,6 +299,7 @@ impl App {
     pub fn forget_demand(&self, pool_id: &str) {
         self.demand.buckets.lock().expect("start buckets").remove(pool_id);
         self.demand.pruned.lock().expect("pruned").remove(pool_id);
+        self.demand.unpublished.lock().expect("unpublished").remove(pool_id);
     }
 }
 

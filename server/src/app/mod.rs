@@ -204,7 +204,7 @@ impl App {
             tokio::spawn(self.clone().balance()).abort_handle(),
             tokio::spawn(self.clone().watch_exits(exits)).abort_handle(),
             tokio::spawn(self.clone().enforce_timeouts()).abort_handle(),
-            tokio::spawn(self.clone().run_claim_writer()).abort_handle(),
+            tokio::spawn(self.clone().run_demand_loop()).abort_handle(),
         ];
         if self.config.reconciler_enabled {
             tasks.push(tokio::spawn(self.clone().run_reconciler()).abort_handle());

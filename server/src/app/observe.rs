@@ -1,5 +1,5 @@
 //! What the server tells Prometheus about pools: each pool's gauges are published from its status by the replica
-//! that reconciles it, at the end of every pass (and at every scrape when this server runs no reconciler, so a
+//! that reconciles it, within a second of each pass (and at every scrape when this server runs no reconciler, so a
 //! pool still shows `controller_disabled`).
 
 use chrono::Utc;
@@ -7,6 +7,11 @@ use chrono::Utc;
 use super::App;
 
 impl App {
+    /// Has the pool's gauges published within a second (by the demand loop, once however often this is called).
+    pub fn publish_soon(&self, pool_id: &str) {
+        self.demand.unpublished.lock().expect("unpublished").insert(pool_id.to_string());
+    }
+
     /// Publishes the pool's gauges from its status now.
     pub async fn publish_pool_metrics(&self, pool_id: &str) {
         let Ok(Some(row)) = self.store.get_pool_by_id(pool_id).await else { return };

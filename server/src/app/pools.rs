@@ -359,7 +359,12 @@ impl App {
     pub async fn status_of(&self, row: &PoolRow) -> AppResult<PoolStatus> {
         let pool = &row.pool;
         let leases = self.store.list_leases(&pool.id).await?;
-        let (target, demand, _) = self.pool_target(row, &leases, Utc::now()).await?;
+        let now = Utc::now();
+        let (target, demand, _) = self.pool_target(row, &leases, now).await?;
+        let demand = match demand {
+            Some(demand) => demand,
+            None => self.pool_demand(row, now).await?,
+        };
         let Counts { ready, warming, draining, claimed } =
             Counts::of(&pool.id, &self.store.list_pool_sandboxes(&pool.id).await?);
         let pass = self.passes.lock().expect("passes").get(&pool.id).cloned();
