@@ -71,6 +71,8 @@ pub fn ramp_schedule(from: f64, to: f64, ramp: f64) -> Vec<f64> {
 #[derive(Default)]
 struct Arm {
     hits_ms: Vec<f64>,
+    /// When each claim was made (seconds into the ramp) and whether it was a hit.
+    outcomes: Vec<(f64, bool)>,
     misses: u64,
     errors: Vec<String>,
     sandbox_seconds_ramp: f64,
@@ -203,7 +205,7 @@ async fn measure(
     for at in &schedule {
         tokio::time::sleep_until((started + Duration::from_secs_f64(*at)).into()).await;
         for (pool, arm) in pools.iter().zip(&arms) {
-            let (c, arm, pool) = (c.clone(), arm.clone(), pool.id.clone());
+            let (c, arm, pool, at) = (c.clone(), arm.clone(), pool.id.clone(), *at);
             claims.push(tokio::spawn(async move {
                 let req = SandboxCreate {
                     warm_pool: Some(pool),
@@ -216,10 +218,17 @@ async fn measure(
                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                 match result {
                     Ok(sandbox) => {
-                        arm.lock().await.hits_ms.push(ms);
+                        let mut a = arm.lock().await;
+                        a.hits_ms.push(ms);
+                        a.outcomes.push((at, true));
+                        drop(a);
                         let _ = c.delete_sandbox(&sandbox.id).await;
                     }
-                    Err(e) if e.code() == Some("warm_pool_unavailable") => arm.lock().await.misses += 1,
+                    Err(e) if e.code() == Some("warm_pool_unavailable") => {
+                        let mut a = arm.lock().await;
+                        a.misses += 1;
+                        a.outcomes.push((at, false));
+                    }
                     Err(e) => arm.lock().await.errors.push(e.to_string()),
                 }
             }));
@@ -257,6 +266,19 @@ async fn measure(
         let hits = arm.hits_ms.len() as u64;
         let claims = hits + arm.misses + arm.errors.len() as u64;
         let kind = if pool.autoscale.enabled { "autoscale" } else { "static" };
+        // Hit ratio in each third of the ramp (slow, middle, fast).
+        let third = args.ramp.as_secs_f64() / 3.0;
+        let by_third: Vec<Option<f64>> = (0..3)
+            .map(|i| {
+                let part: Vec<bool> = arm
+                    .outcomes
+                    .iter()
+                    .filter(|(at, _)| ((at / third) as usize).min(2) == i)
+                    .map(|(_, hit)| *hit)
+                    .collect();
+                (!part.is_empty()).then(|| part.iter().filter(|h| **h).count() as f64 / part.len() as f64)
+            })
+            .collect();
         report.insert(
             kind.into(),
             serde_json::json!({
@@ -269,6 +291,7 @@ async fn measure(
                 "errors": arm.errors.len(),
                 "first_error": arm.errors.first(),
                 "hit_ratio": if claims > 0 { hits as f64 / claims as f64 } else { 0.0 },
+                "hit_ratio_by_third_of_the_ramp": by_third,
                 "warm_checkout_p50_ms": percentile(&arm.hits_ms, 0.5),
                 "warm_checkout_p99_ms": percentile(&arm.hits_ms, 0.99),
                 "max_target": arm.max_target,
