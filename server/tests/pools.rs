@@ -205,13 +205,15 @@ async fn a_template_that_cannot_start_trips_artifact_prewarm_failed() {
     let (status, output) = text.split_once('\n').expect("the output follows the status line");
     assert!(status.contains("degraded=[artifact_prewarm_failed"), "{text}");
     assert!(output.contains("\n  {") && output.contains("cannot start here"), "{text}");
-    // Filling stops: the failure count stays put.
+    // Filling stops: once the starts in flight when it tripped are counted, the failure count stays put.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let settled = cp.client.pool_status(&pool.id).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let later = cp.client.pool_status(&pool.id).await.unwrap();
-    assert_eq!((later.failed, later.warming), (s.failed, 0));
+    assert_eq!((later.failed, later.warming), (settled.failed, 0));
     // `reconcile` lifts the stop (and it trips again).
     cp.client.pool_action(&pool.id, "reconcile").await.unwrap();
-    cp.wait_status(&pool.id, "more attempts", |x| x.failed > s.failed).await;
+    cp.wait_status(&pool.id, "more attempts", |x| x.failed > settled.failed).await;
 }
 
 #[tokio::test]

@@ -55,18 +55,11 @@ impl From<AppError> for StartError {
     }
 }
 
-/// A runtime error as the domain reports it: out of space is `service_unavailable`, the rest a conflict.
+/// A runtime error as the domain reports it: `context` and what the client may know of it, with the whole error
+/// kept as the source for the log.
 pub fn runtime_error(context: &str, e: RuntimeError) -> AppError {
-    classify(&e, format!("{context}: {e}"))
-}
-
-/// `message` about `e`, as the error code the caller sees.
-fn classify(e: &RuntimeError, message: String) -> AppError {
-    if e.is_out_of_space() {
-        AppError::ServiceUnavailable(format!("{message} (the host is out of disk space)"))
-    } else {
-        AppError::Conflict(message)
-    }
+    let message = format!("{context}: {}", e.client_message());
+    AppError::Runtime { message, source: e }
 }
 
 impl App {
@@ -132,11 +125,12 @@ impl App {
         let id = row.sandbox.id.clone();
         let logs = logs.trim();
         let message = if logs.is_empty() {
-            format!("sandbox {id} failed to start: {e}")
+            format!("sandbox {id} failed to start: {}", e.client_message())
         } else {
-            format!("sandbox {id} failed to start: {e}\n{logs}")
+            format!("sandbox {id} failed to start: {}\n{logs}", e.client_message())
         };
-        let error = classify(&e, message.clone());
+        tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Start failed");
+        let error = AppError::Runtime { message: message.clone(), source: e };
         row.error = Some(message);
         let failed = match self.transition(row, Failed, &[Warming]).await {
             Ok(won) => won,

@@ -2,10 +2,12 @@
 //! and knows nothing of HTTP; handlers translate requests into these calls.
 
 pub mod accounts;
+pub mod checkout;
 pub mod demand;
 pub mod lifecycle;
 pub mod observe;
 pub mod pools;
+pub mod reconciler;
 pub mod replicas;
 pub mod sandboxes;
 pub mod templates;
@@ -21,10 +23,10 @@ use tokio::task::AbortHandle;
 use warmpool_api::FieldError;
 
 use crate::metrics::Metrics;
-use crate::reconciler::{PassRecord, Pokes};
 use crate::runtime::Runtime;
 use crate::secrets::Secrets;
 use crate::store::{Lifecycle, PoolRow, Store, StoreError};
+use reconciler::{PassRecord, Pokes};
 
 /// Errors of the domain, each mapped to one API error code by the HTTP layer.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,14 @@ pub enum AppError {
     ServiceUnavailable(String),
     #[error("store failure")]
     Store(#[source] StoreError),
+    /// The runtime could not do it: `message` is what the client is told (`conflict`, or `service_unavailable`
+    /// when the host is out of space); `source` is the whole error, for the log.
+    #[error("{message}")]
+    Runtime {
+        message: String,
+        #[source]
+        source: crate::runtime::RuntimeError,
+    },
     #[error("{0}")]
     Internal(String),
 }

@@ -50,6 +50,22 @@ impl RuntimeError {
             if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT)))
     }
 
+    /// What a client may be told about it: what went wrong inside the sandbox (a probe's message, procd's exit
+    /// reason, a request field), never the host's side (paths, tools' stderr, which stay in the server's log).
+    pub fn client_message(&self) -> String {
+        match self {
+            RuntimeError::Invalid { .. } | RuntimeError::NotReady(_) | RuntimeError::Exited(_) => {
+                self.to_string()
+            }
+            RuntimeError::NoCapacity(_) => self.to_string(),
+            RuntimeError::Unreachable(_) => "procd is unreachable".into(),
+            _ if self.is_out_of_space() => "the host is out of disk space".into(),
+            RuntimeError::Failed(_) | RuntimeError::Io { .. } => {
+                "the runtime failed on the host (the server's log has the cause)".into()
+            }
+        }
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
         let context = context.into();
         move |source| RuntimeError::Io { context, source }

@@ -102,23 +102,27 @@ async fn unpoolable_shapes_go_cold_or_fail_naming_the_field() {
     assert_eq!((status, code.as_str()), (400, "invalid_request"));
 }
 
-/// A ready sandbox whose readiness stops passing leaves `ready` at once and is never handed out; when it passes
-/// again the pool is whole again without a restart.
+/// A ready sandbox whose readiness stops passing leaves `ready` at once, is never handed out, and is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_whose_readiness_flaps_is_never_handed_out() {
     let cp = SimPlane::start().await;
-    cp.template("api", ready_after(1)).await;
+    // The replacement takes a while, so the pool is observably empty meanwhile.
+    cp.template("api", ready_after(300)).await;
     let pool = cp.pool("api", "api:stable", 1, 1).await;
     cp.wait_status(&pool.id, "1 ready", |s| s.ready == 1).await;
     let flapping = cp.ready_ids(&pool.id).await.pop().unwrap();
     cp.sim.set_ready(&flapping, false);
-    cp.wait_status(&pool.id, "the flapping sandbox out of ready", |s| s.ready == 0).await;
-    let (status, ..) =
+    cp.wait_status(&pool.id, "the flapping sandbox out of ready", |s| s.ready == 0 && s.failed == 1).await;
+    let (status, code, _) =
         api_error(cp.client.create_sandbox(&checkout(&pool.id, CheckoutMode::Require, 0)).await.unwrap_err());
-    assert_eq!(status, 503, "a sandbox that is not ready is never handed out");
-    cp.sim.set_ready(&flapping, true);
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "warm_pool_unavailable"),
+        "a sandbox that is not ready is never handed out"
+    );
     let s = cp.client.create_sandbox(&checkout(&pool.id, CheckoutMode::Require, 5_000)).await.unwrap();
     assert!(s.warm_pool_checkout.unwrap().hit);
+    assert_ne!(s.id, flapping, "the replacement is handed out, not the sandbox that stopped being ready");
 }
 
 /// Many callers race for fewer ready sandboxes: every sandbox goes to one caller, the rest wait or go cold, and
