@@ -10,7 +10,9 @@ warm=${WARM:-300}
 work=$(mktemp -d /tmp/warmpool-bench-store.XXXXXX)
 chmod 755 "$work"
 pids=()
-pg_bin=$(dirname "$(command -v pg_ctl 2>/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1)")
+# The PostgreSQL server tools (Debian keeps them off PATH, under /usr/lib/postgresql/<version>/bin).
+pg_bin=$(dirname "$(ls /usr/lib/postgresql/*/bin/createdb 2>/dev/null | tail -1 || true)")
+[ -x "$pg_bin/createdb" ] || pg_bin=$(dirname "$(command -v createdb)")
 
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
