@@ -85,6 +85,7 @@ impl Procd {
             env: full_env.into_iter().collect(),
             timeout_ms,
             stdin: req.stdin.unwrap_or_default().into_bytes(),
+            unlimited: false,
         };
         // procd ends the command at its timeout; a procd that does not answer by then (frozen, wedged) must not
         // keep the caller waiting forever.
