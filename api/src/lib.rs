@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod error;
+pub mod io;
 pub mod pool;
 pub mod probe;
 pub mod refs;
@@ -14,6 +15,7 @@ pub mod trust;
 
 pub use account::*;
 pub use error::*;
+pub use io::*;
 pub use pool::*;
 pub use probe::*;
 pub use refs::*;

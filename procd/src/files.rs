@@ -28,11 +28,11 @@ const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGIC
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
-    #[error("path {0:?} must be absolute inside the sandbox")]
+    #[error("{0:?} must be absolute inside the sandbox")]
     NotAbsolute(String),
-    #[error("path {0:?} is reserved by the sandbox's runtime and cannot be read or written")]
+    #[error("{0:?} is reserved by the sandbox's runtime and cannot be read or written")]
     Reserved(String),
-    #[error("path {path:?} is refused: {reason}")]
+    #[error("{path:?} is refused: {reason}")]
     Refused { path: String, reason: &'static str },
     #[error("{0:?} does not exist in the sandbox")]
     NotFound(String),

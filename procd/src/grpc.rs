@@ -255,16 +255,29 @@ impl Procd for ProcdService {
         if r.name.is_empty() {
             return Err(Status::invalid_argument("name must not be empty"));
         }
+        if !r.cwd.is_empty() && !std::path::Path::new(&r.cwd).is_dir() {
+            return Err(status_of(SupervisorError::Cwd(r.cwd.into())));
+        }
         let spawn = SpawnRequest {
-            name: r.name,
+            name: r.name.clone(),
             alias: None,
-            argv: r.command,
-            cwd: (!r.cwd.is_empty()).then(|| r.cwd.into()),
-            env: r.env.into_iter().collect(),
+            argv: r.command.clone(),
+            cwd: (!r.cwd.is_empty()).then(|| r.cwd.clone().into()),
+            env: r.env.clone().into_iter().collect(),
             warm: false,
             stdin: r.stdin,
         };
         let process = self.sup.spawn(spawn).map_err(status_of)?;
+        if r.timeout_ms > 0 {
+            let watched = process.clone();
+            let limit = Duration::from_millis(r.timeout_ms);
+            tokio::spawn(async move {
+                if tokio::time::timeout(limit, watched.wait()).await.is_err() {
+                    tracing::info!(process = %watched.name, "Process reached its timeout; killing its group");
+                    supervisor::kill_group(watched.pid as i32, libc::SIGKILL);
+                }
+            });
+        }
         Ok(Response::new(info(&process)))
     }
 

@@ -2,6 +2,7 @@
 //! and knows nothing of HTTP; handlers translate requests into these calls.
 
 pub mod accounts;
+pub mod io;
 pub mod lifecycle;
 pub mod pools;
 pub mod replicas;
@@ -43,6 +44,9 @@ pub enum AppError {
     Conflict(String),
     #[error("{0}")]
     Quota(String),
+    /// A streamed body went past the server's limit (`payload_too_large`).
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// A checkout found no usable inventory (`warm_pool_unavailable`).
     #[error("{message}")]
     WarmPoolUnavailable { reason: String, field: Option<String>, message: String },
@@ -118,6 +122,8 @@ pub struct AppConfig {
     pub images: crate::images::ImagePolicy,
     /// Issuers whose identity tokens trust policies may admit (`--oidc-issuer`).
     pub oidc: crate::oidc::OidcConfig,
+    /// The largest body of the file, archive and stdin routes (`--max-upload-bytes`).
+    pub max_upload_bytes: u64,
 }
 
 pub struct App {

@@ -353,7 +353,7 @@ impl App {
     }
 
     /// A caller's sandbox (pool inventory is not anyone's until checked out).
-    fn owned(&self, caller: &Caller, id: &str) -> AppResult<SandboxRow> {
+    pub(super) fn owned(&self, caller: &Caller, id: &str) -> AppResult<SandboxRow> {
         self.store
             .get_sandbox(id)?
             .filter(|r| r.account_id == caller.account_id && r.pool_id.is_none())

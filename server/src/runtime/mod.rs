@@ -157,6 +157,10 @@ pub trait Runtime: Send + Sync {
     fn list_sandboxes(&self) -> Vec<String>;
     /// How many more sandboxes this host takes.
     fn free_capacity(&self, running: usize) -> usize;
+    /// procd of a sandbox, for the routes that work inside it (processes, files, archives).
+    fn procd(&self, _handle: &RuntimeHandle) -> Result<procd::ProcdConn, RuntimeError> {
+        Err(RuntimeError::Failed(format!("the {} runtime cannot reach procd", self.name())))
+    }
     /// A build's artifact as a zstd tar, on runtimes that keep it as one (served to the pods that unpack it).
     fn artifact_file(&self, _build_id: &str) -> Option<std::path::PathBuf> {
         None

@@ -58,6 +58,11 @@ impl Procd {
         Ok(client)
     }
 
+    /// An authorized connection to procd of sandbox `id` at `at`, for the sandbox I/O routes.
+    pub fn connection(&self, id: &str, at: &Listen) -> Result<ProcdConn, RuntimeError> {
+        Ok(ProcdConn { client: self.client(at)?, token: self.token(id) })
+    }
+
     /// Drops the cached client of an address that is going away.
     pub fn forget(&self, at: &Listen) {
         self.clients.lock().expect("clients").remove(&at.to_string());
@@ -237,6 +242,19 @@ impl Procd {
             }
         }
         Ok(())
+    }
+}
+
+/// procd of one sandbox, with the token its calls carry.
+#[derive(Clone)]
+pub struct ProcdConn {
+    pub client: ProcdClient<Channel>,
+    token: String,
+}
+
+impl ProcdConn {
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        warmpool_procd::authorized(message, Some(&self.token))
     }
 }
 
