@@ -181,7 +181,7 @@ impl App {
             let started = Instant::now();
             let (all, mut pools) = self.pokes.take();
             if all || due.is_empty() {
-                match self.store.list_pools(None) {
+                match self.store.list_pools(None).await {
                     Ok(rows) => pools.extend(rows.into_iter().map(|r| r.pool.id)),
                     Err(e) => {
                         tracing::error!(error = &e as &dyn std::error::Error, "Reconciler cannot list pools");
@@ -197,7 +197,7 @@ impl App {
                 continue;
             }
             // Only the pool's one replica reconciles it (with one replica: this one, always).
-            let share = match self.pool_share() {
+            let share = match self.pool_share().await {
                 Ok(share) => share,
                 Err(e) => {
                     tracing::warn!(
@@ -235,7 +235,7 @@ impl App {
         let started = Instant::now();
         let (blocked, last_error, next) = match self.reconcile_inner(pool_id).await {
             Ok(None) => {
-                self.release_pool(pool_id);
+                self.release_pool(pool_id).await;
                 return None;
             }
             Ok(Some(Pass { blocked, next })) => (blocked, None, next),
@@ -247,36 +247,41 @@ impl App {
         let changed = self
             .store
             .get_pool_by_id(pool_id)
+            .await
             .ok()
             .flatten()
             .is_some_and(|r| r.ctl.blocked != blocked || r.ctl.last_error != last_error);
         if changed {
-            let _ = self.update_pool(pool_id, |row| {
-                row.ctl.blocked = blocked.clone();
-                row.ctl.last_error = last_error.clone();
-            });
+            let _ = self
+                .update_pool(pool_id, |row| {
+                    row.ctl.blocked = blocked.clone();
+                    row.ctl.last_error = last_error.clone();
+                })
+                .await;
         }
         Some(next)
     }
 
     async fn reconcile_inner(self: &Arc<Self>, pool_id: &str) -> Result<Option<Pass>, AppError> {
-        let Some(row) = self.store.get_pool_by_id(pool_id)? else { return Ok(None) };
+        let Some(row) = self.store.get_pool_by_id(pool_id).await? else { return Ok(None) };
         // Follow the tag (track_tag), or resolve a pinned ref once.
-        let wanted = self.wanted_build(&row)?;
+        let wanted = self.wanted_build(&row).await?;
         let wanted_ready = match &wanted {
-            Some(id) => self.store.get_build(id)?.is_some_and(|b| b.build.status == BuildStatus::Ready),
+            Some(id) => self.store.get_build(id).await?.is_some_and(|b| b.build.status == BuildStatus::Ready),
             None => false,
         };
         let row = match wanted.filter(|_| wanted_ready) {
             Some(new) if row.pool.resolved_build_id.as_deref() != Some(new.as_str()) => {
-                let updated = self.update_pool(pool_id, |row| {
-                    if row.pool.resolved_build_id.is_some() {
-                        start_rollout(row, Some(new.clone()));
-                    } else {
-                        row.pool.resolved_build_id = Some(new.clone());
-                    }
-                    row.clone()
-                })?;
+                let updated = self
+                    .update_pool(pool_id, |row| {
+                        if row.pool.resolved_build_id.is_some() {
+                            start_rollout(row, Some(new.clone()));
+                        } else {
+                            row.pool.resolved_build_id = Some(new.clone());
+                        }
+                        row.clone()
+                    })
+                    .await?;
                 match updated {
                     Some(row) => row,
                     None => return Ok(None),
@@ -286,23 +291,25 @@ impl App {
         };
         let pool = &row.pool;
         let now = Utc::now();
-        let leases = self.store.list_leases(&pool.id)?;
+        let leases = self.store.list_leases(&pool.id).await?;
         for l in leases.iter().filter(|l| l.lease.expires_at <= now) {
-            self.store.delete_lease(&pool.id, &l.lease.key)?;
+            self.store.delete_lease(&pool.id, &l.lease.key).await?;
         }
         let build = match &pool.resolved_build_id {
-            Some(id) => self.store.get_build(id)?.filter(|b| b.build.status == BuildStatus::Ready),
+            Some(id) => self.store.get_build(id).await?.filter(|b| b.build.status == BuildStatus::Ready),
             None => None,
         };
-        let template = self.store.get_template(&row.account_id, &pool.template_id)?;
-        let sandboxes = self.store.list_pool_sandboxes(&pool.id)?;
+        let template = self.store.get_template(&row.account_id, &pool.template_id).await?;
+        let sandboxes = self.store.list_pool_sandboxes(&pool.id).await?;
         let members: Vec<&SandboxRow> =
             sandboxes.iter().filter(|s| s.pool_id.as_deref() == Some(pool.id.as_str())).collect();
-        let quota_headroom = match self.quotas(&row.account_id)?.max_warm_sandboxes {
-            Some(max) => Some(max.saturating_sub(self.store.count_sandboxes(&row.account_id)?.1) as u32),
+        let quota_headroom = match self.quotas(&row.account_id).await?.max_warm_sandboxes {
+            Some(max) => {
+                Some(max.saturating_sub(self.store.count_sandboxes(&row.account_id).await?.1) as u32)
+            }
             None => None,
         };
-        let live_total = self.store.count_live_sandboxes()? as usize;
+        let live_total = self.store.count_live_sandboxes().await? as usize;
         let observed = Observed {
             state: pool.state,
             target: target(pool, &leases, now),
@@ -341,7 +348,7 @@ impl App {
             let Some(member) = members.iter().find(|m| &m.sandbox.id == id) else { continue };
             // Committed here, before the runtime acts; a claim that got there first wins and this does nothing.
             let from = [Lifecycle::Warming, Lifecycle::Ready];
-            if let Some(member) = self.begin_stop((*member).clone(), &from, *cause)? {
+            if let Some(member) = self.begin_stop((*member).clone(), &from, *cause).await? {
                 let app = self.clone();
                 tokio::spawn(async move { app.finish_stop(&member).await });
             }
@@ -383,7 +390,7 @@ impl App {
                     owner: Some(self.replica.clone()),
                 };
                 // Inserted before anything starts: the next pass counts it, and a crash finds it.
-                self.store.insert_sandbox(&sandbox_row)?;
+                self.store.insert_sandbox(&sandbox_row).await?;
                 let start = StartSpec {
                     sandbox_id: sandbox_row.sandbox.id.clone(),
                     account_id: row.account_id.clone(),
@@ -425,13 +432,13 @@ impl App {
         let _slot = self.start_slots.clone().acquire_owned().await;
         // The pool may have drained or moved on while this start waited for a slot.
         let still_wanted = matches!(
-            self.store.get_sandbox(&row.sandbox.id),
+            self.store.get_sandbox(&row.sandbox.id).await,
             Ok(Some(current)) if current.lifecycle == Lifecycle::Warming
         );
         if still_wanted {
             match self.start_sandbox(&mut row, spec, Lifecycle::Ready).await {
                 Ok(()) => {
-                    let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0);
+                    let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0).await;
                     self.watch_readiness(&row);
                     self.inventory_signal(&pool_id).notify_waiters();
                 }

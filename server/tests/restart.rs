@@ -38,7 +38,7 @@ async fn sigkill_loses_nothing_and_leaves_no_orphans() {
     {
         use warmpool_server::store::{Lifecycle, Store};
         let store = warmpool_server::store::sqlite::SqliteStore::open(&dir.join("warmpool.db")).unwrap();
-        assert!(store.delete_sandbox_if(&orphan_sandbox.id, &Lifecycle::ALL).unwrap());
+        assert!(store.delete_sandbox_if(&orphan_sandbox.id, &Lifecycle::ALL).await.unwrap());
     }
     let orphan = dir.join("sandboxes").join(&orphan_sandbox.id);
     assert!(orphan.exists());

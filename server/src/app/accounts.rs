@@ -31,9 +31,9 @@ pub(super) fn secret_with_prefix(prefix: &str) -> String {
 
 impl App {
     /// Creates the default account and the admin token on first start; returns the token file's path.
-    pub fn bootstrap_admin(&self) -> AppResult<std::path::PathBuf> {
+    pub async fn bootstrap_admin(&self) -> AppResult<std::path::PathBuf> {
         let path = self.config.data_dir.join("admin.token");
-        if self.store.get_account(DEFAULT_ACCOUNT)?.is_none() {
+        if self.store.get_account(DEFAULT_ACCOUNT).await?.is_none() {
             let account = Account {
                 id: DEFAULT_ACCOUNT.into(),
                 name: "default".into(),
@@ -43,29 +43,31 @@ impl App {
                 allow_host_network: false,
                 created_at: Utc::now(),
             };
-            self.store.insert_account(&account)?;
+            self.store.insert_account(&account).await?;
         }
-        if !self.store.has_admin_token()? || !path.exists() {
+        if !self.store.has_admin_token().await? || !path.exists() {
             let secret = new_secret();
             write_secret(&path, &secret)
                 .map_err(|e| AppError::Internal(format!("writing {}: {e}", path.display())))?;
-            self.store.insert_token(&TokenRow {
-                id: new_id(id_prefix::TOKEN),
-                account_id: Some(DEFAULT_ACCOUNT.into()),
-                name: Some("admin".into()),
-                hash: hash(&secret),
-                admin: true,
-                created_at: Utc::now(),
-                expires_at: None,
-                trust_policy: None,
-            })?;
+            self.store
+                .insert_token(&TokenRow {
+                    id: new_id(id_prefix::TOKEN),
+                    account_id: Some(DEFAULT_ACCOUNT.into()),
+                    name: Some("admin".into()),
+                    hash: hash(&secret),
+                    admin: true,
+                    created_at: Utc::now(),
+                    expires_at: None,
+                    trust_policy: None,
+                })
+                .await?;
         }
         Ok(path)
     }
 
-    pub fn authenticate(&self, token: Option<&str>) -> AppResult<Caller> {
+    pub async fn authenticate(&self, token: Option<&str>) -> AppResult<Caller> {
         let token = token.ok_or(AppError::Unauthorized)?;
-        let row = self.store.token_by_hash(&hash(token))?.ok_or(AppError::Unauthorized)?;
+        let row = self.store.token_by_hash(&hash(token)).await?.ok_or(AppError::Unauthorized)?;
         // An exchanged token past its lifetime is refused exactly like a revoked one.
         if row.expires_at.is_some_and(|at| at <= Utc::now()) {
             return Err(AppError::Unauthorized);
@@ -81,7 +83,7 @@ impl App {
         }
     }
 
-    pub fn create_account(&self, caller: &Caller, req: AccountCreate) -> AppResult<Account> {
+    pub async fn create_account(&self, caller: &Caller, req: AccountCreate) -> AppResult<Account> {
         Self::require_admin(caller)?;
         validate_name("name", &req.name)?;
         req.quotas.validate()?;
@@ -98,18 +100,18 @@ impl App {
             allow_host_network: req.allow_host_network,
             created_at: Utc::now(),
         };
-        self.store.insert_account(&account)?;
+        self.store.insert_account(&account).await?;
         Ok(account)
     }
 
-    pub fn list_accounts(&self, caller: &Caller, page: &Page) -> AppResult<List<Account>> {
+    pub async fn list_accounts(&self, caller: &Caller, page: &Page) -> AppResult<List<Account>> {
         Self::require_admin(caller)?;
-        super::paged(page, |p| self.store.list_accounts(p), |a: &Account| &a.id, |a| a)
+        super::paged(page, async |p| self.store.list_accounts(p).await, |a: &Account| &a.id, |a| a).await
     }
 
-    pub fn update_account(&self, caller: &Caller, id: &str, patch: AccountPatch) -> AppResult<Account> {
+    pub async fn update_account(&self, caller: &Caller, id: &str, patch: AccountPatch) -> AppResult<Account> {
         Self::require_admin(caller)?;
-        let mut account = self.store.get_account(id)?.ok_or_else(|| not_found("account", id))?;
+        let mut account = self.store.get_account(id).await?.ok_or_else(|| not_found("account", id))?;
         if let Some(name) = patch.name {
             validate_name("name", &name)?;
             account.name = name;
@@ -121,13 +123,13 @@ impl App {
         if let Some(allow) = patch.allow_host_network {
             account.allow_host_network = allow;
         }
-        self.store.update_account(&account)?;
+        self.store.update_account(&account).await?;
         Ok(account)
     }
 
-    pub fn create_token(&self, caller: &Caller, req: TokenCreate) -> AppResult<TokenCreated> {
+    pub async fn create_token(&self, caller: &Caller, req: TokenCreate) -> AppResult<TokenCreated> {
         Self::require_admin(caller)?;
-        if self.store.get_account(&req.account_id)?.is_none() {
+        if self.store.get_account(&req.account_id).await?.is_none() {
             return Err(FieldError::new("account_id", format!("no account {:?}", req.account_id)).into());
         }
         let secret = new_secret();
@@ -141,13 +143,13 @@ impl App {
             expires_at: None,
             trust_policy: None,
         };
-        self.store.insert_token(&row)?;
+        self.store.insert_token(&row).await?;
         Ok(TokenCreated { id: row.id, token: secret, account_id: req.account_id, name: req.name })
     }
 
-    pub fn delete_token(&self, caller: &Caller, id: &str) -> AppResult<()> {
+    pub async fn delete_token(&self, caller: &Caller, id: &str) -> AppResult<()> {
         Self::require_admin(caller)?;
-        if self.store.delete_token(id)? {
+        if self.store.delete_token(id).await? {
             Ok(())
         } else {
             Err(not_found("token", id))
@@ -156,8 +158,8 @@ impl App {
 
     /// Refuses `network.mode: host` to an account an admin did not allow it (`forbidden`), before anything
     /// starts: the host's network namespace reaches every service on the host's loopback.
-    pub fn check_host_network(&self, account_id: &str) -> AppResult<()> {
-        let allowed = self.store.get_account(account_id)?.is_some_and(|a| a.allow_host_network);
+    pub async fn check_host_network(&self, account_id: &str) -> AppResult<()> {
+        let allowed = self.store.get_account(account_id).await?.is_some_and(|a| a.allow_host_network);
         if allowed {
             return Ok(());
         }
@@ -168,8 +170,8 @@ impl App {
     }
 
     /// The account's quotas (none for unknown accounts).
-    pub fn quotas(&self, account_id: &str) -> AppResult<warmpool_api::Quotas> {
-        Ok(self.store.get_account(account_id)?.map(|a| a.quotas).unwrap_or_default())
+    pub async fn quotas(&self, account_id: &str) -> AppResult<warmpool_api::Quotas> {
+        Ok(self.store.get_account(account_id).await?.map(|a| a.quotas).unwrap_or_default())
     }
 }
 

@@ -215,11 +215,11 @@ fn validate_command(
 
 impl App {
     async fn io_target(&self, caller: &Caller, id: &str) -> AppResult<Target> {
-        let row = self.owned(caller, id)?;
+        let row = self.owned(caller, id).await?;
         if row.lifecycle != Lifecycle::Claimed || row.sandbox.state != SandboxState::Running {
             return Err(AppError::Conflict(format!("sandbox {id} is {}", row.sandbox.state.as_str())));
         }
-        let build = self.store.get_build(&row.sandbox.build_id)?;
+        let build = self.store.get_build(&row.sandbox.build_id).await?;
         let base_cwd = build.as_ref().and_then(|b| b.spec.cwd.clone()).unwrap_or_else(|| WORKSPACE.into());
         let mut env: BTreeMap<String, String> = build.map(|b| b.spec.env).unwrap_or_default();
         env.extend(row.claim_env);

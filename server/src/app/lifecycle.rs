@@ -72,14 +72,19 @@ fn classify(e: &RuntimeError, message: String) -> AppError {
 impl App {
     /// Moves `row` to `to` if the stored lifecycle is one of `from`; on false nothing changed (another transition
     /// won) and `row` is as it was.
-    pub fn transition(&self, row: &mut SandboxRow, to: Lifecycle, from: &[Lifecycle]) -> AppResult<bool> {
+    pub async fn transition(
+        &self,
+        row: &mut SandboxRow,
+        to: Lifecycle,
+        from: &[Lifecycle],
+    ) -> AppResult<bool> {
         let before = (row.lifecycle, row.sandbox.state);
         row.lifecycle = to;
         // `paused` is a claimed sandbox's runtime state, kept across writes that do not change the lifecycle.
         if !(to == Claimed && row.sandbox.state == SandboxState::Paused) {
             row.sandbox.state = to.sandbox_state();
         }
-        let won = self.store.update_sandbox_if(row, from)?;
+        let won = self.store.update_sandbox_if(row, from).await?;
         if !won {
             (row.lifecycle, row.sandbox.state) = before;
         }
@@ -101,7 +106,7 @@ impl App {
             Err(e) => return Err(self.start_failed(row, e).await),
         };
         row.handle = handle.clone();
-        if !self.store.update_sandbox_if(row, &[Warming]).map_err(AppError::from)? {
+        if !self.store.update_sandbox_if(row, &[Warming]).await.map_err(AppError::from)? {
             let _ = self.runtime.destroy(&row.sandbox.id, Some(&handle)).await;
             return Err(StartError::Stopped);
         }
@@ -110,7 +115,7 @@ impl App {
         }
         self.metrics.sandbox_start_seconds.with_label_values(&[]).observe(started.elapsed().as_secs_f64());
         row.ready_at = Some(Utc::now());
-        if !self.transition(row, done, &[Warming])? {
+        if !self.transition(row, done, &[Warming]).await? {
             let _ = self.runtime.destroy(&row.sandbox.id, Some(&handle)).await;
             return Err(StartError::Stopped);
         }
@@ -133,7 +138,7 @@ impl App {
         };
         let error = classify(&e, message.clone());
         row.error = Some(message);
-        let failed = match self.transition(row, Failed, &[Warming]) {
+        let failed = match self.transition(row, Failed, &[Warming]).await {
             Ok(won) => won,
             Err(store) => return StartError::Failed(store),
         };
@@ -143,18 +148,20 @@ impl App {
         }
         // A pool's failed start counts at once (and feeds the prewarm breaker), before the slow cleanup.
         if let Some(pool) = &row.pool_id {
-            let recorded = self.update_pool(pool, |p| {
-                p.ctl.prewarm_failures += 1;
-                p.ctl.failed_total += 1;
-                p.ctl.last_failure_logs = row.error.clone();
-                p.ctl.last_error = row.error.clone();
-            });
+            let recorded = self
+                .update_pool(pool, |p| {
+                    p.ctl.prewarm_failures += 1;
+                    p.ctl.failed_total += 1;
+                    p.ctl.last_failure_logs = row.error.clone();
+                    p.ctl.last_error = row.error.clone();
+                })
+                .await;
             if let Err(e) = recorded {
                 tracing::warn!(pool = %pool, error = &e as &dyn std::error::Error, "Cannot record a failed start");
             }
         }
         let _ = self.runtime.destroy(&id, Some(&row.handle)).await;
-        if let Err(store) = self.store.delete_sandbox_if(&id, &[Failed]) {
+        if let Err(store) = self.store.delete_sandbox_if(&id, &[Failed]).await {
             return StartError::Failed(store.into());
         }
         StartError::Failed(error)
@@ -162,20 +169,20 @@ impl App {
 
     /// First half of a deliberate stop: `from → draining`, committed. `None` when another transition won (a claim
     /// took the sandbox first, or it is already going).
-    pub fn begin_stop(
+    pub async fn begin_stop(
         &self,
         mut row: SandboxRow,
         from: &[Lifecycle],
         cause: StopCause,
     ) -> AppResult<Option<SandboxRow>> {
-        if !self.transition(&mut row, Draining, from)? {
+        if !self.transition(&mut row, Draining, from).await? {
             return Ok(None);
         }
         self.unwatch(&row.sandbox.id);
         tracing::debug!(sandbox = %row.sandbox.id, ?cause, "Stopping sandbox");
         if cause == StopCause::Expired {
             if let Some(pool) = &row.pool_id {
-                self.update_pool(pool, |p| p.ctl.expired_total += 1)?;
+                self.update_pool(pool, |p| p.ctl.expired_total += 1).await?;
             }
         }
         Ok(Some(row))
@@ -191,7 +198,7 @@ impl App {
         let result = self.runtime.destroy(id, Some(&row.handle)).await;
         self.stopping.lock().expect("stopping").remove(id);
         result.map_err(|e| runtime_error(&format!("stopping sandbox {id}"), e))?;
-        self.store.delete_sandbox_if(id, &[Draining, Failed])?;
+        self.store.delete_sandbox_if(id, &[Draining, Failed]).await?;
         if let Some(pool) = row.pool_id.as_ref().or(row.claimed_from.as_ref()) {
             self.pokes.pool(pool);
         }
@@ -205,7 +212,7 @@ impl App {
         from: &[Lifecycle],
         cause: StopCause,
     ) -> AppResult<bool> {
-        match self.begin_stop(row, from, cause)? {
+        match self.begin_stop(row, from, cause).await? {
             Some(row) => self.finish_stop(&row).await.map(|()| true),
             None => Ok(false),
         }
@@ -227,11 +234,11 @@ impl App {
             Some(output) => format!("{reason}\n{output}"),
             None => reason,
         });
-        if !self.transition(&mut row, Failed, from)? {
+        if !self.transition(&mut row, Failed, from).await? {
             return Ok(false);
         }
         if let Some(pool) = &row.pool_id {
-            self.update_pool(pool, |p| p.ctl.failed_total += 1)?;
+            self.update_pool(pool, |p| p.ctl.failed_total += 1).await?;
             // Removing it pokes the pool, which replaces it.
             self.finish_stop(&row).await?;
         }
@@ -261,7 +268,7 @@ impl App {
             if !app.runtime.is_alive(&handle) {
                 return;
             }
-            if let Ok(Some(row)) = app.store.get_sandbox(&id) {
+            if let Ok(Some(row)) = app.store.get_sandbox(&id).await {
                 if let Err(e) = app.fail_sandbox(row, &[Ready], message, None).await {
                     tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot retire an unready sandbox");
                 }
@@ -285,19 +292,19 @@ impl App {
     pub async fn recover(self: &Arc<Self>) -> AppResult<()> {
         let held = self.runtime.list_sandboxes();
         let known: std::collections::HashSet<String> =
-            self.store.list_all_sandboxes()?.into_iter().map(|r| r.sandbox.id).collect();
+            self.store.list_all_sandboxes().await?.into_iter().map(|r| r.sandbox.id).collect();
         let mut orphans = 0;
         for id in held.into_iter().filter(|id| !known.contains(id)) {
             self.runtime.destroy(&id, None).await.map_err(|e| runtime_error("recovery", e))?;
             orphans += 1;
         }
-        if self.store.lock_leader()? {
+        if self.store.lock_leader().await? {
             self.leader.store(true, std::sync::atomic::Ordering::SeqCst);
             self.adopt_orphans().await?;
         }
-        let share = self.pool_share()?;
+        let share = self.pool_share().await?;
         let mut pools = 0;
-        for pool in self.store.list_pool_ids()? {
+        for pool in self.store.list_pool_ids().await? {
             pools += usize::from(self.own_pool(&pool, share).await?);
         }
         tracing::info!(orphans, pools, replica = %self.replica, "Recovered sandboxes from the store");
@@ -308,7 +315,7 @@ impl App {
     /// Handles procd exits reported by the runtime: a live sandbox whose procd is gone has failed.
     pub async fn watch_exits(self: Arc<Self>, mut exits: tokio::sync::mpsc::UnboundedReceiver<String>) {
         while let Some(id) = exits.recv().await {
-            let Ok(Some(row)) = self.store.get_sandbox(&id) else { continue };
+            let Ok(Some(row)) = self.store.get_sandbox(&id).await else { continue };
             let from = row.lifecycle;
             if !matches!(from, Ready | Claimed) || self.runtime.is_alive(&row.handle) {
                 continue;

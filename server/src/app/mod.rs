@@ -87,14 +87,14 @@ pub struct Caller {
 
 /// One page of a list as the API answers it: `limit + 1` rows asked of the store tell whether more follow, and
 /// the last id shown is the cursor of the next page.
-pub fn paged<R, T>(
+pub async fn paged<R, T>(
     page: &crate::store::Page,
-    fetch: impl FnOnce(&crate::store::Page) -> Result<Vec<R>, StoreError>,
+    fetch: impl AsyncFnOnce(&crate::store::Page) -> Result<Vec<R>, StoreError>,
     id: impl Fn(&T) -> &str,
     map: impl FnMut(R) -> T,
 ) -> AppResult<warmpool_api::List<T>> {
     let ask = crate::store::Page { after: page.after.clone(), limit: page.limit.saturating_add(1) };
-    let mut items: Vec<T> = fetch(&ask)?.into_iter().map(map).collect();
+    let mut items: Vec<T> = fetch(&ask).await?.into_iter().map(map).collect();
     let more = items.len() > page.limit as usize;
     items.truncate(page.limit as usize);
     let next_cursor = if more { items.last().map(|t| id(t).to_string()) } else { None };
@@ -187,17 +187,17 @@ impl App {
 
     /// Read-modify-write of one pool row: `f` runs on the stored row and its result is written only if no other
     /// write (of any replica) came in between; otherwise it runs again on the newer row.
-    pub fn update_pool<T>(
+    pub async fn update_pool<T>(
         &self,
         pool_id: &str,
         mut f: impl FnMut(&mut PoolRow) -> T,
     ) -> AppResult<Option<T>> {
         loop {
-            let Some(mut row) = self.store.get_pool_by_id(pool_id)? else {
+            let Some(mut row) = self.store.get_pool_by_id(pool_id).await? else {
                 return Ok(None);
             };
             let out = f(&mut row);
-            if self.store.update_pool(&row)? {
+            if self.store.update_pool(&row).await? {
                 return Ok(Some(out));
             }
         }
@@ -213,7 +213,7 @@ impl App {
                 continue;
             }
             let now = Utc::now();
-            let Ok(rows) = self.store.list_all_sandboxes() else {
+            let Ok(rows) = self.store.list_all_sandboxes().await else {
                 continue;
             };
             for row in rows {

@@ -69,24 +69,25 @@ pub fn start_rollout(row: &mut PoolRow, new_build: Option<String>) {
 impl App {
     /// The build the pool should run now: a `track_tag` pool's tag target, otherwise its resolved build (or what its
     /// ref resolves to, before the first resolution).
-    pub fn wanted_build(&self, row: &PoolRow) -> StoreResult<Option<String>> {
+    pub async fn wanted_build(&self, row: &PoolRow) -> StoreResult<Option<String>> {
         let p = &row.pool;
         Ok(match (p.version_policy, &p.track_tag) {
             (VersionPolicy::TrackTag, Some(tag)) => {
-                self.store.get_tag(&p.template_id, tag)?.map(|t| t.build_id)
+                self.store.get_tag(&p.template_id, tag).await?.map(|t| t.build_id)
             }
             _ if p.resolved_build_id.is_some() => p.resolved_build_id.clone(),
             _ => self
                 .resolve_ref(&row.account_id, "template", &p.template)
+                .await
                 .ok()
                 .and_then(|(_, b)| b)
                 .map(|b| b.build.id),
         })
     }
 
-    pub fn create_pool(&self, caller: &Caller, spec: WarmPoolSpec) -> AppResult<WarmPool> {
+    pub async fn create_pool(&self, caller: &Caller, spec: WarmPoolSpec) -> AppResult<WarmPool> {
         spec.validate()?;
-        let (template, build) = self.resolve_ref(&caller.account_id, "template", &spec.template)?;
+        let (template, build) = self.resolve_ref(&caller.account_id, "template", &spec.template).await?;
         let now = Utc::now();
         let policy = spec.effective_version_policy();
         let pool = WarmPool {
@@ -109,34 +110,39 @@ impl App {
             created_at: now,
             updated_at: now,
         };
-        self.store.insert_pool(&PoolRow {
-            account_id: caller.account_id.clone(),
-            pool: pool.clone(),
-            ctl: PoolControl::default(),
-            rev: 0,
-        })?;
+        self.store
+            .insert_pool(&PoolRow {
+                account_id: caller.account_id.clone(),
+                pool: pool.clone(),
+                ctl: PoolControl::default(),
+                rev: 0,
+            })
+            .await?;
         self.pokes.pool(&pool.id);
         Ok(pool)
     }
 
-    pub fn list_pools(&self, caller: &Caller, page: &crate::store::Page) -> AppResult<List<WarmPool>> {
-        let fetch = |p: &crate::store::Page| self.store.page_pools(&caller.account_id, p);
-        super::paged(page, fetch, |w: &WarmPool| &w.id, |r| r.pool)
+    pub async fn list_pools(&self, caller: &Caller, page: &crate::store::Page) -> AppResult<List<WarmPool>> {
+        let fetch = async |p: &crate::store::Page| self.store.page_pools(&caller.account_id, p).await;
+        super::paged(page, fetch, |w: &WarmPool| &w.id, |r| r.pool).await
     }
 
-    pub fn get_pool(&self, caller: &Caller, id_or_name: &str) -> AppResult<PoolRow> {
-        self.store.get_pool(&caller.account_id, id_or_name)?.ok_or_else(|| not_found("warm pool", id_or_name))
+    pub async fn get_pool(&self, caller: &Caller, id_or_name: &str) -> AppResult<PoolRow> {
+        self.store
+            .get_pool(&caller.account_id, id_or_name)
+            .await?
+            .ok_or_else(|| not_found("warm pool", id_or_name))
     }
 
     /// Applies a patch. A change of template, version policy, tag or resources starts a new rollout generation
     /// (old inventory drains as the new fills) and clears a prewarm-failure stop.
-    pub fn update_pool_spec(
+    pub async fn update_pool_spec(
         &self,
         caller: &Caller,
         id_or_name: &str,
         patch: WarmPoolPatch,
     ) -> AppResult<WarmPool> {
-        let current = self.get_pool(caller, id_or_name)?;
+        let current = self.get_pool(caller, id_or_name).await?;
         let mut spec = current.pool.spec();
         let explicit_tag = patch.track_tag.is_some();
         if let Some(v) = patch.name {
@@ -174,49 +180,51 @@ impl App {
             spec.track_tag = None;
         }
         spec.validate()?;
-        let (template, build) = self.resolve_ref(&caller.account_id, "template", &spec.template)?;
-        let updated = self.update_pool(&current.pool.id, |row| {
-            let p = &mut row.pool;
-            let rollout = p.template_id != template.template.id
-                || p.version_policy != spec.effective_version_policy()
-                || p.track_tag != spec.effective_track_tag()
-                || p.template != spec.template
-                || Some(&p.resources) != spec.resources.as_ref();
-            p.name = spec.name.clone();
-            p.template = spec.template.clone();
-            p.template_id = template.template.id.clone();
-            p.version_policy = spec.effective_version_policy();
-            p.track_tag = spec.effective_track_tag();
-            p.min_ready = spec.min_ready;
-            p.max_ready = spec.max_ready;
-            p.resources = spec.resources.clone().unwrap_or_default();
-            p.checkout_policy = spec.checkout_policy;
-            p.idle_timeout_seconds = spec.idle_timeout_seconds;
-            p.labels = spec.labels.clone();
-            match patch.enabled {
-                Some(true) => p.state = PoolState::Enabled,
-                Some(false) => p.state = PoolState::Disabled,
-                None => {}
-            }
-            p.updated_at = Utc::now();
-            if rollout {
-                let new_build = build
-                    .as_ref()
-                    .filter(|b| b.build.status == BuildStatus::Ready)
-                    .map(|b| b.build.id.clone());
-                start_rollout(row, new_build);
-            }
-            row.pool.clone()
-        })?;
+        let (template, build) = self.resolve_ref(&caller.account_id, "template", &spec.template).await?;
+        let updated = self
+            .update_pool(&current.pool.id, |row| {
+                let p = &mut row.pool;
+                let rollout = p.template_id != template.template.id
+                    || p.version_policy != spec.effective_version_policy()
+                    || p.track_tag != spec.effective_track_tag()
+                    || p.template != spec.template
+                    || Some(&p.resources) != spec.resources.as_ref();
+                p.name = spec.name.clone();
+                p.template = spec.template.clone();
+                p.template_id = template.template.id.clone();
+                p.version_policy = spec.effective_version_policy();
+                p.track_tag = spec.effective_track_tag();
+                p.min_ready = spec.min_ready;
+                p.max_ready = spec.max_ready;
+                p.resources = spec.resources.clone().unwrap_or_default();
+                p.checkout_policy = spec.checkout_policy;
+                p.idle_timeout_seconds = spec.idle_timeout_seconds;
+                p.labels = spec.labels.clone();
+                match patch.enabled {
+                    Some(true) => p.state = PoolState::Enabled,
+                    Some(false) => p.state = PoolState::Disabled,
+                    None => {}
+                }
+                p.updated_at = Utc::now();
+                if rollout {
+                    let new_build = build
+                        .as_ref()
+                        .filter(|b| b.build.status == BuildStatus::Ready)
+                        .map(|b| b.build.id.clone());
+                    start_rollout(row, new_build);
+                }
+                row.pool.clone()
+            })
+            .await?;
         self.pokes.pool(&current.pool.id);
         updated.ok_or_else(|| not_found("warm pool", id_or_name))
     }
 
     pub async fn delete_pool(&self, caller: &Caller, id_or_name: &str) -> AppResult<()> {
-        let row = self.get_pool(caller, id_or_name)?;
-        self.set_pool_state(caller, &row.pool.id, PoolState::Draining)?;
+        let row = self.get_pool(caller, id_or_name).await?;
+        self.set_pool_state(caller, &row.pool.id, PoolState::Draining).await?;
         // Drain first: stop every unclaimed sandbox of the pool (claimed ones are their callers'), then forget it.
-        for sandbox in self.store.list_pool_sandboxes(&row.pool.id)? {
+        for sandbox in self.store.list_pool_sandboxes(&row.pool.id).await? {
             if sandbox.pool_id.as_deref() != Some(row.pool.id.as_str()) {
                 continue;
             }
@@ -226,20 +234,26 @@ impl App {
                 self.stop_sandbox(sandbox, &[Lifecycle::Warming, Lifecycle::Ready], StopCause::Drain).await?;
             }
         }
-        self.store.delete_pool(&row.pool.id)?;
+        self.store.delete_pool(&row.pool.id).await?;
         self.passes.lock().expect("passes").remove(&row.pool.id);
-        self.release_pool(&row.pool.id);
+        self.release_pool(&row.pool.id).await;
         Ok(())
     }
 
-    pub fn set_pool_state(&self, caller: &Caller, id_or_name: &str, state: PoolState) -> AppResult<WarmPool> {
-        let row = self.get_pool(caller, id_or_name)?;
+    pub async fn set_pool_state(
+        &self,
+        caller: &Caller,
+        id_or_name: &str,
+        state: PoolState,
+    ) -> AppResult<WarmPool> {
+        let row = self.get_pool(caller, id_or_name).await?;
         let pool = self
             .update_pool(&row.pool.id, |r| {
                 r.pool.state = state;
                 r.pool.updated_at = Utc::now();
                 r.pool.clone()
-            })?
+            })
+            .await?
             .ok_or_else(|| not_found("warm pool", id_or_name))?;
         self.pokes.pool(&pool.id);
         Ok(pool)
@@ -247,20 +261,27 @@ impl App {
 
     /// Runs a pass now, and lifts a prewarm-failure stop.
     pub async fn reconcile_now(self: &Arc<Self>, caller: &Caller, id_or_name: &str) -> AppResult<WarmPool> {
-        let row = self.get_pool(caller, id_or_name)?;
+        let row = self.get_pool(caller, id_or_name).await?;
         self.update_pool(&row.pool.id, |r| {
             r.ctl.prewarm_failures = 0;
             r.ctl.last_failure_logs = None;
-        })?;
+        })
+        .await?;
         // The pool's reconciler runs the pass: here, or on the replica that has the pool (the write above told it).
-        if self.config.reconciler_enabled && self.own_pool(&row.pool.id, self.pool_share()?).await? {
+        if self.config.reconciler_enabled && self.own_pool(&row.pool.id, self.pool_share().await?).await? {
             self.reconcile_pool(&row.pool.id).await;
         }
-        Ok(self.get_pool(caller, &row.pool.id)?.pool)
+        Ok(self.get_pool(caller, &row.pool.id).await?.pool)
     }
 
-    pub fn put_lease(&self, caller: &Caller, pool: &str, key: &str, spec: LeaseSpec) -> AppResult<Lease> {
-        let row = self.get_pool(caller, pool)?;
+    pub async fn put_lease(
+        &self,
+        caller: &Caller,
+        pool: &str,
+        key: &str,
+        spec: LeaseSpec,
+    ) -> AppResult<Lease> {
+        let row = self.get_pool(caller, pool).await?;
         if key.is_empty() || key.len() > 256 {
             return Err(FieldError::new("key", "must be 1-256 characters").into());
         }
@@ -281,17 +302,20 @@ impl App {
             expires_at: now + chrono::Duration::seconds(spec.ttl_seconds as i64),
             updated_at: now,
         };
-        self.store.put_lease(&LeaseRow { account_id: caller.account_id.clone(), lease: lease.clone() })?;
+        self.store
+            .put_lease(&LeaseRow { account_id: caller.account_id.clone(), lease: lease.clone() })
+            .await?;
         self.pokes.pool(&row.pool.id);
         Ok(lease)
     }
 
-    pub fn list_leases(&self, caller: &Caller, pool: &str) -> AppResult<Vec<Lease>> {
-        let row = self.get_pool(caller, pool)?;
+    pub async fn list_leases(&self, caller: &Caller, pool: &str) -> AppResult<Vec<Lease>> {
+        let row = self.get_pool(caller, pool).await?;
         let now = Utc::now();
         Ok(self
             .store
-            .list_leases(&row.pool.id)?
+            .list_leases(&row.pool.id)
+            .await?
             .into_iter()
             .map(|l| l.lease)
             .filter(|l| l.expires_at > now)
@@ -299,38 +323,38 @@ impl App {
     }
 
     /// Releases a lease (idempotent); with `drain_if_last`, drains the pool when no other active lease remains.
-    pub fn release_lease(
+    pub async fn release_lease(
         &self,
         caller: &Caller,
         pool: &str,
         key: &str,
         drain_if_last: bool,
     ) -> AppResult<LeaseRelease> {
-        let row = self.get_pool(caller, pool)?;
-        let released = self.store.delete_lease(&row.pool.id, key)?;
-        let remaining = self.list_leases(caller, &row.pool.id)?.len() as u32;
+        let row = self.get_pool(caller, pool).await?;
+        let released = self.store.delete_lease(&row.pool.id, key).await?;
+        let remaining = self.list_leases(caller, &row.pool.id).await?.len() as u32;
         let drained = drain_if_last && remaining == 0;
         if drained {
-            self.set_pool_state(caller, &row.pool.id, PoolState::Draining)?;
+            self.set_pool_state(caller, &row.pool.id, PoolState::Draining).await?;
         }
         self.pokes.pool(&row.pool.id);
         Ok(LeaseRelease { released, remaining_leases: remaining, drained })
     }
 
-    pub fn pool_status(&self, caller: &Caller, id_or_name: &str) -> AppResult<PoolStatus> {
-        let row = self.get_pool(caller, id_or_name)?;
-        self.status_of(&row)
+    pub async fn pool_status(&self, caller: &Caller, id_or_name: &str) -> AppResult<PoolStatus> {
+        let row = self.get_pool(caller, id_or_name).await?;
+        self.status_of(&row).await
     }
 
-    pub fn status_of(&self, row: &PoolRow) -> AppResult<PoolStatus> {
+    pub async fn status_of(&self, row: &PoolRow) -> AppResult<PoolStatus> {
         let pool = &row.pool;
-        let leases = self.store.list_leases(&pool.id)?;
+        let leases = self.store.list_leases(&pool.id).await?;
         let target = target(pool, &leases, Utc::now());
         let Counts { ready, warming, draining, claimed } =
-            Counts::of(&pool.id, &self.store.list_pool_sandboxes(&pool.id)?);
+            Counts::of(&pool.id, &self.store.list_pool_sandboxes(&pool.id).await?);
         let pass = self.passes.lock().expect("passes").get(&pool.id).cloned();
         let mut reasons: Vec<DegradedReason> = row.ctl.blocked.clone();
-        if let Some(r) = self.artifact_problem(row)? {
+        if let Some(r) = self.artifact_problem(row).await? {
             reasons.push(r);
         }
         if row.ctl.prewarm_failures >= PREWARM_FAILURE_LIMIT {
@@ -367,21 +391,22 @@ impl App {
 
     /// Why the pool's artifact cannot be used (yet): `artifact_not_ready` while the build it needs is queued or
     /// building, `template_build_unavailable` when it failed, was deleted, or the template is gone.
-    pub fn artifact_problem(&self, row: &PoolRow) -> AppResult<Option<DegradedReason>> {
+    pub async fn artifact_problem(&self, row: &PoolRow) -> AppResult<Option<DegradedReason>> {
         let pool = &row.pool;
-        if self.store.get_template(&row.account_id, &pool.template_id)?.is_none() {
+        if self.store.get_template(&row.account_id, &pool.template_id).await?.is_none() {
             return Ok(Some(DegradedReason::TemplateBuildUnavailable));
         }
-        let wanted = self.wanted_build(row)?;
+        let wanted = self.wanted_build(row).await?;
         let building = self
             .store
-            .list_builds(&pool.template_id)?
+            .list_builds(&pool.template_id)
+            .await?
             .iter()
             .any(|b| matches!(b.build.status, BuildStatus::Queued | BuildStatus::Building));
         Ok(match wanted {
             None if building => Some(DegradedReason::ArtifactNotReady),
             None => Some(DegradedReason::TemplateBuildUnavailable),
-            Some(id) => match self.store.get_build(&id)?.map(|b| b.build.status) {
+            Some(id) => match self.store.get_build(&id).await?.map(|b| b.build.status) {
                 Some(BuildStatus::Ready) => None,
                 Some(BuildStatus::Queued | BuildStatus::Building) => Some(DegradedReason::ArtifactNotReady),
                 _ => Some(DegradedReason::TemplateBuildUnavailable),

@@ -31,9 +31,9 @@ const BALANCE_EVERY: Duration = Duration::from_secs(1);
 
 impl App {
     /// Joins the store's replicas and follows their changes.
-    pub fn join_cluster(self: &Arc<Self>) -> AppResult<()> {
+    pub async fn join_cluster(self: &Arc<Self>) -> AppResult<()> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.store.join(&self.replica, tx)?;
+        self.store.join(&self.replica, tx).await?;
         tokio::spawn(self.clone().follow_events(rx));
         Ok(())
     }
@@ -67,8 +67,8 @@ impl App {
     }
 
     /// How many pools this replica should reconcile at most (None: all of them).
-    pub fn pool_share(&self) -> AppResult<Option<usize>> {
-        Ok(self.store.cluster()?.map(|c| c.pools.div_ceil(c.replicas.max(1)).max(1) as usize))
+    pub async fn pool_share(&self) -> AppResult<Option<usize>> {
+        Ok(self.store.cluster().await?.map(|c| c.pools.div_ceil(c.replicas.max(1)).max(1) as usize))
     }
 
     /// Makes this replica the pool's reconciler if it is free and this replica is below `share`; adopts the pool's
@@ -83,7 +83,7 @@ impl App {
                 return Ok(false);
             }
         }
-        if !self.store.lock_pool(pool_id)? {
+        if !self.store.lock_pool(pool_id).await? {
             return Ok(false);
         }
         self.owned.lock().expect("owned").insert(pool_id.to_string());
@@ -93,9 +93,9 @@ impl App {
     }
 
     /// Lets the pool go (it was deleted).
-    pub fn release_pool(&self, pool_id: &str) {
+    pub async fn release_pool(&self, pool_id: &str) {
         if self.owned.lock().expect("owned").remove(pool_id) {
-            if let Err(e) = self.store.unlock_pool(pool_id) {
+            if let Err(e) = self.store.unlock_pool(pool_id).await {
                 tracing::warn!(pool = %pool_id, error = &e as &dyn std::error::Error, "Cannot release a pool");
             }
         }
@@ -108,8 +108,8 @@ impl App {
     /// cannot be taken over now is left for the pool's next pass.
     async fn adopt_pool(self: &Arc<Self>, pool_id: &str) -> AppResult<()> {
         let mut alive = HashMap::new();
-        for row in self.store.list_pool_sandboxes(pool_id)? {
-            if row.pool_id.as_deref() != Some(pool_id) || self.owner_alive(&row, &mut alive)? {
+        for row in self.store.list_pool_sandboxes(pool_id).await? {
+            if row.pool_id.as_deref() != Some(pool_id) || self.owner_alive(&row, &mut alive).await? {
                 continue;
             }
             let id = row.sandbox.id.clone();
@@ -122,7 +122,7 @@ impl App {
     }
 
     /// Whether the replica owning `row` still runs (`alive` caches the answers of one sweep).
-    fn owner_alive(&self, row: &SandboxRow, alive: &mut HashMap<String, bool>) -> AppResult<bool> {
+    async fn owner_alive(&self, row: &SandboxRow, alive: &mut HashMap<String, bool>) -> AppResult<bool> {
         let Some(owner) = &row.owner else { return Ok(false) };
         if owner == &self.replica {
             return Ok(true);
@@ -130,7 +130,7 @@ impl App {
         if let Some(known) = alive.get(owner) {
             return Ok(*known);
         }
-        let known = self.store.replica_alive(owner)?;
+        let known = self.store.replica_alive(owner).await?;
         alive.insert(owner.clone(), known);
         Ok(known)
     }
@@ -144,7 +144,7 @@ impl App {
             // session looks like a death until it reconnects), and its start task, seeing procd stop, must lose
             // its `warming → failed` to this stop rather than count a failure that never happened.
             Warming => {
-                if let Some(row) = self.begin_stop(row, &[Warming], StopCause::TakenOver)? {
+                if let Some(row) = self.begin_stop(row, &[Warming], StopCause::TakenOver).await? {
                     self.finish_stop(&row).await?;
                 }
             }
@@ -154,7 +154,7 @@ impl App {
             Ready | Claimed if self.runtime.adopt(&id, &row.handle) => {
                 let from = row.lifecycle;
                 row.owner = Some(self.replica.clone());
-                if self.store.update_sandbox_if(&row, &[from])? && from == Ready {
+                if self.store.update_sandbox_if(&row, &[from]).await? && from == Ready {
                     self.watch_readiness(&row);
                 }
             }
@@ -178,17 +178,17 @@ impl App {
     pub async fn adopt_orphans(self: &Arc<Self>) -> AppResult<usize> {
         let mut alive = HashMap::new();
         let mut taken = 0;
-        for row in self.store.list_all_sandboxes()? {
-            if row.pool_id.is_some() || self.owner_alive(&row, &mut alive)? {
+        for row in self.store.list_all_sandboxes().await? {
+            if row.pool_id.is_some() || self.owner_alive(&row, &mut alive).await? {
                 continue;
             }
             self.take_over(row).await?;
             taken += 1;
         }
-        for mut build in self.store.list_builds_in(&["queued", "building"])? {
+        for mut build in self.store.list_builds_in(&["queued", "building"]).await? {
             let runner_alive = match &build.runner {
                 Some(r) if r == &self.replica => true,
-                Some(r) => *alive.entry(r.clone()).or_insert(self.store.replica_alive(r)?),
+                Some(r) => *alive.entry(r.clone()).or_insert(self.store.replica_alive(r).await?),
                 None => false,
             };
             if runner_alive {
@@ -197,7 +197,7 @@ impl App {
             build.build.status = warmpool_api::BuildStatus::Failed;
             build.build.error = Some("the server running this build stopped before it finished".into());
             build.build.finished_at = Some(Utc::now());
-            self.store.update_build(&build)?;
+            self.store.update_build(&build).await?;
             self.runtime.remove_artifact(&build.build.id).await;
             taken += 1;
         }
@@ -218,10 +218,10 @@ impl App {
     }
 
     async fn balance_once(self: &Arc<Self>, last_replicas: &mut u64) -> AppResult<()> {
-        let Some(cluster) = self.store.cluster()? else { return Ok(()) };
+        let Some(cluster) = self.store.cluster().await? else { return Ok(()) };
         let replica_left = cluster.replicas < *last_replicas;
         *last_replicas = cluster.replicas;
-        let became_leader = !self.leader.load(Ordering::SeqCst) && self.store.lock_leader()?;
+        let became_leader = !self.leader.load(Ordering::SeqCst) && self.store.lock_leader().await?;
         if became_leader {
             self.leader.store(true, Ordering::SeqCst);
         }
@@ -232,8 +232,8 @@ impl App {
             }
         }
         if cluster.locked_pools < cluster.pools {
-            let share = self.pool_share()?;
-            for pool in self.store.list_pool_ids()? {
+            let share = self.pool_share().await?;
+            for pool in self.store.list_pool_ids().await? {
                 if !self.owns(&pool) && self.own_pool(&pool, share).await? {
                     self.pokes.pool(&pool);
                 }

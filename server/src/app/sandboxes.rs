@@ -74,20 +74,22 @@ impl App {
     pub async fn create_sandbox(self: &Arc<Self>, caller: &Caller, req: SandboxCreate) -> AppResult<Sandbox> {
         validate_create(&req)?;
         if req.network.as_ref().is_some_and(|n| n.mode == NetworkMode::Host) {
-            self.check_host_network(&caller.account_id)?;
+            self.check_host_network(&caller.account_id).await?;
         }
         let started = Instant::now();
         let Some(pool_ref) = req.warm_pool.clone() else {
-            let cold = self.cold_plan(caller, req.template.as_deref().expect("validated"))?;
+            let cold = self.cold_plan(caller, req.template.as_deref().expect("validated")).await?;
             return self.create_cold(caller, &req, cold, None).await;
         };
         let pool = self
             .store
-            .get_pool(&caller.account_id, &pool_ref)?
+            .get_pool(&caller.account_id, &pool_ref)
+            .await?
             .ok_or_else(|| not_found("warm pool", &pool_ref))?;
         if let Some(t) = &req.template {
             let name = warmpool_api::TemplateRef::parse("template", t)?.name().to_string();
-            let template_id = self.store.get_template(&caller.account_id, &name)?.map(|t| t.template.id);
+            let template_id =
+                self.store.get_template(&caller.account_id, &name).await?.map(|t| t.template.id);
             if template_id.as_deref() != Some(pool.pool.template_id.as_str()) {
                 return Err(FieldError::new(
                     "template",
@@ -136,12 +138,12 @@ impl App {
         };
         if let Some(reason) = early {
             self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
-            let cold = self.cold_plan_for_pool(caller, &req, &pool)?;
+            let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
             return self
                 .create_cold(caller, &req, cold, Some(checkout(CheckoutSource::Cold, 0, Some(reason))))
                 .await;
         }
-        self.check_owned_quota(&caller.account_id)?;
+        self.check_owned_quota(&caller.account_id).await?;
         // A disabled pool still hands out the inventory it kept, but nothing refills it: no point waiting.
         let disabled = pool.pool.state == PoolState::Disabled;
         let wait =
@@ -162,7 +164,7 @@ impl App {
                 created_at: Utc::now(),
             };
             if let Some(row) =
-                self.store.claim_ready(&pool.pool.id, pool.pool.resolved_build_id.as_deref(), &claim)?
+                self.store.claim_ready(&pool.pool.id, pool.pool.resolved_build_id.as_deref(), &claim).await?
             {
                 self.unwatch(&row.sandbox.id);
                 self.pokes.pool(&pool.pool.id);
@@ -192,7 +194,7 @@ impl App {
         };
         miss(reason, None, message)?;
         self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
-        let cold = self.cold_plan_for_pool(caller, &req, &pool)?;
+        let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
         let co = checkout(CheckoutSource::Cold, waited_ms, Some(reason));
         self.create_cold(caller, &req, cold, Some(co)).await
     }
@@ -211,8 +213,8 @@ impl App {
         }
     }
 
-    fn cold_plan(&self, caller: &Caller, template_ref: &str) -> AppResult<ColdPlan> {
-        let (template, build) = self.resolve_ref(&caller.account_id, "template", template_ref)?;
+    async fn cold_plan(&self, caller: &Caller, template_ref: &str) -> AppResult<ColdPlan> {
+        let (template, build) = self.resolve_ref(&caller.account_id, "template", template_ref).await?;
         let build = build.ok_or_else(|| {
             AppError::Conflict(format!(
                 "template {} has no ready build for {template_ref:?}",
@@ -222,29 +224,30 @@ impl App {
         Ok(ColdPlan { template, build })
     }
 
-    fn cold_plan_for_pool(
+    async fn cold_plan_for_pool(
         &self,
         caller: &Caller,
         req: &SandboxCreate,
         pool: &PoolRow,
     ) -> AppResult<ColdPlan> {
         if let Some(t) = &req.template {
-            return self.cold_plan(caller, t);
+            return self.cold_plan(caller, t).await;
         }
         let build_id = pool.pool.resolved_build_id.clone().ok_or_else(|| {
             AppError::Conflict(format!("warm pool {} has no resolved build to start cold", pool.pool.name))
         })?;
-        let build = self.store.get_build(&build_id)?.ok_or_else(|| not_found("build", &build_id))?;
+        let build = self.store.get_build(&build_id).await?.ok_or_else(|| not_found("build", &build_id))?;
         let template = self
             .store
-            .get_template(&caller.account_id, &pool.pool.template_id)?
+            .get_template(&caller.account_id, &pool.pool.template_id)
+            .await?
             .ok_or_else(|| not_found("template", &pool.pool.template_id))?;
         Ok(ColdPlan { template, build })
     }
 
-    fn check_owned_quota(&self, account_id: &str) -> AppResult<()> {
-        if let Some(max) = self.quotas(account_id)?.max_sandboxes {
-            let (owned, _) = self.store.count_sandboxes(account_id)?;
+    async fn check_owned_quota(&self, account_id: &str) -> AppResult<()> {
+        if let Some(max) = self.quotas(account_id).await?.max_sandboxes {
+            let (owned, _) = self.store.count_sandboxes(account_id).await?;
             if owned >= max {
                 return Err(AppError::Quota(format!(
                     "account has {owned} sandboxes; max_sandboxes is {max}"
@@ -269,7 +272,7 @@ impl App {
             )
             .into());
         }
-        self.check_owned_quota(&caller.account_id)?;
+        self.check_owned_quota(&caller.account_id).await?;
         let started = Instant::now();
         let now = Utc::now();
         let sandbox = Sandbox {
@@ -321,12 +324,12 @@ impl App {
             volumes,
             network: req.network.as_ref().map(|n| n.mode).unwrap_or_default(),
         };
-        self.store.insert_sandbox(&row)?;
+        self.store.insert_sandbox(&row).await?;
         // `--max-sandboxes` bounds cold creates as it bounds pools. Counted with this row in, so two creates
         // racing for the last slot cannot both have it (both may lose it; a retry settles that).
-        let others = (self.store.count_live_sandboxes()? as usize).saturating_sub(1);
+        let others = (self.store.count_live_sandboxes().await? as usize).saturating_sub(1);
         if self.runtime.free_capacity(others) == 0 {
-            self.store.delete_sandbox_if(&row.sandbox.id, &[Lifecycle::Warming])?;
+            self.store.delete_sandbox_if(&row.sandbox.id, &[Lifecycle::Warming]).await?;
             return Err(AppError::ServiceUnavailable(
                 "this host runs as many sandboxes as it may (the server's --max-sandboxes); nothing was \
                  started: retry later, or check out from a warm pool"
@@ -353,34 +356,41 @@ impl App {
     }
 
     /// A caller's sandbox (pool inventory is not anyone's until checked out).
-    pub(super) fn owned(&self, caller: &Caller, id: &str) -> AppResult<SandboxRow> {
+    pub(super) async fn owned(&self, caller: &Caller, id: &str) -> AppResult<SandboxRow> {
         self.store
-            .get_sandbox(id)?
+            .get_sandbox(id)
+            .await?
             .filter(|r| r.account_id == caller.account_id && r.pool_id.is_none())
             .ok_or_else(|| not_found("sandbox", id))
     }
 
-    pub fn get_sandbox(&self, caller: &Caller, id: &str) -> AppResult<Sandbox> {
-        Ok(self.owned(caller, id)?.sandbox)
+    pub async fn get_sandbox(&self, caller: &Caller, id: &str) -> AppResult<Sandbox> {
+        Ok(self.owned(caller, id).await?.sandbox)
     }
 
-    pub fn list_sandboxes(&self, caller: &Caller, page: &crate::store::Page) -> AppResult<List<Sandbox>> {
-        let fetch = |p: &crate::store::Page| self.store.list_sandboxes(&caller.account_id, p);
-        super::paged(page, fetch, |s: &Sandbox| &s.id, |r| r.sandbox)
+    pub async fn list_sandboxes(
+        &self,
+        caller: &Caller,
+        page: &crate::store::Page,
+    ) -> AppResult<List<Sandbox>> {
+        let fetch = async |p: &crate::store::Page| self.store.list_sandboxes(&caller.account_id, p).await;
+        super::paged(page, fetch, |s: &Sandbox| &s.id, |r| r.sandbox).await
     }
 
     /// Deletes a caller's sandbox: `draining` is committed first, so a failure of the store leaves procd running
     /// and the row as it was (retry), and a failure of the runtime leaves a `draining` row (retry, or recovery
     /// finishes it). Deleting a sandbox that is already draining finishes the job.
     pub async fn delete_sandbox(&self, caller: &Caller, id: &str) -> AppResult<()> {
-        let row = self.owned(caller, id)?;
+        let row = self.owned(caller, id).await?;
         if row.lifecycle == Lifecycle::Draining {
             return self.finish_stop(&row).await;
         }
         let from = [Lifecycle::Warming, Lifecycle::Claimed, Lifecycle::Failed];
         if !self.stop_sandbox(row, &from, StopCause::Deleted).await? {
             // Another transition won the race (a failure, a concurrent delete): finish what is there.
-            if let Some(row) = self.store.get_sandbox(id)?.filter(|r| r.lifecycle == Lifecycle::Draining) {
+            if let Some(row) =
+                self.store.get_sandbox(id).await?.filter(|r| r.lifecycle == Lifecycle::Draining)
+            {
                 self.finish_stop(&row).await?;
             }
         }
@@ -397,7 +407,7 @@ impl App {
                     .map_err(|e| runtime_error(&format!("pausing {id}"), e))?;
                 row.sandbox.state = SandboxState::Paused;
                 row.sandbox.expires_at = None;
-                self.store.update_sandbox_if(&row, &[Lifecycle::Claimed])?;
+                self.store.update_sandbox_if(&row, &[Lifecycle::Claimed]).await?;
                 Ok(())
             }
             _ => {
@@ -408,7 +418,7 @@ impl App {
     }
 
     pub async fn exec(&self, caller: &Caller, id: &str, req: ExecRequest) -> AppResult<ExecResult> {
-        let row = self.owned(caller, id)?;
+        let row = self.owned(caller, id).await?;
         if req.command.is_empty() || req.command[0].is_empty() {
             return Err(FieldError::new("command", "must not be empty").into());
         }
@@ -430,7 +440,7 @@ impl App {
         if row.lifecycle != Lifecycle::Claimed || row.sandbox.state != SandboxState::Running {
             return Err(AppError::Conflict(format!("sandbox {id} is {}", row.sandbox.state.as_str())));
         }
-        let build = self.store.get_build(&row.sandbox.build_id)?;
+        let build = self.store.get_build(&row.sandbox.build_id).await?;
         let base_cwd = build.as_ref().and_then(|b| b.spec.cwd.clone());
         let mut env: BTreeMap<String, String> = build.map(|b| b.spec.env).unwrap_or_default();
         env.extend(row.claim_env);
@@ -455,7 +465,7 @@ impl App {
     }
 
     pub async fn probe(&self, caller: &Caller, id: &str, kind: ProbeKind) -> AppResult<ProbeResult> {
-        let row = self.owned(caller, id)?;
+        let row = self.owned(caller, id).await?;
         self.runtime
             .probe(&row.handle, kind)
             .await
@@ -469,7 +479,7 @@ impl App {
         id: &str,
         tail: Option<u32>,
     ) -> AppResult<BoxStream<'static, LogLine>> {
-        let row = self.owned(caller, id)?;
+        let row = self.owned(caller, id).await?;
         let tail = tail.unwrap_or(LOG_TAIL_DEFAULT);
         if tail > LOG_TAIL_MAX {
             return Err(FieldError::new("tail", format!("must be at most {LOG_TAIL_MAX}")).into());

@@ -28,15 +28,17 @@ pub fn start_timeout(spec: &TemplateSpec) -> Duration {
 }
 
 impl App {
-    pub fn create_template(&self, caller: &Caller, spec: TemplateSpec) -> AppResult<Template> {
+    pub async fn create_template(&self, caller: &Caller, spec: TemplateSpec) -> AppResult<Template> {
         spec.validate()?;
         self.check_image(&spec)?;
         let now = Utc::now();
         let template = Template::from_spec(new_id(id_prefix::TEMPLATE), spec, now, now);
-        self.store.insert_template(&TemplateRow {
-            account_id: caller.account_id.clone(),
-            template: template.clone(),
-        })?;
+        self.store
+            .insert_template(&TemplateRow {
+                account_id: caller.account_id.clone(),
+                template: template.clone(),
+            })
+            .await?;
         Ok(template)
     }
 
@@ -48,37 +50,42 @@ impl App {
         Ok(())
     }
 
-    pub fn list_templates(&self, caller: &Caller, page: &crate::store::Page) -> AppResult<List<Template>> {
-        let fetch = |p: &crate::store::Page| self.store.list_templates(&caller.account_id, p);
-        super::paged(page, fetch, |t: &Template| &t.id, |r| r.template)
+    pub async fn list_templates(
+        &self,
+        caller: &Caller,
+        page: &crate::store::Page,
+    ) -> AppResult<List<Template>> {
+        let fetch = async |p: &crate::store::Page| self.store.list_templates(&caller.account_id, p).await;
+        super::paged(page, fetch, |t: &Template| &t.id, |r| r.template).await
     }
 
-    pub fn get_template(&self, caller: &Caller, id_or_name: &str) -> AppResult<TemplateRow> {
+    pub async fn get_template(&self, caller: &Caller, id_or_name: &str) -> AppResult<TemplateRow> {
         self.store
-            .get_template(&caller.account_id, id_or_name)?
+            .get_template(&caller.account_id, id_or_name)
+            .await?
             .ok_or_else(|| not_found("template", id_or_name))
     }
 
-    pub fn update_template(
+    pub async fn update_template(
         &self,
         caller: &Caller,
         id_or_name: &str,
         patch: TemplatePatch,
     ) -> AppResult<Template> {
-        let mut row = self.get_template(caller, id_or_name)?;
+        let mut row = self.get_template(caller, id_or_name).await?;
         let spec = patch.apply(row.template.spec());
         spec.validate()?;
         self.check_image(&spec)?;
         row.template =
             Template::from_spec(row.template.id.clone(), spec, row.template.created_at, Utc::now());
-        self.store.update_template(&row)?;
+        self.store.update_template(&row).await?;
         Ok(row.template)
     }
 
     pub async fn delete_template(&self, caller: &Caller, id_or_name: &str) -> AppResult<()> {
-        let row = self.get_template(caller, id_or_name)?;
-        let builds = self.store.list_builds(&row.template.id)?;
-        self.store.delete_template(&row.template.id)?;
+        let row = self.get_template(caller, id_or_name).await?;
+        let builds = self.store.list_builds(&row.template.id).await?;
+        self.store.delete_template(&row.template.id).await?;
         for b in builds {
             self.runtime.remove_artifact(&b.build.id).await;
         }
@@ -87,13 +94,13 @@ impl App {
     }
 
     /// Queues a build of the template's current spec and runs it in the background.
-    pub fn create_build(
+    pub async fn create_build(
         self: &Arc<Self>,
         caller: &Caller,
         id_or_name: &str,
         req: BuildCreate,
     ) -> AppResult<Build> {
-        let template = self.get_template(caller, id_or_name)?;
+        let template = self.get_template(caller, id_or_name).await?;
         for (i, tag) in req.tags.iter().enumerate() {
             validate_name(&format!("tags[{i}]"), tag)?;
         }
@@ -112,7 +119,7 @@ impl App {
             spec: template.template.spec(),
             runner: Some(self.replica.clone()),
         };
-        self.store.insert_build(&row)?;
+        self.store.insert_build(&row).await?;
         let app = self.clone();
         tokio::spawn(async move { app.run_build(row).await });
         Ok(build)
@@ -126,14 +133,14 @@ impl App {
         let _slot = self.build_slots.clone().acquire_owned().await;
         let id = row.build.id.clone();
         row.build.status = BuildStatus::Building;
-        if self.store.update_build(&row).is_err() {
+        if self.store.update_build(&row).await.is_err() {
             return;
         }
         let log = self.build_log_path(&id);
         let _ = std::fs::create_dir_all(log.parent().expect("log dir"));
         let result = self.build_artifact(&id, &row.account_id, &row.spec, &log).await;
         // The template may have been deleted meanwhile.
-        if self.store.get_build(&id).ok().flatten().is_none() {
+        if self.store.get_build(&id).await.ok().flatten().is_none() {
             self.runtime.remove_artifact(&id).await;
             return;
         }
@@ -142,7 +149,7 @@ impl App {
             Ok(()) => {
                 row.build.status = BuildStatus::Ready;
                 for tag in &row.build.tags {
-                    let _ = self.store.put_tag(&row.build.template_id, tag, &id, Utc::now());
+                    let _ = self.store.put_tag(&row.build.template_id, tag, &id, Utc::now()).await;
                 }
                 tracing::info!(build = %id, "Build ready");
             }
@@ -154,7 +161,7 @@ impl App {
                 self.runtime.remove_artifact(&id).await;
             }
         }
-        let _ = self.store.update_build(&row);
+        let _ = self.store.update_build(&row).await;
         self.pokes.all();
     }
 
@@ -191,33 +198,34 @@ impl App {
         Ok(())
     }
 
-    pub fn list_builds(
+    pub async fn list_builds(
         &self,
         caller: &Caller,
         template: &str,
         page: &crate::store::Page,
     ) -> AppResult<List<Build>> {
-        let t = self.get_template(caller, template)?;
-        let fetch = |p: &crate::store::Page| self.store.page_builds(&t.template.id, p);
-        super::paged(page, fetch, |b: &Build| &b.id, |r| r.build)
+        let t = self.get_template(caller, template).await?;
+        let fetch = async |p: &crate::store::Page| self.store.page_builds(&t.template.id, p).await;
+        super::paged(page, fetch, |b: &Build| &b.id, |r| r.build).await
     }
 
-    pub fn get_build(&self, caller: &Caller, id: &str) -> AppResult<BuildRow> {
+    pub async fn get_build(&self, caller: &Caller, id: &str) -> AppResult<BuildRow> {
         self.store
-            .get_build(id)?
+            .get_build(id)
+            .await?
             .filter(|b| b.account_id == caller.account_id)
             .ok_or_else(|| not_found("build", id))
     }
 
     /// A build's artifact file, for a caller of the build's account or the holder of the build's artifact token.
-    pub fn build_artifact_file(&self, token: Option<&str>, id: &str) -> AppResult<std::path::PathBuf> {
+    pub async fn build_artifact_file(&self, token: Option<&str>, id: &str) -> AppResult<std::path::PathBuf> {
         let token = token.ok_or(AppError::Unauthorized)?;
         if token.starts_with(crate::secrets::ARTIFACT_TOKEN_PREFIX) {
             if !self.secrets.check_artifact_token(token, id, Utc::now().timestamp()) {
                 return Err(AppError::Unauthorized);
             }
         } else {
-            self.get_build(&self.authenticate(Some(token))?, id)?;
+            self.get_build(&self.authenticate(Some(token)).await?, id).await?;
         }
         self.runtime.artifact_file(id).ok_or_else(|| AppError::NotFound {
             kind: "artifact",
@@ -225,18 +233,28 @@ impl App {
         })
     }
 
-    pub fn build_logs(&self, caller: &Caller, id: &str) -> AppResult<String> {
-        self.get_build(caller, id)?;
+    pub async fn build_logs(&self, caller: &Caller, id: &str) -> AppResult<String> {
+        self.get_build(caller, id).await?;
         Ok(std::fs::read_to_string(self.build_log_path(id)).unwrap_or_default())
     }
 
-    pub fn put_tag(&self, caller: &Caller, template: &str, tag: &str, build_id: &str) -> AppResult<Tag> {
-        let t = self.get_template(caller, template)?;
+    pub async fn put_tag(
+        &self,
+        caller: &Caller,
+        template: &str,
+        tag: &str,
+        build_id: &str,
+    ) -> AppResult<Tag> {
+        let t = self.get_template(caller, template).await?;
         validate_name("tag", tag)?;
-        let build =
-            self.store.get_build(build_id)?.filter(|b| b.build.template_id == t.template.id).ok_or_else(
-                || FieldError::new("build_id", format!("{build_id:?} is not a build of {}", t.template.name)),
-            )?;
+        let build = self
+            .store
+            .get_build(build_id)
+            .await?
+            .filter(|b| b.build.template_id == t.template.id)
+            .ok_or_else(|| {
+                FieldError::new("build_id", format!("{build_id:?} is not a build of {}", t.template.name))
+            })?;
         if build.build.status != BuildStatus::Ready {
             return Err(AppError::Conflict(format!(
                 "build {build_id} is {}, not ready",
@@ -244,24 +262,24 @@ impl App {
             )));
         }
         let now = Utc::now();
-        self.store.put_tag(&t.template.id, tag, build_id, now)?;
+        self.store.put_tag(&t.template.id, tag, build_id, now).await?;
         self.pokes.all();
         Ok(Tag { name: tag.into(), template_id: t.template.id, build_id: build_id.into(), updated_at: now })
     }
 
-    pub fn list_tags(&self, caller: &Caller, template: &str) -> AppResult<Vec<Tag>> {
-        let t = self.get_template(caller, template)?;
-        Ok(self.store.list_tags(&t.template.id)?)
+    pub async fn list_tags(&self, caller: &Caller, template: &str) -> AppResult<Vec<Tag>> {
+        let t = self.get_template(caller, template).await?;
+        Ok(self.store.list_tags(&t.template.id).await?)
     }
 
-    pub fn get_tag(&self, caller: &Caller, template: &str, tag: &str) -> AppResult<Tag> {
-        let t = self.get_template(caller, template)?;
-        self.store.get_tag(&t.template.id, tag)?.ok_or_else(|| not_found("tag", tag))
+    pub async fn get_tag(&self, caller: &Caller, template: &str, tag: &str) -> AppResult<Tag> {
+        let t = self.get_template(caller, template).await?;
+        self.store.get_tag(&t.template.id, tag).await?.ok_or_else(|| not_found("tag", tag))
     }
 
-    pub fn delete_tag(&self, caller: &Caller, template: &str, tag: &str) -> AppResult<()> {
-        let t = self.get_template(caller, template)?;
-        if !self.store.delete_tag(&t.template.id, tag)? {
+    pub async fn delete_tag(&self, caller: &Caller, template: &str, tag: &str) -> AppResult<()> {
+        let t = self.get_template(caller, template).await?;
+        if !self.store.delete_tag(&t.template.id, tag).await? {
             return Err(not_found("tag", tag));
         }
         self.pokes.all();
@@ -270,7 +288,7 @@ impl App {
 
     /// Resolves a ref to its template and build. `Ok((template, None))` when the ref is valid but no build is
     /// (yet) ready for it; `field` names the request field in errors.
-    pub fn resolve_ref(
+    pub async fn resolve_ref(
         &self,
         account_id: &str,
         field: &str,
@@ -279,18 +297,20 @@ impl App {
         let r = TemplateRef::parse(field, value)?;
         let template = self
             .store
-            .get_template(account_id, r.name())?
+            .get_template(account_id, r.name())
+            .await?
             .ok_or_else(|| FieldError::new(field, format!("no template named {:?}", r.name())))?;
         let build = match &r {
-            TemplateRef::Name(_) => self.store.latest_ready_build(&template.template.id)?,
-            TemplateRef::Tag { tag, .. } => match self.store.get_tag(&template.template.id, tag)? {
-                Some(t) => self.store.get_build(&t.build_id)?,
+            TemplateRef::Name(_) => self.store.latest_ready_build(&template.template.id).await?,
+            TemplateRef::Tag { tag, .. } => match self.store.get_tag(&template.template.id, tag).await? {
+                Some(t) => self.store.get_build(&t.build_id).await?,
                 None => None,
             },
             TemplateRef::Build { build_id, .. } => {
                 let b = self
                     .store
-                    .get_build(build_id)?
+                    .get_build(build_id)
+                    .await?
                     .filter(|b| b.build.template_id == template.template.id)
                     .ok_or_else(|| {
                         FieldError::new(field, format!("{build_id} is not a build of {}", r.name()))

@@ -15,14 +15,14 @@ use crate::oidc::{normalize_issuer, Refusal, Verified, VerifyError};
 use crate::store::{Page, TokenRow};
 
 impl App {
-    pub fn create_trust_policy(
+    pub async fn create_trust_policy(
         &self,
         caller: &Caller,
         account_id: &str,
         req: TrustPolicyCreate,
     ) -> AppResult<TrustPolicy> {
         Self::require_admin(caller)?;
-        if self.store.get_account(account_id)?.is_none() {
+        if self.store.get_account(account_id).await?.is_none() {
             return Err(not_found("account", account_id));
         }
         req.validate()?;
@@ -45,32 +45,43 @@ impl App {
             token_ttl_seconds: req.token_ttl_seconds.unwrap_or(TOKEN_TTL_DEFAULT_SECONDS),
             created_at: Utc::now(),
         };
-        self.store.insert_trust_policy(&policy)?;
+        self.store.insert_trust_policy(&policy).await?;
         tracing::info!(account = %account_id, policy = %policy.id, issuer = %policy.issuer, "Trust policy created");
         Ok(policy)
     }
 
-    pub fn list_trust_policies(
+    pub async fn list_trust_policies(
         &self,
         caller: &Caller,
         account_id: &str,
         page: &Page,
     ) -> AppResult<List<TrustPolicy>> {
         Self::require_admin(caller)?;
-        if self.store.get_account(account_id)?.is_none() {
+        if self.store.get_account(account_id).await?.is_none() {
             return Err(not_found("account", account_id));
         }
-        super::paged(page, |p| self.store.list_trust_policies(account_id, p), |t: &TrustPolicy| &t.id, |t| t)
+        super::paged(
+            page,
+            async |p| self.store.list_trust_policies(account_id, p).await,
+            |t: &TrustPolicy| &t.id,
+            |t| t,
+        )
+        .await
     }
 
-    pub fn get_trust_policy(&self, caller: &Caller, account_id: &str, id: &str) -> AppResult<TrustPolicy> {
+    pub async fn get_trust_policy(
+        &self,
+        caller: &Caller,
+        account_id: &str,
+        id: &str,
+    ) -> AppResult<TrustPolicy> {
         Self::require_admin(caller)?;
-        self.store.get_trust_policy(account_id, id)?.ok_or_else(|| not_found("trust policy", id))
+        self.store.get_trust_policy(account_id, id).await?.ok_or_else(|| not_found("trust policy", id))
     }
 
-    pub fn delete_trust_policy(&self, caller: &Caller, account_id: &str, id: &str) -> AppResult<()> {
+    pub async fn delete_trust_policy(&self, caller: &Caller, account_id: &str, id: &str) -> AppResult<()> {
         Self::require_admin(caller)?;
-        if !self.store.delete_trust_policy(account_id, id)? {
+        if !self.store.delete_trust_policy(account_id, id).await? {
             return Err(not_found("trust policy", id));
         }
         tracing::info!(account = %account_id, policy = %id, "Trust policy deleted");
@@ -89,7 +100,7 @@ impl App {
                 )));
             }
         };
-        let policies = self.store.trust_policies_for_issuer(&verified.issuer)?;
+        let policies = self.store.trust_policies_for_issuer(&verified.issuer).await?;
         let policy = match pick_policy(&policies, &verified) {
             Ok(p) => p,
             Err(r) => return Err(self.refused(r, Some(&verified))),
@@ -107,7 +118,7 @@ impl App {
             expires_at: Some(expires_at),
             trust_policy: Some(policy.id.clone()),
         };
-        self.store.insert_token(&row)?;
+        self.store.insert_token(&row).await?;
         tracing::info!(
             account = %policy.account_id,
             policy = %policy.id,

@@ -157,7 +157,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
             .with_context(|| format!("reading {}", secret_path.display()))?,
     );
     let default_db = data_dir.join("warmpool.db");
-    let store = crate::store::open(args.database.as_deref(), &default_db).with_context(|| {
+    let store = crate::store::open(args.database.as_deref(), &default_db).await.with_context(|| {
         format!(
             "opening the database {}",
             args.database.as_deref().unwrap_or(&default_db.display().to_string())
@@ -219,9 +219,9 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
         max_upload_bytes: args.max_upload_bytes,
     };
     let app = App::new(store, runtime, secrets, config);
-    let token_path = app.bootstrap_admin()?;
+    let token_path = app.bootstrap_admin().await?;
     tracing::info!(path = %token_path.display(), "Admin token");
-    app.join_cluster()?;
+    app.join_cluster().await?;
     app.recover().await?;
     tokio::spawn(app.clone().balance());
     tokio::spawn(app.clone().watch_exits(exits_rx));

@@ -112,7 +112,7 @@ async fn healthz() -> &'static str {
     (status = 200, description = "Ready: store, runtime, reconciler and replica details", body = Object),
     (status = 503, description = "The store cannot take writes now", body = Object)))]
 async fn readyz(State(app): S) -> impl IntoResponse {
-    let write = app.store.check_writable();
+    let write = app.store.check_writable().await;
     let store_ok = write.is_ok();
     let body = serde_json::json!({
         "status": if store_ok { "ready" } else { "not_ready" },
@@ -147,7 +147,7 @@ async fn create_account(
     Auth(c): Auth,
     Body(req): Body<AccountCreate>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(app.create_account(&c, req)?)))
+    Ok((StatusCode::CREATED, Json(app.create_account(&c, req).await?)))
 }
 #[utoipa::path(get, path = "/v1/accounts", tag = "accounts", summary = "List accounts (admin)",
     params(ListQuery), responses((status = 200, body = List<Account>)))]
@@ -156,7 +156,7 @@ async fn list_accounts(
     Auth(c): Auth,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<List<Account>>> {
-    Ok(Json(app.list_accounts(&c, &q.page()?)?))
+    Ok(Json(app.list_accounts(&c, &q.page()?).await?))
 }
 #[utoipa::path(patch, path = "/v1/accounts/{id}", tag = "accounts", summary = "Update an account (admin)",
     params(("id" = String, Path, description = "Account id (`acc_…`)")),
@@ -167,7 +167,7 @@ async fn update_account(
     Path(id): Path<String>,
     Body(req): Body<AccountPatch>,
 ) -> ApiResult<Json<Account>> {
-    Ok(Json(app.update_account(&c, &id, req)?))
+    Ok(Json(app.update_account(&c, &id, req).await?))
 }
 #[utoipa::path(post, path = "/v1/tokens", tag = "accounts",
     summary = "Create a token for an account (admin); the secret is shown once",
@@ -177,13 +177,13 @@ async fn create_token(
     Auth(c): Auth,
     Body(req): Body<TokenCreate>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(app.create_token(&c, req)?)))
+    Ok((StatusCode::CREATED, Json(app.create_token(&c, req).await?)))
 }
 #[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "accounts", summary = "Revoke a token (admin)",
     params(("id" = String, Path, description = "Token id (`tok_…`)")),
     responses((status = 204, description = "Revoked")))]
 async fn delete_token(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    app.delete_token(&c, &id)?;
+    app.delete_token(&c, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -197,7 +197,7 @@ async fn create_trust_policy(
     Path(id): Path<String>,
     Body(req): Body<TrustPolicyCreate>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(app.create_trust_policy(&c, &id, req)?)))
+    Ok((StatusCode::CREATED, Json(app.create_trust_policy(&c, &id, req).await?)))
 }
 #[utoipa::path(get, path = "/v1/accounts/{id}/trust-policies", tag = "accounts",
     summary = "List an account's trust policies (admin)",
@@ -209,7 +209,7 @@ async fn list_trust_policies(
     Path(id): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<List<TrustPolicy>>> {
-    Ok(Json(app.list_trust_policies(&c, &id, &q.page()?)?))
+    Ok(Json(app.list_trust_policies(&c, &id, &q.page()?).await?))
 }
 #[utoipa::path(get, path = "/v1/accounts/{id}/trust-policies/{pid}", tag = "accounts",
     summary = "Show a trust policy (admin)",
@@ -221,7 +221,7 @@ async fn get_trust_policy(
     Auth(c): Auth,
     Path((id, pid)): Path<(String, String)>,
 ) -> ApiResult<Json<TrustPolicy>> {
-    Ok(Json(app.get_trust_policy(&c, &id, &pid)?))
+    Ok(Json(app.get_trust_policy(&c, &id, &pid).await?))
 }
 #[utoipa::path(delete, path = "/v1/accounts/{id}/trust-policies/{pid}", tag = "accounts",
     summary = "Delete a trust policy (admin); tokens it gave out live out their lifetime",
@@ -233,7 +233,7 @@ async fn delete_trust_policy(
     Auth(c): Auth,
     Path((id, pid)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    app.delete_trust_policy(&c, &id, &pid)?;
+    app.delete_trust_policy(&c, &id, &pid).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -257,7 +257,7 @@ async fn create_template(
     Auth(c): Auth,
     Body(req): Body<TemplateSpec>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(app.create_template(&c, req)?)))
+    Ok((StatusCode::CREATED, Json(app.create_template(&c, req).await?)))
 }
 #[utoipa::path(get, path = "/v1/templates", tag = "templates", summary = "List templates",
     params(ListQuery), responses((status = 200, body = List<Template>)))]
@@ -266,13 +266,13 @@ async fn list_templates(
     Auth(c): Auth,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<List<Template>>> {
-    Ok(Json(app.list_templates(&c, &q.page()?)?))
+    Ok(Json(app.list_templates(&c, &q.page()?).await?))
 }
 #[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates", summary = "Get a template by id or name",
     params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
     responses((status = 200, body = Template)))]
 async fn get_template(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<Template>> {
-    Ok(Json(app.get_template(&c, &id)?.template))
+    Ok(Json(app.get_template(&c, &id).await?.template))
 }
 #[utoipa::path(patch, path = "/v1/templates/{id}", tag = "templates",
     summary = "Update a template; present fields replace",
@@ -284,7 +284,7 @@ async fn update_template(
     Path(id): Path<String>,
     Body(req): Body<TemplatePatch>,
 ) -> ApiResult<Json<Template>> {
-    Ok(Json(app.update_template(&c, &id, req)?))
+    Ok(Json(app.update_template(&c, &id, req).await?))
 }
 #[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates",
     summary = "Delete a template with its builds and tags",
@@ -305,7 +305,7 @@ async fn create_build(
     Path(id): Path<String>,
     OptionalBody(req): OptionalBody<BuildCreate>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::ACCEPTED, Json(app.create_build(&c, &id, req)?)))
+    Ok((StatusCode::ACCEPTED, Json(app.create_build(&c, &id, req).await?)))
 }
 #[utoipa::path(get, path = "/v1/templates/{id}/builds", tag = "builds",
     summary = "List a template's builds (in id order, a page at a time)",
@@ -317,19 +317,19 @@ async fn list_builds(
     Path(id): Path<String>,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<List<Build>>> {
-    Ok(Json(app.list_builds(&c, &id, &q.page()?)?))
+    Ok(Json(app.list_builds(&c, &id, &q.page()?).await?))
 }
 #[utoipa::path(get, path = "/v1/builds/{id}", tag = "builds", summary = "Get a build",
     params(("id" = String, Path, description = "Build id (`bld_…`)")),
     responses((status = 200, body = Build)))]
 async fn get_build(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<Build>> {
-    Ok(Json(app.get_build(&c, &id)?.build))
+    Ok(Json(app.get_build(&c, &id).await?.build))
 }
 #[utoipa::path(get, path = "/v1/builds/{id}/logs", tag = "builds", summary = "A build's log",
     params(("id" = String, Path, description = "Build id (`bld_…`)")),
     responses((status = 200, body = String, content_type = "text/plain; charset=utf-8")))]
 async fn build_logs(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
-    Ok(([("content-type", "text/plain; charset=utf-8")], app.build_logs(&c, &id)?))
+    Ok(([("content-type", "text/plain; charset=utf-8")], app.build_logs(&c, &id).await?))
 }
 /// Streams the artifact (`application/zstd`, a tar); answers an artifact token as well as an account token.
 #[utoipa::path(get, path = "/v1/builds/{id}/artifact", tag = "builds",
@@ -341,7 +341,7 @@ async fn build_artifact(
     headers: axum::http::HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<impl IntoResponse> {
-    let path = app.build_artifact_file(super::bearer(&headers), &id)?;
+    let path = app.build_artifact_file(super::bearer(&headers), &id).await?;
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| AppError::Internal(format!("opening {}: {e}", path.display())))?;
@@ -352,7 +352,7 @@ async fn build_artifact(
     params(("id" = String, Path, description = "Template id (`tpl_…`) or name")),
     responses((status = 200, body = List<Tag>)))]
 async fn list_tags(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Tag>>> {
-    Ok(list(app.list_tags(&c, &id)?))
+    Ok(list(app.list_tags(&c, &id).await?))
 }
 #[utoipa::path(put, path = "/v1/templates/{id}/tags/{tag}", tag = "builds",
     summary = "Point a tag at a ready build",
@@ -365,7 +365,7 @@ async fn put_tag(
     Path((id, tag)): Path<(String, String)>,
     Body(req): Body<TagPut>,
 ) -> ApiResult<Json<Tag>> {
-    Ok(Json(app.put_tag(&c, &id, &tag, &req.build_id)?))
+    Ok(Json(app.put_tag(&c, &id, &tag, &req.build_id).await?))
 }
 #[utoipa::path(get, path = "/v1/templates/{id}/tags/{tag}", tag = "builds", summary = "Get a tag",
     params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path,
@@ -376,7 +376,7 @@ async fn get_tag(
     Auth(c): Auth,
     Path((id, tag)): Path<(String, String)>,
 ) -> ApiResult<Json<Tag>> {
-    Ok(Json(app.get_tag(&c, &id, &tag)?))
+    Ok(Json(app.get_tag(&c, &id, &tag).await?))
 }
 #[utoipa::path(delete, path = "/v1/templates/{id}/tags/{tag}", tag = "builds", summary = "Delete a tag",
     params(("id" = String, Path, description = "Template id (`tpl_…`) or name"), ("tag" = String, Path,
@@ -387,7 +387,7 @@ async fn delete_tag(
     Auth(c): Auth,
     Path((id, tag)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    app.delete_tag(&c, &id, &tag)?;
+    app.delete_tag(&c, &id, &tag).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -398,7 +398,7 @@ async fn create_pool(
     Auth(c): Auth,
     Body(req): Body<WarmPoolSpec>,
 ) -> ApiResult<impl IntoResponse> {
-    Ok((StatusCode::CREATED, Json(app.create_pool(&c, req)?)))
+    Ok((StatusCode::CREATED, Json(app.create_pool(&c, req).await?)))
 }
 #[utoipa::path(get, path = "/v1/template-warm-pools", tag = "pools", summary = "List warm pools",
     params(ListQuery), responses((status = 200, body = List<WarmPool>)))]
@@ -407,14 +407,14 @@ async fn list_pools(
     Auth(c): Auth,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<List<WarmPool>>> {
-    Ok(Json(app.list_pools(&c, &q.page()?)?))
+    Ok(Json(app.list_pools(&c, &q.page()?).await?))
 }
 #[utoipa::path(get, path = "/v1/template-warm-pools/{id}", tag = "pools",
     summary = "Get a warm pool by id or name",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = WarmPool)))]
 async fn get_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
-    Ok(Json(app.get_pool(&c, &id)?.pool))
+    Ok(Json(app.get_pool(&c, &id).await?.pool))
 }
 #[utoipa::path(patch, path = "/v1/template-warm-pools/{id}", tag = "pools",
     summary = "Update a warm pool; present fields replace",
@@ -426,7 +426,7 @@ async fn update_pool(
     Path(id): Path<String>,
     Body(req): Body<WarmPoolPatch>,
 ) -> ApiResult<Json<WarmPool>> {
-    Ok(Json(app.update_pool_spec(&c, &id, req)?))
+    Ok(Json(app.update_pool_spec(&c, &id, req).await?))
 }
 #[utoipa::path(delete, path = "/v1/template-warm-pools/{id}", tag = "pools",
     summary = "Drain, then delete a warm pool",
@@ -441,27 +441,27 @@ async fn delete_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> Ap
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = PoolStatus)))]
 async fn pool_status(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<PoolStatus>> {
-    Ok(Json(app.pool_status(&c, &id)?))
+    Ok(Json(app.pool_status(&c, &id).await?))
 }
 #[utoipa::path(post, path = "/v1/template-warm-pools/{id}/enable", tag = "pools", summary = "Resume filling",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = WarmPool)))]
 async fn enable_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
-    Ok(Json(app.set_pool_state(&c, &id, PoolState::Enabled)?))
+    Ok(Json(app.set_pool_state(&c, &id, PoolState::Enabled).await?))
 }
 #[utoipa::path(post, path = "/v1/template-warm-pools/{id}/disable", tag = "pools",
     summary = "Stop filling, keep the inventory",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = WarmPool)))]
 async fn disable_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
-    Ok(Json(app.set_pool_state(&c, &id, PoolState::Disabled)?))
+    Ok(Json(app.set_pool_state(&c, &id, PoolState::Disabled).await?))
 }
 #[utoipa::path(post, path = "/v1/template-warm-pools/{id}/drain", tag = "pools",
     summary = "Stop filling, remove the inventory",
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = WarmPool)))]
 async fn drain_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<WarmPool>> {
-    Ok(Json(app.set_pool_state(&c, &id, PoolState::Draining)?))
+    Ok(Json(app.set_pool_state(&c, &id, PoolState::Draining).await?))
 }
 #[utoipa::path(post, path = "/v1/template-warm-pools/{id}/reconcile", tag = "pools",
     summary = "Run a reconcile pass now",
@@ -475,7 +475,7 @@ async fn reconcile_pool(State(app): S, Auth(c): Auth, Path(id): Path<String>) ->
     params(("id" = String, Path, description = "Pool id (`twp_…`) or name")),
     responses((status = 200, body = List<Lease>)))]
 async fn list_leases(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<List<Lease>>> {
-    Ok(list(app.list_leases(&c, &id)?))
+    Ok(list(app.list_leases(&c, &id).await?))
 }
 #[utoipa::path(put, path = "/v1/template-warm-pools/{id}/leases/{key}", tag = "pools",
     summary = "Raise the pool's target for a while; the same key updates its lease",
@@ -488,7 +488,7 @@ async fn put_lease(
     Path((id, key)): Path<(String, String)>,
     Body(req): Body<LeaseSpec>,
 ) -> ApiResult<Json<Lease>> {
-    Ok(Json(app.put_lease(&c, &id, key.trim_start_matches('/'), req)?))
+    Ok(Json(app.put_lease(&c, &id, key.trim_start_matches('/'), req).await?))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -510,7 +510,7 @@ async fn release_lease(
     Path((id, key)): Path<(String, String)>,
     Query(q): Query<ReleaseQuery>,
 ) -> ApiResult<Json<LeaseRelease>> {
-    Ok(Json(app.release_lease(&c, &id, key.trim_start_matches('/'), q.drain_if_last)?))
+    Ok(Json(app.release_lease(&c, &id, key.trim_start_matches('/'), q.drain_if_last).await?))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes",
@@ -530,13 +530,13 @@ async fn list_sandboxes(
     Auth(c): Auth,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<List<Sandbox>>> {
-    Ok(Json(app.list_sandboxes(&c, &q.page()?)?))
+    Ok(Json(app.list_sandboxes(&c, &q.page()?).await?))
 }
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", summary = "Get a sandbox",
     params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),
     responses((status = 200, body = Sandbox)))]
 async fn get_sandbox(State(app): S, Auth(c): Auth, Path(id): Path<String>) -> ApiResult<Json<Sandbox>> {
-    Ok(Json(app.get_sandbox(&c, &id)?))
+    Ok(Json(app.get_sandbox(&c, &id).await?))
 }
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", summary = "Delete a sandbox",
     params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),

@@ -99,7 +99,7 @@ pub struct Auth(pub Caller);
 impl FromRequestParts<Arc<App>> for Auth {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, ApiError> {
-        Ok(Auth(app.authenticate(bearer(&parts.headers))?))
+        Ok(Auth(app.authenticate(bearer(&parts.headers)).await?))
     }
 }
 

@@ -14,8 +14,9 @@ use warmpool_api::{
 use super::*;
 
 /// A database and a way to open handles on it.
-pub trait Backend {
-    fn open(&self) -> Arc<dyn Store>;
+#[async_trait::async_trait]
+pub trait Backend: Sync {
+    async fn open(&self) -> Arc<dyn Store>;
 }
 
 pub struct Sqlite(tempfile::TempDir);
@@ -26,8 +27,9 @@ impl Sqlite {
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for Sqlite {
-    fn open(&self) -> Arc<dyn Store> {
+    async fn open(&self) -> Arc<dyn Store> {
         Arc::new(super::sqlite::SqliteStore::open(&self.0.path().join("warmpool.db")).unwrap())
     }
 }
@@ -45,9 +47,10 @@ impl Postgres {
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for Postgres {
-    fn open(&self) -> Arc<dyn Store> {
-        Arc::new(super::postgres::PgStore::open(&self.url).unwrap())
+    async fn open(&self) -> Arc<dyn Store> {
+        Arc::new(super::postgres::PgStore::open(&self.url).await.unwrap())
     }
 }
 
@@ -55,10 +58,12 @@ impl Backend for Postgres {
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
-            $( #[test] fn $name() { super::$name(&super::Sqlite::temp()) } )*
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+               async fn $name() { super::$name(&super::Sqlite::temp()).await } )*
         }
         mod postgres {
-            $( #[test] fn $name() { super::$name(&super::Postgres::start()) } )*
+            $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+               async fn $name() { super::$name(&super::Postgres::start()).await } )*
         }
     };
 }
@@ -148,59 +153,61 @@ pub fn pool(id: &str, name: &str) -> PoolRow {
 }
 
 /// 64 threads on two handles claim from 20 ready sandboxes: exactly 20 succeed, each with a different sandbox.
-fn concurrent_claims_never_share_a_sandbox(db: &dyn Backend) {
-    let (a, b) = (db.open(), db.open());
+async fn concurrent_claims_never_share_a_sandbox(db: &dyn Backend) {
+    let (a, b) = (db.open().await, db.open().await);
     for i in 0..20 {
-        a.insert_sandbox(&sandbox(&format!("sbx_{i:02}"), "twp_1")).unwrap();
+        a.insert_sandbox(&sandbox(&format!("sbx_{i:02}"), "twp_1")).await.unwrap();
     }
     let handles: Vec<_> = (0..64)
         .map(|i| {
             let store = if i % 2 == 0 { a.clone() } else { b.clone() };
-            std::thread::spawn(move || store.claim_ready("twp_1", Some("bld_1"), &claim()).unwrap())
+            tokio::spawn(async move { store.claim_ready("twp_1", Some("bld_1"), &claim()).await.unwrap() })
         })
         .collect();
-    let mut ids: Vec<String> =
-        handles.into_iter().filter_map(|h| h.join().unwrap()).map(|r| r.sandbox.id).collect();
+    let mut ids = Vec::new();
+    for h in handles {
+        ids.extend(h.await.unwrap().map(|r| r.sandbox.id));
+    }
     assert_eq!(ids.len(), 20);
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 20);
-    assert_eq!(a.count_sandboxes("acc_1").unwrap(), (20, 0));
+    assert_eq!(a.count_sandboxes("acc_1").await.unwrap(), (20, 0));
 }
 
 /// A claim and a stop race for the same ready sandbox: exactly one of the two conditional writes wins.
-fn a_claim_and_a_stop_never_both_win(db: &dyn Backend) {
-    let (a, b) = (db.open(), db.open());
+async fn a_claim_and_a_stop_never_both_win(db: &dyn Backend) {
+    let (a, b) = (db.open().await, db.open().await);
     for round in 0..200 {
         let id = format!("sbx_{round:03}");
-        a.insert_sandbox(&sandbox(&id, "twp_1")).unwrap();
-        let claimer = std::thread::spawn({
+        a.insert_sandbox(&sandbox(&id, "twp_1")).await.unwrap();
+        let claimer = tokio::spawn({
             let a = a.clone();
-            move || a.claim_ready("twp_1", None, &claim()).unwrap().is_some()
+            async move { a.claim_ready("twp_1", None, &claim()).await.unwrap().is_some() }
         });
         let mut draining = sandbox(&id, "twp_1");
         draining.lifecycle = Lifecycle::Draining;
-        let stopped = b.update_sandbox_if(&draining, &[Lifecycle::Warming, Lifecycle::Ready]).unwrap();
-        let claimed = claimer.join().unwrap();
+        let stopped = b.update_sandbox_if(&draining, &[Lifecycle::Warming, Lifecycle::Ready]).await.unwrap();
+        let claimed = claimer.await.unwrap();
         assert!(claimed != stopped, "round {round}: claimed {claimed}, stopped {stopped}");
-        let stored = a.get_sandbox(&id).unwrap().unwrap().lifecycle;
+        let stored = a.get_sandbox(&id).await.unwrap().unwrap().lifecycle;
         assert_eq!(stored, if claimed { Lifecycle::Claimed } else { Lifecycle::Draining });
     }
 }
 
 /// What a claim returns is what is stored, with every field of the claim applied and the rest kept.
-fn a_claim_writes_the_whole_row(db: &dyn Backend) {
-    let store = db.open();
+async fn a_claim_writes_the_whole_row(db: &dyn Backend) {
+    let store = db.open().await;
     let mut ready = sandbox("sbx_1", "twp_1");
     ready.handle.id = "sbx_1".into();
     ready.handle.socket = "/run/procd.sock".into();
     ready.owner = Some("rep_1".into());
     ready.pool_generation = 3;
-    store.insert_sandbox(&ready).unwrap();
+    store.insert_sandbox(&ready).await.unwrap();
     let mut other_build = sandbox("sbx_0", "twp_1");
     other_build.sandbox.build_id = "bld_0".into();
     other_build.ready_at = Some(Utc::now() - chrono::Duration::seconds(60));
-    store.insert_sandbox(&other_build).unwrap();
+    store.insert_sandbox(&other_build).await.unwrap();
 
     let mut update = claim();
     update.account_id = "acc_2".into();
@@ -208,7 +215,7 @@ fn a_claim_writes_the_whole_row(db: &dyn Backend) {
     update.timeout_policy = Some(TimeoutPolicy { timeout_seconds: 60, action: TimeoutAction::Pause });
     update.expires_at = Some(Utc::now() + chrono::Duration::seconds(60));
     // The resolved build first, though the other sandbox has been ready longer.
-    let claimed = store.claim_ready("twp_1", Some("bld_1"), &update).unwrap().unwrap();
+    let claimed = store.claim_ready("twp_1", Some("bld_1"), &update).await.unwrap().unwrap();
     let mut expected = ready.clone();
     expected.account_id = "acc_2".into();
     expected.pool_id = None;
@@ -220,49 +227,53 @@ fn a_claim_writes_the_whole_row(db: &dyn Backend) {
     expected.sandbox.expires_at = update.expires_at;
     expected.timeout_policy = update.timeout_policy.clone();
     assert_eq!(claimed, expected);
-    assert_eq!(store.get_sandbox("sbx_1").unwrap().unwrap(), expected);
-    assert_eq!(store.list_sandboxes("acc_2", &Page::ALL).unwrap(), vec![expected]);
-    assert_eq!(store.count_sandboxes("acc_2").unwrap(), (1, 0));
-    assert_eq!(store.list_pool_sandboxes("twp_1").unwrap().len(), 2, "claimed_from keeps it the pool's");
+    assert_eq!(store.get_sandbox("sbx_1").await.unwrap().unwrap(), expected);
+    assert_eq!(store.list_sandboxes("acc_2", &Page::ALL).await.unwrap(), vec![expected]);
+    assert_eq!(store.count_sandboxes("acc_2").await.unwrap(), (1, 0));
+    assert_eq!(
+        store.list_pool_sandboxes("twp_1").await.unwrap().len(),
+        2,
+        "claimed_from keeps it the pool's"
+    );
 }
 
-fn duplicate_names_are_conflicts(db: &dyn Backend) {
-    let store = db.open();
+async fn duplicate_names_are_conflicts(db: &dyn Backend) {
+    let store = db.open().await;
     let spec = warmpool_api::TemplateSpec { name: "api".into(), ..Default::default() };
     let row = |id: &str| TemplateRow {
         account_id: "acc_1".into(),
         template: warmpool_api::Template::from_spec(id.into(), spec.clone(), Utc::now(), Utc::now()),
     };
-    store.insert_template(&row("tpl_1")).unwrap();
-    assert!(matches!(store.insert_template(&row("tpl_2")), Err(StoreError::Conflict(_))));
-    assert_eq!(store.list_templates("acc_1", &Page::ALL).unwrap().len(), 1);
-    store.insert_pool(&pool("twp_1", "api")).unwrap();
-    assert!(matches!(store.insert_pool(&pool("twp_2", "api")), Err(StoreError::Conflict(_))));
+    store.insert_template(&row("tpl_1")).await.unwrap();
+    assert!(matches!(store.insert_template(&row("tpl_2")).await, Err(StoreError::Conflict(_))));
+    assert_eq!(store.list_templates("acc_1", &Page::ALL).await.unwrap().len(), 1);
+    store.insert_pool(&pool("twp_1", "api")).await.unwrap();
+    assert!(matches!(store.insert_pool(&pool("twp_2", "api")).await, Err(StoreError::Conflict(_))));
 }
 
 /// Two read-modify-writes of one pool from two handles: the second, made over a stale read, is refused, so
 /// neither change is lost.
-fn pool_writes_never_lose_a_change(db: &dyn Backend) {
-    let (a, b) = (db.open(), db.open());
-    a.insert_pool(&pool("twp_1", "api")).unwrap();
-    let mut first = a.get_pool_by_id("twp_1").unwrap().unwrap();
-    let mut second = b.get_pool_by_id("twp_1").unwrap().unwrap();
+async fn pool_writes_never_lose_a_change(db: &dyn Backend) {
+    let (a, b) = (db.open().await, db.open().await);
+    a.insert_pool(&pool("twp_1", "api")).await.unwrap();
+    let mut first = a.get_pool_by_id("twp_1").await.unwrap().unwrap();
+    let mut second = b.get_pool_by_id("twp_1").await.unwrap().unwrap();
     first.pool.min_ready = 3;
     second.ctl.failed_total = 7;
-    assert!(a.update_pool(&first).unwrap());
-    assert!(!b.update_pool(&second).unwrap(), "a write over a stale read must be refused");
-    let mut again = b.get_pool_by_id("twp_1").unwrap().unwrap();
+    assert!(a.update_pool(&first).await.unwrap());
+    assert!(!b.update_pool(&second).await.unwrap(), "a write over a stale read must be refused");
+    let mut again = b.get_pool_by_id("twp_1").await.unwrap().unwrap();
     again.ctl.failed_total = 7;
-    assert!(b.update_pool(&again).unwrap());
-    let stored = a.get_pool_by_id("twp_1").unwrap().unwrap();
+    assert!(b.update_pool(&again).await.unwrap());
+    let stored = a.get_pool_by_id("twp_1").await.unwrap().unwrap();
     assert_eq!((stored.pool.min_ready, stored.ctl.failed_total, stored.rev), (3, 7, 2));
-    assert_eq!(a.list_pool_ids().unwrap(), vec!["twp_1".to_string()]);
-    a.delete_pool("twp_1").unwrap();
-    assert!(!b.update_pool(&stored).unwrap(), "a deleted pool is not written");
+    assert_eq!(a.list_pool_ids().await.unwrap(), vec!["twp_1".to_string()]);
+    a.delete_pool("twp_1").await.unwrap();
+    assert!(!b.update_pool(&stored).await.unwrap(), "a deleted pool is not written");
 }
 
-fn every_resource_round_trips(db: &dyn Backend) {
-    let store = db.open();
+async fn every_resource_round_trips(db: &dyn Backend) {
+    let store = db.open().await;
     let now = Utc::now();
     let account = warmpool_api::Account {
         id: "acc_1".into(),
@@ -271,14 +282,14 @@ fn every_resource_round_trips(db: &dyn Backend) {
         allow_host_network: true,
         created_at: now,
     };
-    store.insert_account(&account).unwrap();
-    assert_eq!(store.get_account("acc_1").unwrap(), Some(account.clone()));
-    assert_eq!(store.list_accounts(&Page::ALL).unwrap(), vec![account.clone()]);
+    store.insert_account(&account).await.unwrap();
+    assert_eq!(store.get_account("acc_1").await.unwrap(), Some(account.clone()));
+    assert_eq!(store.list_accounts(&Page::ALL).await.unwrap(), vec![account.clone()]);
     // An admin takes host networking away again: the store keeps what was written, not a default.
     let account = warmpool_api::Account { allow_host_network: false, ..account };
-    store.update_account(&account).unwrap();
-    assert_eq!(store.get_account("acc_1").unwrap(), Some(account.clone()));
-    assert_eq!(store.list_accounts(&Page::ALL).unwrap(), vec![account]);
+    store.update_account(&account).await.unwrap();
+    assert_eq!(store.get_account("acc_1").await.unwrap(), Some(account.clone()));
+    assert_eq!(store.list_accounts(&Page::ALL).await.unwrap(), vec![account]);
 
     let token = TokenRow {
         id: "tok_1".into(),
@@ -290,12 +301,12 @@ fn every_resource_round_trips(db: &dyn Backend) {
         expires_at: None,
         trust_policy: None,
     };
-    assert!(!store.has_admin_token().unwrap());
-    store.insert_token(&token).unwrap();
-    assert!(store.has_admin_token().unwrap());
-    assert_eq!(store.token_by_hash("abc").unwrap(), Some(token.clone()));
-    assert!(store.delete_token("tok_1").unwrap());
-    assert!(!store.delete_token("tok_1").unwrap());
+    assert!(!store.has_admin_token().await.unwrap());
+    store.insert_token(&token).await.unwrap();
+    assert!(store.has_admin_token().await.unwrap());
+    assert_eq!(store.token_by_hash("abc").await.unwrap(), Some(token.clone()));
+    assert!(store.delete_token("tok_1").await.unwrap());
+    assert!(!store.delete_token("tok_1").await.unwrap());
     // An exchanged token keeps its expiry and the policy it came from.
     let exchanged = TokenRow {
         id: "tok_2".into(),
@@ -305,8 +316,8 @@ fn every_resource_round_trips(db: &dyn Backend) {
         trust_policy: Some("trp_1".into()),
         ..token.clone()
     };
-    store.insert_token(&exchanged).unwrap();
-    assert_eq!(store.token_by_hash("def").unwrap(), Some(exchanged));
+    store.insert_token(&exchanged).await.unwrap();
+    assert_eq!(store.token_by_hash("def").await.unwrap(), Some(exchanged));
 
     let policy = |id: &str, account: &str, name: &str, issuer: &str| warmpool_api::TrustPolicy {
         id: id.into(),
@@ -323,23 +334,23 @@ fn every_resource_round_trips(db: &dyn Backend) {
     let p2 = policy("trp_2", "acc_2", "ci", gh);
     let p3 = policy("trp_3", "acc_1", "other", "https://issuer.example");
     for p in [&p1, &p2, &p3] {
-        store.insert_trust_policy(p).unwrap();
+        store.insert_trust_policy(p).await.unwrap();
     }
     assert!(matches!(
-        store.insert_trust_policy(&policy("trp_4", "acc_1", "ci", gh)),
+        store.insert_trust_policy(&policy("trp_4", "acc_1", "ci", gh)).await,
         Err(StoreError::Conflict(_))
     ));
-    assert_eq!(store.get_trust_policy("acc_1", "trp_1").unwrap(), Some(p1.clone()));
+    assert_eq!(store.get_trust_policy("acc_1", "trp_1").await.unwrap(), Some(p1.clone()));
     assert_eq!(
-        store.get_trust_policy("acc_2", "trp_1").unwrap(),
+        store.get_trust_policy("acc_2", "trp_1").await.unwrap(),
         None,
         "another account's policy is not found"
     );
-    assert_eq!(store.list_trust_policies("acc_1", &Page::ALL).unwrap(), vec![p1.clone(), p3.clone()]);
-    assert_eq!(store.trust_policies_for_issuer(gh).unwrap(), vec![p1.clone(), p2.clone()]);
-    assert!(!store.delete_trust_policy("acc_2", "trp_1").unwrap());
-    assert!(store.delete_trust_policy("acc_1", "trp_1").unwrap());
-    assert_eq!(store.trust_policies_for_issuer(gh).unwrap(), vec![p2]);
+    assert_eq!(store.list_trust_policies("acc_1", &Page::ALL).await.unwrap(), vec![p1.clone(), p3.clone()]);
+    assert_eq!(store.trust_policies_for_issuer(gh).await.unwrap(), vec![p1.clone(), p2.clone()]);
+    assert!(!store.delete_trust_policy("acc_2", "trp_1").await.unwrap());
+    assert!(store.delete_trust_policy("acc_1", "trp_1").await.unwrap());
+    assert_eq!(store.trust_policies_for_issuer(gh).await.unwrap(), vec![p2]);
 
     let build = |id: &str, status: warmpool_api::BuildStatus, at| BuildRow {
         account_id: "acc_1".into(),
@@ -356,31 +367,37 @@ fn every_resource_round_trips(db: &dyn Backend) {
         runner: Some("rep_1".into()),
     };
     use warmpool_api::BuildStatus::*;
-    store.insert_build(&build("bld_1", Ready, now - chrono::Duration::seconds(2))).unwrap();
-    store.insert_build(&build("bld_2", Building, now - chrono::Duration::seconds(1))).unwrap();
-    store.insert_build(&build("bld_3", Ready, now)).unwrap();
-    assert_eq!(store.latest_ready_build("tpl_1").unwrap().unwrap().build.id, "bld_3");
-    let building: Vec<String> =
-        store.list_builds_in(&["queued", "building"]).unwrap().into_iter().map(|b| b.build.id).collect();
+    store.insert_build(&build("bld_1", Ready, now - chrono::Duration::seconds(2))).await.unwrap();
+    store.insert_build(&build("bld_2", Building, now - chrono::Duration::seconds(1))).await.unwrap();
+    store.insert_build(&build("bld_3", Ready, now)).await.unwrap();
+    assert_eq!(store.latest_ready_build("tpl_1").await.unwrap().unwrap().build.id, "bld_3");
+    let building: Vec<String> = store
+        .list_builds_in(&["queued", "building"])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.build.id)
+        .collect();
     assert_eq!(building, vec!["bld_2"]);
     let page: Vec<String> = store
         .page_builds("tpl_1", &Page { after: Some("bld_1".into()), limit: 1 })
+        .await
         .unwrap()
         .into_iter()
         .map(|b| b.build.id)
         .collect();
     assert_eq!(page, vec!["bld_2"], "builds page by id");
-    store.update_build(&build("bld_2", Failed, now)).unwrap();
-    assert_eq!(store.get_build("bld_2").unwrap().unwrap().build.status, Failed);
-    assert_eq!(store.list_builds("tpl_1").unwrap().len(), 3);
+    store.update_build(&build("bld_2", Failed, now)).await.unwrap();
+    assert_eq!(store.get_build("bld_2").await.unwrap().unwrap().build.status, Failed);
+    assert_eq!(store.list_builds("tpl_1").await.unwrap().len(), 3);
 
-    store.put_tag("tpl_1", "stable", "bld_1", now).unwrap();
-    store.put_tag("tpl_1", "stable", "bld_3", now).unwrap();
-    assert_eq!(store.get_tag("tpl_1", "stable").unwrap().unwrap().build_id, "bld_3");
-    assert!(store.delete_tag("tpl_1", "stable").unwrap());
-    assert!(store.list_tags("tpl_1").unwrap().is_empty());
+    store.put_tag("tpl_1", "stable", "bld_1", now).await.unwrap();
+    store.put_tag("tpl_1", "stable", "bld_3", now).await.unwrap();
+    assert_eq!(store.get_tag("tpl_1", "stable").await.unwrap().unwrap().build_id, "bld_3");
+    assert!(store.delete_tag("tpl_1", "stable").await.unwrap());
+    assert!(store.list_tags("tpl_1").await.unwrap().is_empty());
 
-    store.insert_pool(&pool("twp_1", "api")).unwrap();
+    store.insert_pool(&pool("twp_1", "api")).await.unwrap();
     let lease = LeaseRow {
         account_id: "acc_1".into(),
         lease: warmpool_api::Lease {
@@ -392,26 +409,26 @@ fn every_resource_round_trips(db: &dyn Backend) {
             updated_at: now,
         },
     };
-    store.put_lease(&lease).unwrap();
-    store.put_lease(&lease).unwrap();
-    assert_eq!(store.list_leases("twp_1").unwrap(), vec![lease]);
-    assert!(store.delete_lease("twp_1", "ci/1").unwrap());
+    store.put_lease(&lease).await.unwrap();
+    store.put_lease(&lease).await.unwrap();
+    assert_eq!(store.list_leases("twp_1").await.unwrap(), vec![lease]);
+    assert!(store.delete_lease("twp_1", "ci/1").await.unwrap());
 
     let mut warming = sandbox("sbx_1", "twp_1");
     warming.lifecycle = Lifecycle::Warming;
-    store.insert_sandbox(&warming).unwrap();
-    assert_eq!(store.count_live_sandboxes().unwrap(), 1);
-    assert_eq!(store.count_sandboxes("acc_1").unwrap(), (0, 1));
-    assert!(!store.delete_sandbox_if("sbx_1", &[Lifecycle::Draining]).unwrap());
-    assert!(store.delete_sandbox_if("sbx_1", &[Lifecycle::Warming]).unwrap());
-    assert!(store.list_all_sandboxes().unwrap().is_empty());
-    store.check_writable().unwrap();
+    store.insert_sandbox(&warming).await.unwrap();
+    assert_eq!(store.count_live_sandboxes().await.unwrap(), 1);
+    assert_eq!(store.count_sandboxes("acc_1").await.unwrap(), (0, 1));
+    assert!(!store.delete_sandbox_if("sbx_1", &[Lifecycle::Draining]).await.unwrap());
+    assert!(store.delete_sandbox_if("sbx_1", &[Lifecycle::Warming]).await.unwrap());
+    assert!(store.list_all_sandboxes().await.unwrap().is_empty());
+    store.check_writable().await.unwrap();
 }
 
 /// Lists are pages keyset on id: a page holds at most `limit` rows above `after`, in id order, so a client that
 /// passes the last id of a page gets the next one, whatever was inserted meanwhile.
-fn lists_page_in_id_order(db: &dyn Backend) {
-    let store = db.open();
+async fn lists_page_in_id_order(db: &dyn Backend) {
+    let store = db.open().await;
     for (id, name) in [("acc_c", "a"), ("acc_a", "c"), ("acc_b", "b")] {
         let account = warmpool_api::Account {
             id: id.into(),
@@ -420,27 +437,27 @@ fn lists_page_in_id_order(db: &dyn Backend) {
             allow_host_network: false,
             created_at: Utc::now(),
         };
-        store.insert_account(&account).unwrap();
+        store.insert_account(&account).await.unwrap();
     }
-    let ids = |page: &Page| -> Vec<String> {
-        store.list_accounts(page).unwrap().into_iter().map(|a| a.id).collect()
+    let ids = async |page: &Page| -> Vec<String> {
+        store.list_accounts(page).await.unwrap().into_iter().map(|a| a.id).collect()
     };
-    assert_eq!(ids(&Page::ALL), ["acc_a", "acc_b", "acc_c"]);
-    assert_eq!(ids(&Page { after: None, limit: 2 }), ["acc_a", "acc_b"]);
-    assert_eq!(ids(&Page { after: Some("acc_b".into()), limit: 2 }), ["acc_c"]);
-    assert!(ids(&Page { after: Some("acc_c".into()), limit: 2 }).is_empty());
+    assert_eq!(ids(&Page::ALL).await, ["acc_a", "acc_b", "acc_c"]);
+    assert_eq!(ids(&Page { after: None, limit: 2 }).await, ["acc_a", "acc_b"]);
+    assert_eq!(ids(&Page { after: Some("acc_b".into()), limit: 2 }).await, ["acc_c"]);
+    assert!(ids(&Page { after: Some("acc_c".into()), limit: 2 }).await.is_empty());
     for (id, name) in [("twp_2", "a"), ("twp_1", "b"), ("twp_3", "c")] {
-        store.insert_pool(&pool(id, name)).unwrap();
+        store.insert_pool(&pool(id, name)).await.unwrap();
     }
-    let pools = |page: &Page| -> Vec<String> {
-        store.page_pools("acc_1", page).unwrap().into_iter().map(|p| p.pool.id).collect()
+    let pools = async |page: &Page| -> Vec<String> {
+        store.page_pools("acc_1", page).await.unwrap().into_iter().map(|p| p.pool.id).collect()
     };
-    assert_eq!(pools(&Page { after: None, limit: 2 }), ["twp_1", "twp_2"]);
-    assert_eq!(pools(&Page { after: Some("twp_2".into()), limit: 2 }), ["twp_3"]);
-    assert!(store.page_pools("acc_2", &Page::ALL).unwrap().is_empty(), "another account's pools");
+    assert_eq!(pools(&Page { after: None, limit: 2 }).await, ["twp_1", "twp_2"]);
+    assert_eq!(pools(&Page { after: Some("twp_2".into()), limit: 2 }).await, ["twp_3"]);
+    assert!(store.page_pools("acc_2", &Page::ALL).await.unwrap().is_empty(), "another account's pools");
     for id in ["sbx_b", "sbx_a"] {
-        store.insert_sandbox(&SandboxRow { pool_id: None, ..sandbox(id, "twp_1") }).unwrap();
+        store.insert_sandbox(&SandboxRow { pool_id: None, ..sandbox(id, "twp_1") }).await.unwrap();
     }
-    let page = store.list_sandboxes("acc_1", &Page { after: Some("sbx_a".into()), limit: 5 }).unwrap();
+    let page = store.list_sandboxes("acc_1", &Page { after: Some("sbx_a".into()), limit: 5 }).await.unwrap();
     assert_eq!(page.into_iter().map(|s| s.sandbox.id).collect::<Vec<_>>(), ["sbx_b"]);
 }

@@ -11,6 +11,7 @@
 #[cfg(test)]
 pub mod contract;
 pub mod postgres;
+pub mod schema;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -264,6 +265,63 @@ pub struct ClaimUpdate {
     pub created_at: DateTime<Utc>,
 }
 
+impl ClaimUpdate {
+    /// What a claim changes, as two JSON objects whose keys replace those of the stored row and of its `sandbox`
+    /// (PostgreSQL applies them with `||` inside the claim's one statement, SQLite with [`ClaimUpdate::apply`]):
+    /// the one description of a claim's write.
+    pub fn patches(&self, pool_id: &str) -> (serde_json::Value, serde_json::Value) {
+        let row = serde_json::json!({
+            "account_id": self.account_id,
+            "pool_id": null,
+            "lifecycle": Lifecycle::Claimed,
+            "claimed_from": pool_id,
+            "timeout_policy": self.timeout_policy,
+        });
+        let sandbox = serde_json::json!({
+            "labels": self.labels,
+            "warm_pool_checkout": self.checkout,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+        });
+        (row, sandbox)
+    }
+
+    /// The claimed row: `row` (a ready sandbox of `pool_id`) with [`ClaimUpdate::patches`] applied.
+    pub fn apply(&self, pool_id: &str, row: &SandboxRow) -> StoreResult<SandboxRow> {
+        let (row_patch, sandbox_patch) = self.patches(pool_id);
+        let mut value = serde_json::to_value(row)?;
+        let merge = |target: &mut serde_json::Value, patch: serde_json::Value| {
+            if let (Some(target), serde_json::Value::Object(patch)) = (target.as_object_mut(), patch) {
+                target.extend(patch);
+            }
+        };
+        merge(&mut value, row_patch);
+        merge(&mut value["sandbox"], sandbox_patch);
+        Ok(serde_json::from_value(value)?)
+    }
+}
+
+/// The columns of a sandbox row besides its ids, as both stores write them.
+struct SandboxColumns {
+    json: String,
+    pool_id: Option<String>,
+    lifecycle: &'static str,
+    state: &'static str,
+    ready_at: Option<String>,
+}
+
+impl SandboxColumns {
+    fn of(row: &SandboxRow) -> StoreResult<SandboxColumns> {
+        Ok(SandboxColumns {
+            json: serde_json::to_string(row)?,
+            pool_id: row.pool_id.clone(),
+            lifecycle: row.lifecycle.as_str(),
+            state: row.sandbox.state.as_str(),
+            ready_at: row.ready_at.as_ref().map(ts),
+        })
+    }
+}
+
 /// What one replica's change means for the others (PostgreSQL's `LISTEN/NOTIFY`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreEvent {
@@ -285,90 +343,97 @@ pub struct Cluster {
     pub locked_pools: u64,
 }
 
-/// Every durable operation. Methods are synchronous: the embedded store answers in microseconds; a networked
-/// implementation runs them on a blocking pool.
+/// Every durable operation. Methods are async and never block the caller's thread: PostgreSQL runs on its async
+/// driver, SQLite on threads of its own.
+#[async_trait::async_trait]
 pub trait Store: Send + Sync {
     fn describe(&self) -> String;
     /// Makes one small durable write: fails while the store cannot take writes (`/readyz`).
-    fn check_writable(&self) -> StoreResult<()>;
+    async fn check_writable(&self) -> StoreResult<()>;
 
-    fn insert_account(&self, account: &Account) -> StoreResult<()>;
-    fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
-    fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>>;
-    fn update_account(&self, account: &Account) -> StoreResult<()>;
+    async fn insert_account(&self, account: &Account) -> StoreResult<()>;
+    async fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
+    async fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>>;
+    async fn update_account(&self, account: &Account) -> StoreResult<()>;
 
-    fn insert_token(&self, token: &TokenRow) -> StoreResult<()>;
-    fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>>;
-    fn has_admin_token(&self) -> StoreResult<bool>;
-    fn delete_token(&self, id: &str) -> StoreResult<bool>;
+    async fn insert_token(&self, token: &TokenRow) -> StoreResult<()>;
+    async fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>>;
+    async fn has_admin_token(&self) -> StoreResult<bool>;
+    async fn delete_token(&self, id: &str) -> StoreResult<bool>;
 
-    fn insert_trust_policy(&self, policy: &TrustPolicy) -> StoreResult<()>;
+    async fn insert_trust_policy(&self, policy: &TrustPolicy) -> StoreResult<()>;
     /// By id, within the account.
-    fn get_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>>;
-    fn list_trust_policies(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>>;
+    async fn get_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>>;
+    async fn list_trust_policies(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>>;
     /// Every account's policies for one issuer, in id order (what an exchange matches against).
-    fn trust_policies_for_issuer(&self, issuer: &str) -> StoreResult<Vec<TrustPolicy>>;
-    fn delete_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<bool>;
+    async fn trust_policies_for_issuer(&self, issuer: &str) -> StoreResult<Vec<TrustPolicy>>;
+    async fn delete_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<bool>;
 
-    fn insert_template(&self, row: &TemplateRow) -> StoreResult<()>;
+    async fn insert_template(&self, row: &TemplateRow) -> StoreResult<()>;
     /// By id or name, within the account.
-    fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>>;
-    fn list_templates(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>>;
-    fn update_template(&self, row: &TemplateRow) -> StoreResult<()>;
+    async fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>>;
+    async fn list_templates(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>>;
+    async fn update_template(&self, row: &TemplateRow) -> StoreResult<()>;
     /// Deletes the template with its builds and tags.
-    fn delete_template(&self, id: &str) -> StoreResult<()>;
+    async fn delete_template(&self, id: &str) -> StoreResult<()>;
 
-    fn insert_build(&self, row: &BuildRow) -> StoreResult<()>;
-    fn get_build(&self, id: &str) -> StoreResult<Option<BuildRow>>;
-    fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>>;
+    async fn insert_build(&self, row: &BuildRow) -> StoreResult<()>;
+    async fn get_build(&self, id: &str) -> StoreResult<Option<BuildRow>>;
+    async fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>>;
     /// One page of a template's builds, by id (the API's list).
-    fn page_builds(&self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>>;
-    fn list_builds_in(&self, statuses: &[&str]) -> StoreResult<Vec<BuildRow>>;
-    fn update_build(&self, row: &BuildRow) -> StoreResult<()>;
-    fn latest_ready_build(&self, template_id: &str) -> StoreResult<Option<BuildRow>>;
+    async fn page_builds(&self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>>;
+    async fn list_builds_in(&self, statuses: &[&'static str]) -> StoreResult<Vec<BuildRow>>;
+    async fn update_build(&self, row: &BuildRow) -> StoreResult<()>;
+    async fn latest_ready_build(&self, template_id: &str) -> StoreResult<Option<BuildRow>>;
 
-    fn put_tag(&self, template_id: &str, tag: &str, build_id: &str, at: DateTime<Utc>) -> StoreResult<()>;
-    fn get_tag(&self, template_id: &str, tag: &str) -> StoreResult<Option<warmpool_api::Tag>>;
-    fn list_tags(&self, template_id: &str) -> StoreResult<Vec<warmpool_api::Tag>>;
-    fn delete_tag(&self, template_id: &str, tag: &str) -> StoreResult<bool>;
+    async fn put_tag(
+        &self,
+        template_id: &str,
+        tag: &str,
+        build_id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    async fn get_tag(&self, template_id: &str, tag: &str) -> StoreResult<Option<warmpool_api::Tag>>;
+    async fn list_tags(&self, template_id: &str) -> StoreResult<Vec<warmpool_api::Tag>>;
+    async fn delete_tag(&self, template_id: &str, tag: &str) -> StoreResult<bool>;
 
-    fn insert_pool(&self, row: &PoolRow) -> StoreResult<()>;
-    fn get_pool(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>>;
-    fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>>;
+    async fn insert_pool(&self, row: &PoolRow) -> StoreResult<()>;
+    async fn get_pool(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>>;
+    async fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>>;
     /// All pools, or one account's.
-    fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>>;
+    async fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>>;
     /// One page of an account's pools.
-    fn page_pools(&self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>>;
+    async fn page_pools(&self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>>;
     /// Writes the pool if its stored revision is still `row.rev` (and bumps it); false when another write came
     /// first or the pool is gone.
-    fn update_pool(&self, row: &PoolRow) -> StoreResult<bool>;
-    fn list_pool_ids(&self) -> StoreResult<Vec<String>>;
-    fn delete_pool(&self, id: &str) -> StoreResult<()>;
+    async fn update_pool(&self, row: &PoolRow) -> StoreResult<bool>;
+    async fn list_pool_ids(&self) -> StoreResult<Vec<String>>;
+    async fn delete_pool(&self, id: &str) -> StoreResult<()>;
 
-    fn put_lease(&self, row: &LeaseRow) -> StoreResult<()>;
-    fn delete_lease(&self, pool_id: &str, key: &str) -> StoreResult<bool>;
-    fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>>;
+    async fn put_lease(&self, row: &LeaseRow) -> StoreResult<()>;
+    async fn delete_lease(&self, pool_id: &str, key: &str) -> StoreResult<bool>;
+    async fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>>;
 
-    fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()>;
-    fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>>;
+    async fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()>;
+    async fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>>;
     /// One account's sandboxes that are not pool inventory.
-    fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>>;
+    async fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>>;
     /// Every sandbox the store knows (inventory too).
-    fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>>;
-    fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>>;
+    async fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>>;
+    async fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>>;
     /// Writes the row only if the stored lifecycle is one of `expected`; false when it was not (someone else's
     /// transition won, or the row is gone).
-    fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool>;
+    async fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool>;
     /// Deletes the row only if its lifecycle is one of `expected`.
-    fn delete_sandbox_if(&self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool>;
+    async fn delete_sandbox_if(&self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool>;
     /// Live sandboxes on this server (all accounts, inventory too).
-    fn count_live_sandboxes(&self) -> StoreResult<u64>;
+    async fn count_live_sandboxes(&self) -> StoreResult<u64>;
     /// Counts an account's live sandboxes: `(owned, warm inventory)`.
-    fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)>;
+    async fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)>;
     /// Atomically takes one ready sandbox of the pool (the resolved build first, oldest first) and makes it the
     /// caller's (`ready → claimed`). Two callers never get the same sandbox, and a sandbox being stopped is never
     /// taken.
-    fn claim_ready(
+    async fn claim_ready(
         &self,
         pool_id: &str,
         prefer_build: Option<&str>,
@@ -379,36 +444,39 @@ pub trait Store: Send + Sync {
 
     /// Joins the store as `replica` (alive until this process ends) and sends what other replicas change to
     /// `events`.
-    fn join(&self, _replica: &str, _events: UnboundedSender<StoreEvent>) -> StoreResult<()> {
+    async fn join(&self, _replica: &str, _events: UnboundedSender<StoreEvent>) -> StoreResult<()> {
         Ok(())
     }
     /// Whether another replica is still running: rows it owns are its to finish.
-    fn replica_alive(&self, _replica: &str) -> StoreResult<bool> {
+    async fn replica_alive(&self, _replica: &str) -> StoreResult<bool> {
         Ok(false)
     }
     /// Takes the pool for this replica to reconcile; false while another replica has it.
-    fn lock_pool(&self, _pool_id: &str) -> StoreResult<bool> {
+    async fn lock_pool(&self, _pool_id: &str) -> StoreResult<bool> {
         Ok(true)
     }
-    fn unlock_pool(&self, _pool_id: &str) -> StoreResult<()> {
+    async fn unlock_pool(&self, _pool_id: &str) -> StoreResult<()> {
         Ok(())
     }
     /// Takes the cluster's one leader lock (work done once for all replicas); false while another replica has it.
-    fn lock_leader(&self) -> StoreResult<bool> {
+    async fn lock_leader(&self) -> StoreResult<bool> {
         Ok(true)
     }
     /// How pools are spread over replicas (None: this replica is the only one).
-    fn cluster(&self) -> StoreResult<Option<Cluster>> {
+    async fn cluster(&self) -> StoreResult<Option<Cluster>> {
         Ok(None)
     }
 }
 
 /// Opens the store a `--database` URL names: `sqlite:PATH` (`default` when unset) or `postgres://…`.
-pub fn open(url: Option<&str>, default: &std::path::Path) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+pub async fn open(
+    url: Option<&str>,
+    default: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     Ok(match url {
         None => std::sync::Arc::new(sqlite::SqliteStore::open(default)?),
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            std::sync::Arc::new(postgres::PgStore::open(url)?)
+            std::sync::Arc::new(postgres::PgStore::open(url).await?)
         }
         Some(url) => {
             let path = url.strip_prefix("sqlite:").ok_or_else(|| StoreError::InvalidUrl(url.to_string()))?;

@@ -1,7 +1,7 @@
 //! The PostgreSQL store, for several `warmpool serve` replicas sharing one state.
 //!
-//! - Every operation is one statement (no client-side transactions), so a small set of pipelined connections
-//!   serves all callers; each statement is prepared once per connection. The claim is one `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED)`: two replicas
+//! - Every operation is one statement (no client-side transactions) on a pooled connection; each statement is
+//!   prepared once per connection. The claim is one `UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED)`: two replicas
 //!   never take the same sandbox and never wait on each other's candidate.
 //! - Each replica holds one **session** connection for its whole life: it `LISTEN`s for what other replicas change
 //!   and holds the advisory locks that say which replica is alive and which pools it reconciles. A replica that
@@ -9,26 +9,27 @@
 //! - Statements that change what a pool's reconciler or waiting checkouts care about `NOTIFY` the pool in the same
 //!   statement.
 //!
-//! The [`Store`] trait is synchronous (the embedded store answers in microseconds). Connections are driven by a
-//! small runtime of the store's own, and a caller blocks on the reply like it blocks on SQLite's lock: the reply's
-//! future only waits on a channel, so blocking on it never needs the caller's runtime.
+//! Everything runs on tokio-postgres, the native async driver, on the server's own runtime: no statement ever
+//! blocks a thread, so a stalled database delays the requests that need it and nothing else.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row};
 use warmpool_api::{Account, Tag, TrustPolicy};
 
+use super::schema::{self, Dialect, Shape, TableShape};
 use super::*;
 
-/// Schema versions, applied in order, each once, by whichever replica starts first.
+/// How databases made by earlier versions reach the described schema ([`super::schema`]): applied in order, each
+/// once, by whichever replica starts first. A new database is created from the description at the latest version.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, json JSONB NOT NULL);
@@ -65,8 +66,8 @@ const LOCK_REPLICA: i32 = 0x5750_0001;
 const LOCK_POOL: i32 = 0x5750_0002;
 const LOCK_MIGRATE: i32 = 0x5750_0003;
 const LOCK_LEADER: i32 = 0x5750_0004;
-/// Connections serving statements (they pipeline: many callers share one).
-const CONNECTIONS: usize = 4;
+/// Connections serving statements, at most (each serves one statement at a time).
+const CONNECTIONS: usize = 16;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The held advisory locks of namespace `ns` in this database (`pg_locks` spans the whole cluster).
@@ -122,19 +123,6 @@ fn text(v: &(dyn ToSql + Sync)) -> Param<'_> {
     (v, Type::TEXT)
 }
 
-/// A statement connection and the statements prepared on it (each statement is parsed once per connection, not
-/// at every call).
-struct Connection {
-    client: Client,
-    prepared: Mutex<std::collections::HashMap<String, Statement>>,
-}
-
-impl Connection {
-    fn new(client: Client) -> Arc<Connection> {
-        Arc::new(Connection { client, prepared: Mutex::default() })
-    }
-}
-
 /// What the session task and the store share.
 struct Session {
     config: Config,
@@ -144,26 +132,27 @@ struct Session {
 }
 
 pub struct PgStore {
-    /// Drives the connections; `None` only while dropping.
-    runtime: Option<tokio::runtime::Runtime>,
     config: Config,
     describe: String,
-    connections: Vec<Mutex<Arc<Connection>>>,
-    next: AtomicUsize,
+    /// Connections for statements. deadpool-postgres: tokio-postgres's own pool, which keeps each connection's
+    /// prepared statements, checks a connection before handing it out again and replaces broken ones.
+    pool: Pool,
     session: Mutex<Option<Arc<Session>>>,
+    /// The task keeping this replica's session; aborted with the store, which closes the session and so releases
+    /// its locks.
+    session_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Drop for PgStore {
     fn drop(&mut self) {
-        // Dropping a runtime blocks; the store may be dropped inside another runtime.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        if let Some(task) = self.session_task.lock().expect("session task").take() {
+            task.abort();
         }
     }
 }
 
-/// Connects one client and drives its connection on the store's runtime.
-async fn connect(config: Config) -> Result<Client, tokio_postgres::Error> {
+/// Connects one client and drives its connection on a task of its own.
+async fn connect(config: &Config) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -173,9 +162,16 @@ async fn connect(config: Config) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
+fn unreachable_pool(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => e.into(),
+        e => StoreError::Unavailable { reason: "the database is unreachable", source: Box::new(e) },
+    }
+}
+
 impl PgStore {
     /// Connects, and brings the schema up to date (once, whichever replica gets there first).
-    pub fn open(url: &str) -> StoreResult<PgStore> {
+    pub async fn open(url: &str) -> StoreResult<PgStore> {
         let mut config: Config = url.parse().map_err(|e| StoreError::Unavailable {
             reason: "the PostgreSQL URL does not parse",
             source: Box::new(e),
@@ -185,12 +181,6 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("warmpool");
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("warmpool-pg")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Backend(Box::new(e)))?;
         let describe = format!(
             "postgres://{}@{}/{}",
             config.get_user().unwrap_or(""),
@@ -205,94 +195,46 @@ impl PgStore {
                 .join(","),
             config.get_dbname().unwrap_or("")
         );
-        let mut store = PgStore {
-            runtime: Some(runtime),
-            config,
-            describe,
-            connections: Vec::new(),
-            next: AtomicUsize::new(0),
-            session: Mutex::new(None),
-        };
-        store.migrate()?;
-        for _ in 0..CONNECTIONS {
-            let client = store.spawn(connect(store.config.clone()))??;
-            store.connections.push(Mutex::new(Connection::new(client)));
-        }
-        Ok(store)
+        migrate(&config).await?;
+        let manager = deadpool_postgres::Manager::from_config(
+            config.clone(),
+            NoTls,
+            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(CONNECTIONS)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        Ok(PgStore { config, describe, pool, session: Mutex::new(None), session_task: Mutex::new(None) })
     }
 
-    /// Runs `f` on the store's runtime and waits for it.
-    fn spawn<T: Send + 'static>(
-        &self,
-        f: impl std::future::Future<Output = T> + Send + 'static,
-    ) -> StoreResult<T> {
-        let rt = self.runtime.as_ref().expect("runtime");
-        futures::executor::block_on(rt.spawn(f)).map_err(|e| StoreError::Backend(Box::new(e)))
-    }
-
-    fn migrate(&self) -> StoreResult<()> {
-        let config = self.config.clone();
-        self.spawn(async move {
-            let mut client = connect(config).await?;
-            let tx = client.transaction().await?;
-            tx.execute(&format!("SELECT pg_advisory_xact_lock({LOCK_MIGRATE}, 0)"), &[]).await?;
-            tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)").await?;
-            let applied: i64 =
-                tx.query_one("SELECT COUNT(*) FROM schema_migrations", &[]).await?.get(0);
-            for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
-                tx.batch_execute(sql).await?;
-                let version = i as i32 + 1;
-                tx.execute(
-                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                    &[&version, &ts(&Utc::now())],
-                )
-                .await?;
-            }
-            tx.commit().await
-        })??;
-        Ok(())
-    }
-
-    /// A statement connection (round-robin), reconnected if it was closed.
-    fn connection(&self) -> StoreResult<Arc<Connection>> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-        let mut slot = self.connections[i].lock().expect("connection slot");
-        if slot.client.is_closed() {
-            *slot = Connection::new(self.spawn(connect(self.config.clone()))??);
-        }
-        Ok(slot.clone())
-    }
-
-    /// Runs a statement, prepared once per connection (the SQL texts are the store's own, a few dozen).
-    fn query(&self, sql: &str, params: &[Param]) -> StoreResult<Vec<Row>> {
-        let conn = self.connection()?;
-        let cached = conn.prepared.lock().expect("prepared").get(sql).cloned();
-        let statement = match cached {
-            Some(statement) => statement,
-            None => {
-                let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
-                let statement = futures::executor::block_on(conn.client.prepare_typed(sql, &types))?;
-                conn.prepared.lock().expect("prepared").entry(sql.to_string()).or_insert(statement).clone()
-            }
-        };
+    /// Runs a statement on a pooled connection, prepared once per connection (the SQL texts are the store's own,
+    /// a few dozen).
+    async fn query(&self, sql: &str, params: &[Param<'_>]) -> StoreResult<Vec<Row>> {
+        let client = self.pool.get().await.map_err(unreachable_pool)?;
+        let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+        let statement = client.prepare_typed_cached(sql, &types).await?;
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-        Ok(futures::executor::block_on(conn.client.query(&statement, &values))?)
+        Ok(client.query(&statement, &values).await?)
     }
 
     /// Rows changed by a statement that returns one row per change.
-    fn changed(&self, sql: &str, params: &[Param]) -> StoreResult<usize> {
-        Ok(self.query(sql, params)?.len())
+    async fn changed(&self, sql: &str, params: &[Param<'_>]) -> StoreResult<usize> {
+        Ok(self.query(sql, params).await?.len())
     }
 
-    fn one<T: DeserializeOwned>(&self, sql: &str, params: &[Param]) -> StoreResult<Option<T>> {
-        match self.query(sql, params)?.first() {
+    async fn one<T: DeserializeOwned>(&self, sql: &str, params: &[Param<'_>]) -> StoreResult<Option<T>> {
+        match self.query(sql, params).await?.first() {
             Some(row) => Ok(Some(from_json(row.get::<_, &str>(0))?)),
             None => Ok(None),
         }
     }
 
-    fn many<T: DeserializeOwned>(&self, sql: &str, params: &[Param]) -> StoreResult<Vec<T>> {
-        self.query(sql, params)?.iter().map(|row| from_json(row.get::<_, &str>(0))).collect()
+    async fn many<T: DeserializeOwned>(&self, sql: &str, params: &[Param<'_>]) -> StoreResult<Vec<T>> {
+        self.query(sql, params).await?.iter().map(|row| from_json(row.get::<_, &str>(0))).collect()
     }
 
     fn session_client(&self) -> StoreResult<Arc<Client>> {
@@ -306,10 +248,110 @@ impl PgStore {
     }
 
     /// A statement on this replica's session (where its advisory locks live) that answers one boolean.
-    fn session_bool(&self, sql: &str, params: &[Param]) -> StoreResult<bool> {
+    async fn session_bool(&self, sql: &str, params: &[Param<'_>]) -> StoreResult<bool> {
         let client = self.session_client()?;
-        let rows = futures::executor::block_on(client.query_typed(sql, params))?;
+        let rows = client.query_typed(sql, params).await?;
         Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+    }
+}
+
+/// A database as the first released version made it (what the upgrade test starts from).
+#[cfg(test)]
+pub async fn create_first_version(url: &str) {
+    let client = connect(&url.parse().unwrap()).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL);
+             INSERT INTO schema_migrations VALUES (1, 'then');",
+        )
+        .await
+        .unwrap();
+    client.batch_execute(MIGRATIONS[0]).await.unwrap();
+}
+
+impl PgStore {
+    /// The live schema, to compare with the description.
+    pub async fn shape(&self) -> StoreResult<Shape> {
+        let mut shape = Shape::default();
+        let columns = self
+            .query(
+                "SELECT table_name::text, column_name::text, data_type::text, is_nullable = 'YES'
+                 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name <> 'schema_migrations'",
+                &[],
+            )
+            .await?;
+        for row in &columns {
+            let (table, column): (String, String) = (row.get(0), row.get(1));
+            let kind = Shape::kind_of(&table, &column, row.get(2));
+            let t: &mut TableShape = shape.0.entry(table).or_default();
+            t.columns.insert(column, (kind, row.get(3)));
+        }
+        let indexes = self
+            .query(
+                "SELECT t.relname::text, i.relname::text, ix.indisprimary, ix.indisunique,
+                        array_agg(a.attname::text ORDER BY k.n)
+                 FROM pg_index ix
+                 JOIN pg_class t ON t.oid = ix.indrelid
+                 JOIN pg_class i ON i.oid = ix.indexrelid
+                 JOIN pg_namespace ns ON ns.oid = t.relnamespace
+                 CROSS JOIN LATERAL unnest(ix.indkey) WITH ORDINALITY AS k(attnum, n)
+                 JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum
+                 WHERE ns.nspname = current_schema() AND t.relname <> 'schema_migrations'
+                 GROUP BY 1, 2, 3, 4",
+                &[],
+            )
+            .await?;
+        for row in &indexes {
+            let table: String = row.get(0);
+            let columns: Vec<String> = row.get(4);
+            let t = shape.0.entry(table).or_default();
+            match (row.get::<_, bool>(2), row.get::<_, bool>(3)) {
+                (true, _) => t.primary_key = columns,
+                (false, true) => {
+                    t.unique.insert(columns);
+                }
+                (false, false) => {
+                    t.indexes.insert(row.get(1), columns);
+                }
+            }
+        }
+        Ok(shape)
+    }
+}
+
+async fn migrate(config: &Config) -> StoreResult<()> {
+    let mut client = connect(config).await?;
+    let tx = client.transaction().await?;
+    tx.execute(&format!("SELECT pg_advisory_xact_lock({LOCK_MIGRATE}, 0)"), &[]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+    )
+    .await?;
+    let applied: i64 = tx.query_one("SELECT COUNT(*) FROM schema_migrations", &[]).await?.get(0);
+    if applied == 0 {
+        tx.batch_execute(&schema::create(Dialect::Postgres)).await?;
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        if applied > 0 {
+            tx.batch_execute(sql).await?;
+        }
+        let version = i as i32 + 1;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+            &[&version, &ts(&Utc::now())],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -325,7 +367,7 @@ async fn keep_session(
             let (client, mut connection) = session.config.connect(NoTls).await?;
             let events = session.events.clone();
             let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
-            tokio::spawn(async move {
+            let pump = tokio::spawn(async move {
                 let mut messages = futures::stream::poll_fn(|cx| connection.poll_message(cx));
                 while let Some(Ok(message)) = messages.next().await {
                     if let AsyncMessage::Notification(n) = message {
@@ -349,10 +391,11 @@ async fn keep_session(
                     &[text(&session.replica)],
                 )
                 .await?;
-            Ok::<_, tokio_postgres::Error>((Arc::new(client), ended))
+            // The session ends with this task, even when the task is aborted.
+            Ok::<_, tokio_postgres::Error>((Arc::new(client), ended, AbortOnDrop(pump)))
         };
         match attempt.await {
-            Ok((client, ended)) => {
+            Ok((client, ended, _pump)) => {
                 *session.client.lock().expect("session client") = Some(client);
                 match first.take() {
                     Some(first) => {
@@ -382,185 +425,191 @@ async fn keep_session(
     }
 }
 
-/// Sandbox columns besides its id: (json, pool_id, lifecycle, state, ready_at).
-type SandboxColumns = (String, Option<String>, &'static str, &'static str, Option<String>);
-
-fn sandbox_columns(row: &SandboxRow) -> StoreResult<SandboxColumns> {
-    Ok((
-        serde_json::to_string(row)?,
-        row.pool_id.clone(),
-        row.lifecycle.as_str(),
-        row.sandbox.state.as_str(),
-        row.ready_at.as_ref().map(ts),
-    ))
-}
-
+#[async_trait::async_trait]
 impl Store for PgStore {
     fn describe(&self) -> String {
         self.describe.clone()
     }
 
-    fn check_writable(&self) -> StoreResult<()> {
+    async fn check_writable(&self) -> StoreResult<()> {
         let at = ts(&Utc::now());
         self.query(
             "INSERT INTO health (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
             &[text(&at)],
-        )?;
+        )
+        .await?;
         Ok(())
     }
 
-    fn insert_account(&self, a: &Account) -> StoreResult<()> {
+    async fn insert_account(&self, a: &Account) -> StoreResult<()> {
         let json = serde_json::to_string(a)?;
         self.query(
             "INSERT INTO accounts (id, name, json) VALUES ($1, $2, $3::jsonb)",
             &[text(&a.id), text(&a.name), text(&json)],
-        )?;
+        )
+        .await?;
         Ok(())
     }
-    fn get_account(&self, id: &str) -> StoreResult<Option<Account>> {
-        self.one("SELECT json::text FROM accounts WHERE id = $1", &[text(&id)])
+    async fn get_account(&self, id: &str) -> StoreResult<Option<Account>> {
+        self.one("SELECT json::text FROM accounts WHERE id = $1", &[text(&id)]).await
     }
-    fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>> {
+    async fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>> {
         let (after, limit) = (page.after(), i64::from(page.limit));
         self.many(
             "SELECT json::text FROM accounts WHERE id > $1 ORDER BY id LIMIT $2",
             &[text(&after), (&limit, Type::INT8)],
         )
+        .await
     }
-    fn update_account(&self, a: &Account) -> StoreResult<()> {
+    async fn update_account(&self, a: &Account) -> StoreResult<()> {
         let json = serde_json::to_string(a)?;
         self.query(
             "UPDATE accounts SET name = $2, json = $3::jsonb WHERE id = $1",
             &[text(&a.id), text(&a.name), text(&json)],
-        )?;
+        )
+        .await?;
         Ok(())
     }
 
-    fn insert_token(&self, t: &TokenRow) -> StoreResult<()> {
+    async fn insert_token(&self, t: &TokenRow) -> StoreResult<()> {
         let json = serde_json::to_string(t)?;
         self.query(
             "INSERT INTO tokens (id, hash, admin, json) VALUES ($1, $2, $3, $4::jsonb)",
             &[text(&t.id), text(&t.hash), (&t.admin, Type::BOOL), text(&json)],
-        )?;
+        )
+        .await?;
         Ok(())
     }
-    fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>> {
-        self.one("SELECT json::text FROM tokens WHERE hash = $1", &[text(&hash)])
+    async fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>> {
+        self.one("SELECT json::text FROM tokens WHERE hash = $1", &[text(&hash)]).await
     }
-    fn has_admin_token(&self) -> StoreResult<bool> {
-        Ok(!self.query("SELECT 1 FROM tokens WHERE admin LIMIT 1", &[])?.is_empty())
+    async fn has_admin_token(&self) -> StoreResult<bool> {
+        Ok(!self.query("SELECT 1 FROM tokens WHERE admin LIMIT 1", &[]).await?.is_empty())
     }
-    fn delete_token(&self, id: &str) -> StoreResult<bool> {
-        Ok(self.changed("DELETE FROM tokens WHERE id = $1 RETURNING 1", &[text(&id)])? > 0)
+    async fn delete_token(&self, id: &str) -> StoreResult<bool> {
+        Ok(self.changed("DELETE FROM tokens WHERE id = $1 RETURNING 1", &[text(&id)]).await? > 0)
     }
 
-    fn insert_trust_policy(&self, p: &TrustPolicy) -> StoreResult<()> {
+    async fn insert_trust_policy(&self, p: &TrustPolicy) -> StoreResult<()> {
         let json = serde_json::to_string(p)?;
         self.query(
             "INSERT INTO trust_policies (id, account_id, name, issuer, json) VALUES ($1, $2, $3, $4, $5::jsonb)",
             &[text(&p.id), text(&p.account_id), text(&p.name), text(&p.issuer), text(&json)],
-        )
+        ).await
         .map_err(conflict_as(format!("trust policy {:?}", p.name)))?;
         Ok(())
     }
-    fn get_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>> {
+    async fn get_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>> {
         self.one(
             "SELECT json::text FROM trust_policies WHERE account_id = $1 AND id = $2",
             &[text(&account_id), text(&id)],
         )
+        .await
     }
-    fn list_trust_policies(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>> {
+    async fn list_trust_policies(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>> {
         let (after, limit) = (page.after(), i64::from(page.limit));
         self.many(
             "SELECT json::text FROM trust_policies WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
             &[text(&account_id), text(&after), (&limit, Type::INT8)],
         )
+        .await
     }
-    fn trust_policies_for_issuer(&self, issuer: &str) -> StoreResult<Vec<TrustPolicy>> {
+    async fn trust_policies_for_issuer(&self, issuer: &str) -> StoreResult<Vec<TrustPolicy>> {
         self.many("SELECT json::text FROM trust_policies WHERE issuer = $1 ORDER BY id", &[text(&issuer)])
+            .await
     }
-    fn delete_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<bool> {
-        Ok(self.changed(
-            "DELETE FROM trust_policies WHERE account_id = $1 AND id = $2 RETURNING 1",
-            &[text(&account_id), text(&id)],
-        )? > 0)
+    async fn delete_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+        Ok(self
+            .changed(
+                "DELETE FROM trust_policies WHERE account_id = $1 AND id = $2 RETURNING 1",
+                &[text(&account_id), text(&id)],
+            )
+            .await?
+            > 0)
     }
 
-    fn insert_template(&self, row: &TemplateRow) -> StoreResult<()> {
+    async fn insert_template(&self, row: &TemplateRow) -> StoreResult<()> {
         let t = &row.template;
         let json = serde_json::to_string(row)?;
         self.query(
             "INSERT INTO templates (id, account_id, name, json) VALUES ($1, $2, $3, $4::jsonb)",
             &[text(&t.id), text(&row.account_id), text(&t.name), text(&json)],
         )
+        .await
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
         Ok(())
     }
-    fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>> {
+    async fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>> {
         self.one(
             "SELECT json::text FROM templates WHERE account_id = $1 AND (id = $2 OR name = $2)",
             &[text(&account_id), text(&id_or_name)],
         )
+        .await
     }
-    fn list_templates(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>> {
+    async fn list_templates(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>> {
         let (after, limit) = (page.after(), i64::from(page.limit));
         self.many(
             "SELECT json::text FROM templates WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
             &[text(&account_id), text(&after), (&limit, Type::INT8)],
         )
+        .await
     }
-    fn update_template(&self, row: &TemplateRow) -> StoreResult<()> {
+    async fn update_template(&self, row: &TemplateRow) -> StoreResult<()> {
         let t = &row.template;
         let json = serde_json::to_string(row)?;
         self.query(
             "UPDATE templates SET name = $2, json = $3::jsonb WHERE id = $1",
             &[text(&t.id), text(&t.name), text(&json)],
         )
+        .await
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
         Ok(())
     }
-    fn delete_template(&self, id: &str) -> StoreResult<()> {
+    async fn delete_template(&self, id: &str) -> StoreResult<()> {
         self.query(
             "WITH t AS (DELETE FROM tags WHERE template_id = $1), b AS (DELETE FROM builds WHERE template_id = $1),
                   n AS (SELECT pg_notify('warmpool', '*'))
              DELETE FROM templates WHERE id = $1 AND EXISTS (SELECT 1 FROM n)",
             &[text(&id)],
-        )?;
+        ).await?;
         Ok(())
     }
 
-    fn insert_build(&self, row: &BuildRow) -> StoreResult<()> {
+    async fn insert_build(&self, row: &BuildRow) -> StoreResult<()> {
         let b = &row.build;
         let (created, json) = (ts(&b.created_at), serde_json::to_string(row)?);
         self.query(
             "INSERT INTO builds (id, template_id, status, created_at, json) VALUES ($1, $2, $3, $4, $5::jsonb)",
             &[text(&b.id), text(&b.template_id), text(&b.status.as_str()), text(&created), text(&json)],
-        )?;
+        ).await?;
         Ok(())
     }
-    fn get_build(&self, id: &str) -> StoreResult<Option<BuildRow>> {
-        self.one("SELECT json::text FROM builds WHERE id = $1", &[text(&id)])
+    async fn get_build(&self, id: &str) -> StoreResult<Option<BuildRow>> {
+        self.one("SELECT json::text FROM builds WHERE id = $1", &[text(&id)]).await
     }
-    fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
+    async fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
         self.many(
             "SELECT json::text FROM builds WHERE template_id = $1 ORDER BY created_at",
             &[text(&template_id)],
         )
+        .await
     }
-    fn page_builds(&self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>> {
+    async fn page_builds(&self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>> {
         let (after, limit) = (page.after(), i64::from(page.limit));
         self.many(
             "SELECT json::text FROM builds WHERE template_id = $1 AND id > $2 ORDER BY id LIMIT $3",
             &[text(&template_id), text(&after), (&limit, Type::INT8)],
         )
+        .await
     }
-    fn list_builds_in(&self, statuses: &[&str]) -> StoreResult<Vec<BuildRow>> {
+    async fn list_builds_in(&self, statuses: &[&'static str]) -> StoreResult<Vec<BuildRow>> {
         self.many(
             "SELECT json::text FROM builds WHERE status = ANY($1) ORDER BY created_at",
             &[(&statuses, Type::TEXT_ARRAY)],
         )
+        .await
     }
-    fn update_build(&self, row: &BuildRow) -> StoreResult<()> {
+    async fn update_build(&self, row: &BuildRow) -> StoreResult<()> {
         let b = &row.build;
         let json = serde_json::to_string(row)?;
         // A build that finished changes what pools can start: every replica hears it.
@@ -568,18 +617,26 @@ impl Store for PgStore {
             "WITH u AS (UPDATE builds SET status = $2, json = $3::jsonb WHERE id = $1 RETURNING status)
              SELECT pg_notify('warmpool', '*') FROM u WHERE status IN ('ready', 'failed')",
             &[text(&b.id), text(&b.status.as_str()), text(&json)],
-        )?;
+        )
+        .await?;
         Ok(())
     }
-    fn latest_ready_build(&self, template_id: &str) -> StoreResult<Option<BuildRow>> {
+    async fn latest_ready_build(&self, template_id: &str) -> StoreResult<Option<BuildRow>> {
         self.one(
             "SELECT json::text FROM builds WHERE template_id = $1 AND status = 'ready'
              ORDER BY created_at DESC LIMIT 1",
             &[text(&template_id)],
         )
+        .await
     }
 
-    fn put_tag(&self, template_id: &str, tag: &str, build_id: &str, at: DateTime<Utc>) -> StoreResult<()> {
+    async fn put_tag(
+        &self,
+        template_id: &str,
+        tag: &str,
+        build_id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
         let at = ts(&at);
         self.query(
             "WITH u AS (INSERT INTO tags (template_id, name, build_id, updated_at) VALUES ($1, $2, $3, $4)
@@ -587,17 +644,19 @@ impl Store for PgStore {
                  updated_at = excluded.updated_at RETURNING 1)
              SELECT pg_notify('warmpool', '*') FROM u",
             &[text(&template_id), text(&tag), text(&build_id), text(&at)],
-        )?;
+        )
+        .await?;
         Ok(())
     }
-    fn get_tag(&self, template_id: &str, tag: &str) -> StoreResult<Option<Tag>> {
-        Ok(self.list_tags(template_id)?.into_iter().find(|t| t.name == tag))
+    async fn get_tag(&self, template_id: &str, tag: &str) -> StoreResult<Option<Tag>> {
+        Ok(self.list_tags(template_id).await?.into_iter().find(|t| t.name == tag))
     }
-    fn list_tags(&self, template_id: &str) -> StoreResult<Vec<Tag>> {
+    async fn list_tags(&self, template_id: &str) -> StoreResult<Vec<Tag>> {
         self.query(
             "SELECT name, build_id, updated_at FROM tags WHERE template_id = $1 ORDER BY name",
             &[text(&template_id)],
-        )?
+        )
+        .await?
         .iter()
         .map(|r| {
             let updated_at = DateTime::parse_from_rfc3339(r.get::<_, &str>(2))
@@ -607,15 +666,18 @@ impl Store for PgStore {
         })
         .collect()
     }
-    fn delete_tag(&self, template_id: &str, tag: &str) -> StoreResult<bool> {
-        Ok(self.changed(
-            "WITH d AS (DELETE FROM tags WHERE template_id = $1 AND name = $2 RETURNING 1)
+    async fn delete_tag(&self, template_id: &str, tag: &str) -> StoreResult<bool> {
+        Ok(self
+            .changed(
+                "WITH d AS (DELETE FROM tags WHERE template_id = $1 AND name = $2 RETURNING 1)
              SELECT pg_notify('warmpool', '*') FROM d",
-            &[text(&template_id), text(&tag)],
-        )? > 0)
+                &[text(&template_id), text(&tag)],
+            )
+            .await?
+            > 0)
     }
 
-    fn insert_pool(&self, row: &PoolRow) -> StoreResult<()> {
+    async fn insert_pool(&self, row: &PoolRow) -> StoreResult<()> {
         let p = &row.pool;
         let json = serde_json::to_string(row)?;
         self.query(
@@ -623,35 +685,38 @@ impl Store for PgStore {
                  RETURNING id)
              SELECT pg_notify('warmpool', 'pool:' || id) FROM i",
             &[text(&p.id), text(&row.account_id), text(&p.name), (&(row.rev as i64), Type::INT8), text(&json)],
-        )
+        ).await
         .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(())
     }
-    fn get_pool(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>> {
+    async fn get_pool(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>> {
         self.one(
             "SELECT json::text FROM pools WHERE account_id = $1 AND (id = $2 OR name = $2)",
             &[text(&account_id), text(&id_or_name)],
         )
+        .await
     }
-    fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>> {
-        self.one("SELECT json::text FROM pools WHERE id = $1", &[text(&id)])
+    async fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>> {
+        self.one("SELECT json::text FROM pools WHERE id = $1", &[text(&id)]).await
     }
-    fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>> {
+    async fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>> {
         match account_id {
             Some(a) => {
                 self.many("SELECT json::text FROM pools WHERE account_id = $1 ORDER BY name", &[text(&a)])
+                    .await
             }
-            None => self.many("SELECT json::text FROM pools ORDER BY id", &[]),
+            None => self.many("SELECT json::text FROM pools ORDER BY id", &[]).await,
         }
     }
-    fn page_pools(&self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>> {
+    async fn page_pools(&self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>> {
         let (after, limit) = (page.after(), i64::from(page.limit));
         self.many(
             "SELECT json::text FROM pools WHERE account_id = $1 AND id > $2 ORDER BY id LIMIT $3",
             &[text(&account_id), text(&after), (&limit, Type::INT8)],
         )
+        .await
     }
-    fn update_pool(&self, row: &PoolRow) -> StoreResult<bool> {
+    async fn update_pool(&self, row: &PoolRow) -> StoreResult<bool> {
         let p = &row.pool;
         let next = PoolRow { rev: row.rev + 1, ..row.clone() };
         let json = serde_json::to_string(&next)?;
@@ -661,45 +726,49 @@ impl Store for PgStore {
                      RETURNING id)
                  SELECT pg_notify('warmpool', 'pool:' || id) FROM u",
                 &[text(&p.id), text(&p.name), text(&json), (&(row.rev as i64), Type::INT8)],
-            )
+            ).await
             .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(changed == 1)
     }
-    fn list_pool_ids(&self) -> StoreResult<Vec<String>> {
-        Ok(self.query("SELECT id FROM pools ORDER BY id", &[])?.iter().map(|r| r.get(0)).collect())
+    async fn list_pool_ids(&self) -> StoreResult<Vec<String>> {
+        Ok(self.query("SELECT id FROM pools ORDER BY id", &[]).await?.iter().map(|r| r.get(0)).collect())
     }
-    fn delete_pool(&self, id: &str) -> StoreResult<()> {
+    async fn delete_pool(&self, id: &str) -> StoreResult<()> {
         self.query(
             "WITH l AS (DELETE FROM leases WHERE pool_id = $1), d AS (DELETE FROM pools WHERE id = $1 RETURNING id)
              SELECT pg_notify('warmpool', 'pool:' || id) FROM d",
             &[text(&id)],
-        )?;
+        ).await?;
         Ok(())
     }
 
-    fn put_lease(&self, row: &LeaseRow) -> StoreResult<()> {
+    async fn put_lease(&self, row: &LeaseRow) -> StoreResult<()> {
         let json = serde_json::to_string(row)?;
         self.query(
             "WITH u AS (INSERT INTO leases (pool_id, key, json) VALUES ($1, $2, $3::jsonb)
                  ON CONFLICT (pool_id, key) DO UPDATE SET json = excluded.json RETURNING pool_id)
              SELECT pg_notify('warmpool', 'pool:' || pool_id) FROM u",
             &[text(&row.lease.pool_id), text(&row.lease.key), text(&json)],
-        )?;
+        )
+        .await?;
         Ok(())
     }
-    fn delete_lease(&self, pool_id: &str, key: &str) -> StoreResult<bool> {
-        Ok(self.changed(
-            "WITH d AS (DELETE FROM leases WHERE pool_id = $1 AND key = $2 RETURNING pool_id)
+    async fn delete_lease(&self, pool_id: &str, key: &str) -> StoreResult<bool> {
+        Ok(self
+            .changed(
+                "WITH d AS (DELETE FROM leases WHERE pool_id = $1 AND key = $2 RETURNING pool_id)
              SELECT pg_notify('warmpool', 'pool:' || pool_id) FROM d",
-            &[text(&pool_id), text(&key)],
-        )? > 0)
+                &[text(&pool_id), text(&key)],
+            )
+            .await?
+            > 0)
     }
-    fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
-        self.many("SELECT json::text FROM leases WHERE pool_id = $1 ORDER BY key", &[text(&pool_id)])
+    async fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
+        self.many("SELECT json::text FROM leases WHERE pool_id = $1 ORDER BY key", &[text(&pool_id)]).await
     }
 
-    fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
-        let (json, pool_id, lifecycle, state, ready_at) = sandbox_columns(row)?;
+    async fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
+        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
         self.query(
             "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
@@ -714,31 +783,32 @@ impl Store for PgStore {
                 text(&ready_at),
                 text(&json),
             ],
-        )?;
+        ).await?;
         Ok(())
     }
-    fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
-        self.one("SELECT json::text FROM sandboxes WHERE id = $1", &[text(&id)])
+    async fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
+        self.one("SELECT json::text FROM sandboxes WHERE id = $1", &[text(&id)]).await
     }
-    fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>> {
+    async fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>> {
         let (after, limit) = (page.after(), i64::from(page.limit));
         self.many(
             "SELECT json::text FROM sandboxes WHERE account_id = $1 AND pool_id IS NULL AND id > $2 ORDER BY id \
              LIMIT $3",
             &[text(&account_id), text(&after), (&limit, Type::INT8)],
-        )
+        ).await
     }
-    fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
-        self.many("SELECT json::text FROM sandboxes ORDER BY id", &[])
+    async fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
+        self.many("SELECT json::text FROM sandboxes ORDER BY id", &[]).await
     }
-    fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>> {
+    async fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>> {
         self.many(
             "SELECT json::text FROM sandboxes WHERE pool_id = $1 OR claimed_from = $1 ORDER BY id",
             &[text(&pool_id)],
         )
+        .await
     }
-    fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool> {
-        let (json, pool_id, lifecycle, state, ready_at) = sandbox_columns(row)?;
+    async fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool> {
+        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
         let expected = lifecycles(expected);
         // The pool hears it: a sandbox that became ready wakes waiting checkouts; one that went, its reconciler.
         let changed = self.changed(
@@ -757,59 +827,48 @@ impl Store for PgStore {
                 text(&json),
                 (&expected, Type::TEXT_ARRAY),
             ],
-        )?;
+        ).await?;
         Ok(changed == 1)
     }
-    fn delete_sandbox_if(&self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool> {
+    async fn delete_sandbox_if(&self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool> {
         let expected = lifecycles(expected);
-        let changed = self.changed(
-            "WITH d AS (DELETE FROM sandboxes WHERE id = $1 AND lifecycle = ANY($2)
+        let changed = self
+            .changed(
+                "WITH d AS (DELETE FROM sandboxes WHERE id = $1 AND lifecycle = ANY($2)
                  RETURNING COALESCE(pool_id, claimed_from) AS pool)
              SELECT pg_notify('warmpool', 'pool:' || pool) FROM d",
-            &[text(&id), (&expected, Type::TEXT_ARRAY)],
-        )?;
+                &[text(&id), (&expected, Type::TEXT_ARRAY)],
+            )
+            .await?;
         Ok(changed == 1)
     }
-    fn count_live_sandboxes(&self) -> StoreResult<u64> {
+    async fn count_live_sandboxes(&self) -> StoreResult<u64> {
         let rows = self.query(
             "SELECT COUNT(*) FROM sandboxes WHERE lifecycle IN ('warming', 'ready', 'claimed', 'draining')",
             &[],
-        )?;
+        ).await?;
         Ok(rows[0].get::<_, i64>(0) as u64)
     }
-    fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)> {
-        let rows = self.query(
-            "SELECT COUNT(*) FILTER (WHERE pool_id IS NULL AND lifecycle IN ('warming', 'claimed')),
+    async fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)> {
+        let rows = self
+            .query(
+                "SELECT COUNT(*) FILTER (WHERE pool_id IS NULL AND lifecycle IN ('warming', 'claimed')),
                     COUNT(*) FILTER (WHERE pool_id IS NOT NULL AND lifecycle IN ('warming', 'ready'))
              FROM sandboxes WHERE account_id = $1",
-            &[text(&account_id)],
-        )?;
+                &[text(&account_id)],
+            )
+            .await?;
         Ok((rows[0].get::<_, i64>(0) as u64, rows[0].get::<_, i64>(1) as u64))
     }
 
-    fn claim_ready(
+    async fn claim_ready(
         &self,
         pool_id: &str,
         prefer_build: Option<&str>,
         claim: &ClaimUpdate,
     ) -> StoreResult<Option<SandboxRow>> {
-        // The claim's changes as JSON patches of the row and of its sandbox (the same fields the embedded store
-        // sets).
-        let row_patch = serde_json::json!({
-            "account_id": claim.account_id,
-            "pool_id": null,
-            "lifecycle": Lifecycle::Claimed.as_str(),
-            "claimed_from": pool_id,
-            "timeout_policy": claim.timeout_policy,
-        })
-        .to_string();
-        let sandbox_patch = serde_json::json!({
-            "labels": claim.labels,
-            "warm_pool_checkout": claim.checkout,
-            "created_at": claim.created_at,
-            "expires_at": claim.expires_at,
-        })
-        .to_string();
+        let (row_patch, sandbox_patch) = claim.patches(pool_id);
+        let (row_patch, sandbox_patch) = (row_patch.to_string(), sandbox_patch.to_string());
         let prefer = prefer_build.unwrap_or("");
         // One statement: the candidate is locked as it is picked, and a candidate another claim (or a stop) has
         // locked is skipped, not waited for.
@@ -823,11 +882,11 @@ impl Store for PgStore {
                  RETURNING s.json)
              SELECT json::text, pg_notify('warmpool', 'pool:' || $1) FROM c",
             &[text(&pool_id), text(&claim.account_id), text(&row_patch), text(&sandbox_patch), text(&prefer)],
-        )?;
+        ).await?;
         rows.first().map(|r| from_json(r.get::<_, &str>(0))).transpose()
     }
 
-    fn join(&self, replica: &str, events: UnboundedSender<StoreEvent>) -> StoreResult<()> {
+    async fn join(&self, replica: &str, events: UnboundedSender<StoreEvent>) -> StoreResult<()> {
         let session = Arc::new(Session {
             config: self.config.clone(),
             replica: replica.to_string(),
@@ -835,35 +894,39 @@ impl Store for PgStore {
             client: Mutex::new(None),
         });
         let (first, joined) = tokio::sync::oneshot::channel();
-        let rt = self.runtime.as_ref().expect("runtime");
-        rt.spawn(keep_session(session.clone(), Some(first)));
-        futures::executor::block_on(joined).map_err(|e| StoreError::Backend(Box::new(e)))??;
+        let task = tokio::spawn(keep_session(session.clone(), Some(first)));
+        *self.session_task.lock().expect("session task") = Some(task.abort_handle());
+        joined.await.map_err(|e| StoreError::Backend(Box::new(e)))??;
         *self.session.lock().expect("session") = Some(session);
         Ok(())
     }
 
-    fn replica_alive(&self, replica: &str) -> StoreResult<bool> {
-        let rows = self.query(
-            &format!("SELECT EXISTS ({} AND objid = {LOCK_KEY}::oid)", held_locks(LOCK_REPLICA)),
-            &[text(&replica)],
-        )?;
+    async fn replica_alive(&self, replica: &str) -> StoreResult<bool> {
+        let rows = self
+            .query(
+                &format!("SELECT EXISTS ({} AND objid = {LOCK_KEY}::oid)", held_locks(LOCK_REPLICA)),
+                &[text(&replica)],
+            )
+            .await?;
         Ok(rows[0].get(0))
     }
 
-    fn lock_pool(&self, pool_id: &str) -> StoreResult<bool> {
+    async fn lock_pool(&self, pool_id: &str) -> StoreResult<bool> {
         self.session_bool(&format!("SELECT pg_try_advisory_lock({LOCK_POOL}, {LOCK_KEY})"), &[text(&pool_id)])
+            .await
     }
 
-    fn unlock_pool(&self, pool_id: &str) -> StoreResult<()> {
-        self.session_bool(&format!("SELECT pg_advisory_unlock({LOCK_POOL}, {LOCK_KEY})"), &[text(&pool_id)])?;
+    async fn unlock_pool(&self, pool_id: &str) -> StoreResult<()> {
+        self.session_bool(&format!("SELECT pg_advisory_unlock({LOCK_POOL}, {LOCK_KEY})"), &[text(&pool_id)])
+            .await?;
         Ok(())
     }
 
-    fn lock_leader(&self) -> StoreResult<bool> {
-        self.session_bool(&format!("SELECT pg_try_advisory_lock({LOCK_LEADER}, 0)"), &[])
+    async fn lock_leader(&self) -> StoreResult<bool> {
+        self.session_bool(&format!("SELECT pg_try_advisory_lock({LOCK_LEADER}, 0)"), &[]).await
     }
 
-    fn cluster(&self) -> StoreResult<Option<Cluster>> {
+    async fn cluster(&self) -> StoreResult<Option<Cluster>> {
         let rows = self.query(
             &format!(
                 "SELECT (SELECT COUNT(*) FROM ({}) r), (SELECT COUNT(*) FROM pools), (SELECT COUNT(*) FROM ({}) p)",
@@ -871,7 +934,7 @@ impl Store for PgStore {
                 held_locks(LOCK_POOL)
             ),
             &[],
-        )?;
+        ).await?;
         let count = |i| rows[0].get::<_, i64>(i) as u64;
         Ok(Some(Cluster { replicas: count(0), pools: count(1), locked_pools: count(2) }))
     }
@@ -882,67 +945,60 @@ mod tests {
     use super::*;
     use crate::store::contract::{sandbox, Backend, Postgres};
 
-    fn joined(
+    async fn joined(
         db: &Postgres,
         replica: &str,
     ) -> (Arc<dyn Store>, tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) {
-        let store = db.open();
+        let store = db.open().await;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        store.join(replica, tx).unwrap();
+        store.join(replica, tx).await.unwrap();
         (store, rx)
     }
 
-    fn next_event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) -> StoreEvent {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(event) = rx.try_recv() {
-                return event;
-            }
-            assert!(std::time::Instant::now() < deadline, "no event within 10 s");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    async fn next_event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) -> StoreEvent {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("no event within 10 s").unwrap()
     }
 
     /// A sandbox becoming ready on one replica wakes the other (its waiting checkouts and its reconciler); a moved
     /// tag reaches every pool.
-    #[test]
-    fn changes_reach_other_replicas() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_reach_other_replicas() {
         let db = Postgres::start();
-        let (a, _a_events) = joined(&db, "rep_a");
-        let (_b, mut b_events) = joined(&db, "rep_b");
+        let (a, _a_events) = joined(&db, "rep_a").await;
+        let (_b, mut b_events) = joined(&db, "rep_b").await;
         let mut row = sandbox("sbx_1", "twp_1");
         row.lifecycle = Lifecycle::Warming;
-        a.insert_sandbox(&row).unwrap();
+        a.insert_sandbox(&row).await.unwrap();
         row.lifecycle = Lifecycle::Ready;
-        assert!(a.update_sandbox_if(&row, &[Lifecycle::Warming]).unwrap());
-        assert_eq!(next_event(&mut b_events), StoreEvent::Pool("twp_1".into()));
-        a.put_tag("tpl_1", "stable", "bld_1", Utc::now()).unwrap();
-        assert_eq!(next_event(&mut b_events), StoreEvent::All);
+        assert!(a.update_sandbox_if(&row, &[Lifecycle::Warming]).await.unwrap());
+        assert_eq!(next_event(&mut b_events).await, StoreEvent::Pool("twp_1".into()));
+        a.put_tag("tpl_1", "stable", "bld_1", Utc::now()).await.unwrap();
+        assert_eq!(next_event(&mut b_events).await, StoreEvent::All);
     }
 
     /// A pool is reconciled by one replica at a time; when that replica's process goes, its locks go with its
     /// session and another replica takes the pool.
-    #[test]
-    fn a_pool_has_one_replica_and_a_dead_replica_lets_go() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pool_has_one_replica_and_a_dead_replica_lets_go() {
         let db = Postgres::start();
-        let (a, _a_events) = joined(&db, "rep_a");
-        let (b, _b_events) = joined(&db, "rep_b");
-        a.insert_pool(&crate::store::contract::pool("twp_1", "api")).unwrap();
-        assert!(a.lock_pool("twp_1").unwrap());
-        assert!(!b.lock_pool("twp_1").unwrap());
-        assert!(a.lock_leader().unwrap());
-        assert!(!b.lock_leader().unwrap());
-        assert!(b.replica_alive("rep_a").unwrap());
-        assert!(!b.replica_alive("rep_gone").unwrap());
-        assert_eq!(b.cluster().unwrap(), Some(Cluster { replicas: 2, pools: 1, locked_pools: 1 }));
+        let (a, _a_events) = joined(&db, "rep_a").await;
+        let (b, _b_events) = joined(&db, "rep_b").await;
+        a.insert_pool(&crate::store::contract::pool("twp_1", "api")).await.unwrap();
+        assert!(a.lock_pool("twp_1").await.unwrap());
+        assert!(!b.lock_pool("twp_1").await.unwrap());
+        assert!(a.lock_leader().await.unwrap());
+        assert!(!b.lock_leader().await.unwrap());
+        assert!(b.replica_alive("rep_a").await.unwrap());
+        assert!(!b.replica_alive("rep_gone").await.unwrap());
+        assert_eq!(b.cluster().await.unwrap(), Some(Cluster { replicas: 2, pools: 1, locked_pools: 1 }));
         drop(a);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !b.lock_pool("twp_1").unwrap() {
+        while !b.lock_pool("twp_1").await.unwrap() {
             assert!(std::time::Instant::now() < deadline, "the pool was never released");
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(b.lock_leader().unwrap());
-        assert!(!b.replica_alive("rep_a").unwrap());
-        assert_eq!(b.cluster().unwrap(), Some(Cluster { replicas: 1, pools: 1, locked_pools: 1 }));
+        assert!(b.lock_leader().await.unwrap());
+        assert!(!b.replica_alive("rep_a").await.unwrap());
+        assert_eq!(b.cluster().await.unwrap(), Some(Cluster { replicas: 1, pools: 1, locked_pools: 1 }));
     }
 }

@@ -1,17 +1,25 @@
 //! The embedded store: one SQLite file in the data dir, WAL mode, schema migrations on open. A `kill -9` of the
 //! server loses no committed write (WAL with `synchronous=NORMAL` is durable across process crashes).
+//!
+//! SQLite blocks, so it never runs on the server's async threads: one writer thread owns the only connection that
+//! writes (SQLite serialises writers anyway), and a few reader threads own read-only connections, which WAL lets
+//! read while a write is in progress. A caller sends its statement to one of them and awaits the answer, so a
+//! slow write (or another process holding the write lock) delays writes, never reads, and never a request that
+//! does not touch the store.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension, Params};
 use serde::de::DeserializeOwned;
 use warmpool_api::{Account, Tag, TrustPolicy};
 
+use super::schema::{self, Dialect, Shape, TableShape};
 use super::*;
 
-/// Schema versions, applied in order; each runs once.
+/// How databases made by earlier versions reach the described schema ([`super::schema`]): applied in order, each
+/// once. A new database is created from the description at the latest version.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, json TEXT NOT NULL);
@@ -49,11 +57,63 @@ CREATE TABLE trust_policies (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name
     issuer TEXT NOT NULL, json TEXT NOT NULL, UNIQUE (account_id, name));
 CREATE INDEX trust_policies_by_issuer ON trust_policies (issuer, id);
 "#,
+    r#"
+ALTER TABLE pools ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+UPDATE pools SET rev = COALESCE(json_extract(json, '$.rev'), 0);
+ALTER TABLE sandboxes DROP COLUMN pool_slot;
+CREATE INDEX sandboxes_claimed_from ON sandboxes (claimed_from);
+"#,
 ];
 
+/// Connections that only read, each on a thread of its own.
+const READERS: usize = 3;
+/// How long a write waits for another process's write lock before it fails as `service_unavailable`.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
+    writer: Threads,
+    readers: Threads,
     path: String,
+}
+
+/// A statement to run on a store thread, with the connection that thread owns.
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// Threads that each own one connection and run the jobs sent to them, in order of arrival. They end (closing
+/// their connections) when the store is dropped.
+struct Threads(mpsc::Sender<Job>);
+
+impl Threads {
+    fn spawn(name: &str, connections: Vec<Connection>) -> StoreResult<Threads> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for (i, mut conn) in connections.into_iter().enumerate() {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || loop {
+                    // The lock is held only while waiting for the next job, never while running one.
+                    let next = rx.lock().expect("store queue").recv();
+                    let Ok(job) = next else { return };
+                    job(&mut conn);
+                })
+                .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        }
+        Ok(Threads(tx))
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Db) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = reply.send(f(&mut Db(conn)));
+        });
+        let gone = || StoreError::Backend("the store's threads have stopped".into());
+        self.0.send(job).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
 }
 
 /// Takes group and other access away from `path` if it exists (the database, its WAL, its shared memory).
@@ -77,6 +137,14 @@ fn from_json<T: DeserializeOwned>(text: String) -> StoreResult<T> {
     Ok(serde_json::from_str(&text)?)
 }
 
+fn connect(path: &Path) -> StoreResult<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
 impl SqliteStore {
     /// Opens (or creates) the database. The file and its WAL are readable by the owner only: the database holds
     /// every token hash and pool of every account.
@@ -85,46 +153,130 @@ impl SqliteStore {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(cannot_open)?;
         restrict_to_owner(path)?;
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let store = SqliteStore { conn: Mutex::new(conn), path: path.display().to_string() };
-        store.migrate()?;
+        let mut writer = connect(path)?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        migrate(&mut writer)?;
         for suffix in ["-wal", "-shm"] {
             let mut companion = path.as_os_str().to_owned();
             companion.push(suffix);
             restrict_to_owner(Path::new(&companion))?;
         }
-        Ok(store)
+        let readers = (0..READERS)
+            .map(|_| {
+                let conn = connect(path)?;
+                conn.pragma_update(None, "query_only", "ON")?;
+                Ok(conn)
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(SqliteStore {
+            writer: Threads::spawn("sqlite-writer", vec![writer])?,
+            readers: Threads::spawn("sqlite-reader", readers)?,
+            path: path.display().to_string(),
+        })
     }
+}
 
-    fn migrate(&self) -> StoreResult<()> {
-        let mut conn = self.conn.lock().expect("store lock");
-        let tx = conn.transaction()?;
-        let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == 0 {
+        tx.execute_batch(&schema::create(Dialect::Sqlite))?;
+    } else {
+        for sql in &MIGRATIONS[version.min(MIGRATIONS.len())..] {
             tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", i + 1)?;
         }
-        tx.commit()?;
-        Ok(())
     }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+    tx.commit()?;
+    Ok(())
+}
 
+/// A database as the first released version made it (what the upgrade test starts from).
+#[cfg(test)]
+pub fn create_first_version(path: &Path) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(MIGRATIONS[0]).unwrap();
+    conn.pragma_update(None, "user_version", 1).unwrap();
+}
+
+impl SqliteStore {
+    /// The live schema, to compare with the description.
+    pub async fn shape(&self) -> StoreResult<Shape> {
+        self.readers
+            .run(|db| {
+                let conn = &*db.0;
+                let mut shape = Shape::default();
+                let tables: Vec<String> = conn
+                    .prepare(
+                        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+                    )?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for table in tables {
+                    let mut t = TableShape::default();
+                    let mut pk: Vec<(i64, String)> = Vec::new();
+                    let mut stmt =
+                        conn.prepare("SELECT name, type, \"notnull\", pk FROM pragma_table_info(?1)")?;
+                    let columns = stmt.query_map([&table], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, bool>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    })?;
+                    for column in columns {
+                        let (name, sql_type, not_null, pk_pos) = column?;
+                        if pk_pos > 0 {
+                            pk.push((pk_pos, name.clone()));
+                        }
+                        let kind = Shape::kind_of(&table, &name, &sql_type);
+                        t.columns.insert(name, (kind, !not_null && pk_pos == 0));
+                    }
+                    pk.sort();
+                    t.primary_key = pk.into_iter().map(|(_, n)| n).collect();
+                    let mut stmt = conn.prepare("SELECT name, origin FROM pragma_index_list(?1)")?;
+                    let indexes: Vec<(String, String)> = stmt
+                        .query_map([&table], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?;
+                    for (index, origin) in indexes {
+                        let columns: Vec<String> = conn
+                            .prepare("SELECT name FROM pragma_index_info(?1) ORDER BY seqno")?
+                            .query_map([&index], |r| r.get(0))?
+                            .collect::<Result<_, _>>()?;
+                        match origin.as_str() {
+                            "u" => {
+                                t.unique.insert(columns);
+                            }
+                            "c" => {
+                                t.indexes.insert(index, columns);
+                            }
+                            _ => {}
+                        }
+                    }
+                    shape.0.insert(table, t);
+                }
+                Ok(shape)
+            })
+            .await
+    }
+}
+
+/// One connection, on its store thread: the statements themselves.
+pub struct Db<'c>(&'c mut Connection);
+
+impl Db<'_> {
     fn exec(&self, sql: &str, params: impl Params) -> StoreResult<usize> {
-        Ok(self.conn.lock().expect("store lock").execute(sql, params)?)
+        Ok(self.0.prepare_cached(sql)?.execute(params)?)
     }
 
     fn one<T: DeserializeOwned>(&self, sql: &str, params: impl Params) -> StoreResult<Option<T>> {
-        let conn = self.conn.lock().expect("store lock");
-        let text: Option<String> = conn.query_row(sql, params, |r| r.get(0)).optional()?;
+        let text: Option<String> = self.0.prepare_cached(sql)?.query_row(params, |r| r.get(0)).optional()?;
         text.map(from_json).transpose()
     }
 
     fn many<T: DeserializeOwned>(&self, sql: &str, params: impl Params) -> StoreResult<Vec<T>> {
-        let conn = self.conn.lock().expect("store lock");
-        let mut stmt = conn.prepare_cached(sql)?;
+        let mut stmt = self.0.prepare_cached(sql)?;
         let rows = stmt.query_map(params, |r| r.get::<_, String>(0))?;
         let mut out = Vec::new();
         for text in rows {
@@ -134,25 +286,100 @@ impl SqliteStore {
     }
 }
 
-/// The columns of a sandbox row besides its ids: (json, pool_id, lifecycle, state, ready_at).
-type SandboxColumns = (String, Option<String>, &'static str, String, Option<String>);
+/// Each [`Store`] method sends the statement of the same name to the writer or to a reader. Arguments are copied
+/// into the job (it runs on another thread).
+macro_rules! on_threads {
+    ($($threads:ident fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        #[async_trait::async_trait]
+        impl Store for SqliteStore {
+            fn describe(&self) -> String {
+                format!("sqlite:{}", self.path)
+            }
 
-fn sandbox_params(row: &SandboxRow) -> StoreResult<SandboxColumns> {
-    Ok((
-        serde_json::to_string(row)?,
-        row.pool_id.clone(),
-        row.lifecycle.as_str(),
-        row.sandbox.state.as_str().to_string(),
-        row.ready_at.as_ref().map(ts),
-    ))
+            async fn put_tag(&self, template_id: &str, tag: &str, build_id: &str, at: DateTime<Utc>) -> StoreResult<()> {
+                let (template_id, tag, build_id) = (template_id.to_owned(), tag.to_owned(), build_id.to_owned());
+                self.writer.run(move |db| db.put_tag(&template_id, &tag, &build_id, at)).await
+            }
+
+            async fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>> {
+                let account_id = account_id.map(str::to_owned);
+                self.readers.run(move |db| db.list_pools(account_id.as_deref())).await
+            }
+
+            async fn claim_ready(
+                &self,
+                pool_id: &str,
+                prefer_build: Option<&str>,
+                claim: &ClaimUpdate,
+            ) -> StoreResult<Option<SandboxRow>> {
+                let (pool_id, prefer_build, claim) =
+                    (pool_id.to_owned(), prefer_build.map(str::to_owned), claim.clone());
+                self.writer.run(move |db| db.claim_ready(&pool_id, prefer_build.as_deref(), &claim)).await
+            }
+
+            $(
+                async fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    $( let $arg = $arg.to_owned(); )*
+                    self.$threads.run(move |db| db.$name($(&$arg),*)).await
+                }
+            )*
+        }
+    };
 }
 
-impl Store for SqliteStore {
-    fn describe(&self) -> String {
-        format!("sqlite:{}", self.path)
-    }
+on_threads! {
+    writer fn check_writable(&self) -> StoreResult<()>;
+    writer fn insert_account(&self, account: &Account) -> StoreResult<()>;
+    readers fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
+    readers fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>>;
+    writer fn update_account(&self, account: &Account) -> StoreResult<()>;
+    writer fn insert_token(&self, token: &TokenRow) -> StoreResult<()>;
+    readers fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>>;
+    readers fn has_admin_token(&self) -> StoreResult<bool>;
+    writer fn delete_token(&self, id: &str) -> StoreResult<bool>;
+    writer fn insert_trust_policy(&self, policy: &TrustPolicy) -> StoreResult<()>;
+    readers fn get_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>>;
+    readers fn list_trust_policies(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>>;
+    readers fn trust_policies_for_issuer(&self, issuer: &str) -> StoreResult<Vec<TrustPolicy>>;
+    writer fn delete_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<bool>;
+    writer fn insert_template(&self, row: &TemplateRow) -> StoreResult<()>;
+    readers fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>>;
+    readers fn list_templates(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>>;
+    writer fn update_template(&self, row: &TemplateRow) -> StoreResult<()>;
+    writer fn delete_template(&self, id: &str) -> StoreResult<()>;
+    writer fn insert_build(&self, row: &BuildRow) -> StoreResult<()>;
+    readers fn get_build(&self, id: &str) -> StoreResult<Option<BuildRow>>;
+    readers fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>>;
+    readers fn page_builds(&self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>>;
+    readers fn list_builds_in(&self, statuses: &[&'static str]) -> StoreResult<Vec<BuildRow>>;
+    writer fn update_build(&self, row: &BuildRow) -> StoreResult<()>;
+    readers fn latest_ready_build(&self, template_id: &str) -> StoreResult<Option<BuildRow>>;
+    readers fn get_tag(&self, template_id: &str, tag: &str) -> StoreResult<Option<Tag>>;
+    readers fn list_tags(&self, template_id: &str) -> StoreResult<Vec<Tag>>;
+    writer fn delete_tag(&self, template_id: &str, tag: &str) -> StoreResult<bool>;
+    writer fn insert_pool(&self, row: &PoolRow) -> StoreResult<()>;
+    readers fn get_pool(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>>;
+    readers fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>>;
+    readers fn page_pools(&self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>>;
+    writer fn update_pool(&self, row: &PoolRow) -> StoreResult<bool>;
+    readers fn list_pool_ids(&self) -> StoreResult<Vec<String>>;
+    writer fn delete_pool(&self, id: &str) -> StoreResult<()>;
+    writer fn put_lease(&self, row: &LeaseRow) -> StoreResult<()>;
+    writer fn delete_lease(&self, pool_id: &str, key: &str) -> StoreResult<bool>;
+    readers fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>>;
+    writer fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()>;
+    readers fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>>;
+    readers fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>>;
+    readers fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>>;
+    readers fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>>;
+    writer fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool>;
+    writer fn delete_sandbox_if(&self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool>;
+    readers fn count_live_sandboxes(&self) -> StoreResult<u64>;
+    readers fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)>;
+}
 
-    fn check_writable(&self) -> StoreResult<()> {
+impl Db<'_> {
+    fn check_writable(&mut self) -> StoreResult<()> {
         self.exec(
             "INSERT INTO health (id, at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
             [ts(&Utc::now())],
@@ -160,23 +387,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn insert_account(&self, a: &Account) -> StoreResult<()> {
+    fn insert_account(&mut self, a: &Account) -> StoreResult<()> {
         self.exec(
             "INSERT INTO accounts (id, name, json) VALUES (?1, ?2, ?3)",
             params![a.id, a.name, serde_json::to_string(a)?],
         )?;
         Ok(())
     }
-    fn get_account(&self, id: &str) -> StoreResult<Option<Account>> {
+    fn get_account(&mut self, id: &str) -> StoreResult<Option<Account>> {
         self.one("SELECT json FROM accounts WHERE id = ?1", [id])
     }
-    fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>> {
+    fn list_accounts(&mut self, page: &Page) -> StoreResult<Vec<Account>> {
         self.many(
             "SELECT json FROM accounts WHERE id > ?1 ORDER BY id LIMIT ?2",
             params![page.after(), page.limit],
         )
     }
-    fn update_account(&self, a: &Account) -> StoreResult<()> {
+    fn update_account(&mut self, a: &Account) -> StoreResult<()> {
         self.exec(
             "UPDATE accounts SET name = ?2, json = ?3 WHERE id = ?1",
             params![a.id, a.name, serde_json::to_string(a)?],
@@ -184,25 +411,25 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn insert_token(&self, t: &TokenRow) -> StoreResult<()> {
+    fn insert_token(&mut self, t: &TokenRow) -> StoreResult<()> {
         self.exec(
             "INSERT INTO tokens (id, hash, admin, json) VALUES (?1, ?2, ?3, ?4)",
             params![t.id, t.hash, t.admin, serde_json::to_string(t)?],
         )?;
         Ok(())
     }
-    fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>> {
+    fn token_by_hash(&mut self, hash: &str) -> StoreResult<Option<TokenRow>> {
         self.one("SELECT json FROM tokens WHERE hash = ?1", [hash])
     }
-    fn has_admin_token(&self) -> StoreResult<bool> {
-        let conn = self.conn.lock().expect("store lock");
+    fn has_admin_token(&mut self) -> StoreResult<bool> {
+        let conn = &*self.0;
         Ok(conn.query_row("SELECT COUNT(*) FROM tokens WHERE admin = 1", [], |r| r.get::<_, i64>(0))? > 0)
     }
-    fn delete_token(&self, id: &str) -> StoreResult<bool> {
+    fn delete_token(&mut self, id: &str) -> StoreResult<bool> {
         Ok(self.exec("DELETE FROM tokens WHERE id = ?1", [id])? > 0)
     }
 
-    fn insert_trust_policy(&self, p: &TrustPolicy) -> StoreResult<()> {
+    fn insert_trust_policy(&mut self, p: &TrustPolicy) -> StoreResult<()> {
         self.exec(
             "INSERT INTO trust_policies (id, account_id, name, issuer, json) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![p.id, p.account_id, p.name, p.issuer, serde_json::to_string(p)?],
@@ -210,23 +437,23 @@ impl Store for SqliteStore {
         .map_err(conflict_as(format!("trust policy {:?}", p.name)))?;
         Ok(())
     }
-    fn get_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>> {
+    fn get_trust_policy(&mut self, account_id: &str, id: &str) -> StoreResult<Option<TrustPolicy>> {
         self.one("SELECT json FROM trust_policies WHERE account_id = ?1 AND id = ?2", [account_id, id])
     }
-    fn list_trust_policies(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>> {
+    fn list_trust_policies(&mut self, account_id: &str, page: &Page) -> StoreResult<Vec<TrustPolicy>> {
         self.many(
             "SELECT json FROM trust_policies WHERE account_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             params![account_id, page.after(), page.limit],
         )
     }
-    fn trust_policies_for_issuer(&self, issuer: &str) -> StoreResult<Vec<TrustPolicy>> {
+    fn trust_policies_for_issuer(&mut self, issuer: &str) -> StoreResult<Vec<TrustPolicy>> {
         self.many("SELECT json FROM trust_policies WHERE issuer = ?1 ORDER BY id", [issuer])
     }
-    fn delete_trust_policy(&self, account_id: &str, id: &str) -> StoreResult<bool> {
+    fn delete_trust_policy(&mut self, account_id: &str, id: &str) -> StoreResult<bool> {
         Ok(self.exec("DELETE FROM trust_policies WHERE account_id = ?1 AND id = ?2", [account_id, id])? > 0)
     }
 
-    fn insert_template(&self, row: &TemplateRow) -> StoreResult<()> {
+    fn insert_template(&mut self, row: &TemplateRow) -> StoreResult<()> {
         let t = &row.template;
         self.exec(
             "INSERT INTO templates (id, account_id, name, json) VALUES (?1, ?2, ?3, ?4)",
@@ -235,19 +462,19 @@ impl Store for SqliteStore {
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
         Ok(())
     }
-    fn get_template(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>> {
+    fn get_template(&mut self, account_id: &str, id_or_name: &str) -> StoreResult<Option<TemplateRow>> {
         self.one(
             "SELECT json FROM templates WHERE account_id = ?1 AND (id = ?2 OR name = ?2)",
             [account_id, id_or_name],
         )
     }
-    fn list_templates(&self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>> {
+    fn list_templates(&mut self, account_id: &str, page: &Page) -> StoreResult<Vec<TemplateRow>> {
         self.many(
             "SELECT json FROM templates WHERE account_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             params![account_id, page.after(), page.limit],
         )
     }
-    fn update_template(&self, row: &TemplateRow) -> StoreResult<()> {
+    fn update_template(&mut self, row: &TemplateRow) -> StoreResult<()> {
         let t = &row.template;
         self.exec(
             "UPDATE templates SET name = ?2, json = ?3 WHERE id = ?1",
@@ -256,8 +483,8 @@ impl Store for SqliteStore {
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
         Ok(())
     }
-    fn delete_template(&self, id: &str) -> StoreResult<()> {
-        let mut conn = self.conn.lock().expect("store lock");
+    fn delete_template(&mut self, id: &str) -> StoreResult<()> {
+        let conn = &mut *self.0;
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM tags WHERE template_id = ?1", [id])?;
         tx.execute("DELETE FROM builds WHERE template_id = ?1", [id])?;
@@ -266,7 +493,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn insert_build(&self, row: &BuildRow) -> StoreResult<()> {
+    fn insert_build(&mut self, row: &BuildRow) -> StoreResult<()> {
         let b = &row.build;
         self.exec(
             "INSERT INTO builds (id, template_id, status, created_at, json) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -274,23 +501,23 @@ impl Store for SqliteStore {
         )?;
         Ok(())
     }
-    fn get_build(&self, id: &str) -> StoreResult<Option<BuildRow>> {
+    fn get_build(&mut self, id: &str) -> StoreResult<Option<BuildRow>> {
         self.one("SELECT json FROM builds WHERE id = ?1", [id])
     }
-    fn list_builds(&self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
+    fn list_builds(&mut self, template_id: &str) -> StoreResult<Vec<BuildRow>> {
         self.many("SELECT json FROM builds WHERE template_id = ?1 ORDER BY created_at", [template_id])
     }
-    fn page_builds(&self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>> {
+    fn page_builds(&mut self, template_id: &str, page: &Page) -> StoreResult<Vec<BuildRow>> {
         self.many(
             "SELECT json FROM builds WHERE template_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             params![template_id, page.after(), page.limit],
         )
     }
-    fn list_builds_in(&self, statuses: &[&str]) -> StoreResult<Vec<BuildRow>> {
+    fn list_builds_in(&mut self, statuses: &[&'static str]) -> StoreResult<Vec<BuildRow>> {
         let all: Vec<BuildRow> = self.many("SELECT json FROM builds ORDER BY created_at", [])?;
         Ok(all.into_iter().filter(|b| statuses.contains(&b.build.status.as_str())).collect())
     }
-    fn update_build(&self, row: &BuildRow) -> StoreResult<()> {
+    fn update_build(&mut self, row: &BuildRow) -> StoreResult<()> {
         let b = &row.build;
         self.exec(
             "UPDATE builds SET status = ?2, json = ?3 WHERE id = ?1",
@@ -298,14 +525,20 @@ impl Store for SqliteStore {
         )?;
         Ok(())
     }
-    fn latest_ready_build(&self, template_id: &str) -> StoreResult<Option<BuildRow>> {
+    fn latest_ready_build(&mut self, template_id: &str) -> StoreResult<Option<BuildRow>> {
         self.one(
             "SELECT json FROM builds WHERE template_id = ?1 AND status = 'ready' ORDER BY created_at DESC LIMIT 1",
             [template_id],
         )
     }
 
-    fn put_tag(&self, template_id: &str, tag: &str, build_id: &str, at: DateTime<Utc>) -> StoreResult<()> {
+    fn put_tag(
+        &mut self,
+        template_id: &str,
+        tag: &str,
+        build_id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
         self.exec(
             "INSERT INTO tags (template_id, name, build_id, updated_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (template_id, name) DO UPDATE SET build_id = excluded.build_id, updated_at = excluded.updated_at",
@@ -313,11 +546,11 @@ impl Store for SqliteStore {
         )?;
         Ok(())
     }
-    fn get_tag(&self, template_id: &str, tag: &str) -> StoreResult<Option<Tag>> {
+    fn get_tag(&mut self, template_id: &str, tag: &str) -> StoreResult<Option<Tag>> {
         Ok(self.list_tags(template_id)?.into_iter().find(|t| t.name == tag))
     }
-    fn list_tags(&self, template_id: &str) -> StoreResult<Vec<Tag>> {
-        let conn = self.conn.lock().expect("store lock");
+    fn list_tags(&mut self, template_id: &str) -> StoreResult<Vec<Tag>> {
+        let conn = &*self.0;
         let mut stmt = conn.prepare_cached(
             "SELECT name, build_id, updated_at FROM tags WHERE template_id = ?1 ORDER BY name",
         )?;
@@ -334,59 +567,59 @@ impl Store for SqliteStore {
         }
         Ok(out)
     }
-    fn delete_tag(&self, template_id: &str, tag: &str) -> StoreResult<bool> {
+    fn delete_tag(&mut self, template_id: &str, tag: &str) -> StoreResult<bool> {
         Ok(self.exec("DELETE FROM tags WHERE template_id = ?1 AND name = ?2", [template_id, tag])? > 0)
     }
 
-    fn insert_pool(&self, row: &PoolRow) -> StoreResult<()> {
+    fn insert_pool(&mut self, row: &PoolRow) -> StoreResult<()> {
         let p = &row.pool;
         self.exec(
-            "INSERT INTO pools (id, account_id, name, json) VALUES (?1, ?2, ?3, ?4)",
-            params![p.id, row.account_id, p.name, serde_json::to_string(row)?],
+            "INSERT INTO pools (id, account_id, name, rev, json) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![p.id, row.account_id, p.name, row.rev as i64, serde_json::to_string(row)?],
         )
         .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(())
     }
-    fn get_pool(&self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>> {
+    fn get_pool(&mut self, account_id: &str, id_or_name: &str) -> StoreResult<Option<PoolRow>> {
         self.one(
             "SELECT json FROM pools WHERE account_id = ?1 AND (id = ?2 OR name = ?2)",
             [account_id, id_or_name],
         )
     }
-    fn get_pool_by_id(&self, id: &str) -> StoreResult<Option<PoolRow>> {
+    fn get_pool_by_id(&mut self, id: &str) -> StoreResult<Option<PoolRow>> {
         self.one("SELECT json FROM pools WHERE id = ?1", [id])
     }
-    fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>> {
+    fn list_pools(&mut self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>> {
         match account_id {
             Some(a) => self.many("SELECT json FROM pools WHERE account_id = ?1 ORDER BY name", [a]),
             None => self.many("SELECT json FROM pools ORDER BY id", []),
         }
     }
-    fn page_pools(&self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>> {
+    fn page_pools(&mut self, account_id: &str, page: &Page) -> StoreResult<Vec<PoolRow>> {
         self.many(
             "SELECT json FROM pools WHERE account_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             params![account_id, page.after(), page.limit],
         )
     }
-    fn update_pool(&self, row: &PoolRow) -> StoreResult<bool> {
+    fn update_pool(&mut self, row: &PoolRow) -> StoreResult<bool> {
         let p = &row.pool;
         let next = PoolRow { rev: row.rev + 1, ..row.clone() };
         let changed = self
             .exec(
-                "UPDATE pools SET name = ?2, json = ?3 WHERE id = ?1 AND COALESCE(json_extract(json, '$.rev'), 0) = ?4",
+                "UPDATE pools SET name = ?2, rev = ?4 + 1, json = ?3 WHERE id = ?1 AND rev = ?4",
                 params![p.id, p.name, serde_json::to_string(&next)?, row.rev as i64],
             )
             .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(changed == 1)
     }
-    fn list_pool_ids(&self) -> StoreResult<Vec<String>> {
-        let conn = self.conn.lock().expect("store lock");
+    fn list_pool_ids(&mut self) -> StoreResult<Vec<String>> {
+        let conn = &*self.0;
         let mut stmt = conn.prepare_cached("SELECT id FROM pools ORDER BY id")?;
         let ids = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
         Ok(ids)
     }
-    fn delete_pool(&self, id: &str) -> StoreResult<()> {
-        let mut conn = self.conn.lock().expect("store lock");
+    fn delete_pool(&mut self, id: &str) -> StoreResult<()> {
+        let conn = &mut *self.0;
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM leases WHERE pool_id = ?1", [id])?;
         tx.execute("DELETE FROM pools WHERE id = ?1", [id])?;
@@ -394,7 +627,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn put_lease(&self, row: &LeaseRow) -> StoreResult<()> {
+    fn put_lease(&mut self, row: &LeaseRow) -> StoreResult<()> {
         self.exec(
             "INSERT INTO leases (pool_id, key, json) VALUES (?1, ?2, ?3)
              ON CONFLICT (pool_id, key) DO UPDATE SET json = excluded.json",
@@ -402,15 +635,15 @@ impl Store for SqliteStore {
         )?;
         Ok(())
     }
-    fn delete_lease(&self, pool_id: &str, key: &str) -> StoreResult<bool> {
+    fn delete_lease(&mut self, pool_id: &str, key: &str) -> StoreResult<bool> {
         Ok(self.exec("DELETE FROM leases WHERE pool_id = ?1 AND key = ?2", [pool_id, key])? > 0)
     }
-    fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
+    fn list_leases(&mut self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
         self.many("SELECT json FROM leases WHERE pool_id = ?1 ORDER BY key", [pool_id])
     }
 
-    fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
-        let (json, pool_id, lifecycle, state, ready_at) = sandbox_params(row)?;
+    fn insert_sandbox(&mut self, row: &SandboxRow) -> StoreResult<()> {
+        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
         self.exec(
             "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -418,23 +651,23 @@ impl Store for SqliteStore {
         )?;
         Ok(())
     }
-    fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
+    fn get_sandbox(&mut self, id: &str) -> StoreResult<Option<SandboxRow>> {
         self.one("SELECT json FROM sandboxes WHERE id = ?1", [id])
     }
-    fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>> {
+    fn list_sandboxes(&mut self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>> {
         self.many(
             "SELECT json FROM sandboxes WHERE account_id = ?1 AND pool_id IS NULL AND id > ?2 ORDER BY id LIMIT ?3",
             params![account_id, page.after(), page.limit],
         )
     }
-    fn list_all_sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
+    fn list_all_sandboxes(&mut self) -> StoreResult<Vec<SandboxRow>> {
         self.many("SELECT json FROM sandboxes ORDER BY id", [])
     }
-    fn list_pool_sandboxes(&self, pool_id: &str) -> StoreResult<Vec<SandboxRow>> {
+    fn list_pool_sandboxes(&mut self, pool_id: &str) -> StoreResult<Vec<SandboxRow>> {
         self.many("SELECT json FROM sandboxes WHERE pool_id = ?1 OR claimed_from = ?1 ORDER BY id", [pool_id])
     }
-    fn update_sandbox_if(&self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool> {
-        let (json, pool_id, lifecycle, state, ready_at) = sandbox_params(row)?;
+    fn update_sandbox_if(&mut self, row: &SandboxRow, expected: &[Lifecycle]) -> StoreResult<bool> {
+        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
         let changed = self.exec(
             &format!(
                 "UPDATE sandboxes SET account_id = ?2, pool_id = ?3, lifecycle = ?4, claimed_from = ?5, state = ?6,
@@ -445,12 +678,12 @@ impl Store for SqliteStore {
         )?;
         Ok(changed == 1)
     }
-    fn delete_sandbox_if(&self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool> {
+    fn delete_sandbox_if(&mut self, id: &str, expected: &[Lifecycle]) -> StoreResult<bool> {
         let sql = format!("DELETE FROM sandboxes WHERE id = ?1 AND lifecycle IN ({})", lifecycles(expected));
         Ok(self.exec(&sql, [id])? == 1)
     }
-    fn count_live_sandboxes(&self) -> StoreResult<u64> {
-        let conn = self.conn.lock().expect("store lock");
+    fn count_live_sandboxes(&mut self) -> StoreResult<u64> {
+        let conn = &*self.0;
         let n: i64 = conn.query_row(
             "SELECT COUNT(*) FROM sandboxes WHERE lifecycle IN ('warming', 'ready', 'claimed', 'draining')",
             [],
@@ -458,8 +691,8 @@ impl Store for SqliteStore {
         )?;
         Ok(n as u64)
     }
-    fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)> {
-        let conn = self.conn.lock().expect("store lock");
+    fn count_sandboxes(&mut self, account_id: &str) -> StoreResult<(u64, u64)> {
+        let conn = &*self.0;
         let (owned, warm): (i64, i64) = conn.query_row(
             "SELECT COALESCE(SUM(pool_id IS NULL AND lifecycle IN ('warming', 'claimed')), 0),
                     COALESCE(SUM(pool_id IS NOT NULL AND lifecycle IN ('warming', 'ready')), 0)
@@ -471,12 +704,12 @@ impl Store for SqliteStore {
     }
 
     fn claim_ready(
-        &self,
+        &mut self,
         pool_id: &str,
         prefer_build: Option<&str>,
         claim: &ClaimUpdate,
     ) -> StoreResult<Option<SandboxRow>> {
-        let mut conn = self.conn.lock().expect("store lock");
+        let conn = &mut *self.0;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let picked: Option<String> = tx
             .query_row(
@@ -487,17 +720,8 @@ impl Store for SqliteStore {
             )
             .optional()?;
         let Some(text) = picked else { return Ok(None) };
-        let mut row: SandboxRow = from_json(text)?;
-        row.account_id = claim.account_id.clone();
-        row.pool_id = None;
-        row.lifecycle = Lifecycle::Claimed;
-        row.claimed_from = Some(pool_id.to_string());
-        row.sandbox.labels = claim.labels.clone();
-        row.sandbox.warm_pool_checkout = Some(claim.checkout.clone());
-        row.sandbox.created_at = claim.created_at;
-        row.sandbox.expires_at = claim.expires_at;
-        row.timeout_policy = claim.timeout_policy.clone();
-        let (json, _, _, _, _) = sandbox_params(&row)?;
+        let row = claim.apply(pool_id, &from_json(text)?)?;
+        let json = serde_json::to_string(&row)?;
         let changed = tx.execute(
             "UPDATE sandboxes SET account_id = ?2, pool_id = NULL, lifecycle = 'claimed', claimed_from = ?3,
              json = ?4 WHERE id = ?1 AND lifecycle = 'ready'",
@@ -515,27 +739,27 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn survives_reopen_and_migrates_once() {
+    #[tokio::test]
+    async fn survives_reopen_and_migrates_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("warmpool.db");
         {
             let store = SqliteStore::open(&path).unwrap();
-            store.insert_sandbox(&crate::store::contract::sandbox("sbx_a", "twp_1")).unwrap();
+            store.insert_sandbox(&crate::store::contract::sandbox("sbx_a", "twp_1")).await.unwrap();
         }
         let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(store.get_sandbox("sbx_a").unwrap().unwrap().sandbox.id, "sbx_a");
+        assert_eq!(store.get_sandbox("sbx_a").await.unwrap().unwrap().sandbox.id, "sbx_a");
     }
 
-    #[test]
-    fn the_database_file_is_private() {
+    #[tokio::test]
+    async fn the_database_file_is_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("warmpool.db");
         std::fs::write(&path, "").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let store = SqliteStore::open(&path).unwrap();
-        store.check_writable().unwrap();
+        store.check_writable().await.unwrap();
         for file in ["warmpool.db", "warmpool.db-wal", "warmpool.db-shm"] {
             let mode = std::fs::metadata(dir.path().join(file)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{file}");
