@@ -640,7 +640,14 @@ fn walk<W: Write>(tar: &mut tar::Builder<W>, dir: &OwnedFd, rel: &Path, real: &P
             FileType::Symlink => {
                 let target = rustix::fs::readlinkat(dir, name, Vec::new())?;
                 let mut h = header(&st, tar::EntryType::Symlink);
-                tar.append_link(&mut h, &child, Path::new(OsStr::from_bytes(target.as_bytes())))?;
+                let target = target.as_bytes();
+                if target.len() <= 100 {
+                    // As written: the tar crate's own setter rewrites some targets (`/` becomes `//`).
+                    h.set_link_name_literal(target)?;
+                    tar.append_data(&mut h, &child, io::empty())?;
+                } else {
+                    tar.append_link(&mut h, &child, Path::new(OsStr::from_bytes(target)))?;
+                }
             }
             _ => {}
         }

@@ -131,21 +131,29 @@ fn compression(value: i32) -> Result<crate::files::Compression, Status> {
     }
 }
 
-/// Hands a client stream's bytes to a blocking writer until either side ends; a broken client stream reaches the
-/// writer as an error, so nothing half-written is kept.
+/// Hands a client stream's bytes to a blocking writer until either side ends; a broken client stream (an error,
+/// or an end without the message marked last) reaches the writer as an error, so nothing half-written is kept.
 async fn feed<T>(
     mut stream: tonic::Streaming<T>,
-    data: impl Fn(T) -> Vec<u8>,
+    data: impl Fn(T) -> (Vec<u8>, bool),
     tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
 ) {
     loop {
         match stream.message().await {
             Ok(Some(m)) => {
-                if tx.send(Ok(data(m))).await.is_err() {
+                let (bytes, last) = data(m);
+                if tx.send(Ok(bytes)).await.is_err() || last {
                     break;
                 }
             }
-            Ok(None) => break,
+            Ok(None) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the upload ended before its last chunk",
+                );
+                let _ = tx.send(Err(e)).await;
+                break;
+            }
             Err(status) => {
                 let e = std::io::Error::new(std::io::ErrorKind::BrokenPipe, status.message().to_string());
                 let _ = tx.send(Err(e)).await;
@@ -468,8 +476,10 @@ impl Procd for ProcdService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let (path, mode) = (first.path, first.mode);
         let write = tokio::task::spawn_blocking(move || root.put_file(&path, mode, ChannelReader::new(rx)));
-        if tx.send(Ok(first.data)).await.is_ok() {
-            feed(stream, |m| m.data, tx).await;
+        if first.last {
+            let _ = tx.send(Ok(first.data)).await;
+        } else if tx.send(Ok(first.data)).await.is_ok() {
+            feed(stream, |m| (m.data, m.last), tx).await;
         }
         let (path, size, mode) = write.await.map_err(joined)?.map_err(files_status)?;
         Ok(Response::new(FileInfo { path: path.to_string_lossy().into_owned(), size, mode }))
@@ -550,8 +560,10 @@ impl Procd for ProcdService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let path = first.path;
         let unpack = tokio::task::spawn_blocking(move || root.unpack(&path, how, ChannelReader::new(rx)));
-        if tx.send(Ok(first.data)).await.is_ok() {
-            feed(stream, |m| m.data, tx).await;
+        if first.last {
+            let _ = tx.send(Ok(first.data)).await;
+        } else if tx.send(Ok(first.data)).await.is_ok() {
+            feed(stream, |m| (m.data, m.last), tx).await;
         }
         let done = unpack.await.map_err(joined)?.map_err(files_status)?;
         Ok(Response::new(PutArchiveResponse { files: done.files, bytes: done.bytes }))

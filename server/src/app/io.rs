@@ -129,7 +129,7 @@ fn chunks<T: Send + 'static>(
     first: T,
     mut body: Upload,
     limit: u64,
-    wrap: fn(Vec<u8>) -> T,
+    wrap: fn(Vec<u8>, bool) -> T,
     cut: tokio::sync::oneshot::Sender<Cut>,
 ) -> impl Stream<Item = T> + Send + 'static {
     async_stream::stream! {
@@ -146,7 +146,7 @@ fn chunks<T: Send + 'static>(
                         }
                         futures::future::pending::<()>().await;
                     }
-                    yield wrap(data.to_vec());
+                    yield wrap(data.to_vec(), false);
                 }
                 Err(e) => {
                     if let Some(cut) = cut.take() {
@@ -156,6 +156,8 @@ fn chunks<T: Send + 'static>(
                 }
             }
         }
+        // procd keeps what it was sent only once it sees this.
+        yield wrap(Vec::new(), true);
     }
 }
 
@@ -489,10 +491,15 @@ impl App {
     ) -> AppResult<FileWritten> {
         let t = self.io_target(caller, id).await?;
         let full = sandbox_path(&t.base_cwd, path)?;
-        let first = proto::PutFileChunk { path: full.clone(), mode, data: Vec::new() };
+        let first = proto::PutFileChunk { path: full.clone(), mode, ..Default::default() };
         let (cut_tx, cut_rx) = tokio::sync::oneshot::channel();
-        let stream =
-            chunks(first, body, limit, |data| proto::PutFileChunk { data, ..Default::default() }, cut_tx);
+        let stream = chunks(
+            first,
+            body,
+            limit,
+            |data, last| proto::PutFileChunk { data, last, ..Default::default() },
+            cut_tx,
+        );
         let mut client = t.conn.client.clone();
         let info =
             upload(client.put_file(t.conn.request(stream)), cut_rx, |s| procd_error(id, ("path", &full), s))
@@ -563,11 +570,16 @@ impl App {
         let first = proto::PutArchiveChunk {
             path: full.clone(),
             compression: compression.to_proto(),
-            data: Vec::new(),
+            ..Default::default()
         };
         let (cut_tx, cut_rx) = tokio::sync::oneshot::channel();
-        let stream =
-            chunks(first, body, limit, |data| proto::PutArchiveChunk { data, ..Default::default() }, cut_tx);
+        let stream = chunks(
+            first,
+            body,
+            limit,
+            |data, last| proto::PutArchiveChunk { data, last, ..Default::default() },
+            cut_tx,
+        );
         let mut client = t.conn.client.clone();
         let done = upload(client.put_archive(t.conn.request(stream)), cut_rx, |s| {
             procd_error(id, ("path", &full), s)

@@ -320,8 +320,7 @@ async fn upload(c: &Client, from: &Path, id: &str, path: &str) -> anyhow::Result
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o7777;
         let file = tokio::fs::File::open(from).await?;
-        let written =
-            c.put_file(id, &target, Some(mode), reqwest::Body::wrap_stream(reader_stream(file))).await?;
+        let written = c.put_file(id, &target, Some(mode), file).await?;
         Ok(serde_json::json!({"to": format!("{id}:{}", written.path), "files": 1, "bytes": written.size}))
     }
 }
