@@ -2,6 +2,7 @@
 //! (through `warmpool-client`). `--json` prints machine output on stdout and nothing else there.
 
 mod bench;
+mod bench_io;
 mod commands;
 pub mod config;
 mod sandbox_io;
@@ -467,6 +468,9 @@ pub enum BenchCmd {
     Pools(bench::PoolsArgs),
     /// Cold create and pool fill for a tiny and a big (300 MB, 20,000 files) artifact, side by side, as JSON.
     Artifact(bench::ArtifactArgs),
+    /// Sandbox I/O: a tree up and down through the archive routes beside tar inside the sandbox, streamed-exec
+    /// line latency, and the server's memory while 1 GB streams in and out, as JSON.
+    Io(bench_io::IoArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -476,6 +480,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCmd::Checkout(args)) => bench::checkout(&cli.global, args).await,
         Command::Bench(BenchCmd::Pools(args)) => bench::pools(&cli.global, args).await,
         Command::Bench(BenchCmd::Artifact(args)) => bench::artifact(&cli.global, args).await,
+        Command::Bench(BenchCmd::Io(args)) => bench_io::io(&cli.global, args).await,
         command => run_client_command(&cli.global, command).await,
     }
 }
