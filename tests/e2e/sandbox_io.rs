@@ -526,3 +526,23 @@ mod rand_like {
         out
     }
 }
+
+#[tokio::test]
+async fn a_full_sandbox_disk_answers_409_with_the_reason() {
+    let server = TempServer::start(&[]);
+    let mut spec = template("small-disk", 0.0);
+    spec.resources.disk_mb = Some(16);
+    build(&server.client, &spec).await;
+    let id = server.client.create_sandbox(&cold("small-disk")).await.unwrap().id;
+    let c = &server.client;
+    // Raw HTTP, read while sending: the answer comes before the client is done.
+    let target = format!("/v1/sandboxes/{id}/files?path=fill.bin");
+    assert_eq!(raw_upload(&server.url, &server.token(), &target, false, 64 << 20).await, 409);
+    // A body that fits gets the reason in the envelope.
+    sh(c, &id, "head -c 15000000 /dev/zero > /workspace/ballast || true").await;
+    let err = c.put_file(&id, "fill.bin", None, vec![0u8; 4 << 20]).await.unwrap_err();
+    assert_eq!(err.code(), Some("conflict"), "{err}");
+    assert!(err.to_string().contains("no space left on the sandbox's disk"), "{err}");
+    let left = sh(c, &id, "ls -a /workspace").await.stdout;
+    assert!(!left.contains("fill"), "nothing half-written is kept: {left}");
+}
