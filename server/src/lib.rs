@@ -9,7 +9,6 @@ pub mod http;
 pub mod images;
 pub mod metrics;
 pub mod oidc;
-pub mod reconciler;
 pub mod runtime;
 pub mod secrets;
 pub mod store;

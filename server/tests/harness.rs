@@ -46,11 +46,12 @@ impl TestControlPlane {
         let dir = tempfile::tempdir().unwrap();
         let mut args = serve_args(dir.path());
         f(&mut args);
-        let app = build_app(&args).await.unwrap();
+        let (app, background) = build_app(&args).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let router = warmpool_server::http::router(app);
         let server = tokio::spawn(async move {
+            let _background = background;
             axum::serve(listener, router).await.unwrap();
         });
         let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap().trim().to_string();

@@ -104,6 +104,30 @@ impl Postgres {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Stops every process of the cluster (the postmaster and its backends) with SIGSTOP, as a database that hangs
+    /// would; they continue when the returned guard is dropped, even if the test fails.
+    pub fn freeze(&self) -> Frozen {
+        let pidfile = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).expect("postmaster.pid");
+        let postmaster: i32 =
+            pidfile.lines().next().and_then(|l| l.trim().parse().ok()).expect("postmaster pid");
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // The parent pid is the second field after the command name, which ends at the last ')'.
+            let ppid =
+                stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for pid in &pids {
+            // SAFETY: kill has no memory preconditions; these are the cluster's own processes.
+            unsafe { libc::kill(*pid, libc::SIGSTOP) };
+        }
+        Frozen(pids)
+    }
+
     /// Creates a new empty database and returns its URL.
     pub fn database(&self) -> String {
         let name = format!("warmpool{}", self.databases.fetch_add(1, Ordering::SeqCst));
@@ -126,5 +150,17 @@ impl Drop for Postgres {
         };
         let _ = command.arg("-D").arg(&data).args(["-m", "immediate", "stop"]).current_dir("/").output();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A cluster stopped by [`Postgres::freeze`]; dropping it lets the processes continue.
+pub struct Frozen(Vec<i32>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: as in `freeze`.
+            unsafe { libc::kill(*pid, libc::SIGCONT) };
+        }
     }
 }

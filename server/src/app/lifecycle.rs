@@ -55,18 +55,11 @@ impl From<AppError> for StartError {
     }
 }
 
-/// A runtime error as the domain reports it: out of space is `service_unavailable`, the rest a conflict.
+/// A runtime error as the domain reports it: `context` and what the client may know of it, with the whole error
+/// kept as the source for the log.
 pub fn runtime_error(context: &str, e: RuntimeError) -> AppError {
-    classify(&e, format!("{context}: {e}"))
-}
-
-/// `message` about `e`, as the error code the caller sees.
-fn classify(e: &RuntimeError, message: String) -> AppError {
-    if e.is_out_of_space() {
-        AppError::ServiceUnavailable(format!("{message} (the host is out of disk space)"))
-    } else {
-        AppError::Conflict(message)
-    }
+    let message = format!("{context}: {}", e.client_message());
+    AppError::Runtime { message, source: e }
 }
 
 impl App {
@@ -113,13 +106,22 @@ impl App {
         if let Err(e) = self.runtime.wait_ready(&handle, timeout).await {
             return Err(self.start_failed(row, e).await);
         }
-        self.metrics.sandbox_start_seconds.with_label_values(&[]).observe(started.elapsed().as_secs_f64());
+        self.observe_start(&row.sandbox.id, started.elapsed());
         row.ready_at = Some(Utc::now());
         if !self.transition(row, done, &[Warming]).await? {
             let _ = self.runtime.destroy(&row.sandbox.id, Some(&handle)).await;
             return Err(StartError::Stopped);
         }
         Ok(())
+    }
+
+    /// Records a start's time, whole (`phase="total"`) and by phase where the runtime timed them.
+    fn observe_start(&self, id: &str, total: std::time::Duration) {
+        let starts = &self.metrics.sandbox_start_seconds;
+        starts.with_label_values(&["total"]).observe(total.as_secs_f64());
+        for (phase, took) in self.runtime.take_start_phases(id) {
+            starts.with_label_values(&[phase.as_str()]).observe(took.as_secs_f64());
+        }
     }
 
     /// A start that failed: a real failure unless the sandbox was being stopped anyway. Either way nothing is left.
@@ -132,11 +134,12 @@ impl App {
         let id = row.sandbox.id.clone();
         let logs = logs.trim();
         let message = if logs.is_empty() {
-            format!("sandbox {id} failed to start: {e}")
+            format!("sandbox {id} failed to start: {}", e.client_message())
         } else {
-            format!("sandbox {id} failed to start: {e}\n{logs}")
+            format!("sandbox {id} failed to start: {}\n{logs}", e.client_message())
         };
-        let error = classify(&e, message.clone());
+        tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Start failed");
+        let error = AppError::Runtime { message: message.clone(), source: e };
         row.error = Some(message);
         let failed = match self.transition(row, Failed, &[Warming]).await {
             Ok(won) => won,
@@ -315,15 +318,25 @@ impl App {
     /// Handles procd exits reported by the runtime: a live sandbox whose procd is gone has failed.
     pub async fn watch_exits(self: Arc<Self>, mut exits: tokio::sync::mpsc::UnboundedReceiver<String>) {
         while let Some(id) = exits.recv().await {
-            let Ok(Some(row)) = self.store.get_sandbox(&id).await else { continue };
-            let from = row.lifecycle;
-            if !matches!(from, Ready | Claimed) || self.runtime.is_alive(&row.handle) {
-                continue;
-            }
-            let tail = self.runtime.log_tail(&row.handle, 2000).await;
-            let reason = format!("procd exited: {}", crate::runtime::exit_reason(&tail));
-            if let Err(e) = self.fail_sandbox(row, &[from], reason, Some(tail)).await {
-                tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot record a failed sandbox");
+            // Another transition may win the race (a claim taking the ready sandbox whose procd just died): then
+            // the sandbox is failed from the state that won, so a dead sandbox never stays `running`.
+            for _ in 0..5 {
+                let Ok(Some(row)) = self.store.get_sandbox(&id).await else { break };
+                let from = row.lifecycle;
+                if !matches!(from, Ready | Claimed) || self.runtime.is_alive(&row.handle) {
+                    break;
+                }
+                let tail = self.runtime.log_tail(&row.handle, 2000).await;
+                let reason = format!("procd exited: {}", crate::runtime::exit_reason(&tail));
+                match self.fail_sandbox(row, &[from], reason, Some(tail)).await {
+                    Ok(true) => break,
+                    Ok(false) => continue,
+                    Err(e) => {
+                        let e = &e as &dyn std::error::Error;
+                        tracing::warn!(sandbox = %id, error = e, "Cannot record a failed sandbox");
+                        break;
+                    }
+                }
             }
         }
     }

@@ -2,9 +2,11 @@
 //! and knows nothing of HTTP; handlers translate requests into these calls.
 
 pub mod accounts;
+pub mod checkout;
 pub mod io;
 pub mod lifecycle;
 pub mod pools;
+pub mod reconciler;
 pub mod replicas;
 pub mod sandboxes;
 pub mod templates;
@@ -20,10 +22,10 @@ use tokio::task::AbortHandle;
 use warmpool_api::FieldError;
 
 use crate::metrics::Metrics;
-use crate::reconciler::{PassRecord, Pokes};
 use crate::runtime::Runtime;
 use crate::secrets::Secrets;
 use crate::store::{Lifecycle, PoolRow, Store, StoreError};
+use reconciler::{PassRecord, Pokes};
 
 /// Errors of the domain, each mapped to one API error code by the HTTP layer.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,14 @@ pub enum AppError {
     ServiceUnavailable(String),
     #[error("store failure")]
     Store(#[source] StoreError),
+    /// The runtime could not do it: `message` is what the client is told (`conflict`, or `service_unavailable`
+    /// when the host is out of space); `source` is the whole error, for the log.
+    #[error("{message}")]
+    Runtime {
+        message: String,
+        #[source]
+        source: crate::runtime::RuntimeError,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -126,6 +136,17 @@ pub struct AppConfig {
     pub max_upload_bytes: u64,
 }
 
+/// The app's background loops, stopped when this is dropped (at shutdown; when a test's control plane goes).
+pub struct Background(Vec<AbortHandle>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 pub struct App {
     /// This process among the replicas sharing the store (`rep_…`, new at every start).
     pub replica: String,
@@ -179,6 +200,26 @@ impl App {
             owned: Mutex::new(HashSet::new()),
             leader: Default::default(),
         })
+    }
+
+    /// Brings the app up over its store and runtime: joins the replicas, recovers what an earlier run left, and
+    /// starts the background loops (the reconciler, procd exits, timeout policies, the pools' spread over
+    /// replicas). They run until the returned [`Background`] is dropped.
+    pub async fn start(
+        self: &Arc<Self>,
+        exits: tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) -> AppResult<Background> {
+        self.join_cluster().await?;
+        self.recover().await?;
+        let mut tasks = vec![
+            tokio::spawn(self.clone().balance()).abort_handle(),
+            tokio::spawn(self.clone().watch_exits(exits)).abort_handle(),
+            tokio::spawn(self.clone().enforce_timeouts()).abort_handle(),
+        ];
+        if self.config.reconciler_enabled {
+            tasks.push(tokio::spawn(self.clone().run_reconciler()).abort_handle());
+        }
+        Ok(Background(tasks))
     }
 
     pub fn inventory_signal(&self, pool_id: &str) -> Arc<Notify> {

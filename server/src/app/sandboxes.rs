@@ -3,17 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::Utc;
 use futures::stream::BoxStream;
 use warmpool_api::{
     id_prefix, validate_cwd, validate_env_key, validate_mount_path, validate_name, CheckoutMode,
     CheckoutSource, ExecRequest, ExecResult, FallbackReason, FieldError, List, LogLine, NetworkMode,
-    PoolState, ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
+    ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
     EXEC_TIMEOUT_MAX_MS, LOG_TAIL_DEFAULT, LOG_TAIL_MAX,
 };
 
+use super::checkout::{after_miss, route, Route};
 use super::lifecycle::{runtime_error, StartError, StopCause};
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
 use crate::runtime::{RuntimeError, StartSpec, Volume};
@@ -107,47 +108,35 @@ impl App {
             waited_ms,
             fallback_reason,
         };
-        let miss = |reason: FallbackReason, field: Option<&str>, message: String| -> AppResult<()> {
-            if mode == CheckoutMode::Require {
-                return Err(AppError::WarmPoolUnavailable {
-                    reason: reason.as_str().into(),
-                    field: field.map(Into::into),
-                    message,
-                });
+        let refuse = |reason: FallbackReason, field: Option<&str>, waited_ms: u64| {
+            let name = &pool.pool.name;
+            let message = match (reason, field) {
+                (_, Some(field)) => {
+                    format!("{field} cannot be applied to an already-started sandbox of warm pool {name}")
+                }
+                (FallbackReason::PoolDraining, _) => format!("warm pool {name} is draining"),
+                (FallbackReason::PoolDisabled, _) => {
+                    format!("warm pool {name} is disabled and has no ready sandbox")
+                }
+                _ => format!("warm pool {name} had no ready sandbox within {waited_ms} ms"),
+            };
+            AppError::WarmPoolUnavailable {
+                reason: reason.as_str().into(),
+                field: field.map(Into::into),
+                message,
             }
-            Ok(())
         };
-        let early = if mode == CheckoutMode::Bypass {
-            Some(FallbackReason::Bypass)
-        } else if let Some(field) = req.unpoolable_field() {
-            miss(
-                FallbackReason::UnpoolableShape,
-                Some(field),
-                format!(
-                    "{field} cannot be applied to an already-started sandbox of warm pool {}",
-                    pool.pool.name
-                ),
-            )?;
-            Some(FallbackReason::UnpoolableShape)
-        } else if pool.pool.state == PoolState::Draining {
-            let reason = FallbackReason::PoolDraining;
-            miss(reason, None, format!("warm pool {} is draining", pool.pool.name))?;
-            Some(reason)
-        } else {
-            None
+        let wait = match route(mode, req.unpoolable_field(), pool.pool.state, req.warm_pool_wait_ms) {
+            Route::Claim { wait } => wait,
+            Route::Refuse { reason, field } => return Err(refuse(reason, field, 0)),
+            Route::Cold(reason) => {
+                self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
+                let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
+                let co = checkout(CheckoutSource::Cold, 0, Some(reason));
+                return self.create_cold(caller, &req, cold, Some(co)).await;
+            }
         };
-        if let Some(reason) = early {
-            self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
-            let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
-            return self
-                .create_cold(caller, &req, cold, Some(checkout(CheckoutSource::Cold, 0, Some(reason))))
-                .await;
-        }
         self.check_owned_quota(&caller.account_id).await?;
-        // A disabled pool still hands out the inventory it kept, but nothing refills it: no point waiting.
-        let disabled = pool.pool.state == PoolState::Disabled;
-        let wait =
-            if disabled { Duration::ZERO } else { Duration::from_millis(req.warm_pool_wait_ms.unwrap_or(0)) };
         let signal = self.inventory_signal(&pool.pool.id);
         loop {
             let notified = signal.notified();
@@ -181,18 +170,11 @@ impl App {
             let _ = tokio::time::timeout(left, notified).await;
         }
         let waited_ms = started.elapsed().as_millis() as u64;
-        let (reason, message) = if disabled {
-            (
-                FallbackReason::PoolDisabled,
-                format!("warm pool {} is disabled and has no ready sandbox", pool.pool.name),
-            )
-        } else {
-            (
-                FallbackReason::NoReadyInventory,
-                format!("warm pool {} had no ready sandbox within {waited_ms} ms", pool.pool.name),
-            )
+        let reason = match after_miss(mode, pool.pool.state) {
+            Route::Refuse { reason, field } => return Err(refuse(reason, field, waited_ms)),
+            Route::Cold(reason) => reason,
+            Route::Claim { .. } => unreachable!("a miss never claims"),
         };
-        miss(reason, None, message)?;
         self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
         let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
         let co = checkout(CheckoutSource::Cold, waited_ms, Some(reason));

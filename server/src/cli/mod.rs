@@ -2,6 +2,7 @@
 //! (through `warmpool-client`). `--json` prints machine output on stdout and nothing else there.
 
 mod bench;
+mod bench_fill;
 mod bench_io;
 mod commands;
 pub mod config;
@@ -471,6 +472,8 @@ pub enum BenchCmd {
     /// Sandbox I/O: a tree up and down through the archive routes beside tar inside the sandbox, streamed-exec
     /// line latency, and the server's memory while 1 GB streams in and out, as JSON.
     Io(bench_io::IoArgs),
+    /// A pool of N filling beside plain `runc run` of N containers at the same parallelism, as JSON.
+    Fill(bench_fill::FillArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -481,6 +484,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCmd::Pools(args)) => bench::pools(&cli.global, args).await,
         Command::Bench(BenchCmd::Artifact(args)) => bench::artifact(&cli.global, args).await,
         Command::Bench(BenchCmd::Io(args)) => bench_io::io(&cli.global, args).await,
+        Command::Bench(BenchCmd::Fill(args)) => bench_fill::fill(&cli.global, args).await,
         command => run_client_command(&cli.global, command).await,
     }
 }

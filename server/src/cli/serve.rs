@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
-use crate::app::{App, AppConfig};
+use crate::app::{App, AppConfig, Background};
 use crate::runtime::kubernetes::{self, KubernetesRuntime};
 use crate::runtime::local::{self, oci::IdRange, LocalRuntime};
 use crate::runtime::Runtime;
@@ -143,7 +143,8 @@ fn find_procd(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 /// Builds the app for these arguments (also used by the tests' in-process server).
-pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
+/// The app `serve` runs, up and running: its background loops run until the returned [`Background`] is dropped.
+pub async fn build_app(args: &ServeArgs) -> anyhow::Result<(Arc<App>, Background)> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize()?;
@@ -221,15 +222,8 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<Arc<App>> {
     let app = App::new(store, runtime, secrets, config);
     let token_path = app.bootstrap_admin().await?;
     tracing::info!(path = %token_path.display(), "Admin token");
-    app.join_cluster().await?;
-    app.recover().await?;
-    tokio::spawn(app.clone().balance());
-    tokio::spawn(app.clone().watch_exits(exits_rx));
-    tokio::spawn(app.clone().enforce_timeouts());
-    if app.config.reconciler_enabled {
-        tokio::spawn(app.clone().run_reconciler());
-    }
-    Ok(app)
+    let background = app.start(exits_rx).await?;
+    Ok((app, background))
 }
 
 pub async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
@@ -238,7 +232,7 @@ pub async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     // Pods download artifacts from the address actually bound (port 0 picks one) unless told otherwise.
     args.advertise_url.get_or_insert_with(|| format!("http://{}", listener.local_addr().expect("bound")));
-    let app = build_app(&args).await?;
+    let (app, _background) = build_app(&args).await?;
     eprintln!(
         "warmpool serving on http://{} (data dir {}, admin token in {})",
         listener.local_addr()?,

@@ -78,6 +78,15 @@ impl IntoResponse for ApiError {
                     tracing::warn!(message = %m, "Answering service_unavailable");
                     (ErrorCode::ServiceUnavailable, m, serde_json::json!({}))
                 }
+                AppError::Runtime { ref message, ref source } => {
+                    tracing::warn!(error = &e as &dyn std::error::Error, "The runtime failed");
+                    let code = if source.is_out_of_space() {
+                        ErrorCode::ServiceUnavailable
+                    } else {
+                        ErrorCode::Conflict
+                    };
+                    (code, message.clone(), serde_json::json!({}))
+                }
                 AppError::Store(_) | AppError::Internal(_) => {
                     tracing::error!(error = &e as &dyn std::error::Error, "Internal error");
                     (ErrorCode::Internal, "internal error (see the server log)".into(), serde_json::json!({}))
@@ -314,10 +323,24 @@ pub fn router(app: Arc<App>) -> axum::Router {
     handlers::routes()
         .0
         .route_layer(axum::middleware::from_fn(no_nul_in_uri))
+        .route_layer(axum::middleware::from_fn(request_span))
         .fallback(unknown_route)
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)
+}
+
+/// Every request runs in a span naming its method and route (the route's template, so ids stay out of it); what
+/// the handler and the domain log below it carries both.
+async fn request_span(
+    matched: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use tracing::Instrument;
+    let route = matched.as_ref().map_or("unknown", |m| m.as_str()).to_string();
+    let span = tracing::info_span!("request", method = %request.method(), route);
+    next.run(request).instrument(span).await
 }
 
 async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {

@@ -5,6 +5,7 @@
 pub mod kubernetes;
 pub mod local;
 pub mod procd;
+pub mod sim;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -47,6 +48,22 @@ impl RuntimeError {
     pub fn is_out_of_space(&self) -> bool {
         matches!(self, RuntimeError::Io { source, .. }
             if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EROFS | libc::EDQUOT)))
+    }
+
+    /// What a client may be told about it: what went wrong inside the sandbox (a probe's message, procd's exit
+    /// reason, a request field), never the host's side (paths, tools' stderr, which stay in the server's log).
+    pub fn client_message(&self) -> String {
+        match self {
+            RuntimeError::Invalid { .. } | RuntimeError::NotReady(_) | RuntimeError::Exited(_) => {
+                self.to_string()
+            }
+            RuntimeError::NoCapacity(_) => self.to_string(),
+            RuntimeError::Unreachable(_) => "procd is unreachable".into(),
+            _ if self.is_out_of_space() => "the host is out of disk space".into(),
+            RuntimeError::Failed(_) | RuntimeError::Io { .. } => {
+                "the runtime failed on the host (the server's log has the cause)".into()
+            }
+        }
     }
 
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
@@ -101,6 +118,30 @@ pub struct RuntimeHandle {
     /// Whether procd runs warm processes (false for a template with no start_cmd and no warm processes).
     #[serde(default)]
     pub has_warm_processes: bool,
+}
+
+/// A phase of a sandbox's start, as `warmpool_sandbox_start_seconds{phase}` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPhase {
+    /// Root filesystem, bundle and the container itself (`runc create` and `start`), network wiring excepted.
+    Container,
+    /// Wiring the sandbox's network namespace.
+    Network,
+    /// From the container's start until procd answers.
+    Procd,
+    /// From procd's first answer until readiness passes.
+    Readiness,
+}
+
+impl StartPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartPhase::Container => "container",
+            StartPhase::Network => "network",
+            StartPhase::Procd => "procd",
+            StartPhase::Readiness => "readiness",
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -160,6 +201,12 @@ pub trait Runtime: Send + Sync {
     /// procd of a sandbox, for the routes that work inside it (processes, files, archives).
     fn procd(&self, _handle: &RuntimeHandle) -> Result<procd::ProcdConn, RuntimeError> {
         Err(RuntimeError::Failed(format!("the {} runtime cannot reach procd", self.name())))
+    }
+    /// How long each phase of sandbox `id`'s start took, once [`Runtime::wait_ready`] saw it ready (`container`,
+    /// `network`, `procd`, `readiness`: see [`StartPhase`]); a runtime that does not time them says nothing.
+    /// Taken: a second call returns nothing.
+    fn take_start_phases(&self, _id: &str) -> Vec<(StartPhase, Duration)> {
+        Vec::new()
     }
     /// A build's artifact as a zstd tar, on runtimes that keep it as one (served to the pods that unpack it).
     fn artifact_file(&self, _build_id: &str) -> Option<std::path::PathBuf> {

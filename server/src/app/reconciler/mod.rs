@@ -15,13 +15,16 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
-use warmpool_api::{BuildStatus, DegradedReason, PoolState, Sandbox, SandboxState};
+use warmpool_api::{BuildStatus, DegradedReason, Sandbox, SandboxState};
 
-use crate::app::lifecycle::{StartError, StopCause};
+use crate::app::lifecycle::StartError;
 use crate::app::pools::{start_rollout, target, Counts, PREWARM_FAILURE_LIMIT};
+
+mod plan;
 use crate::app::{new_id, App, AppError};
 use crate::runtime::StartSpec;
-use crate::store::{Lifecycle, RuntimeHandle, SandboxRow};
+use crate::store::{BuildRow, LeaseRow, Lifecycle, PoolRow, RuntimeHandle, SandboxRow, TemplateRow};
+pub use plan::{plan, Member, Observed, Plan};
 
 /// Every pool gets a pass at least this often, even if nothing poked it.
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -59,112 +62,6 @@ impl Pokes {
 pub struct PassRecord {
     pub at: DateTime<Utc>,
     pub duration_ms: u64,
-}
-
-/// A pool's unclaimed sandbox as the planner sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Member {
-    pub id: String,
-    pub generation: u64,
-    /// `warming`, `ready`, `draining` or `failed` (claimed sandboxes are no longer members).
-    pub lifecycle: Lifecycle,
-    /// Seconds since it became ready.
-    pub ready_for_secs: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Observed {
-    pub state: PoolState,
-    pub target: u32,
-    pub generation: u64,
-    /// The resolved build is ready to start sandboxes from.
-    pub build_ready: bool,
-    /// Filling stopped after repeated prewarm failures.
-    pub fill_stopped: bool,
-    pub members: Vec<Member>,
-    pub idle_timeout_seconds: Option<u64>,
-    /// More warm sandboxes the account's quota allows (None: unlimited).
-    pub quota_headroom: Option<u32>,
-    /// More sandboxes the runtime takes.
-    pub capacity: u32,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Plan {
-    pub start: u32,
-    pub stop: Vec<(String, StopCause)>,
-    /// Why fewer sandboxes are started than the target needs.
-    pub blocked: Vec<DegradedReason>,
-}
-
-/// Desired + observed → actions. Pure: no I/O, tested with tables.
-pub fn plan(o: &Observed) -> Plan {
-    let mut p = Plan::default();
-    let live: Vec<&Member> =
-        o.members.iter().filter(|m| matches!(m.lifecycle, Lifecycle::Warming | Lifecycle::Ready)).collect();
-    if o.state == PoolState::Draining {
-        p.stop = live.iter().map(|m| (m.id.clone(), StopCause::Drain)).collect();
-        return p;
-    }
-    let mut current_ready = Vec::new();
-    let mut current_warming = Vec::new();
-    let mut old_ready = Vec::new();
-    for m in &live {
-        let expired = m.lifecycle == Lifecycle::Ready
-            && o.idle_timeout_seconds.zip(m.ready_for_secs).is_some_and(|(limit, age)| age >= limit);
-        if expired {
-            p.stop.push((m.id.clone(), StopCause::Expired));
-        } else if m.generation == o.generation {
-            if m.lifecycle == Lifecycle::Ready {
-                current_ready.push(*m)
-            } else {
-                current_warming.push(*m)
-            }
-        } else if m.lifecycle == Lifecycle::Ready {
-            old_ready.push(*m);
-        } else {
-            p.stop.push((m.id.clone(), StopCause::Rollout));
-        }
-    }
-    if o.state == PoolState::Disabled {
-        // Disabled keeps its inventory (old generations included) and starts nothing.
-        p.stop.retain(|(_, r)| *r == StopCause::Expired);
-        return p;
-    }
-    let target = o.target as usize;
-    // Old ready sandboxes keep serving until the new generation has enough ready ones.
-    let keep_old = target.saturating_sub(current_ready.len()).min(old_ready.len());
-    p.stop.extend(old_ready[keep_old..].iter().map(|m| (m.id.clone(), StopCause::Rollout)));
-    // Above target: stop warming ones first, then the newest ready.
-    let alive = current_ready.len() + current_warming.len();
-    if alive > target {
-        let mut excess = alive - target;
-        for m in current_warming.iter().chain(current_ready.iter().rev()) {
-            if excess == 0 {
-                break;
-            }
-            p.stop.push((m.id.clone(), StopCause::ScaleDown));
-            excess -= 1;
-        }
-        return p;
-    }
-    if !o.build_ready || o.fill_stopped {
-        return p;
-    }
-    let want = (target - alive) as u32;
-    let mut start = want;
-    if let Some(headroom) = o.quota_headroom {
-        if headroom < start {
-            start = headroom;
-            p.blocked.push(DegradedReason::QuotaExceeded);
-        }
-    }
-    if o.capacity < start {
-        start = o.capacity;
-        p.blocked.push(DegradedReason::NoEligibleHosts);
-    }
-    p.start = start;
-    p
 }
 
 impl App {
@@ -230,7 +127,7 @@ impl App {
     }
 
     /// One pass over one pool; returns when it next falls due (None: the pool is gone).
-    #[tracing::instrument(skip(self), level = "debug")]
+    #[tracing::instrument(name = "reconcile", skip(self))]
     pub async fn reconcile_pool(self: &Arc<Self>, pool_id: &str) -> Option<Duration> {
         let started = Instant::now();
         let (blocked, last_error, next) = match self.reconcile_inner(pool_id).await {
@@ -262,7 +159,18 @@ impl App {
         Some(next)
     }
 
+    /// One pass: observe, plan, execute. None when the pool is gone.
     async fn reconcile_inner(self: &Arc<Self>, pool_id: &str) -> Result<Option<Pass>, AppError> {
+        let Some(seen) = self.observe(pool_id).await? else { return Ok(None) };
+        let plan = plan(&seen.observed);
+        self.execute(&seen, &plan).await?;
+        Ok(Some(Pass { next: next_due(&seen, &plan), blocked: plan.blocked }))
+    }
+
+    /// Reads everything a pass needs about a pool. It also settles what the pool's own definition decides and
+    /// needs no plan: the build it should run now (following its tag, which may start a rollout) and its expired
+    /// leases.
+    async fn observe(&self, pool_id: &str) -> Result<Option<Seen>, AppError> {
         let Some(row) = self.store.get_pool_by_id(pool_id).await? else { return Ok(None) };
         // Follow the tag (track_tag), or resolve a pinned ref once.
         let wanted = self.wanted_build(&row).await?;
@@ -329,8 +237,16 @@ impl App {
             quota_headroom,
             capacity: self.runtime.free_capacity(live_total) as u32,
         };
-        let plan = plan(&observed);
-        let counts = Counts::of(&pool.id, &sandboxes);
+        Ok(Some(Seen { row, leases, build, template, sandboxes, observed, now }))
+    }
+
+    /// Carries a plan out: each stop is committed in the store before the runtime acts, each start is a row
+    /// inserted before anything starts; the runtime's work runs in the background.
+    async fn execute(self: &Arc<Self>, seen: &Seen, plan: &Plan) -> Result<(), AppError> {
+        let Seen { row, build, template, sandboxes, .. } = seen;
+        let pool = &row.pool;
+        let members = seen.members();
+        let counts = Counts::of(&pool.id, sandboxes);
         for (state, n) in
             [("ready", counts.ready), ("warming", counts.warming), ("draining", counts.draining)]
         {
@@ -354,8 +270,10 @@ impl App {
             }
         }
         if plan.start > 0 {
-            let (template, build) =
-                (template.expect("build_ready checks it"), build.expect("build_ready checks it"));
+            let (template, build) = (
+                template.as_ref().expect("build_ready checks it"),
+                build.as_ref().expect("build_ready checks it"),
+            );
             for _ in 0..plan.start {
                 let mut spec = build.spec.clone();
                 if pool.resources.cpu.is_some() {
@@ -407,23 +325,7 @@ impl App {
                 tokio::spawn(async move { app.prewarm(pool_id, sandbox_row, start).await });
             }
         }
-        // When does a time-based change fall due? Leases expire; ready sandboxes reach their idle timeout.
-        let mut next = RESYNC + Duration::from_millis(rand::random::<u64>() % 30_000);
-        let mut until = |at: DateTime<Utc>| {
-            let left = (at - now).to_std().unwrap_or_default() + Duration::from_millis(10);
-            next = next.min(left);
-        };
-        leases.iter().filter(|l| l.lease.expires_at > now).for_each(|l| until(l.lease.expires_at));
-        if let Some(idle) = pool.idle_timeout_seconds {
-            members
-                .iter()
-                .filter_map(|m| m.ready_at.filter(|_| m.lifecycle == Lifecycle::Ready))
-                .for_each(|at| until(at + chrono::Duration::seconds(idle as i64)));
-        }
-        if !plan.blocked.is_empty() {
-            next = next.min(BLOCKED_RETRY);
-        }
-        Ok(Some(Pass { blocked: plan.blocked, next }))
+        Ok(())
     }
 
     /// Starts one inventory sandbox. Only a real failure counts (and feeds the prewarm breaker); a sandbox stopped
@@ -438,7 +340,14 @@ impl App {
         if still_wanted {
             match self.start_sandbox(&mut row, spec, Lifecycle::Ready).await {
                 Ok(()) => {
-                    let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0).await;
+                    // A success ends a run of failures; it writes the pool only when there was one.
+                    let failing = matches!(
+                        self.store.get_pool_by_id(&pool_id).await,
+                        Ok(Some(r)) if r.ctl.prewarm_failures > 0
+                    );
+                    if failing {
+                        let _ = self.update_pool(&pool_id, |r| r.ctl.prewarm_failures = 0).await;
+                    }
                     self.watch_readiness(&row);
                     self.inventory_signal(&pool_id).notify_waiters();
                 }
@@ -454,195 +363,49 @@ impl App {
     }
 }
 
+/// What a pass observed of one pool.
+struct Seen {
+    row: PoolRow,
+    leases: Vec<LeaseRow>,
+    build: Option<BuildRow>,
+    template: Option<TemplateRow>,
+    /// The pool's sandboxes, the ones checked out of it included.
+    sandboxes: Vec<SandboxRow>,
+    observed: Observed,
+    now: DateTime<Utc>,
+}
+
+impl Seen {
+    /// The pool's own (unclaimed) sandboxes.
+    fn members(&self) -> Vec<&SandboxRow> {
+        self.sandboxes.iter().filter(|s| s.pool_id.as_deref() == Some(self.row.pool.id.as_str())).collect()
+    }
+}
+
+/// When the pool's next pass falls due without a poke: leases expire and ready sandboxes reach their idle
+/// timeout at known times; otherwise the resync, spread over 30 s so idle pools do not come due together.
+fn next_due(seen: &Seen, plan: &Plan) -> Duration {
+    let now = seen.now;
+    let mut next = RESYNC + Duration::from_millis(rand::random::<u64>() % 30_000);
+    let mut until = |at: DateTime<Utc>| {
+        let left = (at - now).to_std().unwrap_or_default() + Duration::from_millis(10);
+        next = next.min(left);
+    };
+    seen.leases.iter().filter(|l| l.lease.expires_at > now).for_each(|l| until(l.lease.expires_at));
+    if let Some(idle) = seen.row.pool.idle_timeout_seconds {
+        seen.members()
+            .iter()
+            .filter_map(|m| m.ready_at.filter(|_| m.lifecycle == Lifecycle::Ready))
+            .for_each(|at| until(at + chrono::Duration::seconds(idle as i64)));
+    }
+    if !plan.blocked.is_empty() {
+        next = next.min(BLOCKED_RETRY);
+    }
+    next
+}
+
 /// What a pass leaves behind.
 struct Pass {
     blocked: Vec<DegradedReason>,
     next: Duration,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn member(id: &str, generation: u64, lifecycle: Lifecycle, age: Option<u64>) -> Member {
-        Member { id: id.into(), generation, lifecycle, ready_for_secs: age }
-    }
-
-    fn observed(target: u32, members: Vec<Member>) -> Observed {
-        Observed {
-            state: PoolState::Enabled,
-            target,
-            generation: 2,
-            build_ready: true,
-            fill_stopped: false,
-            members,
-            idle_timeout_seconds: None,
-            quota_headroom: None,
-            capacity: 1000,
-        }
-    }
-
-    fn stops(p: &Plan) -> Vec<(&str, StopCause)> {
-        p.stop.iter().map(|(id, r)| (id.as_str(), *r)).collect()
-    }
-
-    #[test]
-    fn planner_table() {
-        use Lifecycle::*;
-        use StopCause::{Drain, Expired, Rollout, ScaleDown as Excess};
-        struct Case {
-            name: &'static str,
-            o: Observed,
-            start: u32,
-            stop: Vec<(&'static str, StopCause)>,
-            blocked: Vec<DegradedReason>,
-        }
-        let cases = vec![
-            Case {
-                name: "empty pool fills to target",
-                o: observed(3, vec![]),
-                start: 3,
-                stop: vec![],
-                blocked: vec![],
-            },
-            Case {
-                name: "warming counts toward target",
-                o: observed(3, vec![member("a", 2, Warming, None), member("b", 2, Ready, Some(1))]),
-                start: 1,
-                stop: vec![],
-                blocked: vec![],
-            },
-            Case {
-                name: "excess stops warming first, then newest ready",
-                o: observed(
-                    1,
-                    vec![
-                        member("a", 2, Ready, Some(9)),
-                        member("b", 2, Ready, Some(1)),
-                        member("c", 2, Warming, None),
-                    ],
-                ),
-                start: 0,
-                stop: vec![("c", Excess), ("b", Excess)],
-                blocked: vec![],
-            },
-            Case {
-                name: "rollout keeps old ready until new ones are ready",
-                o: observed(
-                    2,
-                    vec![
-                        member("o1", 1, Ready, Some(5)),
-                        member("o2", 1, Ready, Some(5)),
-                        member("ow", 1, Warming, None),
-                    ],
-                ),
-                start: 2,
-                stop: vec![("ow", Rollout)],
-                blocked: vec![],
-            },
-            Case {
-                name: "rollout drains old ready as new ones become ready",
-                o: observed(
-                    2,
-                    vec![
-                        member("o1", 1, Ready, Some(5)),
-                        member("o2", 1, Ready, Some(5)),
-                        member("n1", 2, Ready, Some(0)),
-                    ],
-                ),
-                start: 1,
-                stop: vec![("o2", Rollout)],
-                blocked: vec![],
-            },
-            Case {
-                name: "draining stops everything and starts nothing",
-                o: Observed {
-                    state: PoolState::Draining,
-                    ..observed(
-                        0,
-                        vec![
-                            member("a", 2, Ready, Some(1)),
-                            member("b", 2, Warming, None),
-                            member("c", 2, Draining, None),
-                        ],
-                    )
-                },
-                start: 0,
-                stop: vec![("a", Drain), ("b", Drain)],
-                blocked: vec![],
-            },
-            Case {
-                name: "disabled keeps inventory",
-                o: Observed {
-                    state: PoolState::Disabled,
-                    ..observed(0, vec![member("a", 2, Ready, Some(1)), member("o", 1, Ready, Some(1))])
-                },
-                start: 0,
-                stop: vec![],
-                blocked: vec![],
-            },
-            Case {
-                name: "idle timeout expires stale ready sandboxes and replaces them",
-                o: Observed {
-                    idle_timeout_seconds: Some(60),
-                    ..observed(2, vec![member("old", 2, Ready, Some(61)), member("new", 2, Ready, Some(3))])
-                },
-                start: 1,
-                stop: vec![("old", Expired)],
-                blocked: vec![],
-            },
-            Case {
-                name: "quota caps the fill",
-                o: Observed { quota_headroom: Some(1), ..observed(3, vec![]) },
-                start: 1,
-                stop: vec![],
-                blocked: vec![DegradedReason::QuotaExceeded],
-            },
-            Case {
-                name: "no capacity",
-                o: Observed { capacity: 0, ..observed(3, vec![]) },
-                start: 0,
-                stop: vec![],
-                blocked: vec![DegradedReason::NoEligibleHosts],
-            },
-            Case {
-                name: "build not ready: nothing starts",
-                o: Observed { build_ready: false, ..observed(3, vec![]) },
-                start: 0,
-                stop: vec![],
-                blocked: vec![],
-            },
-            Case {
-                name: "prewarm failures stop filling",
-                o: Observed { fill_stopped: true, ..observed(3, vec![]) },
-                start: 0,
-                stop: vec![],
-                blocked: vec![],
-            },
-        ];
-        for c in cases {
-            let p = plan(&c.o);
-            assert_eq!(p.start, c.start, "{}: start", c.name);
-            assert_eq!(stops(&p), c.stop, "{}: stop", c.name);
-            assert_eq!(p.blocked, c.blocked, "{}: blocked", c.name);
-        }
-    }
-
-    proptest::proptest! {
-        /// Whatever is observed, an enabled pool never plans more live sandboxes of the current generation than
-        /// its target, and never stops a sandbox twice.
-        #[test]
-        fn planner_never_overshoots(target in 0u32..20, slots in proptest::collection::vec((0u64..3, 0u8..3, proptest::option::of(0u64..100)), 0..30)) {
-            let members: Vec<Member> = slots.iter().enumerate().map(|(i, (g, s, age))| {
-                let slot = match s { 0 => Lifecycle::Warming, 1 => Lifecycle::Ready, _ => Lifecycle::Draining };
-                member(&format!("m{i}"), *g, slot, *age)
-            }).collect();
-            let o = Observed { idle_timeout_seconds: Some(50), ..observed(target, members.clone()) };
-            let p = plan(&o);
-            let stopped: std::collections::HashSet<_> = p.stop.iter().map(|(id, _)| id.clone()).collect();
-            proptest::prop_assert_eq!(stopped.len(), p.stop.len());
-            let current_live = members.iter().filter(|m| m.generation == 2 && m.lifecycle != Lifecycle::Draining && !stopped.contains(&m.id)).count();
-            proptest::prop_assert!(current_live + p.start as usize <= (target as usize).max(current_live.min(target as usize)));
-        }
-    }
 }
