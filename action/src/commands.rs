@@ -390,7 +390,21 @@ async fn scale_up_and_checkout<W: Write>(
         Err(e) => Err(e),
     };
     finish(r, &pools)?;
-    result
+    result?;
+    if with_checkout {
+        work(r, &c, &pools).await?;
+    }
+    Ok(())
+}
+
+/// The `upload`, `run` and `download` inputs, in the sandboxes just checked out.
+async fn work<W: Write>(r: &mut Runner<W>, c: &Client, pools: &[(WarmPool, PoolReport)]) -> Result<()> {
+    let work = crate::work::Work::from_inputs(&r.env);
+    if work.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<String> = pools.iter().flat_map(|(_, rep)| rep.sandboxes.iter().cloned()).collect();
+    crate::work::run(r, c, &ids, &work).await
 }
 
 /// Waits until every pool has `min(ready, target)` ready sandboxes, or `timeout`.
@@ -612,7 +626,8 @@ async fn checkout_only<W: Write>(r: &mut Runner<W>) -> Result<()> {
     let mut pools = resolve(r, &c, &names).await?;
     let result = checkout_all(r, &c, &mut pools, per_pool, mode, template.as_deref(), false).await;
     finish(r, &pools)?;
-    result
+    result?;
+    work(r, &c, &pools).await
 }
 
 /// Cleans up after `main`, from `STATE_*` and the `token` input. Safe to run twice.

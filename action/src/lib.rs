@@ -6,5 +6,6 @@
 pub mod commands;
 pub mod github;
 pub mod runner;
+pub mod work;
 
 pub use commands::{run, Command};

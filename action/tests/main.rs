@@ -6,7 +6,8 @@ use std::path::Path;
 #[test]
 fn action_yml_contract() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let source = std::fs::read_to_string(root.join("src/commands.rs")).unwrap();
+    let source =
+        ["src/commands.rs", "src/work.rs"].map(|f| std::fs::read_to_string(root.join(f)).unwrap()).join("\n");
     for file in ["action.yml", "scale-up/action.yml", "checkout/action.yml", "drain/action.yml"] {
         let text = std::fs::read_to_string(root.join(file)).unwrap();
         let doc = &yaml_rust2::YamlLoader::load_from_str(&text).unwrap()[0];

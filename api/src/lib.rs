@@ -6,6 +6,7 @@
 pub mod account;
 pub mod demand;
 pub mod error;
+pub mod io;
 pub mod pool;
 pub mod probe;
 pub mod refs;
@@ -16,6 +17,7 @@ pub mod trust;
 pub use account::*;
 pub use demand::*;
 pub use error::*;
+pub use io::*;
 pub use pool::*;
 pub use probe::*;
 pub use refs::*;

@@ -1,7 +1,11 @@
 //! The typed REST client for the Warmpool control plane, used by the CLI, the Terraform provider, the GitHub
 //! Action and the tests, so the wire format is written once. Errors carry the server's code and message.
 
+mod io;
+
 use std::time::Duration;
+
+pub use io::{decode, ByteStream, EventStream};
 
 use reqwest::Method;
 use serde::de::DeserializeOwned;
@@ -98,6 +102,11 @@ impl Client {
         if let Some(body) = body {
             req = req.header("content-type", "application/json").body(body.to_json());
         }
+        self.send(req).await
+    }
+
+    /// Sends a request; an answer that is not a success becomes [`Error::Api`].
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let resp = req
             .send()
             .await

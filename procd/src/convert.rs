@@ -88,11 +88,12 @@ pub fn stream_to_proto(stream: StreamName) -> proto::Stream {
     }
 }
 
-/// Unspecified means stdout.
+/// Unspecified means stdout; `None` for combined or unknown.
 pub fn stream_from_proto(stream: i32) -> Option<StreamName> {
     match proto::Stream::try_from(stream).ok()? {
         proto::Stream::Unspecified | proto::Stream::Stdout => Some(StreamName::Stdout),
         proto::Stream::Stderr => Some(StreamName::Stderr),
+        proto::Stream::Combined => None,
     }
 }
 
@@ -111,6 +112,9 @@ pub fn signal_from_proto(signal: i32) -> Option<i32> {
         proto::Signal::Cont => libc::SIGCONT,
     })
 }
+
+/// The metadata key that names why a call failed where the status code alone does not (`no_space`).
+pub const REASON_METADATA: &str = "warmpool-reason";
 
 /// The metadata key that names the request field an `INVALID_ARGUMENT` is about.
 pub const FIELD_METADATA: &str = "warmpool-field";

@@ -14,8 +14,9 @@ use warmpool_api::ProbeKind;
 
 use crate::convert::{
     kind_from_proto, probe_result_to_proto, signal_from_proto, stream_from_proto, stream_to_proto,
-    FIELD_METADATA,
+    FIELD_METADATA, REASON_METADATA,
 };
+use crate::files::{ChannelReader, FilesError, Root};
 use crate::probes::Probes;
 use crate::proto::procd_server::Procd;
 use crate::proto::*;
@@ -26,6 +27,8 @@ const PROBE_RATE: f64 = 200.0;
 
 pub struct ProcdService {
     pub sup: Arc<Supervisor>,
+    /// The sandbox's root (procd's own `/`), for the file and archive calls.
+    pub root: Option<Arc<Root>>,
     pub probes: Arc<Probes>,
     pub token: Option<String>,
     bucket: Mutex<(f64, Instant)>,
@@ -33,7 +36,8 @@ pub struct ProcdService {
 
 impl ProcdService {
     pub fn new(sup: Arc<Supervisor>, probes: Arc<Probes>, token: Option<String>) -> Self {
-        ProcdService { sup, probes, token, bucket: Mutex::new((PROBE_RATE, Instant::now())) }
+        let root = Root::open("/").map(Arc::new).ok();
+        ProcdService { sup, root, probes, token, bucket: Mutex::new((PROBE_RATE, Instant::now())) }
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -88,19 +92,126 @@ fn status_of(err: SupervisorError) -> Status {
     }
 }
 
+fn invalid_field(field: &str, message: String) -> Status {
+    let mut status = Status::invalid_argument(message);
+    status.metadata_mut().insert(FIELD_METADATA, field.parse().expect("ASCII field name"));
+    status
+}
+
+fn files_status(err: FilesError) -> Status {
+    let message = err.to_string();
+    match err {
+        FilesError::NotAbsolute(_) | FilesError::Reserved(_) | FilesError::Refused { .. } => {
+            invalid_field("path", message)
+        }
+        FilesError::BadEntry(_) => invalid_field("body", message),
+        FilesError::NotFound(_) => Status::not_found(message),
+        FilesError::IsDir(_) | FilesError::NotDir(_) | FilesError::NotEmpty(_) => {
+            Status::failed_precondition(message)
+        }
+        FilesError::NoSpace => {
+            let mut status = Status::resource_exhausted(message);
+            status.metadata_mut().insert(REASON_METADATA, "no_space".parse().expect("ASCII reason"));
+            status
+        }
+        FilesError::Io { source, .. } => Status::internal(format!("{message}: {source}")),
+    }
+}
+
+fn joined(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("procd's worker failed: {e}"))
+}
+
+fn compression(value: i32) -> Result<crate::files::Compression, Status> {
+    match Compression::try_from(value) {
+        Ok(Compression::None) => Ok(crate::files::Compression::None),
+        Ok(Compression::Gzip) => Ok(crate::files::Compression::Gzip),
+        Ok(Compression::Zstd) => Ok(crate::files::Compression::Zstd),
+        Err(_) => Err(invalid_field("compression", format!("unknown compression {value}"))),
+    }
+}
+
+/// Hands a client stream's bytes to a blocking writer until either side ends; a broken client stream (an error,
+/// or an end without the message marked last) reaches the writer as an error, so nothing half-written is kept.
+async fn feed<T>(
+    mut stream: tonic::Streaming<T>,
+    data: impl Fn(T) -> (Vec<u8>, bool),
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
+) {
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                let (bytes, last) = data(m);
+                if tx.send(Ok(bytes)).await.is_err() || last {
+                    break;
+                }
+            }
+            Ok(None) => {
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the upload ended before its last chunk",
+                );
+                let _ = tx.send(Err(e)).await;
+                break;
+            }
+            Err(status) => {
+                let e = std::io::Error::new(std::io::ErrorKind::BrokenPipe, status.message().to_string());
+                let _ = tx.send(Err(e)).await;
+                break;
+            }
+        }
+    }
+}
+
+/// Streams what a blocking writer produces (a file, a tar) as chunks, ending with the writer's error if it fails.
+fn chunks<T: Send + 'static>(
+    write: impl FnOnce(crate::archive::ChunkWriter) -> std::io::Result<()> + Send + 'static,
+    wrap: fn(Vec<u8>) -> T,
+) -> BoxStream<T> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let job = tokio::task::spawn_blocking(move || write(crate::archive::ChunkWriter::new(tx)));
+    Box::pin(async_stream::stream! {
+        while let Some(data) = rx.recv().await {
+            yield Ok(wrap(data));
+        }
+        match job.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => yield Err(Status::internal(format!("reading the sandbox's files: {e}"))),
+            Err(e) => yield Err(joined(e)),
+        }
+    })
+}
+
+fn millis(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 fn info(p: &Process) -> ProcessInfo {
+    let exit = p.exit();
     ProcessInfo {
         name: p.name.clone(),
         alias: p.alias.clone().unwrap_or_default(),
         pid: p.pid,
         warm: p.warm,
-        running: p.running(),
-        exit_code: p.exit_code(),
+        running: exit.is_none(),
+        exit_code: exit.map(|e| e.code),
         command: p.argv.clone(),
+        signal: exit.and_then(|e| e.signal),
+        started_at_ms: millis(p.started_at),
+        finished_at_ms: exit.map(|e| millis(e.at)),
     }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// procd's own bound on a streamed exec without a timeout (24 h).
+const EXEC_MAX_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// The exit of a process whose output just closed (it is recorded a moment later).
+async fn wait_exit(process: &Process) -> Option<supervisor::Exit> {
+    let _ = tokio::time::timeout(Duration::from_secs(2), process.wait()).await;
+    process.exit()
+}
 
 /// Largest chunk sent in one `ReadOutput` message.
 const CHUNK: usize = 64 * 1024;
@@ -152,16 +263,29 @@ impl Procd for ProcdService {
         if r.name.is_empty() {
             return Err(Status::invalid_argument("name must not be empty"));
         }
+        if !r.cwd.is_empty() && !std::path::Path::new(&r.cwd).is_dir() {
+            return Err(status_of(SupervisorError::Cwd(r.cwd.into())));
+        }
         let spawn = SpawnRequest {
-            name: r.name,
+            name: r.name.clone(),
             alias: None,
-            argv: r.command,
-            cwd: (!r.cwd.is_empty()).then(|| r.cwd.into()),
-            env: r.env.into_iter().collect(),
+            argv: r.command.clone(),
+            cwd: (!r.cwd.is_empty()).then(|| r.cwd.clone().into()),
+            env: r.env.clone().into_iter().collect(),
             warm: false,
             stdin: r.stdin,
         };
         let process = self.sup.spawn(spawn).map_err(status_of)?;
+        if r.timeout_ms > 0 {
+            let watched = process.clone();
+            let limit = Duration::from_millis(r.timeout_ms);
+            tokio::spawn(async move {
+                if tokio::time::timeout(limit, watched.wait()).await.is_err() {
+                    tracing::info!(process = %watched.name, "Process reached its timeout; killing its group");
+                    supervisor::kill_group(watched.pid as i32, libc::SIGKILL);
+                }
+            });
+        }
         Ok(Response::new(info(&process)))
     }
 
@@ -184,12 +308,47 @@ impl Procd for ProcdService {
     ) -> Result<Response<Self::ReadOutputStream>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
-        let stream_name = stream_from_proto(r.stream)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown stream {}", r.stream)))?;
         let process = self.sup.get(&r.process).map_err(status_of)?;
-        let out = process.stream(stream_name).clone();
         let follow = r.follow;
         let mut offset = r.offset;
+        if r.stream == i32::from(crate::proto::Stream::Combined) {
+            let out = process.combined.clone();
+            let stream = async_stream::try_stream! {
+                loop {
+                    let changed = out.changed.notified();
+                    let closed = out.is_closed();
+                    let (chunk, name) = out.read(offset, CHUNK);
+                    if !chunk.data.is_empty() || chunk.dropped > 0 {
+                        offset = chunk.offset + chunk.data.len() as u64;
+                        yield OutputChunk {
+                            offset: chunk.offset,
+                            data: chunk.data,
+                            dropped: chunk.dropped,
+                            stream: stream_to_proto(name).into(),
+                            ..Default::default()
+                        };
+                        continue;
+                    }
+                    if closed || !follow {
+                        // The exit is set just after the output closes: wait for it briefly.
+                        let exit = if closed { wait_exit(&process).await } else { None };
+                        yield OutputChunk {
+                            offset,
+                            eof: closed,
+                            exit_code: exit.map(|e| e.code),
+                            signal: exit.and_then(|e| e.signal),
+                            ..Default::default()
+                        };
+                        break;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+                }
+            };
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let stream_name = stream_from_proto(r.stream)
+            .ok_or_else(|| Status::invalid_argument(format!("unknown stream {}", r.stream)))?;
+        let out = process.stream(stream_name).clone();
         let stream = async_stream::try_stream! {
             loop {
                 let changed = out.changed.notified();
@@ -197,11 +356,17 @@ impl Procd for ProcdService {
                 let chunk = out.read(offset, CHUNK);
                 if !chunk.data.is_empty() || chunk.dropped > 0 {
                     offset = chunk.offset + chunk.data.len() as u64;
-                    yield OutputChunk { offset: chunk.offset, data: chunk.data, dropped: chunk.dropped, eof: false };
+                    yield OutputChunk {
+                        offset: chunk.offset,
+                        data: chunk.data,
+                        dropped: chunk.dropped,
+                        stream: stream_to_proto(stream_name).into(),
+                        ..Default::default()
+                    };
                     continue;
                 }
                 if closed || !follow {
-                    yield OutputChunk { offset, data: Vec::new(), dropped: 0, eof: closed };
+                    yield OutputChunk { offset, eof: closed, ..Default::default() };
                     break;
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
@@ -237,13 +402,16 @@ impl Procd for ProcdService {
     async fn exec(&self, req: Request<ExecRequest>) -> Result<Response<Self::ExecStream>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
-        let timeout = Duration::from_millis(if r.timeout_ms == 0 { 60_000 } else { r.timeout_ms });
+        let default_ms = if r.unlimited { EXEC_MAX_MS } else { 60_000 };
+        let timeout = Duration::from_millis(if r.timeout_ms == 0 { default_ms } else { r.timeout_ms });
+        let limit = if r.unlimited { usize::MAX } else { warmpool_api::EXEC_OUTPUT_LIMIT };
         let cwd: Option<std::path::PathBuf> = (!r.cwd.is_empty()).then(|| r.cwd.into());
         let env = r.env.into_iter().collect();
         let (tx, mut rx) = tokio::sync::mpsc::channel(8);
         let sup = self.sup.clone();
-        let run =
-            tokio::spawn(async move { sup.exec(&r.command, cwd.as_ref(), &env, r.stdin, timeout, tx).await });
+        let run = tokio::spawn(async move {
+            sup.exec(&r.command, cwd.as_ref(), &env, r.stdin, timeout, limit, tx).await
+        });
         // Nothing is sent before the command started: a start failure is the call's error, not a stream event.
         let first = rx.recv().await;
         if first.is_none() {
@@ -294,6 +462,137 @@ impl Procd for ProcdService {
         };
         Ok(Response::new(Box::pin(stream)))
     }
+
+    #[tracing::instrument(skip_all, level = "debug")]
+    async fn put_file(
+        &self,
+        req: Request<tonic::Streaming<PutFileChunk>>,
+    ) -> Result<Response<FileInfo>, Status> {
+        self.authorize(&req)?;
+        let root = self.root()?;
+        let mut stream = req.into_inner();
+        let first =
+            stream.message().await?.ok_or_else(|| invalid_field("path", "no file was sent".into()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (path, mode) = (first.path, first.mode);
+        let write = tokio::task::spawn_blocking(move || root.put_file(&path, mode, ChannelReader::new(rx)));
+        if first.last {
+            let _ = tx.send(Ok(first.data)).await;
+        } else if tx.send(Ok(first.data)).await.is_ok() {
+            feed(stream, |m| (m.data, m.last), tx).await;
+        }
+        let (path, size, mode) = write.await.map_err(joined)?.map_err(files_status)?;
+        Ok(Response::new(FileInfo { path: path.to_string_lossy().into_owned(), size, mode }))
+    }
+
+    type GetFileStream = BoxStream<FileChunk>;
+
+    #[tracing::instrument(skip_all, level = "debug")]
+    async fn get_file(&self, req: Request<GetFileRequest>) -> Result<Response<Self::GetFileStream>, Status> {
+        self.authorize(&req)?;
+        let root = self.root()?;
+        let path = req.into_inner().path;
+        let (mut file, _) = tokio::task::spawn_blocking(move || root.get_file(&path))
+            .await
+            .map_err(joined)?
+            .map_err(files_status)?;
+        let stream = chunks(
+            move |mut out| {
+                std::io::copy(&mut file, &mut out)?;
+                std::io::Write::flush(&mut out)
+            },
+            |data| FileChunk { data },
+        );
+        Ok(Response::new(stream))
+    }
+
+    #[tracing::instrument(skip_all, level = "debug")]
+    async fn list_files(
+        &self,
+        req: Request<ListFilesRequest>,
+    ) -> Result<Response<ListFilesResponse>, Status> {
+        self.authorize(&req)?;
+        let root = self.root()?;
+        let path = req.into_inner().path;
+        let items = tokio::task::spawn_blocking(move || root.list(&path))
+            .await
+            .map_err(joined)?
+            .map_err(files_status)?;
+        let items = items
+            .into_iter()
+            .map(|e| FileEntry {
+                name: e.name,
+                r#type: e.kind.into(),
+                size: e.size,
+                mode: e.mode,
+                modified_at_ms: e.modified_at_ms,
+            })
+            .collect();
+        Ok(Response::new(ListFilesResponse { items }))
+    }
+
+    #[tracing::instrument(skip_all, level = "debug")]
+    async fn delete_file(
+        &self,
+        req: Request<DeleteFileRequest>,
+    ) -> Result<Response<DeleteFileResponse>, Status> {
+        self.authorize(&req)?;
+        let root = self.root()?;
+        let r = req.into_inner();
+        tokio::task::spawn_blocking(move || root.delete(&r.path, r.recursive))
+            .await
+            .map_err(joined)?
+            .map_err(files_status)?;
+        Ok(Response::new(DeleteFileResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, level = "debug")]
+    async fn put_archive(
+        &self,
+        req: Request<tonic::Streaming<PutArchiveChunk>>,
+    ) -> Result<Response<PutArchiveResponse>, Status> {
+        self.authorize(&req)?;
+        let root = self.root()?;
+        let mut stream = req.into_inner();
+        let first =
+            stream.message().await?.ok_or_else(|| invalid_field("path", "no archive was sent".into()))?;
+        let how = compression(first.compression)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let path = first.path;
+        let unpack = tokio::task::spawn_blocking(move || root.unpack(&path, how, ChannelReader::new(rx)));
+        if first.last {
+            let _ = tx.send(Ok(first.data)).await;
+        } else if tx.send(Ok(first.data)).await.is_ok() {
+            feed(stream, |m| (m.data, m.last), tx).await;
+        }
+        let done = unpack.await.map_err(joined)?.map_err(files_status)?;
+        Ok(Response::new(PutArchiveResponse { files: done.files, bytes: done.bytes }))
+    }
+
+    type GetArchiveStream = BoxStream<ArchiveChunk>;
+
+    #[tracing::instrument(skip_all, level = "debug")]
+    async fn get_archive(
+        &self,
+        req: Request<GetArchiveRequest>,
+    ) -> Result<Response<Self::GetArchiveStream>, Status> {
+        self.authorize(&req)?;
+        let root = self.root()?;
+        let r = req.into_inner();
+        let how = compression(r.compression)?;
+        let path = r.path;
+        let packer = tokio::task::spawn_blocking(move || root.packer(&path))
+            .await
+            .map_err(joined)?
+            .map_err(files_status)?;
+        Ok(Response::new(chunks(move |out| packer.pack(how, out), |data| ArchiveChunk { data })))
+    }
+}
+
+impl ProcdService {
+    fn root(&self) -> Result<Arc<Root>, Status> {
+        self.root.clone().ok_or_else(|| Status::unavailable("procd cannot open the sandbox's root"))
+    }
 }
 
 fn probe_kind(req: &ProbeRequest) -> Result<ProbeKind, Status> {
@@ -308,6 +607,7 @@ fn exec_event_to_proto(event: supervisor::ExecEvent) -> ExecEvent {
         }
         supervisor::ExecEvent::Exit(e) => exec_event::Event::Exit(ExecExit {
             exit_code: e.exit_code,
+            signal: e.signal,
             duration_ms: e.duration.as_millis() as u64,
             timed_out: e.timed_out,
             stdout_truncated: e.stdout_truncated,

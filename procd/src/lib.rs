@@ -8,6 +8,7 @@
 pub mod archive;
 pub mod config;
 pub mod convert;
+pub mod files;
 pub mod grpc;
 pub mod output;
 pub mod probes;

@@ -104,6 +104,68 @@ impl StreamOutput {
     }
 }
 
+/// Both streams of a process in the order procd read them: one ring of their combined bytes, and where each
+/// stream's run starts. A read never spans two runs, so every chunk belongs to one stream.
+#[derive(Debug)]
+pub struct CombinedOutput {
+    inner: Mutex<(RingBuffer, VecDeque<(u64, StreamName)>)>,
+    closed: std::sync::atomic::AtomicBool,
+    pub changed: Notify,
+}
+
+impl Default for CombinedOutput {
+    fn default() -> Self {
+        CombinedOutput {
+            inner: Mutex::new((RingBuffer::new(2 * RING_CAPACITY), VecDeque::new())),
+            closed: Default::default(),
+            changed: Notify::new(),
+        }
+    }
+}
+
+impl CombinedOutput {
+    pub fn push(&self, stream: StreamName, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        {
+            let mut guard = self.inner.lock().expect("ring lock");
+            let (ring, runs) = &mut *guard;
+            if runs.back().map(|r| r.1) != Some(stream) {
+                runs.push_back((ring.end(), stream));
+            }
+            ring.push(data);
+            // A run is forgotten once the next one starts at or before the oldest byte kept.
+            while runs.len() > 1 && runs[1].0 <= ring.start {
+                runs.pop_front();
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Up to `max` bytes of one stream's run from `from`, and which stream they are.
+    pub fn read(&self, from: u64, max: usize) -> (Chunk, StreamName) {
+        let guard = self.inner.lock().expect("ring lock");
+        let (ring, runs) = &*guard;
+        let mut chunk = ring.read(from, max);
+        let at = runs.iter().rposition(|r| r.0 <= chunk.offset).unwrap_or(0);
+        let stream = runs.get(at).map_or(StreamName::Stdout, |r| r.1);
+        if let Some(next) = runs.get(at + 1) {
+            chunk.data.truncate(next.0.saturating_sub(chunk.offset) as usize);
+        }
+        (chunk, stream)
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
 /// Splits a byte stream into lines for the mirror, keeping at most `max` bytes of each line.
 #[derive(Debug)]
 pub struct LineSplitter {
@@ -331,6 +393,28 @@ fn now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn combined_reads_keep_each_run_to_its_stream_and_report_drops() {
+        let out = CombinedOutput::default();
+        out.push(StreamName::Stdout, b"out1 ");
+        out.push(StreamName::Stdout, b"out2 ");
+        out.push(StreamName::Stderr, b"err ");
+        out.push(StreamName::Stdout, b"out3");
+        let (c, s) = out.read(0, 1000);
+        assert_eq!((c.data.as_slice(), s), (&b"out1 out2 "[..], StreamName::Stdout));
+        let (c, s) = out.read(10, 1000);
+        assert_eq!((c.data.as_slice(), s, c.offset), (&b"err "[..], StreamName::Stderr, 10));
+        let (c, s) = out.read(12, 1000);
+        assert_eq!((c.data.as_slice(), s), (&b"r "[..], StreamName::Stderr));
+        let (c, s) = out.read(14, 1000);
+        assert_eq!((c.data.as_slice(), s), (&b"out3"[..], StreamName::Stdout));
+        // Past the ring: the dropped bytes are counted, never silently skipped.
+        let big = vec![b'x'; 2 * RING_CAPACITY + 10];
+        out.push(StreamName::Stderr, &big);
+        let (c, s) = out.read(0, 16);
+        assert_eq!((c.dropped, c.offset, s), (28, 28, StreamName::Stderr));
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -19,7 +19,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use warmpool_api::EXEC_OUTPUT_LIMIT;
 
-use crate::output::{LineSplitter, Mirror, StreamName, StreamOutput};
+use crate::output::{CombinedOutput, LineSplitter, Mirror, StreamName, StreamOutput};
+
+/// Exited API processes kept (with their output) for late readers.
+const KEEP_EXITED: usize = 32;
 
 /// What procd's main loop hears from the supervisor and the probes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,14 +64,14 @@ pub enum SupervisorError {
 /// Registry of children whose exit someone waits for.
 #[derive(Default)]
 pub struct Reaper {
-    waiters: Mutex<HashMap<i32, oneshot::Sender<i32>>>,
+    waiters: Mutex<HashMap<i32, oneshot::Sender<Exit>>>,
 }
 
 impl Reaper {
     fn spawn(
         &self,
         cmd: &mut std::process::Command,
-    ) -> std::io::Result<(std::process::Child, oneshot::Receiver<i32>)> {
+    ) -> std::io::Result<(std::process::Child, oneshot::Receiver<Exit>)> {
         let mut waiters = self.waiters.lock().expect("reaper lock");
         let child = cmd.spawn()?;
         let (tx, rx) = oneshot::channel();
@@ -107,15 +110,30 @@ impl Reaper {
     }
 }
 
-/// The exit code, or 128 + the signal that killed the process.
-fn decode_status(status: i32) -> i32 {
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else if libc::WIFSIGNALED(status) {
-        128 + libc::WTERMSIG(status)
-    } else {
-        -1
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit code, or 128 + the signal that killed the process.
+    pub code: i32,
+    pub signal: Option<i32>,
+    pub at: std::time::SystemTime,
+}
+
+impl Exit {
+    fn unknown() -> Exit {
+        Exit { code: -1, signal: None, at: std::time::SystemTime::now() }
     }
+}
+
+fn decode_status(status: i32) -> Exit {
+    let (code, signal) = if libc::WIFEXITED(status) {
+        (libc::WEXITSTATUS(status), None)
+    } else if libc::WIFSIGNALED(status) {
+        (128 + libc::WTERMSIG(status), Some(libc::WTERMSIG(status)))
+    } else {
+        (-1, None)
+    };
+    Exit { code, signal, at: std::time::SystemTime::now() }
 }
 
 /// What to start.
@@ -141,12 +159,18 @@ pub struct Process {
     pub env: BTreeMap<String, String>,
     pub stdout: Arc<StreamOutput>,
     pub stderr: Arc<StreamOutput>,
+    /// Both streams in the order they were read, with offsets into their combined bytes.
+    pub combined: Arc<CombinedOutput>,
+    pub started_at: std::time::SystemTime,
     stdin: tokio::sync::Mutex<Option<pipe::Sender>>,
-    exit: watch::Receiver<Option<i32>>,
+    exit: watch::Receiver<Option<Exit>>,
 }
 
 impl Process {
     pub fn exit_code(&self) -> Option<i32> {
+        self.exit.borrow().map(|e| e.code)
+    }
+    pub fn exit(&self) -> Option<Exit> {
         *self.exit.borrow()
     }
     pub fn running(&self) -> bool {
@@ -155,8 +179,8 @@ impl Process {
     pub async fn wait(&self) -> i32 {
         let mut rx = self.exit.clone();
         loop {
-            if let Some(code) = *rx.borrow_and_update() {
-                return code;
+            if let Some(exit) = *rx.borrow_and_update() {
+                return exit.code;
             }
             if rx.changed().await.is_err() {
                 return -1;
@@ -175,6 +199,7 @@ impl Process {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecExit {
     pub exit_code: i32,
+    pub signal: Option<i32>,
     pub duration: Duration,
     pub timed_out: bool,
     pub stdout_truncated: bool,
@@ -279,10 +304,21 @@ impl Supervisor {
             env: req.env,
             stdout: Arc::new(StreamOutput::default()),
             stderr: Arc::new(StreamOutput::default()),
+            combined: Arc::new(CombinedOutput::default()),
+            started_at: std::time::SystemTime::now(),
             stdin: tokio::sync::Mutex::new(stdin),
             exit: exit_rx,
         });
-        self.processes.lock().expect("process list").push(process.clone());
+        {
+            let mut list = self.processes.lock().expect("process list");
+            // Exited API processes stay listed (with their output) until newer ones push them out.
+            let exited: Vec<usize> =
+                (0..list.len()).filter(|&i| !list[i].warm && !list[i].running()).collect();
+            if exited.len() >= KEEP_EXITED {
+                list.remove(exited[0]);
+            }
+            list.push(process.clone());
+        }
 
         let mut readers = Vec::new();
         for (stream, pipe) in [(StreamName::Stdout, stdout_pipe), (StreamName::Stderr, stderr_pipe)] {
@@ -293,13 +329,15 @@ impl Supervisor {
         let sup = self.clone();
         let watched = process.clone();
         tokio::spawn(async move {
-            let code = exited.await.unwrap_or(-1);
+            let exit = exited.await.unwrap_or_else(|_| Exit::unknown());
+            let code = exit.code;
             // Give the readers a moment to drain what the process wrote; a grandchild holding the pipe open
             // must not keep the exit from being reported.
             let _ = tokio::time::timeout(Duration::from_millis(500), futures_join(readers)).await;
             watched.stdout.close();
             watched.stderr.close();
-            let _ = exit_tx.send(Some(code));
+            watched.combined.close();
+            let _ = exit_tx.send(Some(Exit { at: std::time::SystemTime::now(), ..exit }));
             if watched.warm && !sup.is_shutting_down() {
                 tracing::error!(process = %watched.name, pid = watched.pid, code, "Warm process exited");
                 let _ = sup.events.send(Event::WarmExited { name: watched.name.clone(), code });
@@ -309,9 +347,11 @@ impl Supervisor {
     }
 
     /// Runs a command to completion (or `timeout`, when its whole process group is killed), sending its output to
-    /// `events` as it is read (at most [`EXEC_OUTPUT_LIMIT`] bytes per stream; the rest is read and dropped) and
+    /// `events` as it is read (at most `limit` bytes per stream; the rest is read and dropped) and
     /// then its exit. Fails before anything is sent when the command cannot start. When the receiver of `events`
     /// is dropped the command's process group is killed and no exit is sent.
+    // Each argument is one field of the request; a struct would only repeat them.
+    #[allow(clippy::too_many_arguments)]
     pub async fn exec(
         &self,
         argv: &[String],
@@ -319,6 +359,7 @@ impl Supervisor {
         env: &BTreeMap<String, String>,
         stdin: Vec<u8>,
         timeout: Duration,
+        limit: usize,
         events: mpsc::Sender<ExecEvent>,
     ) -> Result<(), SupervisorError> {
         if argv.is_empty() || argv[0].is_empty() {
@@ -335,14 +376,17 @@ impl Supervisor {
                 let _ = tx.write_all(&stdin).await;
             });
         }
-        let out = tokio::spawn(forward(started_process.stdout, StreamName::Stdout, events.clone()));
-        let err = tokio::spawn(forward(started_process.stderr, StreamName::Stderr, events.clone()));
-        let (exit_code, timed_out) = tokio::select! {
+        let out = tokio::spawn(forward(started_process.stdout, StreamName::Stdout, limit, events.clone()));
+        let err = tokio::spawn(forward(started_process.stderr, StreamName::Stderr, limit, events.clone()));
+        let (exit_code, signal, timed_out) = tokio::select! {
             waited = tokio::time::timeout(timeout, started_process.exited) => match waited {
-                Ok(code) => (code.unwrap_or(-1), false),
+                Ok(exit) => {
+                    let exit = exit.unwrap_or_else(|_| Exit::unknown());
+                    (exit.code, exit.signal, false)
+                }
                 Err(_) => {
                     kill_group(pid, libc::SIGKILL);
-                    (-1, true)
+                    (-1, None, true)
                 }
             },
             // The caller went away (its HTTP client disconnected, so the server dropped the call): nobody will read
@@ -361,6 +405,7 @@ impl Supervisor {
             tokio::time::timeout(grace, err).await.ok().and_then(Result::ok).unwrap_or(false);
         let exit = ExecExit {
             exit_code,
+            signal,
             duration: started.elapsed(),
             timed_out,
             stdout_truncated,
@@ -379,7 +424,7 @@ impl Supervisor {
         timeout: Duration,
     ) -> Result<ExecOutcome, SupervisorError> {
         let (tx, mut rx) = mpsc::channel(16);
-        let run = self.exec(argv, cwd, env, Vec::new(), timeout, tx);
+        let run = self.exec(argv, cwd, env, Vec::new(), timeout, EXEC_OUTPUT_LIMIT, tx);
         let collect = async {
             let (mut stdout, mut stderr, mut exit) = (Vec::new(), Vec::new(), None);
             while let Some(event) = rx.recv().await {
@@ -462,7 +507,7 @@ struct Started {
     stdin: Option<pipe::Sender>,
     stdout: Option<pipe::Receiver>,
     stderr: Option<pipe::Receiver>,
-    exited: oneshot::Receiver<i32>,
+    exited: oneshot::Receiver<Exit>,
 }
 
 impl Supervisor {
@@ -523,6 +568,7 @@ async fn pump(mirror: Mirror, process: Arc<Process>, stream: StreamName, mut pip
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 out.push(&buf[..n]);
+                process.combined.push(stream, &buf[..n]);
                 if mirror.enabled() {
                     for line in splitter.push(&buf[..n]) {
                         mirror.emit(&process.name, process.alias.as_deref(), process.pid, stream, &line);
@@ -536,10 +582,11 @@ async fn pump(mirror: Mirror, process: Arc<Process>, stream: StreamName, mut pip
     }
 }
 
-/// Sends one exec stream to `events` in chunks, up to [`EXEC_OUTPUT_LIMIT`] bytes; returns whether it was cut.
+/// Sends one exec stream to `events` in chunks, up to `limit` bytes; returns whether it was cut.
 async fn forward(
     pipe: Option<impl AsyncRead + Unpin>,
     stream: StreamName,
+    limit: usize,
     events: mpsc::Sender<ExecEvent>,
 ) -> bool {
     let Some(mut pipe) = pipe else { return false };
@@ -549,7 +596,7 @@ async fn forward(
         if n == 0 {
             break;
         }
-        let room = EXEC_OUTPUT_LIMIT.saturating_sub(sent);
+        let room = limit.saturating_sub(sent);
         truncated |= n > room;
         if room > 0 {
             let take = n.min(room);

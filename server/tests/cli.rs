@@ -54,8 +54,8 @@ async fn quickstart_through_the_cli() {
     let s = cli.json(&["sandbox", "create", "--template", "api:stable"]);
     assert_eq!(s["state"], "running");
     let id = s["id"].as_str().unwrap().to_string();
-    let (code, out, _) = cli.run(&["sandbox", "exec", &id, "--", "echo", "hi"]);
-    assert_eq!((code, out.as_str()), (0, "hi\n"));
+    let (code, out, err) = cli.run(&["sandbox", "exec", &id, "--", "echo", "hi"]);
+    assert_eq!((code, out.as_str()), (0, "hi\n"), "{err}");
     let (code, _, _) = cli.run(&["sandbox", "exec", &id, "--", "sh", "-c", "exit 3"]);
     assert_eq!(code, 3, "exec exits with the command's code");
     let list = cli.json(&["sandbox", "list"]);

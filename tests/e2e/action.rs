@@ -536,3 +536,78 @@ async fn without_a_token_the_job_authenticates_with_oidc() {
     assert_eq!(failed.code, 1);
     assert!(failed.stdout.contains("audience"), "{}", failed.stdout);
 }
+
+/// The steps of `examples/github/ci-burst.yml`, as the runner would run them, on a small repository with a passing
+/// and a failing shard: the action step fails, the summary shows every shard, the reports come back from all of
+/// them, and post cleans up.
+#[tokio::test]
+async fn the_ci_burst_example_tests_the_checkout_in_its_sandboxes() {
+    let server = TempServer::start(&[]);
+    pool(&server, "api", QUICK).await;
+    let workflow = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/github/ci-burst.yml"),
+    )
+    .unwrap();
+    let doc = &yaml_rust2::YamlLoader::load_from_str(&workflow).unwrap()[0];
+    let steps = doc["jobs"]["test"]["steps"].as_vec().unwrap();
+    let step = steps
+        .iter()
+        .find(|s| s["uses"].as_str().is_some_and(|u| u.contains("warmpool/action")))
+        .expect("the workflow uses the action");
+
+    // The job's checkout: a test script whose shard 1 fails, writing a report either way.
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(repo.path().join("src")).unwrap();
+    std::fs::write(repo.path().join("src/lib.txt"), "the code under test\n").unwrap();
+    let script = "#!/bin/sh\nmkdir -p reports\n\
+        echo \"shard $WARMPOOL_SHARD_INDEX of $WARMPOOL_SHARD_TOTAL, args $*\" > reports/result.txt\n\
+        cat src/lib.txt >> reports/result.txt\n\
+        echo \"testing shard $WARMPOOL_SHARD_INDEX\"\n\
+        if [ \"$WARMPOOL_SHARD_INDEX\" = 1 ]; then echo 'FAIL: test_b' >&2; exit 1; fi\n\
+        echo 'ok: test_a'\n";
+    std::fs::write(repo.path().join("run-tests.sh"), script).unwrap();
+    std::fs::set_permissions(
+        repo.path().join("run-tests.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+
+    let mut job = Job::new(&server, "300", "test");
+    for (name, value) in step["with"].as_hash().unwrap() {
+        let name = name.as_str().unwrap();
+        let value = match value {
+            yaml_rust2::Yaml::Integer(i) => i.to_string(),
+            other => other.as_str().unwrap().to_string(),
+        };
+        // The workflow's endpoint is a repository variable; here it is the test's server.
+        let value = if value.contains("${{") { server.url.clone() } else { value };
+        job = job.input(name, &value);
+    }
+    job.env.insert("GITHUB_WORKSPACE".into(), repo.path().display().to_string());
+    let main = job.step("main", &HashMap::new());
+    assert_eq!(main.code, 1, "a failing shard fails the step: {}", main.stdout);
+    let sandboxes = ids(&main);
+    assert_eq!(sandboxes.len(), 3);
+    for n in 0..3 {
+        assert!(
+            main.stdout.contains(&format!("[{n}] testing shard {n}\n")),
+            "live output of shard {n}: {}",
+            main.stdout
+        );
+        let report =
+            std::fs::read_to_string(repo.path().join(format!("warmpool-results/{n}/reports/result.txt")))
+                .unwrap_or_else(|e| panic!("report of shard {n}: {e}\n{}", main.stdout));
+        assert_eq!(report, format!("shard {n} of 3, args --shard {n} --of 3\nthe code under test\n"));
+    }
+    assert!(main.stdout.contains("[1] FAIL: test_b"), "{}", main.stdout);
+    assert!(main.stdout.contains("::error title=Shard 1 failed::"), "{}", main.stdout);
+    assert!(main.summary.contains(&format!("| 0 | {} | 0 |", sandboxes[0])), "{}", main.summary);
+    assert!(main.summary.contains(&format!("| 1 | {} | 1 |", sandboxes[1])), "{}", main.summary);
+    assert!(main.summary.contains(&format!("| 2 | {} | 0 |", sandboxes[2])), "{}", main.summary);
+
+    let post = job.post(&main);
+    assert_eq!(post.code, 0, "{}", post.stdout);
+    for id in &sandboxes {
+        assert_eq!(server.client.get_sandbox(id).await.unwrap_err().code(), Some("not_found"));
+    }
+}

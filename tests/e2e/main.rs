@@ -12,6 +12,7 @@ mod kubernetes;
 mod oidc;
 mod openapi;
 mod replicas;
+mod sandbox_io;
 mod terraform;
 
 use std::path::Path;

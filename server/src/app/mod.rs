@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod checkout;
 pub mod demand;
+pub mod io;
 pub mod lifecycle;
 pub mod observe;
 pub mod pools;
@@ -47,6 +48,9 @@ pub enum AppError {
     Conflict(String),
     #[error("{0}")]
     Quota(String),
+    /// A streamed body went past the server's limit (`payload_too_large`).
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// A checkout found no usable inventory (`warm_pool_unavailable`).
     #[error("{message}")]
     WarmPoolUnavailable { reason: String, field: Option<String>, message: String },
@@ -130,6 +134,8 @@ pub struct AppConfig {
     pub images: crate::images::ImagePolicy,
     /// Issuers whose identity tokens trust policies may admit (`--oidc-issuer`).
     pub oidc: crate::oidc::OidcConfig,
+    /// The largest body of the file, archive and stdin routes (`--max-upload-bytes`).
+    pub max_upload_bytes: u64,
 }
 
 /// The app's background loops, stopped when this is dropped (at shutdown; when a test's control plane goes).

@@ -365,7 +365,7 @@ impl App {
     }
 
     /// A caller's sandbox (pool inventory is not anyone's until checked out).
-    async fn owned(&self, caller: &Caller, id: &str) -> AppResult<SandboxRow> {
+    pub(super) async fn owned(&self, caller: &Caller, id: &str) -> AppResult<SandboxRow> {
         self.store
             .get_sandbox(id)
             .await?

@@ -39,7 +39,7 @@ fn endpoint_host(endpoint: &str) -> Option<String> {
     Some(host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).to_string())
 }
 
-fn print<T: Serialize>(global: &Global, value: &T, text: impl FnOnce(&T) -> String) {
+pub(super) fn print<T: Serialize>(global: &Global, value: &T, text: impl FnOnce(&T) -> String) {
     if global.json {
         println!("{}", serde_json::to_string_pretty(value).expect("json"));
     } else {
@@ -55,7 +55,7 @@ fn spinner(global: &Global, message: String) -> indicatif::ProgressBar {
     bar
 }
 
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -505,12 +505,31 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
         format!("sandbox {} {} template={} build={}{source}", s.id, s.state.as_str(), s.template, s.build_id)
     };
     match cmd {
-        SandboxCmd::Create { template, warm_pool, warm_pool_mode, warm_pool_wait } => {
+        SandboxCmd::Create {
+            template,
+            warm_pool,
+            warm_pool_mode,
+            warm_pool_wait,
+            env,
+            cwd,
+            network,
+            label,
+        } => {
+            let network = match network.as_deref() {
+                None => None,
+                Some("none") => Some(NetworkMode::None),
+                Some("host") => Some(NetworkMode::Host),
+                Some(_) => Some(NetworkMode::Isolated),
+            };
             let req = SandboxCreate {
                 template,
                 warm_pool,
                 warm_pool_mode: warm_pool_mode.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?,
                 warm_pool_wait_ms: warm_pool_wait.map(|d| d.as_millis() as u64),
+                envs: (!env.is_empty()).then(|| env.into_iter().collect()),
+                cwd,
+                network: network.map(|mode| NetworkPolicy { mode }),
+                labels: (!label.is_empty()).then(|| label.into_iter().collect()),
                 ..Default::default()
             };
             let bar = spinner(global, "creating sandbox".into());
@@ -518,25 +537,14 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
             bar.finish_and_clear();
             print(global, &s?, show);
         }
-        SandboxCmd::Exec { id, cwd, timeout, command } => {
-            let req = ExecRequest {
-                command,
-                cwd,
-                timeout_ms: Some(timeout.as_millis() as u64),
-                ..Default::default()
-            };
-            let r = c.exec(&id, &req).await?;
-            if global.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print!("{}", r.stdout);
-                eprint!("{}", r.stderr);
-                if r.timed_out {
-                    eprintln!("error: command timed out after {}", humantime::format_duration(timeout));
-                }
-            }
-            return Ok(if r.exit_code < 0 { 1 } else { r.exit_code });
+        SandboxCmd::Exec { id, cwd, env, timeout, command } => {
+            return super::sandbox_io::exec(global, c, &id, cwd, env, timeout, command).await;
         }
+        SandboxCmd::Ps { id } => return super::sandbox_io::ps(global, c, &id).await,
+        SandboxCmd::Kill { id, process, signal } => {
+            return super::sandbox_io::kill(global, c, &id, &process, &signal).await
+        }
+        SandboxCmd::Cp { src, dst } => return super::sandbox_io::cp(global, c, &src, &dst).await,
         SandboxCmd::List => {
             let items = c.list_sandboxes().await?;
             print(global, &List::all(items), |l| {

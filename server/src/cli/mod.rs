@@ -3,9 +3,11 @@
 
 mod bench;
 mod bench_fill;
+mod bench_io;
 mod burst;
 mod commands;
 pub mod config;
+mod sandbox_io;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -392,6 +394,12 @@ pub enum TrustPolicyCmd {
     },
 }
 
+/// `K=V`.
+fn key_value(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or_else(|| format!("{text:?}: expected KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
 /// `CLAIM=GLOB`.
 fn claim(text: &str) -> Result<(String, String), String> {
     let (name, glob) = text.split_once('=').ok_or_else(|| format!("{text:?}: expected CLAIM=GLOB"))?;
@@ -415,20 +423,59 @@ pub enum SandboxCmd {
         /// How long to wait for ready inventory (`500ms`, `2s`; a bare number is milliseconds).
         #[arg(long, value_parser = millis)]
         warm_pool_wait: Option<std::time::Duration>,
+        /// Environment of start_cmd, warm processes and every exec (`K=V`, repeatable; makes the create cold).
+        #[arg(long = "env", value_parser = key_value)]
+        env: Vec<(String, String)>,
+        /// Working directory of start_cmd and warm processes (absolute; makes the create cold).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Network: `isolated` (default), `none` or `host` (any but isolated makes the create cold).
+        #[arg(long, value_parser = ["isolated", "none", "host"])]
+        network: Option<String>,
+        /// A label (`K=V`, repeatable).
+        #[arg(long = "label", value_parser = key_value)]
+        label: Vec<(String, String)>,
     },
-    /// Run a command in a sandbox; exits with its exit code.
+    /// Run a command in a sandbox, streaming its output live; stdin is forwarded when it is not a terminal; exits
+    /// with the command's code (128+N on signal N). A dropped connection reattaches from the last offset.
     Exec {
         /// Sandbox id.
         id: String,
         /// Working directory (absolute, or relative to the template's).
         #[arg(long)]
         cwd: Option<String>,
-        /// Kill the command after this long (`30s`, `10m`).
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-        timeout: std::time::Duration,
+        /// Environment of the command (`K=V`, repeatable).
+        #[arg(long = "env", value_parser = key_value)]
+        env: Vec<(String, String)>,
+        /// Kill the command after this long (`30s`, `10m`; default: no limit but the server's 24 h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// List a sandbox's processes (warm processes included).
+    Ps {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Send a signal to a process started through the API.
+    Kill {
+        /// Sandbox id.
+        id: String,
+        /// Process id (`proc_…`).
+        process: String,
+        /// TERM, KILL, INT, HUP, QUIT, USR1 or USR2.
+        #[arg(long, default_value = "TERM")]
+        signal: String,
+    },
+    /// Copy files between this machine and a sandbox, like `docker cp`: either side may be `ID:PATH`; `-` is a
+    /// tar stream on stdin or stdout; directories go as tar streams.
+    Cp {
+        /// Source: a local path, `ID:PATH` or `-`.
+        src: String,
+        /// Destination: a local path, `ID:PATH` or `-`.
+        dst: String,
     },
     /// List the sandboxes of the token's account.
     List,
@@ -460,6 +507,9 @@ pub enum BenchCmd {
     Pools(bench::PoolsArgs),
     /// Cold create and pool fill for a tiny and a big (300 MB, 20,000 files) artifact, side by side, as JSON.
     Artifact(bench::ArtifactArgs),
+    /// Sandbox I/O: a tree up and down through the archive routes beside tar inside the sandbox, streamed-exec
+    /// line latency, and the server's memory while 1 GB streams in and out, as JSON.
+    Io(bench_io::IoArgs),
     /// A pool of N filling beside plain `runc run` of N containers at the same parallelism, as JSON.
     Fill(bench_fill::FillArgs),
     /// A ramp of claims (1 to 10/s over 2 minutes) against a static pool and an autoscaled one, side by side, as
@@ -474,6 +524,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCmd::Checkout(args)) => bench::checkout(&cli.global, args).await,
         Command::Bench(BenchCmd::Pools(args)) => bench::pools(&cli.global, args).await,
         Command::Bench(BenchCmd::Artifact(args)) => bench::artifact(&cli.global, args).await,
+        Command::Bench(BenchCmd::Io(args)) => bench_io::io(&cli.global, args).await,
         Command::Bench(BenchCmd::Fill(args)) => bench_fill::fill(&cli.global, args).await,
         Command::Bench(BenchCmd::Burst(args)) => burst::burst(&cli.global, args).await,
         command => run_client_command(&cli.global, command).await,

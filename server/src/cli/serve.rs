@@ -88,6 +88,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = crate::runtime::local::logs::DEFAULT_LOG_BYTES,
         value_parser = clap::value_parser!(u64).range(64 * 1024..))]
     pub sandbox_log_bytes: u64,
+    /// The largest body the file, archive and stdin routes of a sandbox take, streamed (bytes; larger is 413).
+    #[arg(long, default_value_t = warmpool_api::MAX_UPLOAD_BYTES_DEFAULT)]
+    pub max_upload_bytes: u64,
     /// An OIDC issuer whose identity tokens trust policies may admit at `POST /v1/auth/oidc`
     /// (`https://token.actions.githubusercontent.com` for GitHub Actions); repeatable. https only (http on
     /// loopback, for tests). Its discovery document and keys are fetched when first needed.
@@ -214,6 +217,7 @@ pub async fn build_app(args: &ServeArgs) -> anyhow::Result<(Arc<App>, Background
             issuers: args.oidc_issuers.clone(),
             min_refresh: args.oidc_key_refresh_interval,
         },
+        max_upload_bytes: args.max_upload_bytes,
     };
     let app = App::new(store, runtime, secrets, config);
     let token_path = app.bootstrap_admin().await?;

@@ -54,6 +54,7 @@ pub fn routes() -> (Router<Arc<App>>, Doc) {
         .routes(routes!(exec))
         .routes(routes!(probe))
         .routes(routes!(logs))
+        .merge(super::io::routes())
         .split_for_parts();
     // A lease key may hold slashes (`owner/repo/run/attempt/job`), so its route is a catch-all: `*key` to
     // axum, `{key}` to OpenAPI (utoipa-axum would make that a one-segment `:key`).
@@ -546,16 +547,23 @@ async fn delete_sandbox(State(app): S, Auth(c): Auth, Path(id): Path<String>) ->
     Ok(StatusCode::NO_CONTENT)
 }
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "sandboxes",
-    summary = "Run a command and wait for it",
+    summary = "Run a command and wait for it, or stream it with `Accept: application/x-ndjson`",
+    description = "With `Accept: application/x-ndjson` the answer is a stream of events as the command runs (no size \
+        cap, no default timeout; the command is killed when the client goes away).",
     params(("id" = String, Path, description = "Sandbox id (`sbx_…`)")),
-    request_body = ExecRequest, responses((status = 200, body = ExecResult)))]
+    request_body = ExecRequest, responses((status = 200, body = ExecResult),
+        (status = 200, content_type = "application/x-ndjson", body = StreamEvent)))]
 async fn exec(
     State(app): S,
     Auth(c): Auth,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     Body(req): Body<ExecRequest>,
-) -> ApiResult<Json<ExecResult>> {
-    Ok(Json(app.exec(&c, &id, req).await?))
+) -> ApiResult<axum::response::Response> {
+    if super::io::wants_ndjson(&headers) {
+        return Ok(super::io::ndjson(app.exec_stream(&c, &id, req).await?));
+    }
+    Ok(Json(app.exec(&c, &id, req).await?).into_response())
 }
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/probes/{kind}", tag = "sandboxes",
     summary = "The latest result of a probe",

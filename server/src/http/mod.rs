@@ -2,6 +2,7 @@
 //! codes map to statuses here and nowhere else.
 
 pub mod handlers;
+pub mod io;
 mod metrics;
 pub mod openapi;
 
@@ -66,6 +67,7 @@ impl IntoResponse for ApiError {
                 AppError::NotFound { .. } => (ErrorCode::NotFound, e.to_string(), serde_json::json!({})),
                 AppError::Conflict(m) => (ErrorCode::Conflict, m, serde_json::json!({})),
                 AppError::Quota(m) => (ErrorCode::QuotaExceeded, m, serde_json::json!({})),
+                AppError::PayloadTooLarge(m) => (ErrorCode::PayloadTooLarge, m, serde_json::json!({})),
                 AppError::WarmPoolUnavailable { reason, field, message } => {
                     let mut d = serde_json::json!({"reason": reason});
                     if let Some(f) = field {

@@ -198,6 +198,10 @@ pub trait Runtime: Send + Sync {
     fn list_sandboxes(&self) -> Vec<String>;
     /// How many more sandboxes this host takes.
     fn free_capacity(&self, running: usize) -> usize;
+    /// procd of a sandbox, for the routes that work inside it (processes, files, archives).
+    fn procd(&self, _handle: &RuntimeHandle) -> Result<procd::ProcdConn, RuntimeError> {
+        Err(RuntimeError::Failed(format!("the {} runtime cannot reach procd", self.name())))
+    }
     /// How long each phase of sandbox `id`'s start took, once [`Runtime::wait_ready`] saw it ready (`container`,
     /// `network`, `procd`, `readiness`: see [`StartPhase`]); a runtime that does not time them says nothing.
     /// Taken: a second call returns nothing.

@@ -58,6 +58,11 @@ impl Procd {
         Ok(client)
     }
 
+    /// An authorized connection to procd of sandbox `id` at `at`, for the sandbox I/O routes.
+    pub fn connection(&self, id: &str, at: &Listen) -> Result<ProcdConn, RuntimeError> {
+        Ok(ProcdConn { client: self.client(at)?, token: self.token(id) })
+    }
+
     /// Drops the cached client of an address that is going away.
     pub fn forget(&self, at: &Listen) {
         self.clients.lock().expect("clients").remove(&at.to_string());
@@ -85,6 +90,7 @@ impl Procd {
             env: full_env.into_iter().collect(),
             timeout_ms,
             stdin: req.stdin.unwrap_or_default().into_bytes(),
+            unlimited: false,
         };
         // procd ends the command at its timeout; a procd that does not answer by then (frozen, wedged) must not
         // keep the caller waiting forever.
@@ -236,6 +242,19 @@ impl Procd {
             }
         }
         Ok(())
+    }
+}
+
+/// procd of one sandbox, with the token its calls carry.
+#[derive(Clone)]
+pub struct ProcdConn {
+    pub client: ProcdClient<Channel>,
+    token: String,
+}
+
+impl ProcdConn {
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        warmpool_procd::authorized(message, Some(&self.token))
     }
 }
 

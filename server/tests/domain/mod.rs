@@ -90,6 +90,7 @@ impl SimPlane {
                 image_dir: dir.path().join("layouts"),
             },
             oidc: Default::default(),
+            max_upload_bytes: warmpool_api::MAX_UPLOAD_BYTES_DEFAULT,
         };
         let app = App::new(store.clone(), sim.clone(), secrets, config);
         app.bootstrap_admin().await.unwrap();

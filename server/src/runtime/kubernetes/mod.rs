@@ -473,6 +473,9 @@ impl Runtime for KubernetesRuntime {
     async fn probe(&self, handle: &RuntimeHandle, kind: ProbeKind) -> Result<ProbeResult, RuntimeError> {
         self.procd.probe(&self.at(handle)?, kind).await
     }
+    fn procd(&self, handle: &RuntimeHandle) -> Result<crate::runtime::procd::ProcdConn, RuntimeError> {
+        self.procd.connection(&handle.id, &self.at(handle)?)
+    }
 
     async fn watch_readiness(
         &self,

@@ -791,6 +791,9 @@ impl Runtime for LocalRuntime {
     async fn probe(&self, handle: &RuntimeHandle, kind: ProbeKind) -> Result<ProbeResult, RuntimeError> {
         self.procd.probe(&Self::at(handle), kind).await
     }
+    fn procd(&self, handle: &RuntimeHandle) -> Result<crate::runtime::procd::ProcdConn, RuntimeError> {
+        self.procd.connection(&handle.id, &Self::at(handle))
+    }
 
     async fn watch_readiness(
         &self,

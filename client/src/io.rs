@@ -1,0 +1,216 @@
+//! Work inside a sandbox: the streamed exec, processes and their output, files and archives. Streams are
+//! streams both ways: uploads take any `reqwest::Body` (a file, a stream of chunks), downloads and events come
+//! back as async streams, never collected.
+
+use base64::Engine;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use reqwest::Method;
+use warmpool_api::*;
+
+use super::{Client, Error, Result};
+
+/// Bytes as the server sends them.
+pub type ByteStream = BoxStream<'static, Result<Bytes>>;
+
+/// Events of a streamed exec or of a process's output, one per line of the answer.
+pub type EventStream = BoxStream<'static, Result<StreamEvent>>;
+
+/// The bytes of an `output` event's `data`.
+pub fn decode(data: &str) -> Result<Vec<u8>> {
+    base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|e| Error::Decode(format!("output data: {e}")))
+}
+
+impl Client {
+    fn request(&self, method: Method, segments: &[&str]) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, self.url(segments));
+        match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        }
+    }
+
+    fn bytes(&self, resp: reqwest::Response) -> ByteStream {
+        let endpoint = self.base.to_string();
+        resp.bytes_stream()
+            .map(move |r| r.map_err(|source| Error::Transport { endpoint: endpoint.clone(), source }))
+            .boxed()
+    }
+
+    /// Splits an `application/x-ndjson` answer into its events, each as soon as its line is complete.
+    fn events(&self, resp: reqwest::Response) -> EventStream {
+        let parse = |line: &[u8]| {
+            serde_json::from_slice::<StreamEvent>(line).map_err(|e| Error::Decode(e.to_string()))
+        };
+        let blank = |line: &[u8]| line.iter().all(u8::is_ascii_whitespace);
+        futures::stream::unfold(
+            (self.bytes(resp), Vec::new(), false),
+            move |(mut bytes, mut buf, mut done)| async move {
+                loop {
+                    if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=i).collect();
+                        if blank(&line) {
+                            continue;
+                        }
+                        return Some((parse(&line), (bytes, buf, done)));
+                    }
+                    if done {
+                        if blank(&buf) {
+                            return None;
+                        }
+                        let line = std::mem::take(&mut buf);
+                        return Some((parse(&line), (bytes, buf, done)));
+                    }
+                    match bytes.next().await {
+                        Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                        Some(Err(e)) => {
+                            buf.clear();
+                            return Some((Err(e), (bytes, buf, true)));
+                        }
+                        None => done = true,
+                    }
+                }
+            },
+        )
+        .boxed()
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
+        let resp = self.send(req).await?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| Error::Transport { endpoint: self.base.to_string(), source })?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()))
+    }
+
+    /// `POST …/exec` with `Accept: application/x-ndjson`: the command's output as it happens, then its exit.
+    /// Dropping the stream ends the request, and the server kills the command.
+    pub async fn exec_stream(&self, id: &str, req: &ExecRequest) -> Result<EventStream> {
+        let http = self
+            .request(Method::POST, &["v1", "sandboxes", id, "exec"])
+            .header("accept", "application/x-ndjson")
+            .json(req);
+        Ok(self.events(self.send(http).await?))
+    }
+
+    pub async fn start_process(&self, id: &str, req: &ProcessCreate) -> Result<Process> {
+        self.json(self.request(Method::POST, &["v1", "sandboxes", id, "processes"]).json(req)).await
+    }
+
+    pub async fn list_processes(&self, id: &str) -> Result<Vec<Process>> {
+        let list: List<Process> =
+            self.json(self.request(Method::GET, &["v1", "sandboxes", id, "processes"])).await?;
+        Ok(list.items)
+    }
+
+    pub async fn get_process(&self, id: &str, pid: &str) -> Result<Process> {
+        self.json(self.request(Method::GET, &["v1", "sandboxes", id, "processes", pid])).await
+    }
+
+    /// A process's output from `offset` of its combined output; with `follow` until it exits (then its exit).
+    pub async fn process_output(
+        &self,
+        id: &str,
+        pid: &str,
+        offset: u64,
+        follow: bool,
+    ) -> Result<EventStream> {
+        let http = self
+            .request(Method::GET, &["v1", "sandboxes", id, "processes", pid, "output"])
+            .query(&[("offset", offset.to_string()), ("follow", follow.to_string())]);
+        Ok(self.events(self.send(http).await?))
+    }
+
+    pub async fn write_stdin(
+        &self,
+        id: &str,
+        pid: &str,
+        data: impl Into<reqwest::Body>,
+        close: bool,
+    ) -> Result<()> {
+        let http = self
+            .request(Method::POST, &["v1", "sandboxes", id, "processes", pid, "stdin"])
+            .query(&[("close", close.to_string())])
+            .header("content-type", "application/octet-stream")
+            .body(data);
+        self.send(http).await.map(drop)
+    }
+
+    pub async fn signal_process(&self, id: &str, pid: &str, signal: SignalName) -> Result<()> {
+        let http = self
+            .request(Method::POST, &["v1", "sandboxes", id, "processes", pid, "signal"])
+            .json(&SignalRequest { signal });
+        self.send(http).await.map(drop)
+    }
+
+    /// Writes a file (parents created); `mode` is the permission bits (default 0644).
+    pub async fn put_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        data: impl Into<reqwest::Body>,
+    ) -> Result<FileWritten> {
+        let mut query = vec![("path", path.to_string())];
+        if let Some(mode) = mode {
+            query.push(("mode", format!("{mode:o}")));
+        }
+        let http = self
+            .request(Method::PUT, &["v1", "sandboxes", id, "files"])
+            .query(&query)
+            .header("content-type", "application/octet-stream")
+            .body(data);
+        self.json(http).await
+    }
+
+    pub async fn get_file(&self, id: &str, path: &str) -> Result<ByteStream> {
+        let http = self.request(Method::GET, &["v1", "sandboxes", id, "files"]).query(&[("path", path)]);
+        Ok(self.bytes(self.send(http).await?))
+    }
+
+    pub async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileEntry>> {
+        let http = self
+            .request(Method::GET, &["v1", "sandboxes", id, "files"])
+            .query(&[("path", path), ("list", "true")]);
+        let list: List<FileEntry> = self.json(http).await?;
+        Ok(list.items)
+    }
+
+    pub async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
+        let http = self
+            .request(Method::DELETE, &["v1", "sandboxes", id, "files"])
+            .query(&[("path", path.to_string()), ("recursive", recursive.to_string())]);
+        self.send(http).await.map(drop)
+    }
+
+    /// Unpacks a tar stream under `dir`; `encoding` is `gzip` or `zstd` for a compressed one.
+    pub async fn put_archive(
+        &self,
+        id: &str,
+        dir: &str,
+        encoding: Option<&str>,
+        tar: impl Into<reqwest::Body>,
+    ) -> Result<ArchiveWritten> {
+        let mut http = self
+            .request(Method::PUT, &["v1", "sandboxes", id, "archive"])
+            .query(&[("path", dir)])
+            .header("content-type", "application/x-tar")
+            .body(tar);
+        if let Some(encoding) = encoding {
+            http = http.header("content-encoding", encoding);
+        }
+        self.json(http).await
+    }
+
+    /// A tar stream of `path` (a directory's contents, or one file); `compression` is `gzip` or `zstd`.
+    pub async fn get_archive(&self, id: &str, path: &str, compression: Option<&str>) -> Result<ByteStream> {
+        let http = self
+            .request(Method::GET, &["v1", "sandboxes", id, "archive"])
+            .query(&[("path", path), ("compression", compression.unwrap_or("none"))]);
+        Ok(self.bytes(self.send(http).await?))
+    }
+}
