@@ -4,6 +4,7 @@
 //! with the same field path.
 
 pub mod account;
+pub mod demand;
 pub mod error;
 pub mod pool;
 pub mod probe;
@@ -13,6 +14,7 @@ pub mod template;
 pub mod trust;
 
 pub use account::*;
+pub use demand::*;
 pub use error::*;
 pub use pool::*;
 pub use probe::*;

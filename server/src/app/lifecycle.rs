@@ -157,8 +157,12 @@ impl App {
                     p.ctl.failed_total += 1;
                     p.ctl.last_failure_logs = row.error.clone();
                     p.ctl.last_error = row.error.clone();
+                    p.pool.name.clone()
                 })
                 .await;
+            if let Ok(Some(name)) = &recorded {
+                self.metrics.pool_failure(pool, name);
+            }
             if let Err(e) = recorded {
                 tracing::warn!(pool = %pool, error = &e as &dyn std::error::Error, "Cannot record a failed start");
             }
@@ -241,7 +245,15 @@ impl App {
             return Ok(false);
         }
         if let Some(pool) = &row.pool_id {
-            self.update_pool(pool, |p| p.ctl.failed_total += 1).await?;
+            let name = self
+                .update_pool(pool, |p| {
+                    p.ctl.failed_total += 1;
+                    p.pool.name.clone()
+                })
+                .await?;
+            if let Some(name) = name {
+                self.metrics.pool_failure(pool, &name);
+            }
             // Removing it pokes the pool, which replaces it.
             self.finish_stop(&row).await?;
         }
@@ -318,15 +330,25 @@ impl App {
     /// Handles procd exits reported by the runtime: a live sandbox whose procd is gone has failed.
     pub async fn watch_exits(self: Arc<Self>, mut exits: tokio::sync::mpsc::UnboundedReceiver<String>) {
         while let Some(id) = exits.recv().await {
-            let Ok(Some(row)) = self.store.get_sandbox(&id).await else { continue };
-            let from = row.lifecycle;
-            if !matches!(from, Ready | Claimed) || self.runtime.is_alive(&row.handle) {
-                continue;
-            }
-            let tail = self.runtime.log_tail(&row.handle, 2000).await;
-            let reason = format!("procd exited: {}", crate::runtime::exit_reason(&tail));
-            if let Err(e) = self.fail_sandbox(row, &[from], reason, Some(tail)).await {
-                tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot record a failed sandbox");
+            // Another transition may win the race (a claim taking the ready sandbox whose procd just died): then
+            // the sandbox is failed from the state that won, so a dead sandbox never stays `running`.
+            for _ in 0..5 {
+                let Ok(Some(row)) = self.store.get_sandbox(&id).await else { break };
+                let from = row.lifecycle;
+                if !matches!(from, Ready | Claimed) || self.runtime.is_alive(&row.handle) {
+                    break;
+                }
+                let tail = self.runtime.log_tail(&row.handle, 2000).await;
+                let reason = format!("procd exited: {}", crate::runtime::exit_reason(&tail));
+                match self.fail_sandbox(row, &[from], reason, Some(tail)).await {
+                    Ok(true) => break,
+                    Ok(false) => continue,
+                    Err(e) => {
+                        let e = &e as &dyn std::error::Error;
+                        tracing::warn!(sandbox = %id, error = e, "Cannot record a failed sandbox");
+                        break;
+                    }
+                }
             }
         }
     }

@@ -2,7 +2,10 @@
 //! and knows nothing of HTTP; handlers translate requests into these calls.
 
 pub mod accounts;
+pub mod checkout;
+pub mod demand;
 pub mod lifecycle;
+pub mod observe;
 pub mod pools;
 pub mod reconciler;
 pub mod replicas;
@@ -166,6 +169,8 @@ pub struct App {
     owned: Mutex<HashSet<String>>,
     /// Whether this replica runs the once-per-cluster work (taking over what dead replicas left).
     leader: std::sync::atomic::AtomicBool,
+    /// Claims not yet written, start buckets (see [`demand`]).
+    pub demand: demand::DemandState,
 }
 
 impl App {
@@ -192,6 +197,7 @@ impl App {
             passes: Mutex::new(HashMap::new()),
             owned: Mutex::new(HashSet::new()),
             leader: Default::default(),
+            demand: Default::default(),
         })
     }
 
@@ -208,6 +214,7 @@ impl App {
             tokio::spawn(self.clone().balance()).abort_handle(),
             tokio::spawn(self.clone().watch_exits(exits)).abort_handle(),
             tokio::spawn(self.clone().enforce_timeouts()).abort_handle(),
+            tokio::spawn(self.clone().run_demand_loop()).abort_handle(),
         ];
         if self.config.reconciler_enabled {
             tasks.push(tokio::spawn(self.clone().run_reconciler()).abort_handle());

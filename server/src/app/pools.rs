@@ -9,11 +9,13 @@ use warmpool_api::{
     PoolStatus, VersionPolicy, WarmPool, WarmPoolPatch, WarmPoolSpec,
 };
 
-use super::lifecycle::StopCause;
-use super::{new_id, not_found, App, AppResult, Caller};
+use super::{new_id, not_found, App, AppError, AppResult, Caller};
 use crate::store::{LeaseRow, Lifecycle, PoolControl, PoolRow, SandboxRow, StoreResult};
 
 /// Prewarm failures in a row after which a pool stops filling.
+/// How long a delete waits for its pool to drain.
+const DELETE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub const PREWARM_FAILURE_LIMIT: u32 = 3;
 
 /// `min(max_ready, min_ready + Σ active lease counts)`, 0 unless enabled.
@@ -109,6 +111,8 @@ impl App {
             previous_build_id: None,
             created_at: now,
             updated_at: now,
+            autoscale: spec.autoscale.clone().unwrap_or_default(),
+            max_starts_per_second: spec.max_starts_per_second,
         };
         self.store
             .insert_pool(&PoolRow {
@@ -175,6 +179,12 @@ impl App {
         if let Some(v) = patch.labels {
             spec.labels = v;
         }
+        if let Some(v) = patch.autoscale {
+            spec.autoscale = Some(v);
+        }
+        if let Some(v) = patch.max_starts_per_second {
+            spec.max_starts_per_second = v;
+        }
         // A ref with a tag implies the tag to track unless one is given.
         if !explicit_tag && spec.template != current.pool.template {
             spec.track_tag = None;
@@ -200,6 +210,8 @@ impl App {
                 p.checkout_policy = spec.checkout_policy;
                 p.idle_timeout_seconds = spec.idle_timeout_seconds;
                 p.labels = spec.labels.clone();
+                p.autoscale = spec.autoscale.clone().unwrap_or_default();
+                p.max_starts_per_second = spec.max_starts_per_second;
                 match patch.enabled {
                     Some(true) => p.state = PoolState::Enabled,
                     Some(false) => p.state = PoolState::Disabled,
@@ -220,23 +232,30 @@ impl App {
         updated.ok_or_else(|| not_found("warm pool", id_or_name))
     }
 
-    pub async fn delete_pool(&self, caller: &Caller, id_or_name: &str) -> AppResult<()> {
+    /// Drains the pool, then forgets it. The drain is the reconciler's own: passes run here until nothing unclaimed
+    /// is left (claimed sandboxes are their callers' and outlive the pool).
+    pub async fn delete_pool(self: &Arc<Self>, caller: &Caller, id_or_name: &str) -> AppResult<()> {
         let row = self.get_pool(caller, id_or_name).await?;
-        self.set_pool_state(caller, &row.pool.id, PoolState::Draining).await?;
-        // Drain first: stop every unclaimed sandbox of the pool (claimed ones are their callers'), then forget it.
-        for sandbox in self.store.list_pool_sandboxes(&row.pool.id).await? {
-            if sandbox.pool_id.as_deref() != Some(row.pool.id.as_str()) {
-                continue;
+        let id = row.pool.id.clone();
+        self.set_pool_state(caller, &id, PoolState::Draining).await?;
+        let deadline = std::time::Instant::now() + DELETE_DRAIN_TIMEOUT;
+        loop {
+            self.reconcile_pool(&id).await;
+            let members = self.store.list_pool_sandboxes(&id).await?;
+            if !members.iter().any(|s| s.pool_id.as_deref() == Some(id.as_str())) {
+                break;
             }
-            if matches!(sandbox.lifecycle, Lifecycle::Draining | Lifecycle::Failed) {
-                self.finish_stop(&sandbox).await?;
-            } else {
-                self.stop_sandbox(sandbox, &[Lifecycle::Warming, Lifecycle::Ready], StopCause::Drain).await?;
+            if std::time::Instant::now() >= deadline {
+                return Err(AppError::Conflict(format!(
+                    "warm pool {} is still draining after {DELETE_DRAIN_TIMEOUT:?}; delete it again later",
+                    row.pool.name
+                )));
             }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        self.store.delete_pool(&row.pool.id).await?;
-        self.passes.lock().expect("passes").remove(&row.pool.id);
-        self.release_pool(&row.pool.id).await;
+        self.store.delete_pool(&id).await?;
+        self.passes.lock().expect("passes").remove(&id);
+        self.release_pool(&id).await;
         Ok(())
     }
 
@@ -349,7 +368,12 @@ impl App {
     pub async fn status_of(&self, row: &PoolRow) -> AppResult<PoolStatus> {
         let pool = &row.pool;
         let leases = self.store.list_leases(&pool.id).await?;
-        let target = target(pool, &leases, Utc::now());
+        let now = Utc::now();
+        let (target, demand, _) = self.pool_target(row, &leases, now).await?;
+        let demand = match demand {
+            Some(demand) => demand,
+            None => self.pool_demand(row, now).await?,
+        };
         let Counts { ready, warming, draining, claimed } =
             Counts::of(&pool.id, &self.store.list_pool_sandboxes(&pool.id).await?);
         let pass = self.passes.lock().expect("passes").get(&pool.id).cloned();
@@ -386,6 +410,7 @@ impl App {
             last_reconcile_duration_ms: pass.as_ref().map(|p| p.duration_ms),
             last_error: row.ctl.last_error.clone(),
             last_failure_logs: row.ctl.last_failure_logs.clone(),
+            demand,
         })
     }
 

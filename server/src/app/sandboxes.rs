@@ -3,17 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::Utc;
 use futures::stream::BoxStream;
 use warmpool_api::{
     id_prefix, validate_cwd, validate_env_key, validate_mount_path, validate_name, CheckoutMode,
     CheckoutSource, ExecRequest, ExecResult, FallbackReason, FieldError, List, LogLine, NetworkMode,
-    PoolState, ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
+    ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
     EXEC_TIMEOUT_MAX_MS, LOG_TAIL_DEFAULT, LOG_TAIL_MAX,
 };
 
+use super::checkout::{after_miss, route, Route};
 use super::lifecycle::{runtime_error, StartError, StopCause};
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
 use crate::runtime::{RuntimeError, StartSpec, Volume};
@@ -64,6 +65,15 @@ fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// How a checkout that named a pool was served, as `warmpool_checkouts_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    WarmPool,
+    Cold,
+    /// A `require` miss, refused with `warm_pool_unavailable`.
+    Unavailable,
+}
+
 /// What a pool-less or missed checkout starts.
 struct ColdPlan {
     template: TemplateRow,
@@ -107,47 +117,38 @@ impl App {
             waited_ms,
             fallback_reason,
         };
-        let miss = |reason: FallbackReason, field: Option<&str>, message: String| -> AppResult<()> {
-            if mode == CheckoutMode::Require {
-                return Err(AppError::WarmPoolUnavailable {
-                    reason: reason.as_str().into(),
-                    field: field.map(Into::into),
-                    message,
-                });
+        let refuse = |reason: FallbackReason, field: Option<&str>, waited_ms: u64| {
+            let name = &pool.pool.name;
+            let message = match (reason, field) {
+                (_, Some(field)) => {
+                    format!("{field} cannot be applied to an already-started sandbox of warm pool {name}")
+                }
+                (FallbackReason::PoolDraining, _) => format!("warm pool {name} is draining"),
+                (FallbackReason::PoolDisabled, _) => {
+                    format!("warm pool {name} is disabled and has no ready sandbox")
+                }
+                _ => format!("warm pool {name} had no ready sandbox within {waited_ms} ms"),
+            };
+            AppError::WarmPoolUnavailable {
+                reason: reason.as_str().into(),
+                field: field.map(Into::into),
+                message,
             }
-            Ok(())
         };
-        let early = if mode == CheckoutMode::Bypass {
-            Some(FallbackReason::Bypass)
-        } else if let Some(field) = req.unpoolable_field() {
-            miss(
-                FallbackReason::UnpoolableShape,
-                Some(field),
-                format!(
-                    "{field} cannot be applied to an already-started sandbox of warm pool {}",
-                    pool.pool.name
-                ),
-            )?;
-            Some(FallbackReason::UnpoolableShape)
-        } else if pool.pool.state == PoolState::Draining {
-            let reason = FallbackReason::PoolDraining;
-            miss(reason, None, format!("warm pool {} is draining", pool.pool.name))?;
-            Some(reason)
-        } else {
-            None
+        let wait = match route(mode, req.unpoolable_field(), pool.pool.state, req.warm_pool_wait_ms) {
+            Route::Claim { wait } => wait,
+            Route::Refuse { reason, field } => {
+                self.record_checkout(&pool, mode, Source::Unavailable, Some(reason), started);
+                return Err(refuse(reason, field, 0));
+            }
+            Route::Cold(reason) => {
+                self.record_checkout(&pool, mode, Source::Cold, Some(reason), started);
+                let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
+                let co = checkout(CheckoutSource::Cold, 0, Some(reason));
+                return self.create_cold(caller, &req, cold, Some(co)).await;
+            }
         };
-        if let Some(reason) = early {
-            self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
-            let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
-            return self
-                .create_cold(caller, &req, cold, Some(checkout(CheckoutSource::Cold, 0, Some(reason))))
-                .await;
-        }
         self.check_owned_quota(&caller.account_id).await?;
-        // A disabled pool still hands out the inventory it kept, but nothing refills it: no point waiting.
-        let disabled = pool.pool.state == PoolState::Disabled;
-        let wait =
-            if disabled { Duration::ZERO } else { Duration::from_millis(req.warm_pool_wait_ms.unwrap_or(0)) };
         let signal = self.inventory_signal(&pool.pool.id);
         loop {
             let notified = signal.notified();
@@ -168,7 +169,7 @@ impl App {
             {
                 self.unwatch(&row.sandbox.id);
                 self.pokes.pool(&pool.pool.id);
-                self.record_checkout(&pool, mode, CheckoutSource::WarmPool, started);
+                self.record_checkout(&pool, mode, Source::WarmPool, None, started);
                 tracing::debug!(pool = %pool.pool.id, sandbox = %row.sandbox.id, waited_ms, "Checked out");
                 return Ok(row.sandbox);
             }
@@ -181,31 +182,39 @@ impl App {
             let _ = tokio::time::timeout(left, notified).await;
         }
         let waited_ms = started.elapsed().as_millis() as u64;
-        let (reason, message) = if disabled {
-            (
-                FallbackReason::PoolDisabled,
-                format!("warm pool {} is disabled and has no ready sandbox", pool.pool.name),
-            )
-        } else {
-            (
-                FallbackReason::NoReadyInventory,
-                format!("warm pool {} had no ready sandbox within {waited_ms} ms", pool.pool.name),
-            )
+        let reason = match after_miss(mode, pool.pool.state) {
+            Route::Refuse { reason, field } => {
+                self.record_checkout(&pool, mode, Source::Unavailable, Some(reason), started);
+                return Err(refuse(reason, field, waited_ms));
+            }
+            Route::Cold(reason) => reason,
+            Route::Claim { .. } => unreachable!("a miss never claims"),
         };
-        miss(reason, None, message)?;
-        self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
+        self.record_checkout(&pool, mode, Source::Cold, Some(reason), started);
         let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
         let co = checkout(CheckoutSource::Cold, waited_ms, Some(reason));
         self.create_cold(caller, &req, cold, Some(co)).await
     }
 
-    fn record_checkout(&self, pool: &PoolRow, mode: CheckoutMode, source: CheckoutSource, started: Instant) {
+    /// Counts a checkout that named a pool: a claim of its demand, and `warmpool_checkouts_total`.
+    fn record_checkout(
+        &self,
+        pool: &PoolRow,
+        mode: CheckoutMode,
+        source: Source,
+        fallback: Option<FallbackReason>,
+        started: Instant,
+    ) {
+        let hit = source == Source::WarmPool;
+        self.record_claim(&pool.pool.id, hit);
         let source = match source {
-            CheckoutSource::WarmPool => "warm_pool",
-            CheckoutSource::Cold => "cold",
+            Source::WarmPool => "warm_pool",
+            Source::Cold => "cold",
+            Source::Unavailable => "unavailable",
         };
-        self.metrics.checkouts_total.with_label_values(&[&pool.pool.id, mode.as_str(), source]).inc();
-        if source == "warm_pool" {
+        let reason = fallback.map(FallbackReason::as_str).unwrap_or("");
+        self.metrics.checkout(&pool.pool.id, &pool.pool.name, mode.as_str(), source, reason);
+        if hit {
             self.metrics
                 .checkout_seconds
                 .with_label_values(&[source])

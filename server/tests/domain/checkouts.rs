@@ -2,6 +2,7 @@
 //! stops passing, and the claim race.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use warmpool_api::*;
 
@@ -102,23 +103,27 @@ async fn unpoolable_shapes_go_cold_or_fail_naming_the_field() {
     assert_eq!((status, code.as_str()), (400, "invalid_request"));
 }
 
-/// A ready sandbox whose readiness stops passing leaves `ready` at once and is never handed out; when it passes
-/// again the pool is whole again without a restart.
+/// A ready sandbox whose readiness stops passing leaves `ready` at once, is never handed out, and is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandbox_whose_readiness_flaps_is_never_handed_out() {
     let cp = SimPlane::start().await;
-    cp.template("api", ready_after(1)).await;
+    // The replacement takes a while, so the pool is observably empty meanwhile.
+    cp.template("api", ready_after(300)).await;
     let pool = cp.pool("api", "api:stable", 1, 1).await;
     cp.wait_status(&pool.id, "1 ready", |s| s.ready == 1).await;
     let flapping = cp.ready_ids(&pool.id).await.pop().unwrap();
     cp.sim.set_ready(&flapping, false);
-    cp.wait_status(&pool.id, "the flapping sandbox out of ready", |s| s.ready == 0).await;
-    let (status, ..) =
+    cp.wait_status(&pool.id, "the flapping sandbox out of ready", |s| s.ready == 0 && s.failed == 1).await;
+    let (status, code, _) =
         api_error(cp.client.create_sandbox(&checkout(&pool.id, CheckoutMode::Require, 0)).await.unwrap_err());
-    assert_eq!(status, 503, "a sandbox that is not ready is never handed out");
-    cp.sim.set_ready(&flapping, true);
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "warm_pool_unavailable"),
+        "a sandbox that is not ready is never handed out"
+    );
     let s = cp.client.create_sandbox(&checkout(&pool.id, CheckoutMode::Require, 5_000)).await.unwrap();
     assert!(s.warm_pool_checkout.unwrap().hit);
+    assert_ne!(s.id, flapping, "the replacement is handed out, not the sandbox that stopped being ready");
 }
 
 /// Many callers race for fewer ready sandboxes: every sandbox goes to one caller, the rest wait or go cold, and
@@ -189,4 +194,103 @@ async fn a_burst_beyond_capacity_gets_each_sandbox_once() {
         })
         .await;
     assert_eq!((status.claimed, status.ready), (20, 0));
+}
+
+/// Thousands of operations interleaved on one pool (checkouts in every mode, crashes and flaps of inventory,
+/// target changes, leases), in random order and concurrently: no sandbox is ever handed out twice, and when the
+/// dust settles the store and the runtime agree on what runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_interleavings_never_double_claim_or_leak() {
+    use rand::{Rng, SeedableRng};
+    let cp = SimPlane::start().await;
+    cp.template("api", ready_after(2)).await;
+    let pool = cp.pool("api", "api:stable", 8, 16).await;
+    cp.wait_status(&pool.id, "8 ready", |s| s.ready == 8).await;
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut handed_out = HashSet::new();
+    for round in 0..30 {
+        let mut tasks = Vec::new();
+        for _ in 0..40 {
+            let (c, sim, pool_id) = (cp.client.clone(), cp.sim.clone(), pool.id.clone());
+            let ready = cp.ready_ids(&pool.id).await;
+            let op = rng.gen_range(0..10);
+            let pick = (!ready.is_empty()).then(|| ready[rng.gen_range(0..ready.len())].clone());
+            let wait = rng.gen_range(0..30);
+            tasks.push(tokio::spawn(async move {
+                match (op, pick) {
+                    (0, Some(id)) => {
+                        sim.crash(&id);
+                        None
+                    }
+                    (1, Some(id)) => {
+                        sim.set_ready(&id, false);
+                        None
+                    }
+                    (2, _) => {
+                        let lease = LeaseSpec { count: (wait % 8) as u32, ttl_seconds: 60 };
+                        c.put_lease(&pool_id, "burst", &lease).await.unwrap();
+                        None
+                    }
+                    (3, _) => {
+                        c.release_lease(&pool_id, "burst", false).await.unwrap();
+                        None
+                    }
+                    (4, _) => c.create_sandbox(&checkout(&pool_id, CheckoutMode::Prefer, wait)).await.ok(),
+                    _ => c.create_sandbox(&checkout(&pool_id, CheckoutMode::Require, wait)).await.ok(),
+                }
+            }));
+        }
+        for t in tasks {
+            if let Some(s) = t.await.unwrap() {
+                if s.warm_pool_checkout.as_ref().is_some_and(|co| co.hit) {
+                    assert!(handed_out.insert(s.id.clone()), "round {round}: {} was handed out twice", s.id);
+                }
+                // Checked-out sandboxes go, as CI jobs' do.
+                if rng.gen_bool(0.5) {
+                    cp.client.delete_sandbox(&s.id).await.unwrap();
+                }
+            }
+        }
+    }
+    cp.client.release_lease(&pool.id, "burst", false).await.unwrap();
+    cp.wait_status(&pool.id, "settled at 8", |s| {
+        s.target == 8 && s.ready == 8 && s.warming == 0 && s.draining == 0
+    })
+    .await;
+    // What runs is exactly what the store knows: the pool's inventory and the callers' sandboxes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // Failed sandboxes keep their rows (their callers see them fail) but nothing runs for them.
+        let rows: HashSet<String> = cp
+            .store
+            .list_all_sandboxes()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.lifecycle != warmpool_server::store::Lifecycle::Failed)
+            .map(|r| r.sandbox.id)
+            .collect();
+        let live: HashSet<String> = cp.sim.live().into_iter().filter(|id| id.starts_with("sbx_")).collect();
+        if rows == live {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let mut stale = Vec::new();
+            for id in rows.difference(&live) {
+                let r = cp.store.get_sandbox(id).await.unwrap().unwrap();
+                stale.push(format!(
+                    "{id}: {:?} {:?} pool {:?} from {:?}",
+                    r.lifecycle, r.sandbox.state, r.pool_id, r.claimed_from
+                ));
+            }
+            panic!(
+                "rows with nothing running: {stale:?}; running without a row: {:?}",
+                live.difference(&rows)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("{} checkouts hit, runtime: {:?}", handed_out.len(), cp.sim.stats());
 }

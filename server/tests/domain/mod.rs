@@ -2,6 +2,7 @@
 //! through the real HTTP API and a real SQLite file, with sandboxes that start in milliseconds. No root, no runc:
 //! these run anywhere, in seconds.
 
+mod autoscale;
 mod checkouts;
 mod pools;
 mod recovery;
@@ -131,23 +132,13 @@ impl SimPlane {
         self.client.create_pool(&spec).await.unwrap()
     }
 
-    /// Polls the pool's status until `cond` holds; panics naming `what` after 10 s (everything here takes
-    /// milliseconds).
     pub async fn wait_status(
         &self,
         pool: &str,
         what: &str,
         cond: impl Fn(&PoolStatus) -> bool,
     ) -> PoolStatus {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let status = self.client.pool_status(pool).await.unwrap();
-            if cond(&status) {
-                return status;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "waiting for {what}: {status:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        warmpool_testkit::wait_status(&self.client, pool, what, cond).await
     }
 
     /// The pool's sandboxes that are ready to be checked out (from the store, as the claim sees them).

@@ -62,6 +62,10 @@ impl Runc {
             .arg(&pid_file)
             .arg("--preserve-fds")
             .arg("1")
+            // No session keyring per container: every sandbox's root is the same host uid, whose key quota
+            // (kernel.keys.maxkeys, 200) would stop the 200th container with EDQUOT. Sandboxes cannot use keyrings
+            // anyway (seccomp refuses keyctl, add_key and request_key).
+            .arg("--no-new-keyring")
             .arg(id)
             // runc would also pass systemd's socket-activation descriptors and shift procd's fd 3.
             .env_remove("LISTEN_FDS")
