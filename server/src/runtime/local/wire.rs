@@ -335,11 +335,22 @@ impl Ipam {
         })
     }
 
-    /// Releases every address `owner` holds (idempotent).
+    /// Releases every address `owner` holds (idempotent). Looks before it locks: most stops hold nothing more
+    /// (a `none` sandbox, a release already done), and the lock is every start's on this host.
     pub fn release(&self, owner: &str) -> std::io::Result<()> {
+        let held: Vec<PathBuf> = self
+            .allocations()
+            .into_iter()
+            .filter(|(_, holder)| holder == owner)
+            .map(|(path, _)| path)
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
         self.locked(|| {
-            for (path, holder) in self.allocations() {
-                if holder == owner {
+            for path in held {
+                // Still this owner's under the lock (an address is only handed out again once released).
+                if owner_of(&path).as_deref() == Some(owner) {
                     std::fs::remove_file(&path)?;
                 }
             }
@@ -354,12 +365,12 @@ impl Ipam {
             .flatten()
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
-            .filter_map(|e| Some((e.path(), owner(&e.path())?)))
+            .filter_map(|e| Some((e.path(), owner_of(&e.path())?)))
             .collect()
     }
 }
 
-fn owner(path: &Path) -> Option<String> {
+fn owner_of(path: &Path) -> Option<String> {
     let mut text = String::new();
     let mut f = File::open(path).ok()?;
     f.rewind().ok()?;
