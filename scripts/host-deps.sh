@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the local runtime and the builds need on a fresh Debian machine, when it is missing:
-# runc (runs every sandbox and build as an OCI container), the standard CNI plugins (sandbox networking),
-# iproute2 (bridge ports), nftables (what sandboxes may reach), btrfs-progs (the disk-limited layers image: mkfs.btrfs, subvolumes, qgroups),
+# runc (runs every sandbox and build as an OCI container), iproute2 (the tests look at sandbox networking with
+# `ip`), nftables (what sandboxes may reach), btrfs-progs (the disk-limited layers image: mkfs.btrfs, subvolumes, qgroups),
 # umoci and skopeo (template images), busybox-static (the tests' tiny image) and protoc (the Terraform provider's
 # build), the PostgreSQL server binaries (the tests start their own PostgreSQL) and, with --tests, Prometheus
 # (`promtool` checks deploy/prometheus/warmpool-rules.yml; a test scrapes a real server with `prometheus`) and
@@ -10,7 +10,6 @@ set -euo pipefail
 
 missing=()
 command -v runc >/dev/null || missing+=(runc)
-[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v nft >/dev/null || missing+=(nftables)
 command -v mkfs.btrfs >/dev/null || missing+=(btrfs-progs)

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (rustup.rs)" >&2; exit 1; }
 export RUST_LIB_BACKTRACE=0
 
-# runc, the CNI plugins, protoc, PostgreSQL, schemathesis (see the script).
+# runc, nftables, protoc, PostgreSQL, schemathesis (see the script).
 ./scripts/host-deps.sh --tests
 command -v terraform >/dev/null || echo "warning: terraform is not on PATH; the provider's tests will fail saying so" >&2
 command -v node >/dev/null || echo "warning: node is not on PATH; the action's shim test will fail saying so" >&2

@@ -75,9 +75,12 @@ impl Default for Metrics {
         )
         .expect("metric");
         let sandbox_start_seconds = HistogramVec::new(
-            HistogramOpts::new("warmpool_sandbox_start_seconds", "Time from start to readiness of a sandbox")
-                .buckets(LATENCY_BUCKETS.to_vec()),
-            &[],
+            HistogramOpts::new(
+                "warmpool_sandbox_start_seconds",
+                "Time from start to readiness of a sandbox, whole (phase total) and by phase",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["phase"],
         )
         .expect("metric");
         let reconcile_seconds = HistogramVec::new(

@@ -162,10 +162,12 @@ async fn fill_checkout_modes_and_fallbacks() {
     assert_eq!(count("prefer", "warm_pool"), 0, "a cold start is never counted as a hit");
     assert_eq!(count("prefer", "cold"), 3, "the envs and desktop fallbacks");
     assert_eq!(count("bypass", "cold"), 2);
-    assert!(
-        metrics.contains("warmpool_pool_sandboxes{pool=")
-            && metrics.contains("warmpool_sandbox_start_seconds_count")
-    );
+    assert!(metrics.contains("warmpool_pool_sandboxes{pool="));
+    // Every start whole, and the local runtime's phases of it.
+    for phase in ["total", "container", "network", "procd", "readiness"] {
+        let needle = format!("warmpool_sandbox_start_seconds_count{{phase=\"{phase}\"}} ");
+        assert!(metrics.contains(&needle), "no start time of phase {phase}");
+    }
     assert!(metrics.contains("warmpool_checkout_seconds_bucket{source=\"warm_pool\""));
 }
 

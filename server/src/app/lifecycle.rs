@@ -106,13 +106,22 @@ impl App {
         if let Err(e) = self.runtime.wait_ready(&handle, timeout).await {
             return Err(self.start_failed(row, e).await);
         }
-        self.metrics.sandbox_start_seconds.with_label_values(&[]).observe(started.elapsed().as_secs_f64());
+        self.observe_start(&row.sandbox.id, started.elapsed());
         row.ready_at = Some(Utc::now());
         if !self.transition(row, done, &[Warming]).await? {
             let _ = self.runtime.destroy(&row.sandbox.id, Some(&handle)).await;
             return Err(StartError::Stopped);
         }
         Ok(())
+    }
+
+    /// Records a start's time, whole (`phase="total"`) and by phase where the runtime timed them.
+    fn observe_start(&self, id: &str, total: std::time::Duration) {
+        let starts = &self.metrics.sandbox_start_seconds;
+        starts.with_label_values(&["total"]).observe(total.as_secs_f64());
+        for (phase, took) in self.runtime.take_start_phases(id) {
+            starts.with_label_values(&[phase.as_str()]).observe(took.as_secs_f64());
+        }
     }
 
     /// A start that failed: a real failure unless the sandbox was being stopped anyway. Either way nothing is left.

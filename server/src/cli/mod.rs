@@ -2,6 +2,7 @@
 //! (through `warmpool-client`). `--json` prints machine output on stdout and nothing else there.
 
 mod bench;
+mod bench_fill;
 mod burst;
 mod commands;
 pub mod config;
@@ -459,6 +460,8 @@ pub enum BenchCmd {
     Pools(bench::PoolsArgs),
     /// Cold create and pool fill for a tiny and a big (300 MB, 20,000 files) artifact, side by side, as JSON.
     Artifact(bench::ArtifactArgs),
+    /// A pool of N filling beside plain `runc run` of N containers at the same parallelism, as JSON.
+    Fill(bench_fill::FillArgs),
     /// A ramp of claims (1 to 10/s over 2 minutes) against a static pool and an autoscaled one, side by side, as
     /// JSON: hit ratio, checkout p50/p99, sandbox-seconds, time back to min_ready.
     Burst(burst::BurstArgs),
@@ -471,6 +474,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCmd::Checkout(args)) => bench::checkout(&cli.global, args).await,
         Command::Bench(BenchCmd::Pools(args)) => bench::pools(&cli.global, args).await,
         Command::Bench(BenchCmd::Artifact(args)) => bench::artifact(&cli.global, args).await,
+        Command::Bench(BenchCmd::Fill(args)) => bench_fill::fill(&cli.global, args).await,
         Command::Bench(BenchCmd::Burst(args)) => burst::burst(&cli.global, args).await,
         command => run_client_command(&cli.global, command).await,
     }

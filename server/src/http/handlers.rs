@@ -119,6 +119,7 @@ async fn readyz(State(app): S) -> impl IntoResponse {
         "store_error": write.err().map(|e| crate::app::AppError::from(e).to_string()),
         "runtime": app.runtime.details(),
         "reconciler": if app.config.reconciler_enabled { "on" } else { "off" },
+        "max_parallel_starts": app.config.max_parallel_starts,
         "replica": {"id": app.replica, "pools": app.owned_pools()},
     });
     (if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))

@@ -120,6 +120,30 @@ pub struct RuntimeHandle {
     pub has_warm_processes: bool,
 }
 
+/// A phase of a sandbox's start, as `warmpool_sandbox_start_seconds{phase}` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartPhase {
+    /// Root filesystem, bundle and the container itself (`runc create` and `start`), network wiring excepted.
+    Container,
+    /// Wiring the sandbox's network namespace.
+    Network,
+    /// From the container's start until procd answers.
+    Procd,
+    /// From procd's first answer until readiness passes.
+    Readiness,
+}
+
+impl StartPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartPhase::Container => "container",
+            StartPhase::Network => "network",
+            StartPhase::Procd => "procd",
+            StartPhase::Readiness => "readiness",
+        }
+    }
+}
+
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync {
     fn name(&self) -> &'static str;
@@ -174,6 +198,12 @@ pub trait Runtime: Send + Sync {
     fn list_sandboxes(&self) -> Vec<String>;
     /// How many more sandboxes this host takes.
     fn free_capacity(&self, running: usize) -> usize;
+    /// How long each phase of sandbox `id`'s start took, once [`Runtime::wait_ready`] saw it ready (`container`,
+    /// `network`, `procd`, `readiness`: see [`StartPhase`]); a runtime that does not time them says nothing.
+    /// Taken: a second call returns nothing.
+    fn take_start_phases(&self, _id: &str) -> Vec<(StartPhase, Duration)> {
+        Vec::new()
+    }
     /// A build's artifact as a zstd tar, on runtimes that keep it as one (served to the pods that unpack it).
     fn artifact_file(&self, _build_id: &str) -> Option<std::path::PathBuf> {
         None

@@ -6,7 +6,7 @@
 //! `/procd/bin/procd` and its config under `/config`. A container has its own user namespace (root inside is the
 //! unprivileged `--userns-range` start outside), pid, mount, uts, ipc and network namespaces, runc's default
 //! capability set, a seccomp allowlist, a `pids` limit and the template's resources as cgroup limits (see `oci`);
-//! `network.mode` is `isolated` (CNI bridge behind the runtime's firewall, see `net`), `none` or `host`.
+//! `network.mode` is `isolated` (a bridge port behind the runtime's firewall, see `net`), `none` or `host`.
 //!
 //! Nothing here opens a path inside a container's root filesystem on its behalf: the working directories are
 //! made by runc and procd inside the container, after its root is pivoted, so a symlink in an artifact or one the
@@ -29,14 +29,17 @@ mod layers;
 pub mod logs;
 mod net;
 pub mod oci;
+pub mod plain;
 mod runc;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use warmpool_api::{
     ExecRequest, ExecResult, LogLine, NetworkMode, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec,
@@ -44,16 +47,18 @@ use warmpool_api::{
 use warmpool_procd::config::Listen;
 
 use super::procd::Procd;
-use super::{procd_env, warm_processes, working_dir, Runtime, RuntimeError, RuntimeHandle, StartSpec};
+use super::{
+    procd_env, warm_processes, working_dir, Runtime, RuntimeError, RuntimeHandle, StartPhase, StartSpec,
+};
 use crate::secrets::Secrets;
 use layers::Overlay;
-use net::{Cni, Wiring};
+use net::{Net, Wiring};
 use oci::{ContainerSpec, IdRange, Network};
 use runc::Runc;
 
 /// Parses a `--sandbox-allow-cidr` value.
 pub fn parse_cidr(s: &str) -> Result<String, String> {
-    Cni::parse_cidr(s)
+    Net::parse_cidr(s)
 }
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -84,7 +89,7 @@ pub struct LocalRuntime {
     exits: mpsc::UnboundedSender<String>,
     procd: Procd,
     runc: Runc,
-    cni: Cni,
+    net: Net,
     /// Writable layers and artifacts, bounded by `disk_mb`.
     disk: disk::Disk,
     /// The base layer without an image, and the host directories bound read-only over it.
@@ -97,6 +102,19 @@ pub struct LocalRuntime {
     /// One lock per container being launched or torn down, so a stop that arrives mid-start waits for the start
     /// to finish wiring and then undoes all of it (nothing half-made is left behind).
     busy: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The phases of starts not yet reported (see `Runtime::take_start_phases`), by container id.
+    starts: std::sync::Mutex<std::collections::HashMap<String, StartTimes>>,
+}
+
+/// How long a start's phases took, filled in as they end.
+#[derive(Debug, Clone, Copy)]
+struct StartTimes {
+    container: Duration,
+    network: Duration,
+    /// When the container was started (procd's phase begins).
+    started: Instant,
+    procd: Option<Duration>,
+    readiness: Option<Duration>,
 }
 
 impl LocalRuntime {
@@ -128,16 +146,14 @@ impl LocalRuntime {
         layers::mount_points(&base_mounts, ids)?;
         sweep_stale_cgroups();
         limit_all_sandboxes();
-        let cni = Cni { allow: allow_cidrs };
-        if Cni::available() {
-            cni.apply_firewall().await?;
-            cni.release_orphans(|id| !cgroup_dirs(id).is_empty()).await;
-        }
+        let net = Net { allow: allow_cidrs };
+        net.prepare().await?;
+        net.release_orphans(|id| !cgroup_dirs(id).is_empty()).await;
         let disk = disk::Disk::open(&data_dir, allow_unlimited_disk);
         Ok(Arc::new(LocalRuntime {
             disk,
             runc: Runc { root: data_dir.join("runc") },
-            cni,
+            net,
             data_dir,
             ids,
             procd_bin,
@@ -150,6 +166,7 @@ impl LocalRuntime {
             base_mounts,
             images: tokio::sync::Mutex::new(()),
             busy: Default::default(),
+            starts: Default::default(),
         }))
     }
 
@@ -224,6 +241,7 @@ impl LocalRuntime {
         processes: bool,
     ) -> Result<RuntimeHandle, RuntimeError> {
         let io = |what: &str| RuntimeError::io(format!("{what} for {id}"));
+        let began = Instant::now();
         let (lower, host_dirs) = self.layers(spec).await?;
         let rootfs = rootfs_dir(id)?;
         let t = &spec.spec;
@@ -257,11 +275,6 @@ impl LocalRuntime {
             std::fs::create_dir_all(host).map_err(io("creating a volume"))?;
             layers::give(host, self.ids).map_err(io("handing over a volume"))?;
         }
-        if !Cni::available() {
-            return Err(RuntimeError::Failed(
-                "sandboxes need the CNI plugins (Debian: apt-get install containernetworking-plugins)".into(),
-            ));
-        }
         let (network, wiring) = match spec.network {
             NetworkMode::Host => (Network::Host, None),
             NetworkMode::None => (Network::Own, Some(Wiring::Loopback)),
@@ -280,11 +293,32 @@ impl LocalRuntime {
             cwd: &cwd,
         });
         std::fs::write(bundle.join("config.json"), config.to_string()).map_err(io("writing config.json"))?;
+        let prepared = began.elapsed();
         let pid = self.runc.create(id, bundle, &bundle.join(logs::LOG), listener.into()).await?;
+        let created = began.elapsed();
         if let Some(wiring) = wiring {
-            self.cni.add(id, pid, wiring).await?;
+            self.net.add(id, pid, wiring).await?;
         }
+        let wired = began.elapsed();
         self.runc.start(id).await?;
+        let total = began.elapsed();
+        let network = wired - created;
+        tracing::debug!(
+            container = %id,
+            prepare_ms = prepared.as_millis() as u64,
+            create_ms = (created - prepared).as_millis() as u64,
+            network_ms = network.as_millis() as u64,
+            start_ms = (total - wired).as_millis() as u64,
+            "Container started"
+        );
+        let times = StartTimes {
+            container: total - network,
+            network,
+            started: Instant::now(),
+            procd: None,
+            readiness: None,
+        };
+        self.starts.lock().expect("starts").insert(id.to_string(), times);
         let handle = RuntimeHandle {
             id: id.to_string(),
             procd_pid: Some(pid),
@@ -295,6 +329,20 @@ impl LocalRuntime {
         };
         self.watch_exit(handle.clone());
         Ok(handle)
+    }
+
+    /// Ends the `procd` phase (at procd's first answer) or the `readiness` phase of a start (once each).
+    fn start_phase_ends(&self, id: &str, phase: StartPhase) {
+        let mut starts = self.starts.lock().expect("starts");
+        let Some(t) = starts.get_mut(id) else { return };
+        let since_start = t.started.elapsed();
+        match phase {
+            StartPhase::Procd if t.procd.is_none() => t.procd = Some(since_start),
+            StartPhase::Readiness if t.readiness.is_none() => {
+                t.readiness = Some(since_start.saturating_sub(t.procd.unwrap_or_default()))
+            }
+            _ => {}
+        }
     }
 
     /// Reports the container's exit on `exits` (procd is not our child: runc started it), and keeps its log
@@ -325,6 +373,7 @@ impl LocalRuntime {
     }
 
     async fn teardown_locked(&self, id: &str, bundle: &Path, handle: Option<&RuntimeHandle>) {
+        self.starts.lock().expect("starts").remove(id);
         if let Some(h) = handle {
             self.procd.forget(&Self::at(h));
         }
@@ -344,7 +393,7 @@ impl LocalRuntime {
         let rootfs = Path::new(ROOTFS_DIR).join(id);
         layers::unmount(&rootfs);
         let _ = std::fs::remove_dir(rootfs);
-        self.cni.remove(id).await;
+        self.net.remove(id).await;
         let _ = std::fs::remove_dir_all(run_dir(bundle, id));
     }
 }
@@ -582,7 +631,7 @@ impl Runtime for LocalRuntime {
             "runtime": "local",
             "isolation": "oci",
             "oci_runtime": "runc",
-            "network": if Cni::available() { "cni-bridge" } else { "none-only" },
+            "network": "bridge",
             "disk_limits": self.disk.describe(),
             "procd": self.procd_bin,
         })
@@ -647,25 +696,67 @@ impl Runtime for LocalRuntime {
         self.launch(&id, &dir, &spec, true).await
     }
 
+    /// Waits on procd's readiness stream (`WatchProbe`: procd pushes every change, nothing is polled). The server
+    /// bound procd's socket before the container started, so the watch is asked for at once and answered as soon
+    /// as procd serves; the procd and readiness phases end at its first answer and at `passed`.
     async fn wait_ready(&self, handle: &RuntimeHandle, timeout: Duration) -> Result<(), RuntimeError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let at = Self::at(handle);
         let mut last = String::from("procd has not answered yet");
+        let mut exits = tokio::time::interval(Duration::from_millis(100));
         loop {
-            if !self.is_alive(handle) {
-                // The reason only: callers show the output tail beside it (`log_tail`).
-                return Err(RuntimeError::Exited(super::exit_reason(&self.log_tail(handle, 4000).await)));
-            }
-            if Path::new(&handle.socket).exists() {
-                match self.procd.ready(&Self::at(handle), handle).await {
-                    Ok(true) => return Ok(()),
-                    Ok(false) => {}
-                    Err(message) => last = message,
+            let watch = async {
+                let mut statuses = self.procd.watch_readiness(&at).await?;
+                while let Some(status) = statuses.next().await {
+                    self.start_phase_ends(&handle.id, StartPhase::Procd);
+                    // A sandbox without warm processes is ready when procd answers.
+                    if status == ProbeStatus::Passed || !handle.has_warm_processes {
+                        return Ok(true);
+                    }
+                }
+                Ok::<bool, RuntimeError>(false)
+            };
+            tokio::pin!(watch);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut watch => break Some(outcome),
+                    _ = tokio::time::sleep_until(deadline) => break None,
+                    _ = exits.tick() => {
+                        if !self.is_alive(handle) {
+                            // The reason only: callers show the output tail beside it (`log_tail`).
+                            let tail = self.log_tail(handle, 4000).await;
+                            return Err(RuntimeError::Exited(super::exit_reason(&tail)));
+                        }
+                    }
+                }
+            };
+            match outcome {
+                Some(Ok(true)) => {
+                    self.start_phase_ends(&handle.id, StartPhase::Readiness);
+                    return Ok(());
+                }
+                // The stream ended (procd going away) or procd did not answer: the exit check decides, or a new
+                // watch is asked for.
+                Some(Ok(false)) => {}
+                Some(Err(e)) => last = e.to_string(),
+                None => {
+                    // Why it is not ready, in procd's words.
+                    if let Ok(Ok(r)) = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        self.procd.probe(&at, ProbeKind::Readiness),
+                    )
+                    .await
+                    {
+                        last = r.message;
+                    }
+                    return Err(RuntimeError::NotReady(format!(
+                        "readiness did not pass within {timeout:?}: {last}"
+                    )));
                 }
             }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(RuntimeError::NotReady(format!(
-                    "readiness did not pass within {timeout:?}: {last}"
-                )));
+            if !self.is_alive(handle) {
+                let tail = self.log_tail(handle, 4000).await;
+                return Err(RuntimeError::Exited(super::exit_reason(&tail)));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -750,5 +841,13 @@ impl Runtime for LocalRuntime {
 
     fn free_capacity(&self, running: usize) -> usize {
         self.max_sandboxes.saturating_sub(running)
+    }
+
+    fn take_start_phases(&self, id: &str) -> Vec<(StartPhase, Duration)> {
+        let Some(t) = self.starts.lock().expect("starts").remove(id) else { return Vec::new() };
+        let mut phases = vec![(StartPhase::Container, t.container), (StartPhase::Network, t.network)];
+        phases.extend(t.procd.map(|d| (StartPhase::Procd, d)));
+        phases.extend(t.readiness.map(|d| (StartPhase::Readiness, d)));
+        phases
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! Every container but a `host`-mode one gets a network namespace of its own, created by runc inside the
 //! container's user namespace (so the container's root can bind low ports and mount its own sysfs, and nothing
-//! named is left behind when it dies). Between `runc create` and `runc start` the runtime wires it with the
-//! standard CNI plugins (Debian's `containernetworking-plugins`): `loopback` always, and for `isolated` the
-//! `bridge` plugin with `host-local` addresses on the host bridge `warmpool0`. Addresses are allocated in one
-//! host-wide directory (`/run/warmpool/ipam`), so two servers on one host never hand out the same one.
+//! named is left behind when it dies). Between `runc create` and `runc start` the runtime wires it from inside
+//! the server with netlink (see `wire`): `lo` always, and for `isolated` a veth pair whose host end is a port of
+//! the host bridge `warmpool0` and whose other end is `eth0` with an address of `10.88.0.0/16`. Addresses are
+//! allocated in one host-wide directory (`/run/warmpool/ipam`, in the CNI `host-local` plugin's format), so two
+//! servers on one host never hand out the same one.
 //!
 //! No sandbox reaches another, of any account: every sandbox's port on the bridge is an *isolated* bridge port
 //! (the kernel forwards nothing between two isolated ports), set when it is wired. The rest is one nftables
@@ -20,18 +21,18 @@
 //!   passes bridged traffic through these chains too).
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
 use super::super::RuntimeError;
+use super::wire::{self, Ipam};
 
-const CNI_BIN: &str = "/usr/lib/cni";
 const BRIDGE: &str = "warmpool0";
 pub const SUBNET: &str = "10.88.0.0/16";
-/// The host-wide address allocations (`host-local` keeps one file per address, named by it, holding the owner).
+/// The host-wide address allocations (one file per address, named by it, holding the owner).
 const IPAM_DIR: &str = "/run/warmpool/ipam";
 const NETWORK_NAME: &str = "warmpool";
 
@@ -51,7 +52,7 @@ const BLOCKED: &[&str] = &[
     "240.0.0.0/4",
 ];
 
-pub struct Cni {
+pub struct Net {
     /// Ranges listed with `--sandbox-allow-cidr`.
     pub allow: Vec<String>,
 }
@@ -65,9 +66,9 @@ pub enum Wiring {
     Bridge,
 }
 
-impl Cni {
-    pub fn available() -> bool {
-        Path::new(CNI_BIN).join("bridge").exists()
+impl Net {
+    fn ipam() -> Ipam {
+        Ipam { dir: Path::new(IPAM_DIR).join(NETWORK_NAME) }
     }
 
     /// Checks and normalizes `--sandbox-allow-cidr` values (`a.b.c.d/n`).
@@ -79,107 +80,51 @@ impl Cni {
         Ok(format!("{addr}/{len}"))
     }
 
-    fn config(plugin: &str) -> serde_json::Value {
-        match plugin {
-            // ipMasq is off: the ruleset's one masquerade rule serves every sandbox, so starting or stopping a
-            // sandbox never adds or removes a rule.
-            "bridge" => serde_json::json!({
-                "cniVersion": "1.0.0", "name": NETWORK_NAME, "type": "bridge", "bridge": BRIDGE,
-                "isGateway": true, "ipMasq": false, "hairpinMode": false,
-                "ipam": {"type": "host-local", "dataDir": IPAM_DIR, "ranges": [[{"subnet": SUBNET}]],
-                    "routes": [{"dst": "0.0.0.0/0"}]}
-            }),
-            _ => serde_json::json!({"cniVersion": "1.0.0", "name": "warmpool-lo", "type": "loopback"}),
-        }
+    /// Makes the bridge (with the gateway address) and applies the ruleset: no sandbox starts before both hold.
+    pub async fn prepare(&self) -> Result<(), RuntimeError> {
+        wire::ensure_bridge(BRIDGE)
+            .map_err(RuntimeError::io(format!("preparing the sandbox bridge {BRIDGE}")))?;
+        self.apply_firewall().await
     }
 
-    /// Runs a plugin; returns what it printed (its result, for ADD).
-    async fn plugin(
-        plugin: &str,
-        command: &str,
-        id: &str,
-        netns: &str,
-        ifname: &str,
-    ) -> Result<Vec<u8>, RuntimeError> {
-        let mut child = tokio::process::Command::new(Path::new(CNI_BIN).join(plugin))
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", id)
-            .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", ifname)
-            .env("CNI_PATH", CNI_BIN)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(RuntimeError::io(format!("running the CNI {plugin} plugin")))?;
-        let config = Self::config(plugin).to_string();
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(config.as_bytes()).await;
-        }
-        let out = child.wait_with_output().await.map_err(RuntimeError::io("CNI plugin"))?;
-        if out.status.success() {
-            Ok(out.stdout)
-        } else {
-            Err(RuntimeError::Failed(format!(
-                "CNI {plugin} {command} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
-        }
-    }
-
-    /// Wires the namespace of the created container whose init process is `pid`.
+    /// Wires the namespace of the created container whose init process is `pid` (see `wire`).
     pub async fn add(&self, id: &str, pid: u32, wiring: Wiring) -> Result<(), RuntimeError> {
-        let netns = format!("/proc/{pid}/ns/net");
-        Self::plugin("loopback", "ADD", id, &netns, "lo").await?;
-        if wiring == Wiring::Bridge {
-            std::fs::create_dir_all(IPAM_DIR).map_err(RuntimeError::io("creating the address directory"))?;
-            let result = Self::plugin("bridge", "ADD", id, &netns, "eth0").await?;
-            let port = host_port(&result).ok_or_else(|| {
-                RuntimeError::Failed(format!("the CNI bridge plugin named no host interface for {id}"))
-            })?;
-            super::run_tool("ip", &["link", "set", "dev", &port, "type", "bridge_slave", "isolated", "on"])
-                .await?;
+        if wiring == Wiring::Loopback {
+            return wire::wire(pid, None, BRIDGE).await;
         }
-        Ok(())
+        let owner = id.to_string();
+        let address = tokio::task::spawn_blocking(move || Self::ipam().allocate(&owner, "eth0"))
+            .await
+            .map_err(|e| RuntimeError::Failed(format!("allocating an address: {e}")))?
+            .map_err(RuntimeError::io(format!("allocating an address for {id}")))?;
+        let wired = wire::wire(pid, Some((wire::port_name(), address)), BRIDGE).await;
+        if wired.is_err() {
+            self.remove(id).await;
+        }
+        wired
     }
 
     /// Releases the sandbox's address (idempotent). The namespace, and with it the veth pair, died with the
     /// container; nothing else was created for it.
     pub async fn remove(&self, id: &str) {
-        if self.owns_address(id) {
-            let _ = Self::plugin("bridge", "DEL", id, "", "eth0").await;
+        let owner = id.to_string();
+        let released = tokio::task::spawn_blocking(move || Self::ipam().release(&owner)).await;
+        if let Ok(Err(e)) = released {
+            tracing::warn!(sandbox = %id, error = &e as &dyn std::error::Error, "Cannot release an address");
         }
-    }
-
-    fn allocations() -> Vec<(PathBuf, String)> {
-        std::fs::read_dir(Path::new(IPAM_DIR).join(NETWORK_NAME))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
-            .filter_map(|e| {
-                let owner = std::fs::read_to_string(e.path()).ok()?;
-                Some((e.path(), owner.lines().next()?.trim().to_string()))
-            })
-            .collect()
-    }
-
-    fn owns_address(&self, id: &str) -> bool {
-        Self::allocations().iter().any(|(_, owner)| owner == id)
     }
 
     /// Releases addresses whose sandbox no longer runs on this host (a server killed before it could release
     /// them). `running` says whether a container id still has processes; allocations younger than a minute are
     /// spared (a start on another server of this host may be between allocation and its first process).
     pub async fn release_orphans(&self, running: impl Fn(&str) -> bool) {
-        for (path, owner) in Self::allocations() {
+        for (path, owner) in Self::ipam().allocations() {
             let young = std::fs::metadata(&path)
                 .and_then(|m| m.modified())
                 .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < Duration::from_secs(60)));
             if !young && !running(&owner) {
                 tracing::info!(sandbox = %owner, "Releasing the address of a sandbox that no longer runs");
-                let _ = Self::plugin("bridge", "DEL", &owner, "", "eth0").await;
+                self.remove(&owner).await;
             }
         }
     }
@@ -207,19 +152,6 @@ impl Cni {
             )))
         }
     }
-}
-
-/// The host end of the sandbox's veth pair in a CNI ADD result: the interface that is neither in the sandbox nor
-/// the bridge.
-fn host_port(result: &[u8]) -> Option<String> {
-    let result: serde_json::Value = serde_json::from_slice(result).ok()?;
-    result["interfaces"]
-        .as_array()?
-        .iter()
-        .filter(|i| i.get("sandbox").is_none())
-        .filter_map(|i| i["name"].as_str())
-        .find(|name| *name != BRIDGE)
-        .map(str::to_string)
 }
 
 /// The IPv4 resolvers of the host's `/etc/resolv.conf` (sandboxes without an image read the same file).
@@ -292,18 +224,10 @@ mod tests {
     }
 
     #[test]
-    fn the_host_port_is_found_in_a_cni_result() {
-        let result = br#"{"interfaces": [{"name": "warmpool0"}, {"name": "veth1a2b"},
-            {"name": "eth0", "sandbox": "/proc/1/ns/net"}]}"#;
-        assert_eq!(host_port(result).as_deref(), Some("veth1a2b"));
-        assert_eq!(host_port(b"{}"), None);
-    }
-
-    #[test]
     fn cidrs_are_checked() {
-        assert_eq!(Cni::parse_cidr("10.1.2.3/8").unwrap(), "10.1.2.3/8");
+        assert_eq!(Net::parse_cidr("10.1.2.3/8").unwrap(), "10.1.2.3/8");
         for bad in ["10.1.2.3", "10.1.2/8", "10.1.2.3/33", "fe80::/10"] {
-            assert!(Cni::parse_cidr(bad).is_err(), "{bad}");
+            assert!(Net::parse_cidr(bad).is_err(), "{bad}");
         }
     }
 }

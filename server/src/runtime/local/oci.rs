@@ -173,7 +173,7 @@ pub fn seccomp() -> Value {
     json!({
         "defaultAction": "SCMP_ACT_ERRNO",
         "defaultErrnoRet": libc::EPERM,
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        "architectures": ARCHITECTURES,
         "syscalls": [
             {"names": ALLOWED, "action": "SCMP_ACT_ALLOW"},
             // vsock is not namespaced: it would reach the hypervisor and host listeners past every network rule.
@@ -190,6 +190,17 @@ pub fn seccomp() -> Value {
         ]
     })
 }
+
+/// The architectures the filter covers: this host's and the ones its kernel also runs (32-bit x86 and x32 on
+/// x86_64, 32-bit ARM on aarch64), as Docker's profile picks them. Another architecture's syscalls can never reach
+/// this kernel, and each listed one costs runc a compiled copy of the filter at every container start; a syscall
+/// of an architecture not listed kills the process.
+#[cfg(target_arch = "x86_64")]
+const ARCHITECTURES: &[&str] = &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"];
+#[cfg(target_arch = "aarch64")]
+const ARCHITECTURES: &[&str] = &["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const ARCHITECTURES: &[&str] = &[];
 
 /// Syscalls every container may make (containerd's default list, plus the calls added to the kernel since that
 /// are as harmless: `close_range`, `epoll_pwait2`, `futex_waitv`, `rseq`, `pidfd_*`, `landlock_*`, …).
