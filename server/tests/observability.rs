@@ -256,6 +256,10 @@ async fn prometheus_evaluates_the_rules_against_a_real_server() {
     prometheus.wait_for("the first hit is scraped", hits, |v| v == 1.0).await;
     prometheus.wait_for("the first miss is scraped", misses, |v| v == 1.0).await;
     cp.wait_status("obs", "refilled", |s| s.ready == 1).await;
+    // The host takes four sandboxes: the first two go before the next two come.
+    for s in sandboxes.drain(..) {
+        cp.client.delete_sandbox(&s.id).await.unwrap();
+    }
     sandboxes.push(checkout(&cp).await);
     sandboxes.push(checkout(&cp).await);
     prometheus.wait_for("the next hit is scraped", hits, |v| v == 2.0).await;
@@ -284,7 +288,7 @@ async fn prometheus_evaluates_the_rules_against_a_real_server() {
     let degraded_alert = r#"ALERTS{alertname="WarmpoolPoolDegraded",pool_name="obs",alertstate="firing"}"#;
     assert!(prometheus.query(degraded_alert).await.is_empty(), "a healthy pool alerts");
 
-    // Degrade it: four sandboxes run (three checked out, one ready), the host takes four, the pool wants six.
+    // Degrade it: the host takes four sandboxes, two are checked out, the pool wants six.
     let patch = WarmPoolPatch { min_ready: Some(6), max_ready: Some(6), ..Default::default() };
     cp.client.update_pool("obs", &patch).await.unwrap();
     cp.wait_status("obs", "no_eligible_hosts", |s| {
