@@ -3,8 +3,9 @@
 # runc (runs every sandbox and build as an OCI container), iproute2 (the tests look at sandbox networking with
 # `ip`), nftables (what sandboxes may reach), btrfs-progs (the disk-limited layers image: mkfs.btrfs, subvolumes, qgroups),
 # umoci and skopeo (template images), busybox-static (the tests' tiny image) and protoc (the Terraform provider's
-# build), the PostgreSQL server binaries (the tests start their own PostgreSQL) and, with --tests, schemathesis
-# from PyPI in a virtualenv (the API's conformance test). Safe to run again.
+# build), the PostgreSQL server binaries (the tests start their own PostgreSQL) and, with --tests, Prometheus
+# (`promtool` checks deploy/prometheus/warmpool-rules.yml; a test scrapes a real server with `prometheus`) and
+# schemathesis from PyPI in a virtualenv (the API's conformance test). Safe to run again.
 set -euo pipefail
 
 missing=()
@@ -18,6 +19,9 @@ command -v busybox >/dev/null || missing+=(busybox-static)
 command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v protoc >/dev/null || [ -n "${PROTOC:-}" ] || missing+=(protobuf-compiler libprotobuf-dev)
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+if [ "${1:-}" = --tests ]; then
+  { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

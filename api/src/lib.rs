@@ -4,6 +4,7 @@
 //! with the same field path.
 
 pub mod account;
+pub mod demand;
 pub mod error;
 pub mod io;
 pub mod pool;
@@ -14,6 +15,7 @@ pub mod template;
 pub mod trust;
 
 pub use account::*;
+pub use demand::*;
 pub use error::*;
 pub use io::*;
 pub use pool::*;

@@ -87,6 +87,12 @@ pub struct WarmPoolSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// Lets demand set the target (off by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::Autoscale>,
+    /// Starts of this pool per second, at most (a token bucket; default unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_starts_per_second: Option<f64>,
 }
 
 impl WarmPoolSpec {
@@ -123,6 +129,10 @@ impl WarmPoolSpec {
         if self.idle_timeout_seconds == Some(0) {
             return Err(FieldError::new("idle_timeout_seconds", "must be greater than 0"));
         }
+        if let Some(a) = &self.autoscale {
+            a.validate("autoscale")?;
+        }
+        crate::validate_max_starts_per_second(self.max_starts_per_second)?;
         Ok(())
     }
 
@@ -177,6 +187,13 @@ pub struct WarmPoolPatch {
     pub labels: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// Replaces the pool's `autoscale` block (`{"enabled": false}` turns it off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::Autoscale>,
+    /// A rate replaces the pool's; `null` makes it unlimited again.
+    #[serde(default, deserialize_with = "crate::nullable", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>, nullable)]
+    pub max_starts_per_second: Option<Option<f64>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -199,6 +216,10 @@ pub struct WarmPool {
     pub previous_build_id: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    #[serde(default)]
+    pub autoscale: crate::Autoscale,
+    #[serde(default)]
+    pub max_starts_per_second: Option<f64>,
 }
 
 impl WarmPool {
@@ -216,6 +237,8 @@ impl WarmPool {
             idle_timeout_seconds: self.idle_timeout_seconds,
             labels: self.labels.clone(),
             enabled: Some(self.state != PoolState::Disabled),
+            autoscale: Some(self.autoscale.clone()),
+            max_starts_per_second: self.max_starts_per_second,
         }
     }
 }
@@ -270,6 +293,9 @@ pub struct PoolStatus {
     /// Output of the last sandbox that failed to start, kept while `artifact_prewarm_failed` holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_logs: Option<String>,
+    /// Claims per minute, hit ratio, warm-up p90 and the ready count they call for (always computed).
+    #[serde(default)]
+    pub demand: crate::PoolDemand,
 }
 
 /// `PUT /v1/template-warm-pools/{id}/leases/{key}`.

@@ -268,6 +268,39 @@ pub struct ResourcesBlock {
     pub disk_mb: Num,
 }
 
+/// `autoscale { enabled, headroom, window_seconds, scale_to_zero_after_seconds }` of a warm pool.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleBlock {
+    pub enabled: Value<bool>,
+    pub headroom: Value<f64>,
+    pub window_seconds: Num,
+    pub scale_to_zero_after_seconds: Num,
+}
+
+impl AutoscaleBlock {
+    pub fn to_api(&self) -> warmpool_api::Autoscale {
+        warmpool_api::Autoscale {
+            enabled: self.enabled.as_ref_option().copied().unwrap_or(false),
+            headroom: self.headroom.as_ref_option().copied(),
+            window_seconds: num(&self.window_seconds),
+            scale_to_zero_after_seconds: num(&self.scale_to_zero_after_seconds),
+        }
+    }
+
+    /// The block a pool's settings read back as (none when autoscale is off and nothing is set).
+    pub fn from_api(a: &warmpool_api::Autoscale) -> Value<AutoscaleBlock> {
+        if *a == warmpool_api::Autoscale::default() {
+            return Value::Null;
+        }
+        Value::Value(AutoscaleBlock {
+            enabled: Value::Value(a.enabled),
+            headroom: a.headroom.map(Value::Value).unwrap_or(Value::Null),
+            window_seconds: opt_n(a.window_seconds.map(|n| n as i64)),
+            scale_to_zero_after_seconds: opt_n(a.scale_to_zero_after_seconds.map(|n| n as i64)),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TimeoutsBlock {
     pub create: Str,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tf_provider::schema::{AttributeConstraint::*, Schema};
+use tf_provider::schema::{AttributeConstraint::*, NestedBlock, Schema};
 use tf_provider::value::{serde_as_vec, Value, ValueEmpty};
 use tf_provider::{AttributePath, Diagnostics, Resource};
 use warmpool_api as api;
@@ -34,6 +34,10 @@ pub struct PoolState {
     pub timeouts: Value<TimeoutsBlock>,
     pub rollout_generation: Num,
     pub resolved_build_id: Str,
+    #[serde(with = "serde_as_vec")]
+    pub autoscale: Value<AutoscaleBlock>,
+    pub max_starts_per_second: Value<f64>,
+    pub recommended_ready: Num,
 }
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10 * 60);
@@ -100,6 +104,8 @@ impl PoolState {
             idle_timeout_seconds: num(&self.idle_timeout_seconds),
             labels: map(&self.labels),
             enabled: self.enabled.as_ref_option().copied(),
+            autoscale: self.autoscale.as_ref_option().map(AutoscaleBlock::to_api),
+            max_starts_per_second: self.max_starts_per_second.as_ref_option().copied(),
         })
     }
 
@@ -119,6 +125,8 @@ impl PoolState {
         self.enabled = Value::Value(p.state == api::PoolState::Enabled);
         self.rollout_generation = Value::Value(p.rollout_generation as i64);
         self.resolved_build_id = opt_s(p.resolved_build_id.clone());
+        self.autoscale = AutoscaleBlock::from_api(&p.autoscale);
+        self.max_starts_per_second = p.max_starts_per_second.map(Value::Value).unwrap_or(Value::Null);
         // Not a server attribute: Read keeps what the configuration last said; only a state without it gets the
         // default.
         if self.wait_for_ready.is_null() {
@@ -180,10 +188,37 @@ pub fn pool_schema() -> Schema {
                     "resolved_build_id",
                     string(Computed, "The build the pool fills; unknown in a plan that updates the pool."),
                 ),
+                (
+                    "max_starts_per_second",
+                    number(Optional, "Starts of this pool per second, at most (default unlimited)."),
+                ),
+                (
+                    "recommended_ready",
+                    number(
+                        Computed,
+                        "ceil(claims/s × warm-up p90 × headroom) when last read: the ready count demand calls for.",
+                    ),
+                ),
             ],
-            vec![("timeouts", timeouts_block())],
+            vec![("timeouts", timeouts_block()), ("autoscale", autoscale_block())],
         ),
     }
+}
+
+fn autoscale_block() -> NestedBlock {
+    NestedBlock::Optional(block(
+        "Lets demand set the target: min(max_ready, max(min_ready + leases, recommended_ready)).",
+        vec![
+            ("enabled", boolean(Required, "Whether demand sets the target.")),
+            ("headroom", number(Optional, "Multiplies Little's law (default 1.2, 1 to 10).")),
+            ("window_seconds", number(Optional, "The window claims are counted over (default 600).")),
+            (
+                "scale_to_zero_after_seconds",
+                number(Optional, "With no claim for this long, recommended_ready falls to 0."),
+            ),
+        ],
+        vec![],
+    ))
 }
 
 /// Whether the plan updates the pool: any attribute Terraform sets differs from the prior state.
@@ -191,6 +226,7 @@ fn updating(prior: &PoolState, proposed: &PoolState) -> bool {
     let settable = |s: &PoolState| PoolState {
         rollout_generation: Value::Null,
         resolved_build_id: Value::Null,
+        recommended_ready: Value::Null,
         ..s.clone()
     };
     settable(prior) != settable(proposed)
@@ -231,6 +267,14 @@ async fn wait_ready(
     Some(())
 }
 
+/// The pool's `recommended_ready` now (null when its status cannot be read).
+async fn recommended_ready(c: &warmpool_client::Client, id: &str) -> Num {
+    match c.pool_status(id).await {
+        Ok(status) => Value::Value(status.demand.recommended_ready as i64),
+        Err(_) => Value::Null,
+    }
+}
+
 #[async_trait::async_trait]
 impl Resource for PoolResource {
     type State<'a> = PoolState;
@@ -266,6 +310,7 @@ impl Resource for PoolResource {
         match c.get_pool(&id).await {
             Ok(p) => {
                 state.set_from(&p);
+                state.recommended_ready = recommended_ready(&c, &p.id).await;
                 Some((state, private))
             }
             Err(e) if e.code() == Some("not_found") => None,
@@ -286,6 +331,7 @@ impl Resource for PoolResource {
         proposed.id = Value::Unknown;
         proposed.rollout_generation = Value::Unknown;
         proposed.resolved_build_id = Value::Unknown;
+        proposed.recommended_ready = Value::Unknown;
         for v in [&mut proposed.version_policy, &mut proposed.track_tag] {
             if v.is_null() {
                 *v = Value::Unknown;
@@ -332,9 +378,11 @@ impl Resource for PoolResource {
             // outside Terraform. Planning the prior values would make Terraform reject the result.
             proposed.rollout_generation = Value::Unknown;
             proposed.resolved_build_id = Value::Unknown;
+            proposed.recommended_ready = Value::Unknown;
         } else {
             proposed.rollout_generation = prior.rollout_generation;
             proposed.resolved_build_id = prior.resolved_build_id.clone();
+            proposed.recommended_ready = prior.recommended_ready;
         }
         Some((proposed, private, Vec::new()))
     }
@@ -381,6 +429,7 @@ impl Resource for PoolResource {
         wait_ready(diags, &c, &state, timeout).await;
         let fresh = c.get_pool(&pool.id).await.unwrap_or(pool);
         state.set_from(&fresh);
+        state.recommended_ready = recommended_ready(&c, &fresh.id).await;
         Some((state, private))
     }
 
@@ -408,12 +457,15 @@ impl Resource for PoolResource {
             idle_timeout_seconds: spec.idle_timeout_seconds,
             labels: Some(spec.labels),
             enabled: spec.enabled,
+            autoscale: Some(spec.autoscale.unwrap_or_default()),
+            max_starts_per_second: Some(spec.max_starts_per_second),
         };
         let pool = c.update_pool(&id, &patch).await.or_diag(diags, "Cannot update warm pool")?;
         let mut state = planned;
         state.set_from(&pool);
         let timeout = TimeoutsBlock::get(&state.timeouts, |t| &t.update, READY_TIMEOUT);
         wait_ready(diags, &c, &state, timeout).await;
+        state.recommended_ready = recommended_ready(&c, &id).await;
         Some((state, private))
     }
 
@@ -440,6 +492,7 @@ impl Resource for PoolResource {
                 let mut state = PoolState::default();
                 // `set_from` gives `wait_for_ready` its default: the imported value.
                 state.set_from(&p);
+                state.recommended_ready = recommended_ready(&c, &p.id).await;
                 Some((state, Value::Null))
             }
             Err(e) => {

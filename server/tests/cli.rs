@@ -85,6 +85,39 @@ async fn quickstart_through_the_cli() {
     let (code, out, _) = cli.run(&["pool", "status", "api"]);
     assert_eq!(code, 0);
     assert!(out.contains("state=draining"), "{out}");
+    // Demand with its arithmetic: one claim (a hit) in the last minute.
+    assert!(
+        out.contains("demand: 0.1 claims/min over 600 s (last minute 1.0/min), hit ratio 100.0 % (1/1)"),
+        "{out}"
+    );
+    assert!(out.contains("recommended_ready = ceil(0.017/s × "), "{out}");
+    let p = cli.json(&[
+        "pool",
+        "update",
+        "api",
+        "--autoscale",
+        "on",
+        "--scale-to-zero-after",
+        "15m",
+        "--max-starts-per-second",
+        "5",
+    ]);
+    assert_eq!(p["autoscale"], serde_json::json!({"enabled": true, "scale_to_zero_after_seconds": 900}));
+    assert_eq!(p["max_starts_per_second"], 5.0);
+    let p = cli.json(&[
+        "pool",
+        "update",
+        "api",
+        "--autoscale-headroom",
+        "2",
+        "--max-starts-per-second",
+        "unlimited",
+    ]);
+    assert_eq!(p["autoscale"]["enabled"], true, "tuning keeps the switch");
+    assert_eq!(p["autoscale"]["headroom"], 2.0);
+    assert_eq!(p["max_starts_per_second"], serde_json::Value::Null);
+    let st = cli.json(&["pool", "status", "api"]);
+    assert_eq!(st["demand"]["claims"], 1);
 
     let (code, out, err) = cli.run(&["sandbox", "get", "sbx_missing"]);
     assert_eq!((code, out.as_str()), (1, ""));

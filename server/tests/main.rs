@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod docs;
 mod domain;
+mod observability;
 mod oidc;
 mod pools;
 mod restart;

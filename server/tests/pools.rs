@@ -146,10 +146,17 @@ async fn fill_checkout_modes_and_fallbacks() {
     assert_eq!(s.warm_pool_checkout.unwrap().mode, CheckoutMode::Bypass);
 
     let metrics = reqwest::get(format!("{}/metrics", cp.url)).await.unwrap().text().await.unwrap();
-    let count = |mode: &str, source: &str| {
-        let needle =
-            format!("warmpool_checkouts_total{{mode=\"{mode}\",pool=\"{}\",source=\"{source}\"}} ", pool.id);
-        metrics.lines().find_map(|l| l.strip_prefix(&needle)).map(|v| v.parse::<u64>().unwrap()).unwrap_or(0)
+    // Summed over the other labels (`pool_name`, `fallback_reason`).
+    let count = |mode: &str, source: &str| -> u64 {
+        let labels =
+            [format!("mode=\"{mode}\""), format!("pool=\"{}\"", pool.id), format!("source=\"{source}\"")];
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("warmpool_checkouts_total{") && labels.iter().all(|x| l.contains(x.as_str()))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
     };
     assert_eq!(count("require", "warm_pool"), 5);
     assert_eq!(count("prefer", "warm_pool"), 0, "a cold start is never counted as a hit");

@@ -563,3 +563,94 @@ async fn bad_trust_policy_fails_at_plan_naming_the_attribute() {
     assert!(err.contains("--oidc-issuer") && err.contains("main.tf line 9"), "{err}");
     assert!(server.client.list_trust_policies(&team.id).await.unwrap().is_empty());
 }
+
+/// A pool with an `autoscale` block and `max_starts_per_second`, read back as configured, changed and removed in
+/// place, with the computed `recommended_ready` in the state and plans clean after each apply; a bad window fails
+/// at plan naming the attribute.
+#[tokio::test]
+async fn autoscale_block_and_start_rate_apply_read_back_and_plan_clean() {
+    require_terraform();
+    let server = Server::start();
+    let dir = server.workdir("autoscale", None);
+    let config = |scaling: &str| {
+        format!(
+            r#"terraform {{
+  required_providers {{
+    warmpool = {{ source = "warmpool/warmpool" }}
+  }}
+}}
+resource "warmpool_template" "t" {{
+  name      = "t"
+  start_cmd = "touch /tmp/started; exec sleep infinity"
+  readiness {{
+    exec {{ command = ["test", "-f", "/tmp/started"] }}
+    timeout_ms = 30000
+  }}
+  tags = ["stable"]
+}}
+resource "warmpool_warm_pool" "p" {{
+  name       = "p"
+  template   = "${{warmpool_template.t.name}}:stable"
+  min_ready  = 1
+  max_ready  = 4
+  depends_on = [warmpool_template.t]
+{scaling}
+}}
+output "recommended_ready" {{ value = warmpool_warm_pool.p.recommended_ready }}
+"#
+        )
+    };
+    let apply_and_plan_clean = |scaling: &str| {
+        std::fs::write(dir.join("main.tf"), config(scaling)).unwrap();
+        server.ok(&dir, &["apply", "-auto-approve"]);
+        let (code, out, err) = server.tf(&dir, &["plan", "-detailed-exitcode"]);
+        assert_eq!(code, 0, "the plan after apply is not empty:\n{out}\n{err}");
+    };
+
+    apply_and_plan_clean(
+        "  max_starts_per_second = 5\n  autoscale {\n    enabled = true\n    window_seconds = 120\n    scale_to_zero_after_seconds = 900\n  }",
+    );
+    let pool = server.client.get_pool("p").await.unwrap();
+    assert_eq!(pool.max_starts_per_second, Some(5.0));
+    let want = Autoscale {
+        enabled: true,
+        headroom: None,
+        window_seconds: Some(120),
+        scale_to_zero_after_seconds: Some(900),
+    };
+    assert_eq!(pool.autoscale, want);
+    let out = server.ok(&dir, &["output", "-json", "recommended_ready"]);
+    let recommended: u32 = out.trim().parse().unwrap_or_else(|_| panic!("recommended_ready: {out}"));
+    assert_eq!(recommended, server.client.pool_status("p").await.unwrap().demand.recommended_ready);
+
+    // Changed in place.
+    apply_and_plan_clean("  autoscale {\n    enabled = true\n    headroom = 2\n  }");
+    let pool = server.client.get_pool("p").await.unwrap();
+    assert_eq!(pool.autoscale, Autoscale { enabled: true, headroom: Some(2.0), ..Default::default() });
+    assert_eq!(pool.max_starts_per_second, None, "removed from the configuration: unlimited again");
+
+    // Removed: off.
+    apply_and_plan_clean("");
+    let pool = server.client.get_pool("p").await.unwrap();
+    assert_eq!(pool.autoscale, Autoscale::default());
+
+    // Changed outside Terraform: drift, then back.
+    let patch = WarmPoolPatch { max_starts_per_second: Some(Some(9.0)), ..Default::default() };
+    server.client.update_pool("p", &patch).await.unwrap();
+    let (code, out, _) = server.tf(&dir, &["plan", "-detailed-exitcode"]);
+    assert_eq!(code, 2, "drift shows:\n{out}");
+    assert!(out.contains("max_starts_per_second"), "{out}");
+    apply_and_plan_clean("");
+    assert_eq!(server.client.get_pool("p").await.unwrap().max_starts_per_second, None);
+
+    std::fs::write(
+        dir.join("main.tf"),
+        config("  autoscale {\n    enabled = true\n    window_seconds = 1\n  }"),
+    )
+    .unwrap();
+    let (code, _, err) = server.tf(&dir, &["plan"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("window_seconds") && err.contains("between 10 and 86400"), "{err}");
+    std::fs::write(dir.join("main.tf"), config("")).unwrap();
+    server.ok(&dir, &["destroy", "-auto-approve"]);
+}

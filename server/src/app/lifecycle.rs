@@ -157,8 +157,12 @@ impl App {
                     p.ctl.failed_total += 1;
                     p.ctl.last_failure_logs = row.error.clone();
                     p.ctl.last_error = row.error.clone();
+                    p.pool.name.clone()
                 })
                 .await;
+            if let Ok(Some(name)) = &recorded {
+                self.metrics.pool_failure(pool, name);
+            }
             if let Err(e) = recorded {
                 tracing::warn!(pool = %pool, error = &e as &dyn std::error::Error, "Cannot record a failed start");
             }
@@ -241,7 +245,15 @@ impl App {
             return Ok(false);
         }
         if let Some(pool) = &row.pool_id {
-            self.update_pool(pool, |p| p.ctl.failed_total += 1).await?;
+            let name = self
+                .update_pool(pool, |p| {
+                    p.ctl.failed_total += 1;
+                    p.pool.name.clone()
+                })
+                .await?;
+            if let Some(name) = name {
+                self.metrics.pool_failure(pool, &name);
+            }
             // Removing it pokes the pool, which replaces it.
             self.finish_stop(&row).await?;
         }

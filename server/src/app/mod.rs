@@ -3,8 +3,10 @@
 
 pub mod accounts;
 pub mod checkout;
+pub mod demand;
 pub mod io;
 pub mod lifecycle;
+pub mod observe;
 pub mod pools;
 pub mod reconciler;
 pub mod replicas;
@@ -173,6 +175,8 @@ pub struct App {
     owned: Mutex<HashSet<String>>,
     /// Whether this replica runs the once-per-cluster work (taking over what dead replicas left).
     leader: std::sync::atomic::AtomicBool,
+    /// Claims not yet written, start buckets (see [`demand`]).
+    pub demand: demand::DemandState,
 }
 
 impl App {
@@ -199,6 +203,7 @@ impl App {
             passes: Mutex::new(HashMap::new()),
             owned: Mutex::new(HashSet::new()),
             leader: Default::default(),
+            demand: Default::default(),
         })
     }
 
@@ -215,6 +220,7 @@ impl App {
             tokio::spawn(self.clone().balance()).abort_handle(),
             tokio::spawn(self.clone().watch_exits(exits)).abort_handle(),
             tokio::spawn(self.clone().enforce_timeouts()).abort_handle(),
+            tokio::spawn(self.clone().run_demand_loop()).abort_handle(),
         ];
         if self.config.reconciler_enabled {
             tasks.push(tokio::spawn(self.clone().run_reconciler()).abort_handle());

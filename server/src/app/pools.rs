@@ -111,6 +111,8 @@ impl App {
             previous_build_id: None,
             created_at: now,
             updated_at: now,
+            autoscale: spec.autoscale.clone().unwrap_or_default(),
+            max_starts_per_second: spec.max_starts_per_second,
         };
         self.store
             .insert_pool(&PoolRow {
@@ -177,6 +179,12 @@ impl App {
         if let Some(v) = patch.labels {
             spec.labels = v;
         }
+        if let Some(v) = patch.autoscale {
+            spec.autoscale = Some(v);
+        }
+        if let Some(v) = patch.max_starts_per_second {
+            spec.max_starts_per_second = v;
+        }
         // A ref with a tag implies the tag to track unless one is given.
         if !explicit_tag && spec.template != current.pool.template {
             spec.track_tag = None;
@@ -202,6 +210,8 @@ impl App {
                 p.checkout_policy = spec.checkout_policy;
                 p.idle_timeout_seconds = spec.idle_timeout_seconds;
                 p.labels = spec.labels.clone();
+                p.autoscale = spec.autoscale.clone().unwrap_or_default();
+                p.max_starts_per_second = spec.max_starts_per_second;
                 match patch.enabled {
                     Some(true) => p.state = PoolState::Enabled,
                     Some(false) => p.state = PoolState::Disabled,
@@ -358,7 +368,12 @@ impl App {
     pub async fn status_of(&self, row: &PoolRow) -> AppResult<PoolStatus> {
         let pool = &row.pool;
         let leases = self.store.list_leases(&pool.id).await?;
-        let target = target(pool, &leases, Utc::now());
+        let now = Utc::now();
+        let (target, demand, _) = self.pool_target(row, &leases, now).await?;
+        let demand = match demand {
+            Some(demand) => demand,
+            None => self.pool_demand(row, now).await?,
+        };
         let Counts { ready, warming, draining, claimed } =
             Counts::of(&pool.id, &self.store.list_pool_sandboxes(&pool.id).await?);
         let pass = self.passes.lock().expect("passes").get(&pool.id).cloned();
@@ -395,6 +410,7 @@ impl App {
             last_reconcile_duration_ms: pass.as_ref().map(|p| p.duration_ms),
             last_error: row.ctl.last_error.clone(),
             last_failure_logs: row.ctl.last_failure_logs.clone(),
+            demand,
         })
     }
 

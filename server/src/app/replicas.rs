@@ -94,6 +94,8 @@ impl App {
 
     /// Lets the pool go (it was deleted).
     pub async fn release_pool(&self, pool_id: &str) {
+        self.metrics.forget_pool(pool_id);
+        self.forget_demand(pool_id);
         if self.owned.lock().expect("owned").remove(pool_id) {
             if let Err(e) = self.store.unlock_pool(pool_id).await {
                 tracing::warn!(pool = %pool_id, error = &e as &dyn std::error::Error, "Cannot release a pool");

@@ -65,6 +65,15 @@ fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// How a checkout that named a pool was served, as `warmpool_checkouts_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    WarmPool,
+    Cold,
+    /// A `require` miss, refused with `warm_pool_unavailable`.
+    Unavailable,
+}
+
 /// What a pool-less or missed checkout starts.
 struct ColdPlan {
     template: TemplateRow,
@@ -128,9 +137,12 @@ impl App {
         };
         let wait = match route(mode, req.unpoolable_field(), pool.pool.state, req.warm_pool_wait_ms) {
             Route::Claim { wait } => wait,
-            Route::Refuse { reason, field } => return Err(refuse(reason, field, 0)),
+            Route::Refuse { reason, field } => {
+                self.record_checkout(&pool, mode, Source::Unavailable, Some(reason), started);
+                return Err(refuse(reason, field, 0));
+            }
             Route::Cold(reason) => {
-                self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
+                self.record_checkout(&pool, mode, Source::Cold, Some(reason), started);
                 let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
                 let co = checkout(CheckoutSource::Cold, 0, Some(reason));
                 return self.create_cold(caller, &req, cold, Some(co)).await;
@@ -157,7 +169,7 @@ impl App {
             {
                 self.unwatch(&row.sandbox.id);
                 self.pokes.pool(&pool.pool.id);
-                self.record_checkout(&pool, mode, CheckoutSource::WarmPool, started);
+                self.record_checkout(&pool, mode, Source::WarmPool, None, started);
                 tracing::debug!(pool = %pool.pool.id, sandbox = %row.sandbox.id, waited_ms, "Checked out");
                 return Ok(row.sandbox);
             }
@@ -171,23 +183,38 @@ impl App {
         }
         let waited_ms = started.elapsed().as_millis() as u64;
         let reason = match after_miss(mode, pool.pool.state) {
-            Route::Refuse { reason, field } => return Err(refuse(reason, field, waited_ms)),
+            Route::Refuse { reason, field } => {
+                self.record_checkout(&pool, mode, Source::Unavailable, Some(reason), started);
+                return Err(refuse(reason, field, waited_ms));
+            }
             Route::Cold(reason) => reason,
             Route::Claim { .. } => unreachable!("a miss never claims"),
         };
-        self.record_checkout(&pool, mode, CheckoutSource::Cold, started);
+        self.record_checkout(&pool, mode, Source::Cold, Some(reason), started);
         let cold = self.cold_plan_for_pool(caller, &req, &pool).await?;
         let co = checkout(CheckoutSource::Cold, waited_ms, Some(reason));
         self.create_cold(caller, &req, cold, Some(co)).await
     }
 
-    fn record_checkout(&self, pool: &PoolRow, mode: CheckoutMode, source: CheckoutSource, started: Instant) {
+    /// Counts a checkout that named a pool: a claim of its demand, and `warmpool_checkouts_total`.
+    fn record_checkout(
+        &self,
+        pool: &PoolRow,
+        mode: CheckoutMode,
+        source: Source,
+        fallback: Option<FallbackReason>,
+        started: Instant,
+    ) {
+        let hit = source == Source::WarmPool;
+        self.record_claim(&pool.pool.id, hit);
         let source = match source {
-            CheckoutSource::WarmPool => "warm_pool",
-            CheckoutSource::Cold => "cold",
+            Source::WarmPool => "warm_pool",
+            Source::Cold => "cold",
+            Source::Unavailable => "unavailable",
         };
-        self.metrics.checkouts_total.with_label_values(&[&pool.pool.id, mode.as_str(), source]).inc();
-        if source == "warm_pool" {
+        let reason = fallback.map(FallbackReason::as_str).unwrap_or("");
+        self.metrics.checkout(&pool.pool.id, &pool.pool.name, mode.as_str(), source, reason);
+        if hit {
             self.metrics
                 .checkout_seconds
                 .with_label_values(&[source])

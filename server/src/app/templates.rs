@@ -131,6 +131,7 @@ impl App {
 
     async fn run_build(self: Arc<Self>, mut row: BuildRow) {
         let _slot = self.build_slots.clone().acquire_owned().await;
+        let started = std::time::Instant::now();
         let id = row.build.id.clone();
         row.build.status = BuildStatus::Building;
         if self.store.update_build(&row).await.is_err() {
@@ -162,6 +163,7 @@ impl App {
             }
         }
         let _ = self.store.update_build(&row).await;
+        self.metrics.build_finished(row.build.status.as_str(), started.elapsed().as_secs_f64());
         self.pokes.all();
     }
 

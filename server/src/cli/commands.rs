@@ -80,6 +80,8 @@ pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 /// The status line, then the last failed start's output (or the last error) when the pool has one.
 fn status_text(s: &PoolStatus) -> String {
     let mut text = status_line(s);
+    text.push('\n');
+    text.push_str(&demand_text(s));
     let last = match (&s.last_failure_logs, &s.last_error) {
         (Some(logs), _) => Some(("last failed start's output", logs)),
         (None, Some(error)) => Some(("last error", error)),
@@ -92,6 +94,32 @@ fn status_text(s: &PoolStatus) -> String {
         }
     }
     text
+}
+
+/// The demand line of `pool status`, with its arithmetic.
+fn demand_text(s: &PoolStatus) -> String {
+    let d = &s.demand;
+    let ratio = match d.hit_ratio {
+        Some(r) => format!("{:.1} % ({}/{})", r * 100.0, d.hits, d.claims),
+        None => "- (no claims)".into(),
+    };
+    let p90 = d.warm_seconds_p90.map(|p| format!("{p:.2} s")).unwrap_or_else(|| "- (none ready yet)".into());
+    let arithmetic = if d.idle {
+        "0 (no claim for scale_to_zero_after_seconds)".to_string()
+    } else {
+        format!(
+            "ceil({:.3}/s × {} × {}) = {}",
+            d.claims_per_second,
+            d.warm_seconds_p90.map(|p| format!("{p:.2} s")).unwrap_or_else(|| "0 s".into()),
+            d.headroom,
+            d.recommended_ready
+        )
+    };
+    format!(
+        "demand: {:.1} claims/min over {} s (last minute {:.1}/min), hit ratio {ratio}, warm-up p90 {p90}\n\
+         recommended_ready = {arithmetic}",
+        d.claims_per_minute, d.window_seconds, d.recent_claims_per_minute
+    )
 }
 
 fn status_line(s: &PoolStatus) -> String {
@@ -247,6 +275,7 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
             track_tag,
             checkout_policy,
             idle_timeout,
+            scaling,
         } => {
             let spec = WarmPoolSpec {
                 name,
@@ -266,6 +295,8 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
                 idle_timeout_seconds: idle_timeout.map(|d| d.as_secs()),
+                autoscale: scaling.autoscale(None),
+                max_starts_per_second: scaling.max_starts_per_second.and_then(|r| r.0),
                 ..Default::default()
             };
             let p = c.create_pool(&spec).await?;
@@ -295,8 +326,20 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
         }
         PoolCmd::Get { id } => print(global, &c.get_pool(&id).await?, show),
         PoolCmd::Status { id } => print(global, &c.pool_status(&id).await?, status_text),
-        PoolCmd::Update { id, min_ready, max_ready } => {
-            let p = c.update_pool(&id, &WarmPoolPatch { min_ready, max_ready, ..Default::default() }).await?;
+        PoolCmd::Update { id, min_ready, max_ready, scaling } => {
+            // Autoscale flags change the pool's block, keeping what they do not name.
+            let autoscale = match scaling.touches_autoscale() {
+                true => scaling.autoscale(Some(c.get_pool(&id).await?.autoscale)),
+                false => None,
+            };
+            let patch = WarmPoolPatch {
+                min_ready,
+                max_ready,
+                autoscale,
+                max_starts_per_second: scaling.max_starts_per_second.map(|r| r.0),
+                ..Default::default()
+            };
+            let p = c.update_pool(&id, &patch).await?;
             print(global, &p, show);
         }
         PoolCmd::Delete { id } => {
@@ -541,4 +584,37 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
         }
     }
     Ok(0)
+}
+
+impl super::ScalingArgs {
+    fn touches_autoscale(&self) -> bool {
+        self.autoscale.is_some()
+            || self.autoscale_headroom.is_some()
+            || self.autoscale_window.is_some()
+            || self.scale_to_zero_after.is_some()
+    }
+
+    /// The `autoscale` block these flags ask for, over `current` (None when they name none).
+    fn autoscale(&self, current: Option<warmpool_api::Autoscale>) -> Option<warmpool_api::Autoscale> {
+        if !self.touches_autoscale() {
+            return None;
+        }
+        // Tuning flags alone on a create turn it on; on an update they keep its switch.
+        let creating = current.is_none();
+        let mut a = current.unwrap_or_default();
+        a.enabled = match self.autoscale.as_deref() {
+            Some(switch) => switch == "on",
+            None => a.enabled || creating,
+        };
+        if let Some(h) = self.autoscale_headroom {
+            a.headroom = Some(h);
+        }
+        if let Some(w) = self.autoscale_window {
+            a.window_seconds = Some(w.as_secs());
+        }
+        if let Some(s) = self.scale_to_zero_after {
+            a.scale_to_zero_after_seconds = Some(s.as_secs());
+        }
+        Some(a)
+    }
 }

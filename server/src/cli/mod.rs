@@ -4,6 +4,7 @@
 mod bench;
 mod bench_fill;
 mod bench_io;
+mod burst;
 mod commands;
 pub mod config;
 mod sandbox_io;
@@ -142,6 +143,39 @@ fn millis(text: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// How a pool follows demand and how fast it starts sandboxes (`pool create` and `pool update`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ScalingArgs {
+    /// `on` lets demand set the target: min(max_ready, max(min_ready + leases, recommended_ready)).
+    #[arg(long, value_parser = ["on", "off"])]
+    pub autoscale: Option<String>,
+    /// Autoscale's headroom over Little's law (default 1.2).
+    #[arg(long)]
+    pub autoscale_headroom: Option<f64>,
+    /// The window claims are counted over (`10m`, the default).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub autoscale_window: Option<std::time::Duration>,
+    /// With no claim for this long, autoscale lets the pool fall back to min_ready (`15m`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub scale_to_zero_after: Option<std::time::Duration>,
+    /// Starts of this pool per second, at most (`unlimited` clears it).
+    #[arg(long, value_parser = parse_rate)]
+    pub max_starts_per_second: Option<Rate>,
+}
+
+/// `--max-starts-per-second`: a rate, or `unlimited`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate(pub Option<f64>);
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    if s == "unlimited" {
+        return Ok(Rate(None));
+    }
+    s.parse::<f64>()
+        .map(|r| Rate(Some(r)))
+        .map_err(|_| format!("expected a number or `unlimited`, got {s:?}"))
+}
+
 #[derive(Subcommand)]
 pub enum PoolCmd {
     /// Create a warm pool.
@@ -171,6 +205,8 @@ pub enum PoolCmd {
         /// Replace a ready sandbox idle for longer than this (`30m`, `2h`).
         #[arg(long, alias = "idle-timeout-seconds", value_parser = humantime::parse_duration)]
         idle_timeout: Option<std::time::Duration>,
+        #[command(flatten)]
+        scaling: ScalingArgs,
     },
     /// List the warm pools of the token's account.
     List,
@@ -184,7 +220,7 @@ pub enum PoolCmd {
         /// Pool id or name.
         id: String,
     },
-    /// Change a pool's size.
+    /// Change a pool's size, autoscale and start rate.
     Update {
         /// Pool id or name.
         id: String,
@@ -194,6 +230,8 @@ pub enum PoolCmd {
         /// New `max_ready`.
         #[arg(long)]
         max_ready: Option<u32>,
+        #[command(flatten)]
+        scaling: ScalingArgs,
     },
     /// Drain a pool, then delete it (checked-out sandboxes are not touched).
     Delete {
@@ -474,6 +512,9 @@ pub enum BenchCmd {
     Io(bench_io::IoArgs),
     /// A pool of N filling beside plain `runc run` of N containers at the same parallelism, as JSON.
     Fill(bench_fill::FillArgs),
+    /// A ramp of claims (1 to 10/s over 2 minutes) against a static pool and an autoscaled one, side by side, as
+    /// JSON: hit ratio, checkout p50/p99, sandbox-seconds, time back to min_ready.
+    Burst(burst::BurstArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -485,6 +526,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench(BenchCmd::Artifact(args)) => bench::artifact(&cli.global, args).await,
         Command::Bench(BenchCmd::Io(args)) => bench_io::io(&cli.global, args).await,
         Command::Bench(BenchCmd::Fill(args)) => bench_fill::fill(&cli.global, args).await,
+        Command::Bench(BenchCmd::Burst(args)) => burst::burst(&cli.global, args).await,
         command => run_client_command(&cli.global, command).await,
     }
 }

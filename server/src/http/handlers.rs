@@ -131,7 +131,7 @@ async fn readyz(State(app): S) -> impl IntoResponse {
     (status = 200, description = "Prometheus metrics", body = String,
     content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(app): S) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], app.metrics.render())
+    ([("content-type", "text/plain; version=0.0.4")], app.render_metrics().await)
 }
 
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "server", security(()),

@@ -3,6 +3,7 @@
 
 pub mod handlers;
 pub mod io;
+mod metrics;
 pub mod openapi;
 
 use std::sync::Arc;
@@ -324,7 +325,9 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .0
         .route_layer(axum::middleware::from_fn(no_nul_in_uri))
         .route_layer(axum::middleware::from_fn(request_span))
+        .route_layer(axum::middleware::from_fn(metrics::tag_route))
         .fallback(unknown_route)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), metrics::count))
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)

@@ -76,6 +76,7 @@ contract!(
     pool_writes_never_lose_a_change,
     every_resource_round_trips,
     lists_page_in_id_order,
+    demand_is_shared_counted_and_pruned,
 );
 
 pub fn sandbox(id: &str, pool: &str) -> SandboxRow {
@@ -146,6 +147,8 @@ pub fn pool(id: &str, name: &str) -> PoolRow {
             previous_build_id: None,
             created_at: now,
             updated_at: now,
+            autoscale: Default::default(),
+            max_starts_per_second: None,
         },
         ctl: PoolControl::default(),
         rev: 0,
@@ -460,4 +463,37 @@ async fn lists_page_in_id_order(db: &dyn Backend) {
     }
     let page = store.list_sandboxes("acc_1", &Page { after: Some("sbx_a".into()), limit: 5 }).await.unwrap();
     assert_eq!(page.into_iter().map(|s| s.sandbox.id).collect::<Vec<_>>(), ["sbx_b"]);
+}
+
+/// Claims recorded through one handle are counted through the other (replicas share demand), by window; warm-up
+/// times come back newest first; pruning keeps the window and the latest warm-ups; deleting the pool forgets them.
+async fn demand_is_shared_counted_and_pruned(db: &dyn Backend) {
+    let (a, b) = (db.open().await, db.open().await);
+    a.insert_pool(&pool("twp_d", "d")).await.unwrap();
+    let now = Utc::now();
+    let ago = |s: i64| now - chrono::Duration::seconds(s);
+    let claims: Vec<ClaimEvent> = [(300, true), (100, false), (50, true), (10, true), (5, false)]
+        .into_iter()
+        .map(|(s, hit)| ClaimEvent { id: format!("clm_{s}"), pool_id: "twp_d".into(), at: ago(s), hit })
+        .chain([ClaimEvent { id: "clm_o".into(), pool_id: "twp_other".into(), at: ago(1), hit: true }])
+        .collect();
+    a.record_claims(&claims).await.unwrap();
+    for (i, s) in [3.0, 1.0, 2.0].into_iter().enumerate() {
+        a.record_warmup("twp_d", &format!("sbx_{i}"), ago(30 - i as i64), s).await.unwrap();
+    }
+    let sample = b.demand_sample("twp_d", ago(200), ago(60), 10).await.unwrap();
+    assert_eq!((sample.claims, sample.hits, sample.recent_claims), (4, 2, 3));
+    let last = sample.last_claim_at.unwrap();
+    assert!((last - ago(5)).num_milliseconds().abs() <= 1, "{last} vs {}", ago(5));
+    assert_eq!(sample.warm_seconds, vec![2.0, 1.0, 3.0]);
+    assert_eq!(b.demand_sample("twp_d", ago(200), ago(60), 2).await.unwrap().warm_seconds, vec![2.0, 1.0]);
+
+    b.prune_demand("twp_d", ago(75), 2).await.unwrap();
+    let pruned = a.demand_sample("twp_d", ago(1000), ago(1000), 10).await.unwrap();
+    assert_eq!((pruned.claims, pruned.hits), (3, 2));
+    assert_eq!(pruned.warm_seconds, vec![2.0, 1.0]);
+    assert_eq!(a.demand_sample("twp_other", ago(1000), ago(1000), 10).await.unwrap().claims, 1);
+
+    a.delete_pool("twp_d").await.unwrap();
+    assert_eq!(b.demand_sample("twp_d", ago(1000), ago(1000), 10).await.unwrap(), DemandSample::default());
 }

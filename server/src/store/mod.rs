@@ -170,6 +170,9 @@ pub struct PoolControl {
     pub last_error: Option<String>,
     /// Why filling was blocked in the last pass (quota, capacity).
     pub blocked: Vec<warmpool_api::DegradedReason>,
+    /// What autoscale decided last (the recommendation in effect).
+    #[serde(default)]
+    pub autoscale: crate::app::demand::ScaleState,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -263,6 +266,31 @@ pub struct ClaimUpdate {
     pub timeout_policy: Option<TimeoutPolicy>,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+}
+
+/// A checkout that named a pool: what demand counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimEvent {
+    /// Unique per claim (the row's key).
+    pub id: String,
+    pub pool_id: String,
+    pub at: DateTime<Utc>,
+    /// Served from ready inventory.
+    pub hit: bool,
+}
+
+/// What the store knows of a pool's demand (see [`Store::demand_sample`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DemandSample {
+    /// Claims and hits since the window's start.
+    pub claims: u64,
+    pub hits: u64,
+    /// Claims since the recent mark.
+    pub recent_claims: u64,
+    /// The latest claim still stored.
+    pub last_claim_at: Option<DateTime<Utc>>,
+    /// The latest warm-up times (start to ready), newest first.
+    pub warm_seconds: Vec<f64>,
 }
 
 impl ClaimUpdate {
@@ -439,6 +467,29 @@ pub trait Store: Send + Sync {
         prefer_build: Option<&str>,
         claim: &ClaimUpdate,
     ) -> StoreResult<Option<SandboxRow>>;
+
+    // Demand: claim events and warm-up times, durable so every replica computes the same demand.
+
+    /// Records checkouts that named pools, in one write.
+    async fn record_claims(&self, claims: &[ClaimEvent]) -> StoreResult<()>;
+    /// Records how long one of the pool's sandboxes took from start to ready.
+    async fn record_warmup(
+        &self,
+        pool_id: &str,
+        sandbox_id: &str,
+        at: DateTime<Utc>,
+        seconds: f64,
+    ) -> StoreResult<()>;
+    /// The pool's claims since `since` (and since `recent`), its last claim, and its latest `warmups` warm-up times.
+    async fn demand_sample(
+        &self,
+        pool_id: &str,
+        since: DateTime<Utc>,
+        recent: DateTime<Utc>,
+        warmups: u32,
+    ) -> StoreResult<DemandSample>;
+    /// Deletes the pool's claims before `before` and all but its latest `keep_warmups` warm-up times.
+    async fn prune_demand(&self, pool_id: &str, before: DateTime<Utc>, keep_warmups: u32) -> StoreResult<()>;
 
     // Replicas. The defaults are the embedded store's: one replica, which owns every pool.
 

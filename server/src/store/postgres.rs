@@ -56,6 +56,14 @@ CREATE TABLE trust_policies (id TEXT PRIMARY KEY, account_id TEXT NOT NULL, name
     issuer TEXT NOT NULL, json JSONB NOT NULL, UNIQUE (account_id, name));
 CREATE INDEX trust_policies_by_issuer ON trust_policies (issuer, id);
 "#,
+    r#"
+CREATE TABLE pool_claims (id TEXT NOT NULL, pool_id TEXT NOT NULL, at_ms BIGINT NOT NULL, hit BOOLEAN NOT NULL,
+    PRIMARY KEY (id));
+CREATE INDEX pool_claims_by_pool ON pool_claims (pool_id, at_ms);
+CREATE TABLE pool_warmups (sandbox_id TEXT NOT NULL, pool_id TEXT NOT NULL, at_ms BIGINT NOT NULL,
+    warm_ms BIGINT NOT NULL, PRIMARY KEY (sandbox_id));
+CREATE INDEX pool_warmups_by_pool ON pool_warmups (pool_id, at_ms);
+"#,
 ];
 
 /// The `NOTIFY` channel: payload `pool:<id>` or `*`.
@@ -735,7 +743,8 @@ impl Store for PgStore {
     }
     async fn delete_pool(&self, id: &str) -> StoreResult<()> {
         self.query(
-            "WITH l AS (DELETE FROM leases WHERE pool_id = $1), d AS (DELETE FROM pools WHERE id = $1 RETURNING id)
+            "WITH l AS (DELETE FROM leases WHERE pool_id = $1), c AS (DELETE FROM pool_claims WHERE pool_id = $1),
+                  w AS (DELETE FROM pool_warmups WHERE pool_id = $1), d AS (DELETE FROM pools WHERE id = $1 RETURNING id)
              SELECT pg_notify('warmpool', 'pool:' || id) FROM d",
             &[text(&id)],
         ).await?;
@@ -765,6 +774,83 @@ impl Store for PgStore {
     }
     async fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
         self.many("SELECT json::text FROM leases WHERE pool_id = $1 ORDER BY key", &[text(&pool_id)]).await
+    }
+
+    async fn record_claims(&self, claims: &[ClaimEvent]) -> StoreResult<()> {
+        if claims.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = claims.iter().map(|c| c.id.as_str()).collect();
+        let pools: Vec<&str> = claims.iter().map(|c| c.pool_id.as_str()).collect();
+        let ats: Vec<i64> = claims.iter().map(|c| c.at.timestamp_millis()).collect();
+        let hits: Vec<bool> = claims.iter().map(|c| c.hit).collect();
+        // The pools' reconcilers (maybe on other replicas) hear of the new demand.
+        self.query(
+            "WITH i AS (INSERT INTO pool_claims (id, pool_id, at_ms, hit)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::bool[]))
+             SELECT pg_notify('warmpool', 'pool:' || p) FROM (SELECT DISTINCT unnest($2::text[]) AS p) AS n",
+            &[
+                (&ids, Type::TEXT_ARRAY),
+                (&pools, Type::TEXT_ARRAY),
+                (&ats, Type::INT8_ARRAY),
+                (&hits, Type::BOOL_ARRAY),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+    async fn record_warmup(
+        &self,
+        pool_id: &str,
+        sandbox_id: &str,
+        at: DateTime<Utc>,
+        seconds: f64,
+    ) -> StoreResult<()> {
+        let (at, warm_ms) = (at.timestamp_millis(), (seconds * 1000.0).round() as i64);
+        self.query(
+            "INSERT INTO pool_warmups (sandbox_id, pool_id, at_ms, warm_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (sandbox_id) DO NOTHING",
+            &[text(&sandbox_id), text(&pool_id), (&at, Type::INT8), (&warm_ms, Type::INT8)],
+        )
+        .await?;
+        Ok(())
+    }
+    async fn demand_sample(
+        &self,
+        pool_id: &str,
+        since: DateTime<Utc>,
+        recent: DateTime<Utc>,
+        warmups: u32,
+    ) -> StoreResult<DemandSample> {
+        let (since, recent, limit) = (since.timestamp_millis(), recent.timestamp_millis(), warmups as i64);
+        let rows = self
+            .query(
+                "SELECT COUNT(*) FILTER (WHERE at_ms >= $2), COUNT(*) FILTER (WHERE at_ms >= $2 AND hit),
+                    COUNT(*) FILTER (WHERE at_ms >= $3), MAX(at_ms),
+                    ARRAY(SELECT warm_ms / 1000.0::float8 FROM pool_warmups WHERE pool_id = $1 ORDER BY at_ms DESC LIMIT $4)
+             FROM pool_claims WHERE pool_id = $1",
+                &[text(&pool_id), (&since, Type::INT8), (&recent, Type::INT8), (&limit, Type::INT8)],
+            )
+            .await?;
+        let row = rows.first().ok_or_else(|| StoreError::Backend("an aggregate returned no row".into()))?;
+        Ok(DemandSample {
+            claims: row.get::<_, i64>(0) as u64,
+            hits: row.get::<_, i64>(1) as u64,
+            recent_claims: row.get::<_, i64>(2) as u64,
+            last_claim_at: row.get::<_, Option<i64>>(3).and_then(DateTime::from_timestamp_millis),
+            warm_seconds: row.get(4),
+        })
+    }
+    async fn prune_demand(&self, pool_id: &str, before: DateTime<Utc>, keep_warmups: u32) -> StoreResult<()> {
+        let offset = keep_warmups.saturating_sub(1) as i64;
+        self.query(
+            "WITH c AS (DELETE FROM pool_claims WHERE pool_id = $1 AND at_ms < $2)
+             DELETE FROM pool_warmups WHERE pool_id = $1 AND at_ms < (SELECT at_ms FROM pool_warmups
+                 WHERE pool_id = $1 ORDER BY at_ms DESC LIMIT 1 OFFSET $3)",
+            &[text(&pool_id), (&before.timestamp_millis(), Type::INT8), (&offset, Type::INT8)],
+        )
+        .await?;
+        Ok(())
     }
 
     async fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {

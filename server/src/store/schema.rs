@@ -144,6 +144,21 @@ pub const TABLES: &[Table] = &[
             ("sandboxes_claimed_from", &["claimed_from"]),
         ],
     },
+    // Demand: each checkout that named a pool, and each pool sandbox's start-to-ready time.
+    Table {
+        name: "pool_claims",
+        columns: &[col("id", Text), col("pool_id", Text), col("at_ms", Int), col("hit", Bool)],
+        primary_key: &["id"],
+        unique: &[],
+        indexes: &[("pool_claims_by_pool", &["pool_id", "at_ms"])],
+    },
+    Table {
+        name: "pool_warmups",
+        columns: &[col("sandbox_id", Text), col("pool_id", Text), col("at_ms", Int), col("warm_ms", Int)],
+        primary_key: &["sandbox_id"],
+        unique: &[],
+        indexes: &[("pool_warmups_by_pool", &["pool_id", "at_ms"])],
+    },
     Table {
         name: "health",
         columns: &[col("id", Int), col("at", Text)],

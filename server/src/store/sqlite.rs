@@ -63,6 +63,14 @@ UPDATE pools SET rev = COALESCE(json_extract(json, '$.rev'), 0);
 ALTER TABLE sandboxes DROP COLUMN pool_slot;
 CREATE INDEX sandboxes_claimed_from ON sandboxes (claimed_from);
 "#,
+    r#"
+CREATE TABLE pool_claims (id TEXT NOT NULL, pool_id TEXT NOT NULL, at_ms INTEGER NOT NULL, hit INTEGER NOT NULL,
+    PRIMARY KEY (id));
+CREATE INDEX pool_claims_by_pool ON pool_claims (pool_id, at_ms);
+CREATE TABLE pool_warmups (sandbox_id TEXT NOT NULL, pool_id TEXT NOT NULL, at_ms INTEGER NOT NULL,
+    warm_ms INTEGER NOT NULL, PRIMARY KEY (sandbox_id));
+CREATE INDEX pool_warmups_by_pool ON pool_warmups (pool_id, at_ms);
+"#,
 ];
 
 /// Connections that only read, each on a thread of its own.
@@ -299,6 +307,38 @@ macro_rules! on_threads {
             async fn put_tag(&self, template_id: &str, tag: &str, build_id: &str, at: DateTime<Utc>) -> StoreResult<()> {
                 let (template_id, tag, build_id) = (template_id.to_owned(), tag.to_owned(), build_id.to_owned());
                 self.writer.run(move |db| db.put_tag(&template_id, &tag, &build_id, at)).await
+            }
+
+            async fn record_claims(&self, claims: &[ClaimEvent]) -> StoreResult<()> {
+                let claims = claims.to_vec();
+                self.writer.run(move |db| db.record_claims(&claims)).await
+            }
+
+            async fn record_warmup(
+                &self,
+                pool_id: &str,
+                sandbox_id: &str,
+                at: DateTime<Utc>,
+                seconds: f64,
+            ) -> StoreResult<()> {
+                let (pool_id, sandbox_id) = (pool_id.to_owned(), sandbox_id.to_owned());
+                self.writer.run(move |db| db.record_warmup(&pool_id, &sandbox_id, at, seconds)).await
+            }
+
+            async fn demand_sample(
+                &self,
+                pool_id: &str,
+                since: DateTime<Utc>,
+                recent: DateTime<Utc>,
+                warmups: u32,
+            ) -> StoreResult<DemandSample> {
+                let pool_id = pool_id.to_owned();
+                self.readers.run(move |db| db.demand_sample(&pool_id, since, recent, warmups)).await
+            }
+
+            async fn prune_demand(&self, pool_id: &str, before: DateTime<Utc>, keep_warmups: u32) -> StoreResult<()> {
+                let pool_id = pool_id.to_owned();
+                self.writer.run(move |db| db.prune_demand(&pool_id, before, keep_warmups)).await
             }
 
             async fn list_pools(&self, account_id: Option<&str>) -> StoreResult<Vec<PoolRow>> {
@@ -622,6 +662,8 @@ impl Db<'_> {
         let conn = &mut *self.0;
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM leases WHERE pool_id = ?1", [id])?;
+        tx.execute("DELETE FROM pool_claims WHERE pool_id = ?1", [id])?;
+        tx.execute("DELETE FROM pool_warmups WHERE pool_id = ?1", [id])?;
         tx.execute("DELETE FROM pools WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(())
@@ -640,6 +682,80 @@ impl Db<'_> {
     }
     fn list_leases(&mut self, pool_id: &str) -> StoreResult<Vec<LeaseRow>> {
         self.many("SELECT json FROM leases WHERE pool_id = ?1 ORDER BY key", [pool_id])
+    }
+
+    fn record_claims(&mut self, claims: &[ClaimEvent]) -> StoreResult<()> {
+        let tx = self.0.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO pool_claims (id, pool_id, at_ms, hit) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for c in claims {
+                insert.execute(params![c.id, c.pool_id, c.at.timestamp_millis(), c.hit])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+    fn record_warmup(
+        &mut self,
+        pool_id: &str,
+        sandbox_id: &str,
+        at: DateTime<Utc>,
+        seconds: f64,
+    ) -> StoreResult<()> {
+        self.exec(
+            "INSERT INTO pool_warmups (sandbox_id, pool_id, at_ms, warm_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (sandbox_id) DO NOTHING",
+            params![sandbox_id, pool_id, at.timestamp_millis(), (seconds * 1000.0).round() as i64],
+        )?;
+        Ok(())
+    }
+    fn demand_sample(
+        &mut self,
+        pool_id: &str,
+        since: DateTime<Utc>,
+        recent: DateTime<Utc>,
+        warmups: u32,
+    ) -> StoreResult<DemandSample> {
+        let conn = &*self.0;
+        let (claims, hits, recent_claims, last): (u64, u64, u64, Option<i64>) = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FILTER (WHERE at_ms >= ?2), COUNT(*) FILTER (WHERE at_ms >= ?2 AND hit),
+                        COUNT(*) FILTER (WHERE at_ms >= ?3), MAX(at_ms)
+                 FROM pool_claims WHERE pool_id = ?1",
+            )?
+            .query_row(params![pool_id, since.timestamp_millis(), recent.timestamp_millis()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+        let warm_seconds = conn
+            .prepare_cached(
+                "SELECT warm_ms FROM pool_warmups WHERE pool_id = ?1 ORDER BY at_ms DESC LIMIT ?2",
+            )?
+            .query_map(params![pool_id, warmups], |r| r.get::<_, i64>(0))?
+            .map(|ms| ms.map(|ms| ms as f64 / 1000.0))
+            .collect::<Result<Vec<f64>, _>>()?;
+        Ok(DemandSample {
+            claims,
+            hits,
+            recent_claims,
+            last_claim_at: last.and_then(DateTime::from_timestamp_millis),
+            warm_seconds,
+        })
+    }
+    fn prune_demand(&mut self, pool_id: &str, before: DateTime<Utc>, keep_warmups: u32) -> StoreResult<()> {
+        let tx = self.0.transaction()?;
+        tx.execute(
+            "DELETE FROM pool_claims WHERE pool_id = ?1 AND at_ms < ?2",
+            params![pool_id, before.timestamp_millis()],
+        )?;
+        tx.execute(
+            "DELETE FROM pool_warmups WHERE pool_id = ?1 AND at_ms < (SELECT at_ms FROM pool_warmups
+                 WHERE pool_id = ?1 ORDER BY at_ms DESC LIMIT 1 OFFSET ?2)",
+            params![pool_id, keep_warmups.saturating_sub(1)],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn insert_sandbox(&mut self, row: &SandboxRow) -> StoreResult<()> {

@@ -2,6 +2,7 @@
 //! through the real HTTP API and a real SQLite file, with sandboxes that start in milliseconds. No root, no runc:
 //! these run anywhere, in seconds.
 
+mod autoscale;
 mod checkouts;
 mod pools;
 mod recovery;

@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use warmpool_api::{BuildStatus, DegradedReason, Sandbox, SandboxState};
 
 use crate::app::lifecycle::StartError;
-use crate::app::pools::{start_rollout, target, Counts, PREWARM_FAILURE_LIMIT};
+use crate::app::pools::{start_rollout, PREWARM_FAILURE_LIMIT};
 
 mod plan;
 use crate::app::{new_id, App, AppError};
@@ -156,15 +156,32 @@ impl App {
                 })
                 .await;
         }
+        // Published by the demand loop within a second (a busy pool's passes do not each pay for it).
+        self.publish_soon(pool_id);
         Some(next)
     }
 
     /// One pass: observe, plan, execute. None when the pool is gone.
     async fn reconcile_inner(self: &Arc<Self>, pool_id: &str) -> Result<Option<Pass>, AppError> {
         let Some(seen) = self.observe(pool_id).await? else { return Ok(None) };
-        let plan = plan(&seen.observed);
+        let mut plan = plan(&seen.observed);
+        // `max_starts_per_second`: the rest start when the pool's bucket allows (a pass is due then).
+        let (granted, bucket_wait) = self.start_budget(&seen.row, plan.start);
+        plan.start = granted;
         self.execute(&seen, &plan).await?;
-        Ok(Some(Pass { next: next_due(&seen, &plan), blocked: plan.blocked }))
+        let mut next = next_due(&seen, &plan);
+        if let Some(wait) = bucket_wait {
+            next = next.min(wait.max(Duration::from_millis(10)));
+        }
+        // An autoscaled pool's demand changes with time alone (claims leave the window, the pool goes idle); one
+        // scaled up above its floor is looked at every second, so it comes down soon after demand does.
+        if seen.row.pool.autoscale.enabled {
+            let floor = crate::app::pools::target(&seen.row.pool, &seen.leases, seen.now);
+            let scaled_up = seen.observed.target > floor;
+            next =
+                next.min(if scaled_up { Duration::from_secs(1) } else { crate::app::demand::AUTOSCALE_TICK });
+        }
+        Ok(Some(Pass { next, blocked: plan.blocked }))
     }
 
     /// Reads everything a pass needs about a pool. It also settles what the pool's own definition decides and
@@ -218,9 +235,14 @@ impl App {
             None => None,
         };
         let live_total = self.store.count_live_sandboxes().await? as usize;
+        let (target, _, scale) = self.pool_target(&row, &leases, now).await?;
+        if scale != row.ctl.autoscale {
+            self.update_pool(pool_id, |r| r.ctl.autoscale = scale.clone()).await?;
+        }
+        self.prune_demand(&row).await?;
         let observed = Observed {
             state: pool.state,
-            target: target(pool, &leases, now),
+            target,
             generation: pool.rollout_generation,
             build_ready: build.is_some() && template.is_some(),
             fill_stopped: row.ctl.prewarm_failures >= PREWARM_FAILURE_LIMIT,
@@ -243,15 +265,9 @@ impl App {
     /// Carries a plan out: each stop is committed in the store before the runtime acts, each start is a row
     /// inserted before anything starts; the runtime's work runs in the background.
     async fn execute(self: &Arc<Self>, seen: &Seen, plan: &Plan) -> Result<(), AppError> {
-        let Seen { row, build, template, sandboxes, .. } = seen;
+        let Seen { row, build, template, .. } = seen;
         let pool = &row.pool;
         let members = seen.members();
-        let counts = Counts::of(&pool.id, sandboxes);
-        for (state, n) in
-            [("ready", counts.ready), ("warming", counts.warming), ("draining", counts.draining)]
-        {
-            self.metrics.pool_sandboxes.with_label_values(&[&pool.id, state]).set(n as i64);
-        }
 
         // Removals a crash or a runtime error left half-done are finished here.
         for member in
@@ -338,8 +354,10 @@ impl App {
             Ok(Some(current)) if current.lifecycle == Lifecycle::Warming
         );
         if still_wanted {
+            let started = Instant::now();
             match self.start_sandbox(&mut row, spec, Lifecycle::Ready).await {
                 Ok(()) => {
+                    self.record_warmup(&pool_id, &row.sandbox.id, started.elapsed()).await;
                     // A success ends a run of failures; it writes the pool only when there was one.
                     let failing = matches!(
                         self.store.get_pool_by_id(&pool_id).await,
