@@ -384,7 +384,8 @@ impl Root {
                     let _ = rustix::fs::fchmod(&sub, Mode::from_raw_mode(mode));
                 }
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    done.bytes += write_new(&dir, name, mode, mtime, &mut entry, &target)?;
+                    let size = entry.header().size().unwrap_or(0);
+                    done.bytes += write_entry(&dir, name, mode, mtime, size, &mut entry, &target)?;
                     done.files += 1;
                 }
                 tar::EntryType::Symlink => {
@@ -499,9 +500,50 @@ fn write_new(
     written
 }
 
+/// An archive entry's file, written in place as `tar x` does (an archive is not atomic as a whole): whatever was
+/// at `name` is removed first, and the new file is created exclusively, never through a link.
+fn write_entry(
+    dir: &OwnedFd,
+    name: &OsStr,
+    mode: u32,
+    mtime: Option<u64>,
+    size: u64,
+    data: &mut impl Read,
+    path: &Path,
+) -> Result<u64> {
+    remove_existing(dir, name, path)?;
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| FilesError::io("creating", path)(e.into()))?;
+    let mut file = File::from(fd);
+    let written = (|| -> Result<u64> {
+        let n = copy_with(data, &mut file, size as usize).map_err(FilesError::io("writing", path))?;
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))
+            .map_err(|e| FilesError::io("writing", path)(e.into()))?;
+        if let Some(mtime) = mtime {
+            let t = Timespec { tv_sec: mtime as i64, tv_nsec: 0 };
+            let _ = rustix::fs::futimens(&file, &Timestamps { last_access: t, last_modification: t });
+        }
+        Ok(n)
+    })();
+    if written.is_err() {
+        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+    }
+    written
+}
+
 /// `io::copy` that keeps the error of the side that failed (a reader's error is the client's stream ending).
 fn copy(from: &mut impl Read, to: &mut File) -> io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
+    copy_with(from, to, 256 * 1024)
+}
+
+/// [`copy`] through a buffer of `size` bytes (small files need no large, zeroed buffer each).
+fn copy_with(from: &mut impl Read, to: &mut File, size: usize) -> io::Result<u64> {
+    let mut buf = vec![0u8; size.clamp(1, 256 * 1024)];
     let mut total = 0;
     loop {
         let n = match from.read(&mut buf) {

@@ -135,8 +135,16 @@ async fn files_and_archives_round_trip_and_bodies_over_the_limit_are_refused() {
     let target = format!("/v1/sandboxes/{id}/files?path=too-big.bin");
     assert_eq!(raw_upload(&server.url, &server.token(), &target, false, 70 << 20).await, 413);
     assert_eq!(raw_upload(&server.url, &server.token(), &target, true, 70 << 20).await, 413);
-    let left = sh(c, &id, "ls -a /workspace").await.stdout;
-    assert!(!left.contains("too-big"), "a cut upload leaves nothing behind: {left}");
+    // procd removes a cut upload's temporary file once it sees the stream break, just after the 413.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = sh(c, &id, "ls -a /workspace").await.stdout;
+        if !left.contains("too-big") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a cut upload leaves nothing behind: {left}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Bad input names the field.
     let err = c.get_archive(&id, "tree", Some("lzma")).await.err().unwrap();
@@ -545,4 +553,65 @@ async fn a_full_sandbox_disk_answers_409_with_the_reason() {
     assert!(err.to_string().contains("no space left on the sandbox's disk"), "{err}");
     let left = sh(c, &id, "ls -a /workspace").await.stdout;
     assert!(!left.contains("fill"), "nothing half-written is kept: {left}");
+}
+
+/// A TCP proxy to `to` whose connections can all be cut at once (a dropped network, seen from both ends).
+async fn cutting_proxy(
+    to: String,
+) -> (String, tokio::sync::watch::Sender<u32>, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (cut, cuts) = tokio::sync::watch::channel(0u32);
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let to = to.clone();
+            let mut cuts = cuts.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = tokio::net::TcpStream::connect(&to).await else { return };
+                cuts.borrow_and_update();
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    _ = cuts.changed() => {}
+                }
+            });
+        }
+    });
+    (url, cut, accepted)
+}
+
+#[tokio::test]
+async fn the_cli_reattaches_after_a_dropped_connection_without_losing_or_repeating_output() {
+    let (server, id) = sandbox(&[]).await;
+    let (proxy, cut, accepted) =
+        cutting_proxy(server.url.trim_start_matches("http://").trim_end_matches('/').to_string()).await;
+    let token = server.token();
+    let config = tempfile::tempdir().unwrap();
+    let cfg = config.path().join("cli.json");
+    let id2 = id.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        Command::new(sibling_bin("warmpool"))
+            .args(["sandbox", "exec", &id2, "--", "sh", "-c"])
+            .arg("i=1; while [ $i -le 40 ]; do echo line $i; sleep 0.05; i=$((i+1)); done")
+            .env("WARMPOOL_ENDPOINT", &proxy)
+            .env("WARMPOOL_TOKEN", &token)
+            .env("WARMPOOL_CONFIG", &cfg)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    });
+    // Cut every connection twice while the command runs.
+    for n in 1..=2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        cut.send(n).unwrap();
+    }
+    let out = run.await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let want: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    let connections = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(connections >= 3, "the output was read again after the cuts ({connections} connections)");
+    drop(server);
 }
