@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessCreate {
+    #[schema(min_items = 1)]
     pub command: Vec<String>,
     /// Absolute inside the sandbox, or relative to the template's `cwd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -44,6 +44,9 @@ pub enum FilesError {
     NotEmpty(String),
     #[error("archive entry {0:?} would leave the directory it is unpacked under")]
     BadEntry(String),
+    /// The body is not a tar stream (in the compression it names): the client's, not the sandbox's, fault.
+    #[error("the body is not a readable tar stream: {0}")]
+    BadArchive(String),
     #[error("no space left on the sandbox's disk")]
     NoSpace,
     #[error("{context} {path:?}")]
@@ -331,6 +334,14 @@ impl Root {
     /// written whole or not at all; setuid and setgid bits are dropped; ownership is procd's.
     pub fn unpack(&self, dir: &str, compression: Compression, input: impl Read) -> Result<Unpacked> {
         let base = self.named(dir)?;
+        // An empty body is a client's mistake, not an empty archive (which is 1 KiB of end-of-archive blocks).
+        let mut input = std::io::BufReader::new(input);
+        if std::io::BufRead::fill_buf(&mut input)
+            .map_err(FilesError::io("reading the archive for", &base))?
+            .is_empty()
+        {
+            return Err(FilesError::BadArchive("the body is empty".into()));
+        }
         self.dir(&base, true)?;
         let input: Box<dyn Read> = match compression {
             Compression::None => Box::new(input),
@@ -341,8 +352,10 @@ impl Root {
                 source: e,
             })?),
         };
+        // An error without an errno is the stream's own (truncated, not tar, bad compression).
         let archive_err = |source: io::Error| match source.raw_os_error() {
             Some(libc::ENOSPC | libc::EDQUOT) => FilesError::NoSpace,
+            None => FilesError::BadArchive(source.to_string()),
             _ => FilesError::Io { context: "reading the archive for", path: shown(&base), source },
         };
         let mut archive = tar::Archive::new(input);

@@ -104,7 +104,7 @@ fn files_status(err: FilesError) -> Status {
         FilesError::NotAbsolute(_) | FilesError::Reserved(_) | FilesError::Refused { .. } => {
             invalid_field("path", message)
         }
-        FilesError::BadEntry(_) => invalid_field("body", message),
+        FilesError::BadEntry(_) | FilesError::BadArchive(_) => invalid_field("body", message),
         FilesError::NotFound(_) => Status::not_found(message),
         FilesError::IsDir(_) | FilesError::NotDir(_) | FilesError::NotEmpty(_) => {
             Status::failed_precondition(message)

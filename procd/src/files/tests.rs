@@ -201,3 +201,15 @@ fn hostile_archives_cannot_leave_the_directory_or_reach_reserved_paths() {
     assert!(root.unpack("/workspace", Compression::None, hard.as_slice()).is_err());
     assert!(matches!(root.unpack("/config", Compression::None, up.as_slice()), Err(FilesError::Reserved(_))));
 }
+
+/// A body that is not a tar stream is the client's mistake (`invalid_request` naming `body`), not procd's.
+#[test]
+fn an_empty_or_malformed_body_is_a_bad_archive() {
+    let (_dir, root) = sandbox();
+    for body in [&b""[..], b"[0]", &[7u8; 700][..]] {
+        let err = root.unpack("/workspace", Compression::None, body).unwrap_err();
+        assert!(matches!(err, FilesError::BadArchive(_)), "{body:?}: {err:?}");
+    }
+    let err = root.unpack("/workspace", Compression::Gzip, &b"not gzip at all"[..]).unwrap_err();
+    assert!(matches!(err, FilesError::BadArchive(_)), "{err:?}");
+}

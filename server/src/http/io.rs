@@ -196,6 +196,7 @@ async fn process_signal(
 #[into_params(parameter_in = Query)]
 struct FileQuery {
     /// Absolute inside the sandbox, or relative to the template's `cwd`.
+    #[param(value_type = String, required = true, min_length = 1)]
     path: Option<String>,
     /// Permission bits in octal (`0644`, the default) for `PUT`.
     mode: Option<String>,
@@ -277,6 +278,7 @@ async fn delete_file(
 struct ArchiveQuery {
     /// `PUT`: the directory to unpack under (created if missing); `GET`: what to pack. Absolute inside the
     /// sandbox, or relative to the template's `cwd`.
+    #[param(value_type = String, required = true, min_length = 1)]
     path: Option<String>,
     /// `GET`: `none` (default), `gzip` or `zstd`.
     compression: Option<String>,
@@ -284,10 +286,11 @@ struct ArchiveQuery {
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/archive", tag = "sandboxes",
     summary = "Unpack a tar stream under a directory",
-    description = "`Content-Encoding: gzip` or `zstd` is accepted. Entries may not leave the directory; setuid bits are \
-        dropped; files belong to the sandbox's user.",
+    description = "The body is a tar stream (any `Content-Type`, e.g. `application/x-tar`); `Content-Encoding: gzip` \
+        or `zstd` is accepted. Entries may not leave the directory; setuid bits are dropped; files belong to the \
+        sandbox's user.",
     params(("id" = String, Path, description = "Sandbox id (`sbx_…`)"), ArchiveQuery),
-    request_body(content = Vec<u8>, content_type = "application/x-tar"),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = ArchiveWritten)))]
 async fn put_archive(
     State(app): S,
