@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use warmpool_api::{FileType, OutputStream, ProcessCreate, StreamEvent};
-use warmpool_client::{decode, Client};
+use warmpool_client::{decode, ChannelReader, ChannelWriter, Client};
 
 use crate::commands::ActionError;
 use crate::runner::Runner;
@@ -110,7 +110,7 @@ async fn upload(c: &Client, id: &str, root: &Path, paths: &[String]) -> Result<(
             let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
             let dir = local.clone();
             let pack = tokio::task::spawn_blocking(move || {
-                let mut tar = tar::Builder::new(ChannelWriter { tx: tx.clone(), buf: Vec::new() });
+                let mut tar = tar::Builder::new(ChannelWriter::new(tx.clone()));
                 tar.follow_symlinks(false);
                 let done =
                     tar.append_dir_all(".", &dir).and_then(|()| tar.into_inner()).and_then(|mut w| w.flush());
@@ -304,7 +304,7 @@ async fn download(c: &Client, id: &str, path: &str, into: &Path) -> Result<bool>
     let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(8);
     let unpack = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         std::fs::create_dir_all(&dst)?;
-        let mut tar = tar::Archive::new(ChannelReader { rx, chunk: Bytes::new() });
+        let mut tar = tar::Archive::new(ChannelReader::new(rx));
         tar.set_preserve_permissions(true);
         tar.set_overwrite(true);
         tar.unpack(&dst)
@@ -321,49 +321,4 @@ async fn download(c: &Client, id: &str, path: &str, into: &Path) -> Result<bool>
         .map_err(|e| ActionError::Failed(e.to_string()))?
         .map_err(|e| ActionError::Failed(format!("unpacking {path} from {id}: {e}")))?;
     Ok(true)
-}
-
-/// A `Write` on a blocking thread feeding an upload's body.
-struct ChannelWriter {
-    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
-    buf: Vec<u8>,
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= 256 * 1024 {
-            self.flush()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = Bytes::from(std::mem::take(&mut self.buf));
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload ended"))
-    }
-}
-
-/// A `Read` on a blocking thread over a download's chunks.
-struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Bytes>,
-    chunk: Bytes,
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.rx.recv() {
-                Ok(chunk) => self.chunk = chunk,
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.chunk.len());
-        out[..n].copy_from_slice(&self.chunk.split_to(n));
-        Ok(n)
-    }
 }

@@ -214,3 +214,69 @@ impl Client {
         Ok(self.bytes(self.send(http).await?))
     }
 }
+
+/// A `Write`, for a blocking thread (a tar builder), whose bytes become an upload's body: chunks of 256 KiB on
+/// a bounded channel, so the writer waits for the upload and memory stays flat.
+pub struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    pub fn new(tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>) -> ChannelWriter {
+        ChannelWriter { tx, buf: Vec::new() }
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 256 * 1024 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload ended"))
+    }
+}
+
+/// A `Read`, for a blocking thread (a tar reader), over a download's chunks; it ends when the sender goes.
+pub struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+    read: u64,
+}
+
+impl ChannelReader {
+    pub fn new(rx: std::sync::mpsc::Receiver<Bytes>) -> ChannelReader {
+        ChannelReader { rx, chunk: Bytes::new(), read: 0 }
+    }
+
+    /// Bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.recv() {
+                Ok(chunk) => self.chunk = chunk,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len());
+        out[..n].copy_from_slice(&self.chunk.split_to(n));
+        self.read += n as u64;
+        Ok(n)
+    }
+}

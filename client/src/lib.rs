@@ -5,7 +5,7 @@ mod io;
 
 use std::time::Duration;
 
-pub use io::{decode, ByteStream, EventStream};
+pub use io::{decode, ByteStream, ChannelReader, ChannelWriter, EventStream};
 
 use reqwest::Method;
 use serde::de::DeserializeOwned;

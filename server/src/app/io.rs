@@ -99,6 +99,24 @@ fn process(p: proto::ProcessInfo) -> Process {
 }
 
 /// What procd answered, as the error code the caller sees: `what` names the path or process the call was about.
+/// A command procd could not start, named after what the caller sent (`command` or `cwd`), not the path procd
+/// resolved it to.
+fn start_error(id: &str, command: &str, cwd: Option<&str>, status: tonic::Status) -> AppError {
+    let field = status.metadata().get(FIELD_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("");
+    match (status.code(), field) {
+        (tonic::Code::InvalidArgument, "cwd") => FieldError::new(
+            "cwd",
+            format!("{:?} does not exist in the sandbox or is not a directory", cwd.unwrap_or(".")),
+        )
+        .into(),
+        (tonic::Code::InvalidArgument, _) => {
+            let reason = status.message().rsplit(": ").next().unwrap_or_default().to_string();
+            FieldError::new("command", format!("{command:?} cannot be started: {reason}")).into()
+        }
+        _ => procd_error(id, ("sandbox", id), status),
+    }
+}
+
 fn procd_error(sandbox: &str, what: (&'static str, &str), status: tonic::Status) -> AppError {
     let meta = |key: &str| status.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
     match status.code() {
@@ -257,25 +275,10 @@ impl App {
             unlimited: true,
         };
         let mut client = t.conn.client.clone();
-        let events = client.exec(t.conn.request(msg)).await.map_err(|status| {
-            let field = status.metadata().get(FIELD_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("");
-            match (status.code(), field) {
-                (tonic::Code::InvalidArgument, "cwd") => FieldError::new(
-                    "cwd",
-                    format!(
-                        "{:?} does not exist in the sandbox or is not a directory",
-                        req.cwd.as_deref().unwrap_or(".")
-                    ),
-                )
-                .into(),
-                (tonic::Code::InvalidArgument, _) => {
-                    let reason = status.message().rsplit(": ").next().unwrap_or_default().to_string();
-                    FieldError::new("command", format!("{:?} cannot be started: {reason}", req.command[0]))
-                        .into()
-                }
-                _ => procd_error(id, ("sandbox", id), status),
-            }
-        })?;
+        let events = client
+            .exec(t.conn.request(msg))
+            .await
+            .map_err(|status| start_error(id, &req.command[0], req.cwd.as_deref(), status))?;
         let sandbox = id.to_string();
         let stream = events.into_inner().filter_map(move |event| {
             let event = match event {
@@ -317,25 +320,10 @@ impl App {
             timeout_ms: req.timeout_ms.unwrap_or(0),
         };
         let mut client = t.conn.client.clone();
-        let info = client.start_process(t.conn.request(msg)).await.map_err(|status| {
-            let field = status.metadata().get(FIELD_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("");
-            match (status.code(), field) {
-                (tonic::Code::InvalidArgument, "cwd") => FieldError::new(
-                    "cwd",
-                    format!(
-                        "{:?} does not exist in the sandbox or is not a directory",
-                        req.cwd.as_deref().unwrap_or(".")
-                    ),
-                )
-                .into(),
-                (tonic::Code::InvalidArgument, _) => {
-                    let reason = status.message().rsplit(": ").next().unwrap_or_default().to_string();
-                    FieldError::new("command", format!("{:?} cannot be started: {reason}", req.command[0]))
-                        .into()
-                }
-                _ => procd_error(id, ("sandbox", id), status),
-            }
-        })?;
+        let info = client
+            .start_process(t.conn.request(msg))
+            .await
+            .map_err(|status| start_error(id, &req.command[0], req.cwd.as_deref(), status))?;
         Ok(process(info.into_inner()))
     }
 

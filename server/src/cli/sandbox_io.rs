@@ -3,7 +3,7 @@
 //! its output is read again from the last offset, nothing lost, nothing repeated.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 use warmpool_api::*;
-use warmpool_client::{decode, Client};
+use warmpool_client::{decode, ChannelReader, ChannelWriter, Client};
 
 use super::Global;
 
@@ -299,7 +299,7 @@ async fn upload(c: &Client, from: &Path, id: &str, path: &str) -> anyhow::Result
         let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
         let dir = from.to_path_buf();
         let pack = tokio::task::spawn_blocking(move || {
-            let mut tar = tar::Builder::new(ChannelWriter { tx: tx.clone(), buf: Vec::new() });
+            let mut tar = tar::Builder::new(ChannelWriter::new(tx.clone()));
             tar.follow_symlinks(false);
             let result =
                 tar.append_dir_all(".", &dir).and_then(|()| tar.into_inner()).and_then(|mut w| w.flush());
@@ -338,7 +338,7 @@ async fn download(c: &Client, id: &str, path: &str, to: &Path) -> anyhow::Result
     let dst = target.clone();
     let is_dir = kind == FileType::Dir;
     let write = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-        let mut input = ChannelReader { rx, chunk: Bytes::new(), read: 0 };
+        let mut input = ChannelReader::new(rx);
         if is_dir {
             std::fs::create_dir_all(&dst)?;
             let mut tar = tar::Archive::new(zstd::Decoder::new(&mut input)?);
@@ -350,7 +350,7 @@ async fn download(c: &Client, id: &str, path: &str, to: &Path) -> anyhow::Result
             let mut file = std::fs::File::create(&dst)?;
             std::io::copy(&mut input, &mut file)?;
         }
-        Ok(input.read)
+        Ok(input.bytes_read())
     });
     let mut failed = None;
     while let Some(chunk) = data.next().await {
@@ -374,51 +374,4 @@ async fn download(c: &Client, id: &str, path: &str, to: &Path) -> anyhow::Result
     Ok(
         serde_json::json!({"to": target.display().to_string(), "files": if is_dir { serde_json::Value::Null } else { 1.into() }, "bytes": bytes}),
     )
-}
-
-/// A `Write` on a blocking thread feeding an upload's body.
-struct ChannelWriter {
-    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
-    buf: Vec<u8>,
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= 256 * 1024 {
-            self.flush()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = Bytes::from(std::mem::take(&mut self.buf));
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload ended"))
-    }
-}
-
-/// A `Read` on a blocking thread over a download's chunks.
-struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Bytes>,
-    chunk: Bytes,
-    read: u64,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.rx.recv() {
-                Ok(chunk) => self.chunk = chunk,
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.chunk.len());
-        out[..n].copy_from_slice(&self.chunk.split_to(n));
-        self.read += n as u64;
-        Ok(n)
-    }
 }
