@@ -208,10 +208,9 @@ struct FileQuery {
     recursive: Option<String>,
 }
 
-impl FileQuery {
-    fn path(&self) -> Result<&str, FieldError> {
-        self.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| FieldError::new("path", "is required"))
-    }
+/// The `path` query parameter of the files and archive routes, which they all require.
+fn required_path(path: &Option<String>) -> Result<&str, FieldError> {
+    path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| FieldError::new("path", "is required"))
 }
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "sandboxes",
@@ -227,7 +226,7 @@ async fn put_file(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<FileWritten>)> {
-    let path = q.path()?;
+    let path = required_path(&q.path)?;
     let mode =
         match q.mode.as_deref() {
             None => None,
@@ -251,7 +250,7 @@ async fn get_file(
     Path(id): Path<String>,
     Query(q): Query<FileQuery>,
 ) -> ApiResult<Response> {
-    let path = q.path()?;
+    let path = required_path(&q.path)?;
     if flag("list", q.list.as_deref())? {
         return Ok(Json(List::all(app.list_files(&c, &id, path).await?)).into_response());
     }
@@ -269,7 +268,7 @@ async fn delete_file(
     Query(q): Query<FileQuery>,
 ) -> ApiResult<StatusCode> {
     let recursive = flag("recursive", q.recursive.as_deref())?;
-    app.delete_file(&c, &id, q.path()?, recursive).await?;
+    app.delete_file(&c, &id, required_path(&q.path)?, recursive).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -300,8 +299,7 @@ async fn put_archive(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<ArchiveWritten>)> {
-    let dir =
-        q.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| FieldError::new("path", "is required"))?;
+    let dir = required_path(&q.path)?;
     let encoding =
         headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase());
     let compression = match encoding.as_deref() {
@@ -333,8 +331,7 @@ async fn get_archive(
     Path(id): Path<String>,
     Query(q): Query<ArchiveQuery>,
 ) -> ApiResult<Response> {
-    let path =
-        q.path.as_deref().filter(|p| !p.is_empty()).ok_or_else(|| FieldError::new("path", "is required"))?;
+    let path = required_path(&q.path)?;
     let compression = match q.compression.as_deref() {
         None | Some("none") => Compression::None,
         Some("gzip") => Compression::Gzip,
