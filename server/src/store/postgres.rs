@@ -76,6 +76,8 @@ const LOCK_MIGRATE: i32 = 0x5750_0003;
 const LOCK_LEADER: i32 = 0x5750_0004;
 /// Connections serving statements, at most (each serves one statement at a time).
 const CONNECTIONS: usize = 16;
+/// Connections opened at start.
+const WARM_CONNECTIONS: usize = 4;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The held advisory locks of namespace `ns` in this database (`pg_locks` spans the whole cluster).
@@ -216,6 +218,10 @@ impl PgStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        // The pool opens connections when asked; open a few now, so the first burst of requests after a start
+        // does not wait on connection setup (a replica that just started would lose every race for inventory).
+        let warm = futures::future::try_join_all((0..WARM_CONNECTIONS).map(|_| pool.get())).await;
+        drop(warm.map_err(unreachable_pool)?);
         Ok(PgStore { config, describe, pool, session: Mutex::new(None), session_task: Mutex::new(None) })
     }
 
