@@ -334,6 +334,12 @@ impl Supervisor {
             // Give the readers a moment to drain what the process wrote; a grandchild holding the pipe open
             // must not keep the exit from being reported.
             let _ = tokio::time::timeout(Duration::from_millis(500), futures_join(readers)).await;
+            if watched.warm {
+                // A warm process's last words are in procd's log before anyone hears of its exit: the server reads
+                // the log's tail to say why a start failed.
+                let mirror = sup.mirror.clone();
+                let _ = tokio::task::spawn_blocking(move || mirror.flush(Duration::from_millis(500))).await;
+            }
             watched.stdout.close();
             watched.stderr.close();
             watched.combined.close();

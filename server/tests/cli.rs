@@ -223,12 +223,20 @@ async fn pool_wait_and_status_say_why_a_pool_does_not_fill_and_a_closed_stdout_e
     let server = ServerProcess::start(tmp.path(), &["--allow-unlimited-disk"]);
     let cli = Cli { url: &server.url, data_dir: tmp.path() };
     let spec = tmp.path().join("template.json");
-    // The build's prewarm (its id is bld_…) passes; every pool sandbox prints a line and exits.
+    // The build's prewarm (its id is bld_…) passes; every pool sandbox prints a line and exits. The readiness file
+    // is named by the sandbox: the artifact keeps what the prewarm wrote, and a shared name would let a pool
+    // sandbox pass readiness before its start command exits.
     let mut template = quick_template("doomed");
     template.start_cmd = Some(
         "case $WARMPOOL_SANDBOX_ID in bld_*) ;; *) echo doomed-start-output; exit 3;; esac; \
-         touch ready.flag; exec sleep infinity"
+         touch ready-$WARMPOOL_SANDBOX_ID; exec sleep infinity"
             .into(),
+    );
+    template.readiness = Some(
+        serde_json::from_value(serde_json::json!(
+            {"exec": {"command": ["sh", "-c", "test -f ready-$WARMPOOL_SANDBOX_ID"]}, "timeout_ms": 10000}
+        ))
+        .unwrap(),
     );
     std::fs::write(&spec, serde_json::to_string(&template).unwrap()).unwrap();
     cli.json(&["template", "create", "-f", spec.to_str().unwrap()]);

@@ -53,9 +53,11 @@ async fn reconciled_by(c: &Client) -> BTreeSet<String> {
     serde_json::from_value(ready["replica"]["pools"].clone()).unwrap()
 }
 
-/// 200 concurrent `require` checkouts, spread round-robin over three replicas, against 40 ready sandboxes (and no
-/// capacity to refill): exactly 40 distinct hits, every replica hands some out, the rest are clean
-/// `warm_pool_unavailable`s. Each hit then runs a command through another replica, and is deleted through a third.
+/// Every replica hands out a sandbox of a pool of 40 (one checkout each, whichever replica reconciles it), then 200
+/// concurrent `require` checkouts, spread round-robin over the three, race for the other 37 (with no capacity to
+/// refill): exactly 37 distinct hits, none of them handed out before, and the rest clean `warm_pool_unavailable`s.
+/// Each hit then runs a command through another replica, and is deleted through a third. (Which replica wins how
+/// many of the race is the machine's scheduling, not a property: on a loaded host one replica has won 39 of 40.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_hand_each_ready_sandbox_out_once() {
     let cluster = replicas(&["--max-sandboxes", "40"]);
@@ -64,13 +66,18 @@ async fn three_replicas_hand_each_ready_sandbox_out_once() {
     let pool = clients[1].create_pool(&pool_spec("burst", "burst:stable", 40, 40)).await.unwrap();
     wait_status(&clients[2], &pool.id, "40 ready", |s| s.ready == 40).await;
 
+    let mut hits = Vec::new();
+    for (replica, c) in clients.iter().enumerate() {
+        hits.push((replica, c.create_sandbox(&require(&pool.id, 0)).await.unwrap().id));
+    }
+
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let (c, id) = (clients[i % 3].clone(), pool.id.clone());
             tokio::spawn(async move { (i % 3, c.create_sandbox(&require(&id, 0)).await) })
         })
         .collect();
-    let (mut hits, mut per_replica, mut unavailable) = (Vec::new(), [0; 3], 0);
+    let (mut per_replica, mut unavailable) = ([0; 3], 0);
     for t in tasks {
         match t.await.unwrap() {
             (replica, Ok(s)) => {
@@ -84,8 +91,11 @@ async fn three_replicas_hand_each_ready_sandbox_out_once() {
         }
     }
     let distinct: HashSet<&String> = hits.iter().map(|(_, id)| id).collect();
-    assert_eq!((hits.len(), distinct.len(), unavailable), (40, 40, 160), "hits per replica: {per_replica:?}");
-    assert!(per_replica.iter().all(|n| *n > 0), "every replica hands out sandboxes: {per_replica:?}");
+    assert_eq!(
+        (hits.len(), distinct.len(), unavailable),
+        (40, 40, 163),
+        "race hits per replica: {per_replica:?}"
+    );
 
     for (replica, id) in &hits {
         let r = sh(&clients[(replica + 1) % 3], id, "hostname").await;

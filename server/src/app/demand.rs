@@ -10,8 +10,10 @@
 //! scripted claim streams; [`App`] only gathers the inputs and keeps the state.
 //!
 //! Two choices keep it useful and calm:
-//! - The rate is the larger of the window's average and the last minute's: a burst raises the target within a
-//!   minute, and the window's average lets it down gently as the burst leaves the window.
+//! - The rate is the larger of the window's average and the last minute's: a burst raises the target within
+//!   seconds, and the window's average lets it down gently as the burst leaves the window. The last minute's rate
+//!   is taken over the time its claims actually span (at least [`MIN_RECENT_SPAN`]): claims that began ten seconds
+//!   ago after a quiet spell are a rate over ten seconds, not a sixth of it.
 //! - Up at once, down only after the lower recommendation has held for [`scale_down_delay`] (a tenth of the window,
 //!   at most 30 s): a rate hovering at a rounding edge does not stop and restart sandboxes.
 
@@ -36,6 +38,8 @@ pub fn scale_down_delay(window_seconds: u64) -> Duration {
 }
 /// The "recent" rate's window.
 pub const RECENT: Duration = Duration::from_secs(60);
+/// The shortest span the recent rate is taken over (a handful of claims at once is not a rate of thousands).
+pub const MIN_RECENT_SPAN: Duration = Duration::from_secs(5);
 /// Warm-up times the p90 is taken over (the pool's latest sandboxes).
 pub const WARMUPS: u32 = 100;
 /// How often an autoscaled pool is looked at while nothing else happens (its demand decays with time).
@@ -59,8 +63,12 @@ pub fn demand(sample: &DemandSample, autoscale: &Autoscale, now: DateTime<Utc>) 
     let window = autoscale.effective_window_seconds();
     let headroom = autoscale.effective_headroom();
     let window_rate = sample.claims as f64 / window as f64;
-    let recent_window = RECENT.as_secs().min(window);
-    let recent_rate = sample.recent_claims as f64 / recent_window as f64;
+    let recent_window = RECENT.as_secs_f64().min(window as f64);
+    let recent_span = sample.recent_first_at.map_or(recent_window, |first| {
+        let since_first = (now - first).num_milliseconds() as f64 / 1000.0;
+        since_first.clamp(MIN_RECENT_SPAN.as_secs_f64().min(recent_window), recent_window)
+    });
+    let recent_rate = sample.recent_claims as f64 / recent_span;
     let rate = window_rate.max(recent_rate);
     let warm_p90 = p90(&sample.warm_seconds);
     let idle = match autoscale.scale_to_zero_after_seconds {
@@ -307,13 +315,23 @@ impl App {
 mod tests {
     use super::*;
 
+    /// A sample whose recent claims span the whole last minute.
     fn sample(claims: u64, hits: u64, recent: u64, last_ago: Option<i64>, warm: &[f64]) -> DemandSample {
         DemandSample {
             claims,
             hits,
             recent_claims: recent,
+            recent_first_at: (recent > 0).then(|| t0() - chrono::Duration::seconds(60)),
             last_claim_at: last_ago.map(|s| t0() - chrono::Duration::seconds(s)),
             warm_seconds: warm.to_vec(),
+        }
+    }
+
+    /// A sample of `recent` claims that began `began_ago` seconds ago after a quiet spell.
+    fn began(recent: u64, began_ago: i64, warm: &[f64]) -> DemandSample {
+        DemandSample {
+            recent_first_at: Some(t0() - chrono::Duration::seconds(began_ago)),
+            ..sample(recent, recent, recent, Some(0), warm)
         }
     }
 
@@ -383,6 +401,28 @@ mod tests {
                 hit_ratio: Some(10.0 / 60.0),
                 p90: Some(1.0),
                 recommended: 6,
+                idle: false,
+            },
+            Case {
+                // 20 claims over the last 10 s are 2/s, not 20 a minute: 2 × 2 × 1.2 = 4.8 → 5.
+                name: "a rate that began seconds ago is taken over its own span",
+                sample: began(20, 10, &[2.0]),
+                autoscale: Autoscale::default(),
+                per_minute: 2.0,
+                hit_ratio: Some(1.0),
+                p90: Some(2.0),
+                recommended: 5,
+                idle: false,
+            },
+            Case {
+                // 4 claims at once are 4 over 5 s: 0.8 × 2 × 1.2 = 1.92 → 2.
+                name: "claims at one instant are spread over the shortest span",
+                sample: began(4, 0, &[2.0]),
+                autoscale: Autoscale::default(),
+                per_minute: 0.4,
+                hit_ratio: Some(1.0),
+                p90: Some(2.0),
+                recommended: 2,
                 idle: false,
             },
             Case {
@@ -509,6 +549,11 @@ mod tests {
                     claims: inside.len() as u64,
                     hits: inside.iter().filter(|(_, hit)| *hit).count() as u64,
                     recent_claims: self.claims.iter().filter(|(at, _)| *at >= now - recent).count() as u64,
+                    recent_first_at: self
+                        .claims
+                        .iter()
+                        .find(|(at, _)| *at >= now - recent)
+                        .map(|(at, _)| t0() + chrono::Duration::seconds(*at)),
                     last_claim_at: self.claims.last().map(|(at, _)| t0() + chrono::Duration::seconds(*at)),
                     warm_seconds: self.warmups.iter().rev().take(WARMUPS as usize).copied().collect(),
                 }

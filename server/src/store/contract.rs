@@ -465,8 +465,9 @@ async fn lists_page_in_id_order(db: &dyn Backend) {
     assert_eq!(page.into_iter().map(|s| s.sandbox.id).collect::<Vec<_>>(), ["sbx_b"]);
 }
 
-/// Claims recorded through one handle are counted through the other (replicas share demand), by window; warm-up
-/// times come back newest first; pruning keeps the window and the latest warm-ups; deleting the pool forgets them.
+/// Claims recorded through one handle are counted through the other (replicas share demand), by window, with the
+/// earliest recent one; warm-up times come back newest first; pruning keeps the window and the latest warm-ups;
+/// deleting the pool forgets them.
 async fn demand_is_shared_counted_and_pruned(db: &dyn Backend) {
     let (a, b) = (db.open().await, db.open().await);
     a.insert_pool(&pool("twp_d", "d")).await.unwrap();
@@ -485,6 +486,8 @@ async fn demand_is_shared_counted_and_pruned(db: &dyn Backend) {
     assert_eq!((sample.claims, sample.hits, sample.recent_claims), (4, 2, 3));
     let last = sample.last_claim_at.unwrap();
     assert!((last - ago(5)).num_milliseconds().abs() <= 1, "{last} vs {}", ago(5));
+    let first = sample.recent_first_at.unwrap();
+    assert!((first - ago(50)).num_milliseconds().abs() <= 1, "{first} vs {}", ago(50));
     assert_eq!(sample.warm_seconds, vec![2.0, 1.0, 3.0]);
     assert_eq!(b.demand_sample("twp_d", ago(200), ago(60), 2).await.unwrap().warm_seconds, vec![2.0, 1.0]);
 

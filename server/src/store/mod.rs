@@ -285,8 +285,9 @@ pub struct DemandSample {
     /// Claims and hits since the window's start.
     pub claims: u64,
     pub hits: u64,
-    /// Claims since the recent mark.
+    /// Claims since the recent mark, and the earliest of them.
     pub recent_claims: u64,
+    pub recent_first_at: Option<DateTime<Utc>>,
     /// The latest claim still stored.
     pub last_claim_at: Option<DateTime<Utc>>,
     /// The latest warm-up times (start to ready), newest first.

@@ -832,7 +832,7 @@ impl Store for PgStore {
         let rows = self
             .query(
                 "SELECT COUNT(*) FILTER (WHERE at_ms >= $2), COUNT(*) FILTER (WHERE at_ms >= $2 AND hit),
-                    COUNT(*) FILTER (WHERE at_ms >= $3), MAX(at_ms),
+                    COUNT(*) FILTER (WHERE at_ms >= $3), MAX(at_ms), MIN(at_ms) FILTER (WHERE at_ms >= $3),
                     ARRAY(SELECT warm_ms / 1000.0::float8 FROM pool_warmups WHERE pool_id = $1 ORDER BY at_ms DESC LIMIT $4)
              FROM pool_claims WHERE pool_id = $1",
                 &[text(&pool_id), (&since, Type::INT8), (&recent, Type::INT8), (&limit, Type::INT8)],
@@ -844,7 +844,8 @@ impl Store for PgStore {
             hits: row.get::<_, i64>(1) as u64,
             recent_claims: row.get::<_, i64>(2) as u64,
             last_claim_at: row.get::<_, Option<i64>>(3).and_then(DateTime::from_timestamp_millis),
-            warm_seconds: row.get(4),
+            recent_first_at: row.get::<_, Option<i64>>(4).and_then(DateTime::from_timestamp_millis),
+            warm_seconds: row.get(5),
         })
     }
     async fn prune_demand(&self, pool_id: &str, before: DateTime<Utc>, keep_warmups: u32) -> StoreResult<()> {

@@ -719,14 +719,14 @@ impl Db<'_> {
         warmups: u32,
     ) -> StoreResult<DemandSample> {
         let conn = &*self.0;
-        let (claims, hits, recent_claims, last): (u64, u64, u64, Option<i64>) = conn
-            .prepare_cached(
+        let (claims, hits, recent_claims, last, recent_first): (u64, u64, u64, Option<i64>, Option<i64>) =
+            conn.prepare_cached(
                 "SELECT COUNT(*) FILTER (WHERE at_ms >= ?2), COUNT(*) FILTER (WHERE at_ms >= ?2 AND hit),
-                        COUNT(*) FILTER (WHERE at_ms >= ?3), MAX(at_ms)
+                        COUNT(*) FILTER (WHERE at_ms >= ?3), MAX(at_ms), MIN(at_ms) FILTER (WHERE at_ms >= ?3)
                  FROM pool_claims WHERE pool_id = ?1",
             )?
             .query_row(params![pool_id, since.timestamp_millis(), recent.timestamp_millis()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })?;
         let warm_seconds = conn
             .prepare_cached(
@@ -740,6 +740,7 @@ impl Db<'_> {
             hits,
             recent_claims,
             last_claim_at: last.and_then(DateTime::from_timestamp_millis),
+            recent_first_at: recent_first.and_then(DateTime::from_timestamp_millis),
             warm_seconds,
         })
     }
