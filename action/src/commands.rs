@@ -11,7 +11,9 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use warmpool_api::{CheckoutMode, LeaseSpec, PoolState, PoolStatus, SandboxCreate, WarmPool};
+use warmpool_api::{
+    CheckoutMode, LeaseSpec, PoolId, PoolState, PoolStatus, SandboxCreate, SandboxId, WarmPool,
+};
 use warmpool_client::Client;
 
 use crate::github::{self, GithubError, RunRef};
@@ -267,14 +269,14 @@ fn mode(env: &ActionEnv) -> Result<CheckoutMode> {
 #[derive(Debug, Clone, Serialize)]
 struct PoolReport {
     pool: String,
-    id: String,
+    id: PoolId,
     target: u32,
     ready_before: u32,
     ready: u32,
     waited_ms: u64,
     hits: u32,
     misses: u32,
-    sandboxes: Vec<String>,
+    sandboxes: Vec<SandboxId>,
     degraded_reasons: Vec<String>,
     #[serde(skip)]
     cold_start: Option<Duration>,
@@ -403,7 +405,7 @@ async fn work<W: Write>(r: &mut Runner<W>, c: &Client, pools: &[(WarmPool, PoolR
     if work.is_empty() {
         return Ok(());
     }
-    let ids: Vec<String> = pools.iter().flat_map(|(_, rep)| rep.sandboxes.iter().cloned()).collect();
+    let ids: Vec<SandboxId> = pools.iter().flat_map(|(_, rep)| rep.sandboxes.iter().cloned()).collect();
     crate::work::run(r, c, &ids, &work).await
 }
 
@@ -536,7 +538,7 @@ async fn checkout_all<W: Write>(
         for _ in 0..per_pool {
             let req = SandboxCreate {
                 template: template.map(String::from),
-                warm_pool: Some(pool.id.clone()),
+                warm_pool: Some(pool.id.to_string()),
                 warm_pool_mode: Some(mode),
                 warm_pool_wait_ms: Some(5_000),
                 ..Default::default()
@@ -588,7 +590,8 @@ async fn checkout_all<W: Write>(
 
 /// Outputs and the step summary, written whether the step succeeded or not.
 fn finish<W: Write>(r: &mut Runner<W>, pools: &[(WarmPool, PoolReport)]) -> Result<()> {
-    let ids: Vec<&str> = pools.iter().flat_map(|(_, rep)| rep.sandboxes.iter().map(String::as_str)).collect();
+    let ids: Vec<&str> =
+        pools.iter().flat_map(|(_, rep)| rep.sandboxes.iter().map(SandboxId::as_str)).collect();
     let reports: Vec<&PoolReport> = pools.iter().map(|(_, rep)| rep).collect();
     r.set_output("sandboxes", &serde_json::to_string(&ids).expect("json"))?;
     r.set_output("sandbox-ids", &ids.join(" "))?;

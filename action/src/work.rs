@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use warmpool_api::{FileType, OutputStream, ProcessCreate, StreamEvent};
+use warmpool_api::{FileType, OutputStream, ProcessCreate, SandboxId, StreamEvent};
 use warmpool_client::{decode, ChannelReader, ChannelWriter, Client};
 
 use crate::commands::ActionError;
@@ -54,7 +54,12 @@ fn workspace(r: &Runner<impl Write>) -> PathBuf {
 }
 
 /// Runs the work in `sandboxes` (index N = shard N); fails when an upload fails or any command fails.
-pub async fn run<W: Write>(r: &mut Runner<W>, c: &Client, sandboxes: &[String], work: &Work) -> Result<()> {
+pub async fn run<W: Write>(
+    r: &mut Runner<W>,
+    c: &Client,
+    sandboxes: &[SandboxId],
+    work: &Work,
+) -> Result<()> {
     if sandboxes.is_empty() {
         return Err(ActionError::Failed(
             "upload, run and download need checked-out sandboxes (checkout > 0)".into(),
@@ -149,7 +154,7 @@ enum Line {
 async fn run_everywhere<W: Write>(
     r: &mut Runner<W>,
     c: &Client,
-    sandboxes: &[String],
+    sandboxes: &[SandboxId],
     command: &str,
 ) -> Result<()> {
     let total = sandboxes.len();

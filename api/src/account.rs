@@ -3,6 +3,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{AccountId, TokenId};
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Quotas {
@@ -61,7 +63,7 @@ pub struct AccountPatch {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Account {
-    pub id: String,
+    pub id: AccountId,
     pub name: String,
     pub quotas: Quotas,
     /// Sandboxes of this account may use the host's network (`network.mode: host`); set by an admin.
@@ -73,7 +75,7 @@ pub struct Account {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenCreate {
-    pub account_id: String,
+    pub account_id: AccountId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
@@ -81,8 +83,8 @@ pub struct TokenCreate {
 /// The secret is shown once, here; the server keeps only its hash.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TokenCreated {
-    pub id: String,
+    pub id: TokenId,
     pub token: String,
-    pub account_id: String,
+    pub account_id: AccountId,
     pub name: Option<String>,
 }

@@ -94,9 +94,10 @@ pub struct PoolDemand {
     /// Claims and hits counted in the window.
     pub claims: u64,
     pub hits: u64,
-    /// Claims per minute over the last minute: a burst shows here before the window's average moves.
+    /// Claims per minute of the last 15 s, over the time those claims span (at least 5 s): a burst shows here
+    /// within seconds, before the window's average moves.
     pub recent_claims_per_minute: f64,
-    /// The rate the recommendation uses: the larger of the window's and the last minute's, per second.
+    /// The rate the recommendation uses: the larger of the window's and the recent one, per second.
     pub claims_per_second: f64,
     pub last_claim_at: Option<DateTime<Utc>>,
     /// No claim for `scale_to_zero_after_seconds`: the recommendation is 0.

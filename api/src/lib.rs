@@ -6,6 +6,7 @@
 pub mod account;
 pub mod demand;
 pub mod error;
+pub mod ids;
 pub mod io;
 pub mod pool;
 pub mod probe;
@@ -17,6 +18,7 @@ pub mod trust;
 pub use account::*;
 pub use demand::*;
 pub use error::*;
+pub use ids::*;
 pub use io::*;
 pub use pool::*;
 pub use probe::*;
@@ -45,14 +47,3 @@ impl<T> List<T> {
 /// `?limit=` of a paginated list: the default and the largest.
 pub const LIST_LIMIT_DEFAULT: u32 = 100;
 pub const LIST_LIMIT_MAX: u32 = 1000;
-
-/// Id prefixes, one per kind of resource.
-pub mod id_prefix {
-    pub const TEMPLATE: &str = "tpl_";
-    pub const BUILD: &str = "bld_";
-    pub const SANDBOX: &str = "sbx_";
-    pub const WARM_POOL: &str = "twp_";
-    pub const ACCOUNT: &str = "acc_";
-    pub const TOKEN: &str = "tok_";
-    pub const TRUST_POLICY: &str = "trp_";
-}

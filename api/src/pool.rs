@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{validate_name, FieldError};
+use crate::ids::{BuildId, PoolId, TemplateId};
 use crate::refs::TemplateRef;
 use crate::sandbox::CheckoutMode;
 use crate::template::Resources;
@@ -198,10 +199,10 @@ pub struct WarmPoolPatch {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct WarmPool {
-    pub id: String,
+    pub id: PoolId,
     pub name: String,
     pub template: String,
-    pub template_id: String,
+    pub template_id: TemplateId,
     pub version_policy: VersionPolicy,
     pub track_tag: Option<String>,
     pub min_ready: u32,
@@ -212,8 +213,8 @@ pub struct WarmPool {
     pub labels: BTreeMap<String, String>,
     pub state: PoolState,
     pub rollout_generation: u64,
-    pub resolved_build_id: Option<String>,
-    pub previous_build_id: Option<String>,
+    pub resolved_build_id: Option<BuildId>,
+    pub previous_build_id: Option<BuildId>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[serde(default)]
@@ -281,9 +282,9 @@ pub struct PoolStatus {
     /// Incremented by every rollout to a new build.
     pub rollout_generation: u64,
     /// The build the pool fills now.
-    pub resolved_build_id: Option<String>,
+    pub resolved_build_id: Option<BuildId>,
     /// The build of the rollout before, whose inventory is drained.
-    pub previous_build_id: Option<String>,
+    pub previous_build_id: Option<BuildId>,
     /// When the reconciler last handled this pool.
     pub last_reconciled_at: Option<DateTime<Utc>>,
     /// How long that pass took.
@@ -311,7 +312,7 @@ pub struct LeaseSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Lease {
     pub key: String,
-    pub pool_id: String,
+    pub pool_id: PoolId,
     pub count: u32,
     pub ttl_seconds: u64,
     pub expires_at: DateTime<Utc>,

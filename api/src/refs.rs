@@ -1,7 +1,7 @@
 //! Template refs: `name`, `name:tag` or `name@bld_…`.
 
 use crate::error::{validate_name, FieldError};
-use crate::id_prefix;
+use crate::ids::{BuildId, TemplateId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TemplateRef {
@@ -13,7 +13,7 @@ pub enum TemplateRef {
     },
     Build {
         name: String,
-        build_id: String,
+        build_id: BuildId,
     },
 }
 
@@ -21,10 +21,8 @@ impl TemplateRef {
     pub fn parse(field: &str, value: &str) -> Result<TemplateRef, FieldError> {
         if let Some((name, build_id)) = value.split_once('@') {
             validate_name(field, name)?;
-            if !build_id.starts_with(id_prefix::BUILD) || build_id.len() <= id_prefix::BUILD.len() {
-                return Err(FieldError::new(field, format!("{build_id:?} is not a build id (bld_…)")));
-            }
-            return Ok(TemplateRef::Build { name: name.into(), build_id: build_id.into() });
+            let build_id = BuildId::parse(field, build_id)?;
+            return Ok(TemplateRef::Build { name: name.into(), build_id });
         }
         if let Some((name, tag)) = value.split_once(':') {
             validate_name(field, name)?;
@@ -32,7 +30,7 @@ impl TemplateRef {
             return Ok(TemplateRef::Tag { name: name.into(), tag: tag.into() });
         }
         // A bare template id is accepted wherever a name is.
-        if !value.starts_with(id_prefix::TEMPLATE) {
+        if !TemplateId::is(value) {
             validate_name(field, value)?;
         }
         Ok(TemplateRef::Name(value.into()))
@@ -65,7 +63,7 @@ mod tests {
         );
         assert_eq!(
             TemplateRef::parse("t", "api@bld_1").unwrap(),
-            TemplateRef::Build { name: "api".into(), build_id: "bld_1".into() }
+            TemplateRef::Build { name: "api".into(), build_id: BuildId::parse("b", "bld_1").unwrap() }
         );
         assert!(TemplateRef::parse("t", "api@x").is_err());
         assert!(TemplateRef::parse("t", "Api").is_err());

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{BuildId, PoolId, SandboxId, TemplateId};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckoutMode {
@@ -233,7 +235,7 @@ impl FallbackReason {
 pub struct WarmPoolCheckout {
     pub source: CheckoutSource,
     pub hit: bool,
-    pub id: String,
+    pub id: PoolId,
     pub mode: CheckoutMode,
     pub waited_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -242,11 +244,11 @@ pub struct WarmPoolCheckout {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Sandbox {
-    pub id: String,
+    pub id: SandboxId,
     /// The template's name.
     pub template: String,
-    pub template_id: String,
-    pub build_id: String,
+    pub template_id: TemplateId,
+    pub build_id: BuildId,
     pub state: SandboxState,
     pub labels: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,

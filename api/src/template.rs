@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{validate_name, FieldError};
+use crate::ids::{BuildId, TemplateId};
 use crate::probe::{validate_env_key, validate_warm_processes, ProbeSpec, WarmProcessSpec};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -212,7 +213,7 @@ impl TemplatePatch {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Template {
-    pub id: String,
+    pub id: TemplateId,
     pub name: String,
     pub image: Option<String>,
     pub build: BuildRecipe,
@@ -228,7 +229,7 @@ pub struct Template {
 
 impl Template {
     pub fn from_spec(
-        id: String,
+        id: TemplateId,
         spec: TemplateSpec,
         created_at: DateTime<Utc>,
         updated_at: DateTime<Utc>,
@@ -311,8 +312,8 @@ pub struct BuildCreate {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Build {
-    pub id: String,
-    pub template_id: String,
+    pub id: BuildId,
+    pub template_id: TemplateId,
     pub status: BuildStatus,
     /// Tags requested for this build (they move when it is ready).
     pub tags: Vec<String>,
@@ -325,13 +326,13 @@ pub struct Build {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TagPut {
-    pub build_id: String,
+    pub build_id: BuildId,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Tag {
     pub name: String,
-    pub template_id: String,
-    pub build_id: String,
+    pub template_id: TemplateId,
+    pub build_id: BuildId,
     pub updated_at: DateTime<Utc>,
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{AccountId, TrustPolicyId};
 use crate::FieldError;
 
 /// Lifetime of exchanged tokens: the default, the shortest and the longest a policy may ask for.
@@ -155,8 +156,8 @@ pub fn glob_matches(glob: &str, value: &str) -> bool {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TrustPolicy {
     /// `trp_…`
-    pub id: String,
-    pub account_id: String,
+    pub id: TrustPolicyId,
+    pub account_id: AccountId,
     pub name: String,
     pub issuer: String,
     pub audience: String,
@@ -178,10 +179,10 @@ pub struct OidcExchange {
 pub struct OidcToken {
     /// `wpt_…`: use it as `Authorization: Bearer`; refused like a revoked token after `expires_at`.
     pub token: String,
-    pub account_id: String,
+    pub account_id: AccountId,
     pub expires_at: DateTime<Utc>,
-    /// The id of the trust policy that matched (`trp_…`).
-    pub policy: String,
+    /// The id of the trust policy that matched.
+    pub policy: TrustPolicyId,
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     client.wait_pool_ready(&pool.id, 2, Duration::from_secs(120), |_| {}).await?;
     let sandbox = client
         .create_sandbox(&SandboxCreate {
-            warm_pool: Some(pool.id.clone()),
+            warm_pool: Some(pool.id.to_string()),
             warm_pool_mode: Some(CheckoutMode::Require),
             ..Default::default()
         })

@@ -280,8 +280,8 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    pub async fn put_tag(&self, template: &str, tag: &str, build_id: &str) -> Result<Tag> {
-        let req = TagPut { build_id: build_id.into() };
+    pub async fn put_tag(&self, template: &str, tag: &str, build_id: &BuildId) -> Result<Tag> {
+        let req = TagPut { build_id: build_id.clone() };
         self.call(Method::PUT, &["v1", "templates", template, "tags", tag], Some(&req)).await
     }
     pub async fn list_tags(&self, template: &str) -> Result<Vec<Tag>> {

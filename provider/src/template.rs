@@ -411,7 +411,7 @@ impl Resource for TemplateResource {
             let timeout = TimeoutsBlock::get(&state.timeouts, |t| &t.update, BUILD_TIMEOUT);
             self.build(diags, &c, &mut state, timeout).await?;
         } else if state.tags != prior.tags {
-            let build = known(&prior.build_id)?;
+            let build = known(&prior.build_id).and_then(|b| api::BuildId::try_from(b).ok())?;
             for tag in strs(&state.tags) {
                 if let Err(e) = c.put_tag(&id, &tag, &build).await {
                     diags.error("Cannot move tag", e.to_string(), AttributePath::new("tags"));

@@ -84,13 +84,7 @@ impl TrustPolicyState {
     /// Everything the server would refuse but an untrusted issuer, naming the field.
     pub fn validate(&self) -> Result<(), api::FieldError> {
         if let Some(account) = known(&self.account_id) {
-            if !account.starts_with(api::id_prefix::ACCOUNT) || account.len() == api::id_prefix::ACCOUNT.len()
-            {
-                return Err(api::FieldError::new(
-                    "account_id",
-                    format!("must be an account id ({}…, got {account:?})", api::id_prefix::ACCOUNT),
-                ));
-            }
+            api::AccountId::parse("account_id", &account)?;
         }
         self.request()?.validate()
     }
@@ -335,9 +329,8 @@ impl Resource for TrustPolicyResource {
 /// `acc_…/trp_…` → (account, policy).
 fn parse_import_id(id: &str) -> Option<(&str, &str)> {
     let (account, policy) = id.split_once('/')?;
-    let ok = |v: &str, prefix: &str| v.len() > prefix.len() && v.starts_with(prefix) && !v.contains('/');
-    (ok(account, api::id_prefix::ACCOUNT) && ok(policy, api::id_prefix::TRUST_POLICY))
-        .then_some((account, policy))
+    let ok = |v: &str, is: fn(&str) -> bool| is(v) && !v.contains('/');
+    (ok(account, api::AccountId::is) && ok(policy, api::TrustPolicyId::is)).then_some((account, policy))
 }
 
 #[cfg(test)]

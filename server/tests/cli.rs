@@ -85,12 +85,12 @@ async fn quickstart_through_the_cli() {
     let (code, out, _) = cli.run(&["pool", "status", "api"]);
     assert_eq!(code, 0);
     assert!(out.contains("state=draining"), "{out}");
-    // Demand with its arithmetic: one claim (a hit) in the last minute.
-    assert!(
-        out.contains("demand: 0.1 claims/min over 600 s (last minute 1.0/min), hit ratio 100.0 % (1/1)"),
-        "{out}"
-    );
-    assert!(out.contains("recommended_ready = ceil(0.017/s × "), "{out}");
+    // Demand with its arithmetic: one claim (a hit) in the window; the recent rate is 12/min (one claim over the
+    // shortest span, 5 s) while the claim is younger than 15 s, and 0 after that.
+    let recent = if out.contains("(recent 12.0/min)") { "0.200" } else { "0.002" };
+    assert!(out.contains("demand: 0.1 claims/min over 600 s (recent "), "{out}");
+    assert!(out.contains("/min), hit ratio 100.0 % (1/1)"), "{out}");
+    assert!(out.contains(&format!("recommended_ready = ceil({recent}/s × ")), "{out}");
     let p = cli.json(&[
         "pool",
         "update",

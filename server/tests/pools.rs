@@ -284,7 +284,7 @@ async fn a_failed_sandbox_is_logged_with_its_exit_reason() {
     let pool = server.client.create_pool(&pool_spec("quitter", "quitter:stable", 1, 1)).await.unwrap();
     server.client.wait_pool_ready(&pool.id, 1, Duration::from_secs(60), |_| {}).await.unwrap();
     let req = SandboxCreate {
-        warm_pool: Some(pool.id.clone()),
+        warm_pool: Some(pool.id.to_string()),
         warm_pool_mode: Some(CheckoutMode::Require),
         ..Default::default()
     };
@@ -296,7 +296,7 @@ async fn a_failed_sandbox_is_logged_with_its_exit_reason() {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
-            .find(|l| l.contains("Sandbox failed") && l.contains(&sandbox.id))
+            .find(|l| l.contains("Sandbox failed") && l.contains(sandbox.id.as_str()))
             .map(String::from)
     };
     wait_until("the sandbox to fail", Duration::from_secs(60), || failed().is_some());

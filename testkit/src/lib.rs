@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 use warmpool_api::{PoolStatus, WarmPoolSpec};
 use warmpool_client::Client;
 
+/// A literal id of a test, typed: `let pool: PoolId = typed("twp_1");` (panics on a wrong prefix).
+pub fn typed<T: TryFrom<String, Error = String>>(value: &str) -> T {
+    T::try_from(value.to_string()).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A binary of the workspace, next to the running test (`target/<profile>/`); built if a narrow `cargo test`
 /// skipped it.
 pub fn sibling_bin(name: &str) -> PathBuf {

@@ -27,7 +27,7 @@ async fn nothing_leaked(c: &Client, data: &std::path::Path) {
 }
 
 /// Every sandbox a checkout returned is still the caller's, running, and runs commands.
-async fn nothing_lost(c: &Client, ids: &[String]) {
+async fn nothing_lost(c: &Client, ids: &[SandboxId]) {
     for id in ids {
         let s = c.get_sandbox(id).await.unwrap_or_else(|e| panic!("checked-out sandbox {id} is gone: {e}"));
         assert_eq!(s.state, SandboxState::Running, "{id}");

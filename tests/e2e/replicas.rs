@@ -48,7 +48,7 @@ fn replicas(extra: &[&str]) -> Replicas {
 }
 
 /// The pools a replica reconciles, as its `/readyz` says.
-async fn reconciled_by(c: &Client) -> BTreeSet<String> {
+async fn reconciled_by(c: &Client) -> BTreeSet<PoolId> {
     let ready = c.readyz().await.unwrap();
     serde_json::from_value(ready["replica"]["pools"].clone()).unwrap()
 }
@@ -90,7 +90,7 @@ async fn three_replicas_hand_each_ready_sandbox_out_once() {
             }
         }
     }
-    let distinct: HashSet<&String> = hits.iter().map(|(_, id)| id).collect();
+    let distinct: HashSet<&SandboxId> = hits.iter().map(|(_, id)| id).collect();
     assert_eq!(
         (hits.len(), distinct.len(), unavailable),
         (40, 40, 163),
@@ -127,7 +127,7 @@ async fn a_killed_replicas_pools_converge_and_nothing_leaks() {
     for c in &clients {
         owned.push(reconciled_by(c).await);
     }
-    let all: Vec<&String> = owned.iter().flatten().collect();
+    let all: Vec<&PoolId> = owned.iter().flatten().collect();
     assert_eq!(all.len(), 3, "each pool has exactly one replica: {owned:?}");
     let victim = (0..3).max_by_key(|i| owned[*i].len()).unwrap();
     let survivor = clients[(victim + 1) % 3].clone();

@@ -19,7 +19,7 @@ use warmpool_testkit::{sibling_bin, TempServer};
 use super::{build, cold, sh, template};
 
 /// A server with a ready template and one running sandbox of it.
-async fn sandbox(extra_args: &[&str]) -> (TempServer, String) {
+async fn sandbox(extra_args: &[&str]) -> (TempServer, SandboxId) {
     let server = TempServer::start(extra_args);
     build(&server.client, &template("io", 0.0)).await;
     let s = server.client.create_sandbox(&cold("io")).await.unwrap();

@@ -4,14 +4,19 @@
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use warmpool_api::{
-    id_prefix, validate_name, Account, AccountCreate, AccountPatch, FieldError, List, TokenCreate,
-    TokenCreated,
+    validate_name, Account, AccountCreate, AccountId, AccountPatch, FieldError, List, TokenCreate,
+    TokenCreated, TokenId,
 };
 
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
 use crate::store::{Page, TokenRow};
 
 pub const DEFAULT_ACCOUNT: &str = "acc_default";
+
+/// The admin's own account, which every server has.
+pub fn default_account() -> AccountId {
+    AccountId::from_suffix("default")
+}
 
 pub(super) fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -35,7 +40,7 @@ impl App {
         let path = self.config.data_dir.join("admin.token");
         if self.store.get_account(DEFAULT_ACCOUNT).await?.is_none() {
             let account = Account {
-                id: DEFAULT_ACCOUNT.into(),
+                id: default_account(),
                 name: "default".into(),
                 // The admin's own account: no quotas, and no host networking until an admin sets it
                 // (`PATCH /v1/accounts/acc_default {"allow_host_network": true}`).
@@ -51,8 +56,8 @@ impl App {
                 .map_err(|e| AppError::Internal(format!("writing {}: {e}", path.display())))?;
             self.store
                 .insert_token(&TokenRow {
-                    id: new_id(id_prefix::TOKEN),
-                    account_id: Some(DEFAULT_ACCOUNT.into()),
+                    id: new_id(TokenId::from_suffix),
+                    account_id: Some(default_account()),
                     name: Some("admin".into()),
                     hash: hash(&secret),
                     admin: true,
@@ -72,7 +77,7 @@ impl App {
         if row.expires_at.is_some_and(|at| at <= Utc::now()) {
             return Err(AppError::Unauthorized);
         }
-        Ok(Caller { account_id: row.account_id.unwrap_or_else(|| DEFAULT_ACCOUNT.into()), admin: row.admin })
+        Ok(Caller { account_id: row.account_id.unwrap_or_else(default_account).into(), admin: row.admin })
     }
 
     pub(super) fn require_admin(caller: &Caller) -> AppResult<()> {
@@ -94,7 +99,7 @@ impl App {
             max_warm_sandboxes: req.quotas.max_warm_sandboxes.or(defaults.max_warm_sandboxes),
         };
         let account = Account {
-            id: new_id(id_prefix::ACCOUNT),
+            id: new_id(AccountId::from_suffix),
             name: req.name,
             quotas,
             allow_host_network: req.allow_host_network,
@@ -134,7 +139,7 @@ impl App {
         }
         let secret = new_secret();
         let row = TokenRow {
-            id: new_id(id_prefix::TOKEN),
+            id: new_id(TokenId::from_suffix),
             account_id: Some(req.account_id.clone()),
             name: req.name.clone(),
             hash: hash(&secret),

@@ -10,10 +10,11 @@
 //! scripted claim streams; [`App`] only gathers the inputs and keeps the state.
 //!
 //! Two choices keep it useful and calm:
-//! - The rate is the larger of the window's average and the last minute's: a burst raises the target within
-//!   seconds, and the window's average lets it down gently as the burst leaves the window. The last minute's rate
-//!   is taken over the time its claims actually span (at least [`MIN_RECENT_SPAN`]): claims that began ten seconds
-//!   ago after a quiet spell are a rate over ten seconds, not a sixth of it.
+//! - The rate is the larger of the window's average and the recent one (the last [`RECENT`]): a burst raises the
+//!   target within seconds, and the window's average lets it down gently as the burst leaves the window. The recent
+//!   rate is short because an average lags a rising rate by half its span (on a ramp from 1 to 10 claims/s over
+//!   two minutes a minute's average trails by 2 claims/s, 15 s's by 0.6), and it is taken over the time its claims
+//!   actually span (at least [`MIN_RECENT_SPAN`]): claims that began 8 s ago are a rate over 8 s.
 //! - Up at once, down only after the lower recommendation has held for [`scale_down_delay`] (a tenth of the window,
 //!   at most 30 s): a rate hovering at a rounding edge does not stop and restart sandboxes.
 
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use warmpool_api::{Autoscale, PoolDemand, PoolState};
+use warmpool_api::{Autoscale, PoolDemand, PoolId, PoolState};
 
 use super::{App, AppResult};
 use crate::store::{ClaimEvent, DemandSample, LeaseRow, PoolRow};
@@ -36,8 +37,8 @@ pub const SCALE_DOWN_DELAY: Duration = Duration::from_secs(30);
 pub fn scale_down_delay(window_seconds: u64) -> Duration {
     Duration::from_secs(window_seconds / 10).min(SCALE_DOWN_DELAY)
 }
-/// The "recent" rate's window.
-pub const RECENT: Duration = Duration::from_secs(60);
+/// The recent rate's window.
+pub const RECENT: Duration = Duration::from_secs(15);
 /// The shortest span the recent rate is taken over (a handful of claims at once is not a rate of thousands).
 pub const MIN_RECENT_SPAN: Duration = Duration::from_secs(5);
 /// Warm-up times the p90 is taken over (the pool's latest sandboxes).
@@ -183,8 +184,8 @@ impl TokenBucket {
 pub struct DemandState {
     pending: Mutex<Vec<ClaimEvent>>,
     pub(super) unpublished: Mutex<std::collections::HashSet<String>>,
-    buckets: Mutex<HashMap<String, TokenBucket>>,
-    pruned: Mutex<HashMap<String, Instant>>,
+    buckets: Mutex<HashMap<PoolId, TokenBucket>>,
+    pruned: Mutex<HashMap<PoolId, Instant>>,
 }
 
 /// Claims kept in memory while the store cannot take them, at most.
@@ -196,7 +197,7 @@ impl App {
     pub fn record_claim(&self, pool_id: &str, hit: bool) {
         let mut pending = self.demand.pending.lock().expect("pending claims");
         if pending.len() < PENDING_MAX {
-            let id = super::new_id("clm_");
+            let id = super::new_id(|s| format!("clm_{s}"));
             pending.push(ClaimEvent { id, pool_id: pool_id.to_string(), at: Utc::now(), hit });
         }
     }
@@ -315,13 +316,13 @@ impl App {
 mod tests {
     use super::*;
 
-    /// A sample whose recent claims span the whole last minute.
+    /// A sample whose recent claims span the whole recent window.
     fn sample(claims: u64, hits: u64, recent: u64, last_ago: Option<i64>, warm: &[f64]) -> DemandSample {
         DemandSample {
             claims,
             hits,
             recent_claims: recent,
-            recent_first_at: (recent > 0).then(|| t0() - chrono::Duration::seconds(60)),
+            recent_first_at: (recent > 0).then(|| t0() - chrono::Duration::seconds(RECENT.as_secs() as i64)),
             last_claim_at: last_ago.map(|s| t0() - chrono::Duration::seconds(s)),
             warm_seconds: warm.to_vec(),
         }
@@ -384,7 +385,7 @@ mod tests {
             Case {
                 // 600 claims in 600 s = 1/s; × 2 s × 1.2 = 2.4 → 3.
                 name: "steady 1/s with 2 s warm-ups",
-                sample: sample(600, 540, 60, Some(1), &[2.0; 20]),
+                sample: sample(600, 540, 15, Some(1), &[2.0; 20]),
                 autoscale: Autoscale::default(),
                 per_minute: 60.0,
                 hit_ratio: Some(0.9),
@@ -393,9 +394,9 @@ mod tests {
                 idle: false,
             },
             Case {
-                // The window says 0.1/s, the last minute 5/s: 5 × 1 × 1.2 = 6.
-                name: "a burst shows in the last minute first",
-                sample: sample(60, 10, 300, Some(0), &[1.0]),
+                // The window says 0.1/s, the last 15 s 5/s: 5 × 1 × 1.2 = 6.
+                name: "a burst shows in the recent rate first",
+                sample: sample(60, 10, 75, Some(0), &[1.0]),
                 autoscale: Autoscale::default(),
                 per_minute: 6.0,
                 hit_ratio: Some(10.0 / 60.0),
@@ -404,11 +405,11 @@ mod tests {
                 idle: false,
             },
             Case {
-                // 20 claims over the last 10 s are 2/s, not 20 a minute: 2 × 2 × 1.2 = 4.8 → 5.
+                // 16 claims over the last 8 s are 2/s, not 16 in 15 s: 2 × 2 × 1.2 = 4.8 → 5.
                 name: "a rate that began seconds ago is taken over its own span",
-                sample: began(20, 10, &[2.0]),
+                sample: began(16, 8, &[2.0]),
                 autoscale: Autoscale::default(),
-                per_minute: 2.0,
+                per_minute: 1.6,
                 hit_ratio: Some(1.0),
                 p90: Some(2.0),
                 recommended: 5,

@@ -312,7 +312,7 @@ impl App {
         let mut env = t.env;
         env.extend(req.env.unwrap_or_default());
         let msg = proto::StartProcessRequest {
-            name: new_id("proc_"),
+            name: new_id(|s| format!("proc_{s}")),
             command: req.command.clone(),
             cwd,
             env: env.into_iter().collect(),

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use futures::StreamExt;
-use warmpool_api::{ProbeStatus, SandboxState};
+use warmpool_api::{ProbeStatus, SandboxId, SandboxState};
 
 use super::templates::start_timeout;
 use super::{App, AppError, AppResult};
@@ -306,10 +306,10 @@ impl App {
     /// their inventory ([`App::own_pool`]).
     pub async fn recover(self: &Arc<Self>) -> AppResult<()> {
         let held = self.runtime.list_sandboxes();
-        let known: std::collections::HashSet<String> =
+        let known: std::collections::HashSet<SandboxId> =
             self.store.list_all_sandboxes().await?.into_iter().map(|r| r.sandbox.id).collect();
         let mut orphans = 0;
-        for id in held.into_iter().filter(|id| !known.contains(id)) {
+        for id in held.into_iter().filter(|id| !known.contains(id.as_str())) {
             self.runtime.destroy(&id, None).await.map_err(|e| runtime_error("recovery", e))?;
             orphans += 1;
         }

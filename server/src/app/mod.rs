@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::AbortHandle;
-use warmpool_api::FieldError;
+use warmpool_api::{FieldError, SandboxId};
 
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
@@ -113,11 +113,12 @@ pub async fn paged<R, T>(
     Ok(warmpool_api::List { items, next_cursor })
 }
 
-pub fn new_id(prefix: &str) -> String {
+/// A fresh id made from 16 random hex digits: `new_id(SandboxId::from_suffix)`, `new_id(|s| format!("clm_{s}"))`.
+pub fn new_id<T>(make: impl FnOnce(String) -> T) -> T {
     use rand::RngCore;
     let mut bytes = [0u8; 8];
     rand::thread_rng().fill_bytes(&mut bytes);
-    format!("{prefix}{}", hex::encode(bytes))
+    make(hex::encode(bytes))
 }
 
 #[derive(Debug, Clone)]
@@ -166,9 +167,9 @@ pub struct App {
     pub start_slots: Arc<Semaphore>,
     pub build_slots: Arc<Semaphore>,
     /// Readiness watches of ready inventory, by sandbox.
-    watchers: Mutex<HashMap<String, AbortHandle>>,
+    watchers: Mutex<HashMap<SandboxId, AbortHandle>>,
     /// Sandboxes whose removal is under way (so a retry does not run it twice).
-    stopping: Mutex<HashSet<String>>,
+    stopping: Mutex<HashSet<SandboxId>>,
     /// Each pool's last reconcile pass, kept in memory (a pass that changed nothing writes nothing).
     pub passes: Mutex<HashMap<String, PassRecord>>,
     /// Pools this replica reconciles (it holds their locks in the store).
@@ -187,7 +188,7 @@ impl App {
         config: AppConfig,
     ) -> Arc<App> {
         Arc::new(App {
-            replica: new_id("rep_"),
+            replica: new_id(|s| format!("rep_{s}")),
             store,
             runtime,
             secrets,

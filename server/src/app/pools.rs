@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use warmpool_api::{
-    id_prefix, BuildStatus, DegradedReason, FieldError, Lease, LeaseRelease, LeaseSpec, List, PoolState,
-    PoolStatus, VersionPolicy, WarmPool, WarmPoolPatch, WarmPoolSpec,
+    BuildId, BuildStatus, DegradedReason, FieldError, Lease, LeaseRelease, LeaseSpec, List, PoolId,
+    PoolState, PoolStatus, VersionPolicy, WarmPool, WarmPoolPatch, WarmPoolSpec,
 };
 
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
@@ -56,7 +56,7 @@ impl Counts {
 
 /// Starts a new rollout generation towards `new_build` (None: not resolvable yet). Old inventory drains as the new
 /// generation fills; a prewarm-failure stop is lifted.
-pub fn start_rollout(row: &mut PoolRow, new_build: Option<String>) {
+pub fn start_rollout(row: &mut PoolRow, new_build: Option<BuildId>) {
     let p = &mut row.pool;
     if p.resolved_build_id != new_build && p.resolved_build_id.is_some() {
         p.previous_build_id = p.resolved_build_id.take();
@@ -71,7 +71,7 @@ pub fn start_rollout(row: &mut PoolRow, new_build: Option<String>) {
 impl App {
     /// The build the pool should run now: a `track_tag` pool's tag target, otherwise its resolved build (or what its
     /// ref resolves to, before the first resolution).
-    pub async fn wanted_build(&self, row: &PoolRow) -> StoreResult<Option<String>> {
+    pub async fn wanted_build(&self, row: &PoolRow) -> StoreResult<Option<BuildId>> {
         let p = &row.pool;
         Ok(match (p.version_policy, &p.track_tag) {
             (VersionPolicy::TrackTag, Some(tag)) => {
@@ -93,7 +93,7 @@ impl App {
         let now = Utc::now();
         let policy = spec.effective_version_policy();
         let pool = WarmPool {
-            id: new_id(id_prefix::WARM_POOL),
+            id: new_id(PoolId::from_suffix),
             name: spec.name.clone(),
             template: spec.template.clone(),
             template_id: template.template.id.clone(),
@@ -254,7 +254,7 @@ impl App {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         self.store.delete_pool(&id).await?;
-        self.passes.lock().expect("passes").remove(&id);
+        self.passes.lock().expect("passes").remove(id.as_str());
         self.release_pool(&id).await;
         Ok(())
     }
@@ -376,7 +376,7 @@ impl App {
         };
         let Counts { ready, warming, draining, claimed } =
             Counts::of(&pool.id, &self.store.list_pool_sandboxes(&pool.id).await?);
-        let pass = self.passes.lock().expect("passes").get(&pool.id).cloned();
+        let pass = self.passes.lock().expect("passes").get(pool.id.as_str()).cloned();
         let mut reasons: Vec<DegradedReason> = row.ctl.blocked.clone();
         if let Some(r) = self.artifact_problem(row).await? {
             reasons.push(r);

@@ -8,16 +8,16 @@ use std::time::Instant;
 use chrono::Utc;
 use futures::stream::BoxStream;
 use warmpool_api::{
-    id_prefix, validate_cwd, validate_env_key, validate_mount_path, validate_name, CheckoutMode,
-    CheckoutSource, ExecRequest, ExecResult, FallbackReason, FieldError, List, LogLine, NetworkMode,
-    ProbeKind, ProbeResult, Sandbox, SandboxCreate, SandboxState, TimeoutAction, WarmPoolCheckout,
-    EXEC_TIMEOUT_MAX_MS, LOG_TAIL_DEFAULT, LOG_TAIL_MAX,
+    validate_cwd, validate_env_key, validate_mount_path, validate_name, CheckoutMode, CheckoutSource,
+    ExecRequest, ExecResult, FallbackReason, FieldError, List, LogLine, NetworkMode, ProbeKind, ProbeResult,
+    Sandbox, SandboxCreate, SandboxId, SandboxState, TimeoutAction, WarmPoolCheckout, EXEC_TIMEOUT_MAX_MS,
+    LOG_TAIL_DEFAULT, LOG_TAIL_MAX,
 };
 
 use super::checkout::{after_miss, route, Route};
 use super::lifecycle::{runtime_error, StartError, StopCause};
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
-use crate::runtime::{RuntimeError, StartSpec, Volume};
+use crate::runtime::{RuntimeError, StartSpec, Subject, Volume};
 use crate::store::{BuildRow, ClaimUpdate, Lifecycle, PoolRow, RuntimeHandle, SandboxRow, TemplateRow};
 
 /// Longest `warm_pool_wait_ms` accepted.
@@ -285,7 +285,7 @@ impl App {
         let started = Instant::now();
         let now = Utc::now();
         let sandbox = Sandbox {
-            id: new_id(id_prefix::SANDBOX),
+            id: new_id(SandboxId::from_suffix),
             template: plan.template.template.name.clone(),
             template_id: plan.template.template.id.clone(),
             build_id: plan.build.build.id.clone(),
@@ -323,10 +323,9 @@ impl App {
             })
             .collect();
         let spec = StartSpec {
-            sandbox_id: row.sandbox.id.clone(),
+            subject: Subject::Sandbox { id: row.sandbox.id.clone(), build_id: plan.build.build.id.clone() },
             account_id: caller.account_id.clone(),
             pool_id: None,
-            build_id: Some(plan.build.build.id.clone()),
             spec: plan.build.spec.clone(),
             envs: req.envs.clone().unwrap_or_default(),
             cwd: req.cwd.clone(),

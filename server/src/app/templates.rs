@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use chrono::Utc;
 use warmpool_api::{
-    id_prefix, validate_name, Build, BuildCreate, BuildStatus, FieldError, List, Tag, Template,
+    validate_name, Build, BuildCreate, BuildId, BuildStatus, FieldError, List, Tag, Template, TemplateId,
     TemplatePatch, TemplateRef, TemplateSpec,
 };
 
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
-use crate::runtime::StartSpec;
+use crate::runtime::{StartSpec, Subject};
 use crate::store::{BuildRow, TemplateRow};
 
 /// Default bound on a start contract (readiness) when the template's readiness sets no `timeout_ms`.
@@ -32,7 +32,7 @@ impl App {
         spec.validate()?;
         self.check_image(&spec)?;
         let now = Utc::now();
-        let template = Template::from_spec(new_id(id_prefix::TEMPLATE), spec, now, now);
+        let template = Template::from_spec(new_id(TemplateId::from_suffix), spec, now, now);
         self.store
             .insert_template(&TemplateRow {
                 account_id: caller.account_id.clone(),
@@ -105,7 +105,7 @@ impl App {
             validate_name(&format!("tags[{i}]"), tag)?;
         }
         let build = Build {
-            id: new_id(id_prefix::BUILD),
+            id: new_id(BuildId::from_suffix),
             template_id: template.template.id.clone(),
             status: BuildStatus::Queued,
             tags: req.tags,
@@ -169,7 +169,7 @@ impl App {
 
     async fn build_artifact(
         &self,
-        id: &str,
+        id: &BuildId,
         account_id: &str,
         spec: &TemplateSpec,
         log: &std::path::Path,
@@ -178,17 +178,16 @@ impl App {
         if spec.start_cmd.is_some() || !spec.warm_processes.is_empty() {
             append(log, "==> checking the start contract (start_cmd until readiness passes)\n");
             let start = StartSpec {
-                sandbox_id: id.to_string(),
+                subject: Subject::Build(id.clone()),
                 account_id: account_id.to_string(),
                 pool_id: None,
-                build_id: None,
                 spec: spec.clone(),
                 envs: Default::default(),
                 cwd: None,
                 volumes: Vec::new(),
                 network: Default::default(),
             };
-            let handle = self.runtime.start_build(start).await.map_err(|e| e.to_string())?;
+            let handle = self.runtime.start(start).await.map_err(|e| e.to_string())?;
             let ready = self.runtime.wait_ready(&handle, start_timeout(spec)).await;
             let output = self.runtime.log_tail(&handle, 64 * 1024).await;
             self.runtime.stop_build(&handle).await;
@@ -266,7 +265,7 @@ impl App {
         let now = Utc::now();
         self.store.put_tag(&t.template.id, tag, build_id, now).await?;
         self.pokes.all();
-        Ok(Tag { name: tag.into(), template_id: t.template.id, build_id: build_id.into(), updated_at: now })
+        Ok(Tag { name: tag.into(), template_id: t.template.id, build_id: build.build.id, updated_at: now })
     }
 
     pub async fn list_tags(&self, caller: &Caller, template: &str) -> AppResult<Vec<Tag>> {

@@ -5,7 +5,7 @@
 
 use chrono::Utc;
 use warmpool_api::{
-    glob_matches, id_prefix, FieldError, List, OidcToken, TrustPolicy, TrustPolicyCreate,
+    glob_matches, FieldError, List, OidcToken, TokenId, TrustPolicy, TrustPolicyCreate, TrustPolicyId,
     TOKEN_TTL_DEFAULT_SECONDS,
 };
 
@@ -22,9 +22,9 @@ impl App {
         req: TrustPolicyCreate,
     ) -> AppResult<TrustPolicy> {
         Self::require_admin(caller)?;
-        if self.store.get_account(account_id).await?.is_none() {
+        let Some(account) = self.store.get_account(account_id).await? else {
             return Err(not_found("account", account_id));
-        }
+        };
         req.validate()?;
         if !self.oidc.trusts(&req.issuer) {
             let trusted = self.oidc.issuers();
@@ -36,8 +36,8 @@ impl App {
             return Err(FieldError::new("issuer", message).into());
         }
         let policy = TrustPolicy {
-            id: new_id(id_prefix::TRUST_POLICY),
-            account_id: account_id.to_string(),
+            id: new_id(TrustPolicyId::from_suffix),
+            account_id: account.id,
             name: req.name,
             issuer: normalize_issuer(&req.issuer).to_string(),
             audience: req.audience,
@@ -109,7 +109,7 @@ impl App {
         let expires_at = now + chrono::Duration::seconds(policy.token_ttl_seconds as i64);
         let secret = secret_with_prefix("wpt_");
         let row = TokenRow {
-            id: new_id(id_prefix::TOKEN),
+            id: new_id(TokenId::from_suffix),
             account_id: Some(policy.account_id.clone()),
             name: Some(format!("oidc:{}", policy.name)),
             hash: hash(&secret),
@@ -170,11 +170,12 @@ fn pick_policy<'a>(policies: &'a [TrustPolicy], token: &Verified) -> Result<&'a 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warmpool_testkit::typed;
 
     fn policy(id: &str, audience: &str, claims: &[(&str, &str)]) -> TrustPolicy {
         TrustPolicy {
-            id: id.into(),
-            account_id: format!("acc_{id}"),
+            id: typed(id),
+            account_id: typed(&format!("acc_{id}")),
             name: id.into(),
             issuer: "https://issuer.example".into(),
             audience: audience.into(),
@@ -197,14 +198,14 @@ mod tests {
         ];
         let pick = |claims| pick_policy(&policies, &token(claims)).map(|p| p.id.clone()).map_err(|r| r.check);
         let main = serde_json::json!({"aud": "warmpool", "repository": "octo/app", "ref": "refs/heads/main"});
-        assert_eq!(pick(main), Ok("trp_1".into()));
+        assert_eq!(pick(main), Ok(typed("trp_1")));
         let branch =
             serde_json::json!({"aud": ["x", "warmpool"], "repository": "octo/app", "ref": "refs/heads/dev"});
-        assert_eq!(pick(branch), Ok("trp_2".into()));
+        assert_eq!(pick(branch), Ok(typed("trp_2")));
         let fork = serde_json::json!({"aud": "warmpool", "repository": "fork/app", "ref": "refs/heads/main"});
         assert_eq!(pick(fork), Err("no_matching_policy"));
         let other = serde_json::json!({"aud": "other", "repository": "anything"});
-        assert_eq!(pick(other), Ok("trp_3".into()));
+        assert_eq!(pick(other), Ok(typed("trp_3")));
         let nobody = serde_json::json!({"aud": "nobody", "repository": "octo/app"});
         assert_eq!(pick(nobody), Err("audience"));
         // A claim the token lacks, or one that is not a scalar, matches no glob, not even `*`.

@@ -139,7 +139,7 @@ pub async fn checkout(global: &Global, args: CheckoutArgs) -> anyhow::Result<i32
             while remaining.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
                 let t = Instant::now();
                 let req = SandboxCreate {
-                    warm_pool: Some(pool_id.clone()),
+                    warm_pool: Some(pool_id.to_string()),
                     warm_pool_mode: Some(CheckoutMode::Require),
                     ..Default::default()
                 };
@@ -298,7 +298,7 @@ pub async fn pools(global: &Global, args: PoolsArgs) -> anyhow::Result<i32> {
         let mut ms = Vec::new();
         for _ in 0..args.checkouts {
             let req = SandboxCreate {
-                warm_pool: Some(pool.id.clone()),
+                warm_pool: Some(pool.id.to_string()),
                 warm_pool_mode: Some(CheckoutMode::Require),
                 ..Default::default()
             };

@@ -176,7 +176,7 @@ async fn measure(
     // Warm capacity, sampled every second: ready + warming of each pool.
     let sampler = {
         let (c, arms, ramping) = (c.clone(), arms.clone(), ramping.clone());
-        let ids: Vec<String> = pools.iter().map(|p| p.id.clone()).collect();
+        let ids: Vec<PoolId> = pools.iter().map(|p| p.id.clone()).collect();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut last = Instant::now();
@@ -208,7 +208,7 @@ async fn measure(
             let (c, arm, pool, at) = (c.clone(), arm.clone(), pool.id.clone(), *at);
             claims.push(tokio::spawn(async move {
                 let req = SandboxCreate {
-                    warm_pool: Some(pool),
+                    warm_pool: Some(pool.into()),
                     warm_pool_mode: Some(CheckoutMode::Require),
                     warm_pool_wait_ms: Some(0),
                     ..Default::default()

@@ -116,7 +116,7 @@ fn demand_text(s: &PoolStatus) -> String {
         )
     };
     format!(
-        "demand: {:.1} claims/min over {} s (last minute {:.1}/min), hit ratio {ratio}, warm-up p90 {p90}\n\
+        "demand: {:.1} claims/min over {} s (recent {:.1}/min), hit ratio {ratio}, warm-up p90 {p90}\n\
          recommended_ready = {arithmetic}",
         d.claims_per_minute, d.window_seconds, d.recent_claims_per_minute
     )
@@ -174,7 +174,9 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
                     &["ID", "NAME", "START_CMD"],
                     l.items
                         .iter()
-                        .map(|t| vec![t.id.clone(), t.name.clone(), t.start_cmd.clone().unwrap_or_default()])
+                        .map(|t| {
+                            vec![t.id.to_string(), t.name.clone(), t.start_cmd.clone().unwrap_or_default()]
+                        })
                         .collect(),
                 )
             });
@@ -184,7 +186,7 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
             let t = c.get_template(&name).await?;
             print(global, &t, |t| {
                 let mut rows = vec![
-                    ("id", t.id.clone()),
+                    ("id", t.id.to_string()),
                     ("name", t.name.clone()),
                     ("image", t.image.clone().unwrap_or_else(|| "(host base)".into())),
                     ("build steps", t.build.steps.len().to_string()),
@@ -237,7 +239,7 @@ async fn template(global: &Global, c: &Client, cmd: TemplateCmd) -> anyhow::Resu
                         .iter()
                         .map(|b| {
                             vec![
-                                b.id.clone(),
+                                b.id.to_string(),
                                 b.status.as_str().to_string(),
                                 b.tags.join(","),
                                 b.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
@@ -311,7 +313,7 @@ async fn pool(global: &Global, c: &Client, cmd: PoolCmd) -> anyhow::Result<i32> 
                         .iter()
                         .map(|p| {
                             vec![
-                                p.id.clone(),
+                                p.id.to_string(),
                                 p.name.clone(),
                                 p.state.as_str().into(),
                                 p.template.clone(),
@@ -409,7 +411,7 @@ async fn account(global: &Global, c: &Client, cmd: AccountCmd) -> anyhow::Result
     let quota = |q: Option<u64>| q.map_or("-".to_string(), |q| q.to_string());
     let row = move |a: &Account| {
         vec![
-            a.id.clone(),
+            a.id.to_string(),
             a.name.clone(),
             quota(a.quotas.max_sandboxes),
             quota(a.quotas.max_warm_sandboxes),
@@ -448,7 +450,7 @@ async fn trust_policy(global: &Global, c: &Client, cmd: TrustPolicyCmd) -> anyho
     let row = |p: &TrustPolicy| {
         let claims: Vec<String> = p.claims.iter().map(|(k, v)| format!("{k}={v}")).collect();
         vec![
-            p.id.clone(),
+            p.id.to_string(),
             p.name.clone(),
             p.issuer.clone(),
             p.audience.clone(),
@@ -484,7 +486,8 @@ async fn trust_policy(global: &Global, c: &Client, cmd: TrustPolicyCmd) -> anyho
 async fn token(global: &Global, c: &Client, cmd: TokenCmd) -> anyhow::Result<i32> {
     match cmd {
         TokenCmd::Create { account, name } => {
-            let created = c.create_token(&TokenCreate { account_id: account, name }).await?;
+            let account_id = AccountId::parse("--account", &account)?;
+            let created = c.create_token(&TokenCreate { account_id, name }).await?;
             print(global, &created, |t| t.token.clone());
         }
         TokenCmd::Delete { id } => {
@@ -554,10 +557,10 @@ async fn sandbox(global: &Global, c: &Client, cmd: SandboxCmd) -> anyhow::Result
                         .iter()
                         .map(|s| {
                             vec![
-                                s.id.clone(),
+                                s.id.to_string(),
                                 s.state.as_str().into(),
                                 s.template.clone(),
-                                s.build_id.clone(),
+                                s.build_id.to_string(),
                             ]
                         })
                         .collect(),

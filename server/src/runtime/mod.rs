@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use warmpool_api::{
-    ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus, ProcessType,
-    TemplateSpec, WarmProcessSpec, START_PROCESS,
+    BuildId, ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus, ProcessType,
+    SandboxId, TemplateSpec, WarmProcessSpec, START_PROCESS,
 };
 
 use serde::{Deserialize, Serialize};
@@ -72,15 +72,39 @@ impl RuntimeError {
     }
 }
 
-/// What a sandbox runs and with what.
+/// What a start is for. The runtime knows it by [`Subject::id`] (its directory, container or pod, and
+/// `WARMPOOL_SANDBOX_ID` inside).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// A sandbox, started from its build's artifact.
+    Sandbox { id: SandboxId, build_id: BuildId },
+    /// A build's start-contract check, in (or, on Kubernetes, from) the build's own workspace.
+    Build(BuildId),
+}
+
+impl Subject {
+    pub fn id(&self) -> &str {
+        match self {
+            Subject::Sandbox { id, .. } => id,
+            Subject::Build(id) => id,
+        }
+    }
+
+    /// The build it belongs to: the sandbox's, or the build itself.
+    pub fn build_id(&self) -> &BuildId {
+        match self {
+            Subject::Sandbox { build_id, .. } | Subject::Build(build_id) => build_id,
+        }
+    }
+}
+
+/// What a sandbox (or a build's start-contract check) runs and with what.
 #[derive(Debug, Clone)]
 pub struct StartSpec {
-    pub sandbox_id: String,
+    pub subject: Subject,
     /// Whose sandbox (or build) it is, and the pool it is inventory of: labels on runtimes that keep any.
     pub account_id: String,
     pub pool_id: Option<String>,
-    /// The build whose artifact the sandbox starts from (None: a build's own start-contract check).
-    pub build_id: Option<String>,
     pub spec: TemplateSpec,
     /// Extra environment for start_cmd and warm processes (`envs`).
     pub envs: BTreeMap<String, String>,
@@ -152,17 +176,16 @@ pub trait Runtime: Send + Sync {
     /// Runs a template's build steps in the build's own workspace, appending their output to `log`.
     async fn run_build_steps(
         &self,
-        build_id: &str,
+        build_id: &BuildId,
         spec: &TemplateSpec,
         log: &std::path::Path,
     ) -> Result<(), RuntimeError>;
-    /// Starts procd in the build's workspace (the build's start-contract check).
-    async fn start_build(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError>;
     /// Turns the build's workspace, whose start contract passed, into the build's artifact.
-    async fn seal_artifact(&self, build_id: &str) -> Result<(), RuntimeError>;
-    async fn remove_artifact(&self, build_id: &str);
+    async fn seal_artifact(&self, build_id: &BuildId) -> Result<(), RuntimeError>;
+    async fn remove_artifact(&self, build_id: &BuildId);
 
-    /// Starts procd for a sandbox (does not wait for readiness).
+    /// Starts procd for a sandbox, or in a build's workspace for its start-contract check (does not wait for
+    /// readiness).
     async fn start(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError>;
     /// Waits until readiness passes, procd exits, or `timeout`.
     async fn wait_ready(&self, handle: &RuntimeHandle, timeout: Duration) -> Result<(), RuntimeError>;
@@ -239,7 +262,7 @@ pub fn warm_processes(spec: &StartSpec) -> Vec<WarmProcessSpec> {
     let base_cwd = working_dir(spec);
     let mut env: BTreeMap<String, String> = t.env.clone();
     env.extend(spec.envs.clone());
-    env.insert("WARMPOOL_SANDBOX_ID".into(), spec.sandbox_id.clone());
+    env.insert("WARMPOOL_SANDBOX_ID".into(), spec.subject.id().to_string());
     let mut processes = Vec::new();
     if let Some(cmd) = &t.start_cmd {
         let readiness = t.readiness.clone().map(|r| ProbeSpec {

@@ -13,7 +13,9 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
-use warmpool_api::{ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec};
+use warmpool_api::{
+    BuildId, ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec,
+};
 
 use super::{Runtime, RuntimeError, RuntimeHandle, StartSpec};
 
@@ -147,7 +149,7 @@ impl SimRuntime {
         if let Some(message) = script.start_fails {
             return Err(RuntimeError::Failed(message));
         }
-        let id = spec.sandbox_id.clone();
+        let id = spec.subject.id().to_string();
         let (ready, _) = watch::channel(ProbeStatus::Failed);
         let signal = ready.clone();
         let me = self.me.clone();
@@ -209,7 +211,7 @@ impl Runtime for SimRuntime {
 
     async fn run_build_steps(
         &self,
-        _build_id: &str,
+        _build_id: &BuildId,
         spec: &TemplateSpec,
         log: &std::path::Path,
     ) -> Result<(), RuntimeError> {
@@ -223,15 +225,11 @@ impl Runtime for SimRuntime {
         }
     }
 
-    async fn start_build(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
-        self.launch(&spec).await
-    }
-
-    async fn seal_artifact(&self, _build_id: &str) -> Result<(), RuntimeError> {
+    async fn seal_artifact(&self, _build_id: &BuildId) -> Result<(), RuntimeError> {
         Ok(())
     }
 
-    async fn remove_artifact(&self, _build_id: &str) {}
+    async fn remove_artifact(&self, _build_id: &BuildId) {}
 
     async fn start(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
         self.launch(&spec).await

@@ -12,6 +12,7 @@ use warmpool_api::{
 };
 
 use super::*;
+use warmpool_testkit::typed;
 
 /// A database and a way to open handles on it.
 #[async_trait::async_trait]
@@ -83,17 +84,17 @@ pub fn sandbox(id: &str, pool: &str) -> SandboxRow {
     SandboxRow {
         account_id: "acc_1".into(),
         sandbox: warmpool_api::Sandbox {
-            id: id.into(),
+            id: typed(id),
             template: "t".into(),
-            template_id: "tpl_1".into(),
-            build_id: "bld_1".into(),
+            template_id: typed("tpl_1"),
+            build_id: typed("bld_1"),
             state: SandboxState::Running,
             labels: Default::default(),
             created_at: Utc::now(),
             expires_at: None,
             warm_pool_checkout: None,
         },
-        pool_id: Some(pool.into()),
+        pool_id: Some(typed(pool)),
         lifecycle: Lifecycle::Ready,
         claimed_from: None,
         pool_generation: 0,
@@ -113,7 +114,7 @@ fn claim() -> ClaimUpdate {
         checkout: WarmPoolCheckout {
             source: CheckoutSource::WarmPool,
             hit: true,
-            id: "twp_1".into(),
+            id: typed("twp_1"),
             mode: CheckoutMode::Require,
             waited_ms: 0,
             fallback_reason: None,
@@ -129,10 +130,10 @@ pub fn pool(id: &str, name: &str) -> PoolRow {
     PoolRow {
         account_id: "acc_1".into(),
         pool: WarmPool {
-            id: id.into(),
+            id: typed(id),
             name: name.into(),
             template: "t".into(),
-            template_id: "tpl_1".into(),
+            template_id: typed("tpl_1"),
             version_policy: VersionPolicy::PinnedBuild,
             track_tag: None,
             min_ready: 1,
@@ -208,7 +209,7 @@ async fn a_claim_writes_the_whole_row(db: &dyn Backend) {
     ready.pool_generation = 3;
     store.insert_sandbox(&ready).await.unwrap();
     let mut other_build = sandbox("sbx_0", "twp_1");
-    other_build.sandbox.build_id = "bld_0".into();
+    other_build.sandbox.build_id = typed("bld_0");
     other_build.ready_at = Some(Utc::now() - chrono::Duration::seconds(60));
     store.insert_sandbox(&other_build).await.unwrap();
 
@@ -223,7 +224,7 @@ async fn a_claim_writes_the_whole_row(db: &dyn Backend) {
     expected.account_id = "acc_2".into();
     expected.pool_id = None;
     expected.lifecycle = Lifecycle::Claimed;
-    expected.claimed_from = Some("twp_1".into());
+    expected.claimed_from = Some(typed("twp_1"));
     expected.sandbox.labels = update.labels.clone();
     expected.sandbox.warm_pool_checkout = Some(update.checkout.clone());
     expected.sandbox.created_at = update.created_at;
@@ -245,7 +246,7 @@ async fn duplicate_names_are_conflicts(db: &dyn Backend) {
     let spec = warmpool_api::TemplateSpec { name: "api".into(), ..Default::default() };
     let row = |id: &str| TemplateRow {
         account_id: "acc_1".into(),
-        template: warmpool_api::Template::from_spec(id.into(), spec.clone(), Utc::now(), Utc::now()),
+        template: warmpool_api::Template::from_spec(typed(id), spec.clone(), Utc::now(), Utc::now()),
     };
     store.insert_template(&row("tpl_1")).await.unwrap();
     assert!(matches!(store.insert_template(&row("tpl_2")).await, Err(StoreError::Conflict(_))));
@@ -279,7 +280,7 @@ async fn every_resource_round_trips(db: &dyn Backend) {
     let store = db.open().await;
     let now = Utc::now();
     let account = warmpool_api::Account {
-        id: "acc_1".into(),
+        id: typed("acc_1"),
         name: "team".into(),
         quotas: warmpool_api::Quotas { max_sandboxes: Some(50), max_warm_sandboxes: Some(50) },
         allow_host_network: true,
@@ -295,8 +296,8 @@ async fn every_resource_round_trips(db: &dyn Backend) {
     assert_eq!(store.list_accounts(&Page::ALL).await.unwrap(), vec![account]);
 
     let token = TokenRow {
-        id: "tok_1".into(),
-        account_id: Some("acc_1".into()),
+        id: typed("tok_1"),
+        account_id: Some(typed("acc_1")),
         name: None,
         hash: "abc".into(),
         admin: true,
@@ -312,19 +313,19 @@ async fn every_resource_round_trips(db: &dyn Backend) {
     assert!(!store.delete_token("tok_1").await.unwrap());
     // An exchanged token keeps its expiry and the policy it came from.
     let exchanged = TokenRow {
-        id: "tok_2".into(),
+        id: typed("tok_2"),
         hash: "def".into(),
         admin: false,
         expires_at: Some(now + chrono::Duration::seconds(60)),
-        trust_policy: Some("trp_1".into()),
+        trust_policy: Some(typed("trp_1")),
         ..token.clone()
     };
     store.insert_token(&exchanged).await.unwrap();
     assert_eq!(store.token_by_hash("def").await.unwrap(), Some(exchanged));
 
     let policy = |id: &str, account: &str, name: &str, issuer: &str| warmpool_api::TrustPolicy {
-        id: id.into(),
-        account_id: account.into(),
+        id: typed(id),
+        account_id: typed(account),
         name: name.into(),
         issuer: issuer.into(),
         audience: "warmpool".into(),
@@ -358,8 +359,8 @@ async fn every_resource_round_trips(db: &dyn Backend) {
     let build = |id: &str, status: warmpool_api::BuildStatus, at| BuildRow {
         account_id: "acc_1".into(),
         build: warmpool_api::Build {
-            id: id.into(),
-            template_id: "tpl_1".into(),
+            id: typed(id),
+            template_id: typed("tpl_1"),
             status,
             tags: vec![],
             error: None,
@@ -379,7 +380,7 @@ async fn every_resource_round_trips(db: &dyn Backend) {
         .await
         .unwrap()
         .into_iter()
-        .map(|b| b.build.id)
+        .map(|b| b.build.id.into())
         .collect();
     assert_eq!(building, vec!["bld_2"]);
     let page: Vec<String> = store
@@ -387,7 +388,7 @@ async fn every_resource_round_trips(db: &dyn Backend) {
         .await
         .unwrap()
         .into_iter()
-        .map(|b| b.build.id)
+        .map(|b| b.build.id.into())
         .collect();
     assert_eq!(page, vec!["bld_2"], "builds page by id");
     store.update_build(&build("bld_2", Failed, now)).await.unwrap();
@@ -404,7 +405,7 @@ async fn every_resource_round_trips(db: &dyn Backend) {
     let lease = LeaseRow {
         account_id: "acc_1".into(),
         lease: warmpool_api::Lease {
-            pool_id: "twp_1".into(),
+            pool_id: typed("twp_1"),
             key: "ci/1".into(),
             count: 2,
             ttl_seconds: 60,
@@ -434,7 +435,7 @@ async fn lists_page_in_id_order(db: &dyn Backend) {
     let store = db.open().await;
     for (id, name) in [("acc_c", "a"), ("acc_a", "c"), ("acc_b", "b")] {
         let account = warmpool_api::Account {
-            id: id.into(),
+            id: typed(id),
             name: name.into(),
             quotas: Default::default(),
             allow_host_network: false,
@@ -443,7 +444,7 @@ async fn lists_page_in_id_order(db: &dyn Backend) {
         store.insert_account(&account).await.unwrap();
     }
     let ids = async |page: &Page| -> Vec<String> {
-        store.list_accounts(page).await.unwrap().into_iter().map(|a| a.id).collect()
+        store.list_accounts(page).await.unwrap().into_iter().map(|a| a.id.into()).collect()
     };
     assert_eq!(ids(&Page::ALL).await, ["acc_a", "acc_b", "acc_c"]);
     assert_eq!(ids(&Page { after: None, limit: 2 }).await, ["acc_a", "acc_b"]);
@@ -453,7 +454,7 @@ async fn lists_page_in_id_order(db: &dyn Backend) {
         store.insert_pool(&pool(id, name)).await.unwrap();
     }
     let pools = async |page: &Page| -> Vec<String> {
-        store.page_pools("acc_1", page).await.unwrap().into_iter().map(|p| p.pool.id).collect()
+        store.page_pools("acc_1", page).await.unwrap().into_iter().map(|p| p.pool.id.into()).collect()
     };
     assert_eq!(pools(&Page { after: None, limit: 2 }).await, ["twp_1", "twp_2"]);
     assert_eq!(pools(&Page { after: Some("twp_2".into()), limit: 2 }).await, ["twp_3"]);

@@ -22,8 +22,8 @@ pub use crate::runtime::RuntimeHandle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 use warmpool_api::{
-    Account, Build, Lease, Sandbox, Template, TemplateSpec, TimeoutPolicy, TrustPolicy, WarmPool,
-    WarmPoolCheckout,
+    Account, AccountId, Build, Lease, PoolId, Sandbox, Template, TemplateSpec, TimeoutPolicy, TokenId,
+    TrustPolicy, TrustPolicyId, WarmPool, WarmPoolCheckout,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -76,6 +76,14 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// An id read back from a column of its own (a wrong prefix means the database was changed behind our back).
+pub fn stored_id<T: TryFrom<String, Error = String>>(
+    what: &'static str,
+    value: impl Into<String>,
+) -> StoreResult<T> {
+    T::try_from(value.into()).map_err(|e| StoreError::Corrupt { what, source: e.into() })
+}
+
 impl From<serde_json::Error> for StoreError {
     fn from(e: serde_json::Error) -> Self {
         StoreError::Corrupt { what: "JSON column", source: Box::new(e) }
@@ -116,8 +124,8 @@ impl Page {
 /// An API token: only its SHA-256 is stored. Admin tokens have no account.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenRow {
-    pub id: String,
-    pub account_id: Option<String>,
+    pub id: TokenId,
+    pub account_id: Option<AccountId>,
     pub name: Option<String>,
     pub hash: String,
     pub admin: bool,
@@ -127,7 +135,7 @@ pub struct TokenRow {
     pub expires_at: Option<DateTime<Utc>>,
     /// The trust policy that admitted the exchange this token came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trust_policy: Option<String>,
+    pub trust_policy: Option<TrustPolicyId>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -237,10 +245,10 @@ pub struct SandboxRow {
     pub account_id: String,
     pub sandbox: Sandbox,
     /// Inventory of this pool (None for cold sandboxes and after a checkout).
-    pub pool_id: Option<String>,
+    pub pool_id: Option<PoolId>,
     pub lifecycle: Lifecycle,
     /// The pool it was checked out from.
-    pub claimed_from: Option<String>,
+    pub claimed_from: Option<PoolId>,
     /// The pool's `rollout_generation` this sandbox was started for.
     #[serde(default)]
     pub pool_generation: u64,
@@ -343,7 +351,7 @@ impl SandboxColumns {
     fn of(row: &SandboxRow) -> StoreResult<SandboxColumns> {
         Ok(SandboxColumns {
             json: serde_json::to_string(row)?,
-            pool_id: row.pool_id.clone(),
+            pool_id: row.pool_id.as_ref().map(|p| p.to_string()),
             lifecycle: row.lifecycle.as_str(),
             state: row.sandbox.state.as_str(),
             ready_at: row.ready_at.as_ref().map(ts),

@@ -459,7 +459,7 @@ impl Store for PgStore {
         let json = serde_json::to_string(a)?;
         self.query(
             "INSERT INTO accounts (id, name, json) VALUES ($1, $2, $3::jsonb)",
-            &[text(&a.id), text(&a.name), text(&json)],
+            &[text(&a.id.as_str()), text(&a.name), text(&json)],
         )
         .await?;
         Ok(())
@@ -479,7 +479,7 @@ impl Store for PgStore {
         let json = serde_json::to_string(a)?;
         self.query(
             "UPDATE accounts SET name = $2, json = $3::jsonb WHERE id = $1",
-            &[text(&a.id), text(&a.name), text(&json)],
+            &[text(&a.id.as_str()), text(&a.name), text(&json)],
         )
         .await?;
         Ok(())
@@ -489,7 +489,7 @@ impl Store for PgStore {
         let json = serde_json::to_string(t)?;
         self.query(
             "INSERT INTO tokens (id, hash, admin, json) VALUES ($1, $2, $3, $4::jsonb)",
-            &[text(&t.id), text(&t.hash), (&t.admin, Type::BOOL), text(&json)],
+            &[text(&t.id.as_str()), text(&t.hash), (&t.admin, Type::BOOL), text(&json)],
         )
         .await?;
         Ok(())
@@ -508,7 +508,7 @@ impl Store for PgStore {
         let json = serde_json::to_string(p)?;
         self.query(
             "INSERT INTO trust_policies (id, account_id, name, issuer, json) VALUES ($1, $2, $3, $4, $5::jsonb)",
-            &[text(&p.id), text(&p.account_id), text(&p.name), text(&p.issuer), text(&json)],
+            &[text(&p.id.as_str()), text(&p.account_id.as_str()), text(&p.name), text(&p.issuer), text(&json)],
         ).await
         .map_err(conflict_as(format!("trust policy {:?}", p.name)))?;
         Ok(())
@@ -547,7 +547,7 @@ impl Store for PgStore {
         let json = serde_json::to_string(row)?;
         self.query(
             "INSERT INTO templates (id, account_id, name, json) VALUES ($1, $2, $3, $4::jsonb)",
-            &[text(&t.id), text(&row.account_id), text(&t.name), text(&json)],
+            &[text(&t.id.as_str()), text(&row.account_id), text(&t.name), text(&json)],
         )
         .await
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
@@ -573,7 +573,7 @@ impl Store for PgStore {
         let json = serde_json::to_string(row)?;
         self.query(
             "UPDATE templates SET name = $2, json = $3::jsonb WHERE id = $1",
-            &[text(&t.id), text(&t.name), text(&json)],
+            &[text(&t.id.as_str()), text(&t.name), text(&json)],
         )
         .await
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
@@ -594,7 +594,7 @@ impl Store for PgStore {
         let (created, json) = (ts(&b.created_at), serde_json::to_string(row)?);
         self.query(
             "INSERT INTO builds (id, template_id, status, created_at, json) VALUES ($1, $2, $3, $4, $5::jsonb)",
-            &[text(&b.id), text(&b.template_id), text(&b.status.as_str()), text(&created), text(&json)],
+            &[text(&b.id.as_str()), text(&b.template_id.as_str()), text(&b.status.as_str()), text(&created), text(&json)],
         ).await?;
         Ok(())
     }
@@ -630,7 +630,7 @@ impl Store for PgStore {
         self.query(
             "WITH u AS (UPDATE builds SET status = $2, json = $3::jsonb WHERE id = $1 RETURNING status)
              SELECT pg_notify('warmpool', '*') FROM u WHERE status IN ('ready', 'failed')",
-            &[text(&b.id), text(&b.status.as_str()), text(&json)],
+            &[text(&b.id.as_str()), text(&b.status.as_str()), text(&json)],
         )
         .await?;
         Ok(())
@@ -676,7 +676,12 @@ impl Store for PgStore {
             let updated_at = DateTime::parse_from_rfc3339(r.get::<_, &str>(2))
                 .map_err(|e| StoreError::Corrupt { what: "tag timestamp", source: Box::new(e) })?
                 .with_timezone(&Utc);
-            Ok(Tag { name: r.get(0), template_id: template_id.to_string(), build_id: r.get(1), updated_at })
+            Ok(Tag {
+                name: r.get(0),
+                template_id: stored_id("tag template id", template_id)?,
+                build_id: stored_id("tag build id", r.get::<_, String>(1))?,
+                updated_at,
+            })
         })
         .collect()
     }
@@ -698,7 +703,7 @@ impl Store for PgStore {
             "WITH i AS (INSERT INTO pools (id, account_id, name, rev, json) VALUES ($1, $2, $3, $4, $5::jsonb)
                  RETURNING id)
              SELECT pg_notify('warmpool', 'pool:' || id) FROM i",
-            &[text(&p.id), text(&row.account_id), text(&p.name), (&(row.rev as i64), Type::INT8), text(&json)],
+            &[text(&p.id.as_str()), text(&row.account_id), text(&p.name), (&(row.rev as i64), Type::INT8), text(&json)],
         ).await
         .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(())
@@ -739,7 +744,7 @@ impl Store for PgStore {
                 "WITH u AS (UPDATE pools SET name = $2, rev = $4 + 1, json = $3::jsonb WHERE id = $1 AND rev = $4
                      RETURNING id)
                  SELECT pg_notify('warmpool', 'pool:' || id) FROM u",
-                &[text(&p.id), text(&p.name), text(&json), (&(row.rev as i64), Type::INT8)],
+                &[text(&p.id.as_str()), text(&p.name), text(&json), (&(row.rev as i64), Type::INT8)],
             ).await
             .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(changed == 1)
@@ -763,7 +768,7 @@ impl Store for PgStore {
             "WITH u AS (INSERT INTO leases (pool_id, key, json) VALUES ($1, $2, $3::jsonb)
                  ON CONFLICT (pool_id, key) DO UPDATE SET json = excluded.json RETURNING pool_id)
              SELECT pg_notify('warmpool', 'pool:' || pool_id) FROM u",
-            &[text(&row.lease.pool_id), text(&row.lease.key), text(&json)],
+            &[text(&row.lease.pool_id.as_str()), text(&row.lease.key), text(&json)],
         )
         .await?;
         Ok(())
@@ -866,12 +871,12 @@ impl Store for PgStore {
             "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
             &[
-                text(&row.sandbox.id),
+                text(&row.sandbox.id.as_str()),
                 text(&row.account_id),
                 text(&pool_id),
                 text(&lifecycle),
-                text(&row.claimed_from),
-                text(&row.sandbox.build_id),
+                text(&row.claimed_from.as_deref()),
+                text(&row.sandbox.build_id.as_str()),
                 text(&state),
                 text(&ready_at),
                 text(&json),
@@ -910,11 +915,11 @@ impl Store for PgStore {
                  RETURNING COALESCE(pool_id, claimed_from) AS pool)
              SELECT pg_notify('warmpool', 'pool:' || pool) FROM u",
             &[
-                text(&row.sandbox.id),
+                text(&row.sandbox.id.as_str()),
                 text(&row.account_id),
                 text(&pool_id),
                 text(&lifecycle),
-                text(&row.claimed_from),
+                text(&row.claimed_from.as_deref()),
                 text(&state),
                 text(&ready_at),
                 text(&json),

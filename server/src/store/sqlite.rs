@@ -430,7 +430,7 @@ impl Db<'_> {
     fn insert_account(&mut self, a: &Account) -> StoreResult<()> {
         self.exec(
             "INSERT INTO accounts (id, name, json) VALUES (?1, ?2, ?3)",
-            params![a.id, a.name, serde_json::to_string(a)?],
+            params![a.id.as_str(), a.name, serde_json::to_string(a)?],
         )?;
         Ok(())
     }
@@ -446,7 +446,7 @@ impl Db<'_> {
     fn update_account(&mut self, a: &Account) -> StoreResult<()> {
         self.exec(
             "UPDATE accounts SET name = ?2, json = ?3 WHERE id = ?1",
-            params![a.id, a.name, serde_json::to_string(a)?],
+            params![a.id.as_str(), a.name, serde_json::to_string(a)?],
         )?;
         Ok(())
     }
@@ -454,7 +454,7 @@ impl Db<'_> {
     fn insert_token(&mut self, t: &TokenRow) -> StoreResult<()> {
         self.exec(
             "INSERT INTO tokens (id, hash, admin, json) VALUES (?1, ?2, ?3, ?4)",
-            params![t.id, t.hash, t.admin, serde_json::to_string(t)?],
+            params![t.id.as_str(), t.hash, t.admin, serde_json::to_string(t)?],
         )?;
         Ok(())
     }
@@ -472,7 +472,7 @@ impl Db<'_> {
     fn insert_trust_policy(&mut self, p: &TrustPolicy) -> StoreResult<()> {
         self.exec(
             "INSERT INTO trust_policies (id, account_id, name, issuer, json) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![p.id, p.account_id, p.name, p.issuer, serde_json::to_string(p)?],
+            params![p.id.as_str(), p.account_id.as_str(), p.name, p.issuer, serde_json::to_string(p)?],
         )
         .map_err(conflict_as(format!("trust policy {:?}", p.name)))?;
         Ok(())
@@ -497,7 +497,7 @@ impl Db<'_> {
         let t = &row.template;
         self.exec(
             "INSERT INTO templates (id, account_id, name, json) VALUES (?1, ?2, ?3, ?4)",
-            params![t.id, row.account_id, t.name, serde_json::to_string(row)?],
+            params![t.id.as_str(), row.account_id, t.name, serde_json::to_string(row)?],
         )
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
         Ok(())
@@ -518,7 +518,7 @@ impl Db<'_> {
         let t = &row.template;
         self.exec(
             "UPDATE templates SET name = ?2, json = ?3 WHERE id = ?1",
-            params![t.id, t.name, serde_json::to_string(row)?],
+            params![t.id.as_str(), t.name, serde_json::to_string(row)?],
         )
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
         Ok(())
@@ -537,7 +537,13 @@ impl Db<'_> {
         let b = &row.build;
         self.exec(
             "INSERT INTO builds (id, template_id, status, created_at, json) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![b.id, b.template_id, b.status.as_str(), ts(&b.created_at), serde_json::to_string(row)?],
+            params![
+                b.id.as_str(),
+                b.template_id.as_str(),
+                b.status.as_str(),
+                ts(&b.created_at),
+                serde_json::to_string(row)?
+            ],
         )?;
         Ok(())
     }
@@ -561,7 +567,7 @@ impl Db<'_> {
         let b = &row.build;
         self.exec(
             "UPDATE builds SET status = ?2, json = ?3 WHERE id = ?1",
-            params![b.id, b.status.as_str(), serde_json::to_string(row)?],
+            params![b.id.as_str(), b.status.as_str(), serde_json::to_string(row)?],
         )?;
         Ok(())
     }
@@ -603,7 +609,12 @@ impl Db<'_> {
             let updated_at = DateTime::parse_from_rfc3339(&updated_at)
                 .map_err(|e| StoreError::Corrupt { what: "tag timestamp", source: Box::new(e) })?
                 .with_timezone(&Utc);
-            out.push(Tag { name, template_id: template_id.to_string(), build_id, updated_at });
+            out.push(Tag {
+                name,
+                template_id: stored_id("tag template id", template_id)?,
+                build_id: stored_id("tag build id", build_id)?,
+                updated_at,
+            });
         }
         Ok(out)
     }
@@ -615,7 +626,7 @@ impl Db<'_> {
         let p = &row.pool;
         self.exec(
             "INSERT INTO pools (id, account_id, name, rev, json) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![p.id, row.account_id, p.name, row.rev as i64, serde_json::to_string(row)?],
+            params![p.id.as_str(), row.account_id, p.name, row.rev as i64, serde_json::to_string(row)?],
         )
         .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(())
@@ -647,7 +658,7 @@ impl Db<'_> {
         let changed = self
             .exec(
                 "UPDATE pools SET name = ?2, rev = ?4 + 1, json = ?3 WHERE id = ?1 AND rev = ?4",
-                params![p.id, p.name, serde_json::to_string(&next)?, row.rev as i64],
+                params![p.id.as_str(), p.name, serde_json::to_string(&next)?, row.rev as i64],
             )
             .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(changed == 1)
@@ -673,7 +684,7 @@ impl Db<'_> {
         self.exec(
             "INSERT INTO leases (pool_id, key, json) VALUES (?1, ?2, ?3)
              ON CONFLICT (pool_id, key) DO UPDATE SET json = excluded.json",
-            params![row.lease.pool_id, row.lease.key, serde_json::to_string(row)?],
+            params![row.lease.pool_id.as_str(), row.lease.key, serde_json::to_string(row)?],
         )?;
         Ok(())
     }
@@ -764,7 +775,7 @@ impl Db<'_> {
         self.exec(
             "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![row.sandbox.id, row.account_id, pool_id, lifecycle, row.claimed_from, row.sandbox.build_id, state, ready_at, json],
+            params![row.sandbox.id.as_str(), row.account_id, pool_id, lifecycle, row.claimed_from.as_deref(), row.sandbox.build_id.as_str(), state, ready_at, json],
         )?;
         Ok(())
     }
@@ -791,7 +802,7 @@ impl Db<'_> {
                  ready_at = ?7, json = ?8 WHERE id = ?1 AND lifecycle IN ({})",
                 lifecycles(expected)
             ),
-            params![row.sandbox.id, row.account_id, pool_id, lifecycle, row.claimed_from, state, ready_at, json],
+            params![row.sandbox.id.as_str(), row.account_id, pool_id, lifecycle, row.claimed_from.as_deref(), state, ready_at, json],
         )?;
         Ok(changed == 1)
     }
@@ -842,7 +853,7 @@ impl Db<'_> {
         let changed = tx.execute(
             "UPDATE sandboxes SET account_id = ?2, pool_id = NULL, lifecycle = 'claimed', claimed_from = ?3,
              json = ?4 WHERE id = ?1 AND lifecycle = 'ready'",
-            params![row.sandbox.id, row.account_id, pool_id, json],
+            params![row.sandbox.id.as_str(), row.account_id, pool_id, json],
         )?;
         if changed != 1 {
             return Ok(None);

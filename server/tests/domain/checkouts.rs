@@ -53,7 +53,7 @@ async fn the_three_modes_and_their_fallbacks() {
         )
         .await
         .unwrap();
-    let req = SandboxCreate { warm_pool: Some(pool.id.clone()), ..Default::default() };
+    let req = SandboxCreate { warm_pool: Some(pool.id.to_string()), ..Default::default() };
     let s = cp.client.create_sandbox(&req).await.unwrap();
     assert_eq!(s.warm_pool_checkout.unwrap().mode, CheckoutMode::Bypass);
 }
@@ -270,7 +270,7 @@ async fn random_interleavings_never_double_claim_or_leak() {
             .unwrap()
             .into_iter()
             .filter(|r| r.lifecycle != warmpool_server::store::Lifecycle::Failed)
-            .map(|r| r.sandbox.id)
+            .map(|r| r.sandbox.id.into())
             .collect();
         let live: HashSet<String> = cp.sim.live().into_iter().filter(|id| id.starts_with("sbx_")).collect();
         if rows == live {

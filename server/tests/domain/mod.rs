@@ -150,7 +150,7 @@ impl SimPlane {
             .unwrap()
             .into_iter()
             .filter(|r| r.lifecycle == warmpool_server::store::Lifecycle::Ready)
-            .map(|r| r.sandbox.id)
+            .map(|r| r.sandbox.id.into())
             .collect()
     }
 }

@@ -64,7 +64,7 @@ async fn a_moved_tag_rolls_the_pool_without_emptying_it() {
             .unwrap()
             .into_iter()
             .filter(|r| r.lifecycle == warmpool_server::store::Lifecycle::Ready)
-            .map(|r| r.sandbox.build_id)
+            .map(|r| r.sandbox.build_id.into())
             .collect();
         if ready_builds.len() == 3 && ready_builds.iter().all(|b| *b == second.id) {
             assert_eq!((s.rollout_generation, s.resolved_build_id.as_deref()), (2, Some(second.id.as_str())));

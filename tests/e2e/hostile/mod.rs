@@ -43,14 +43,14 @@ pub fn boxed(network: NetworkMode) -> SandboxCreate {
 }
 
 /// Host addresses held by the sandboxes (and builds) `ids` in the host-wide address directory.
-pub fn addresses_of(ids: &[String]) -> Vec<String> {
+pub fn addresses_of(ids: &[impl AsRef<str>]) -> Vec<String> {
     std::fs::read_dir("/run/warmpool/ipam/warmpool")
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| {
             let owner = std::fs::read_to_string(e.path()).unwrap_or_default();
-            owner.lines().next().is_some_and(|o| ids.iter().any(|id| id == o.trim()))
+            owner.lines().next().is_some_and(|o| ids.iter().any(|id| id.as_ref() == o.trim()))
         })
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect()

@@ -81,7 +81,7 @@ async fn a_sandbox_cannot_replace_or_redirect_its_procd_channel() {
 
     server.kill9();
     let server = ServerProcess::start(&data, &[]);
-    let hostname = |c: Client, id: String| async move {
+    let hostname = |c: Client, id: SandboxId| async move {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match c.exec(&id, &ExecRequest { command: vec!["hostname".into()], ..Default::default() }).await {

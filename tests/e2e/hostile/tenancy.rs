@@ -51,7 +51,7 @@ async fn host_networking_needs_an_account_an_admin_allowed() {
     let mut attempts = vec![host_network(cold("box"))];
     for mode in [CheckoutMode::Prefer, CheckoutMode::Require, CheckoutMode::Bypass] {
         attempts.push(host_network(SandboxCreate {
-            warm_pool: Some(pool.id.clone()),
+            warm_pool: Some(pool.id.to_string()),
             warm_pool_mode: Some(mode),
             ..Default::default()
         }));

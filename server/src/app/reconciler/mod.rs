@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
-use warmpool_api::{BuildStatus, DegradedReason, Sandbox, SandboxState};
+use warmpool_api::{BuildStatus, DegradedReason, Sandbox, SandboxId, SandboxState};
 
 use crate::app::lifecycle::StartError;
 use crate::app::pools::{start_rollout, PREWARM_FAILURE_LIMIT};
 
 mod plan;
 use crate::app::{new_id, App, AppError};
-use crate::runtime::StartSpec;
+use crate::runtime::{StartSpec, Subject};
 use crate::store::{BuildRow, LeaseRow, Lifecycle, PoolRow, RuntimeHandle, SandboxRow, TemplateRow};
 pub use plan::{plan, Member, Observed, Plan};
 
@@ -79,7 +79,7 @@ impl App {
             let (all, mut pools) = self.pokes.take();
             if all || due.is_empty() {
                 match self.store.list_pools(None).await {
-                    Ok(rows) => pools.extend(rows.into_iter().map(|r| r.pool.id)),
+                    Ok(rows) => pools.extend(rows.into_iter().map(|r| r.pool.id.into())),
                     Err(e) => {
                         tracing::error!(error = &e as &dyn std::error::Error, "Reconciler cannot list pools");
                         self.pokes.all();
@@ -302,7 +302,7 @@ impl App {
                 let sandbox_row = SandboxRow {
                     account_id: row.account_id.clone(),
                     sandbox: Sandbox {
-                        id: new_id(warmpool_api::id_prefix::SANDBOX),
+                        id: new_id(SandboxId::from_suffix),
                         template: template.template.name.clone(),
                         template_id: template.template.id.clone(),
                         build_id: build.build.id.clone(),
@@ -326,10 +326,12 @@ impl App {
                 // Inserted before anything starts: the next pass counts it, and a crash finds it.
                 self.store.insert_sandbox(&sandbox_row).await?;
                 let start = StartSpec {
-                    sandbox_id: sandbox_row.sandbox.id.clone(),
+                    subject: Subject::Sandbox {
+                        id: sandbox_row.sandbox.id.clone(),
+                        build_id: build.build.id.clone(),
+                    },
                     account_id: row.account_id.clone(),
-                    pool_id: Some(pool.id.clone()),
-                    build_id: Some(build.build.id.clone()),
+                    pool_id: Some(pool.id.to_string()),
                     spec,
                     envs: Default::default(),
                     cwd: None,
@@ -337,7 +339,7 @@ impl App {
                     network: Default::default(),
                 };
                 let app = self.clone();
-                let pool_id = pool.id.clone();
+                let pool_id = pool.id.to_string();
                 tokio::spawn(async move { app.prewarm(pool_id, sandbox_row, start).await });
             }
         }

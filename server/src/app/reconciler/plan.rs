@@ -1,7 +1,7 @@
 //! The reconciler's pure half: what a pool should do now, from what it wants and what is observed. No I/O;
 //! tested with tables and properties.
 
-use warmpool_api::{DegradedReason, PoolState};
+use warmpool_api::{DegradedReason, PoolState, SandboxId};
 
 use crate::app::lifecycle::StopCause;
 use crate::store::Lifecycle;
@@ -9,7 +9,7 @@ use crate::store::Lifecycle;
 /// A pool's unclaimed sandbox as the planner sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
-    pub id: String,
+    pub id: SandboxId,
     pub generation: u64,
     /// `warming`, `ready`, `draining` or `failed` (claimed sandboxes are no longer members).
     pub lifecycle: Lifecycle,
@@ -37,7 +37,7 @@ pub struct Observed {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
     pub start: u32,
-    pub stop: Vec<(String, StopCause)>,
+    pub stop: Vec<(SandboxId, StopCause)>,
     /// Why fewer sandboxes are started than the target needs.
     pub blocked: Vec<DegradedReason>,
 }
@@ -116,8 +116,9 @@ pub fn plan(o: &Observed) -> Plan {
 mod tests {
     use super::*;
 
+    /// Member `sbx_<id>`.
     fn member(id: &str, generation: u64, lifecycle: Lifecycle, age: Option<u64>) -> Member {
-        Member { id: id.into(), generation, lifecycle, ready_for_secs: age }
+        Member { id: SandboxId::from_suffix(id), generation, lifecycle, ready_for_secs: age }
     }
 
     fn observed(target: u32, members: Vec<Member>) -> Observed {
@@ -134,8 +135,9 @@ mod tests {
         }
     }
 
+    /// The stopped members, by the `id` given to [`member`].
     fn stops(p: &Plan) -> Vec<(&str, StopCause)> {
-        p.stop.iter().map(|(id, r)| (id.as_str(), *r)).collect()
+        p.stop.iter().map(|(id, r)| (&id[SandboxId::PREFIX.len()..], *r)).collect()
     }
 
     #[test]

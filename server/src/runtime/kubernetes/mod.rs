@@ -25,12 +25,12 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
 use tokio::sync::{mpsc, Notify};
 use warmpool_api::{
-    ExecRequest, ExecResult, LogLine, NetworkMode, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec,
+    BuildId, ExecRequest, ExecResult, LogLine, NetworkMode, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec,
 };
 use warmpool_procd::config::Listen;
 
 use super::procd::Procd;
-use super::{warm_processes, working_dir, Runtime, RuntimeError, RuntimeHandle, StartSpec};
+use super::{warm_processes, working_dir, Runtime, RuntimeError, RuntimeHandle, StartSpec, Subject};
 use crate::secrets::Secrets;
 use pod::{PodPlan, BUILD_LABEL, MANAGED, PROCD_PORT, SANDBOX_CONTAINER, SANDBOX_LABEL};
 
@@ -167,14 +167,15 @@ impl KubernetesRuntime {
     }
 
     /// The pod of a sandbox, a build's steps or a build's start-contract run. `artifact` is the build whose
-    /// artifact the pod starts from.
+    /// artifact the pod starts from (none for a build's steps).
     fn plan(&self, name: String, spec: &StartSpec, artifact: Option<&str>, processes: bool) -> PodPlan {
         let warm = if processes { warm_processes(spec) } else { Vec::new() };
-        let mut labels = pod::labels(if spec.sandbox_id.starts_with("bld_") { "build" } else { "sandbox" });
-        labels.insert(SANDBOX_LABEL.into(), spec.sandbox_id.clone());
-        if let Some(b) = spec.build_id.as_deref().or(artifact) {
-            labels.insert(BUILD_LABEL.into(), b.into());
-        }
+        let mut labels = pod::labels(match spec.subject {
+            Subject::Build(_) => "build",
+            Subject::Sandbox { .. } => "sandbox",
+        });
+        labels.insert(SANDBOX_LABEL.into(), spec.subject.id().into());
+        labels.insert(BUILD_LABEL.into(), spec.subject.build_id().to_string());
         if let Some(p) = &spec.pool_id {
             labels.insert(pod::POOL_LABEL.into(), p.clone());
         }
@@ -188,7 +189,7 @@ impl KubernetesRuntime {
             image: spec.spec.image.clone().unwrap_or_else(|| self.image.clone()),
             warmpool_image: self.image.clone(),
             procd_config: serde_json::json!({"token_file": "/config/token", "warm_processes": warm, "env": super::procd_env(&spec.spec)}),
-            procd_token: self.procd.token(&spec.sandbox_id),
+            procd_token: self.procd.token(spec.subject.id()),
             artifact: artifact.map(|b| {
                 (
                     format!("{}/v1/builds/{b}/artifact", self.advertise_url),
@@ -340,15 +341,14 @@ impl Runtime for KubernetesRuntime {
 
     async fn run_build_steps(
         &self,
-        build_id: &str,
+        build_id: &BuildId,
         spec: &TemplateSpec,
         log: &Path,
     ) -> Result<(), RuntimeError> {
         let start = StartSpec {
-            sandbox_id: build_id.to_string(),
+            subject: Subject::Build(build_id.clone()),
             account_id: String::new(),
             pool_id: None,
-            build_id: Some(build_id.to_string()),
             spec: spec.clone(),
             envs: Default::default(),
             cwd: None,
@@ -372,21 +372,14 @@ impl Runtime for KubernetesRuntime {
         result.map(|size| tracing::info!(build = %build_id, bytes = size, "Artifact packed"))
     }
 
-    async fn start_build(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
-        let id = spec.sandbox_id.clone();
-        let plan = self.plan(pod::pod_name(&id), &spec, Some(&id), true);
-        self.replace(&plan.name).await?;
-        self.create(&plan, !warm_processes(&spec).is_empty(), &id).await
-    }
-
-    async fn seal_artifact(&self, build_id: &str) -> Result<(), RuntimeError> {
+    async fn seal_artifact(&self, build_id: &BuildId) -> Result<(), RuntimeError> {
         match self.artifact_path(build_id).exists() {
             true => Ok(()),
             false => Err(RuntimeError::Failed(format!("build {build_id} has no packed artifact"))),
         }
     }
 
-    async fn remove_artifact(&self, build_id: &str) {
+    async fn remove_artifact(&self, build_id: &BuildId) {
         let name = pod::pod_name(build_id);
         let _ = self.delete(&format!("{name}-steps")).await;
         let _ = self.delete(&name).await;
@@ -394,6 +387,13 @@ impl Runtime for KubernetesRuntime {
     }
 
     async fn start(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
+        let id = spec.subject.id();
+        // Both start from an artifact: a build's start-contract check from the one its steps' pod packed.
+        let plan = self.plan(pod::pod_name(id), &spec, Some(spec.subject.build_id()), true);
+        if let Subject::Build(_) = spec.subject {
+            self.replace(&plan.name).await?;
+            return self.create(&plan, !warm_processes(&spec).is_empty(), id).await;
+        }
         if let Some(v) = spec.volumes.first() {
             return Err(RuntimeError::Invalid {
                 field: "volumes",
@@ -406,8 +406,7 @@ impl Runtime for KubernetesRuntime {
                 message: "host networking is not available on the kubernetes runtime".into(),
             });
         }
-        let plan = self.plan(pod::pod_name(&spec.sandbox_id), &spec, spec.build_id.as_deref(), true);
-        self.create(&plan, !warm_processes(&spec).is_empty(), &spec.sandbox_id).await
+        self.create(&plan, !warm_processes(&spec).is_empty(), id).await
     }
 
     async fn wait_ready(&self, handle: &RuntimeHandle, timeout: Duration) -> Result<(), RuntimeError> {

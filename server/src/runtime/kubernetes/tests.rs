@@ -8,7 +8,8 @@ use http::{Request, Response};
 use kube::client::Body;
 use serde_json::{json, Value};
 use tower_test::mock;
-use warmpool_api::Resources;
+use warmpool_api::{BuildId, Resources, SandboxId};
+use warmpool_testkit::typed;
 
 use super::*;
 
@@ -130,6 +131,7 @@ impl Harness {
     }
 }
 
+/// The start of sandbox `sbx_…` of build `bld_1`, or of build `bld_…`'s start-contract check.
 fn start_spec(id: &str) -> StartSpec {
     let spec: TemplateSpec = serde_json::from_value(json!({
         "name": "api",
@@ -141,10 +143,15 @@ fn start_spec(id: &str) -> StartSpec {
     }))
     .unwrap();
     StartSpec {
-        sandbox_id: id.into(),
+        subject: match BuildId::parse("id", id) {
+            Ok(build) => Subject::Build(build),
+            Err(_) => Subject::Sandbox {
+                id: SandboxId::parse("id", id).unwrap(),
+                build_id: BuildId::parse("build_id", "bld_1").unwrap(),
+            },
+        },
         account_id: "acc_1".into(),
         pool_id: Some("twp_1".into()),
-        build_id: Some("bld_1".into()),
         spec,
         envs: Default::default(),
         cwd: None,
@@ -381,10 +388,10 @@ async fn removing_a_build_deletes_both_of_its_pods_and_its_artifact() {
     let h = harness(vec![], vec![], calls).await;
     std::fs::write(h.runtime.artifact_path("bld_2"), b"x").unwrap();
     assert!(h.runtime.artifact_file("bld_2").is_some());
-    h.runtime.seal_artifact("bld_2").await.unwrap();
-    h.runtime.remove_artifact("bld_2").await;
+    h.runtime.seal_artifact(&typed("bld_2")).await.unwrap();
+    h.runtime.remove_artifact(&typed("bld_2")).await;
     assert!(h.runtime.artifact_file("bld_2").is_none());
-    assert!(h.runtime.seal_artifact("bld_2").await.is_err());
+    assert!(h.runtime.seal_artifact(&typed("bld_2")).await.is_err());
     h.verified().await;
 }
 
@@ -428,9 +435,7 @@ async fn a_build_retried_waits_for_its_old_pod_to_go_before_creating_it_again() 
         create,
     ];
     let h = harness(vec![], vec![], calls).await;
-    let mut spec = start_spec("bld_3");
-    spec.build_id = None;
-    let handle = h.runtime.start_build(spec).await.unwrap();
+    let handle = h.runtime.start(start_spec("bld_3")).await.unwrap();
     assert_eq!(handle.dir, "bld-3");
     h.verified().await;
 }

@@ -24,7 +24,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use warmpool_api::id_prefix;
+use warmpool_api::BuildId;
 
 use super::super::RuntimeError;
 
@@ -95,7 +95,7 @@ impl Disk {
 
     /// The layer directory of a sandbox or build (by its id's prefix).
     fn dir(&self, id: &str) -> PathBuf {
-        let kind = if id.starts_with(id_prefix::BUILD) { "builds" } else { "sandboxes" };
+        let kind = if BuildId::is(id) { "builds" } else { "sandboxes" };
         self.root.join(kind).join(id)
     }
 

@@ -42,13 +42,14 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use warmpool_api::{
-    ExecRequest, ExecResult, LogLine, NetworkMode, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec,
+    BuildId, ExecRequest, ExecResult, LogLine, NetworkMode, ProbeKind, ProbeResult, ProbeStatus, TemplateSpec,
 };
 use warmpool_procd::config::Listen;
 
 use super::procd::Procd;
 use super::{
     procd_env, warm_processes, working_dir, Runtime, RuntimeError, RuntimeHandle, StartPhase, StartSpec,
+    Subject,
 };
 use crate::secrets::Secrets;
 use layers::Overlay;
@@ -206,7 +207,12 @@ impl LocalRuntime {
     /// The lower layers below a container's own: the build's artifact (if any), then the template's image or, without
     /// one, the host base; and the host directories to bind (none with an image).
     async fn layers(&self, spec: &StartSpec) -> Result<(Vec<PathBuf>, Vec<String>), RuntimeError> {
-        let artifact = spec.build_id.iter().map(|b| self.artifact(b));
+        // A build's start-contract check runs in its own workspace, not on its artifact.
+        let artifact = match &spec.subject {
+            Subject::Sandbox { build_id, .. } => Some(self.artifact(build_id)),
+            Subject::Build(_) => None,
+        }
+        .into_iter();
         Ok(match &spec.spec.image {
             Some(image) => {
                 let _unpacking = self.images.lock().await;
@@ -639,7 +645,7 @@ impl Runtime for LocalRuntime {
 
     async fn run_build_steps(
         &self,
-        build_id: &str,
+        build_id: &BuildId,
         spec: &TemplateSpec,
         log: &Path,
     ) -> Result<(), RuntimeError> {
@@ -649,10 +655,9 @@ impl Runtime for LocalRuntime {
         self.disk.remove(build_id).await;
         std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the build directory"))?;
         let start = StartSpec {
-            sandbox_id: build_id.to_string(),
+            subject: Subject::Build(build_id.clone()),
             account_id: String::new(),
             pool_id: None,
-            build_id: None,
             spec: spec.clone(),
             envs: Default::default(),
             cwd: None,
@@ -669,19 +674,14 @@ impl Runtime for LocalRuntime {
         result
     }
 
-    async fn start_build(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
-        let dir = self.build_dir(&spec.sandbox_id);
-        self.launch(&spec.sandbox_id, &dir, &spec, true).await
-    }
-
-    async fn seal_artifact(&self, build_id: &str) -> Result<(), RuntimeError> {
+    async fn seal_artifact(&self, build_id: &BuildId) -> Result<(), RuntimeError> {
         let dir = self.build_dir(build_id);
         self.disk.seal(build_id).await?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 
-    async fn remove_artifact(&self, build_id: &str) {
+    async fn remove_artifact(&self, build_id: &BuildId) {
         let dir = self.build_dir(build_id);
         self.teardown(build_id, &dir, None).await;
         self.disk.remove(build_id).await;
@@ -690,9 +690,15 @@ impl Runtime for LocalRuntime {
     }
 
     async fn start(&self, spec: StartSpec) -> Result<RuntimeHandle, RuntimeError> {
-        let id = spec.sandbox_id.clone();
-        let dir = self.sandbox_dir(&id);
-        std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the sandbox directory"))?;
+        let id = spec.subject.id().to_string();
+        let dir = match &spec.subject {
+            Subject::Build(build_id) => self.build_dir(build_id),
+            Subject::Sandbox { id, .. } => {
+                let dir = self.sandbox_dir(id);
+                std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the sandbox directory"))?;
+                dir
+            }
+        };
         self.launch(&id, &dir, &spec, true).await
     }
 
