@@ -94,8 +94,8 @@ pub struct PoolDemand {
     /// Claims and hits counted in the window.
     pub claims: u64,
     pub hits: u64,
-    /// Claims per minute of the last 15 s, over the time those claims span (at least 5 s): a burst shows here
-    /// within seconds, before the window's average moves.
+    /// Claims per minute of the last 15 s (over the time they span, at least 5 s, when they began after a quiet
+    /// spell): a burst shows here within seconds, before the window's average moves.
     pub recent_claims_per_minute: f64,
     /// The rate the recommendation uses: the larger of the window's and the recent one, per second.
     pub claims_per_second: f64,

@@ -20,27 +20,25 @@ macro_rules! ids {
             /// What every id of this kind starts with.
             pub const PREFIX: &'static str = $prefix;
 
-            /// The id whose part after the prefix is `suffix` (a fresh id takes random hex).
+            /// The id whose part after the prefix is `suffix` (a fresh id takes random hex); the suffix is made of
+            /// letters, digits, `-` and `_`.
             pub fn from_suffix(suffix: impl fmt::Display) -> Self {
-                $name(format!("{}{suffix}", Self::PREFIX))
+                let id = format!("{}{suffix}", Self::PREFIX);
+                debug_assert!(Self::is(&id), "{id:?} is not a valid id");
+                $name(id)
             }
 
             /// `value` as an id of this kind, or a 400 naming `field`.
             pub fn parse(field: &str, value: &str) -> Result<Self, FieldError> {
-                Self::check(value).map_err(|message| FieldError::new(field, message))
+                Self::try_from(value.to_string()).map_err(|message| FieldError::new(field, message))
             }
 
-            /// Whether `value` has this kind's prefix (and something after it).
+            /// Whether `value` is this kind's prefix followed by letters, digits, `-` or `_` (an id is safe as a
+            /// file name and in a URL path).
             pub fn is(value: &str) -> bool {
-                value.len() > Self::PREFIX.len() && value.starts_with(Self::PREFIX)
-            }
-
-            fn check(value: &str) -> Result<Self, String> {
-                if Self::is(value) {
-                    Ok($name(value.to_string()))
-                } else {
-                    Err(format!("{value:?} is not {} id ({}…)", $what, Self::PREFIX))
-                }
+                value.strip_prefix(Self::PREFIX).is_some_and(|rest| {
+                    !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
             }
 
             pub fn as_str(&self) -> &str {
@@ -54,7 +52,7 @@ macro_rules! ids {
                 if Self::is(&value) {
                     Ok($name(value))
                 } else {
-                    Self::check(&value)
+                    Err(format!("{value:?} is not {} id ({}…)", $what, Self::PREFIX))
                 }
             }
         }
@@ -161,7 +159,7 @@ mod tests {
         let id: SandboxId = serde_json::from_str("\"sbx_1a\"").unwrap();
         assert_eq!(id, "sbx_1a");
         assert_eq!(serde_json::to_string(&id).unwrap(), "\"sbx_1a\"");
-        for bad in ["\"bld_1a\"", "\"sbx_\"", "\"\"", "\"1a\""] {
+        for bad in ["\"bld_1a\"", "\"sbx_\"", "\"\"", "\"1a\"", "\"sbx_../x\"", "\"sbx_a/b\""] {
             let e = serde_json::from_str::<SandboxId>(bad).unwrap_err().to_string();
             assert!(e.contains("is not a sandbox id (sbx_…)"), "{bad}: {e}");
         }

@@ -17,6 +17,7 @@ use crate::convert::{
     FIELD_METADATA, REASON_METADATA,
 };
 use crate::files::{ChannelReader, FilesError, Root};
+use crate::output::{Chunk, CombinedOutput, StreamName, StreamOutput};
 use crate::probes::Probes;
 use crate::proto::procd_server::Procd;
 use crate::proto::*;
@@ -216,6 +217,36 @@ async fn wait_exit(process: &Process) -> Option<supervisor::Exit> {
 /// Largest chunk sent in one `ReadOutput` message.
 const CHUNK: usize = 64 * 1024;
 
+/// What a `ReadOutput` follows: both streams as they were written, or one.
+enum Followed {
+    Combined(Arc<CombinedOutput>),
+    One(StreamName, Arc<StreamOutput>),
+}
+
+impl Followed {
+    fn changed(&self) -> &tokio::sync::Notify {
+        match self {
+            Followed::Combined(out) => &out.changed,
+            Followed::One(_, out) => &out.changed,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Followed::Combined(out) => out.is_closed(),
+            Followed::One(_, out) => out.is_closed(),
+        }
+    }
+
+    /// Up to [`CHUNK`] bytes from `offset`, and the stream they came from.
+    fn read(&self, offset: u64) -> (Chunk, StreamName) {
+        match self {
+            Followed::Combined(out) => out.read(offset, CHUNK),
+            Followed::One(name, out) => (out.read(offset, CHUNK), *name),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Procd for ProcdService {
     async fn probe(&self, req: Request<ProbeRequest>) -> Result<Response<ProbeResult>, Status> {
@@ -311,62 +342,39 @@ impl Procd for ProcdService {
         let process = self.sup.get(&r.process).map_err(status_of)?;
         let follow = r.follow;
         let mut offset = r.offset;
-        if r.stream == i32::from(crate::proto::Stream::Combined) {
-            let out = process.combined.clone();
-            let stream = async_stream::try_stream! {
-                loop {
-                    let changed = out.changed.notified();
-                    let closed = out.is_closed();
-                    let (chunk, name) = out.read(offset, CHUNK);
-                    if !chunk.data.is_empty() || chunk.dropped > 0 {
-                        offset = chunk.offset + chunk.data.len() as u64;
-                        yield OutputChunk {
-                            offset: chunk.offset,
-                            data: chunk.data,
-                            dropped: chunk.dropped,
-                            stream: stream_to_proto(name).into(),
-                            ..Default::default()
-                        };
-                        continue;
-                    }
-                    if closed || !follow {
-                        // The exit is set just after the output closes: wait for it briefly.
-                        let exit = if closed { wait_exit(&process).await } else { None };
-                        yield OutputChunk {
-                            offset,
-                            eof: closed,
-                            exit_code: exit.map(|e| e.code),
-                            signal: exit.and_then(|e| e.signal),
-                            ..Default::default()
-                        };
-                        break;
-                    }
-                    let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
-                }
-            };
-            return Ok(Response::new(Box::pin(stream)));
-        }
-        let stream_name = stream_from_proto(r.stream)
-            .ok_or_else(|| Status::invalid_argument(format!("unknown stream {}", r.stream)))?;
-        let out = process.stream(stream_name).clone();
+        let out = if r.stream == i32::from(crate::proto::Stream::Combined) {
+            Followed::Combined(process.combined.clone())
+        } else {
+            let name = stream_from_proto(r.stream)
+                .ok_or_else(|| Status::invalid_argument(format!("unknown stream {}", r.stream)))?;
+            Followed::One(name, process.stream(name).clone())
+        };
         let stream = async_stream::try_stream! {
             loop {
-                let changed = out.changed.notified();
+                let changed = out.changed().notified();
                 let closed = out.is_closed();
-                let chunk = out.read(offset, CHUNK);
+                let (chunk, name) = out.read(offset);
                 if !chunk.data.is_empty() || chunk.dropped > 0 {
                     offset = chunk.offset + chunk.data.len() as u64;
                     yield OutputChunk {
                         offset: chunk.offset,
                         data: chunk.data,
                         dropped: chunk.dropped,
-                        stream: stream_to_proto(stream_name).into(),
+                        stream: stream_to_proto(name).into(),
                         ..Default::default()
                     };
                     continue;
                 }
                 if closed || !follow {
-                    yield OutputChunk { offset, eof: closed, ..Default::default() };
+                    // The exit is set just after the output closes: wait for it briefly.
+                    let exit = if closed { wait_exit(&process).await } else { None };
+                    yield OutputChunk {
+                        offset,
+                        eof: closed,
+                        exit_code: exit.map(|e| e.code),
+                        signal: exit.and_then(|e| e.signal),
+                        ..Default::default()
+                    };
                     break;
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;

@@ -371,13 +371,24 @@ impl Mirror {
         }
     }
 
-    /// Waits (up to `timeout`) until every line queued so far is written.
+    /// Waits (up to `timeout` in all) until every line queued so far is written. A full queue (procd's own output
+    /// is blocked) is retried until then, never waited on without a bound.
     pub fn flush(&self, timeout: std::time::Duration) {
         let Some(tx) = &self.tx else { return };
+        let deadline = std::time::Instant::now() + timeout;
         let (ack_tx, ack_rx) = mpsc::channel();
-        if tx.send(MirrorMsg::Flush(ack_tx)).is_ok() {
-            let _ = ack_rx.recv_timeout(timeout);
+        let mut msg = MirrorMsg::Flush(ack_tx);
+        loop {
+            match tx.try_send(msg) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(m)) if std::time::Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(_) => return,
+            }
         }
+        let _ = ack_rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 
     /// Lines dropped so far because the queue was full.

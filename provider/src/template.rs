@@ -411,7 +411,14 @@ impl Resource for TemplateResource {
             let timeout = TimeoutsBlock::get(&state.timeouts, |t| &t.update, BUILD_TIMEOUT);
             self.build(diags, &c, &mut state, timeout).await?;
         } else if state.tags != prior.tags {
-            let build = known(&prior.build_id).and_then(|b| api::BuildId::try_from(b).ok())?;
+            let build = match known(&prior.build_id).map(api::BuildId::try_from) {
+                Some(Ok(build)) => build,
+                Some(Err(message)) => {
+                    diags.error("Invalid build_id in state", message, AttributePath::new("build_id"));
+                    return None;
+                }
+                None => return None,
+            };
             for tag in strs(&state.tags) {
                 if let Err(e) = c.put_tag(&id, &tag, &build).await {
                     diags.error("Cannot move tag", e.to_string(), AttributePath::new("tags"));

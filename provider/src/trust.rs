@@ -329,8 +329,7 @@ impl Resource for TrustPolicyResource {
 /// `acc_…/trp_…` → (account, policy).
 fn parse_import_id(id: &str) -> Option<(&str, &str)> {
     let (account, policy) = id.split_once('/')?;
-    let ok = |v: &str, is: fn(&str) -> bool| is(v) && !v.contains('/');
-    (ok(account, api::AccountId::is) && ok(policy, api::TrustPolicyId::is)).then_some((account, policy))
+    (api::AccountId::is(account) && api::TrustPolicyId::is(policy)).then_some((account, policy))
 }
 
 #[cfg(test)]

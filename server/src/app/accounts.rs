@@ -11,8 +11,6 @@ use warmpool_api::{
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
 use crate::store::{Page, TokenRow};
 
-pub const DEFAULT_ACCOUNT: &str = "acc_default";
-
 /// The admin's own account, which every server has.
 pub fn default_account() -> AccountId {
     AccountId::from_suffix("default")
@@ -38,7 +36,7 @@ impl App {
     /// Creates the default account and the admin token on first start; returns the token file's path.
     pub async fn bootstrap_admin(&self) -> AppResult<std::path::PathBuf> {
         let path = self.config.data_dir.join("admin.token");
-        if self.store.get_account(DEFAULT_ACCOUNT).await?.is_none() {
+        if self.store.get_account(&default_account()).await?.is_none() {
             let account = Account {
                 id: default_account(),
                 name: "default".into(),

@@ -13,8 +13,9 @@
 //! - The rate is the larger of the window's average and the recent one (the last [`RECENT`]): a burst raises the
 //!   target within seconds, and the window's average lets it down gently as the burst leaves the window. The recent
 //!   rate is short because an average lags a rising rate by half its span (on a ramp from 1 to 10 claims/s over
-//!   two minutes a minute's average trails by 2 claims/s, 15 s's by 0.6), and it is taken over the time its claims
-//!   actually span (at least [`MIN_RECENT_SPAN`]): claims that began 8 s ago are a rate over 8 s.
+//!   two minutes a minute's average trails by 2 claims/s, 15 s's by 0.6). Claims that began after a quiet spell
+//!   are a rate over the time they span (at least [`MIN_RECENT_SPAN`]): 16 claims in the 8 s since the first are
+//!   2/s.
 //! - Up at once, down only after the lower recommendation has held for [`scale_down_delay`] (a tenth of the window,
 //!   at most 30 s): a rate hovering at a rounding edge does not stop and restart sandboxes.
 
@@ -65,10 +66,17 @@ pub fn demand(sample: &DemandSample, autoscale: &Autoscale, now: DateTime<Utc>) 
     let headroom = autoscale.effective_headroom();
     let window_rate = sample.claims as f64 / window as f64;
     let recent_window = RECENT.as_secs_f64().min(window as f64);
-    let recent_span = sample.recent_first_at.map_or(recent_window, |first| {
-        let since_first = (now - first).num_milliseconds() as f64 / 1000.0;
-        since_first.clamp(MIN_RECENT_SPAN.as_secs_f64().min(recent_window), recent_window)
-    });
+    // Claims that began after a quiet spell (none older in the window) are a rate over the time they span; with
+    // older claims the window is full, and shortening it would make a lone claim, or the first of two leaving the
+    // window, look like a burst.
+    let began_recently = sample.claims == sample.recent_claims;
+    let recent_span = match sample.recent_first_at.filter(|_| began_recently) {
+        Some(first) => {
+            let since_first = (now - first).num_milliseconds() as f64 / 1000.0;
+            since_first.clamp(MIN_RECENT_SPAN.as_secs_f64().min(recent_window), recent_window)
+        }
+        None => recent_window,
+    };
     let recent_rate = sample.recent_claims as f64 / recent_span;
     let rate = window_rate.max(recent_rate);
     let warm_p90 = p90(&sample.warm_seconds);
@@ -249,7 +257,7 @@ impl App {
         self.flush_claims().await;
         let a = &row.pool.autoscale;
         let window = chrono::Duration::seconds(a.effective_window_seconds() as i64);
-        let recent = chrono::Duration::seconds(RECENT.as_secs() as i64);
+        let recent = chrono::Duration::seconds(RECENT.as_secs().min(a.effective_window_seconds()) as i64);
         let sample = self.store.demand_sample(&row.pool.id, now - window, now - recent, WARMUPS).await?;
         Ok(demand(&sample, a, now))
     }
@@ -413,6 +421,17 @@ mod tests {
                 hit_ratio: Some(1.0),
                 p90: Some(2.0),
                 recommended: 5,
+                idle: false,
+            },
+            Case {
+                // With older claims in the window the recent one is over the whole 15 s: 1/15 × 10 × 1.2 = 0.8.
+                name: "a lone claim after older ones is not a burst",
+                sample: DemandSample { recent_first_at: Some(t0()), ..sample(10, 10, 1, Some(0), &[10.0]) },
+                autoscale: Autoscale::default(),
+                per_minute: 1.0,
+                hit_ratio: Some(1.0),
+                p90: Some(10.0),
+                recommended: 1,
                 idle: false,
             },
             Case {

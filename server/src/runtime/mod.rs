@@ -78,7 +78,7 @@ impl RuntimeError {
 pub enum Subject {
     /// A sandbox, started from its build's artifact.
     Sandbox { id: SandboxId, build_id: BuildId },
-    /// A build's start-contract check, in (or, on Kubernetes, from) the build's own workspace.
+    /// A build's workspace (or, on Kubernetes, what its steps packed): for its steps, or its start-contract check.
     Build(BuildId),
 }
 
