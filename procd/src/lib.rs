@@ -71,10 +71,10 @@ pub async fn run(settings: Settings) -> Result<i32, RunError> {
     let probes = probes::Probes::new(sup.clone(), names.clone());
     let service = grpc::ProcdService::new(sup.clone(), probes.clone(), settings.token.clone());
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = serve(&settings.listen, service, stop_rx).await?;
-    tracing::info!(listen = %settings.listen, processes = names.len(), "procd is serving");
-
+    // The listener is taken first (an inherited one is made close-on-exec before any process starts), the warm
+    // processes are started, and only then is anything answered: a call naming a warm process finds it. Calls that
+    // arrive meanwhile wait in the listen backlog.
+    let listener = listen(&settings.listen).await?;
     for (name, spec) in &names {
         let req = SpawnRequest {
             name: name.clone(),
@@ -92,11 +92,13 @@ pub async fn run(settings: Settings) -> Result<i32, RunError> {
             }
             Err(source) => {
                 sup.shutdown(SHUTDOWN_GRACE).await;
-                let _ = stop_tx.send(true);
                 return Err(RunError::Start { name: name.clone(), source });
             }
         }
     }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = serve(listener, service, stop_rx);
+    tracing::info!(listen = %settings.listen, processes = names.len(), "procd is serving");
 
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
@@ -126,47 +128,52 @@ pub async fn run(settings: Settings) -> Result<i32, RunError> {
     Ok(code)
 }
 
-async fn serve(
-    listen: &Listen,
-    service: grpc::ProcdService,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, RunError> {
+/// procd's listening socket, taken before anything is served.
+enum Listener {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+/// Binds `listen` (or takes over the inherited socket).
+async fn listen(listen: &Listen) -> Result<Listener, RunError> {
     let err = |source| RunError::Listen { listen: listen.to_string(), source };
-    let shutdown = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let router =
-        tonic::transport::Server::builder().add_service(proto::procd_server::ProcdServer::new(service));
     Ok(match listen {
         Listen::Unix(path) => {
             let _ = std::fs::remove_file(path);
             let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            tokio::spawn(async move {
-                if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
-                    tracing::error!(error = &e as &dyn std::error::Error, "gRPC server failed");
-                }
-            })
+            Listener::Unix(listener)
         }
-        Listen::Fd(fd) => {
-            let listener = inherited_listener(*fd).map_err(err)?;
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-            tokio::spawn(async move {
-                if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
-                    tracing::error!(error = &e as &dyn std::error::Error, "gRPC server failed");
-                }
-            })
-        }
-        Listen::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            tokio::spawn(async move {
-                if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
-                    tracing::error!(error = &e as &dyn std::error::Error, "gRPC server failed");
-                }
-            })
+        Listen::Fd(fd) => Listener::Unix(inherited_listener(*fd).map_err(err)?),
+        Listen::Tcp(addr) => Listener::Tcp(tokio::net::TcpListener::bind(addr).await.map_err(err)?),
+    })
+}
+
+/// Serves the gRPC API on `listener` until `stop` turns true.
+fn serve(
+    listener: Listener,
+    service: grpc::ProcdService,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let router =
+        tonic::transport::Server::builder().add_service(proto::procd_server::ProcdServer::new(service));
+    tokio::spawn(async move {
+        let served = match listener {
+            Listener::Unix(l) => {
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+                router.serve_with_incoming_shutdown(incoming, shutdown).await
+            }
+            Listener::Tcp(l) => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+                router.serve_with_incoming_shutdown(incoming, shutdown).await
+            }
+        };
+        if let Err(e) = served {
+            tracing::error!(error = &e as &dyn std::error::Error, "gRPC server failed");
         }
     })
 }
