@@ -75,6 +75,7 @@ impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(what) => AppError::Conflict(format!("{what} already exists")),
+            e @ StoreError::OverQuota { .. } => AppError::Quota(e.to_string()),
             StoreError::Unavailable { reason, .. } => AppError::ServiceUnavailable(format!(
                 "the database cannot take writes right now: {reason}; nothing was changed, retry once the \
                  operator has fixed it"

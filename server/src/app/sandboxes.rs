@@ -148,13 +148,16 @@ impl App {
                 return self.create_cold(caller, &req, cold, Some(co)).await;
             }
         };
-        self.check_owned_quota(&caller.account_id).await?;
+        // The claim counts the account's sandboxes against its quota atomically (concurrent checkouts cannot
+        // pass it together).
+        let max_owned = self.quotas(&caller.account_id).await?.max_sandboxes;
         let signal = self.inventory_signal(&pool.pool.id);
         loop {
             let notified = signal.notified();
             let waited_ms = started.elapsed().as_millis() as u64;
             let claim = ClaimUpdate {
                 account_id: caller.account_id.clone(),
+                max_owned,
                 labels: req.labels.clone().unwrap_or_default(),
                 checkout: checkout(CheckoutSource::WarmPool, waited_ms, None),
                 timeout_policy: req.timeout_policy.clone(),
@@ -254,18 +257,6 @@ impl App {
         Ok(ColdPlan { template, build })
     }
 
-    async fn check_owned_quota(&self, account_id: &str) -> AppResult<()> {
-        if let Some(max) = self.quotas(account_id).await?.max_sandboxes {
-            let (owned, _) = self.store.count_sandboxes(account_id).await?;
-            if owned >= max {
-                return Err(AppError::Quota(format!(
-                    "account has {owned} sandboxes; max_sandboxes is {max}"
-                )));
-            }
-        }
-        Ok(())
-    }
-
     async fn create_cold(
         self: &Arc<Self>,
         caller: &Caller,
@@ -281,7 +272,7 @@ impl App {
             )
             .into());
         }
-        self.check_owned_quota(&caller.account_id).await?;
+        let max_owned = self.quotas(&caller.account_id).await?.max_sandboxes;
         let started = Instant::now();
         let now = Utc::now();
         let sandbox = Sandbox {
@@ -332,7 +323,11 @@ impl App {
             volumes,
             network: req.network.as_ref().map(|n| n.mode).unwrap_or_default(),
         };
-        self.store.insert_sandbox(&row).await?;
+        // Counted against the account's quota and inserted atomically: concurrent creates cannot pass it together.
+        match max_owned {
+            Some(max) => self.store.insert_owned_sandbox(&row, max).await?,
+            None => self.store.insert_sandbox(&row).await?,
+        }
         // `--max-sandboxes` bounds cold creates as it bounds pools. Counted with this row in, so two creates
         // racing for the last slot cannot both have it (both may lose it; a retry settles that).
         let others = (self.store.count_live_sandboxes().await? as usize).saturating_sub(1);

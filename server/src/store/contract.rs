@@ -78,6 +78,7 @@ contract!(
     every_resource_round_trips,
     lists_page_in_id_order,
     demand_is_shared_counted_and_pruned,
+    concurrent_claims_and_creates_never_pass_the_quota_together,
 );
 
 pub fn sandbox(id: &str, pool: &str) -> SandboxRow {
@@ -110,6 +111,7 @@ pub fn sandbox(id: &str, pool: &str) -> SandboxRow {
 fn claim() -> ClaimUpdate {
     ClaimUpdate {
         account_id: "acc_1".into(),
+        max_owned: None,
         labels: Default::default(),
         checkout: WarmPoolCheckout {
             source: CheckoutSource::WarmPool,
@@ -177,6 +179,55 @@ async fn concurrent_claims_never_share_a_sandbox(db: &dyn Backend) {
     ids.dedup();
     assert_eq!(ids.len(), 20);
     assert_eq!(a.count_sandboxes("acc_1").await.unwrap(), (20, 0));
+}
+
+/// An account at 2 of its 6 sandboxes: 40 claims and 40 creates at once, through two handles (two replicas on
+/// PostgreSQL), take exactly the 4 left; the rest are refused as over the quota and write nothing.
+async fn concurrent_claims_and_creates_never_pass_the_quota_together(db: &dyn Backend) {
+    let (a, b) = (db.open().await, db.open().await);
+    for i in 0..20 {
+        a.insert_sandbox(&sandbox(&format!("sbx_p{i:02}"), "twp_1")).await.unwrap();
+    }
+    for i in 0..2 {
+        let own = SandboxRow {
+            pool_id: None,
+            lifecycle: Lifecycle::Claimed,
+            ..sandbox(&format!("sbx_own{i}"), "twp_1")
+        };
+        a.insert_sandbox(&own).await.unwrap();
+    }
+    let handles: Vec<_> = (0..80)
+        .map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                if i < 40 {
+                    let claim = ClaimUpdate { max_owned: Some(6), ..claim() };
+                    store.claim_ready("twp_1", None, &claim).await.map(|r| r.is_some())
+                } else {
+                    let row = SandboxRow {
+                        pool_id: None,
+                        lifecycle: Lifecycle::Warming,
+                        ..sandbox(&format!("sbx_new{i}"), "twp_1")
+                    };
+                    store.insert_owned_sandbox(&row, 6).await.map(|()| true)
+                }
+            })
+        })
+        .collect();
+    let (mut taken, mut refused) = (0, 0);
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(true) => taken += 1,
+            Ok(false) => panic!("a claim found no ready sandbox with 20 ready"),
+            Err(StoreError::OverQuota { owned, max }) => {
+                assert_eq!((owned, max), (6, 6));
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((taken, refused), (4, 76));
+    assert_eq!(a.count_sandboxes("acc_1").await.unwrap().0, 6);
 }
 
 /// A claim and a stop race for the same ready sandbox: exactly one of the two conditional writes wins.

@@ -48,6 +48,9 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+    /// The account already owns `owned` sandboxes of at most `max` (`max_sandboxes`): nothing was written.
+    #[error("the account has {owned} sandboxes; max_sandboxes is {max}")]
+    OverQuota { owned: u64, max: u64 },
     #[error("database error")]
     Backend(#[source] BoxError),
 }
@@ -269,6 +272,9 @@ pub struct SandboxRow {
 #[derive(Debug, Clone)]
 pub struct ClaimUpdate {
     pub account_id: String,
+    /// The account's `max_sandboxes`: the claim is refused ([`StoreError::OverQuota`]) when the account already
+    /// owns that many, counted and claimed atomically.
+    pub max_owned: Option<u64>,
     pub labels: BTreeMap<String, String>,
     pub checkout: WarmPoolCheckout,
     pub timeout_policy: Option<TimeoutPolicy>,
@@ -452,6 +458,10 @@ pub trait Store: Send + Sync {
     async fn list_leases(&self, pool_id: &str) -> StoreResult<Vec<LeaseRow>>;
 
     async fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()>;
+    /// Inserts an account's own sandbox (not pool inventory) unless the account already owns `max_owned`
+    /// ([`StoreError::OverQuota`]), counted and inserted atomically: concurrent creates cannot pass the quota
+    /// together.
+    async fn insert_owned_sandbox(&self, row: &SandboxRow, max_owned: u64) -> StoreResult<()>;
     async fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>>;
     /// One account's sandboxes that are not pool inventory.
     async fn list_sandboxes(&self, account_id: &str, page: &Page) -> StoreResult<Vec<SandboxRow>>;

@@ -69,11 +69,12 @@ CREATE INDEX pool_warmups_by_pool ON pool_warmups (pool_id, at_ms);
 /// The `NOTIFY` channel: payload `pool:<id>` or `*`.
 const CHANNEL: &str = "warmpool";
 /// Advisory lock namespaces (the first key of the two-key form): one lock per live replica, one per reconciled pool,
-/// and one for migrations.
+/// one for migrations, the leader's, and one per account while a quota is checked.
 const LOCK_REPLICA: i32 = 0x5750_0001;
 const LOCK_POOL: i32 = 0x5750_0002;
 const LOCK_MIGRATE: i32 = 0x5750_0003;
 const LOCK_LEADER: i32 = 0x5750_0004;
+const LOCK_ACCOUNT: i32 = 0x5750_0005;
 /// Connections serving statements, at most (each serves one statement at a time).
 const CONNECTIONS: usize = 16;
 /// Connections opened at start.
@@ -259,6 +260,61 @@ impl PgStore {
                 source: "no session".into(),
             },
         )
+    }
+
+    /// Runs `sql` in a transaction that first takes the account's quota lock and counts the sandboxes it owns:
+    /// [`StoreError::OverQuota`] at `max`, and nothing written. Claims and creates of one account queue on the
+    /// lock on every replica, so no two pass the quota together (each statement's snapshot is taken after the lock).
+    async fn within_quota(
+        &self,
+        account_id: &str,
+        max: u64,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> StoreResult<Vec<Row>> {
+        let mut client = self.pool.get().await.map_err(unreachable_pool)?;
+        let tx = client.transaction().await?;
+        tx.execute(&format!("SELECT pg_advisory_xact_lock({LOCK_ACCOUNT}, {LOCK_KEY})"), &[&account_id])
+            .await?;
+        let owned = tx
+            .query_one(
+                "SELECT COUNT(*) FROM sandboxes
+                 WHERE account_id = $1 AND pool_id IS NULL AND lifecycle IN ('warming', 'claimed')",
+                &[&account_id],
+            )
+            .await?
+            .get::<_, i64>(0) as u64;
+        if owned >= max {
+            return Err(StoreError::OverQuota { owned, max });
+        }
+        let rows = tx.query_typed(sql, params).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// Inserts a sandbox, within its account's quota when `max_owned` is given.
+    async fn insert_sandbox_within(&self, row: &SandboxRow, max_owned: Option<u64>) -> StoreResult<()> {
+        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
+        let (id, build_id, claimed_from) =
+            (row.sandbox.id.as_str(), row.sandbox.build_id.as_str(), row.claimed_from.as_deref());
+        let sql = "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)";
+        let params = [
+            text(&id),
+            text(&row.account_id),
+            text(&pool_id),
+            text(&lifecycle),
+            text(&claimed_from),
+            text(&build_id),
+            text(&state),
+            text(&ready_at),
+            text(&json),
+        ];
+        match max_owned {
+            Some(max) => self.within_quota(&row.account_id, max, sql, &params).await?,
+            None => self.query(sql, &params).await?,
+        };
+        Ok(())
     }
 
     /// A statement on this replica's session (where its advisory locks live) that answers one boolean.
@@ -866,23 +922,10 @@ impl Store for PgStore {
     }
 
     async fn insert_sandbox(&self, row: &SandboxRow) -> StoreResult<()> {
-        let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
-        self.query(
-            "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)",
-            &[
-                text(&row.sandbox.id.as_str()),
-                text(&row.account_id),
-                text(&pool_id),
-                text(&lifecycle),
-                text(&row.claimed_from.as_deref()),
-                text(&row.sandbox.build_id.as_str()),
-                text(&state),
-                text(&ready_at),
-                text(&json),
-            ],
-        ).await?;
-        Ok(())
+        self.insert_sandbox_within(row, None).await
+    }
+    async fn insert_owned_sandbox(&self, row: &SandboxRow, max_owned: u64) -> StoreResult<()> {
+        self.insert_sandbox_within(row, Some(max_owned)).await
     }
     async fn get_sandbox(&self, id: &str) -> StoreResult<Option<SandboxRow>> {
         self.one("SELECT json::text FROM sandboxes WHERE id = $1", &[text(&id)]).await
@@ -970,17 +1013,20 @@ impl Store for PgStore {
         let prefer = prefer_build.unwrap_or("");
         // One statement: the candidate is locked as it is picked, and a candidate another claim (or a stop) has
         // locked is skipped, not waited for.
-        let rows = self.query(
-            "WITH c AS (UPDATE sandboxes s SET account_id = $2, pool_id = NULL, lifecycle = 'claimed',
+        let sql = "WITH c AS (UPDATE sandboxes s SET account_id = $2, pool_id = NULL, lifecycle = 'claimed',
                      claimed_from = $1,
                      json = (s.json || $3::jsonb) || jsonb_build_object('sandbox', (s.json -> 'sandbox') || $4::jsonb)
                  WHERE s.id = (SELECT id FROM sandboxes WHERE pool_id = $1 AND lifecycle = 'ready'
                                ORDER BY (build_id = $5) DESC, ready_at LIMIT 1 FOR UPDATE SKIP LOCKED)
                    AND s.lifecycle = 'ready'
                  RETURNING s.json)
-             SELECT json::text, pg_notify('warmpool', 'pool:' || $1) FROM c",
-            &[text(&pool_id), text(&claim.account_id), text(&row_patch), text(&sandbox_patch), text(&prefer)],
-        ).await?;
+             SELECT json::text, pg_notify('warmpool', 'pool:' || $1) FROM c";
+        let params =
+            [text(&pool_id), text(&claim.account_id), text(&row_patch), text(&sandbox_patch), text(&prefer)];
+        let rows = match claim.max_owned {
+            Some(max) => self.within_quota(&claim.account_id, max, sql, &params).await?,
+            None => self.query(sql, &params).await?,
+        };
         rows.first().map(|r| from_json(r.get::<_, &str>(0))).transpose()
     }
 

@@ -309,6 +309,11 @@ macro_rules! on_threads {
                 self.writer.run(move |db| db.put_tag(&template_id, &tag, &build_id, at)).await
             }
 
+            async fn insert_owned_sandbox(&self, row: &SandboxRow, max_owned: u64) -> StoreResult<()> {
+                let row = row.clone();
+                self.writer.run(move |db| db.insert_owned_sandbox(&row, max_owned)).await
+            }
+
             async fn record_claims(&self, claims: &[ClaimEvent]) -> StoreResult<()> {
                 let claims = claims.to_vec();
                 self.writer.run(move |db| db.record_claims(&claims)).await
@@ -820,15 +825,13 @@ impl Db<'_> {
         Ok(n as u64)
     }
     fn count_sandboxes(&mut self, account_id: &str) -> StoreResult<(u64, u64)> {
-        let conn = &*self.0;
-        let (owned, warm): (i64, i64) = conn.query_row(
-            "SELECT COALESCE(SUM(pool_id IS NULL AND lifecycle IN ('warming', 'claimed')), 0),
-                    COALESCE(SUM(pool_id IS NOT NULL AND lifecycle IN ('warming', 'ready')), 0)
-             FROM sandboxes WHERE account_id = ?1",
-            [account_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        Ok((owned as u64, warm as u64))
+        count_sandboxes(self.0, account_id)
+    }
+
+    /// Runs on the writer, the only connection that writes: nothing changes between the count and the insert.
+    fn insert_owned_sandbox(&mut self, row: &SandboxRow, max_owned: u64) -> StoreResult<()> {
+        within_quota(self.0, &row.account_id, max_owned)?;
+        self.insert_sandbox(row)
     }
 
     fn claim_ready(
@@ -839,6 +842,9 @@ impl Db<'_> {
     ) -> StoreResult<Option<SandboxRow>> {
         let conn = &mut *self.0;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Some(max) = claim.max_owned {
+            within_quota(&tx, &claim.account_id, max)?;
+        }
         let picked: Option<String> = tx
             .query_row(
                 "SELECT json FROM sandboxes WHERE pool_id = ?1 AND lifecycle = 'ready'
@@ -861,6 +867,27 @@ impl Db<'_> {
         tx.commit()?;
         Ok(Some(row))
     }
+}
+
+/// An account's own sandboxes (warming or claimed, not pool inventory) and its warm pool inventory.
+fn count_sandboxes(conn: &Connection, account_id: &str) -> StoreResult<(u64, u64)> {
+    let (owned, warm): (i64, i64) = conn.query_row(
+        "SELECT COALESCE(SUM(pool_id IS NULL AND lifecycle IN ('warming', 'claimed')), 0),
+                COALESCE(SUM(pool_id IS NOT NULL AND lifecycle IN ('warming', 'ready')), 0)
+         FROM sandboxes WHERE account_id = ?1",
+        [account_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok((owned as u64, warm as u64))
+}
+
+/// [`StoreError::OverQuota`] when the account already owns `max` sandboxes.
+fn within_quota(conn: &Connection, account_id: &str, max: u64) -> StoreResult<()> {
+    let (owned, _) = count_sandboxes(conn, account_id)?;
+    if owned >= max {
+        return Err(StoreError::OverQuota { owned, max });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
