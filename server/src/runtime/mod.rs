@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use warmpool_api::{
-    BuildId, ExecRequest, ExecResult, LogLine, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus, ProcessType,
-    SandboxId, TemplateSpec, WarmProcessSpec, START_PROCESS,
+    BuildId, ExecRequest, ExecResult, LogLine, PoolId, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus,
+    ProcessType, SandboxId, TemplateSpec, WarmProcessSpec, START_PROCESS,
 };
 
 use serde::{Deserialize, Serialize};
@@ -104,7 +104,7 @@ pub struct StartSpec {
     pub subject: Subject,
     /// Whose sandbox (or build) it is, and the pool it is inventory of: labels on runtimes that keep any.
     pub account_id: String,
-    pub pool_id: Option<String>,
+    pub pool_id: Option<PoolId>,
     pub spec: TemplateSpec,
     /// Extra environment for start_cmd and warm processes (`envs`).
     pub envs: BTreeMap<String, String>,

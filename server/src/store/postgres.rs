@@ -81,6 +81,12 @@ const CONNECTIONS: usize = 16;
 const WARM_CONNECTIONS: usize = 4;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An account's own sandboxes (warming or claimed, not pool inventory) and its warm pool inventory.
+const COUNT_SANDBOXES: &str =
+    "SELECT COUNT(*) FILTER (WHERE pool_id IS NULL AND lifecycle IN ('warming', 'claimed')),
+        COUNT(*) FILTER (WHERE pool_id IS NOT NULL AND lifecycle IN ('warming', 'ready'))
+     FROM sandboxes WHERE account_id = $1";
+
 /// The held advisory locks of namespace `ns` in this database (`pg_locks` spans the whole cluster).
 fn held_locks(ns: i32) -> String {
     format!(
@@ -262,28 +268,23 @@ impl PgStore {
         )
     }
 
-    /// Runs `sql` in a transaction that first takes the account's quota lock and counts the sandboxes it owns:
-    /// [`StoreError::OverQuota`] at `max`, and nothing written. Claims and creates of one account queue on the
-    /// lock on every replica, so no two pass the quota together (each statement's snapshot is taken after the lock).
-    async fn within_quota(
+    /// Runs `sql`; with a quota, in a transaction that first takes the account's quota lock and counts the
+    /// sandboxes it owns: [`StoreError::OverQuota`] at `max`, and nothing written. Claims and creates of one account
+    /// queue on the lock on every replica, so no two pass the quota together (each statement's snapshot is taken
+    /// after the lock).
+    async fn query_within_quota(
         &self,
         account_id: &str,
-        max: u64,
+        max: Option<u64>,
         sql: &str,
         params: &[Param<'_>],
     ) -> StoreResult<Vec<Row>> {
+        let Some(max) = max else { return self.query(sql, params).await };
         let mut client = self.pool.get().await.map_err(unreachable_pool)?;
         let tx = client.transaction().await?;
         tx.execute(&format!("SELECT pg_advisory_xact_lock({LOCK_ACCOUNT}, {LOCK_KEY})"), &[&account_id])
             .await?;
-        let owned = tx
-            .query_one(
-                "SELECT COUNT(*) FROM sandboxes
-                 WHERE account_id = $1 AND pool_id IS NULL AND lifecycle IN ('warming', 'claimed')",
-                &[&account_id],
-            )
-            .await?
-            .get::<_, i64>(0) as u64;
+        let owned = tx.query_one(COUNT_SANDBOXES, &[&account_id]).await?.get::<_, i64>(0) as u64;
         if owned >= max {
             return Err(StoreError::OverQuota { owned, max });
         }
@@ -310,10 +311,7 @@ impl PgStore {
             text(&ready_at),
             text(&json),
         ];
-        match max_owned {
-            Some(max) => self.within_quota(&row.account_id, max, sql, &params).await?,
-            None => self.query(sql, &params).await?,
-        };
+        self.query_within_quota(&row.account_id, max_owned, sql, &params).await?;
         Ok(())
     }
 
@@ -991,14 +989,7 @@ impl Store for PgStore {
         Ok(rows[0].get::<_, i64>(0) as u64)
     }
     async fn count_sandboxes(&self, account_id: &str) -> StoreResult<(u64, u64)> {
-        let rows = self
-            .query(
-                "SELECT COUNT(*) FILTER (WHERE pool_id IS NULL AND lifecycle IN ('warming', 'claimed')),
-                    COUNT(*) FILTER (WHERE pool_id IS NOT NULL AND lifecycle IN ('warming', 'ready'))
-             FROM sandboxes WHERE account_id = $1",
-                &[text(&account_id)],
-            )
-            .await?;
+        let rows = self.query(COUNT_SANDBOXES, &[text(&account_id)]).await?;
         Ok((rows[0].get::<_, i64>(0) as u64, rows[0].get::<_, i64>(1) as u64))
     }
 
@@ -1023,10 +1014,7 @@ impl Store for PgStore {
              SELECT json::text, pg_notify('warmpool', 'pool:' || $1) FROM c";
         let params =
             [text(&pool_id), text(&claim.account_id), text(&row_patch), text(&sandbox_patch), text(&prefer)];
-        let rows = match claim.max_owned {
-            Some(max) => self.within_quota(&claim.account_id, max, sql, &params).await?,
-            None => self.query(sql, &params).await?,
-        };
+        let rows = self.query_within_quota(&claim.account_id, claim.max_owned, sql, &params).await?;
         rows.first().map(|r| from_json(r.get::<_, &str>(0))).transpose()
     }
 

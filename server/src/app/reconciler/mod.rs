@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
-use warmpool_api::{BuildStatus, DegradedReason, Sandbox, SandboxId, SandboxState};
+use warmpool_api::{BuildStatus, DegradedReason, PoolId, Sandbox, SandboxId, SandboxState};
 
 use crate::app::lifecycle::StartError;
 use crate::app::pools::{start_rollout, PREWARM_FAILURE_LIMIT};
@@ -331,7 +331,7 @@ impl App {
                         build_id: build.build.id.clone(),
                     },
                     account_id: row.account_id.clone(),
-                    pool_id: Some(pool.id.to_string()),
+                    pool_id: Some(pool.id.clone()),
                     spec,
                     envs: Default::default(),
                     cwd: None,
@@ -339,7 +339,7 @@ impl App {
                     network: Default::default(),
                 };
                 let app = self.clone();
-                let pool_id = pool.id.to_string();
+                let pool_id = pool.id.clone();
                 tokio::spawn(async move { app.prewarm(pool_id, sandbox_row, start).await });
             }
         }
@@ -348,7 +348,7 @@ impl App {
 
     /// Starts one inventory sandbox. Only a real failure counts (and feeds the prewarm breaker); a sandbox stopped
     /// while starting (scale-down, drain, rollout) does not.
-    async fn prewarm(self: Arc<Self>, pool_id: String, mut row: SandboxRow, spec: StartSpec) {
+    async fn prewarm(self: Arc<Self>, pool_id: PoolId, mut row: SandboxRow, spec: StartSpec) {
         let _slot = self.start_slots.clone().acquire_owned().await;
         // The pool may have drained or moved on while this start waited for a slot.
         let still_wanted = matches!(

@@ -177,7 +177,7 @@ impl KubernetesRuntime {
         labels.insert(SANDBOX_LABEL.into(), spec.subject.id().into());
         labels.insert(BUILD_LABEL.into(), spec.subject.build_id().to_string());
         if let Some(p) = &spec.pool_id {
-            labels.insert(pod::POOL_LABEL.into(), p.clone());
+            labels.insert(pod::POOL_LABEL.into(), p.to_string());
         }
         if !spec.account_id.is_empty() {
             labels.insert(pod::ACCOUNT_LABEL.into(), spec.account_id.clone());

@@ -151,7 +151,7 @@ fn start_spec(id: &str) -> StartSpec {
             },
         },
         account_id: "acc_1".into(),
-        pool_id: Some("twp_1".into()),
+        pool_id: Some(typed("twp_1")),
         spec,
         envs: Default::default(),
         cwd: None,
