@@ -99,6 +99,21 @@ pub fn join_path(parent: &str, child: &str) -> String {
     }
 }
 
+/// The longest timeout in seconds a sandbox or a pool takes (`timeout_seconds`, `idle_timeout_seconds`): one year.
+pub const DURATION_SECONDS_MAX: u64 = 31_536_000;
+
+/// The longest probe delay, period or timeout in milliseconds: one day.
+pub const PROBE_MS_MAX: u64 = 86_400_000;
+
+/// A timeout in seconds: 1 to [`DURATION_SECONDS_MAX`].
+pub fn validate_seconds(field: &str, value: u64) -> Result<(), FieldError> {
+    if (1..=DURATION_SECONDS_MAX).contains(&value) {
+        Ok(())
+    } else {
+        Err(FieldError::new(field, format!("must be between 1 and {DURATION_SECONDS_MAX} (got {value})")))
+    }
+}
+
 /// Names of templates, pools, accounts, processes, tags and volumes: 1–63 characters of `[a-z0-9._-]`,
 /// starting with a letter or digit.
 pub fn validate_name(field: &str, value: &str) -> Result<(), FieldError> {

@@ -83,6 +83,7 @@ pub struct WarmPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkout_policy: Option<CheckoutMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 31536000)]
     pub idle_timeout_seconds: Option<u64>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -127,8 +128,8 @@ impl WarmPoolSpec {
         if let Some(r) = &self.resources {
             r.validate("resources")?;
         }
-        if self.idle_timeout_seconds == Some(0) {
-            return Err(FieldError::new("idle_timeout_seconds", "must be greater than 0"));
+        if let Some(idle) = self.idle_timeout_seconds {
+            crate::validate_seconds("idle_timeout_seconds", idle)?;
         }
         if let Some(a) = &self.autoscale {
             a.validate("autoscale")?;
@@ -183,6 +184,7 @@ pub struct WarmPoolPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkout_policy: Option<CheckoutMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 31536000)]
     pub idle_timeout_seconds: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<BTreeMap<String, String>>,

@@ -20,10 +20,13 @@ pub struct ProbeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_socket: Option<TcpSocketCheck>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 86400000)]
     pub initial_delay_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 86400000)]
     pub period_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 86400000)]
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_threshold: Option<u32>,
@@ -135,10 +138,17 @@ impl ProbeSpec {
                 return Err(FieldError::new(join_path(path, "tcp_socket.port"), "must be 1-65535"));
             }
         }
-        for (name, value) in [("period_ms", self.period_ms), ("timeout_ms", self.timeout_ms)] {
-            if value == Some(0) {
-                return Err(FieldError::new(join_path(path, name), "must be greater than 0"));
-            }
+        for (name, value, zero_ok) in [
+            ("initial_delay_ms", self.initial_delay_ms, true),
+            ("period_ms", self.period_ms, false),
+            ("timeout_ms", self.timeout_ms, false),
+        ] {
+            let message = match value {
+                Some(0) if !zero_ok => "must be greater than 0".to_string(),
+                Some(v) if v > crate::PROBE_MS_MAX => format!("must be at most {}", crate::PROBE_MS_MAX),
+                _ => continue,
+            };
+            return Err(FieldError::new(join_path(path, name), message));
         }
         for (name, value) in
             [("failure_threshold", self.failure_threshold), ("success_threshold", self.success_threshold)]

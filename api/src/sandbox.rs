@@ -50,9 +50,17 @@ pub enum TimeoutAction {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutPolicy {
+    #[schema(minimum = 1, maximum = 31536000)]
     pub timeout_seconds: u64,
     #[serde(default = "default_timeout_action")]
     pub action: TimeoutAction,
+}
+
+impl TimeoutPolicy {
+    /// `timeout_seconds` is 1 to [`DURATION_SECONDS_MAX`]; `field` names the policy.
+    pub fn validate(&self, field: &str) -> Result<(), crate::FieldError> {
+        crate::validate_seconds(&crate::join_path(field, "timeout_seconds"), self.timeout_seconds)
+    }
 }
 
 fn default_timeout_action() -> TimeoutAction {

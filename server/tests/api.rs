@@ -106,6 +106,11 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         ),
         ("/v1/templates", r#"{"name":"a","resources":{"cpu":-1}}"#, "resources.cpu"),
         (
+            "/v1/templates",
+            r#"{"name":"a","start_cmd":"x","readiness":{"exec":{"command":["true"]},"timeout_ms":9223372036854775806}}"#,
+            "readiness.timeout_ms",
+        ),
+        (
             "/v1/template-warm-pools",
             r#"{"name":"p","template":"nope","min_ready":3,"max_ready":1}"#,
             "max_ready",
@@ -126,6 +131,11 @@ async fn bad_input_names_the_field_and_writes_nothing() {
             "checkout_policy",
         ),
         (
+            "/v1/template-warm-pools",
+            r#"{"name":"p","template":"x","min_ready":1,"max_ready":1,"idle_timeout_seconds":9223372036854775806}"#,
+            "idle_timeout_seconds",
+        ),
+        (
             "/v1/sandboxes",
             r#"{"template":"x","volumes":[{"name":"v","mount_path":"/data/../../etc"}]}"#,
             "volumes[0].mount_path",
@@ -134,6 +144,11 @@ async fn bad_input_names_the_field_and_writes_nothing() {
         ("/v1/sandboxes", r#"{}"#, "template"),
         ("/v1/sandboxes", r#"{"template":"x","warm_pool_mode":"require"}"#, "warm_pool_mode"),
         ("/v1/sandboxes", r#"{"template":"x","warm_pool_wait_ms":100}"#, "warm_pool_wait_ms"),
+        (
+            "/v1/sandboxes",
+            r#"{"template":"x","timeout_policy":{"timeout_seconds":9223372036854775806}}"#,
+            "timeout_policy.timeout_seconds",
+        ),
     ];
     for (path, body, field) in cases {
         let (status, err) = post(path, body).await;

@@ -53,9 +53,7 @@ fn validate_create(req: &SandboxCreate) -> Result<(), FieldError> {
         validate_cwd("cwd", cwd)?;
     }
     if let Some(t) = &req.timeout_policy {
-        if t.timeout_seconds == 0 {
-            return Err(FieldError::new("timeout_policy.timeout_seconds", "must be greater than 0"));
-        }
+        t.validate("timeout_policy")?;
     }
     for key in req.labels.iter().flatten().map(|(k, _)| k) {
         if key.is_empty() || key.len() > 63 {

@@ -323,6 +323,7 @@ fn objects_are_objects(
 pub fn router(app: Arc<App>) -> axum::Router {
     handlers::routes()
         .0
+        .route_layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .route_layer(axum::middleware::from_fn(no_nul_in_uri))
         .route_layer(axum::middleware::from_fn(request_span))
         .route_layer(axum::middleware::from_fn(metrics::tag_route))
@@ -331,6 +332,15 @@ pub fn router(app: Arc<App>) -> axum::Router {
         .layer(axum::middleware::map_response(json_errors))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)
+}
+
+/// A handler that panicked answers 500 `internal` (logged) instead of dropping the connection; the server goes on.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> Response {
+    let what = match panic.downcast::<String>() {
+        Ok(s) => *s,
+        Err(panic) => panic.downcast_ref::<&str>().map_or("a panic", |s| s).to_string(),
+    };
+    ApiError::App(AppError::Internal(format!("a handler panicked: {what}"))).into_response()
 }
 
 /// Every request runs in a span naming its method and route (the route's template, so ids stay out of it); what
@@ -390,6 +400,22 @@ async fn json_errors(response: Response) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_handler_that_panics_answers_500_in_the_envelope() {
+        use tower::ServiceExt;
+        let router = axum::Router::new()
+            .route("/boom", axum::routing::get(|| async { panic!("boom") as &str }))
+            .route_layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+            .layer(axum::middleware::map_response(json_errors));
+        let request = axum::http::Request::get("/boom").body(axum::body::Body::empty()).unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "internal");
+        assert!(!body.to_string().contains("boom"), "the panic stays in the server log: {body}");
+    }
 
     #[test]
     fn body_errors_name_the_field() {
