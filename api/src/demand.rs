@@ -66,11 +66,21 @@ impl Autoscale {
     }
 }
 
-/// Checks `max_starts_per_second`: a positive rate, at most 10,000.
+/// The slowest `max_starts_per_second`: one start in 1,000 s.
+pub const MAX_STARTS_PER_SECOND_MIN: f64 = 0.001;
+/// The fastest `max_starts_per_second`.
+pub const MAX_STARTS_PER_SECOND_MAX: f64 = 10_000.0;
+
+/// Checks `max_starts_per_second`: 0.001 to 10,000 starts per second.
 pub fn validate_max_starts_per_second(value: Option<f64>) -> Result<(), FieldError> {
     match value {
-        Some(v) if !(v > 0.0 && v <= 10_000.0) => {
-            Err(FieldError::new("max_starts_per_second", "must be greater than 0 and at most 10000"))
+        Some(v) if !(MAX_STARTS_PER_SECOND_MIN..=MAX_STARTS_PER_SECOND_MAX).contains(&v) => {
+            Err(FieldError::new(
+                "max_starts_per_second",
+                format!(
+                    "must be between {MAX_STARTS_PER_SECOND_MIN} and {MAX_STARTS_PER_SECOND_MAX} (got {v})"
+                ),
+            ))
         }
         _ => Ok(()),
     }

@@ -94,6 +94,7 @@ pub struct WarmPoolSpec {
     pub autoscale: Option<crate::Autoscale>,
     /// Starts of this pool per second, at most (a token bucket; default unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0.001, maximum = 10000)]
     pub max_starts_per_second: Option<f64>,
 }
 
@@ -195,7 +196,7 @@ pub struct WarmPoolPatch {
     pub autoscale: Option<crate::Autoscale>,
     /// A rate replaces the pool's; `null` makes it unlimited again.
     #[serde(default, deserialize_with = "crate::nullable", skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<f64>, nullable)]
+    #[schema(value_type = Option<f64>, nullable, minimum = 0.001, maximum = 10000)]
     pub max_starts_per_second: Option<Option<f64>>,
 }
 

@@ -52,6 +52,12 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+/// `timeout` from now; one too long to represent waits for a year instead of overflowing.
+fn deadline_after(timeout: Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 impl Client {
     pub fn new(endpoint: &str, token: Option<String>) -> Result<Client> {
         let base = reqwest::Url::parse(endpoint).map_err(|_| Error::Endpoint(endpoint.into()))?;
@@ -264,7 +270,7 @@ impl Client {
         timeout: Duration,
         mut progress: impl FnMut(&Build),
     ) -> Result<Build> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let build = self.get_build(id).await?;
             progress(&build);
@@ -334,7 +340,7 @@ impl Client {
         timeout: Duration,
         mut progress: impl FnMut(&PoolStatus),
     ) -> Result<PoolStatus> {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let status = self.pool_status(pool).await?;
             progress(&status);

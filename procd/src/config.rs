@@ -84,6 +84,9 @@ pub struct LogSettings {
 }
 
 pub const DEFAULT_LOG_MAX_BYTES: usize = 4096;
+/// The largest `data` of a mirrored line: procd buffers a line up to it, and the server's log readers skip lines
+/// much longer.
+pub const LOG_MAX_BYTES_LIMIT: usize = 32 * 1024;
 
 impl LogSettings {
     /// Reads `WARMPOOL_PROCESS_LOGS` / `WARMPOOL_PROCESS_LOG_MAX_BYTES` (or their `SANDBOX0_` spellings) through
@@ -109,6 +112,12 @@ impl LogSettings {
         let max_bytes = match lookup("PROCESS_LOG_MAX_BYTES") {
             None => DEFAULT_LOG_MAX_BYTES,
             Some((name, v)) => match v.trim().parse::<i64>() {
+                Ok(n) if n > LOG_MAX_BYTES_LIMIT as i64 => {
+                    warnings.push(format!(
+                        "{name}={v:?} is over {LOG_MAX_BYTES_LIMIT}; using {LOG_MAX_BYTES_LIMIT}"
+                    ));
+                    LOG_MAX_BYTES_LIMIT
+                }
                 Ok(n) if n > 0 => n as usize,
                 _ => {
                     warnings.push(format!(
@@ -252,6 +261,8 @@ mod tests {
         let bad = LogSettings::from_env(env(&[("WARMPOOL_PROCESS_LOG_MAX_BYTES", "-3")]));
         assert_eq!(bad.max_bytes, 4096);
         assert_eq!(bad.warnings.len(), 1);
+        let huge = LogSettings::from_env(env(&[("WARMPOOL_PROCESS_LOG_MAX_BYTES", "9223372036854775807")]));
+        assert_eq!((huge.max_bytes, huge.warnings.len()), (LOG_MAX_BYTES_LIMIT, 1));
         let zero = LogSettings::from_env(env(&[("WARMPOOL_PROCESS_LOG_MAX_BYTES", "0")]));
         assert_eq!(zero.max_bytes, 4096);
     }

@@ -308,7 +308,7 @@ impl Root {
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
             if recursive {
                 let real = self.check(&dir, parent)?.join(name);
-                remove_tree(&dir, name, &real, &path)?;
+                remove_tree(&dir, name, &real, &path, 0)?;
             } else {
                 rustix::fs::unlinkat(&dir, name, AtFlags::REMOVEDIR)
                     .map_err(|e| FilesError::io("deleting", &path)(e.into()))?;
@@ -454,7 +454,7 @@ fn entry(name: String, st: &rustix::fs::Stat) -> Entry {
         kind,
         size: st.st_size as u64,
         mode: st.st_mode & 0o7777,
-        modified_at_ms: st.st_mtime * 1000 + st.st_mtime_nsec as i64 / 1_000_000,
+        modified_at_ms: st.st_mtime.saturating_mul(1000).saturating_add(st.st_mtime_nsec as i64 / 1_000_000),
     }
 }
 
@@ -570,11 +570,19 @@ fn copy_with(from: &mut impl Read, to: &mut File, size: usize) -> io::Result<u64
     }
 }
 
+/// How deep a recursive delete or an archive goes, at most: each level holds a descriptor and a stack frame, and a
+/// sandbox can nest directories far deeper than any path names them.
+const TREE_DEPTH_MAX: usize = 512;
+const TOO_DEEP: &str = "holds directories nested more than 512 deep";
+
 /// Removes the directory `name` in `dir` and everything below it, never following a symlink, never into a
 /// reserved path (`real` is where it is inside the sandbox).
-fn remove_tree(dir: &OwnedFd, name: &OsStr, real: &Path, path: &Path) -> Result<()> {
+fn remove_tree(dir: &OwnedFd, name: &OsStr, real: &Path, path: &Path, depth: usize) -> Result<()> {
     if is_reserved(real) {
         return Err(FilesError::Reserved(shown(path)));
+    }
+    if depth > TREE_DEPTH_MAX {
+        return Err(FilesError::Refused { path: shown(path), reason: TOO_DEEP });
     }
     let sub = rustix::fs::openat(
         dir,
@@ -595,7 +603,7 @@ fn remove_tree(dir: &OwnedFd, name: &OsStr, real: &Path, path: &Path) -> Result<
     for (n, is_dir) in names {
         let child = OsStr::from_bytes(&n);
         if is_dir {
-            remove_tree(&sub, child, &real.join(child), &path.join(child))?;
+            remove_tree(&sub, child, &real.join(child), &path.join(child), depth + 1)?;
         } else {
             rustix::fs::unlinkat(&sub, child, AtFlags::empty())
                 .map_err(|e| FilesError::io("deleting", &path.join(child))(e.into()))?;
@@ -630,7 +638,7 @@ impl Packer {
     fn pack_to<W: Write>(self, out: W) -> io::Result<W> {
         let mut tar = tar::Builder::new(out);
         if FileType::from_raw_mode(self.st.st_mode) == FileType::Directory {
-            walk(&mut tar, &self.fd, Path::new(""), &self.real)?;
+            walk(&mut tar, &self.fd, Path::new(""), &self.real, 0)?;
         } else {
             let name = self.path.file_name().unwrap_or(OsStr::new("file")).to_owned();
             let mut header = header(&self.st, tar::EntryType::Regular);
@@ -651,7 +659,16 @@ fn header(st: &rustix::fs::Stat, kind: tar::EntryType) -> tar::Header {
     h
 }
 
-fn walk<W: Write>(tar: &mut tar::Builder<W>, dir: &OwnedFd, rel: &Path, real: &Path) -> io::Result<()> {
+fn walk<W: Write>(
+    tar: &mut tar::Builder<W>,
+    dir: &OwnedFd,
+    rel: &Path,
+    real: &Path,
+    depth: usize,
+) -> io::Result<()> {
+    if depth > TREE_DEPTH_MAX {
+        return Err(io::Error::other(format!("{} {TOO_DEEP}", real.display())));
+    }
     let mut names = Vec::new();
     for item in rustix::fs::Dir::read_from(dir)? {
         let n = item?.file_name().to_bytes().to_vec();
@@ -678,7 +695,7 @@ fn walk<W: Write>(tar: &mut tar::Builder<W>, dir: &OwnedFd, rel: &Path, real: &P
                     Mode::empty(),
                 )?;
                 tar.append_data(&mut header(&st, tar::EntryType::Directory), &child, io::empty())?;
-                walk(tar, &sub, &child, &child_real)?;
+                walk(tar, &sub, &child, &child_real, depth + 1)?;
             }
             FileType::RegularFile => {
                 let fd = rustix::fs::openat(

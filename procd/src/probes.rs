@@ -153,13 +153,13 @@ impl Probes {
             failures: 0,
         });
         if outcome.passed {
-            state.successes += 1;
+            state.successes = state.successes.saturating_add(1);
             state.failures = 0;
             if state.successes >= spec.success_threshold() {
                 state.status = ProbeStatus::Passed;
             }
         } else {
-            state.failures += 1;
+            state.failures = state.failures.saturating_add(1);
             state.successes = 0;
             if state.failures >= spec.failure_threshold() {
                 state.status = ProbeStatus::Failed;

@@ -29,6 +29,11 @@ pub fn num(v: &Num) -> Option<u64> {
     v.as_ref_option().map(|n| (*n).max(0) as u64)
 }
 
+/// A count for a `u32` field: one too large stays too large (the API then names it) instead of wrapping.
+pub fn saturating_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 pub fn s(v: impl Into<String>) -> Str {
     Value::Value(v.into())
 }
@@ -104,7 +109,7 @@ pub struct ProbeBlock {
 
 impl ProbeBlock {
     pub fn to_api(&self) -> api::ProbeSpec {
-        let n32 = |v: &Num| num(v).map(|n| n as u32);
+        let n32 = |v: &Num| num(v).map(saturating_u32);
         api::ProbeSpec {
             exec: self.exec.as_ref_option().map(|e| api::ExecCheck {
                 command: if e.command.is_unknown() { vec!["(unknown)".into()] } else { strs(&e.command) },

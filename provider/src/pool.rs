@@ -80,7 +80,7 @@ impl PoolState {
             if v.is_unknown() {
                 None
             } else {
-                num(v).map(|n| n as u32)
+                num(v).map(saturating_u32)
             }
         };
         let (min, max) = (count(&self.min_ready), count(&self.max_ready));
@@ -246,7 +246,7 @@ async fn wait_ready(
         return Some(());
     }
     let id = known(&state.id)?;
-    let want = num(&state.min_ready).unwrap_or(0) as u32;
+    let want = num(&state.min_ready).map_or(0, saturating_u32);
     if let Err(e) = c.wait_pool_ready(&id, want, timeout, |_| {}).await {
         let status = c.pool_status(&id).await.ok();
         let detail = status

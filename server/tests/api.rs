@@ -136,6 +136,11 @@ async fn bad_input_names_the_field_and_writes_nothing() {
             "idle_timeout_seconds",
         ),
         (
+            "/v1/template-warm-pools",
+            r#"{"name":"p","template":"x","min_ready":1,"max_ready":1,"max_starts_per_second":1e-20}"#,
+            "max_starts_per_second",
+        ),
+        (
             "/v1/sandboxes",
             r#"{"template":"x","volumes":[{"name":"v","mount_path":"/data/../../etc"}]}"#,
             "volumes[0].mount_path",

@@ -213,3 +213,22 @@ fn an_empty_or_malformed_body_is_a_bad_archive() {
     let err = root.unpack("/workspace", Compression::Gzip, &b"not gzip at all"[..]).unwrap_err();
     assert!(matches!(err, FilesError::BadArchive(_)), "{err:?}");
 }
+
+#[test]
+fn a_tree_nested_too_deep_is_refused_and_a_deep_one_is_not() {
+    let (dir, root) = sandbox();
+    let deep = |levels: usize| ["d"; 1].repeat(levels).join("/");
+    std::fs::create_dir_all(dir.path().join("workspace/ok").join(deep(100))).unwrap();
+    std::fs::create_dir_all(dir.path().join("workspace/deep").join(deep(TREE_DEPTH_MAX + 10))).unwrap();
+
+    let err = root.packer("/workspace/deep").unwrap().pack(Compression::None, io::sink()).unwrap_err();
+    assert!(err.to_string().contains(TOO_DEEP), "{err}");
+    assert!(matches!(
+        root.delete("/workspace/deep", true),
+        Err(FilesError::Refused { reason: TOO_DEEP, .. })
+    ));
+
+    root.packer("/workspace/ok").unwrap().pack(Compression::None, io::sink()).unwrap();
+    root.delete("/workspace/ok", true).unwrap();
+    assert!(!dir.path().join("workspace/ok").exists());
+}

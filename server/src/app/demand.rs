@@ -182,7 +182,7 @@ impl TokenBucket {
         if self.tokens >= 1.0 {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate).unwrap_or(Duration::MAX)
     }
 }
 
@@ -538,6 +538,9 @@ mod tests {
         assert_eq!(slow.take(0.5, 3, t), 1, "at least one start at once");
         assert_eq!(slow.take(0.5, 3, t + Duration::from_secs(1)), 0);
         assert_eq!(slow.take(0.5, 3, t + Duration::from_secs(2)), 1);
+        let mut stalled = TokenBucket::new(1e-300, t);
+        assert_eq!(stalled.take(1e-300, 2, t), 1);
+        assert_eq!(stalled.next_in(), Duration::MAX, "a wait too long to count is no panic");
     }
 
     /// A scripted pool: claims arrive by a script, sandboxes take scripted times to warm up, a claim takes a ready

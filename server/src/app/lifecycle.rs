@@ -328,7 +328,11 @@ impl App {
     }
 
     /// Handles procd exits reported by the runtime: a live sandbox whose procd is gone has failed.
-    pub async fn watch_exits(self: Arc<Self>, mut exits: tokio::sync::mpsc::UnboundedReceiver<String>) {
+    pub async fn watch_exits(
+        self: Arc<Self>,
+        exits: Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    ) {
+        let mut exits = exits.lock().await;
         while let Some(id) = exits.recv().await {
             // Another transition may win the race (a claim taking the ready sandbox whose procd just died): then
             // the sandbox is failed from the state that won, so a dead sandbox never stays `running`.

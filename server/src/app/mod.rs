@@ -143,6 +143,28 @@ pub struct AppConfig {
 /// The app's background loops, stopped when this is dropped (at shutdown; when a test's control plane goes).
 pub struct Background(Vec<AbortHandle>);
 
+/// Runs a background loop that ends only when aborted. One that panics is logged and started again a second later,
+/// so a bug one input reaches does not stop the loop for everything else.
+fn supervise<T, F, Fut>(context: &T, name: &'static str, mut run: F) -> AbortHandle
+where
+    T: Clone + Send + 'static,
+    F: FnMut(T) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use futures::FutureExt;
+    let context = context.clone();
+    tokio::spawn(async move {
+        loop {
+            if std::panic::AssertUnwindSafe(run(context.clone())).catch_unwind().await.is_ok() {
+                return;
+            }
+            tracing::error!(task = name, "A background loop panicked (see above); starting it again in 1 s");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    })
+    .abort_handle()
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         for task in &self.0 {
@@ -218,14 +240,15 @@ impl App {
     ) -> AppResult<Background> {
         self.join_cluster().await?;
         self.recover().await?;
+        let exits = Arc::new(tokio::sync::Mutex::new(exits));
         let mut tasks = vec![
-            tokio::spawn(self.clone().balance()).abort_handle(),
-            tokio::spawn(self.clone().watch_exits(exits)).abort_handle(),
-            tokio::spawn(self.clone().enforce_timeouts()).abort_handle(),
-            tokio::spawn(self.clone().run_demand_loop()).abort_handle(),
+            supervise(self, "balance", App::balance),
+            supervise(self, "watch_exits", move |app| app.watch_exits(exits.clone())),
+            supervise(self, "enforce_timeouts", App::enforce_timeouts),
+            supervise(self, "demand", App::run_demand_loop),
         ];
         if self.config.reconciler_enabled {
-            tasks.push(tokio::spawn(self.clone().run_reconciler()).abort_handle());
+            tasks.push(supervise(self, "reconciler", App::run_reconciler));
         }
         Ok(Background(tasks))
     }
@@ -277,5 +300,32 @@ impl App {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_background_loop_that_panics_is_started_again() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(Notify::new());
+        let _task = supervise(
+            &(runs.clone(), done.clone()),
+            "test",
+            |(runs, done): (Arc<AtomicUsize>, Arc<Notify>)| async move {
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("the first run panics");
+                }
+                done.notify_one();
+            },
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(10), done.notified())
+            .await
+            .expect("started again");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 }

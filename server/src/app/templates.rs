@@ -236,7 +236,9 @@ impl App {
 
     pub async fn build_logs(&self, caller: &Caller, id: &str) -> AppResult<String> {
         self.get_build(caller, id).await?;
-        Ok(std::fs::read_to_string(self.build_log_path(id)).unwrap_or_default())
+        // Bounded by the runtime (`BUILD_LOG_MAX`) plus the start contract's tail.
+        let bytes = tokio::fs::read(self.build_log_path(id)).await.unwrap_or_default();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     pub async fn put_tag(

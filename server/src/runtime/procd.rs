@@ -22,6 +22,8 @@ use crate::secrets::Secrets;
 
 /// How long a build step may run.
 const BUILD_STEP_TIMEOUT_MS: u64 = 60 * 60 * 1000;
+/// A build log's size, at most: the steps' output past it is left out (the steps still run), and a line says so.
+pub const BUILD_LOG_MAX: u64 = 16 << 20;
 /// An exec's timeout when the request names none.
 const DEFAULT_EXEC_TIMEOUT_MS: u64 = 60_000;
 /// How long past its timeout an exec may take to answer (procd kills the command at the timeout, then drains its
@@ -214,25 +216,21 @@ impl Procd {
         spec: &TemplateSpec,
         log: &Path,
     ) -> Result<(), RuntimeError> {
-        use std::io::Write;
-        let mut log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(RuntimeError::io("opening the build log"))?;
+        let mut log_file =
+            CappedLog::open(log, BUILD_LOG_MAX).map_err(RuntimeError::io("opening the build log"))?;
         let mut env = spec.build.env.clone();
         env.insert("WARMPOOL_BUILD_ID".into(), build_id.into());
         env.insert("WARMPOOL_SANDBOX_ID".into(), build_id.into());
         for (i, step) in spec.build.steps.iter().enumerate() {
-            let _ = writeln!(log_file, "==> step {} of {}: {step}", i + 1, spec.build.steps.len());
+            log_file.write(format!("==> step {} of {}: {step}\n", i + 1, spec.build.steps.len()).as_bytes());
             let req = ExecRequest {
                 command: vec!["/bin/sh".into(), "-c".into(), step.clone()],
                 timeout_ms: Some(BUILD_STEP_TIMEOUT_MS),
                 ..Default::default()
             };
             let r = self.exec(build_id, at, req, spec.cwd.as_deref(), env.clone()).await?;
-            let _ = log_file.write_all(r.stdout.as_bytes());
-            let _ = log_file.write_all(r.stderr.as_bytes());
+            log_file.write(r.stdout.as_bytes());
+            log_file.write(r.stderr.as_bytes());
             if r.exit_code != 0 {
                 return Err(RuntimeError::Failed(format!(
                     "build step {} ({step:?}) exited with code {}",
@@ -242,6 +240,35 @@ impl Procd {
             }
         }
         Ok(())
+    }
+}
+
+/// An append-only log that takes at most `max` bytes in all; what comes after is left out, once said so.
+struct CappedLog {
+    file: std::fs::File,
+    room: u64,
+    truncated: bool,
+}
+
+impl CappedLog {
+    fn open(path: &Path, max: u64) -> std::io::Result<CappedLog> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let room = max.saturating_sub(file.metadata()?.len());
+        Ok(CappedLog { file, room, truncated: false })
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let take = bytes.len().min(usize::try_from(self.room).unwrap_or(usize::MAX));
+        let _ = self.file.write_all(&bytes[..take]);
+        self.room -= take as u64;
+        if take < bytes.len() && !self.truncated {
+            self.truncated = true;
+            let _ = writeln!(
+                self.file,
+                "\n==> the build log reached {BUILD_LOG_MAX} bytes: later output is left out"
+            );
+        }
     }
 }
 
@@ -273,5 +300,25 @@ fn exec_error(status: tonic::Status) -> RuntimeError {
             RuntimeError::Invalid { field: "command", message: status.message().to_string() }
         }
         _ => unreachable(status),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_log_keeps_its_first_bytes_and_says_it_left_the_rest_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("build.log");
+        std::fs::write(&path, "1234").unwrap();
+        let mut log = CappedLog::open(&path, 10).unwrap();
+        log.write(b"abc");
+        log.write(b"defghij");
+        log.write(b"klm");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (kept, note) = text.split_at(10);
+        assert_eq!(kept, "1234abcdef");
+        assert_eq!(note.matches("left out").count(), 1, "said once: {note:?}");
     }
 }

@@ -9,11 +9,13 @@
 //! time so that 10,000 idle pools cost a trickle, not a burst. A pass that changes nothing writes nothing.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use tokio::sync::Notify;
 use warmpool_api::{BuildStatus, DegradedReason, PoolId, Sandbox, SandboxId, SandboxState};
 
@@ -30,6 +32,8 @@ pub use plan::{plan, Member, Observed, Plan};
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// How soon a pool blocked on capacity or quota is looked at again.
 const BLOCKED_RETRY: Duration = Duration::from_secs(2);
+/// When a pool whose pass panicked is tried again.
+const PANIC_RETRY: Duration = Duration::from_secs(30);
 
 /// Pools that want a pass. A poke names a pool and carries nothing else: the pass looks at everything of it.
 #[derive(Default)]
@@ -117,9 +121,14 @@ impl App {
                         continue;
                     }
                 }
-                match self.reconcile_pool(&pool).await {
-                    Some(after) => due.insert(pool, Instant::now() + after),
-                    None => due.remove(&pool),
+                // A pass that panics (a bug one pool's data reaches) is that pool's alone: the others go on.
+                match AssertUnwindSafe(self.reconcile_pool(&pool)).catch_unwind().await {
+                    Ok(Some(after)) => due.insert(pool, Instant::now() + after),
+                    Ok(None) => due.remove(&pool),
+                    Err(_) => {
+                        tracing::error!(pool = %pool, "A reconcile pass panicked (see above); trying again in 30 s");
+                        due.insert(pool, Instant::now() + PANIC_RETRY)
+                    }
                 };
             }
             self.metrics.reconcile_seconds.with_label_values(&[]).observe(started.elapsed().as_secs_f64());
@@ -413,6 +422,8 @@ fn next_due(seen: &Seen, plan: &Plan) -> Duration {
     };
     seen.leases.iter().filter(|l| l.lease.expires_at > now).for_each(|l| until(l.lease.expires_at));
     if let Some(idle) = seen.row.pool.idle_timeout_seconds {
+        // Bounded as the API bounds it, for a pool stored before the API did.
+        let idle = idle.min(warmpool_api::DURATION_SECONDS_MAX);
         seen.members()
             .iter()
             .filter_map(|m| m.ready_at.filter(|_| m.lifecycle == Lifecycle::Ready))
