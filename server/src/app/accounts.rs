@@ -9,7 +9,7 @@ use warmpool_api::{
 };
 
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
-use crate::store::{Page, TokenRow};
+use crate::store::{Credential, Page, TokenRow};
 
 /// The admin's own account, which every server has.
 pub fn default_account() -> AccountId {
@@ -70,12 +70,17 @@ impl App {
 
     pub async fn authenticate(&self, token: Option<&str>) -> AppResult<Caller> {
         let token = token.ok_or(AppError::Unauthorized)?;
-        let row = self.store.token_by_hash(&hash(token)).await?.ok_or(AppError::Unauthorized)?;
+        let found = self.store.credential(&hash(token), &default_account()).await?;
+        let Credential { token: row, account } = found.ok_or(AppError::Unauthorized)?;
         // An exchanged token past its lifetime is refused exactly like a revoked one.
         if row.expires_at.is_some_and(|at| at <= Utc::now()) {
             return Err(AppError::Unauthorized);
         }
-        Ok(Caller { account_id: row.account_id.unwrap_or_else(default_account).into(), admin: row.admin })
+        Ok(Caller {
+            account_id: row.account_id.unwrap_or_else(default_account).into(),
+            admin: row.admin,
+            quotas: account.map(|a| a.quotas).unwrap_or_default(),
+        })
     }
 
     pub(super) fn require_admin(caller: &Caller) -> AppResult<()> {

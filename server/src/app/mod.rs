@@ -96,6 +96,8 @@ pub fn not_found(kind: &'static str, id: &str) -> AppError {
 pub struct Caller {
     pub account_id: String,
     pub admin: bool,
+    /// The account's quotas as read with the token (a checkout needs no read of its own).
+    pub quotas: warmpool_api::Quotas,
 }
 
 /// One page of a list as the API answers it: `limit + 1` rows asked of the store tell whether more follow, and

@@ -148,7 +148,7 @@ impl App {
         };
         // The claim counts the account's sandboxes against its quota atomically (concurrent checkouts cannot
         // pass it together).
-        let max_owned = self.quotas(&caller.account_id).await?.max_sandboxes;
+        let max_owned = caller.quotas.max_sandboxes;
         let signal = self.inventory_signal(&pool.pool.id);
         loop {
             let notified = signal.notified();
@@ -270,7 +270,7 @@ impl App {
             )
             .into());
         }
-        let max_owned = self.quotas(&caller.account_id).await?.max_sandboxes;
+        let max_owned = caller.quotas.max_sandboxes;
         let started = Instant::now();
         let now = Utc::now();
         let sandbox = Sandbox {

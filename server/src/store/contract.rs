@@ -344,7 +344,7 @@ async fn every_resource_round_trips(db: &dyn Backend) {
     let account = warmpool_api::Account { allow_host_network: false, ..account };
     store.update_account(&account).await.unwrap();
     assert_eq!(store.get_account("acc_1").await.unwrap(), Some(account.clone()));
-    assert_eq!(store.list_accounts(&Page::ALL).await.unwrap(), vec![account]);
+    assert_eq!(store.list_accounts(&Page::ALL).await.unwrap(), vec![account.clone()]);
 
     let token = TokenRow {
         id: typed("tok_1"),
@@ -359,7 +359,11 @@ async fn every_resource_round_trips(db: &dyn Backend) {
     assert!(!store.has_admin_token().await.unwrap());
     store.insert_token(&token).await.unwrap();
     assert!(store.has_admin_token().await.unwrap());
-    assert_eq!(store.token_by_hash("abc").await.unwrap(), Some(token.clone()));
+    let with_account = |token: &TokenRow, account: Option<&warmpool_api::Account>| {
+        Some(Credential { token: token.clone(), account: account.cloned() })
+    };
+    assert_eq!(store.credential("abc", "acc_none").await.unwrap(), with_account(&token, Some(&account)));
+    assert_eq!(store.credential("xyz", "acc_1").await.unwrap(), None);
     assert!(store.delete_token("tok_1").await.unwrap());
     assert!(!store.delete_token("tok_1").await.unwrap());
     // An exchanged token keeps its expiry and the policy it came from.
@@ -372,7 +376,12 @@ async fn every_resource_round_trips(db: &dyn Backend) {
         ..token.clone()
     };
     store.insert_token(&exchanged).await.unwrap();
-    assert_eq!(store.token_by_hash("def").await.unwrap(), Some(exchanged));
+    assert_eq!(store.credential("def", "acc_none").await.unwrap(), with_account(&exchanged, Some(&account)));
+    // A token that names no account acts for the default one, whose row may not exist.
+    let unnamed = TokenRow { id: typed("tok_3"), hash: "ghi".into(), account_id: None, ..token.clone() };
+    store.insert_token(&unnamed).await.unwrap();
+    assert_eq!(store.credential("ghi", "acc_1").await.unwrap(), with_account(&unnamed, Some(&account)));
+    assert_eq!(store.credential("ghi", "acc_none").await.unwrap(), with_account(&unnamed, None));
 
     let policy = |id: &str, account: &str, name: &str, issuer: &str| warmpool_api::TrustPolicy {
         id: typed(id),

@@ -125,6 +125,13 @@ impl Page {
 }
 
 /// An API token: only its SHA-256 is stored. Admin tokens have no account.
+/// A token and the account it acts for (None: no such account row, so no quotas).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Credential {
+    pub token: TokenRow,
+    pub account: Option<Account>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenRow {
     pub id: TokenId,
@@ -400,7 +407,9 @@ pub trait Store: Send + Sync {
     async fn update_account(&self, account: &Account) -> StoreResult<()>;
 
     async fn insert_token(&self, token: &TokenRow) -> StoreResult<()>;
-    async fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>>;
+    /// The token with this hash and the account it acts for (`default_account` when it names none), in one read:
+    /// every authenticated request makes it.
+    async fn credential(&self, hash: &str, default_account: &str) -> StoreResult<Option<Credential>>;
     async fn has_admin_token(&self) -> StoreResult<bool>;
     async fn delete_token(&self, id: &str) -> StoreResult<bool>;
 

@@ -282,9 +282,12 @@ impl PgStore {
         let Some(max) = max else { return self.query(sql, params).await };
         let mut client = self.pool.get().await.map_err(unreachable_pool)?;
         let tx = client.transaction().await?;
-        tx.execute(&format!("SELECT pg_advisory_xact_lock({LOCK_ACCOUNT}, {LOCK_KEY})"), &[&account_id])
-            .await?;
-        let owned = tx.query_one(COUNT_SANDBOXES, &[&account_id]).await?.get::<_, i64>(0) as u64;
+        // Sent together (pipelined): the count waits for the lock on the server, not for a round trip.
+        let lock = format!("SELECT pg_advisory_xact_lock({LOCK_ACCOUNT}, {LOCK_KEY})");
+        let account: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&account_id];
+        let (_, counted) =
+            futures::try_join!(tx.execute(&lock, &account), tx.query_one(COUNT_SANDBOXES, &account))?;
+        let owned = counted.get::<_, i64>(0) as u64;
         if owned >= max {
             return Err(StoreError::OverQuota { owned, max });
         }
@@ -548,8 +551,14 @@ impl Store for PgStore {
         .await?;
         Ok(())
     }
-    async fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>> {
-        self.one("SELECT json::text FROM tokens WHERE hash = $1", &[text(&hash)]).await
+    async fn credential(&self, hash: &str, default_account: &str) -> StoreResult<Option<Credential>> {
+        self.one(
+            "SELECT json_build_object('token', t.json, 'account', a.json)::text FROM tokens t
+             LEFT JOIN accounts a ON a.id = COALESCE(t.json->>'account_id', $2)
+             WHERE t.hash = $1",
+            &[text(&hash), text(&default_account)],
+        )
+        .await
     }
     async fn has_admin_token(&self) -> StoreResult<bool> {
         Ok(!self.query("SELECT 1 FROM tokens WHERE admin LIMIT 1", &[]).await?.is_empty())

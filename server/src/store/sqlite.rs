@@ -379,7 +379,7 @@ on_threads! {
     readers fn list_accounts(&self, page: &Page) -> StoreResult<Vec<Account>>;
     writer fn update_account(&self, account: &Account) -> StoreResult<()>;
     writer fn insert_token(&self, token: &TokenRow) -> StoreResult<()>;
-    readers fn token_by_hash(&self, hash: &str) -> StoreResult<Option<TokenRow>>;
+    readers fn credential(&self, hash: &str, default_account: &str) -> StoreResult<Option<Credential>>;
     readers fn has_admin_token(&self) -> StoreResult<bool>;
     writer fn delete_token(&self, id: &str) -> StoreResult<bool>;
     writer fn insert_trust_policy(&self, policy: &TrustPolicy) -> StoreResult<()>;
@@ -463,8 +463,13 @@ impl Db<'_> {
         )?;
         Ok(())
     }
-    fn token_by_hash(&mut self, hash: &str) -> StoreResult<Option<TokenRow>> {
-        self.one("SELECT json FROM tokens WHERE hash = ?1", [hash])
+    fn credential(&mut self, hash: &str, default_account: &str) -> StoreResult<Option<Credential>> {
+        self.one(
+            "SELECT json_object('token', json(t.json), 'account', json(a.json)) FROM tokens t
+             LEFT JOIN accounts a ON a.id = COALESCE(json_extract(t.json, '$.account_id'), ?2)
+             WHERE t.hash = ?1",
+            [hash, default_account],
+        )
     }
     fn has_admin_token(&mut self) -> StoreResult<bool> {
         let conn = &*self.0;
