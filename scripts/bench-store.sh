@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$PWD/target/release
-warm=${WARM:-300}
+warm=${WARM:-200}
 work=$(mktemp -d /tmp/warmpool-bench-store.XXXXXX)
 chmod 755 "$work"
 pids=()
@@ -17,6 +17,11 @@ pg_bin=$(dirname "$(ls /usr/lib/postgresql/*/bin/createdb 2>/dev/null | tail -1 
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # Sandboxes outlive their server (by design); a run cut short leaves its containers, so they go here.
+  for root in "$work"/data-*/runc; do
+    for id in $(runc --root "$root" list -q 2>/dev/null); do runc --root "$root" delete --force "$id" || true; done
+  done
+  grep -F "$work" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   # Each data dir's layer filesystem stays mounted after its server exits (sandboxes survive restarts).
   for dir in "$work"/data-*; do
     umount "$dir/layers" 2>/dev/null || true
@@ -36,9 +41,8 @@ start_server() { # data-dir port [database]
   echo "the server on port $2 did not start; see $1.log" >&2; exit 1
 }
 
-prepare() { # endpoint data-dir: a template whose sandboxes are ready at once, built and tagged
-  export WARMPOOL_ENDPOINT=$1 WARMPOOL_TOKEN
-  WARMPOOL_TOKEN=$(cat "$2/admin.token")
+prepare() { # endpoint token: a template whose sandboxes are ready at once, built and tagged
+  export WARMPOOL_ENDPOINT=$1 WARMPOOL_TOKEN=$2
   cat >"$work/template.json" <<'EOF'
 {"name": "bench", "start_cmd": "exec sleep infinity"}
 EOF
@@ -66,7 +70,7 @@ measure() { # label [bench args...]
 # SQLite
 mkdir -p "$work/data-sqlite"
 start_server "$work/data-sqlite" 7171
-prepare http://127.0.0.1:7171 "$work/data-sqlite"
+prepare http://127.0.0.1:7171 "$(cat "$work/data-sqlite/admin.token")"
 measure "SQLite, 1 replica"
 
 # PostgreSQL
@@ -78,13 +82,22 @@ runuser -u postgres -- "$pg_bin/createdb" -h 127.0.0.1 -p 55432 -U postgres one
 runuser -u postgres -- "$pg_bin/createdb" -h 127.0.0.1 -p 55432 -U postgres three
 mkdir -p "$work/data-pg"
 start_server "$work/data-pg" 7172 postgres://postgres@127.0.0.1:55432/one
-prepare http://127.0.0.1:7172 "$work/data-pg"
+prepare http://127.0.0.1:7172 "$(cat "$work/data-pg/admin.token")"
 measure "PostgreSQL, 1 replica"
+
+# The same server, as an account with a quota: each checkout counts the account's sandboxes under its lock.
+api() { # path body: POST as the admin, print the answer's field $3
+  curl -fsS -H "Authorization: Bearer $(cat "$work/data-pg/admin.token")" -H 'Content-Type: application/json' \
+    -d "$2" "http://127.0.0.1:7172$1" | python3 -c "import json, sys; print(json.load(sys.stdin)['$3'])"
+}
+account=$(api /v1/accounts '{"name": "quota", "quotas": {"max_sandboxes": 100000, "max_warm_sandboxes": 100000}}' id)
+prepare http://127.0.0.1:7172 "$(api /v1/tokens "{\"account_id\": \"$account\"}" token)"
+measure "PostgreSQL, 1 replica, an account with a quota"
 
 # Three replicas on one PostgreSQL, sharing a data dir (as replicas on one host do).
 mkdir -p "$work/data-three"
 for port in 7173 7174 7175; do
   start_server "$work/data-three" $port postgres://postgres@127.0.0.1:55432/three
 done
-prepare http://127.0.0.1:7173 "$work/data-three"
+prepare http://127.0.0.1:7173 "$(cat "$work/data-three/admin.token")"
 measure "PostgreSQL, 3 replicas" --endpoints http://127.0.0.1:7173,http://127.0.0.1:7174,http://127.0.0.1:7175

@@ -282,17 +282,19 @@ impl PgStore {
         let Some(max) = max else { return self.query(sql, params).await };
         let mut client = self.pool.get().await.map_err(unreachable_pool)?;
         let tx = client.transaction().await?;
-        // Sent together (pipelined): the count waits for the lock on the server, not for a round trip.
+        // Statements sent together are pipelined: one round trip for the lock and the count (which waits for the
+        // lock on the server), one for the write and the commit, so the lock is held for about one round trip.
         let lock = format!("SELECT pg_advisory_xact_lock({LOCK_ACCOUNT}, {LOCK_KEY})");
-        let account: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&account_id];
+        let account = [text(&account_id)];
         let (_, counted) =
-            futures::try_join!(tx.execute(&lock, &account), tx.query_one(COUNT_SANDBOXES, &account))?;
-        let owned = counted.get::<_, i64>(0) as u64;
+            futures::try_join!(tx.query_typed(&lock, &account), tx.query_typed(COUNT_SANDBOXES, &account))?;
+        let owned = counted.first().map_or(0, |r| r.get::<_, i64>(0)) as u64;
         if owned >= max {
             return Err(StoreError::OverQuota { owned, max });
         }
-        let rows = tx.query_typed(sql, params).await?;
-        tx.commit().await?;
+        let (rows, ()) = futures::try_join!(tx.query_typed(sql, params), tx.batch_execute("COMMIT"))?;
+        // Committed on the server already: the transaction's rollback on drop would only draw a warning.
+        std::mem::forget(tx);
         Ok(rows)
     }
 

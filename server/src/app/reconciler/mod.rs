@@ -32,6 +32,9 @@ pub use plan::{plan, Member, Observed, Plan};
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// How soon a pool blocked on capacity or quota is looked at again.
 const BLOCKED_RETRY: Duration = Duration::from_secs(2);
+/// The least time between two passes of one pool: a refill waits at most this much longer, and a pool claimed
+/// hundreds of times a second is passed (all its members read) at most 20 times a second.
+const PASS_SPACING: Duration = Duration::from_millis(50);
 /// When a pool whose pass panicked is tried again.
 const PANIC_RETRY: Duration = Duration::from_secs(30);
 
@@ -69,10 +72,11 @@ pub struct PassRecord {
 }
 
 impl App {
-    /// Runs passes until the process ends: for poked pools at once (pokes within 5 ms coalesce), and for the rest
-    /// when their due time comes.
+    /// Runs passes until the process ends: for poked pools at once (pokes within 5 ms coalesce; a pool passed less
+    /// than [`PASS_SPACING`] ago waits out the rest), and for the rest when their due time comes.
     pub async fn run_reconciler(self: Arc<Self>) {
         let mut due: HashMap<String, Instant> = HashMap::new();
+        let mut last_pass: HashMap<String, Instant> = HashMap::new();
         loop {
             let next = due.values().min().copied().unwrap_or_else(|| Instant::now() + RESYNC);
             let wait = next.saturating_duration_since(Instant::now());
@@ -109,6 +113,15 @@ impl App {
                 }
             };
             for pool in pools {
+                // A pool poked again soon after its last pass (claimed over and over) waits out PASS_SPACING: its
+                // pokes meanwhile fold into one pass instead of one pass each.
+                if let Some(spaced) = last_pass.get(&pool).map(|at| *at + PASS_SPACING) {
+                    if spaced > Instant::now() {
+                        let at = due.entry(pool).or_insert(spaced);
+                        *at = (*at).min(spaced);
+                        continue;
+                    }
+                }
                 match self.own_pool(&pool, share).await {
                     Ok(true) => {}
                     Ok(false) => {
@@ -122,9 +135,13 @@ impl App {
                     }
                 }
                 // A pass that panics (a bug one pool's data reaches) is that pool's alone: the others go on.
+                last_pass.insert(pool.clone(), Instant::now());
                 match AssertUnwindSafe(self.reconcile_pool(&pool)).catch_unwind().await {
                     Ok(Some(after)) => due.insert(pool, Instant::now() + after),
-                    Ok(None) => due.remove(&pool),
+                    Ok(None) => {
+                        last_pass.remove(&pool);
+                        due.remove(&pool)
+                    }
                     Err(_) => {
                         tracing::error!(pool = %pool, "A reconcile pass panicked (see above); trying again in 30 s");
                         due.insert(pool, Instant::now() + PANIC_RETRY)
