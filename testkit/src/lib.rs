@@ -221,11 +221,18 @@ pub fn kill_all_under(dir: &Path) {
             ids.push(e.file_name().to_string_lossy().into_owned());
         }
     }
+    let prefix = dir.display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // A sandbox or build root whose layers live in this dir is the test's, even when its directory is gone.
+    ids.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&prefix))
+            .filter_map(|l| l.split(' ').nth(4)?.strip_prefix("/run/warmpool/rootfs/").map(str::to_owned)),
+    );
     ids.sort();
     ids.dedup();
-    let prefix = dir.display().to_string();
     let roots: Vec<String> = ids.iter().map(|id| format!("/run/warmpool/rootfs/{id}")).collect();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut targets: Vec<&str> = mounts
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
