@@ -77,7 +77,7 @@ impl App {
             return Err(AppError::Unauthorized);
         }
         Ok(Caller {
-            account_id: row.account_id.unwrap_or_else(default_account).into(),
+            account_id: row.account_id.unwrap_or_else(default_account),
             admin: row.admin,
             quotas: account.map(|a| a.quotas).unwrap_or_default(),
         })

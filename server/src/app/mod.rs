@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::AbortHandle;
-use warmpool_api::{FieldError, SandboxId};
+use warmpool_api::{AccountId, FieldError, SandboxId};
 
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
@@ -94,7 +94,7 @@ pub fn not_found(kind: &'static str, id: &str) -> AppError {
 /// Who is calling: the account whose resources they see, and whether they may administer accounts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    pub account_id: String,
+    pub account_id: AccountId,
     pub admin: bool,
     /// The account's quotas as read with the token (a checkout needs no read of its own).
     pub quotas: warmpool_api::Quotas,

@@ -313,7 +313,7 @@ impl App {
             .collect();
         let spec = StartSpec {
             subject: Subject::Sandbox { id: row.sandbox.id.clone(), build_id: plan.build.build.id.clone() },
-            account_id: caller.account_id.clone(),
+            account_id: Some(caller.account_id.clone()),
             pool_id: None,
             spec: plan.build.spec.clone(),
             envs: req.envs.clone().unwrap_or_default(),

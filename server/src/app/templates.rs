@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use warmpool_api::{
-    validate_name, Build, BuildCreate, BuildId, BuildStatus, FieldError, List, Tag, Template, TemplateId,
-    TemplatePatch, TemplateRef, TemplateSpec,
+    validate_name, AccountId, Build, BuildCreate, BuildId, BuildStatus, FieldError, List, Tag, Template,
+    TemplateId, TemplatePatch, TemplateRef, TemplateSpec,
 };
 
 use super::{new_id, not_found, App, AppError, AppResult, Caller};
@@ -170,7 +170,7 @@ impl App {
     async fn build_artifact(
         &self,
         id: &BuildId,
-        account_id: &str,
+        account_id: &AccountId,
         spec: &TemplateSpec,
         log: &std::path::Path,
     ) -> Result<(), String> {
@@ -179,7 +179,7 @@ impl App {
             append(log, "==> checking the start contract (start_cmd until readiness passes)\n");
             let start = StartSpec {
                 subject: Subject::Build(id.clone()),
-                account_id: account_id.to_string(),
+                account_id: Some(account_id.clone()),
                 pool_id: None,
                 spec: spec.clone(),
                 envs: Default::default(),

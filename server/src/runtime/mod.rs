@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use warmpool_api::{
-    BuildId, ExecRequest, ExecResult, LogLine, PoolId, ProbeKind, ProbeResult, ProbeSpec, ProbeStatus,
-    ProcessType, SandboxId, TemplateSpec, WarmProcessSpec, START_PROCESS,
+    AccountId, BuildId, ExecRequest, ExecResult, LogLine, PoolId, ProbeKind, ProbeResult, ProbeSpec,
+    ProbeStatus, ProcessType, SandboxId, TemplateSpec, WarmProcessSpec, START_PROCESS,
 };
 
 use serde::{Deserialize, Serialize};
@@ -102,8 +102,9 @@ impl Subject {
 #[derive(Debug, Clone)]
 pub struct StartSpec {
     pub subject: Subject,
-    /// Whose sandbox (or build) it is, and the pool it is inventory of: labels on runtimes that keep any.
-    pub account_id: String,
+    /// Whose sandbox (or build) it is (None: a build's steps), and the pool it is inventory of: labels on runtimes
+    /// that keep any.
+    pub account_id: Option<AccountId>,
     pub pool_id: Option<PoolId>,
     pub spec: TemplateSpec,
     /// Extra environment for start_cmd and warm processes (`envs`).
@@ -118,7 +119,7 @@ pub struct StartSpec {
 /// A named volume: storage of an account that outlives sandboxes, mounted at `mount_path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
-    pub account_id: String,
+    pub account_id: AccountId,
     pub name: String,
     pub mount_path: String,
 }

@@ -83,7 +83,7 @@ contract!(
 
 pub fn sandbox(id: &str, pool: &str) -> SandboxRow {
     SandboxRow {
-        account_id: "acc_1".into(),
+        account_id: typed("acc_1"),
         sandbox: warmpool_api::Sandbox {
             id: typed(id),
             template: "t".into(),
@@ -110,7 +110,7 @@ pub fn sandbox(id: &str, pool: &str) -> SandboxRow {
 
 fn claim() -> ClaimUpdate {
     ClaimUpdate {
-        account_id: "acc_1".into(),
+        account_id: typed("acc_1"),
         max_owned: None,
         labels: Default::default(),
         checkout: WarmPoolCheckout {
@@ -130,7 +130,7 @@ fn claim() -> ClaimUpdate {
 pub fn pool(id: &str, name: &str) -> PoolRow {
     let now = Utc::now();
     PoolRow {
-        account_id: "acc_1".into(),
+        account_id: typed("acc_1"),
         pool: WarmPool {
             id: typed(id),
             name: name.into(),
@@ -265,14 +265,14 @@ async fn a_claim_writes_the_whole_row(db: &dyn Backend) {
     store.insert_sandbox(&other_build).await.unwrap();
 
     let mut update = claim();
-    update.account_id = "acc_2".into();
+    update.account_id = typed("acc_2");
     update.labels = BTreeMap::from([("job".to_string(), "ci".to_string())]);
     update.timeout_policy = Some(TimeoutPolicy { timeout_seconds: 60, action: TimeoutAction::Pause });
     update.expires_at = Some(Utc::now() + chrono::Duration::seconds(60));
     // The resolved build first, though the other sandbox has been ready longer.
     let claimed = store.claim_ready("twp_1", Some("bld_1"), &update).await.unwrap().unwrap();
     let mut expected = ready.clone();
-    expected.account_id = "acc_2".into();
+    expected.account_id = typed("acc_2");
     expected.pool_id = None;
     expected.lifecycle = Lifecycle::Claimed;
     expected.claimed_from = Some(typed("twp_1"));
@@ -296,7 +296,7 @@ async fn duplicate_names_are_conflicts(db: &dyn Backend) {
     let store = db.open().await;
     let spec = warmpool_api::TemplateSpec { name: "api".into(), ..Default::default() };
     let row = |id: &str| TemplateRow {
-        account_id: "acc_1".into(),
+        account_id: typed("acc_1"),
         template: warmpool_api::Template::from_spec(typed(id), spec.clone(), Utc::now(), Utc::now()),
     };
     store.insert_template(&row("tpl_1")).await.unwrap();
@@ -417,7 +417,7 @@ async fn every_resource_round_trips(db: &dyn Backend) {
     assert_eq!(store.trust_policies_for_issuer(gh).await.unwrap(), vec![p2]);
 
     let build = |id: &str, status: warmpool_api::BuildStatus, at| BuildRow {
-        account_id: "acc_1".into(),
+        account_id: typed("acc_1"),
         build: warmpool_api::Build {
             id: typed(id),
             template_id: typed("tpl_1"),
@@ -463,7 +463,7 @@ async fn every_resource_round_trips(db: &dyn Backend) {
 
     store.insert_pool(&pool("twp_1", "api")).await.unwrap();
     let lease = LeaseRow {
-        account_id: "acc_1".into(),
+        account_id: typed("acc_1"),
         lease: warmpool_api::Lease {
             pool_id: typed("twp_1"),
             key: "ci/1".into(),

@@ -150,13 +150,13 @@ pub struct TokenRow {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TemplateRow {
-    pub account_id: String,
+    pub account_id: AccountId,
     pub template: Template,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BuildRow {
-    pub account_id: String,
+    pub account_id: AccountId,
     pub build: Build,
     /// The template's spec when the build was made: what its sandboxes run.
     pub spec: TemplateSpec,
@@ -168,7 +168,7 @@ pub struct BuildRow {
 /// A pool plus its controller's bookkeeping.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PoolRow {
-    pub account_id: String,
+    pub account_id: AccountId,
     pub pool: WarmPool,
     pub ctl: PoolControl,
     /// Bumped by every write: [`Store::update_pool`] writes only over the revision it read, so two replicas'
@@ -195,7 +195,7 @@ pub struct PoolControl {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LeaseRow {
-    pub account_id: String,
+    pub account_id: AccountId,
     pub lease: Lease,
 }
 
@@ -252,7 +252,7 @@ impl Lifecycle {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SandboxRow {
-    pub account_id: String,
+    pub account_id: AccountId,
     pub sandbox: Sandbox,
     /// Inventory of this pool (None for cold sandboxes and after a checkout).
     pub pool_id: Option<PoolId>,
@@ -278,7 +278,7 @@ pub struct SandboxRow {
 /// What a claim writes into the sandbox it takes.
 #[derive(Debug, Clone)]
 pub struct ClaimUpdate {
-    pub account_id: String,
+    pub account_id: AccountId,
     /// The account's `max_sandboxes`: the claim is refused ([`StoreError::OverQuota`]) when the account already
     /// owns that many, counted and claimed atomically.
     pub max_owned: Option<u64>,

@@ -301,13 +301,17 @@ impl PgStore {
     /// Inserts a sandbox, within its account's quota when `max_owned` is given.
     async fn insert_sandbox_within(&self, row: &SandboxRow, max_owned: Option<u64>) -> StoreResult<()> {
         let SandboxColumns { json, pool_id, lifecycle, state, ready_at } = SandboxColumns::of(row)?;
-        let (id, build_id, claimed_from) =
-            (row.sandbox.id.as_str(), row.sandbox.build_id.as_str(), row.claimed_from.as_deref());
+        let (id, account, build_id, claimed_from) = (
+            row.sandbox.id.as_str(),
+            row.account_id.as_str(),
+            row.sandbox.build_id.as_str(),
+            row.claimed_from.as_deref(),
+        );
         let sql = "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)";
         let params = [
             text(&id),
-            text(&row.account_id),
+            text(&account),
             text(&pool_id),
             text(&lifecycle),
             text(&claimed_from),
@@ -612,7 +616,7 @@ impl Store for PgStore {
         let json = serde_json::to_string(row)?;
         self.query(
             "INSERT INTO templates (id, account_id, name, json) VALUES ($1, $2, $3, $4::jsonb)",
-            &[text(&t.id.as_str()), text(&row.account_id), text(&t.name), text(&json)],
+            &[text(&t.id.as_str()), text(&row.account_id.as_str()), text(&t.name), text(&json)],
         )
         .await
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
@@ -768,7 +772,7 @@ impl Store for PgStore {
             "WITH i AS (INSERT INTO pools (id, account_id, name, rev, json) VALUES ($1, $2, $3, $4, $5::jsonb)
                  RETURNING id)
              SELECT pg_notify('warmpool', 'pool:' || id) FROM i",
-            &[text(&p.id.as_str()), text(&row.account_id), text(&p.name), (&(row.rev as i64), Type::INT8), text(&json)],
+            &[text(&p.id.as_str()), text(&row.account_id.as_str()), text(&p.name), (&(row.rev as i64), Type::INT8), text(&json)],
         ).await
         .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(())
@@ -968,7 +972,7 @@ impl Store for PgStore {
              SELECT pg_notify('warmpool', 'pool:' || pool) FROM u",
             &[
                 text(&row.sandbox.id.as_str()),
-                text(&row.account_id),
+                text(&row.account_id.as_str()),
                 text(&pool_id),
                 text(&lifecycle),
                 text(&row.claimed_from.as_deref()),
@@ -1023,8 +1027,8 @@ impl Store for PgStore {
                    AND s.lifecycle = 'ready'
                  RETURNING s.json)
              SELECT json::text, pg_notify('warmpool', 'pool:' || $1) FROM c";
-        let params =
-            [text(&pool_id), text(&claim.account_id), text(&row_patch), text(&sandbox_patch), text(&prefer)];
+        let account = claim.account_id.as_str();
+        let params = [text(&pool_id), text(&account), text(&row_patch), text(&sandbox_patch), text(&prefer)];
         let rows = self.query_within_quota(&claim.account_id, claim.max_owned, sql, &params).await?;
         rows.first().map(|r| from_json(r.get::<_, &str>(0))).transpose()
     }

@@ -507,7 +507,7 @@ impl Db<'_> {
         let t = &row.template;
         self.exec(
             "INSERT INTO templates (id, account_id, name, json) VALUES (?1, ?2, ?3, ?4)",
-            params![t.id.as_str(), row.account_id, t.name, serde_json::to_string(row)?],
+            params![t.id.as_str(), row.account_id.as_str(), t.name, serde_json::to_string(row)?],
         )
         .map_err(conflict_as(format!("template {:?}", t.name)))?;
         Ok(())
@@ -636,7 +636,13 @@ impl Db<'_> {
         let p = &row.pool;
         self.exec(
             "INSERT INTO pools (id, account_id, name, rev, json) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![p.id.as_str(), row.account_id, p.name, row.rev as i64, serde_json::to_string(row)?],
+            params![
+                p.id.as_str(),
+                row.account_id.as_str(),
+                p.name,
+                row.rev as i64,
+                serde_json::to_string(row)?
+            ],
         )
         .map_err(conflict_as(format!("warm pool {:?}", p.name)))?;
         Ok(())
@@ -785,7 +791,7 @@ impl Db<'_> {
         self.exec(
             "INSERT INTO sandboxes (id, account_id, pool_id, lifecycle, claimed_from, build_id, state, ready_at, json)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![row.sandbox.id.as_str(), row.account_id, pool_id, lifecycle, row.claimed_from.as_deref(), row.sandbox.build_id.as_str(), state, ready_at, json],
+            params![row.sandbox.id.as_str(), row.account_id.as_str(), pool_id, lifecycle, row.claimed_from.as_deref(), row.sandbox.build_id.as_str(), state, ready_at, json],
         )?;
         Ok(())
     }
@@ -812,7 +818,7 @@ impl Db<'_> {
                  ready_at = ?7, json = ?8 WHERE id = ?1 AND lifecycle IN ({})",
                 lifecycles(expected)
             ),
-            params![row.sandbox.id.as_str(), row.account_id, pool_id, lifecycle, row.claimed_from.as_deref(), state, ready_at, json],
+            params![row.sandbox.id.as_str(), row.account_id.as_str(), pool_id, lifecycle, row.claimed_from.as_deref(), state, ready_at, json],
         )?;
         Ok(changed == 1)
     }
@@ -864,7 +870,7 @@ impl Db<'_> {
         let changed = tx.execute(
             "UPDATE sandboxes SET account_id = ?2, pool_id = NULL, lifecycle = 'claimed', claimed_from = ?3,
              json = ?4 WHERE id = ?1 AND lifecycle = 'ready'",
-            params![row.sandbox.id.as_str(), row.account_id, pool_id, json],
+            params![row.sandbox.id.as_str(), row.account_id.as_str(), pool_id, json],
         )?;
         if changed != 1 {
             return Ok(None);

@@ -356,7 +356,7 @@ impl App {
                         id: sandbox_row.sandbox.id.clone(),
                         build_id: build.build.id.clone(),
                     },
-                    account_id: row.account_id.clone(),
+                    account_id: Some(row.account_id.clone()),
                     pool_id: Some(pool.id.clone()),
                     spec,
                     envs: Default::default(),

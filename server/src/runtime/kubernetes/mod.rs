@@ -179,8 +179,8 @@ impl KubernetesRuntime {
         if let Some(p) = &spec.pool_id {
             labels.insert(pod::POOL_LABEL.into(), p.to_string());
         }
-        if !spec.account_id.is_empty() {
-            labels.insert(pod::ACCOUNT_LABEL.into(), spec.account_id.clone());
+        if let Some(account) = &spec.account_id {
+            labels.insert(pod::ACCOUNT_LABEL.into(), account.to_string());
         }
         let expires = chrono::Utc::now().timestamp() + ARTIFACT_TOKEN_TTL.as_secs() as i64;
         PodPlan {
@@ -347,7 +347,7 @@ impl Runtime for KubernetesRuntime {
     ) -> Result<(), RuntimeError> {
         let start = StartSpec {
             subject: Subject::Build(build_id.clone()),
-            account_id: String::new(),
+            account_id: None,
             pool_id: None,
             spec: spec.clone(),
             envs: Default::default(),

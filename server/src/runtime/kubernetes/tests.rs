@@ -150,7 +150,7 @@ fn start_spec(id: &str) -> StartSpec {
                 build_id: BuildId::parse("build_id", "bld_1").unwrap(),
             },
         },
-        account_id: "acc_1".into(),
+        account_id: Some(typed("acc_1")),
         pool_id: Some(typed("twp_1")),
         spec,
         envs: Default::default(),
@@ -293,7 +293,7 @@ async fn start_refuses_volumes_and_host_networking_without_calling_the_api() {
     assert!(matches!(e, RuntimeError::Invalid { field: "network.mode", .. }), "{e}");
     let mut spec = start_spec("sbx_3");
     spec.volumes = vec![super::super::Volume {
-        account_id: "acc_1".into(),
+        account_id: typed("acc_1"),
         name: "cache".into(),
         mount_path: "/c".into(),
     }];

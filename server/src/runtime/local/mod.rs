@@ -656,7 +656,7 @@ impl Runtime for LocalRuntime {
         std::fs::create_dir_all(&dir).map_err(RuntimeError::io("creating the build directory"))?;
         let start = StartSpec {
             subject: Subject::Build(build_id.clone()),
-            account_id: String::new(),
+            account_id: None,
             pool_id: None,
             spec: spec.clone(),
             envs: Default::default(),
