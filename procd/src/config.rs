@@ -84,9 +84,9 @@ pub struct LogSettings {
 }
 
 pub const DEFAULT_LOG_MAX_BYTES: usize = 4096;
-/// The largest `data` of a mirrored line: procd buffers a line up to it, and the server's log readers skip lines
-/// much longer.
-pub const LOG_MAX_BYTES_LIMIT: usize = 32 * 1024;
+/// The largest `data` of a mirrored line: procd buffers a line up to it, and escaped as JSON (at most 6 bytes for
+/// one) it stays within the 64 KiB line the server's log readers take.
+pub const LOG_MAX_BYTES_LIMIT: usize = 10 * 1024;
 
 impl LogSettings {
     /// Reads `WARMPOOL_PROCESS_LOGS` / `WARMPOOL_PROCESS_LOG_MAX_BYTES` (or their `SANDBOX0_` spellings) through

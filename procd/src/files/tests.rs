@@ -217,7 +217,8 @@ fn an_empty_or_malformed_body_is_a_bad_archive() {
 #[test]
 fn a_tree_nested_too_deep_is_refused_and_a_deep_one_is_not() {
     let (dir, root) = sandbox();
-    let deep = |levels: usize| ["d"; 1].repeat(levels).join("/");
+    assert!(TOO_DEEP.contains(&TREE_DEPTH_MAX.to_string()));
+    let deep = |levels: usize| vec!["d"; levels].join("/");
     std::fs::create_dir_all(dir.path().join("workspace/ok").join(deep(100))).unwrap();
     std::fs::create_dir_all(dir.path().join("workspace/deep").join(deep(TREE_DEPTH_MAX + 10))).unwrap();
 

@@ -228,6 +228,18 @@ async fn concurrent_claims_and_creates_never_pass_the_quota_together(db: &dyn Ba
     }
     assert_eq!((taken, refused), (4, 76));
     assert_eq!(a.count_sandboxes("acc_1").await.unwrap().0, 6);
+
+    // A write within a quota that fails (a duplicate id) leaves its connection clean: the writes after it, on every
+    // pooled connection, still count and write.
+    let owned =
+        |id: &str| SandboxRow { pool_id: None, lifecycle: Lifecycle::Warming, ..sandbox(id, "twp_1") };
+    for _ in 0..40 {
+        assert!(a.insert_owned_sandbox(&owned("sbx_own0"), 100).await.is_err());
+    }
+    for i in 0..20 {
+        a.insert_owned_sandbox(&owned(&format!("sbx_after{i}")), 100).await.unwrap();
+    }
+    assert_eq!(a.count_sandboxes("acc_1").await.unwrap().0, 26);
 }
 
 /// A claim and a stop race for the same ready sandbox: exactly one of the two conditional writes wins.

@@ -124,7 +124,6 @@ impl Page {
     }
 }
 
-/// An API token: only its SHA-256 is stored. Admin tokens have no account.
 /// A token and the account it acts for (None: no such account row, so no quotas).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Credential {
@@ -132,6 +131,7 @@ pub struct Credential {
     pub account: Option<Account>,
 }
 
+/// An API token: only its SHA-256 is stored. Admin tokens have no account.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenRow {
     pub id: TokenId,

@@ -281,6 +281,8 @@ impl PgStore {
     ) -> StoreResult<Vec<Row>> {
         let Some(max) = max else { return self.query(sql, params).await };
         let mut client = self.pool.get().await.map_err(unreachable_pool)?;
+        // tokio-postgres's own transaction (deadpool's wraps it with a statement cache it shares).
+        let client: &mut tokio_postgres::Client = &mut client;
         let tx = client.transaction().await?;
         // Statements sent together are pipelined: one round trip for the lock and the count (which waits for the
         // lock on the server), one for the write and the commit, so the lock is held for about one round trip.

@@ -181,3 +181,28 @@ async fn disable_keeps_inventory_and_delete_drains_it() {
         "checked-out and cold sandboxes outlive their pool"
     );
 }
+
+/// A pool claimed over and over is not passed once per claim: passes are at least 50 ms apart, whatever pokes them
+/// (each claim, each sandbox that becomes ready), and the pool still refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_claimed_over_and_over_is_passed_at_most_every_50_ms() {
+    let cp = SimPlane::start().await;
+    cp.template("api", ready_after(1)).await;
+    let pool = cp.pool("api", "api:stable", 60, 60).await;
+    cp.wait_status(&pool.id, "60 ready", |s| s.ready == 60).await;
+    let passes = || async {
+        let text = cp.client.metrics().await.unwrap();
+        let line =
+            text.lines().find(|l| l.starts_with("warmpool_reconcile_seconds_count")).unwrap().to_string();
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    let before = passes().await;
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        cp.client.create_sandbox(&checkout(&pool.id, CheckoutMode::Require, 5_000)).await.unwrap();
+    }
+    cp.wait_status(&pool.id, "refilled", |s| s.ready == 60).await;
+    let (took, passed) = (started.elapsed(), passes().await - before);
+    let most = took.as_millis() as u64 / 50 + 2;
+    assert!(passed <= most, "{passed} passes in {took:?} (at most {most})");
+}

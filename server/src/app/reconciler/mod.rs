@@ -76,7 +76,8 @@ impl App {
     /// than [`PASS_SPACING`] ago waits out the rest), and for the rest when their due time comes.
     pub async fn run_reconciler(self: Arc<Self>) {
         let mut due: HashMap<String, Instant> = HashMap::new();
-        let mut last_pass: HashMap<String, Instant> = HashMap::new();
+        // When each pool may be passed again: PASS_SPACING after its last pass, PANIC_RETRY after one that panicked.
+        let mut not_before: HashMap<String, Instant> = HashMap::new();
         loop {
             let next = due.values().min().copied().unwrap_or_else(|| Instant::now() + RESYNC);
             let wait = next.saturating_duration_since(Instant::now());
@@ -98,6 +99,16 @@ impl App {
             }
             let now = Instant::now();
             pools.extend(due.iter().filter(|(_, at)| **at <= now).map(|(id, _)| id.clone()));
+            // A pool poked again soon after its last pass (claimed over and over) waits out the rest of
+            // PASS_SPACING: its pokes meanwhile fold into one pass instead of one pass each.
+            not_before.retain(|_, at| *at > now);
+            pools.retain(|pool| match not_before.get(pool) {
+                Some(at) => {
+                    due.insert(pool.clone(), *at);
+                    false
+                }
+                None => true,
+            });
             if pools.is_empty() {
                 continue;
             }
@@ -113,15 +124,6 @@ impl App {
                 }
             };
             for pool in pools {
-                // A pool poked again soon after its last pass (claimed over and over) waits out PASS_SPACING: its
-                // pokes meanwhile fold into one pass instead of one pass each.
-                if let Some(spaced) = last_pass.get(&pool).map(|at| *at + PASS_SPACING) {
-                    if spaced > Instant::now() {
-                        let at = due.entry(pool).or_insert(spaced);
-                        *at = (*at).min(spaced);
-                        continue;
-                    }
-                }
                 match self.own_pool(&pool, share).await {
                     Ok(true) => {}
                     Ok(false) => {
@@ -134,17 +136,16 @@ impl App {
                         continue;
                     }
                 }
+                not_before.insert(pool.clone(), Instant::now() + PASS_SPACING);
                 // A pass that panics (a bug one pool's data reaches) is that pool's alone: the others go on.
-                last_pass.insert(pool.clone(), Instant::now());
                 match AssertUnwindSafe(self.reconcile_pool(&pool)).catch_unwind().await {
                     Ok(Some(after)) => due.insert(pool, Instant::now() + after),
-                    Ok(None) => {
-                        last_pass.remove(&pool);
-                        due.remove(&pool)
-                    }
+                    Ok(None) => due.remove(&pool),
                     Err(_) => {
                         tracing::error!(pool = %pool, "A reconcile pass panicked (see above); trying again in 30 s");
-                        due.insert(pool, Instant::now() + PANIC_RETRY)
+                        let retry = Instant::now() + PANIC_RETRY;
+                        not_before.insert(pool.clone(), retry);
+                        due.insert(pool, retry)
                     }
                 };
             }
