@@ -146,7 +146,8 @@ pub struct AppConfig {
 pub struct Background(Vec<AbortHandle>);
 
 /// Runs a background loop that ends only when aborted. One that panics is logged and started again a second later,
-/// so a bug one input reaches does not stop the loop for everything else.
+/// so a bug one input reaches does not stop the loop for everything else. What the loop was handling when it
+/// panicked (one procd exit, one pool's pass) is not retried by the restart.
 fn supervise<T, F, Fut>(context: &T, name: &'static str, mut run: F) -> AbortHandle
 where
     T: Clone + Send + 'static,
