@@ -61,6 +61,11 @@ impl TimeoutPolicy {
     pub fn validate(&self, field: &str) -> Result<(), crate::FieldError> {
         crate::validate_seconds(&crate::join_path(field, "timeout_seconds"), self.timeout_seconds)
     }
+
+    /// When a sandbox created or checked out at `from` times out (`timeout_seconds` bounded as `validate` bounds it).
+    pub fn expires_at(&self, from: DateTime<Utc>) -> DateTime<Utc> {
+        from + chrono::Duration::seconds(self.timeout_seconds.min(crate::DURATION_SECONDS_MAX) as i64)
+    }
 }
 
 fn default_timeout_action() -> TimeoutAction {

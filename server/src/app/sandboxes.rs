@@ -159,10 +159,7 @@ impl App {
                 labels: req.labels.clone().unwrap_or_default(),
                 checkout: checkout(CheckoutSource::WarmPool, waited_ms, None),
                 timeout_policy: req.timeout_policy.clone(),
-                expires_at: req
-                    .timeout_policy
-                    .as_ref()
-                    .map(|t| Utc::now() + chrono::Duration::seconds(t.timeout_seconds as i64)),
+                expires_at: req.timeout_policy.as_ref().map(|t| t.expires_at(Utc::now())),
                 created_at: Utc::now(),
             };
             if let Some(row) =
@@ -281,10 +278,7 @@ impl App {
             state: SandboxState::Starting,
             labels: req.labels.clone().unwrap_or_default(),
             created_at: now,
-            expires_at: req
-                .timeout_policy
-                .as_ref()
-                .map(|t| now + chrono::Duration::seconds(t.timeout_seconds as i64)),
+            expires_at: req.timeout_policy.as_ref().map(|t| t.expires_at(now)),
             warm_pool_checkout: checkout,
         };
         let mut row = SandboxRow {
